@@ -1,0 +1,5 @@
+import sys
+
+from deepscope.cli import main
+
+sys.exit(main())

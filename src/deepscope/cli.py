@@ -1,0 +1,197 @@
+"""Command line: ``deepscope train | evaluate | predict | demo``.
+
+Settings resolve as defaults < ``--config FILE.yaml`` < ``--set key=value`` < explicit flags;
+the resolved config is written beside the checkpoints. Errors caused by the input are printed
+as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepscope.config import from_dict, load_yaml
+from deepscope.data.readers import is_image_file
+from deepscope.engine.checkpoint import load_checkpoint
+from deepscope.engine.distributed import pick_device, shutdown
+from deepscope.errors import DataError, DeepscopeError
+from deepscope.tasks import TASKS, get_task
+
+# flag name -> dotted config key
+TRAIN_FLAGS = {
+    "data": "data", "model": "model", "epochs": "epochs", "out": "out", "batch_size": "batch_size",
+    "lr": "optim.lr", "optimizer": "optim.name", "schedule": "optim.schedule", "weight_decay": "optim.weight_decay",
+    "grad_clip": "optim.grad_clip", "device": "device", "amp": "amp", "seed": "seed", "max_minutes": "max_minutes",
+    "early_stopping": "early_stopping", "resize": "resize", "loader": "loader", "val_fraction": "val_fraction",
+}
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        values = values.setdefault(part, {})
+    values[leaf] = value
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise DeepscopeError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def resolve_train_config(args: argparse.Namespace) -> Any:
+    config_cls, _ = get_task(args.task)
+    values: dict[str, Any] = {}
+    if args.resume:
+        if not args.out:
+            raise DeepscopeError("--resume needs --out DIR, the folder of the run to continue")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise DeepscopeError(f"{saved}: nothing to resume, no config.yaml in {args.out}")
+        values = load_yaml(saved)
+    if args.config:
+        values.update(load_yaml(args.config))
+    for assignment in args.set or []:
+        set_dotted(values, *parse_assignment(assignment))
+    for flag, key in TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_dotted(values, key, value)
+    values["task"] = args.task
+    config = from_dict(config_cls, values, args.config or "command line")
+    if not config.data:
+        raise DeepscopeError("no data given: pass --data PATH (or data: in the --config file)")
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from deepscope.engine.trainer import Trainer
+
+    config = resolve_train_config(args)
+    _, task_cls = get_task(args.task)
+    metrics = Trainer(task_cls(config), resume=args.resume).fit()
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from deepscope.tasks.classify import evaluate_checkpoint
+
+    task = load_checkpoint(args.checkpoint)["config"].get("task")
+    if task != "classify":
+        raise DeepscopeError(f"{args.checkpoint}: evaluation of task {task!r} checkpoints is not available")
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, pick_device(args.device))
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if is_image_file(p))
+            if not found:
+                raise DataError(f"{path}: folder holds no images")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: file not found")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from deepscope.tasks.classify import predict_files
+
+    files = collect_inputs(args.inputs)
+    names, probs = predict_files(args.checkpoint, files, pick_device(args.device))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "predicted", *[f"prob_{n}" for n in names]])
+        for f, p in zip(files, probs):
+            writer.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    return {"predictions": len(files), "out": str(out)}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from deepscope.demo import run_demo
+
+    return run_demo(args.task, Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepscope", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model")
+    train.add_argument("task", choices=sorted(TASKS))
+    train.add_argument("--data", help="class-folder tree or .npz file")
+    train.add_argument("--model", help="logreg, mlp, cnn, resnet18, fastnet")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--out", help="run folder for checkpoints, logs and report")
+    train.add_argument("--config", help="YAML file of settings")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    train.add_argument("--batch-size", dest="batch_size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--optimizer", choices=["sgd", "adamw"])
+    train.add_argument("--schedule", choices=["onecycle", "cosine", "plateau", "none"])
+    train.add_argument("--weight-decay", dest="weight_decay", type=float)
+    train.add_argument("--grad-clip", dest="grad_clip", type=float)
+    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    train.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: on for CUDA)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop cleanly after this wall time")
+    train.add_argument("--early-stopping", dest="early_stopping", type=int, metavar="EPOCHS")
+    train.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"))
+    train.add_argument("--loader", choices=["auto", "memory", "dataloader"])
+    train.add_argument("--val-fraction", dest="val_fraction", type=float)
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. augment.cutout=8")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint; JSON on the last line of stdout")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True)
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict classes of images into a CSV file")
+    predict.add_argument("checkpoint")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--out", required=True, help="CSV file")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify"])
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except DeepscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: readers for images on disk, splits, in-memory loaders and batched augmentation."""

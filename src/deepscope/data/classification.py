@@ -1,0 +1,246 @@
+"""Labelled image sets for classification: class-folder trees and ``.npz`` arrays.
+
+A data set becomes one (N, H, W, C) uint8/uint16 array plus integer labels, so that
+training can hold it on the device and slice batches without per-sample Python.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from deepscope.data.readers import is_image_file, read_image
+from deepscope.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ImageSet:
+    """Images (N, H, W, C) of one dtype and size, their labels and where each came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], [self.sources[i] for i in index])
+
+    @property
+    def scale(self) -> float:
+        """Value of full intensity for this dtype (255 or 65535)."""
+        return float(np.iinfo(self.images.dtype).max)
+
+
+@dataclass
+class ClassificationData:
+    """The splits found at a data path; ``val`` may be carved out of ``train`` later."""
+
+    splits: dict[str, ImageSet]
+    class_names: list[str]
+    source: str
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images, as models expect."""
+        any_set = next(iter(self.splits.values()))
+        _, h, w, c = any_set.images.shape
+        return (c, h, w)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an (H, W, C) integer image with antialiasing, keeping its dtype."""
+    if image.shape[:2] == tuple(size):
+        return image
+    tensor = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+    out = F.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    info = np.iinfo(image.dtype)
+    return out[0].permute(1, 2, 0).round().clamp(info.min, info.max).numpy().astype(image.dtype)
+
+
+def stack_images(images: list[np.ndarray], sources: list[str], resize: tuple[int, int] | None) -> np.ndarray:
+    """Stack images into one array, unifying channels (grey to RGB) and bit depth (8 to 16 bit).
+
+    Mixed sizes are an error unless ``resize`` is given, since silently resizing changes the data.
+    """
+    if resize is not None:
+        images = [resize_image(im, resize) for im in images]
+    else:
+        first = images[0].shape[:2]
+        for im, src in zip(images, sources):
+            if im.shape[:2] != first:
+                raise DataError(
+                    f"{src}: image size {im.shape[0]}x{im.shape[1]} differs from {sources[0]} "
+                    f"({first[0]}x{first[1]}); pass --resize H W to resize all images"
+                )
+    channels = max(im.shape[2] for im in images)
+    wide = any(im.dtype == np.uint16 for im in images)
+    out = np.empty((len(images), *images[0].shape[:2], channels), dtype=np.uint16 if wide else np.uint8)
+    for i, im in enumerate(images):
+        if wide and im.dtype == np.uint8:
+            im = im.astype(np.uint16) * 257
+        out[i] = im  # broadcasting repeats a grey channel to RGB
+    return out
+
+
+def read_images(paths: list[Path], resize: tuple[int, int] | None) -> np.ndarray:
+    """Decode many files in threads (the decoders release the GIL) and stack them."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        images = list(pool.map(read_image, paths, chunksize=64))
+    return stack_images(images, [str(p) for p in paths], resize)
+
+
+def class_folders(root: Path) -> list[Path]:
+    if not root.exists():
+        raise DataError(f"{root}: folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected one subfolder per class, or an .npz file)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: no class subfolders found (expected one subfolder of images per class)")
+    return folders
+
+
+def read_class_tree(root: Path, class_names: list[str] | None, resize: tuple[int, int] | None) -> tuple[ImageSet, list[str]]:
+    """Read ``root/<class>/<image>``; ``class_names`` fixes the label order across splits."""
+    folders = class_folders(root)
+    names = [f.name for f in folders]
+    if class_names is not None:
+        extra = sorted(set(names) - set(class_names))
+        if extra:
+            raise DataError(f"{root}: class folder(s) {', '.join(extra)} do not exist in the training split")
+    else:
+        class_names = names
+    paths: list[Path] = []
+    labels: list[int] = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+        if not files:
+            raise DataError(f"{folder}: class folder holds no images (PNG, JPEG or TIFF)")
+        paths += files
+        labels += [class_names.index(folder.name)] * len(files)
+    images = read_images(paths, resize)
+    return ImageSet(images, np.asarray(labels, dtype=np.int64), [str(p) for p in paths]), class_names
+
+
+def load_folder(root: Path, resize: tuple[int, int] | None) -> ClassificationData:
+    """A class-folder tree, or ``train/``, ``test/`` and optional ``val/`` each holding one."""
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if "train" not in split_dirs:
+        data, names = read_class_tree(root, None, resize)
+        return ClassificationData({"all": data}, names, str(root))
+    train, names = read_class_tree(split_dirs["train"], None, resize)
+    splits = {"train": train}
+    for split in ("val", "test"):
+        if split in split_dirs:
+            splits[split] = read_class_tree(split_dirs[split], names, resize)[0]
+    return ClassificationData(splits, names, str(root))
+
+
+def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
+    """Arrays ``x_train``/``y_train`` (and ``x_test``/``y_test``, ``x_val``/``y_val``, ``class_names``)."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    if "x_train" not in arrays or "y_train" not in arrays:
+        raise DataError(f"{path}: missing arrays x_train and/or y_train (found: {', '.join(sorted(arrays)) or 'none'})")
+    num_classes = None
+    names = None
+    if "class_names" in arrays:
+        names = [str(n) for n in arrays["class_names"]]
+        num_classes = len(names)
+    splits: dict[str, ImageSet] = {}
+    for split in SPLITS:
+        if f"x_{split}" not in arrays:
+            continue
+        if f"y_{split}" not in arrays:
+            raise DataError(f"{path}: x_{split} has no labels y_{split}")
+        splits[split] = npz_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"], resize)
+    if num_classes is None:
+        num_classes = int(splits["train"].labels.max()) + 1
+        names = [str(i) for i in range(num_classes)]
+    for split, data in splits.items():
+        bad = (data.labels < 0) | (data.labels >= num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{path}: y_{split}[{i}] = {data.labels[i]} is out of range for {num_classes} classes "
+                f"(labels must be 0..{num_classes - 1})"
+            )
+    return ClassificationData(splits, names, str(path))
+
+
+def npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, resize: tuple[int, int] | None) -> ImageSet:
+    if x.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected uint8 or uint16 images")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: x_{split} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3")
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{path}: y_{split} has shape {y.shape}; expected ({len(x)},), one label per image")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: y_{split} has dtype {y.dtype}; expected integer class labels")
+    if resize is not None:
+        x = np.stack([resize_image(im, resize) for im in x])
+    sources = [f"{path}:x_{split}[{i}]" for i in range(len(x))]
+    return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), sources)
+
+
+def load_classification(path: str | Path, resize: tuple[int, int] | None = None) -> ClassificationData:
+    """Load a class-folder tree or an ``.npz`` file, checking it can be trained on."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        data = load_npz(path, resize)
+    else:
+        data = load_folder(path, resize)
+    first = next(iter(data.splits.values()))
+    if len(np.unique(first.labels)) < 2:
+        raise DataError(f"{path}: only one class ({data.class_names[int(first.labels[0])]}) found; classification needs at least two")
+    shapes = {name: s.images.shape[1:] for name, s in data.splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{path}: splits have different image shapes {shapes}; pass --resize H W")
+    return data
+
+
+def stratified_split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Seeded split keeping class proportions; each class keeps at least one training image."""
+    index = np.arange(len(data))
+    n_classes = len(np.unique(data.labels))
+    n_val = max(n_classes, int(round(val_fraction * len(data))))
+    if n_val >= len(data) - n_classes + 1:
+        raise DataError(f"{len(data)} images are too few for a validation split of {val_fraction:.0%}")
+    counts = np.bincount(data.labels)
+    stratify = data.labels if counts[counts > 0].min() >= 2 else None
+    train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed, stratify=stratify)
+    return data.subset(np.sort(train_idx)), data.subset(np.sort(val_idx))
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale, computed in chunks to bound memory."""
+    scale = float(np.iinfo(images.dtype).max)
+    c = images.shape[-1]
+    total = np.zeros(c)
+    total_sq = np.zeros(c)
+    count = 0
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].reshape(-1, c).astype(np.float64) / scale
+        total += chunk.sum(0)
+        total_sq += (chunk**2).sum(0)
+        count += len(chunk)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()

@@ -1,0 +1,176 @@
+"""Batch iterators for training and evaluation.
+
+:class:`DeviceLoader` is the fast path: the whole data set lives on the training device
+as one integer tensor, and each step slices a batch, converts and augments it there.
+:func:`torch_loader` is the classic ``DataLoader`` with per-image torchvision transforms,
+for data sets that do not fit in memory and as the baseline the fast path is measured against.
+Both shard data across data-parallel ranks and reshuffle per epoch from the seed alone, so a
+resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from deepscope.data.augment import AugmentConfig, BatchAugment, torchvision_pipeline
+from deepscope.data.classification import ImageSet
+from deepscope.errors import DeepscopeError
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+    generator.manual_seed(seed * 1_000_003 + epoch)
+    return generator
+
+
+def _check_batch(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise DeepscopeError(f"batch size {batch_size} must be divisible by the number of processes ({world})")
+
+
+class DeviceLoader:
+    """Iterate over (x, y) batches of an :class:`ImageSet` held on ``device``.
+
+    ``batch_size`` is the global batch; with ``world`` > 1 each rank yields its share of it.
+    Training batches (``shuffle=True``) drop the incomplete last batch so every step has the same size.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        device: torch.device,
+        mean: list[float],
+        std: list[float],
+        *,
+        shuffle: bool = False,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        channels_last: bool = True,
+    ) -> None:
+        _check_batch(batch_size, world)
+        self.device = device
+        self.images = torch.from_numpy(data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images)
+        self.images = self.images.permute(0, 3, 1, 2).to(device)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.scale = data.scale
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.batch_size = min(batch_size, len(data)) if not shuffle else batch_size
+        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
+        self.augment = BatchAugment(augment) if augment is not None else None
+        self.channels_last = channels_last
+        self.epoch = 0
+        if shuffle and len(data) < batch_size:
+            raise DeepscopeError(f"{len(data)} training images are fewer than one batch of {batch_size}; lower --batch-size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if self.shuffle:
+            return n // self.batch_size
+        shard = n * (self.rank + 1) // self.world - n * self.rank // self.world
+        return -(-shard // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, bs = len(self.labels), self.batch_size
+        if not self.shuffle:
+            # evaluation: a contiguous shard per rank; metrics are summed across ranks afterwards
+            lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+            for start in range(lo, hi, bs):
+                yield self._prepare(torch.arange(start, min(start + bs, hi), device=self.device), None, 0, slice(None))
+            return
+        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu"))).to(self.device)
+        generator = epoch_generator(self.seed + 1, self.epoch, self.device)
+        share = bs // self.world
+        rows = slice(self.rank * share, (self.rank + 1) * share)
+        for b in range(len(self)):
+            yield self._prepare(order[b * bs : (b + 1) * bs][rows], generator, bs, rows)
+
+    def _prepare(self, index: torch.Tensor, generator: torch.Generator | None, n: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index].float().div_(self.scale)
+        augment = self.augment if generator is not None else None
+        if augment is not None:
+            x = augment.photometric(x, generator, n, rows)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if augment is not None:
+            x = augment.geometric(x, generator, n, rows)
+        return x, self.labels[index]
+
+
+class TransformDataset(Dataset):
+    """An :class:`ImageSet` whose items go through a torchvision transform one at a time."""
+
+    def __init__(self, data: ImageSet, transform: torch.nn.Module) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.data.images[i]
+        if image.dtype == np.uint16:  # torch has few uint16 kernels: scale to [0, 1] here
+            tensor = torch.from_numpy(image.astype(np.float32) / 65535.0).permute(2, 0, 1)
+        else:
+            tensor = torch.from_numpy(image).permute(2, 0, 1)
+        return self.transform(tensor), int(self.data.labels[i])
+
+
+def torch_loader(
+    data: ImageSet,
+    batch_size: int,
+    mean: list[float],
+    std: list[float],
+    *,
+    shuffle: bool = False,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling."""
+    _check_batch(batch_size, world)
+    size = data.images.shape[1:3]
+    dataset = TransformDataset(data, torchvision_pipeline(augment if shuffle else None, mean, std, size))
+    sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle) if world > 1 else None
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size // world,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        drop_last=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
+    return EpochDataLoader(loader, seed)
+
+
+class EpochDataLoader:
+    """Wraps a DataLoader so ``set_epoch`` makes shuffling a function of (seed, epoch)."""
+
+    def __init__(self, loader: DataLoader, seed: int) -> None:
+        self.loader, self.seed = loader, seed
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(epoch)
+        self.loader.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)

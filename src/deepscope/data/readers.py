@@ -1,0 +1,57 @@
+"""Read single images (PNG, JPEG, TIFF; 8/16-bit; grey or RGB) into HWC numpy arrays.
+
+Each failure names the file and the problem, because a corrupt file among thousands
+is otherwise a needle in a haystack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+from deepscope.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as an (H, W, C) array of uint8 or uint16; grey images get C = 1."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            array = tifffile.imread(path)
+        else:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in {"P", "PA", "CMYK", "YCbCr", "LA", "RGBA", "1"}:
+                    img = img.convert("RGB")
+                array = np.asarray(img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+    return as_hwc(array, path)
+
+
+def as_hwc(array: np.ndarray, path: Path | str) -> np.ndarray:
+    """Check dtype and layout of a 2D image and return it as (H, W, C)."""
+    if array.dtype == np.int32 and array.size and array.min() >= 0 and array.max() < 65536:
+        array = array.astype(np.uint16)  # PIL reads 16-bit PNGs as int32 ("I" mode)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported pixel type {array.dtype}; expected 8- or 16-bit unsigned integers")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise DataError(f"{path}: expected a 2D grey or RGB image, got array of shape {array.shape}")
+    if array.shape[2] == 4:
+        array = array[:, :, :3]
+    return np.ascontiguousarray(array)

@@ -1,0 +1,87 @@
+"""The run report: ``report.html`` with training curves and task-supplied figures and tables.
+
+Pictures are PNG files beside the HTML so the report opens anywhere without a server.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (train and validation) and every other validation metric against epochs."""
+    epochs = [h["epoch"] for h in history]
+    metric_keys = [k for k in history[-1] if k.startswith("val_") and k != "val_loss"] if history else []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    if history and "val_loss" in history[-1]:
+        axes[0].plot(epochs, [h.get("val_loss", np.nan) for h in history], "o-", label="validation")
+    axes[0].set(xlabel="epoch", ylabel="loss", title="loss")
+    axes[0].legend()
+    for key in metric_keys:
+        axes[1].plot(epochs, [h.get(key, np.nan) for h in history], "o-", label=key[4:])
+    axes[1].set(xlabel="epoch", title="validation metrics")
+    if metric_keys:
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8) -> None:
+    """Save (N, H, W, C) images in [0, 1] as a captioned grid."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, caption in zip(axes.ravel(), images, captions):
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """An HTML table from a list of dicts sharing keys; floats shown with 4 digits."""
+    if not rows:
+        return "<p>(none)</p>"
+    keys = list(rows[0])
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run_dir: Path, title: str, metrics: dict[str, Any], history: list[dict[str, Any]], sections: list[tuple[str, str]]) -> Path:
+    """Write ``report.html``: a summary, the curves, then each (heading, HTML) section."""
+    if history:
+        plot_curves(history, run_dir / "curves.png")
+    summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Summary</h2>",
+        table([{"metric": k, "value": v} for k, v in summary.items()]),
+    ]
+    if history:
+        parts += ["<h2>Training curves</h2>", '<img src="curves.png" alt="training curves">']
+    for heading, body in sections:
+        parts += [f"<h2>{html.escape(heading)}</h2>", body]
+    parts += ["<h2>History</h2>", table(history), "<h2>Metrics (JSON)</h2>", f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>"]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,76 @@
+"""The contract between the engine and a task.
+
+A task wires data, model, loss and metrics; the engine owns the loop, devices, precision,
+checkpoints, logging and distribution. Adding a task means implementing these methods,
+never writing another training loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from deepscope.config import TrainConfig
+from deepscope.engine.distributed import DistInfo
+
+
+class Batches(Protocol):
+    """What the engine needs of a loader: a length, iteration, and per-epoch reshuffling."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Any: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class Task(ABC):
+    """One kind of learning problem (classification, segmentation, ...)."""
+
+    name: str = ""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def setup(self, device: torch.device, dist: DistInfo) -> None:
+        """Read and check the data; called once before the model is built."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The network to train, on the CPU."""
+
+    @abstractmethod
+    def train_batches(self) -> Batches:
+        """Training batches for this process (its shard under DDP)."""
+
+    @abstractmethod
+    def val_batches(self) -> Batches | None:
+        """Validation batches, or None when there is no validation data."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss of one batch (inside the engine's autocast)."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        """Metrics over all batches, synchronised across processes; holds ``config.monitor``."""
+
+    @abstractmethod
+    def inference_state(self) -> dict[str, Any]:
+        """What inference needs besides the weights (class names, normalization, input shape)."""
+
+    def display_images(self, batch: Any) -> torch.Tensor:
+        """A few images of a training batch in [0, 1] (N, C, H, W) for TensorBoard; empty to skip."""
+        return torch.empty(0)
+
+    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+        """Called on every rank after training with the best weights loaded; returns extra metrics (test)."""
+        return {}
+
+    def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+        """Write ``report.html`` and its pictures (main process only)."""

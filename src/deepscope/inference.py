@@ -1,0 +1,35 @@
+"""Rebuilding trained models from checkpoints for evaluation and prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepscope.engine.checkpoint import load_checkpoint, load_weights
+from deepscope.errors import CheckpointError, DeepscopeError
+from deepscope.models import build_model
+
+
+def load_trained_model(path: str | Path, task: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in a checkpoint, in eval mode on ``device``, with the checkpoint's contents."""
+    state = load_checkpoint(path, task=task)
+    config, info = state["config"], state.get("task_state", {})
+    try:
+        model = build_model(config["model"], tuple(info["in_shape"]), len(info["class_names"]), **config.get("model_args", {}))
+    except (KeyError, DeepscopeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model from this checkpoint ({exc})") from None
+    load_weights(model, state["model"], path)
+    return model.to(device).eval(), state
+
+
+@torch.no_grad()
+def batched_logits(model: nn.Module, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of every batch, concatenated on the CPU."""
+    logits, targets = [], []
+    for x, y in batches:
+        logits.append(model(x).float().cpu())
+        targets.append(y.cpu())
+    return torch.cat(logits), torch.cat(targets)

@@ -1,0 +1,1 @@
+"""Metrics, built on torchmetrics so they synchronise across data-parallel processes."""

@@ -1,0 +1,5 @@
+"""Model zoo: build a network by name (see :func:`build_model`)."""
+
+from deepscope.models.registry import build_model, count_parameters, model_names
+
+__all__ = ["build_model", "count_parameters", "model_names"]

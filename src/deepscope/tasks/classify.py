@@ -1,0 +1,266 @@
+"""Image classification: class folders or .npz arrays in, a trained classifier and its report out."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepscope.config import TrainConfig, from_dict
+from deepscope.data.augment import AugmentConfig
+from deepscope.data.classification import (
+    ClassificationData,
+    ImageSet,
+    channel_stats,
+    load_classification,
+    read_images,
+    stratified_split,
+)
+from deepscope.data.loaders import DeviceLoader, torch_loader
+from deepscope.engine.distributed import DistInfo
+from deepscope.engine.report import image_grid, table, write_report
+from deepscope.engine.task import Batches, Task
+from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference import batched_logits, load_trained_model
+from deepscope.metrics.classification import ClassificationMetrics
+from deepscope.models import build_model
+
+WORST_SHOWN = 24
+
+
+@dataclass
+class ClassifyConfig(TrainConfig):
+    task: str = "classify"
+    model: str = "cnn"
+    val_fraction: float = 0.1  # carved (stratified, seeded) from train when there is no val/ split
+    resize: list[int] | None = None  # [H, W] to resize every image to; None requires equal sizes
+    loader: str = "auto"  # auto | memory | dataloader
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> dict[str, ImageSet]:
+    """train/val/test from what is on disk; a missing val split is carved from train."""
+    splits = dict(data.splits)
+    if "all" in splits:
+        splits["train"] = splits.pop("all")
+    if "val" not in splits and val_fraction > 0:
+        splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, seed)
+    return splits
+
+
+def fits_on_device(data: ImageSet, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True  # already in RAM as one array; the device loader wraps it without copying
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.images.nbytes < 0.5 * free
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    config: ClassifyConfig
+
+    def setup(self, device: torch.device, dist: DistInfo) -> None:
+        cfg = self.config
+        self.device, self.dist = device, dist
+        data = load_classification(cfg.data, tuple(cfg.resize) if cfg.resize else None)
+        self.splits = choose_splits(data, cfg.val_fraction, cfg.seed)
+        self.class_names = data.class_names
+        self.in_shape = data.image_shape
+        self.mean, self.std = channel_stats(self.splits["train"].images)
+        missing = sorted(set(range(len(self.class_names))) - set(np.unique(self.splits["train"].labels).tolist()))
+        if missing:
+            raise DataError(f"{cfg.data}: class(es) {', '.join(self.class_names[i] for i in missing)} have no training images")
+        if cfg.loader not in ("auto", "memory", "dataloader"):
+            raise DeepscopeError(f"unknown loader {cfg.loader!r}; choose auto, memory or dataloader")
+
+    def batches(self, data: ImageSet, train: bool, world: int | None = None, rank: int | None = None) -> Batches:
+        cfg = self.config
+        world = self.dist.world if world is None else world
+        rank = self.dist.rank if rank is None else rank
+        size = cfg.batch_size if train else cfg.eval_batch_size
+        augment = cfg.augment if train else None
+        use_memory = cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(data, self.device))
+        if use_memory:
+            return DeviceLoader(data, size, self.device, self.mean, self.std, shuffle=train, augment=augment,
+                                seed=cfg.seed, rank=rank, world=world, channels_last=cfg.channels_last)
+        loader = torch_loader(data, size, self.mean, self.std, shuffle=train, augment=augment, seed=cfg.seed,
+                              rank=rank, world=world, num_workers=cfg.num_workers)
+        return ToDevice(loader, self.device, cfg.channels_last)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.config.model, self.in_shape, len(self.class_names), **self.config.model_args)
+
+    def train_batches(self) -> Batches:
+        return self.batches(self.splits["train"], train=True)
+
+    def val_batches(self) -> Batches | None:
+        return self.batches(self.splits["val"], train=False) if "val" in self.splits else None
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, label_smoothing=self.config.optim.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        return evaluate_batches(model, batches, self.class_names, self.device)
+
+    def inference_state(self) -> dict[str, Any]:
+        return {"class_names": self.class_names, "mean": self.mean, "std": self.std, "in_shape": list(self.in_shape)}
+
+    def display_images(self, batch: Any) -> torch.Tensor:
+        x = batch[0][:16].float()
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0, 1)
+
+    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if "test" in self.splits:
+            result["test"] = self.evaluate(model, self.batches(self.splits["test"], train=False))
+        shown = "test" if "test" in self.splits else "val" if "val" in self.splits else "train"
+        if self.dist.is_main:
+            loader = self.batches(self.splits[shown], train=False, world=1, rank=0)
+            result["worst_split"] = shown
+            result["worst"] = worst_predictions(model, loader, self.splits[shown], self.class_names, run_dir)
+        if "test" in result:
+            result["test_accuracy"] = result["test"]["accuracy"]
+        return result
+
+    def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+        final = metrics.get("test") or metrics.get("val") or {}
+        split = "test" if metrics.get("test") else "validation"
+        sections = []
+        if final:
+            plot_confusion(np.array(final["confusion_matrix"]), self.class_names, run_dir / "confusion.png")
+            per_class = [{"class": k, **v} for k, v in final["per_class"].items()]
+            sections.append((f"Confusion matrix ({split})", '<img src="confusion.png" alt="confusion matrix">' + table(per_class)))
+        if metrics.get("worst"):
+            caption = html.escape(f"Misclassified {metrics['worst_split']} images with the highest loss: true → predicted (probability)")
+            sections.append(("Worst misclassified", f"<p>{caption}</p><img src='worst.png' alt='worst misclassified'>"))
+        write_report(run_dir, f"deepscope classify: {self.config.model} on {self.config.data}", metrics, history, sections)
+
+
+class ToDevice:
+    """Moves DataLoader batches to the training device (non-blocking from pinned memory)."""
+
+    def __init__(self, loader: Any, device: torch.device, channels_last: bool) -> None:
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True)
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list[str], device: torch.device) -> dict[str, Any]:
+    """Classification metrics of ``model`` over ``batches`` (synchronised under DDP)."""
+    was_training = model.training
+    model.eval()
+    metrics = ClassificationMetrics(class_names, device)
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x)
+            metrics.update(logits, y, F.cross_entropy(logits.float(), y, reduction="sum"))
+    model.train(was_training)
+    return metrics.compute()
+
+
+def worst_predictions(model: nn.Module, loader: Batches, data: ImageSet, class_names: list[str], run_dir: Path) -> list[dict[str, Any]]:
+    """Find the misclassified images with the highest loss and save them as ``worst.png``."""
+    model.eval()
+    logits, targets = batched_logits(model, loader)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    probs = logits.softmax(1)
+    pred = probs.argmax(1)
+    wrong = (pred != targets).nonzero().flatten()
+    order = wrong[losses[wrong].argsort(descending=True)][:WORST_SHOWN].tolist()
+    rows = [
+        {"source": data.sources[i], "true": class_names[int(targets[i])], "predicted": class_names[int(pred[i])],
+         "probability": float(probs[i, pred[i]])}
+        for i in order
+    ]
+    if order:
+        images = data.images[order].astype(np.float32) / data.scale
+        captions = [f"{r['true']} → {r['predicted']} ({r['probability']:.2f})" for r in rows]
+        image_grid(images, captions, run_dir / "worst.png")
+    return rows
+
+
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(names, rotation=90, fontsize=8)
+    ax.set_yticklabels(names, fontsize=8)
+    if len(names) <= 20:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- evaluation and prediction from a checkpoint -------------------------------------------------
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> ClassifyConfig:
+    return from_dict(ClassifyConfig, state["config"], f"{path}: config")
+
+
+def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device) -> dict[str, Any]:
+    """Metrics of a trained classifier on one split of a data set."""
+    model, state = load_trained_model(path, "classify", device)
+    cfg = checkpoint_config(state, path)
+    info = state["task_state"]
+    data = load_classification(data_path, tuple(cfg.resize) if cfg.resize else None)
+    if data.class_names != info["class_names"]:
+        raise DataError(f"{data_path}: classes {data.class_names} differ from the checkpoint's {info['class_names']}")
+    if list(data.image_shape) != list(info["in_shape"]):
+        raise DataError(f"{data_path}: images have shape {list(data.image_shape)} (C, H, W) but the model expects {info['in_shape']}")
+    if split == "test" and "test" not in data.splits:
+        chosen = data.splits.get("all")
+        if chosen is None:
+            raise DataError(f"{data_path}: has no test split")
+    else:
+        splits = choose_splits(data, cfg.val_fraction, cfg.seed)
+        if split not in splits:
+            raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(splits))})")
+        chosen = splits[split]
+    loader = DeviceLoader(chosen, cfg.eval_batch_size, device, info["mean"], info["std"], channels_last=False)
+    result = evaluate_batches(model, loader, info["class_names"], device)
+    return {"checkpoint": str(path), "data": str(data_path), "split": split, **result}
+
+
+def predict_files(path: str | Path, files: list[Path], device: torch.device, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+    """Class probabilities (N, classes) for image files, read and preprocessed as in training."""
+    model, state = load_trained_model(path, "classify", device)
+    cfg = checkpoint_config(state, path)
+    info = state["task_state"]
+    c, h, w = info["in_shape"]
+    images = read_images(files, tuple(cfg.resize) if cfg.resize else None)
+    if images.shape[1:3] != (h, w):
+        raise DataError(f"{files[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)")
+    if images.shape[3] != c:
+        if images.shape[3] == 1 and c == 3:
+            images = np.repeat(images, 3, axis=3)
+        else:
+            raise DataError(f"{files[0]}: images have {images.shape[3]} channels but the model expects {c}")
+    data = ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])
+    loader = DeviceLoader(data, batch_size, device, info["mean"], info["std"], channels_last=False)
+    logits, _ = batched_logits(model, loader)
+    return info["class_names"], logits.softmax(1).numpy()
