@@ -78,15 +78,15 @@ class Trainer:
         cfg, task = self.config, self.task
         t_start = time.time()
         deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        last_path, best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        state = self._resume_state(last_path) if self.resume else None
         seed_everything(cfg.seed)
         task.setup(device, dist)
         model = task.build_model()
-        last_path, best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
-        state = self._resume_state(last_path) if self.resume else None
         if state is not None:
             load_weights(model, state["model"], last_path)
-        if dist.enabled and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        if dist.enabled and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch (CUDA only)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)

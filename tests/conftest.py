@@ -1,0 +1,67 @@
+"""Shared fixtures: small synthetic data sets written to disk, and the shared real data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pattern_images(n_per_class: int, size: int = 12, seed: int = 0, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Easily separable classes: a bright bar at a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(classes):
+        for _ in range(n_per_class):
+            image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            start = label * size // classes
+            image[start : start + size // classes, :, label % 3] = 220
+            images.append(image)
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def write_tree(root: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> Path:
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def class_tree(tmp_path: Path) -> Path:
+    """``train/`` and ``test/`` class-folder trees of 12x12 RGB PNGs, 3 classes."""
+    names = ["alpha", "beta", "gamma"]
+    x, y = pattern_images(40, seed=0)
+    write_tree(tmp_path / "data" / "train", x, y, names)
+    x, y = pattern_images(10, seed=1)
+    write_tree(tmp_path / "data" / "test", x, y, names)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def npz_data(tmp_path: Path) -> Path:
+    x, y = pattern_images(40, seed=0)
+    xt, yt = pattern_images(10, seed=1)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=xt, y_test=yt, class_names=np.array(["a", "b", "c"]))
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED} (../shared/data beside the checkout)")
+    return SHARED
+
+
+def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """A small, quick CPU training run through the CLI."""
+    return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "3",
+            "--batch-size", "16", "--lr", "0.01", "--optimizer", "adamw", "--device", "cpu",
+            "--set", "model_args.widths=[8,16]", *extra]

@@ -1,0 +1,172 @@
+"""The engine: training works, resumes exactly after a kill, stops on time, schedules, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fast_args, pattern_images
+from deepscope.cli import main
+from deepscope.config import OptimConfig
+from deepscope.engine.optim import build_scheduler
+from deepscope.engine.trainer import resolve_amp
+
+CLI = [sys.executable, "-m", "deepscope"]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_training_learns_and_writes_run_folder(class_tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(fast_args(class_tree, out, "--epochs", "4")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test_accuracy"] >= 0.9
+    for name in ["config.yaml", "metrics.json", "last.pt", "best.pt", "report.html", "train.log", "curves.png", "confusion.png"]:
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0] * 0.5
+    assert "confusion.png" in (out / "report.html").read_text()
+
+
+def big_npz(tmp_path: Path) -> Path:
+    x, y = pattern_images(400, size=16, seed=0)
+    path = tmp_path / "big.npz"
+    np.savez(path, x_train=x, y_train=y)
+    return path
+
+
+def resume_args(data: Path, out: Path) -> list[str]:
+    return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "4",
+            "--batch-size", "32", "--device", "cpu", "--set", "model_args.widths=[16,32]", "--set", "augment.cutout=4"]
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    data = big_npz(tmp_path)
+    assert main(resume_args(data, tmp_path / "full")) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(CLI + resume_args(data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "last.pt").exists(), "the run never wrote a checkpoint"
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    interrupted_epoch = torch.load(killed / "last.pt", weights_only=False)["epoch"]
+    assert interrupted_epoch < 3
+
+    assert main(["train", "classify", "--out", str(killed), "--resume"]) == 0
+    assert_same_weights(tmp_path / "full" / "last.pt", killed / "last.pt")
+    history = json.loads((killed / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_max_minutes_stops_cleanly_and_resume_finishes(tmp_path):
+    data = big_npz(tmp_path)
+    out = tmp_path / "timed"
+    assert main(resume_args(data, out)[:-4] + ["--max-minutes", "0.0001"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped"] == "max_minutes"
+    assert metrics["epochs_completed"] == 1
+    assert (out / "report.html").exists() and (out / "best.pt").exists()
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert not state["epoch_complete"] and state["step"] < 37
+    assert main(["train", "classify", "--out", str(out), "--resume", "--max-minutes", "10"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped"] == "completed" and [h["epoch"] for h in metrics["history"]] == [1, 1, 2, 3, 4]
+
+
+def test_early_stopping_without_improvement(class_tree, tmp_path):
+    out = tmp_path / "early"
+    assert main(fast_args(class_tree, out, "--epochs", "10", "--lr", "0", "--early-stopping", "2", "--schedule", "none")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped"] == "early_stopping"
+    assert metrics["epochs_completed"] == 3 and metrics["best_epoch"] == 1
+
+
+def lrs(schedule: str, steps: int = 100) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    scheduler, when = build_scheduler(opt, OptimConfig(schedule=schedule, lr=1.0, warmup_fraction=0.2), steps)
+    assert when == "step"
+    values = []
+    for _ in range(steps):
+        values.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return values
+
+
+def test_schedules_warm_up_peak_and_decay():
+    for schedule in ("onecycle", "cosine"):
+        values = lrs(schedule)
+        assert values[0] == pytest.approx(0.1)
+        assert max(values) == pytest.approx(1.0) and int(np.argmax(values)) == 20
+        assert values[-1] < 0.05 and min(values) >= 0
+    assert lrs("onecycle")[60] == pytest.approx(0.5)
+
+
+def test_plateau_schedule_cuts_lr():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    scheduler, when = build_scheduler(opt, OptimConfig(schedule="plateau", plateau_patience=1, plateau_factor=0.1), 10)
+    assert when == "epoch"
+    for _ in range(3):
+        scheduler.step(0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_amp_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("off", cpu) is None
+
+
+def test_bf16_autocast_trains_on_cpu(class_tree, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(fast_args(class_tree, out, "--amp", "bf16", "--epochs", "4")) == 0
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0.9
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    x, y = pattern_images(64, size=8, seed=0)
+    data = tmp_path / "ddp.npz"
+    np.savez(data, x_train=x, y_train=y)
+    args = ["train", "classify", "--data", str(data), "--model", "mlp", "--epochs", "2", "--batch-size", "32",
+            "--device", "cpu", "--val-fraction", "0.25", "--set", "model_args={hidden: [32], dropout: 0.0, batchnorm: false}",
+            "--set", "augment.color_jitter=0.3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(CLI + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "deepscope"]
+    double = subprocess.run(launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m2["processes"] == 2
+    assert m1["val"]["confusion_matrix"] == m2["val"]["confusion_matrix"]
