@@ -87,3 +87,13 @@ def test_ranks_split_the_global_batch():
     for i, (x, y) in enumerate(single):
         torch.testing.assert_close(torch.cat([ranks[0][i][0], ranks[1][i][0]]), x)
         assert torch.equal(torch.cat([ranks[0][i][1], ranks[1][i][1]]), y)
+
+
+def test_16bit_images_scale_like_8bit():
+    eight = make_set()
+    sixteen = ImageSet(eight.images.astype(np.uint16) * 257, eight.labels, eight.sources)
+    args = (8, torch.device("cpu"), [0.5] * 3, [0.25] * 3)
+    for (xa, _), (xb, _) in zip(DeviceLoader(eight, *args), DeviceLoader(sixteen, *args)):
+        torch.testing.assert_close(xa, xb)
+    for (xa, _), (xb, _) in zip(torch_loader(eight, 8, [0.5] * 3, [0.25] * 3), torch_loader(sixteen, 8, [0.5] * 3, [0.25] * 3)):
+        torch.testing.assert_close(xa, xb)

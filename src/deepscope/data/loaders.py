@@ -138,7 +138,7 @@ def torch_loader(
     rank: int = 0,
     world: int = 1,
     num_workers: int = 0,
-) -> DataLoader:
+) -> "EpochDataLoader":
     """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling."""
     _check_batch(batch_size, world)
     size = data.images.shape[1:3]
