@@ -51,6 +51,12 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     raise DeepscopeError(f"unknown amp mode {mode!r}; choose auto, off, bf16 or fp16")
 
 
+def first_nonfinite(values: torch.Tensor) -> int | None:
+    """Index of the first NaN or infinite value, or None."""
+    bad = (~torch.isfinite(values)).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
 def write_json(path: Path, values: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(values, indent=2))
@@ -146,12 +152,11 @@ class Trainer:
             net.train()
             log.start_epoch(epoch, cfg.epochs, steps)
             losses = torch.zeros(steps, device=device)
-            first, checked, seen, t_epoch = (skip_steps if epoch == start_epoch else 0), 0, 0, time.time()
-            checked = first
-            step = first - 1
+            first = skip_steps if epoch == start_epoch else 0
+            checked, seen, t_epoch, step = first, 0, time.time(), first - 1
             for step, batch in enumerate(train):
                 if step < first:
-                    continue
+                    continue  # resuming inside an epoch: the loader replays the same batches, skip those done
                 if step == first and dist.is_main:
                     log.images("train/samples", task.display_images(batch), epoch)
                 with autocast():
@@ -167,21 +172,23 @@ class Trainer:
                     scheduler.step()
                 losses[step] = loss.detach().float()
                 seen += len(batch[0])
-                if step % CHECK_EVERY_STEPS == 0 or step == steps - 1:
-                    window = losses[checked : step + 1]
-                    nonfinite, timeup = all_reduce_max([float(not torch.isfinite(window).all()), float(time.time() > deadline)], device)
-                    if nonfinite:
-                        bad = checked + int((~torch.isfinite(window)).nonzero()[0]) if not torch.isfinite(window).all() else step
-                        kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was written yet"
-                        raise TrainingError(f"non-finite loss at epoch {epoch + 1}, step {bad + 1}; training stopped, {kept}")
-                    checked = step + 1
-                    rate = seen * dist.world / max(1e-9, time.time() - t_epoch)
-                    mean_loss = float(losses[first : step + 1].mean())
-                    log.update(step + 1, mean_loss, rate, self._metric_text(history))
-                    log.scalars({"loss_step": float(losses[step])}, epoch * steps + step, "train/")
-                    if timeup:
-                        stop_reason = "max_minutes"
-                        break
+                late = time.time() > deadline
+                if step % CHECK_EVERY_STEPS and step != steps - 1 and not (late and not dist.enabled):
+                    continue
+                # losses are checked in windows so the GPU is not synchronised at every step
+                bad = first_nonfinite(losses[checked : step + 1])
+                nonfinite, late = all_reduce_max([float(bad is not None), float(late)], device)
+                if nonfinite:
+                    where = f"step {checked + bad + 1}" if bad is not None else f"step {step + 1} (on another process)"
+                    kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was written yet"
+                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, {where}; training stopped, {kept}")
+                checked = step + 1
+                rate = seen * dist.world / max(1e-9, time.time() - t_epoch)
+                log.update(step + 1, float(losses[first : step + 1].mean()), rate, self._metric_text(history))
+                log.scalars({"loss_step": float(losses[step])}, epoch * steps + step, "train/")
+                if late:
+                    stop_reason = "max_minutes"
+                    break
             log.end_epoch()
             complete = step == steps - 1
             ran = max(1, step + 1 - first)
