@@ -44,6 +44,19 @@ def images_per_second(model: torch.nn.Module, loader, steps: int, warmup: int = 
     return done / (time.perf_counter() - start)
 
 
+def loader_only(loader, steps: int, warmup: int = 3) -> float:
+    """Images/s a loader produces with no model attached."""
+    done, start = 0, 0.0
+    for i, (_, y) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            done += len(y)
+        if i == warmup + steps - 1:
+            break
+    return done / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
@@ -59,7 +72,13 @@ def main() -> None:
     data = ImageSet(arrays["x_train"], arrays["y_train"], [""] * len(arrays["y_train"]))
     mean, std = channel_stats(data.images)
     augment = AugmentConfig(crop_padding=4, flip=True, cutout=8)
-    rows = []
+    alone = {
+        "memory": loader_only(DeviceLoader(data, args.batch_size, torch.device("cpu"), mean, std, shuffle=True, augment=augment), 100),
+        "dataloader_w0": loader_only(torch_loader(data, args.batch_size, mean, std, shuffle=True, augment=augment), 100),
+        "dataloader_w2": loader_only(torch_loader(data, args.batch_size, mean, std, shuffle=True, augment=augment, num_workers=2), 100),
+    }
+    print("loader alone", {k: round(v) for k, v in alone.items()}, flush=True)
+    rows = [("(loader alone, no model)", alone)]
     for name, kwargs in MODELS.items():
         torch.manual_seed(0)
         model = build_model(name, (3, 32, 32), 10, **kwargs).to(memory_format=torch.channels_last)
@@ -80,7 +99,9 @@ def main() -> None:
              f"CIFAR-10 training set, batch {args.batch_size}, {args.steps} timed steps after 3 warm-up steps, SGD, bf16 autocast, "
              "channels-last. Augmentation: reflect-pad-4 random crop, horizontal flip, 8x8 cutout, per image in both paths "
              "(batched tensor ops in deepscope's device loader; torchvision.transforms.v2 per sample in the DataLoader). "
-             "The ratio falls as the model's own compute grows: the data path matters most for small models.")
+             "The first row times the loaders with no model (100 batches). With a model, the ratio falls as the model's own "
+             "compute grows: on 2 CPU cores a conv net's forward/backward takes most of each step, so the data path "
+             "matters most for small models here, and on a GPU, where the model step is fast and a CPU-side loader starves it.")
     write_section("data_path", "Data-path speed: in-memory loader against DataLoader", header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes)
 
 

@@ -56,8 +56,8 @@ class DeviceLoader:
     ) -> None:
         _check_batch(batch_size, world)
         self.device = device
-        self.images = torch.from_numpy(data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images)
-        self.images = self.images.permute(0, 3, 1, 2).to(device)
+        # kept NHWC as read (on the CPU this shares the numpy array's memory); batches are permuted after slicing
+        self.images = torch.from_numpy(data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images).to(device)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.scale = data.scale
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -96,15 +96,15 @@ class DeviceLoader:
             yield self._prepare(order[b * bs : (b + 1) * bs][rows], generator, bs, rows)
 
     def _prepare(self, index: torch.Tensor, generator: torch.Generator | None, n: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[index].float().div_(self.scale)
+        x = self.images[index].permute(0, 3, 1, 2).contiguous().float().div_(self.scale)
         augment = self.augment if generator is not None else None
         if augment is not None:
             x = augment.photometric(x, generator, n, rows)
         x = (x - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         if augment is not None:
             x = augment.geometric(x, generator, n, rows)
+        if self.channels_last:  # last: the augmentation's gathers are faster on contiguous tensors
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[index]
 
 
