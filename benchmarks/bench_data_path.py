@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.augment import AugmentConfig
 from deepscope.data.classification import ImageSet, channel_stats, load_classification
-from deepscope.data.loaders import DeviceLoader, torch_loader
+from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
 from deepscope.models import build_model
 from prepare_cifar10 import prepare
 
@@ -72,21 +72,21 @@ def main() -> None:
     data = ImageSet(arrays["x_train"], arrays["y_train"], [""] * len(arrays["y_train"]))
     mean, std = channel_stats(data.images)
     augment = AugmentConfig(crop_padding=4, flip=True, cutout=8)
+    spec = BatchSpec(args.batch_size, mean, std, shuffle=True, augment=augment)
+    cpu = torch.device("cpu")
     alone = {
-        "memory": loader_only(DeviceLoader(data, args.batch_size, torch.device("cpu"), mean, std, shuffle=True, augment=augment), 100),
-        "dataloader_w0": loader_only(torch_loader(data, args.batch_size, mean, std, shuffle=True, augment=augment), 100),
-        "dataloader_w2": loader_only(torch_loader(data, args.batch_size, mean, std, shuffle=True, augment=augment, num_workers=2), 100),
+        "memory": loader_only(DeviceLoader(data, spec, cpu), 100),
+        "dataloader_w0": loader_only(torch_loader(data, spec), 100),
+        "dataloader_w2": loader_only(torch_loader(data, spec, num_workers=2), 100),
     }
     print("loader alone", {k: round(v) for k, v in alone.items()}, flush=True)
     rows = [("(loader alone, no model)", alone)]
     for name, kwargs in MODELS.items():
         torch.manual_seed(0)
         model = build_model(name, (3, 32, 32), 10, **kwargs).to(memory_format=torch.channels_last)
-        fast = DeviceLoader(data, args.batch_size, torch.device("cpu"), mean, std, shuffle=True, augment=augment)
-        figures = {"memory": images_per_second(model, fast, args.steps)}
+        figures = {"memory": images_per_second(model, DeviceLoader(data, spec, cpu), args.steps)}
         for workers in (0, 2):
-            slow = torch_loader(data, args.batch_size, mean, std, shuffle=True, augment=augment, num_workers=workers)
-            figures[f"dataloader_w{workers}"] = images_per_second(model, slow, args.steps)
+            figures[f"dataloader_w{workers}"] = images_per_second(model, torch_loader(data, spec, num_workers=workers), args.steps)
         rows.append((name, figures))
         print(name, {k: round(v) for k, v in figures.items()}, flush=True)
     lines = ["| model | in-memory images/s | DataLoader, 0 workers | ratio | DataLoader, 2 workers | ratio |", "|---|---:|---:|---:|---:|---:|"]

@@ -7,7 +7,7 @@ import torch
 
 from deepscope.data.augment import AugmentConfig, cutout, random_crop, random_flip
 from deepscope.data.classification import ImageSet
-from deepscope.data.loaders import DeviceLoader, torch_loader
+from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -55,8 +55,9 @@ def make_set(n: int = 20) -> ImageSet:
 def test_device_loader_matches_dataloader_without_augmentation():
     data = make_set()
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    fast = list(DeviceLoader(data, 8, torch.device("cpu"), mean, std, channels_last=False))
-    slow = list(torch_loader(data, 8, mean, std))
+    spec = BatchSpec(8, mean, std)
+    fast = list(DeviceLoader(data, spec, torch.device("cpu"), channels_last=False))
+    slow = list(torch_loader(data, spec))
     assert len(fast) == len(slow) == 3
     for (xa, ya), (xb, yb) in zip(fast, slow):
         torch.testing.assert_close(xa, xb)
@@ -68,7 +69,7 @@ def test_training_order_depends_on_seed_and_epoch_only():
     augment = AugmentConfig(crop_padding=1, flip=True, color_jitter=0.2, cutout=2)
 
     def epoch_batches(epoch: int) -> list[torch.Tensor]:
-        loader = DeviceLoader(data, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, shuffle=True, augment=augment, seed=1)
+        loader = DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, shuffle=True, augment=augment, seed=1), torch.device("cpu"))
         loader.set_epoch(epoch)
         return [x for x, _ in loader]
 
@@ -81,9 +82,9 @@ def test_training_order_depends_on_seed_and_epoch_only():
 def test_ranks_split_the_global_batch():
     data = make_set(40)
     kwargs = dict(shuffle=True, augment=AugmentConfig(), seed=2)
-    args = (data, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3)
-    single = list(DeviceLoader(*args, **kwargs))
-    ranks = [list(DeviceLoader(*args, rank=r, world=2, **kwargs)) for r in range(2)]
+    cpu = torch.device("cpu")
+    single = list(DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, **kwargs), cpu))
+    ranks = [list(DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, rank=r, world=2, **kwargs), cpu)) for r in range(2)]
     for i, (x, y) in enumerate(single):
         torch.testing.assert_close(torch.cat([ranks[0][i][0], ranks[1][i][0]]), x)
         assert torch.equal(torch.cat([ranks[0][i][1], ranks[1][i][1]]), y)
@@ -92,8 +93,8 @@ def test_ranks_split_the_global_batch():
 def test_16bit_images_scale_like_8bit():
     eight = make_set()
     sixteen = ImageSet(eight.images.astype(np.uint16) * 257, eight.labels, eight.sources)
-    args = (8, torch.device("cpu"), [0.5] * 3, [0.25] * 3)
-    for (xa, _), (xb, _) in zip(DeviceLoader(eight, *args), DeviceLoader(sixteen, *args)):
+    spec, cpu = BatchSpec(8, [0.5] * 3, [0.25] * 3), torch.device("cpu")
+    for (xa, _), (xb, _) in zip(DeviceLoader(eight, spec, cpu), DeviceLoader(sixteen, spec, cpu)):
         torch.testing.assert_close(xa, xb)
-    for (xa, _), (xb, _) in zip(torch_loader(eight, 8, [0.5] * 3, [0.25] * 3), torch_loader(sixteen, 8, [0.5] * 3, [0.25] * 3)):
+    for (xa, _), (xb, _) in zip(torch_loader(eight, spec), torch_loader(sixteen, spec)):
         torch.testing.assert_close(xa, xb)

@@ -110,6 +110,15 @@ def test_checkpoint_from_another_model_or_task(class_tree, tmp_path, capsys):
     assert "junk.pt: not a readable checkpoint" in error_line(capsys)
 
 
+def test_existing_run_is_not_overwritten(class_tree, tmp_path, capsys):
+    assert train(class_tree, tmp_path, "--epochs", "1") == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train(class_tree, tmp_path, "--epochs", "1") == 2
+    assert "already holds a run (last.pt); pass --resume" in error_line(capsys)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(class_tree, tmp_path, capsys, monkeypatch):
     assert train(class_tree, tmp_path, "--epochs", "1") == 0
     out = tmp_path / "run"

@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,12 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from deepscope.demo import run_demo
 
-    return run_demo(args.task, Path(args.out))
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_demo(args.task, out)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepscope", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deepscope", description="Train, evaluate and apply deep learning models for images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model")
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
     demo.add_argument("task", nargs="?", default="classify", choices=["classify"])
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -45,7 +45,7 @@ class TrainConfig:
     task: str = ""
     data: str = ""
     model: str = ""
-    out: str = "runs/run"
+    out: str = ""  # run folder; empty: runs/<task>-<model>-<date-time>
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int = 512

@@ -10,6 +10,7 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -27,48 +28,46 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return generator
 
 
-def _check_batch(batch_size: int, world: int) -> None:
-    if batch_size % world:
-        raise DeepscopeError(f"batch size {batch_size} must be divisible by the number of processes ({world})")
+@dataclass(frozen=True)
+class BatchSpec:
+    """How batches are drawn, the same for both loaders.
+
+    ``batch_size`` is the global batch; with ``world`` > 1 each rank yields its share of it.
+    ``shuffle`` marks training batches: reshuffled per epoch, augmented, incomplete last batch dropped.
+    """
+
+    batch_size: int
+    mean: list[float]
+    std: list[float]
+    shuffle: bool = False
+    augment: AugmentConfig | None = None
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.world:
+            raise DeepscopeError(f"batch size {self.batch_size} must be divisible by the number of processes ({self.world})")
 
 
 class DeviceLoader:
-    """Iterate over (x, y) batches of an :class:`ImageSet` held on ``device``.
+    """Iterate over (x, y) batches of an :class:`ImageSet` held on ``device``, as ``spec`` says."""
 
-    ``batch_size`` is the global batch; with ``world`` > 1 each rank yields its share of it.
-    Training batches (``shuffle=True``) drop the incomplete last batch so every step has the same size.
-    """
-
-    def __init__(
-        self,
-        data: ImageSet,
-        batch_size: int,
-        device: torch.device,
-        mean: list[float],
-        std: list[float],
-        *,
-        shuffle: bool = False,
-        augment: AugmentConfig | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
-        channels_last: bool = True,
-    ) -> None:
-        _check_batch(batch_size, world)
+    def __init__(self, data: ImageSet, spec: BatchSpec, device: torch.device, channels_last: bool = True) -> None:
         self.device = device
         # kept NHWC as read (on the CPU this shares the numpy array's memory); batches are permuted after slicing
         self.images = torch.from_numpy(data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images).to(device)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.scale = data.scale
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.batch_size = min(batch_size, len(data)) if not shuffle else batch_size
-        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world
-        self.augment = BatchAugment(augment) if augment is not None else None
+        self.mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+        self.batch_size = spec.batch_size if spec.shuffle else min(spec.batch_size, len(data))
+        self.shuffle, self.seed, self.rank, self.world = spec.shuffle, spec.seed, spec.rank, spec.world
+        self.augment = BatchAugment(spec.augment) if spec.augment is not None and spec.shuffle else None
         self.channels_last = channels_last
         self.epoch = 0
-        if shuffle and len(data) < batch_size:
-            raise DeepscopeError(f"{len(data)} training images are fewer than one batch of {batch_size}; lower --batch-size")
+        if spec.shuffle and len(data) < spec.batch_size:
+            raise DeepscopeError(f"{len(data)} training images are fewer than one batch of {spec.batch_size}; lower --batch-size")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -126,36 +125,22 @@ class TransformDataset(Dataset):
         return self.transform(tensor), int(self.data.labels[i])
 
 
-def torch_loader(
-    data: ImageSet,
-    batch_size: int,
-    mean: list[float],
-    std: list[float],
-    *,
-    shuffle: bool = False,
-    augment: AugmentConfig | None = None,
-    seed: int = 0,
-    rank: int = 0,
-    world: int = 1,
-    num_workers: int = 0,
-) -> "EpochDataLoader":
+def torch_loader(data: ImageSet, spec: BatchSpec, num_workers: int = 0) -> "EpochDataLoader":
     """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling."""
-    _check_batch(batch_size, world)
     size = data.images.shape[1:3]
-    dataset = TransformDataset(data, torchvision_pipeline(augment if shuffle else None, mean, std, size))
-    sampler = DistributedSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle) if world > 1 else None
-    generator = torch.Generator().manual_seed(seed)
+    dataset = TransformDataset(data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size))
+    sampler = DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle) if spec.world > 1 else None
     loader = DataLoader(
         dataset,
-        batch_size=batch_size // world,
-        shuffle=shuffle and sampler is None,
+        batch_size=spec.batch_size // spec.world,
+        shuffle=spec.shuffle and sampler is None,
         sampler=sampler,
-        drop_last=shuffle,
+        drop_last=spec.shuffle,
         num_workers=num_workers,
-        generator=generator,
+        generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=num_workers > 0,
     )
-    return EpochDataLoader(loader, seed)
+    return EpochDataLoader(loader, spec.seed)
 
 
 class EpochDataLoader:

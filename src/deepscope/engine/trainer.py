@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from deepscope.engine.checkpoint import (
 from deepscope.engine.distributed import DistInfo, all_reduce_max, barrier, init_distributed
 from deepscope.engine.logging import RunLogger
 from deepscope.engine.optim import build_optimizer, build_scheduler
-from deepscope.engine.task import Task
+from deepscope.engine.task import Batches, Task
 from deepscope.errors import CheckpointError, DeepscopeError, TrainingError
 from deepscope.models import count_parameters
 
@@ -63,6 +64,34 @@ def write_json(path: Path, values: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Run:
+    """Everything one training run carries between epochs (and into its checkpoints)."""
+
+    train: Batches
+    val: Batches | None
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sched_when: str
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    dist: DistInfo
+    parameters: int
+    steps: int
+    t_start: float
+    deadline: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"value": None, "epoch": None})
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+    stop_reason: str = "completed"
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+
+
 class Trainer:
     """Runs ``task`` as configured by ``task.config``; ``resume`` continues from ``out/last.pt``."""
 
@@ -70,188 +99,204 @@ class Trainer:
         self.task = task
         self.config = task.config
         self.resume = resume
+        if not self.config.out:
+            self.config.out = f"runs/{self.config.task}-{self.config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(self.config.out)
+        self.last_path = self.run_dir / "last.pt"
+        self.best_path = self.run_dir / "best.pt"
 
     def fit(self) -> dict[str, Any]:
         dist, device = init_distributed(self.config.device)
-        log = RunLogger(self.run_dir, dist.is_main)
+        self.log = RunLogger(self.run_dir, dist.is_main)
         try:
-            return self._fit(dist, device, log)
+            run, start_epoch, skip_steps = self._start(dist, device)
+            for epoch in range(start_epoch, self.config.epochs):
+                if not self._epoch(run, epoch, skip_steps if epoch == start_epoch else 0):
+                    break
+            return self._finish(run)
         finally:
-            log.close()
+            self.log.close()
 
-    def _fit(self, dist: DistInfo, device: torch.device, log: RunLogger) -> dict[str, Any]:
+    def _start(self, dist: DistInfo, device: torch.device) -> tuple[Run, int, int]:
+        """Read data, build model and optimizer, and restore them from ``last.pt`` when resuming."""
         cfg, task = self.config, self.task
         t_start = time.time()
-        deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-        last_path, best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
-        state = self._resume_state(last_path) if self.resume else None
+        if not self.resume and self.last_path.exists():
+            raise DeepscopeError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+        state = self._resume_state() if self.resume else None
         seed_everything(cfg.seed)
         task.setup(device, dist)
         model = task.build_model()
         if state is not None:
-            load_weights(model, state["model"], last_path)
+            load_weights(model, state["model"], self.last_path)
         if dist.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch (CUDA only)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        n_params = count_parameters(model)
         if dist.is_main:
             save_yaml(cfg, self.run_dir / "config.yaml")
-        log.info(f"{cfg.task}: model {cfg.model} with {n_params:,} parameters on {device} x{dist.world}")
-
-        train, val = task.train_batches(), task.val_batches()
+        train = task.train_batches()
         steps = len(train)
         if steps == 0:
             raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
         amp_dtype = resolve_amp(cfg.amp, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-        start_epoch, skip_steps, history, best = 0, 0, [], {"value": None, "epoch": None}
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            history, best = state["history"], state["best"]
-            start_epoch = state["epoch"] + 1 if state["epoch_complete"] else state["epoch"]
-            skip_steps = 0 if state["epoch_complete"] else state["step"]
-            log.info(f"resuming from {last_path} at epoch {start_epoch + 1}, step {skip_steps}")
-
-        def autocast() -> torch.autocast:
-            return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
-
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+        run = Run(
+            train=train, val=task.val_batches(), model=model, net=net, optimizer=optimizer, scheduler=scheduler, sched_when=sched_when,
+            scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+            device=device, dist=dist, parameters=count_parameters(model), steps=steps, t_start=t_start,
+            deadline=t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf,
+        )
+        self.log.info(f"{cfg.task}: model {cfg.model} with {run.parameters:,} parameters on {device} x{dist.world}")
+        if state is None:
+            return run, 0, 0
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        run.history, run.best = state["history"], state["best"]
+        start_epoch = state["epoch"] + 1 if state["epoch_complete"] else state["epoch"]
+        skip_steps = 0 if state["epoch_complete"] else state["step"]
+        self.log.info(f"resuming from {self.last_path} at epoch {start_epoch + 1}, step {skip_steps}")
+        return run, start_epoch, skip_steps
 
-        def checkpoint(epoch: int, step: int, complete: bool) -> dict[str, Any]:
-            return {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict(),
+    def _epoch(self, run: Run, epoch: int, first: int) -> bool:
+        """Train one epoch (from step ``first``), validate, checkpoint; False when training must stop."""
+        cfg, task, log = self.config, self.task, self.log
+        run.train.set_epoch(epoch)
+        run.net.train()
+        log.start_epoch(epoch, cfg.epochs, run.steps)
+        losses = torch.zeros(run.steps, device=run.device)
+        checked, seen, t_epoch, step = first, 0, time.time(), first - 1
+        for step, batch in enumerate(run.train):
+            if step < first:
+                continue  # resuming inside an epoch: the loader replays the same batches, skip those done
+            if step == first and run.dist.is_main:
+                log.images("train/samples", task.display_images(batch), epoch)
+            losses[step] = self._step(run, batch)
+            seen += len(batch[0])
+            late = time.time() > run.deadline
+            if step % CHECK_EVERY_STEPS and step != run.steps - 1 and not (late and not run.dist.enabled):
+                continue
+            # losses are checked in windows so the GPU is not synchronised at every step
+            bad = first_nonfinite(losses[checked : step + 1])
+            nonfinite, late = all_reduce_max([float(bad is not None), float(late)], run.device)
+            if nonfinite:
+                where = f"step {checked + bad + 1}" if bad is not None else f"step {step + 1} (on another process)"
+                kept = f"last good checkpoint: {self.last_path}" if self.last_path.exists() else "no checkpoint was written yet"
+                raise TrainingError(f"non-finite loss at epoch {epoch + 1}, {where}; training stopped, {kept}")
+            checked = step + 1
+            rate = seen * run.dist.world / max(1e-9, time.time() - t_epoch)
+            log.update(step + 1, float(losses[first : step + 1].mean()), rate, self._metric_text(run.history))
+            log.scalars({"loss_step": float(losses[step])}, epoch * run.steps + step, "train/")
+            if late:
+                run.stop_reason = "max_minutes"
+                break
+        log.end_epoch()
+        with run.autocast():
+            run.val_metrics = task.evaluate(run.model, run.val) if run.val is not None else {}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(losses[first : step + 1].sum()) / max(1, step + 1 - first),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * run.dist.world / max(1e-9, time.time() - t_epoch),
+            "time_s": time.time() - run.t_start,
+        }
+        record.update({f"val_{k}": v for k, v in run.val_metrics.items() if isinstance(v, float)})
+        run.history.append(record)
+        if run.sched_when == "epoch" and run.val_metrics:
+            run.scheduler.step(run.val_metrics[cfg.monitor])
+        self._save(run, epoch, step + 1, complete=step == run.steps - 1)
+        log.scalars(record, epoch + 1, "epoch/")
+        log.info(self._epoch_line(record, cfg.epochs))
+        if run.stop_reason == "max_minutes":
+            log.info(f"stopping: wall-time limit of {cfg.max_minutes} min reached")
+            return False
+        if cfg.early_stopping and run.best["epoch"] is not None and epoch + 1 - run.best["epoch"] >= cfg.early_stopping:
+            run.stop_reason = "early_stopping"
+            log.info(f"stopping early: no improvement of {cfg.monitor} for {cfg.early_stopping} epochs")
+            return False
+        return True
+
+    def _step(self, run: Run, batch: Any) -> torch.Tensor:
+        """One optimizer step; returns the batch loss (still on the device)."""
+        with run.autocast():
+            loss = self.task.loss(run.net, batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if self.config.optim.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), self.config.optim.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if run.sched_when == "step":
+            run.scheduler.step()
+        return loss.detach().float()
+
+    def _save(self, run: Run, epoch: int, step: int, complete: bool) -> None:
+        """Write ``last.pt`` (and ``best.pt`` when the monitored metric improved) from rank 0."""
+        value = run.val_metrics.get(self.config.monitor)
+        improved = self._improved(run.best, value)
+        if improved:
+            run.best = {"value": value, "epoch": epoch + 1}
+        if run.dist.is_main:
+            state = {
+                "model": run.model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+                "scaler": run.scaler.state_dict(),
                 "rng": rng_state(),
                 "epoch": epoch,
                 "step": step,
                 "epoch_complete": complete,
-                "history": history,
-                "best": best,
-                "config": to_dict(cfg),
-                "task_state": task.inference_state(),
-                "parameters": n_params,
+                "history": run.history,
+                "best": run.best,
+                "config": to_dict(self.config),
+                "task_state": self.task.inference_state(),
+                "parameters": run.parameters,
                 "version": __version__,
             }
-
-        stop_reason = "completed"
-        val_metrics: dict[str, Any] = {}
-        for epoch in range(start_epoch, cfg.epochs):
-            train.set_epoch(epoch)
-            net.train()
-            log.start_epoch(epoch, cfg.epochs, steps)
-            losses = torch.zeros(steps, device=device)
-            first = skip_steps if epoch == start_epoch else 0
-            checked, seen, t_epoch, step = first, 0, time.time(), first - 1
-            for step, batch in enumerate(train):
-                if step < first:
-                    continue  # resuming inside an epoch: the loader replays the same batches, skip those done
-                if step == first and dist.is_main:
-                    log.images("train/samples", task.display_images(batch), epoch)
-                with autocast():
-                    loss = task.loss(net, batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if sched_when == "step":
-                    scheduler.step()
-                losses[step] = loss.detach().float()
-                seen += len(batch[0])
-                late = time.time() > deadline
-                if step % CHECK_EVERY_STEPS and step != steps - 1 and not (late and not dist.enabled):
-                    continue
-                # losses are checked in windows so the GPU is not synchronised at every step
-                bad = first_nonfinite(losses[checked : step + 1])
-                nonfinite, late = all_reduce_max([float(bad is not None), float(late)], device)
-                if nonfinite:
-                    where = f"step {checked + bad + 1}" if bad is not None else f"step {step + 1} (on another process)"
-                    kept = f"last good checkpoint: {last_path}" if last_path.exists() else "no checkpoint was written yet"
-                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, {where}; training stopped, {kept}")
-                checked = step + 1
-                rate = seen * dist.world / max(1e-9, time.time() - t_epoch)
-                log.update(step + 1, float(losses[first : step + 1].mean()), rate, self._metric_text(history))
-                log.scalars({"loss_step": float(losses[step])}, epoch * steps + step, "train/")
-                if late:
-                    stop_reason = "max_minutes"
-                    break
-            log.end_epoch()
-            complete = step == steps - 1
-            ran = max(1, step + 1 - first)
-            with autocast():
-                val_metrics = task.evaluate(model, val) if val is not None else {}
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(losses[first : step + 1].sum()) / ran,
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen * dist.world / max(1e-9, time.time() - t_epoch),
-                "time_s": time.time() - t_start,
-            }
-            record.update({f"val_{k}": v for k, v in val_metrics.items() if isinstance(v, float)})
-            history.append(record)
-            if sched_when == "epoch" and val_metrics:
-                scheduler.step(val_metrics[cfg.monitor])
-            improved = self._improved(best, val_metrics.get(cfg.monitor))
+            save_checkpoint(state, self.last_path)
             if improved:
-                best = {"value": val_metrics.get(cfg.monitor), "epoch": epoch + 1}
-            if dist.is_main:
-                save_checkpoint(checkpoint(epoch, step + 1, complete), last_path)
-                if improved:
-                    copy_checkpoint(last_path, best_path)
-            barrier()
-            log.scalars(record, epoch + 1, "epoch/")
-            log.info(self._epoch_line(record, cfg.epochs))
-            if stop_reason != "completed":
-                log.info(f"stopping: wall-time limit of {cfg.max_minutes} min reached")
-                break
-            if cfg.early_stopping and best["epoch"] is not None and epoch + 1 - best["epoch"] >= cfg.early_stopping:
-                stop_reason = "early_stopping"
-                log.info(f"stopping early: no improvement of {cfg.monitor} for {cfg.early_stopping} epochs")
-                break
+                copy_checkpoint(self.last_path, self.best_path)
+        barrier()
 
-        if best_path.exists():
-            load_weights(model, load_checkpoint(best_path)["model"], best_path)
+    def _finish(self, run: Run) -> dict[str, Any]:
+        """Load the best weights, let the task score them (test set) and write metrics and report."""
+        cfg = self.config
+        if self.best_path.exists():
+            load_weights(run.model, load_checkpoint(self.best_path)["model"], self.best_path)
         summary = {
             "task": cfg.task,
             "model": cfg.model,
-            "parameters": n_params,
-            "device": str(device),
-            "processes": dist.world,
-            "stopped": stop_reason,
-            "epochs_completed": sum(1 for _ in history),
-            "best_epoch": best["epoch"],
-            f"best_val_{cfg.monitor}": best["value"],
-            "train_time_s": time.time() - t_start,
-            "val": val_metrics,
+            "parameters": run.parameters,
+            "device": str(run.device),
+            "processes": run.dist.world,
+            "stopped": run.stop_reason,
+            "epochs_completed": len(run.history),
+            "best_epoch": run.best["epoch"],
+            f"best_val_{cfg.monitor}": run.best["value"],
+            "train_time_s": time.time() - run.t_start,
+            "val": run.val_metrics,
         }
-        with autocast():
-            summary.update(task.finish(model, self.run_dir, history, summary))
-        summary["wall_time_s"] = time.time() - t_start
-        summary["history"] = history
-        if dist.is_main:
+        with run.autocast():
+            summary.update(self.task.finish(run.model, self.run_dir, run.history, summary))
+        summary["wall_time_s"] = time.time() - run.t_start
+        summary["history"] = run.history
+        if run.dist.is_main:
             write_json(self.run_dir / "metrics.json", summary)
-            task.write_report(self.run_dir, history, summary)
-            log.info(f"run written to {self.run_dir} (report.html, metrics.json, last.pt, best.pt)")
+            self.task.write_report(self.run_dir, run.history, summary)
+            self.log.info(f"run written to {self.run_dir} (report.html, metrics.json, last.pt, best.pt)")
         return summary
 
-    def _resume_state(self, last_path: Path) -> dict[str, Any]:
-        if not last_path.exists():
-            raise CheckpointError(f"{last_path}: nothing to resume, no checkpoint in {self.run_dir}")
-        return load_checkpoint(last_path, task=self.config.task, model=self.config.model)
+    def _resume_state(self) -> dict[str, Any]:
+        if not self.last_path.exists():
+            raise CheckpointError(f"{self.last_path}: nothing to resume, no checkpoint in {self.run_dir}")
+        return load_checkpoint(self.last_path, task=self.config.task, model=self.config.model)
 
     def _improved(self, best: dict[str, Any], value: float | None) -> bool:
         if value is None:

@@ -22,7 +22,7 @@ from deepscope.data.classification import (
     read_images,
     stratified_split,
 )
-from deepscope.data.loaders import DeviceLoader, torch_loader
+from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
 from deepscope.engine.distributed import DistInfo
 from deepscope.engine.report import image_grid, table, write_report
 from deepscope.engine.task import Batches, Task
@@ -83,15 +83,11 @@ class ClassifyTask(Task):
         cfg = self.config
         world = self.dist.world if world is None else world
         rank = self.dist.rank if rank is None else rank
-        size = cfg.batch_size if train else cfg.eval_batch_size
-        augment = cfg.augment if train else None
-        use_memory = cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(data, self.device))
-        if use_memory:
-            return DeviceLoader(data, size, self.device, self.mean, self.std, shuffle=train, augment=augment,
-                                seed=cfg.seed, rank=rank, world=world, channels_last=cfg.channels_last)
-        loader = torch_loader(data, size, self.mean, self.std, shuffle=train, augment=augment, seed=cfg.seed,
-                              rank=rank, world=world, num_workers=cfg.num_workers)
-        return ToDevice(loader, self.device, cfg.channels_last)
+        spec = BatchSpec(cfg.batch_size if train else cfg.eval_batch_size, self.mean, self.std, shuffle=train,
+                         augment=cfg.augment if train else None, seed=cfg.seed, rank=rank, world=world)
+        if cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(data, self.device)):
+            return DeviceLoader(data, spec, self.device, cfg.channels_last)
+        return ToDevice(torch_loader(data, spec, cfg.num_workers), self.device, cfg.channels_last)
 
     def build_model(self) -> nn.Module:
         return build_model(self.config.model, self.in_shape, len(self.class_names), **self.config.model_args)
@@ -241,7 +237,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
         if split not in splits:
             raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(splits))})")
         chosen = splits[split]
-    loader = DeviceLoader(chosen, cfg.eval_batch_size, device, info["mean"], info["std"], channels_last=False)
+    loader = DeviceLoader(chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False)
     result = evaluate_batches(model, loader, info["class_names"], device)
     return {"checkpoint": str(path), "data": str(data_path), "split": split, **result}
 
@@ -261,6 +257,6 @@ def predict_files(path: str | Path, files: list[Path], device: torch.device, bat
         else:
             raise DataError(f"{files[0]}: images have {images.shape[3]} channels but the model expects {c}")
     data = ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])
-    loader = DeviceLoader(data, batch_size, device, info["mean"], info["std"], channels_last=False)
+    loader = DeviceLoader(data, BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False)
     logits, _ = batched_logits(model, loader)
     return info["class_names"], logits.softmax(1).numpy()
