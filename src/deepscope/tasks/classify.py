@@ -133,6 +133,8 @@ class ClassifyTask(Task):
         split = "test" if metrics.get("test") else "validation"
         sections = []
         if final:
+            scalars = [{"metric": k, "value": v} for k, v in final.items() if isinstance(v, (int, float))]
+            sections.append((f"{split.capitalize()} metrics", table(scalars)))
             plot_confusion(np.array(final["confusion_matrix"]), self.class_names, run_dir / "confusion.png")
             per_class = [{"class": k, **v} for k, v in final["per_class"].items()]
             sections.append((f"Confusion matrix ({split})", '<img src="confusion.png" alt="confusion matrix">' + table(per_class)))
