@@ -19,6 +19,7 @@ from deepscope.cli import main
 from deepscope.config import OptimConfig
 from deepscope.engine.optim import build_scheduler
 from deepscope.engine.trainer import resolve_amp
+from deepscope.models import build_model
 
 CLI = [sys.executable, "-m", "deepscope"]
 
@@ -46,6 +47,28 @@ def test_training_learns_and_writes_run_folder(class_tree, tmp_path, capsys):
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0] * 0.5
     assert "confusion.png" in (out / "report.html").read_text()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert "train/samples" in events.Tags()["images"]
+    assert {"epoch/train_loss", "epoch/val_accuracy", "train/loss_step"} <= set(events.Tags()["scalars"])
+
+
+def test_gradient_clipping_bounds_each_update(class_tree, tmp_path):
+    common = ["--model", "logreg", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.5", "--schedule", "none",
+              "--set", "optim.momentum=0", "--set", "optim.weight_decay=0", "--set", "model_args={}"]
+    assert main(fast_args(class_tree, tmp_path / "free", *common)) == 0
+    assert main(fast_args(class_tree, tmp_path / "clipped", *common, "--grad-clip", "1e-6")) == 0
+    torch.manual_seed(0)  # the trainer seeds with --seed 0 before building the model
+    init = build_model("logreg", (3, 12, 12), 3).state_dict()
+    steps = 108 // 16  # training images (90% of 120) // batch size
+    for run, bound in [("clipped", 0.5 * 1e-6 * steps * 1.001), ("free", None)]:
+        moved = max((weights(tmp_path / run / "last.pt")[k] - init[k]).abs().max().item() for k in init)
+        if bound is None:
+            assert moved > 1e-3
+        else:
+            assert moved <= bound
 
 
 def big_npz(tmp_path: Path) -> Path:
