@@ -70,7 +70,7 @@ def main() -> None:
     same = sorted(map(bytes, tree.splits["test"].images)) == sorted(map(bytes, arrays["x_test"]))
     print(f"folder reader: {n_files} PNG files in {read_s:.1f} s, test images identical to the arrays: {same}", flush=True)
     data = ImageSet(arrays["x_train"], arrays["y_train"], [""] * len(arrays["y_train"]))
-    mean, std = channel_stats(data.images)
+    mean, std = channel_stats(data)
     augment = AugmentConfig(crop_padding=4, flip=True, cutout=8)
     spec = BatchSpec(args.batch_size, mean, std, shuffle=True, augment=augment)
     cpu = torch.device("cpu")

@@ -65,3 +65,19 @@ def test_demo_reaches_97_percent(tmp_path, capsys):
     assert result["wall_time_s"] < 60
     for name in ["report.html", "worst.png", "confusion.png", "best.pt", "config.yaml"]:
         assert (tmp_path / "demo" / name).exists()
+
+
+def test_streaming_from_disk_trains_like_memory(class_tree, tmp_path):
+    import torch
+
+    from deepscope.data.classification import FileImageSet
+    from deepscope.engine.distributed import DistInfo
+    from deepscope.tasks.classify import ClassifyConfig, ClassifyTask, ToDevice
+
+    task = ClassifyTask(ClassifyConfig(data=str(class_tree), loader="dataloader"))
+    task.setup(torch.device("cpu"), DistInfo())
+    assert isinstance(task.splits["train"], FileImageSet) and isinstance(task.train_batches(), ToDevice)
+
+    out = tmp_path / "stream"
+    assert main(fast_args(class_tree, out, "--epochs", "4", "--loader", "dataloader")) == 0
+    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0.9

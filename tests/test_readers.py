@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from deepscope.data.classification import channel_stats, load_classification, stratified_split
+from deepscope.data.classification import FileImageSet, ImageSet, channel_stats, load_classification, stratified_split
 from deepscope.data.readers import read_image
 from deepscope.errors import DataError
 
@@ -72,5 +72,31 @@ def test_stratified_split_keeps_proportions(npz_data):
 def test_channel_stats_known_values():
     images = np.zeros((2, 2, 2, 1), dtype=np.uint8)
     images[0] = 255
-    mean, std = channel_stats(images)
+    mean, std = channel_stats(ImageSet(images, np.zeros(2, dtype=np.int64), ["a", "b"]))
     assert mean == pytest.approx([0.5]) and std == pytest.approx([0.5])
+
+
+def test_lazy_folder_reads_the_same_images(class_tree):
+    eager = load_classification(class_tree)
+    lazy = load_classification(class_tree, lazy=True)
+    assert isinstance(lazy.splits["train"], FileImageSet)
+    assert lazy.image_shape == eager.image_shape and lazy.class_names == eager.class_names
+    for split in ("train", "test"):
+        assert lazy.splits[split].sources == eager.splits[split].sources
+        np.testing.assert_array_equal(lazy.splits[split].labels, eager.splits[split].labels)
+        for i in (0, 7, len(eager.splits[split]) - 1):
+            np.testing.assert_array_equal(lazy.splits[split].image(i), eager.splits[split].images[i])
+    part = lazy.splits["train"].subset(np.array([3, 5]))
+    np.testing.assert_array_equal(part.image(1), eager.splits["train"].images[5])
+    sample_mean, _ = channel_stats(lazy.splits["train"], sample=1000)
+    full_mean, _ = channel_stats(eager.splits["train"])
+    assert sample_mean == pytest.approx(full_mean)  # the sample covers all 120 images
+
+
+def test_lazy_folder_checks_headers_up_front(class_tree):
+    Image.new("RGB", (20, 20)).save(class_tree / "train" / "gamma" / "big.png")
+    with pytest.raises(DataError, match="big.png: image size 20x20 differs"):
+        load_classification(class_tree, lazy=True)
+    (class_tree / "train" / "gamma" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(DataError, match="big.png: corrupt or unreadable"):
+        load_classification(class_tree, lazy=True)

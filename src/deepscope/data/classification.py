@@ -1,7 +1,9 @@
 """Labelled image sets for classification: class-folder trees and ``.npz`` arrays.
 
-A data set becomes one (N, H, W, C) uint8/uint16 array plus integer labels, so that
-training can hold it on the device and slice batches without per-sample Python.
+A data set that fits in memory becomes one (N, H, W, C) uint8/uint16 array plus integer
+labels (:class:`ImageSet`), so that training can hold it on the device and slice batches
+without per-sample Python. A folder too large for memory stays on disk as a
+:class:`FileImageSet` whose images are read one at a time by a DataLoader.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from deepscope.data.readers import is_image_file, read_image
+from deepscope.data.readers import is_image_file, probe_image, read_image
 from deepscope.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -40,20 +44,67 @@ class ImageSet:
         """Value of full intensity for this dtype (255 or 65535)."""
         return float(np.iinfo(self.images.dtype).max)
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image."""
+        return tuple(self.images.shape[1:])
+
+    def image(self, i: int) -> np.ndarray:
+        return self.images[i]
+
+
+@dataclass
+class FileImageSet:
+    """Images left on disk and read one at a time, for data sets larger than memory.
+
+    ``shape`` and ``dtype`` come from the file headers, checked when the set is made, so a
+    wrong-sized image is reported before training starts, not deep inside a DataLoader worker.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    resize: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def sources(self) -> list[str]:
+        return self.paths
+
+    @property
+    def scale(self) -> float:
+        return float(np.iinfo(self.dtype).max)
+
+    def subset(self, index: np.ndarray) -> "FileImageSet":
+        return FileImageSet([self.paths[i] for i in index], self.labels[index], self.shape, self.dtype, self.resize)
+
+    def image(self, i: int) -> np.ndarray:
+        image = read_image(self.paths[i])
+        if self.resize is not None:
+            image = resize_image(image, self.resize)
+        if image.shape[:2] != self.shape[:2]:
+            raise DataError(f"{self.paths[i]}: image is {image.shape[0]}x{image.shape[1]}, expected {self.shape[0]}x{self.shape[1]}")
+        return conform(image, self.shape[2], self.dtype)
+
+
+AnyImageSet = ImageSet | FileImageSet
+
 
 @dataclass
 class ClassificationData:
     """The splits found at a data path; ``val`` may be carved out of ``train`` later."""
 
-    splits: dict[str, ImageSet]
+    splits: dict[str, AnyImageSet]
     class_names: list[str]
     source: str
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the images, as models expect."""
-        any_set = next(iter(self.splits.values()))
-        _, h, w, c = any_set.images.shape
+        h, w, c = next(iter(self.splits.values())).shape
         return (c, h, w)
 
 
@@ -75,21 +126,32 @@ def stack_images(images: list[np.ndarray], sources: list[str], resize: tuple[int
     if resize is not None:
         images = [resize_image(im, resize) for im in images]
     else:
-        first = images[0].shape[:2]
-        for im, src in zip(images, sources):
-            if im.shape[:2] != first:
-                raise DataError(
-                    f"{src}: image size {im.shape[0]}x{im.shape[1]} differs from {sources[0]} "
-                    f"({first[0]}x{first[1]}); pass --resize H W to resize all images"
-                )
+        check_sizes([im.shape[:2] for im in images], sources)
     channels = max(im.shape[2] for im in images)
-    wide = any(im.dtype == np.uint16 for im in images)
-    out = np.empty((len(images), *images[0].shape[:2], channels), dtype=np.uint16 if wide else np.uint8)
+    dtype = np.dtype(np.uint16) if any(im.dtype == np.uint16 for im in images) else np.dtype(np.uint8)
+    out = np.empty((len(images), *images[0].shape[:2], channels), dtype=dtype)
     for i, im in enumerate(images):
-        if wide and im.dtype == np.uint8:
-            im = im.astype(np.uint16) * 257
-        out[i] = im  # broadcasting repeats a grey channel to RGB
+        out[i] = conform(im, channels, dtype)
     return out
+
+
+def check_sizes(sizes: list[tuple[int, ...]], sources: list[str]) -> None:
+    """All (H, W) equal, or an error naming the first file that differs."""
+    for size, source in zip(sizes, sources):
+        if tuple(size) != tuple(sizes[0]):
+            raise DataError(
+                f"{source}: image size {size[0]}x{size[1]} differs from {sources[0]} "
+                f"({sizes[0][0]}x{sizes[0][1]}); pass --resize H W to resize all images"
+            )
+
+
+def conform(image: np.ndarray, channels: int, dtype: np.dtype) -> np.ndarray:
+    """Grey to RGB when ``channels`` is 3, and 8 to 16 bit (x257, so 255 maps to 65535) when ``dtype`` is uint16."""
+    if image.dtype != dtype:
+        image = image.astype(np.uint16) * 257
+    if image.shape[2] != channels:
+        image = np.repeat(image, channels, axis=2)
+    return image
 
 
 def read_images(paths: list[Path], resize: tuple[int, int] | None) -> np.ndarray:
@@ -110,8 +172,8 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def read_class_tree(root: Path, class_names: list[str] | None, resize: tuple[int, int] | None) -> tuple[ImageSet, list[str]]:
-    """Read ``root/<class>/<image>``; ``class_names`` fixes the label order across splits."""
+def scan_class_tree(root: Path, class_names: list[str] | None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Image paths and labels of ``root/<class>/<image>``; ``class_names`` fixes the label order across splits."""
     folders = class_folders(root)
     names = [f.name for f in folders]
     if class_names is not None:
@@ -128,21 +190,60 @@ def read_class_tree(root: Path, class_names: list[str] | None, resize: tuple[int
             raise DataError(f"{folder}: class folder holds no images (PNG, JPEG or TIFF)")
         paths += files
         labels += [class_names.index(folder.name)] * len(files)
-    images = read_images(paths, resize)
-    return ImageSet(images, np.asarray(labels, dtype=np.int64), [str(p) for p in paths]), class_names
+    return paths, np.asarray(labels, dtype=np.int64), class_names
 
 
-def load_folder(root: Path, resize: tuple[int, int] | None) -> ClassificationData:
-    """A class-folder tree, or ``train/``, ``test/`` and optional ``val/`` each holding one."""
+def file_image_set(paths: list[Path], labels: np.ndarray, resize: tuple[int, int] | None) -> FileImageSet:
+    """Check every header (size, channels, depth) and describe the images without decoding them."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        probes = list(pool.map(probe_image, paths, chunksize=256))
+    if resize is None:
+        check_sizes([p[:2] for p in probes], [str(p) for p in paths])
+    h, w = resize if resize is not None else probes[0][:2]
+    channels = max(p[2] for p in probes)
+    dtype = np.dtype(np.uint16) if any(p[3] == np.uint16 for p in probes) else np.dtype(np.uint8)
+    return FileImageSet([str(p) for p in paths], labels, (h, w, channels), dtype, resize)
+
+
+def read_class_tree(
+    root: Path, class_names: list[str] | None, resize: tuple[int, int] | None, lazy: bool
+) -> tuple[AnyImageSet, list[str]]:
+    """A class-folder tree, decoded into memory or (``lazy``) described for reading on demand."""
+    paths, labels, class_names = scan_class_tree(root, class_names)
+    if lazy:
+        return file_image_set(paths, labels, resize), class_names
+    return ImageSet(read_images(paths, resize), labels, [str(p) for p in paths]), class_names
+
+
+def too_large_for_memory(root: Path, resize: tuple[int, int] | None) -> bool:
+    """Estimate a folder's decoded size from its file count and first image; True above half the RAM."""
+    files = [p for p in root.rglob("*") if is_image_file(p)]
+    if not files:
+        return False
+    h, w, c, dtype = probe_image(files[0])
+    if resize is not None:
+        h, w = resize
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return len(files) * h * w * 3 * dtype.itemsize > 0.5 * ram
+
+
+def load_folder(root: Path, resize: tuple[int, int] | None, lazy: bool | None) -> ClassificationData:
+    """A class-folder tree, or ``train/``, ``test/`` and optional ``val/`` each holding one.
+
+    ``lazy``: True leaves images on disk, False decodes them all, None decides by size.
+    """
+    class_folders(root)  # clear errors for a missing or empty folder before anything else
+    if lazy is None:
+        lazy = too_large_for_memory(root, resize)
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if "train" not in split_dirs:
-        data, names = read_class_tree(root, None, resize)
+        data, names = read_class_tree(root, None, resize, lazy)
         return ClassificationData({"all": data}, names, str(root))
-    train, names = read_class_tree(split_dirs["train"], None, resize)
+    train, names = read_class_tree(split_dirs["train"], None, resize, lazy)
     splits = {"train": train}
     for split in ("val", "test"):
         if split in split_dirs:
-            splits[split] = read_class_tree(split_dirs[split], names, resize)[0]
+            splits[split] = read_class_tree(split_dirs[split], names, resize, lazy)[0]
     return ClassificationData(splits, names, str(root))
 
 
@@ -198,25 +299,28 @@ def npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, resize: tupl
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), sources)
 
 
-def load_classification(path: str | Path, resize: tuple[int, int] | None = None) -> ClassificationData:
-    """Load a class-folder tree or an ``.npz`` file, checking it can be trained on."""
+def load_classification(path: str | Path, resize: tuple[int, int] | None = None, lazy: bool | None = False) -> ClassificationData:
+    """Load a class-folder tree or an ``.npz`` file, checking it can be trained on.
+
+    ``lazy`` applies to folders (see :func:`load_folder`); an ``.npz`` archive is always read whole.
+    """
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         data = load_npz(path, resize)
     else:
-        data = load_folder(path, resize)
+        data = load_folder(path, resize, lazy)
     first = next(iter(data.splits.values()))
     if len(np.unique(first.labels)) < 2:
         raise DataError(f"{path}: only one class ({data.class_names[int(first.labels[0])]}) found; classification needs at least two")
-    shapes = {name: s.images.shape[1:] for name, s in data.splits.items()}
+    shapes = {name: s.shape for name, s in data.splits.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{path}: splits have different image shapes {shapes}; pass --resize H W")
     return data
 
 
-def stratified_split(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+def stratified_split(data: AnyImageSet, val_fraction: float, seed: int) -> tuple[AnyImageSet, AnyImageSet]:
     """Seeded split keeping class proportions; each class keeps at least one training image."""
     index = np.arange(len(data))
     n_classes = len(np.unique(data.labels))
@@ -229,8 +333,16 @@ def stratified_split(data: ImageSet, val_fraction: float, seed: int) -> tuple[Im
     return data.subset(np.sort(train_idx)), data.subset(np.sort(val_idx))
 
 
-def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on the [0, 1] scale, computed in chunks to bound memory."""
+def channel_stats(data: AnyImageSet, sample: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale: of every image in memory, of a seeded sample on disk."""
+    if isinstance(data, ImageSet):
+        return array_stats(data.images)
+    index = np.random.default_rng(seed).permutation(len(data))[:sample]
+    return array_stats(np.stack([data.image(int(i)) for i in index]))
+
+
+def array_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of an (N, H, W, C) integer array, computed in chunks to bound memory."""
     scale = float(np.iinfo(images.dtype).max)
     c = images.shape[-1]
     total = np.zeros(c)

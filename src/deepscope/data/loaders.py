@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from deepscope.data.augment import AugmentConfig, BatchAugment, torchvision_pipeline
-from deepscope.data.classification import ImageSet
+from deepscope.data.classification import AnyImageSet, ImageSet
 from deepscope.errors import DeepscopeError
 
 
@@ -108,16 +108,16 @@ class DeviceLoader:
 
 
 class TransformDataset(Dataset):
-    """An :class:`ImageSet` whose items go through a torchvision transform one at a time."""
+    """Images (in memory or read from disk) that go through a torchvision transform one at a time."""
 
-    def __init__(self, data: ImageSet, transform: torch.nn.Module) -> None:
+    def __init__(self, data: AnyImageSet, transform: torch.nn.Module) -> None:
         self.data, self.transform = data, transform
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = self.data.images[i]
+        image = self.data.image(i)
         if image.dtype == np.uint16:  # torch has few uint16 kernels: scale to [0, 1] here
             tensor = torch.from_numpy(image.astype(np.float32) / 65535.0).permute(2, 0, 1)
         else:
@@ -125,9 +125,9 @@ class TransformDataset(Dataset):
         return self.transform(tensor), int(self.data.labels[i])
 
 
-def torch_loader(data: ImageSet, spec: BatchSpec, num_workers: int = 0) -> "EpochDataLoader":
+def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0) -> "EpochDataLoader":
     """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling."""
-    size = data.images.shape[1:3]
+    size = data.shape[:2]
     dataset = TransformDataset(data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size))
     sampler = DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle) if spec.world > 1 else None
     loader = DataLoader(

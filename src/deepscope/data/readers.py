@@ -32,12 +32,37 @@ def read_image(path: str | Path) -> np.ndarray:
                 img.load()
                 if img.mode in {"P", "PA", "CMYK", "YCbCr", "LA", "RGBA", "1"}:
                     img = img.convert("RGB")
-                array = np.asarray(img)
+                array = np.array(img)  # a writable copy: torch warns about read-only buffers
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, tifffile.TiffFileError) as exc:
         raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
     return as_hwc(array, path)
+
+
+def probe_image(path: str | Path) -> tuple[int, int, int, np.dtype]:
+    """(H, W, C, dtype) an image will have once read, from its header only (no pixel decoding)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            with tifffile.TiffFile(path) as tif:
+                shape, dtype = tif.pages[0].shape, np.dtype(tif.pages[0].dtype)
+        else:
+            with Image.open(path) as img:
+                (w, h), mode = img.size, img.mode
+            shape = (h, w) if mode in {"L", "I", "I;16", "I;16B", "I;16L", "F"} else (h, w, 3)
+            dtype = np.dtype(np.uint16) if mode.startswith("I") else np.dtype(np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+    if dtype not in (np.uint8, np.uint16):
+        raise DataError(f"{path}: unsupported pixel type {dtype}; expected 8- or 16-bit unsigned integers")
+    if len(shape) == 2:
+        return shape[0], shape[1], 1, dtype
+    if len(shape) != 3 or shape[2] not in (1, 3, 4):
+        raise DataError(f"{path}: expected a 2D grey or RGB image, got array of shape {shape}")
+    return shape[0], shape[1], min(shape[2], 3), dtype
 
 
 def as_hwc(array: np.ndarray, path: Path | str) -> np.ndarray:

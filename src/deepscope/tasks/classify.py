@@ -15,6 +15,7 @@ from torch import nn
 from deepscope.config import TrainConfig, from_dict
 from deepscope.data.augment import AugmentConfig
 from deepscope.data.classification import (
+    AnyImageSet,
     ClassificationData,
     ImageSet,
     channel_stats,
@@ -40,11 +41,11 @@ class ClassifyConfig(TrainConfig):
     model: str = "cnn"
     val_fraction: float = 0.1  # carved (stratified, seeded) from train when there is no val/ split
     resize: list[int] | None = None  # [H, W] to resize every image to; None requires equal sizes
-    loader: str = "auto"  # auto | memory | dataloader
+    loader: str = "auto"  # memory: decode all, batch on the device | dataloader: stream from disk | auto: by size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
-def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> dict[str, ImageSet]:
+def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> dict[str, AnyImageSet]:
     """train/val/test from what is on disk; a missing val split is carved from train."""
     splits = dict(data.splits)
     if "all" in splits:
@@ -54,11 +55,24 @@ def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> d
     return splits
 
 
-def fits_on_device(data: ImageSet, device: torch.device) -> bool:
+LAZY = {"memory": False, "dataloader": True, "auto": None}  # loader setting -> lazy reading of folders
+
+
+def fits_on_device(data: AnyImageSet, device: torch.device) -> bool:
+    if not isinstance(data, ImageSet):
+        return False
     if device.type != "cuda":
         return True  # already in RAM as one array; the device loader wraps it without copying
     free, _ = torch.cuda.mem_get_info(device)
     return data.images.nbytes < 0.5 * free
+
+
+def make_batches(data: AnyImageSet, spec: BatchSpec, device: torch.device, loader: str = "auto",
+                 channels_last: bool = True, num_workers: int = 0) -> Batches:
+    """The device loader for in-memory data that fits on the device, else a DataLoader."""
+    if isinstance(data, ImageSet) and (loader == "memory" or (loader == "auto" and fits_on_device(data, device))):
+        return DeviceLoader(data, spec, device, channels_last)
+    return ToDevice(torch_loader(data, spec, num_workers), device, channels_last)
 
 
 class ClassifyTask(Task):
@@ -68,26 +82,24 @@ class ClassifyTask(Task):
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
         self.device, self.dist = device, dist
-        data = load_classification(cfg.data, tuple(cfg.resize) if cfg.resize else None)
+        if cfg.loader not in LAZY:
+            raise DeepscopeError(f"unknown loader {cfg.loader!r}; choose auto, memory or dataloader")
+        data = load_classification(cfg.data, tuple(cfg.resize) if cfg.resize else None, LAZY[cfg.loader])
         self.splits = choose_splits(data, cfg.val_fraction, cfg.seed)
         self.class_names = data.class_names
         self.in_shape = data.image_shape
-        self.mean, self.std = channel_stats(self.splits["train"].images)
+        self.mean, self.std = channel_stats(self.splits["train"], seed=cfg.seed)
         missing = sorted(set(range(len(self.class_names))) - set(np.unique(self.splits["train"].labels).tolist()))
         if missing:
             raise DataError(f"{cfg.data}: class(es) {', '.join(self.class_names[i] for i in missing)} have no training images")
-        if cfg.loader not in ("auto", "memory", "dataloader"):
-            raise DeepscopeError(f"unknown loader {cfg.loader!r}; choose auto, memory or dataloader")
 
-    def batches(self, data: ImageSet, train: bool, world: int | None = None, rank: int | None = None) -> Batches:
+    def batches(self, data: AnyImageSet, train: bool, world: int | None = None, rank: int | None = None) -> Batches:
         cfg = self.config
         world = self.dist.world if world is None else world
         rank = self.dist.rank if rank is None else rank
         spec = BatchSpec(cfg.batch_size if train else cfg.eval_batch_size, self.mean, self.std, shuffle=train,
                          augment=cfg.augment if train else None, seed=cfg.seed, rank=rank, world=world)
-        if cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(data, self.device)):
-            return DeviceLoader(data, spec, self.device, cfg.channels_last)
-        return ToDevice(torch_loader(data, spec, cfg.num_workers), self.device, cfg.channels_last)
+        return make_batches(data, spec, self.device, cfg.loader, cfg.channels_last, cfg.num_workers)
 
     def build_model(self) -> nn.Module:
         return build_model(self.config.model, self.in_shape, len(self.class_names), **self.config.model_args)
@@ -175,7 +187,7 @@ def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list
     return metrics.compute()
 
 
-def worst_predictions(model: nn.Module, loader: Batches, data: ImageSet, class_names: list[str], run_dir: Path) -> list[dict[str, Any]]:
+def worst_predictions(model: nn.Module, loader: Batches, data: AnyImageSet, class_names: list[str], run_dir: Path) -> list[dict[str, Any]]:
     """Find the misclassified images with the highest loss and save them as ``worst.png``."""
     model.eval()
     logits, targets = batched_logits(model, loader)
@@ -190,7 +202,7 @@ def worst_predictions(model: nn.Module, loader: Batches, data: ImageSet, class_n
         for i in order
     ]
     if order:
-        images = data.images[order].astype(np.float32) / data.scale
+        images = np.stack([data.image(i) for i in order]).astype(np.float32) / data.scale
         captions = [f"{r['true']} → {r['predicted']} ({r['probability']:.2f})" for r in rows]
         image_grid(images, captions, run_dir / "worst.png")
     return rows
@@ -225,7 +237,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     model, state = load_trained_model(path, "classify", device)
     cfg = checkpoint_config(state, path)
     info = state["task_state"]
-    data = load_classification(data_path, tuple(cfg.resize) if cfg.resize else None)
+    data = load_classification(data_path, tuple(cfg.resize) if cfg.resize else None, lazy=None)
     if data.class_names != info["class_names"]:
         raise DataError(f"{data_path}: classes {data.class_names} differ from the checkpoint's {info['class_names']}")
     if list(data.image_shape) != list(info["in_shape"]):
@@ -239,7 +251,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
         if split not in splits:
             raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(splits))})")
         chosen = splits[split]
-    loader = DeviceLoader(chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False)
+    loader = make_batches(chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False)
     result = evaluate_batches(model, loader, info["class_names"], device)
     return {"checkpoint": str(path), "data": str(data_path), "split": split, **result}
 
