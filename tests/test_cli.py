@@ -72,7 +72,8 @@ def test_streaming_from_disk_trains_like_memory(class_tree, tmp_path):
 
     from deepscope.data.classification import FileImageSet
     from deepscope.engine.distributed import DistInfo
-    from deepscope.tasks.classify import ClassifyConfig, ClassifyTask, ToDevice
+    from deepscope.data.loaders import ToDevice
+    from deepscope.tasks.classify import ClassifyConfig, ClassifyTask
 
     task = ClassifyTask(ClassifyConfig(data=str(class_tree), loader="dataloader"))
     task.setup(torch.device("cpu"), DistInfo())

@@ -51,6 +51,22 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
     plt.close(fig)
 
 
+def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
+    """Confusion matrix as a picture, with counts written in the cells for up to 20 classes."""
+    size = max(4.0, 0.45 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(names, rotation=90, fontsize=8)
+    ax.set_yticklabels(names, fontsize=8)
+    if len(names) <= 20:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """An HTML table from a list of dicts sharing keys; floats shown with 4 digits."""
     if not rows:

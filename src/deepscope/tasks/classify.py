@@ -23,9 +23,9 @@ from deepscope.data.classification import (
     read_images,
     stratified_split,
 )
-from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
+from deepscope.data.loaders import BatchSpec, DeviceLoader, ToDevice, torch_loader
 from deepscope.engine.distributed import DistInfo
-from deepscope.engine.report import image_grid, table, write_report
+from deepscope.engine.report import image_grid, plot_confusion, table, write_report
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.inference import batched_logits, load_trained_model
@@ -156,24 +156,6 @@ class ClassifyTask(Task):
         write_report(run_dir, f"deepscope classify: {self.config.model} on {self.config.data}", metrics, history, sections)
 
 
-class ToDevice:
-    """Moves DataLoader batches to the training device (non-blocking from pinned memory)."""
-
-    def __init__(self, loader: Any, device: torch.device, channels_last: bool) -> None:
-        self.loader, self.device, self.channels_last = loader, device, channels_last
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True)
-
-
 def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list[str], device: torch.device) -> dict[str, Any]:
     """Classification metrics of ``model`` over ``batches`` (synchronised under DDP)."""
     was_training = model.training
@@ -206,23 +188,6 @@ def worst_predictions(model: nn.Module, loader: Batches, data: AnyImageSet, clas
         captions = [f"{r['true']} → {r['predicted']} ({r['probability']:.2f})" for r in rows]
         image_grid(images, captions, run_dir / "worst.png")
     return rows
-
-
-def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    size = max(4.0, 0.45 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true")
-    ax.set_xticklabels(names, rotation=90, fontsize=8)
-    ax.set_yticklabels(names, fontsize=8)
-    if len(names) <= 20:
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---- evaluation and prediction from a checkpoint -------------------------------------------------
