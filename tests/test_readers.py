@@ -20,10 +20,16 @@ def test_read_formats_and_depths(tmp_path):
     deep = (np.arange(48, dtype=np.uint16) * 1000).reshape(6, 8)
     tifffile.imwrite(tmp_path / "d.tif", deep)
     Image.fromarray(deep).save(tmp_path / "d16.png")
+    xs, ys = np.meshgrid(np.arange(0, 240, 15), np.arange(0, 240, 20))
+    smooth = np.stack([xs, ys, np.full_like(xs, 100)], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
 
     assert read_image(tmp_path / "g.png").shape == (6, 8, 1)
     np.testing.assert_array_equal(read_image(tmp_path / "g.png")[..., 0], grey)
     np.testing.assert_array_equal(read_image(tmp_path / "c.png"), rgb)
+    jpeg = read_image(tmp_path / "s.jpg")
+    assert jpeg.shape == (12, 16, 3) and jpeg.dtype == np.uint8
+    assert np.abs(jpeg.astype(int) - smooth).mean() < 4  # lossy, but the same picture
     tif = read_image(tmp_path / "d.tif")
     assert tif.dtype == np.uint16 and tif.shape == (6, 8, 1)
     np.testing.assert_array_equal(tif[..., 0], deep)
