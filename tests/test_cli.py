@@ -51,6 +51,17 @@ def test_yaml_config_flags_override_and_resolved_config_saved(npz_data, tmp_path
     assert saved["augment"]["flip"] is False and saved["task"] == "classify"
 
 
+def test_resume_with_a_config_file_keeps_other_saved_settings(npz_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "classify", "--data", str(npz_data), "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                 "--optimizer", "adamw", "--lr", "0.02", "--model", "logreg"]) == 0
+    extra = tmp_path / "more.yaml"
+    extra.write_text("epochs: 2\noptim: {weight_decay: 0.01}\n")
+    assert main(["train", "classify", "--out", str(out), "--resume", "--config", str(extra)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["optim"] == {**saved["optim"], "name": "adamw", "lr": 0.02, "weight_decay": 0.01}
+
+
 def test_unknown_config_key_is_an_error(npz_data, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("epochz: 3\n")

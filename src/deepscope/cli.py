@@ -37,7 +37,19 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for part in parents:
         values = values.setdefault(part, {})
+        if not isinstance(values, dict):
+            raise DeepscopeError(f"setting {key!r}: {part!r} is a single value, not a group of settings")
     values[leaf] = value
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested update: a config file that sets optim.lr keeps the other optim settings of ``base``."""
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -58,7 +70,7 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
             raise DeepscopeError(f"{saved}: nothing to resume, no config.yaml in {args.out}")
         values = load_yaml(saved)
     if args.config:
-        values.update(load_yaml(args.config))
+        merge(values, load_yaml(args.config))
     for assignment in args.set or []:
         set_dotted(values, *parse_assignment(assignment))
     for flag, key in TRAIN_FLAGS.items():
