@@ -60,6 +60,19 @@ def shared_data() -> Path:
     return SHARED
 
 
+def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) -> None:
+    """Train ``model`` on one batch for ``steps`` optimizer steps (for tests that a model can overfit)."""
+    import torch
+
+    opt = (optimizer or torch.optim.AdamW)(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = loss_fn(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
     """A small, quick CPU training run through the CLI."""
     return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "3",

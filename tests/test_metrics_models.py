@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import fit_batch
 from deepscope.errors import DeepscopeError
 from deepscope.metrics.classification import ClassificationMetrics
 from deepscope.models import build_model, count_parameters
@@ -64,11 +65,5 @@ def test_model_overfits_one_batch(name):
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 4
     model = build_model(name, (3, 16, 16), 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit_batch(model, x, y, F.cross_entropy, steps=80, lr=3e-3)
     assert (model(x).argmax(1) == y).all()

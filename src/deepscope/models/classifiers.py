@@ -9,18 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-
-def norm_layer(kind: str, channels: int) -> nn.Module:
-    """Normalization layer by name, so the course's BatchNorm/GroupNorm comparison is one flag."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown normalization {kind!r}; choose batch, group, instance or none")
+from deepscope.models.layers import norm_nd
 
 
 class LogisticRegression(nn.Module):
@@ -62,7 +51,7 @@ class MLP(nn.Module):
 
 
 def conv_block(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_layer(norm, c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_nd(norm, c_out), nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module):

@@ -1,0 +1,108 @@
+"""U-Net for 2D images and 3D volumes (Ronneberger et al. 2015; Cicek et al. 2016 for 3D).
+
+One class covers both so segmentation code picks the dimensionality with a flag. Anisotropic pooling
+(e.g. ``pool=(1, 2, 2)``) keeps thick-sliced microscopy stacks from losing their few z slices early.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deepscope.errors import DeepscopeError
+from deepscope.models.layers import NORMS, norm_nd
+
+UPSAMPLES = ("transpose", "bilinear")
+ACTIVATIONS = (None, "sigmoid", "softmax")
+
+
+def double_conv(c_in: int, c_out: int, dim: int, norm: str) -> nn.Sequential:
+    """Two 3x3(x3) conv-norm-ReLU layers; the conv bias is dropped where a norm follows, as it would cancel."""
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    layers: list[nn.Module] = []
+    for c in (c_in, c_out):
+        layers += [conv(c, c_out, 3, padding=1, bias=norm == "none"), norm_nd(norm, c_out, dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with skip connections by concatenation; output has the input's spatial shape.
+
+    ``depth`` pooling steps double the features at each level (features, 2f, 4f, ...). ``pool`` is the
+    pooling factor per axis, used at every level, so each spatial size must be divisible by ``divisor``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        dim: int = 2,
+        depth: int = 4,
+        features: int = 32,
+        norm: str = "batch",
+        upsample: str = "transpose",
+        pool: tuple[int, ...] | None = None,
+        final_activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        pool = (2,) * dim if pool is None else tuple(pool)
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        if min(in_channels, out_channels, features) < 1:
+            raise ValueError("in_channels, out_channels and features must be positive")
+        if norm not in NORMS:
+            raise ValueError(f"unknown normalization {norm!r}; choose {', '.join(NORMS)}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"unknown upsampling {upsample!r}; choose {' or '.join(UPSAMPLES)}")
+        if final_activation not in ACTIVATIONS:
+            raise ValueError(f"unknown final activation {final_activation!r}; choose None, sigmoid or softmax")
+        if len(pool) != dim or min(pool) < 1:
+            raise ValueError(f"pool must give {dim} positive factors (one per spatial axis), got {pool}")
+        self.in_channels, self.dim, self.depth, self.pool = in_channels, dim, depth, pool
+        widths = [features * 2**level for level in range(depth + 1)]
+        self.encoder = nn.ModuleList(double_conv(c_in, c, dim, norm) for c_in, c in zip([in_channels] + widths, widths[:-1]))
+        self.downsample = (nn.MaxPool2d if dim == 2 else nn.MaxPool3d)(pool, stride=pool)
+        self.bottleneck = double_conv(widths[-2], widths[-1], dim, norm)
+        self.upsamplers = nn.ModuleList(self._up(c * 2, c, upsample) for c in reversed(widths[:-1]))
+        self.decoder = nn.ModuleList(double_conv(c * 2, c, dim, norm) for c in reversed(widths[:-1]))
+        self.head = (nn.Conv2d if dim == 2 else nn.Conv3d)(features, out_channels, 1)
+        self.activation = {None: nn.Identity(), "sigmoid": nn.Sigmoid(), "softmax": nn.Softmax(dim=1)}[final_activation]
+
+    def _up(self, c_in: int, c_out: int, mode: str) -> nn.Module:
+        """Undo one pooling step and halve the channels, by a learned or a fixed interpolation."""
+        if mode == "transpose":
+            return (nn.ConvTranspose2d if self.dim == 2 else nn.ConvTranspose3d)(c_in, c_out, self.pool, stride=self.pool)
+        interp = nn.Upsample(scale_factor=self.pool, mode="bilinear" if self.dim == 2 else "trilinear", align_corners=False)
+        return nn.Sequential(interp, (nn.Conv2d if self.dim == 2 else nn.Conv3d)(c_in, c_out, 1))
+
+    @property
+    def divisor(self) -> tuple[int, ...]:
+        """What each spatial size must be divisible by, so that skips and upsampled maps line up exactly."""
+        return tuple(p**self.depth for p in self.pool)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Explain a wrong input in one line instead of a shape mismatch deep inside the decoder."""
+        shape = tuple(x.shape)
+        if x.ndim != self.dim + 2:
+            axes = "(N, C, H, W)" if self.dim == 2 else "(N, C, D, H, W)"
+            raise DeepscopeError(f"expected a {self.dim + 2}D {axes} input for a {self.dim}D U-Net, got shape {shape}")
+        if shape[1] != self.in_channels:
+            raise DeepscopeError(f"expected {self.in_channels} input channel(s) for this U-Net, got shape {shape}")
+        if any(size % d for size, d in zip(shape[2:], self.divisor)):
+            raise DeepscopeError(
+                f"input spatial shape {shape[2:]} must be divisible by {self.divisor} for a U-Net of depth {self.depth}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.downsample(x)
+        x = self.bottleneck(x)
+        for up, block, skip in zip(self.upsamplers, self.decoder, reversed(skips)):
+            x = block(torch.cat([skip, up(x)], dim=1))
+        return self.activation(self.head(x))
