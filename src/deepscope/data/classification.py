@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
-from deepscope.data.readers import is_image_file, probe_image, read_image
+from deepscope.data.readers import SPLITS, is_image_file, probe_image, read_image
 from deepscope.errors import DataError
 
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from deepscope.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+SPLITS = ("train", "val", "test")  # names of split folders, in this order
 
 
 def is_image_file(path: Path) -> bool:
