@@ -158,16 +158,41 @@ def test_model_divisor_pads_windows_for_a_unet() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(tile=32, halo=24), r"tile \(32, 32\) must be at least twice the halo \(24, 24\)"),
-        (dict(tile=(32, 32, 32)), "tile must give 2 sizes"),
-        (dict(halo=(4,)), "halo must give 2 sizes"),
-        (dict(out=np.zeros((2, 70, 91), np.float32)), r"out must have shape \(2, 70, 90\)"),
-        (dict(blend="median"), "unknown blend 'median'"),
-        (dict(model_divisor=16), r"window tile \+ 2 \* halo \(40, 40\) must be divisible by the model divisor \(16, 16\)"),
-        (dict(image=np.zeros((70, 90), np.float32)), r"image must be \(C, H, W\) or \(C, D, H, W\), got shape \(70, 90\)"),
+        ({"tile": 32, "halo": 24}, r"tile \(32, 32\) must be at least twice the halo \(24, 24\)"),
+        ({"tile": (32, 32, 32)}, "tile must give 2 sizes"),
+        ({"halo": (4,)}, "halo must give 2 sizes"),
+        ({"out": np.zeros((2, 70, 91), np.float32)}, r"out must have shape \(2, 70, 90\)"),
+        ({"blend": "median"}, "unknown blend 'median'"),
+        ({"model_divisor": 16}, r"window tile \+ 2 \* halo \(40, 40\) must be divisible by the model divisor \(16, 16\)"),
+        ({"image": np.zeros((70, 90), np.float32)}, r"image must be \(C, H, W\) or \(C, D, H, W\), got shape \(70, 90\)"),
     ],
 )
 def test_bad_arguments_are_explained(kwargs: dict, message: str) -> None:
-    args = dict(image=np.zeros((1, 70, 90), np.float32), tile=32, halo=HALO) | kwargs
+    args = {"image": np.zeros((1, 70, 90), np.float32), "tile": 32, "halo": HALO} | kwargs
     with pytest.raises(DeepscopeError, match=message):
         predict_tiled(pointwise_net(2), args.pop("image"), args.pop("tile"), args.pop("halo"), 2, device="cpu", **args)
+
+
+class TileIndex(nn.Module):
+    """Predicts the running number of each window it sees, so blended voxels reveal the weights of their windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(self.seen, self.seen + len(x), dtype=x.dtype).view(-1, 1, 1, 1)
+        self.seen += len(x)
+        return ids.expand(-1, 1, *x.shape[2:]).clone()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "linear"])
+def test_blend_weights(blend: str) -> None:
+    # windows of tile 32 + halo 4 start at -4 and 28; each is weighted over the tile grown by halo // 2 = 2 (length 36),
+    # so window 0 owns [0, 30), both share [30, 34) and window 1 owns [34, 56), despite the windows overlapping on [28, 36)
+    got = predict_tiled(TileIndex(), np.zeros((1, 8, 56), np.float32), (8, 32), (0, 4), 1, blend=blend, batch_size=1)[0, 0]
+    x = np.arange(36) - 17.5
+    profile = np.exp(-0.5 * (x / 4.5) ** 2) if blend == "gaussian" else 1 - np.abs(x) / 18.5
+    w0, w1 = profile[32:], profile[:4]  # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
+    np.testing.assert_allclose(got[30:34], w1 / (w0 + w1), atol=1e-6)
+    assert (got[:30] == 0).all() and (got[34:] == 1).all()

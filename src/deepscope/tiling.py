@@ -15,7 +15,8 @@ accumulated, and rows are written as soon as no later tile reaches them, so memo
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
     if size == 1:
         return np.zeros_like(index)
     period = 2 * (size - 1)
-    index = np.clip(index, 0, size - 1)
+    index = np.mod(index, period)
     return np.where(index < size, index, period - index)
 
 
@@ -67,8 +68,8 @@ def _window_weight(blend: str, window: tuple[int, ...], tile: tuple[int, ...], h
     """Blending weight of a window: the profile over the tile grown by half the halo, zero in the outer halo half."""
     weight = np.ones(())
     for w, t, h in zip(window, tile, halo):
-        axis = np.zeros(w)
-        axis[h // 2 : h // 2 + t + 2 * (h - h // 2)] = _profile(blend, t + 2 * (h - h // 2))
+        axis, extent = np.zeros(w), t + 2 * (h - h // 2)
+        axis[h // 2 : h // 2 + extent] = _profile(blend, extent)
         weight = np.multiply.outer(weight, axis)
     return weight.astype(np.float32)
 
@@ -85,7 +86,9 @@ def _placement(tile: Ranges, grow: Sequence[int], halo: tuple[int, ...], spatial
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, blocks: list[np.ndarray], device: torch.device, flips: list[tuple[int, ...]], channels: int) -> np.ndarray:
+def _predict(
+    model: nn.Module, blocks: list[np.ndarray], device: torch.device, flips: list[tuple[int, ...]], channels: int
+) -> np.ndarray:
     """The model's float32 output for a batch of windows, averaged over the flips (each prediction flipped back)."""
     x = torch.from_numpy(np.stack(blocks)).to(device)
     total = torch.zeros((), device=device)
