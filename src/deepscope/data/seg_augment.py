@@ -1,0 +1,238 @@
+"""Paired augmentation of segmentation batches on the training device, 2D (N, C, H, W) or 3D (N, C, D, H, W).
+
+The geometry (flips, right-angle rotations, a small affine transform, an elastic warp) must move the image, the
+target and the loss mask together, and it must never invent labels: integer targets are resampled by nearest
+neighbour with index arithmetic (exact for any dtype, even labels above 2**24 that a float round trip would
+change), float targets (probabilities, boundaries, distances) bilinearly or trilinearly. Intensity changes (gamma,
+blur, noise) touch the image only. Each sample draws its own parameters from a seeded generator, and everything
+is applied with batched tensor operations: no Python loop over samples or pixels.
+
+Affine and elastic transforms sample all tensors with one grid (``grid_sample``, align_corners=False). Outside the
+input the image is reflected, while targets and masks read 0 there; those pixels hold no real label, so the returned
+mask is 0 wherever a sampling point is not between the input's pixel centres, and losses given that mask skip them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepscope.errors import DeepscopeError
+
+EDGE_TOLERANCE = 1e-3  # pixels; a sampling point this far past the outer pixel centre still counts as inside
+
+
+@dataclass
+class SegAugmentConfig:
+    """Segmentation augmentation; all zeros/False leaves the batch unchanged.
+
+    ``rot90`` turns by a random multiple of 90 degrees in the last two spatial axes (H, W); when they differ in
+    size a turn would change the shape, so rotation is skipped for that batch without a warning.
+    """
+
+    flip: bool = True  # independent random flip along every spatial axis
+    rot90: bool = True  # random multiple of 90 degrees in (H, W), only when H == W
+    affine_degrees: float = 0.0  # rotation in (H, W) by up to this many degrees either way
+    affine_scale: float = 0.0  # isotropic scale in [1 - s, 1 + s]; below 1 shrinks the content
+    elastic_sigma: float = 0.0  # smoothness of the elastic displacement field, Gaussian sigma in pixels
+    elastic_alpha: float = 0.0  # typical (root-mean-square) elastic displacement per axis in pixels, 0 disables
+    noise_std: float = 0.0  # standard deviation of additive Gaussian noise on the image
+    gamma: float = 0.0  # image ** exp(uniform(-g, g)) on the per-sample min-max rescaled image
+    blur_sigma: float = 0.0  # Gaussian blur of the image with a sigma drawn from [0, blur_sigma] pixels
+
+    def __post_init__(self) -> None:
+        for name in ("affine_degrees", "affine_scale", "elastic_sigma", "elastic_alpha", "noise_std", "gamma", "blur_sigma"):
+            if getattr(self, name) < 0:
+                raise DeepscopeError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
+        if self.affine_scale >= 1:
+            raise DeepscopeError(f"augmentation affine_scale must be below 1 (scales in [1 - s, 1 + s]), got {self.affine_scale}")
+
+
+def _uniform(generator: torch.Generator, n: int, device: torch.device) -> Tensor:
+    return torch.rand(n, generator=generator, device=generator.device).to(device)
+
+
+def _symmetric(limit: float, generator: torch.Generator, n: int, device: torch.device) -> Tensor:
+    """Per-sample values uniform in [-limit, limit]."""
+    return limit * (2 * _uniform(generator, n, device) - 1)
+
+
+def _rows(values: Tensor, ndim: int) -> Tensor:
+    """A per-sample vector shaped to broadcast against an ``ndim`` batch."""
+    return values.view(-1, *[1] * (ndim - 1))
+
+
+def _check(image: Tensor, target: Tensor, mask: Tensor | None) -> None:
+    if image.ndim not in (4, 5):
+        raise DeepscopeError(f"image must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise DeepscopeError(f"image must be a float tensor to be resampled, got {image.dtype}")
+    for name, other in (("target", target), ("mask", mask)):
+        if other is None:
+            continue
+        if other.ndim not in (image.ndim - 1, image.ndim):
+            shapes = f"image shape {tuple(image.shape)}, {name} shape {tuple(other.shape)}"
+            raise DeepscopeError(f"{name} must be (N, *spatial) or (N, K, *spatial) like the image: {shapes}")
+        if other.shape[0] != image.shape[0] or other.shape[-(image.ndim - 2) :] != image.shape[2:]:
+            raise DeepscopeError(
+                f"image shape {tuple(image.shape)} and {name} shape {tuple(other.shape)} differ in batch size or spatial shape"
+            )
+
+
+def _rot90(x: Tensor, turns: Tensor) -> Tensor:
+    """Each sample turned ``turns[i]`` quarter turns in the last two axes (one ``where`` per case, not per sample)."""
+    out = x
+    for k in (1, 2, 3):
+        out = torch.where(_rows(turns == k, x.ndim), x.rot90(k, (-2, -1)), out)
+    return out
+
+
+def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """Normalized 1D Gaussians of length 2 * radius + 1, one row per sigma; sigma 0 gives the identity kernel."""
+    offsets = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
+    kernels = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    return kernels / kernels.sum(1, keepdim=True)
+
+
+def _blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Separable Gaussian blur with one sigma per sample, edges replicated.
+
+    Samples and channels are folded into the channel axis of one grouped convolution per spatial axis, so each
+    sample gets its own kernel; ``radius`` is passed in (from the config) to avoid reading ``sigma`` back from the GPU.
+    """
+    n, c, *spatial = x.shape
+    conv = F.conv2d if len(spatial) == 2 else F.conv3d
+    kernels = _gaussian_kernels(sigma.to(torch.float32), radius).to(x.dtype).repeat_interleave(c, 0)
+    out = F.pad(x.reshape(1, n * c, *spatial), [radius] * 2 * len(spatial), mode="replicate")
+    for axis in range(len(spatial)):
+        shape = [1] * len(spatial)
+        shape[axis] = 2 * radius + 1
+        out = conv(out, kernels.view(n * c, 1, *shape), groups=n * c)
+    return out.view(n, c, *spatial)
+
+
+def _affine(config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device) -> Tensor:
+    """``affine_grid`` matrices (N, nd, nd + 1): rotation in (H, W) and isotropic scale, both about the centre.
+
+    The rotation is built in pixel units and then expressed in normalized coordinates, so that it stays a rotation
+    (not a shear) on images whose H and W differ.
+    """
+    nd = len(spatial)
+    angle = torch.deg2rad(_symmetric(config.affine_degrees, generator, n, device))
+    scale = 1 + _symmetric(config.affine_scale, generator, n, device)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    width, height = spatial[-1], spatial[-2]
+    theta = torch.zeros(n, nd, nd + 1, device=device)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * height / width  # grid coordinates list x (W) first, then y (H)
+    theta[:, 1, 0], theta[:, 1, 1] = sin * width / height, cos
+    if nd == 3:
+        theta[:, 2, 2] = 1 / scale
+    return theta
+
+
+def _elastic(config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device) -> Tensor:
+    """Smooth random displacements (N, *spatial, nd) in normalized grid units, about ``elastic_alpha`` pixels RMS per axis.
+
+    Smoothing white noise with a normalized Gaussian divides its standard deviation by sqrt(sum of squared kernel
+    weights) per axis; dividing by that factor makes ``elastic_alpha`` a displacement in pixels whatever the sigma.
+    """
+    nd = len(spatial)
+    noise = torch.randn(n, nd, *spatial, generator=generator, device=generator.device).to(device)
+    radius = math.ceil(3 * config.elastic_sigma)
+    sigma = torch.full((n,), config.elastic_sigma, device=device)
+    field = _blur(noise, sigma, radius)
+    spread = _gaussian_kernels(sigma[:1], radius).square().sum().sqrt() ** nd
+    pixels = config.elastic_alpha * field / spread
+    sizes = torch.tensor(spatial, dtype=torch.float32, device=device)
+    return (2 * pixels.movedim(1, -1) / sizes).flip(-1)  # axis order (D, H, W) -> grid order (x, y, z)
+
+
+def _source_pixels(grid: Tensor, spatial: list[int]) -> Tensor:
+    """Sampling points of a normalized grid as pixel coordinates in axis order (D, H, W), align_corners=False."""
+    sizes = torch.tensor(spatial, dtype=grid.dtype, device=grid.device)
+    return ((grid.flip(-1) + 1) * sizes - 1) / 2
+
+
+def _nearest(x: Tensor, pixels: Tensor) -> Tensor:
+    """Nearest-neighbour resampling by gathering indices, exact for every dtype; points outside the input read 0."""
+    n, c, *spatial = x.shape
+    index = torch.round(pixels).long()
+    sizes = torch.tensor(spatial, device=x.device)
+    valid = ((index >= 0) & (index < sizes)).all(-1)
+    strides = torch.tensor([math.prod(spatial[axis + 1 :]) for axis in range(len(spatial))], device=x.device)
+    flat = (torch.minimum(index.clamp_min(0), sizes - 1) * strides).sum(-1).flatten(1)
+    out = x.flatten(2).gather(2, flat[:, None].expand(n, c, -1)).view(n, c, *spatial)
+    return out.masked_fill(~valid[:, None], 0)
+
+
+def _resample(image: Tensor, target: Tensor, mask: Tensor, grid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Image, target and mask through one sampling grid; the mask also loses every point outside the input."""
+    spatial = list(image.shape[2:])
+    image = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+    pixels = _source_pixels(grid, spatial)
+    if target.is_floating_point():
+        target = F.grid_sample(target, grid.to(target.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    else:
+        target = _nearest(target, pixels)
+    sizes = torch.tensor(spatial, dtype=pixels.dtype, device=pixels.device)
+    inside = ((pixels >= -EDGE_TOLERANCE) & (pixels <= sizes - 1 + EDGE_TOLERANCE)).all(-1)
+    mask = _nearest(mask, pixels).masked_fill(~inside[:, None], 0)
+    return image, target, mask
+
+
+def _gamma(x: Tensor, limit: float, generator: torch.Generator) -> Tensor:
+    """Gamma on the per-sample min-max rescaled image, then back to the sample's own range (min and max stay put)."""
+    dims = tuple(range(1, x.ndim))
+    low, high = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    span = (high - low).clamp_min(torch.finfo(x.dtype).tiny)
+    exponent = _rows(torch.exp(_symmetric(limit, generator, x.shape[0], x.device)), x.ndim).to(x.dtype)
+    return ((x - low) / span).clamp(0, 1) ** exponent * span + low
+
+
+def augment_pair(
+    image: Tensor, target: Tensor, config: SegAugmentConfig, generator: torch.Generator, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Augment an image batch and its target (and loss mask) with the same per-sample geometry.
+
+    ``image`` is float (N, C, *spatial); ``target`` is (N, *spatial) or (N, K, *spatial), integer labels or float
+    maps; ``mask`` likewise, any dtype. Target and mask come back in their own shape and dtype. Without a mask the
+    returned one is float32 (N, 1, *spatial): 1 where the target holds real data, 0 where an affine or elastic
+    transform sampled from outside the input (the target reads 0 there), so pass it to the loss.
+    Order: flips, rot90, affine + elastic (one resampling), then gamma, blur and noise on the image.
+    """
+    _check(image, target, mask)
+    n, spatial, device = image.shape[0], list(image.shape[2:]), image.device
+    has_channel = target.ndim == image.ndim
+    target_c = target if has_channel else target.unsqueeze(1)
+    if mask is None:
+        mask_c = torch.ones(n, 1, *spatial, device=device)
+    else:
+        mask_c = mask if mask.ndim == image.ndim else mask.unsqueeze(1)
+    if config.flip:
+        for axis in range(2, image.ndim):
+            flip = _uniform(generator, n, device) < 0.5
+            image, target_c, mask_c = (torch.where(_rows(flip, x.ndim), x.flip(axis), x) for x in (image, target_c, mask_c))
+    if config.rot90 and spatial[-1] == spatial[-2]:
+        turns = torch.randint(4, (n,), generator=generator, device=generator.device).to(device)
+        image, target_c, mask_c = (_rot90(x, turns) for x in (image, target_c, mask_c))
+    if config.affine_degrees > 0 or config.affine_scale > 0 or config.elastic_alpha > 0:
+        theta = _affine(config, generator, n, spatial, device)
+        grid = F.affine_grid(theta, [n, 1, *spatial], align_corners=False)
+        if config.elastic_alpha > 0:
+            grid = grid + _elastic(config, generator, n, spatial, device)
+        image, target_c, mask_c = _resample(image, target_c, mask_c, grid)
+    if config.gamma > 0:
+        image = _gamma(image, config.gamma, generator)
+    if config.blur_sigma > 0:
+        sigma = config.blur_sigma * _uniform(generator, n, device)
+        image = _blur(image, sigma, math.ceil(3 * config.blur_sigma))
+    if config.noise_std > 0:
+        noise = torch.randn(image.shape, generator=generator, device=generator.device)
+        image = image + config.noise_std * noise.to(image)
+    if mask is not None and mask.ndim != image.ndim:
+        mask_c = mask_c.squeeze(1)
+    return image, target_c if has_channel else target_c.squeeze(1), mask_c
