@@ -164,3 +164,37 @@ def test_overlap_table_is_fast_on_a_large_image():
     np.testing.assert_allclose(np.diag(table), 380 / 420)
     assert np.count_nonzero(table) == 2116
     assert match_counts(truth, pred, thresholds=(0.5, 0.95)) == {0.5: (2116, 0, 0), 0.95: (0, 2116, 2116)}
+
+
+def test_cli_scores_saved_label_folders(tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from deepscope.cli import main
+
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    truth = np.zeros((20, 20), np.uint16)
+    truth[2:8, 2:8], truth[10:16, 10:16] = 1, 2
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:8] = 5  # exact; the second object is missed
+    tifffile.imwrite(truth_dir / "a.tif", truth)
+    tifffile.imwrite(pred_dir / "a.tif", pred)
+    tifffile.imwrite(truth_dir / "b.tif", truth)
+    tifffile.imwrite(pred_dir / "b.tif", truth)  # perfect
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "segment", "--pred", str(pred_dir), "--truth", str(truth_dir), "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["thresholds"]["0.5"] == {**result["thresholds"]["0.5"], "tp": 3, "fp": 0, "fn": 1, "score": 0.75}
+    assert [image["name"] for image in result["per_image"]] == ["a", "b"]
+    assert json.loads(out.read_text())["mean_score"] == result["mean_score"] == pytest.approx(0.75)
+
+    tifffile.imwrite(truth_dir / "c.tif", truth)
+    assert main(["evaluate", "segment", "--pred", str(pred_dir), "--truth", str(truth_dir), "--out", str(out)]) == 2
+    assert "c.tif has no prediction file in pred/" in capsys.readouterr().err
+    (truth_dir / "c.tif").unlink()
+    tifffile.imwrite(pred_dir / "b.tif", truth.astype(np.float32))
+    assert main(["evaluate", "segment", "--pred", str(pred_dir), "--truth", str(truth_dir), "--out", str(out)]) == 2
+    assert "b: labels must be integers, got float32" in capsys.readouterr().err

@@ -94,6 +94,10 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.checkpoint == "segment":
+        return evaluate_saved_segmentation(args)
+    if args.data is None:
+        raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     from deepscope.tasks.classify import evaluate_checkpoint
 
     task = load_checkpoint(args.checkpoint)["config"].get("task")
@@ -102,6 +106,17 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate_saved_segmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate segment --pred DIR --truth DIR``: instance scores of saved label images, no model needed."""
+    from deepscope.metrics.instance import evaluate_label_folders
+
+    if not args.pred or not args.truth:
+        raise DeepscopeError("evaluate segment needs --pred DIR and --truth DIR (label images matched by file name)")
+    result = evaluate_label_folders(args.pred, args.truth)
+    Path(args.out or "eval_segment.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -172,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. augment.cutout=8")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("evaluate", help="score a checkpoint; JSON on the last line of stdout")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", required=True)
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
+    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' to score saved label images (--pred, --truth)")
+    evaluate.add_argument("--data", help="data set to score the checkpoint on")
+    evaluate.add_argument("--pred", help="with 'segment': folder of predicted label images")
+    evaluate.add_argument("--truth", help="with 'segment': folder of true label images, matched to --pred by file name")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint)")
+    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_segment.json)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_evaluate)
 

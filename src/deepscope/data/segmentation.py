@@ -47,6 +47,20 @@ def _by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
+def match_by_stem(first_dir: Path, second_dir: Path, first_role: str, second_role: str) -> list[tuple[Path, Path]]:
+    """Files of two folders paired by name (stem); a file without its partner is an error naming it."""
+    first, second = _by_stem(first_dir), _by_stem(second_dir)
+    if not first:
+        raise DataError(f"{first_dir}: no {first_role} files found (PNG, JPEG, TIFF, NPZ, HDF5 or zarr)")
+    for stem, path in first.items():
+        if stem not in second:
+            raise DataError(f"{path} has no {second_role} file in {second_dir.name}/ (matched by name)")
+    for stem, path in second.items():
+        if stem not in first:
+            raise DataError(f"{path} has no {first_role} file in {first_dir.name}/ (matched by name)")
+    return [(first[stem], second[stem]) for stem in sorted(first)]
+
+
 def _pairs_in(folder: Path) -> list[tuple[Path, Path]]:
     """(image, label) paths of ``folder/images`` and ``folder/masks`` (or ``labels``), sorted by name."""
     images_dir = folder / "images"
@@ -57,17 +71,7 @@ def _pairs_in(folder: Path) -> list[tuple[Path, Path]]:
         raise DataError(f"{folder}: no masks/ or labels/ folder next to images/")
     if len(label_dirs) > 1:
         raise DataError(f"{folder}: both masks/ and labels/ found; keep the one that holds the label images")
-    label_dir = label_dirs[0]
-    images, labels = _by_stem(images_dir), _by_stem(label_dir)
-    if not images:
-        raise DataError(f"{images_dir}: no image files found (PNG, JPEG, TIFF, NPZ, HDF5 or zarr)")
-    for stem, path in images.items():
-        if stem not in labels:
-            raise DataError(f"{path} has no label file in {label_dir.name}/ (matched by name)")
-    for stem, path in labels.items():
-        if stem not in images:
-            raise DataError(f"{path} has no image file in images/ (matched by name)")
-    return [(images[stem], labels[stem]) for stem in sorted(images)]
+    return match_by_stem(images_dir, label_dirs[0], "image", "label")
 
 
 def find_pairs(root: str | Path) -> dict[str, list[tuple[Path, Path]]]:

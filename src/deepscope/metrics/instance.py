@@ -7,12 +7,14 @@ variation of information and the adapted Rand error add pixel-level views of spl
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import skimage.metrics
 from scipy.optimize import linear_sum_assignment
 
+from deepscope.data.segmentation import match_by_stem, read_volume
 from deepscope.errors import DataError
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
@@ -167,3 +169,17 @@ def evaluate_instances(
         "arand": float(np.mean([image["arand"] for image in per_image])),
         "per_image": per_image,
     }
+
+
+def evaluate_label_folders(pred_dir: str | Path, truth_dir: str | Path, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+    """Score saved label images against the truth, files matched by name, so any tool's results can be compared.
+
+    Images are read one pair at a time, so the folders may hold more than fits in memory.
+    """
+    pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    for folder in (pred_dir, truth_dir):
+        if not folder.is_dir():
+            raise DataError(f"{folder}: folder not found")
+    pairs = match_by_stem(truth_dir, pred_dir, "truth", "prediction")
+    report = evaluate_instances((path.stem, read_volume(path), read_volume(pred)) for path, pred in pairs)
+    return {"pred": str(pred_dir), "truth": str(truth_dir), "images": len(pairs), **report}
