@@ -125,8 +125,11 @@ class TransformDataset(Dataset):
         return self.transform(tensor), int(self.data.labels[i])
 
 
-def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0) -> "EpochDataLoader":
-    """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling."""
+def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0, pin_memory: bool = False) -> "EpochDataLoader":
+    """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling.
+
+    ``pin_memory`` (for a CUDA device) lets :class:`ToDevice` copy batches asynchronously.
+    """
     size = data.shape[:2]
     dataset = TransformDataset(data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size))
     sampler = DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle) if spec.world > 1 else None
@@ -139,6 +142,7 @@ def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0) -> "E
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
     return EpochDataLoader(loader, spec.seed)
 

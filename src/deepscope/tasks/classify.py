@@ -72,7 +72,7 @@ def make_batches(data: AnyImageSet, spec: BatchSpec, device: torch.device, loade
     """The device loader for in-memory data that fits on the device, else a DataLoader."""
     if isinstance(data, ImageSet) and (loader == "memory" or (loader == "auto" and fits_on_device(data, device))):
         return DeviceLoader(data, spec, device, channels_last)
-    return ToDevice(torch_loader(data, spec, num_workers), device, channels_last)
+    return ToDevice(torch_loader(data, spec, num_workers, pin_memory=device.type == "cuda"), device, channels_last)
 
 
 class ClassifyTask(Task):
