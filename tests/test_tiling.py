@@ -196,3 +196,28 @@ def test_blend_weights(blend: str) -> None:
     w0, w1 = profile[32:], profile[:4]  # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
     np.testing.assert_allclose(got[30:34], w1 / (w0 + w1), atol=1e-6)
     assert (got[:30] == 0).all() and (got[34:] == 1).all()
+
+
+@pytest.mark.parametrize("blend", ["none", "gaussian"])
+def test_peak_memory_does_not_grow_with_the_volume(tmp_path: Path, blend: str) -> None:
+    """HDF5 in and out: numpy memory traced while predicting stays flat when the volume grows 8x along z."""
+    import tracemalloc
+
+    import h5py
+
+    peaks = {}
+    for depth in (64, 512):
+        path = tmp_path / f"volume_{depth}_{blend}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("raw", data=np.random.default_rng(0).random((1, depth, 96, 96), dtype=np.float32), chunks=(1, 16, 96, 96))
+            f.create_dataset("out", shape=(2, depth, 96, 96), dtype="float32", chunks=(1, 16, 96, 96))
+        with h5py.File(path, "r+") as f:
+            tracemalloc.start()
+            predict_tiled(pointwise_net(3), f["raw"], 32, 8, 2, out=f["out"], blend=blend, device=torch.device("cpu"))
+            peaks[depth] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            expected = pointwise_net(3)(torch.from_numpy(f["raw"][:, -5:])[None])[0].detach().numpy()
+            np.testing.assert_allclose(f["out"][:, -5:], expected, atol=1e-5)
+    output_bytes = 2 * 512 * 96 * 96 * 4
+    assert peaks[512] < 1.25 * peaks[64]  # 8x the volume, (almost) the same memory
+    assert peaks[512] < output_bytes / 2  # never near the whole prediction
