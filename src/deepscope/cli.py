@@ -19,7 +19,6 @@ import yaml
 
 from deepscope.config import from_dict, load_yaml
 from deepscope.data.readers import is_image_file
-from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.engine.distributed import pick_device, shutdown
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.tasks import TASKS, get_task
@@ -100,9 +99,6 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     from deepscope.tasks.classify import evaluate_checkpoint
 
-    task = load_checkpoint(args.checkpoint)["config"].get("task")
-    if task != "classify":
-        raise DeepscopeError(f"{args.checkpoint}: evaluation of task {task!r} checkpoints is not available")
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, pick_device(args.device))
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))

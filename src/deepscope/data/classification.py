@@ -145,11 +145,14 @@ def check_sizes(sizes: list[tuple[int, ...]], sources: list[str]) -> None:
 
 
 def conform(image: np.ndarray, channels: int, dtype: np.dtype) -> np.ndarray:
-    """Grey to RGB when ``channels`` is 3, and 8 to 16 bit (x257, so 255 maps to 65535) when ``dtype`` is uint16."""
+    """Grey to RGB when ``channels`` is 3, and 8 to 16 bit (x257, so 255 maps to 65535) when ``dtype`` is uint16.
+
+    Works on one (H, W, C) image or a stack (N, H, W, C): channels are the last axis.
+    """
     if image.dtype != dtype:
         image = image.astype(np.uint16) * 257
-    if image.shape[2] != channels:
-        image = np.repeat(image, channels, axis=2)
+    if image.shape[-1] != channels:
+        image = np.repeat(image, channels, axis=-1)
     return image
 
 

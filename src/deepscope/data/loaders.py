@@ -22,9 +22,14 @@ from deepscope.data.classification import AnyImageSet, ImageSet
 from deepscope.errors import DeepscopeError
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Randomness of an epoch as a function of (seed, epoch) alone, so a resumed run replays it exactly."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    generator.manual_seed(seed * 1_000_003 + epoch)
+    generator.manual_seed(epoch_seed(seed, epoch))
     return generator
 
 
@@ -61,8 +66,8 @@ class DeviceLoader:
         self.scale = data.scale
         self.mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+        self.spec = spec
         self.batch_size = spec.batch_size if spec.shuffle else min(spec.batch_size, len(data))
-        self.shuffle, self.seed, self.rank, self.world = spec.shuffle, spec.seed, spec.rank, spec.world
         self.augment = BatchAugment(spec.augment) if spec.augment is not None and spec.shuffle else None
         self.channels_last = channels_last
         self.epoch = 0
@@ -72,36 +77,42 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _shard(self) -> tuple[int, int]:
+        """Evaluation: this rank's contiguous range of images; metrics are summed across ranks afterwards."""
+        n, spec = len(self.labels), self.spec
+        return n * spec.rank // spec.world, n * (spec.rank + 1) // spec.world
+
     def __len__(self) -> int:
-        n = len(self.labels)
-        if self.shuffle:
-            return n // self.batch_size
-        shard = n * (self.rank + 1) // self.world - n * self.rank // self.world
-        return -(-shard // self.batch_size)
+        if self.spec.shuffle:
+            return len(self.labels) // self.batch_size
+        lo, hi = self._shard()
+        return -(-(hi - lo) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.labels), self.batch_size
-        if not self.shuffle:
-            # evaluation: a contiguous shard per rank; metrics are summed across ranks afterwards
-            lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        spec, bs = self.spec, self.batch_size
+        if not spec.shuffle:
+            lo, hi = self._shard()
             for start in range(lo, hi, bs):
-                yield self._prepare(torch.arange(start, min(start + bs, hi), device=self.device), None, 0, slice(None))
+                yield self._prepare(torch.arange(start, min(start + bs, hi), device=self.device))
             return
-        order = torch.randperm(n, generator=epoch_generator(self.seed, self.epoch, torch.device("cpu"))).to(self.device)
-        generator = epoch_generator(self.seed + 1, self.epoch, self.device)
-        share = bs // self.world
-        rows = slice(self.rank * share, (self.rank + 1) * share)
+        order = torch.randperm(len(self.labels), generator=epoch_generator(spec.seed, self.epoch, torch.device("cpu")))
+        order = order.to(self.device)
+        generator = epoch_generator(spec.seed + 1, self.epoch, self.device)
+        share = bs // spec.world
+        rows = slice(spec.rank * share, (spec.rank + 1) * share)
         for b in range(len(self)):
             yield self._prepare(order[b * bs : (b + 1) * bs][rows], generator, bs, rows)
 
-    def _prepare(self, index: torch.Tensor, generator: torch.Generator | None, n: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prepare(
+        self, index: torch.Tensor, generator: torch.Generator | None = None, n: int = 0, rows: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slice, scale, normalize and (training only: ``self.augment`` is set for shuffled loaders) augment a batch."""
         x = self.images[index].permute(0, 3, 1, 2).contiguous().float().div_(self.scale)
-        augment = self.augment if generator is not None else None
-        if augment is not None:
-            x = augment.photometric(x, generator, n, rows)
+        if self.augment is not None:
+            x = self.augment.photometric(x, generator, n, rows)
         x = (x - self.mean) / self.std
-        if augment is not None:
-            x = augment.geometric(x, generator, n, rows)
+        if self.augment is not None:
+            x = self.augment.geometric(x, generator, n, rows)
         if self.channels_last:  # last: the augmentation's gathers are faster on contiguous tensors
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.labels[index]
@@ -156,7 +167,7 @@ class EpochDataLoader:
     def set_epoch(self, epoch: int) -> None:
         if isinstance(self.loader.sampler, DistributedSampler):
             self.loader.sampler.set_epoch(epoch)
-        self.loader.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.loader.generator.manual_seed(epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return len(self.loader)

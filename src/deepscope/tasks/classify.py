@@ -19,6 +19,7 @@ from deepscope.data.classification import (
     ClassificationData,
     ImageSet,
     channel_stats,
+    conform,
     load_classification,
     read_images,
     stratified_split,
@@ -43,6 +44,10 @@ class ClassifyConfig(TrainConfig):
     resize: list[int] | None = None  # [H, W] to resize every image to; None requires equal sizes
     loader: str = "auto"  # memory: decode all, batch on the device | dataloader: stream from disk | auto: by size
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def resize_of(cfg: ClassifyConfig) -> tuple[int, int] | None:
+    return (int(cfg.resize[0]), int(cfg.resize[1])) if cfg.resize else None
 
 
 def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> dict[str, AnyImageSet]:
@@ -84,7 +89,7 @@ class ClassifyTask(Task):
         self.device, self.dist = device, dist
         if cfg.loader not in LAZY:
             raise DeepscopeError(f"unknown loader {cfg.loader!r}; choose auto, memory or dataloader")
-        data = load_classification(cfg.data, tuple(cfg.resize) if cfg.resize else None, LAZY[cfg.loader])
+        data = load_classification(cfg.data, resize_of(cfg), LAZY[cfg.loader])
         self.splits = choose_splits(data, cfg.val_fraction, cfg.seed)
         self.class_names = data.class_names
         self.in_shape = data.image_shape
@@ -193,16 +198,16 @@ def worst_predictions(model: nn.Module, loader: Batches, data: AnyImageSet, clas
 # ---- evaluation and prediction from a checkpoint -------------------------------------------------
 
 
-def checkpoint_config(state: dict[str, Any], path: str | Path) -> ClassifyConfig:
-    return from_dict(ClassifyConfig, state["config"], f"{path}: config")
+def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, ClassifyConfig, dict[str, Any]]:
+    """The trained model of a classification checkpoint, its config and its inference state (classes, normalization)."""
+    model, state = load_trained_model(path, "classify", device)
+    return model, from_dict(ClassifyConfig, state["config"], f"{path}: config"), state["task_state"]
 
 
 def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device) -> dict[str, Any]:
     """Metrics of a trained classifier on one split of a data set."""
-    model, state = load_trained_model(path, "classify", device)
-    cfg = checkpoint_config(state, path)
-    info = state["task_state"]
-    data = load_classification(data_path, tuple(cfg.resize) if cfg.resize else None, lazy=None)
+    model, cfg, info = load_classifier(path, device)
+    data = load_classification(data_path, resize_of(cfg), lazy=None)
     if data.class_names != info["class_names"]:
         raise DataError(f"{data_path}: classes {data.class_names} differ from the checkpoint's {info['class_names']}")
     if list(data.image_shape) != list(info["in_shape"]):
@@ -223,16 +228,14 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
 
 def predict_files(path: str | Path, files: list[Path], device: torch.device, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
     """Class probabilities (N, classes) for image files, read and preprocessed as in training."""
-    model, state = load_trained_model(path, "classify", device)
-    cfg = checkpoint_config(state, path)
-    info = state["task_state"]
+    model, cfg, info = load_classifier(path, device)
     c, h, w = info["in_shape"]
-    images = read_images(files, tuple(cfg.resize) if cfg.resize else None)
+    images = read_images(files, resize_of(cfg))
     if images.shape[1:3] != (h, w):
         raise DataError(f"{files[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)")
     if images.shape[3] != c:
         if images.shape[3] == 1 and c == 3:
-            images = np.repeat(images, 3, axis=3)
+            images = conform(images, 3, images.dtype)
         else:
             raise DataError(f"{files[0]}: images have {images.shape[3]} channels but the model expects {c}")
     data = ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])
