@@ -14,12 +14,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.augment import AugmentConfig
 from deepscope.data.classification import ImageSet, channel_stats, load_classification
 from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
 from deepscope.models import build_model
+
+from common import CACHE, SHARED, command_line, header, write_section
 from prepare_cifar10 import prepare
 
 MODELS = {"logreg": {}, "mlp": {}, "cnn": {}, "fastnet": {"widths": [32, 64, 128], "stem": 24}}

@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
-
-from common import SHARED, command_line, header, write_section
 from deepscope.data.readers import read_image
 from deepscope.models.unet import UNet
 from deepscope.tiling import predict_tiled
+
+from common import SHARED, command_line, header, write_section
 
 OVERLAP, BATCH = 0.25, 4
 SETUPS = {  # dim -> (window, U-Net depth, features)

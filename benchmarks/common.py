@@ -43,7 +43,7 @@ def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name -->`` markers in RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the script named in it.\n"
     block = f"<!-- {name} -->\n## {title}\n\n{body.strip()}\n<!-- /{name} -->"
-    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
+    pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
 
@@ -59,3 +59,14 @@ def run(cmd: list[str], log: Path) -> float:
     if result.returncode:
         raise SystemExit(f"command failed ({result.returncode}), see {log}: {' '.join(cmd)}")
     return time.perf_counter() - start
+
+
+def train_segment(recipe: Path, data: Path, out: Path, *extra: str) -> dict:
+    """Train through the CLI with ``recipe`` (fresh run folder) and return the run's metrics.json."""
+    import json
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepscope", "train", "segment", "--config", str(recipe), "--data", str(data), "--out", str(out), *extra]
+    run(cmd, out.with_suffix(".log"))
+    return json.loads((out / "metrics.json").read_text())

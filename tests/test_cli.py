@@ -78,6 +78,15 @@ def test_demo_reaches_97_percent(tmp_path, capsys):
         assert (tmp_path / "demo" / name).exists()
 
 
+def test_demo_segment_finds_the_generated_nuclei(tmp_path, capsys):
+    assert main(["demo", "segment", "--out", str(tmp_path / "demo")]) == 0
+    result = last_json(capsys)
+    assert result["test_score_0.5"] >= 0.7
+    assert result["wall_time_s"] < 120
+    for name in ["report.html", "overlays.png", "scores.png", "best.pt", "config.yaml"]:
+        assert (tmp_path / "demo" / name).exists()
+
+
 def test_streaming_from_disk_trains_like_memory(class_tree, tmp_path):
     import torch
 

@@ -19,6 +19,8 @@ import yaml
 
 from deepscope.config import from_dict, load_yaml
 from deepscope.data.readers import is_image_file
+from deepscope.data.segmentation import is_volume
+from deepscope.engine.checkpoint import checkpoint_task
 from deepscope.engine.distributed import pick_device, shutdown
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.tasks import TASKS, get_task
@@ -97,12 +99,18 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return evaluate_saved_segmentation(args)
     if args.data is None:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
-    from deepscope.tasks.classify import evaluate_checkpoint
+    device = pick_device(args.device)
+    if checkpoint_task(args.checkpoint) == "segment":
+        from deepscope.tasks.segment import evaluate_checkpoint as evaluate_segmenter
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, pick_device(args.device))
+        result = evaluate_segmenter(args.checkpoint, args.data, args.split, device, args.save_pred)
+    else:
+        from deepscope.tasks.classify import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
     out.write_text(json.dumps(result, indent=2))
-    return result
+    return {k: v for k, v in result.items() if k != "per_image"}
 
 
 def evaluate_saved_segmentation(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,12 +124,15 @@ def evaluate_saved_segmentation(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
+def collect_inputs(inputs: list[str], volumes: bool = False) -> list[Path]:
+    """Files named, and the images in folders named; ``volumes`` also takes TIFF/HDF5/zarr/NPZ volumes."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if is_image_file(p))
+        if volumes and path.suffix.lower() == ".zarr":
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if is_image_file(p) or (volumes and p.is_file() and is_volume(p)))
             if not found:
                 raise DataError(f"{path}: folder holds no images")
             files += found
@@ -133,10 +144,24 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    device = pick_device(args.device)
+    if checkpoint_task(args.checkpoint) == "segment":
+        from deepscope.tasks.segment import predict_files as predict_segmentation
+
+        files = collect_inputs(args.inputs, volumes=True)
+        records = predict_segmentation(args.checkpoint, files, args.out, device, key=args.key, instances=args.instances,
+                                       tile=args.tile, halo=args.halo, blend=args.blend, flip_tta=args.tta or None,
+                                       batch_size=args.batch_size)
+        return {"predictions": len(records), "out": str(args.out), "outputs": records}
+    for flag in ("tile", "halo", "key", "blend", "batch_size"):
+        if getattr(args, flag) is not None:
+            raise DeepscopeError(f"--{flag.replace('_', '-')} applies to segmentation models only")
+    if args.instances or args.tta:
+        raise DeepscopeError("--instances and --tta apply to segmentation models only")
     from deepscope.tasks.classify import predict_files
 
     files = collect_inputs(args.inputs)
-    names, probs = predict_files(args.checkpoint, files, pick_device(args.device))
+    names, probs = predict_files(args.checkpoint, files, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
@@ -160,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model")
     train.add_argument("task", choices=sorted(TASKS))
-    train.add_argument("--data", help="class-folder tree or .npz file")
-    train.add_argument("--model", help="logreg, mlp, cnn, resnet18, fastnet")
+    train.add_argument("--data", help="classify: class-folder tree or .npz; segment: images/ + masks/ folders or NPZ/HDF5/zarr")
+    train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment: unet")
     train.add_argument("--epochs", type=int)
     train.add_argument("--out", help="run folder for checkpoints, logs and report")
     train.add_argument("--config", help="YAML file of settings")
@@ -190,18 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--truth", help="with 'segment': folder of true label images, matched to --pred by file name")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_segment.json)")
+    evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation: folder for the predicted label images")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = sub.add_parser("predict", help="predict classes of images into a CSV file")
+    predict = sub.add_parser("predict", help="apply a trained model: classes into a CSV file, or segmentations into files")
     predict.add_argument("checkpoint")
-    predict.add_argument("inputs", nargs="+", help="image files or folders")
-    predict.add_argument("--out", required=True, help="CSV file")
+    predict.add_argument("inputs", nargs="+", help="image files or folders (segmentation: also TIFF/HDF5/zarr volumes)")
+    predict.add_argument("--out", required=True, help="CSV file (classification); folder, .tif, .h5 or .zarr (segmentation)")
     predict.add_argument("--device", default="auto")
+    predict.add_argument("--tile", type=int, nargs="+", help="segmentation: tile size, one value or one per axis")
+    predict.add_argument("--halo", type=int, nargs="+", help="segmentation: context added around each tile")
+    predict.add_argument("--blend", choices=["gaussian", "linear", "none"], help="segmentation: how overlapping tiles are merged")
+    predict.add_argument("--tta", action="store_true", help="segmentation: average over flips (test-time augmentation)")
+    predict.add_argument("--instances", action="store_true", help="segmentation: also write instance labels")
+    predict.add_argument("--key", help="segmentation: dataset/array inside HDF5, zarr or NPZ inputs")
+    predict.add_argument("--batch-size", dest="batch_size", type=int, help="segmentation: tiles per forward pass")
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
-    demo.add_argument("task", nargs="?", default="classify", choices=["classify"])
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment"])
     demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +13,23 @@ from deepscope.engine.checkpoint import load_checkpoint, load_weights
 from deepscope.errors import CheckpointError, DeepscopeError
 from deepscope.models import build_model
 
+ModelBuilder = Callable[[dict[str, Any], dict[str, Any]], nn.Module]
 
-def load_trained_model(path: str | Path, task: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The model in a checkpoint, in eval mode on ``device``, with the checkpoint's contents."""
+
+def build_classifier(config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+    return build_model(config["model"], tuple(info["in_shape"]), len(info["class_names"]), **config.get("model_args", {}))
+
+
+def load_trained_model(path: str | Path, task: str, device: torch.device, build: ModelBuilder = build_classifier) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in a checkpoint, in eval mode on ``device``, with the checkpoint's contents.
+
+    ``build(config, task_state)`` rebuilds the untrained network from the saved config and inference state.
+    """
     state = load_checkpoint(path, task=task)
     config, info = state["config"], state.get("task_state", {})
     try:
-        model = build_model(config["model"], tuple(info["in_shape"]), len(info["class_names"]), **config.get("model_args", {}))
-    except (KeyError, DeepscopeError) as exc:
+        model = build(config, info)
+    except (KeyError, TypeError, ValueError, DeepscopeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model from this checkpoint ({exc})") from None
     load_weights(model, state["model"], path)
     return model.to(device).eval(), state

@@ -50,8 +50,9 @@ def watershed_from_seeds(
     """int32 labels 1..n: a seeded watershed restricted to ``foreground > threshold``.
 
     ``seeds="components"`` takes the connected components of the foreground minus the boundaries;
-    ``seeds="maxima"`` the local maxima (at least ``min_distance`` apart) of the foreground's distance transform,
-    which splits touching round objects even without a boundary map (elongated ones may be split too).
+    ``seeds="maxima"`` the local maxima (at least ``min_distance`` apart) of the distance transform of the foreground
+    minus the boundaries, which splits touching round objects even without a boundary map and does not merge cells
+    whose boundary has a gap (elongated objects may be split, though).
     The flooded relief is the boundary map when there is one, else the negated distance transform. Foreground that
     no seed reaches (an object no wider than the boundary band has no seed) stays background.
     """
@@ -59,13 +60,15 @@ def watershed_from_seeds(
     if seeds not in SEEDS:
         raise DataError(f"unknown seeds {seeds!r}; choose one of {', '.join(SEEDS)}")
     mask = foreground > threshold
-    full = mask.ndim  # diagonal neighbours connect, in seeds and in growth alike
-    distance = ndimage.distance_transform_edt(mask) if boundaries is None or seeds == "maxima" else None
+    full = mask.ndim  # diagonal neighbours connect in the growth
+    interior = mask if boundaries is None else mask & ~(boundaries > threshold)
+    distance = ndimage.distance_transform_edt(interior) if boundaries is None or seeds == "maxima" else None
     if seeds == "components":
-        markers = label(mask if boundaries is None else mask & ~(boundaries > threshold), connectivity=full)
+        # between boundaries, face connectivity: a seed must not leak through a one-voxel diagonal gap
+        markers = label(interior, connectivity=full if boundaries is None else 1)
     else:
         peaks = np.zeros_like(mask)
-        peaks[tuple(peak_local_max(distance, min_distance=min_distance, labels=mask, exclude_border=False).T)] = True
+        peaks[tuple(peak_local_max(distance, min_distance=min_distance, labels=interior, exclude_border=False).T)] = True
         markers = label(peaks, connectivity=full)  # touching peaks of one plateau are one seed
     relief = boundaries if boundaries is not None else -distance
     grown = watershed(relief, markers, connectivity=full, mask=mask)

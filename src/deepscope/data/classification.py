@@ -8,11 +8,10 @@ without per-sample Python. A folder too large for memory stays on disk as a
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import os
 
 import numpy as np
 import torch
@@ -21,7 +20,6 @@ from sklearn.model_selection import train_test_split
 
 from deepscope.data.readers import SPLITS, is_image_file, probe_image, read_image
 from deepscope.errors import DataError
-
 
 
 @dataclass
@@ -35,7 +33,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
+    def subset(self, index: np.ndarray) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], [self.sources[i] for i in index])
 
     @property
@@ -77,7 +75,7 @@ class FileImageSet:
     def scale(self) -> float:
         return float(np.iinfo(self.dtype).max)
 
-    def subset(self, index: np.ndarray) -> "FileImageSet":
+    def subset(self, index: np.ndarray) -> FileImageSet:
         return FileImageSet([self.paths[i] for i in index], self.labels[index], self.shape, self.dtype, self.resize)
 
     def image(self, i: int) -> np.ndarray:

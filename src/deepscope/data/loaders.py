@@ -10,8 +10,8 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -136,7 +136,7 @@ class TransformDataset(Dataset):
         return self.transform(tensor), int(self.data.labels[i])
 
 
-def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0, pin_memory: bool = False) -> "EpochDataLoader":
+def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0, pin_memory: bool = False) -> EpochDataLoader:
     """A standard ``DataLoader`` with per-image transforms; ``set_epoch`` reseeds its shuffling.
 
     ``pin_memory`` (for a CUDA device) lets :class:`ToDevice` copy batches asynchronously.
@@ -179,7 +179,7 @@ class EpochDataLoader:
 class ToDevice:
     """Moves DataLoader batches to the training device (non-blocking from pinned memory)."""
 
-    def __init__(self, loader: "EpochDataLoader", device: torch.device, channels_last: bool) -> None:
+    def __init__(self, loader: EpochDataLoader, device: torch.device, channels_last: bool) -> None:
         self.loader, self.device, self.channels_last = loader, device, channels_last
 
     def set_epoch(self, epoch: int) -> None:

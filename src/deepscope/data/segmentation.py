@@ -194,8 +194,12 @@ def _has_objects(labels: Any) -> bool:
     return any(np.any(np.asarray(labels[i : i + step])) for i in range(0, labels.shape[0], step))
 
 
-def check_pair(image: Any, labels: Any, image_name: str, label_name: str, ndim: int) -> tuple[int, ...]:
+def check_pair(
+    image: Any, labels: Any, image_name: str, label_name: str, ndim: int, require_objects: bool = True
+) -> tuple[int, ...]:
     """Check an image and its labels can train a ``ndim``-D model; returns their spatial shape.
+
+    ``require_objects`` refuses label images without any non-zero label (instance labels; class maps may be all 0).
 
     Works on numpy arrays and lazy HDF5/zarr volumes alike (only ``labels`` is read, slab by slab).
     """
@@ -214,7 +218,7 @@ def check_pair(image: Any, labels: Any, image_name: str, label_name: str, ndim: 
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{label_name}: labels must be integers, got {labels.dtype}")
-    if not _has_objects(labels):
+    if require_objects and not _has_objects(labels):
         raise DataError(f"{label_name}: empty label image (no objects)")
     return tuple(labels.shape)
 
@@ -281,12 +285,16 @@ class PatchSampler:
             return np.moveaxis(np.asarray(image[region + (slice(None),)], dtype=np.float32), -1, 0)
         return np.asarray(image[(slice(None),) + region], dtype=np.float32)
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """(image patch (C, *patch_shape) float32, label patch (*patch_shape) as stored); labels are read first."""
+    def sample(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image patch (C, *patch_shape) float32, label patch (*patch_shape) as stored); labels are read first.
+
+        ``rng`` replaces the sampler's own generator for this draw (a per-patch seed makes patches reproducible).
+        """
+        rng = self.rng if rng is None else rng
         tried: set[str] = set()
         for _ in range(self.max_tries):
-            i = int(self.rng.choice(len(self.pairs), p=self.weights))
-            corner = [int(self.rng.integers(0, s - p + 1)) for s, p in zip(self.shapes[i], self.patch_shape)]
+            i = int(rng.choice(len(self.pairs), p=self.weights))
+            corner = [int(rng.integers(0, s - p + 1)) for s, p in zip(self.shapes[i], self.patch_shape)]
             region = tuple(slice(c, c + p) for c, p in zip(corner, self.patch_shape))
             image, labels = self.pairs[i]
             label_patch = np.asarray(labels[region])

@@ -7,9 +7,10 @@ them back into instances. Semantic targets are int64 class maps without a channe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.segmentation import find_boundaries
 
@@ -101,3 +102,60 @@ def make_target(kind: str, labels: np.ndarray, name: str = "") -> np.ndarray:
     if kind not in TARGETS:
         raise DataError(f"{_prefix(name)}unknown target {kind!r}; choose one of {', '.join(TARGETS)}")
     return TARGETS[kind](labels, name=name)
+
+
+# ---- the same targets for a batch of label patches on the training device ------------------------------------------
+
+
+def batch_boundaries(labels: torch.Tensor) -> torch.Tensor:
+    """(N, 1, *spatial) float: thick boundaries of (N, *spatial) labels, equal to ``boundaries`` on every sample.
+
+    A pixel is on a thick boundary when one of its 1-connected neighbours has another label; pixels outside the
+    patch count as copies of the edge, as in ``find_boundaries``.
+    """
+    edge = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for axis in range(1, labels.ndim):
+        n = labels.shape[axis]
+        if n < 2:
+            continue
+        change = labels.narrow(axis, 1, n - 1) != labels.narrow(axis, 0, n - 1)
+        edge.narrow(axis, 1, n - 1).logical_or_(change)
+        edge.narrow(axis, 0, n - 1).logical_or_(change)
+    return edge.unsqueeze(1).float()
+
+
+def batch_class_map(labels: torch.Tensor, class_values: Sequence[int] | None = None, ignore_label: int | None = None) -> torch.Tensor:
+    """int64 class indices of (N, *spatial) labels: ``class_values[k]`` becomes k (labels are the classes when None)
+    and ``ignore_label`` becomes -1. A value that is neither a class nor ignored is an error naming it."""
+    labels = labels.long()
+    ignored = labels == ignore_label if ignore_label is not None else torch.zeros_like(labels, dtype=torch.bool)
+    if class_values is None:
+        classes = labels.clone()
+    else:
+        values = torch.as_tensor(sorted(class_values), dtype=torch.long, device=labels.device)
+        order = torch.as_tensor(np.argsort(np.asarray(class_values)), dtype=torch.long, device=labels.device)
+        position = torch.searchsorted(values, labels).clamp(max=len(values) - 1)
+        unknown = (values[position] != labels) & ~ignored
+        if bool(unknown.any()):
+            raise DataError(f"label value {int(labels[unknown][0])} is not one of the classes {list(class_values)}")
+        classes = order[position]
+    classes[ignored] = -1
+    return classes
+
+
+def batch_target(kind: str, labels: torch.Tensor) -> torch.Tensor:
+    """Instance target ``kind`` for (N, *spatial) labels on their device, (N, C, *spatial) float32.
+
+    Foreground and boundaries are tensor operations; distances need a Euclidean distance transform, which only
+    scipy provides, so they are computed on the CPU one sample at a time.
+    """
+    if kind == "foreground":
+        return (labels > 0).unsqueeze(1).float()
+    if kind == "boundaries":
+        return batch_boundaries(labels)
+    if kind == "foreground_boundaries":
+        return torch.cat([(labels > 0).unsqueeze(1).float(), batch_boundaries(labels)], dim=1)
+    if kind == "distance":
+        maps = [distance_map(sample) for sample in labels.cpu().numpy()]
+        return torch.from_numpy(np.stack(maps)).to(labels.device)
+    raise DataError(f"unknown target {kind!r}; choose one of {', '.join(TARGETS)}")

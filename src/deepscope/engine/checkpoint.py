@@ -63,6 +63,18 @@ def load_checkpoint(path: str | Path, task: str | None = None, model: str | None
     return state
 
 
+def checkpoint_task(path: str | Path) -> str:
+    """The task a checkpoint was trained for, read without loading its tensors (they are memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return str(state["config"]["task"])
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+
+
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a state dict, turning torch's long mismatch report into one line."""
     try:

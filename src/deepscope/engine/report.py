@@ -13,15 +13,15 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss curves (train and validation) and every other validation metric against epochs."""
     epochs = [h["epoch"] for h in history]
     metric_keys = [k for k in history[-1] if k.startswith("val_") and k != "val_loss"] if history else []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     if history and "val_loss" in history[-1]:
         axes[0].plot(epochs, [h.get("val_loss", np.nan) for h in history], "o-", label="validation")
@@ -31,7 +31,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         axes[1].plot(epochs, [h.get(key, np.nan) for h in history], "o-", label=key[4:])
     axes[1].set(xlabel="epoch", title="validation metrics")
     if metric_keys:
-        axes[1].legend()
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -46,6 +46,19 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
     for ax, image, caption in zip(axes.ravel(), images, captions):
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(caption, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lines(x: list[float], series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str) -> None:
+    """One line per named series against ``x`` (e.g. instance scores against the IoU threshold)."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, values in series.items():
+        ax.plot(x, values, "o-", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -29,7 +29,12 @@ from deepscope.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from deepscope.engine.distributed import DistInfo, all_reduce_max, barrier, init_distributed
+from deepscope.engine.distributed import (
+    DistInfo,
+    all_reduce_max,
+    barrier,
+    init_distributed,
+)
 from deepscope.engine.logging import RunLogger
 from deepscope.engine.optim import build_optimizer, build_scheduler
 from deepscope.engine.task import Batches, Task

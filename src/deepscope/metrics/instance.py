@@ -139,36 +139,40 @@ def _threshold_report(counts: dict[float, tuple[int, int, int]]) -> dict[str, di
     return {f"{t:g}": {"tp": tp, "fp": fp, "fn": fn, **scores(tp, fp, fn)} for t, (tp, fp, fn) in counts.items()}
 
 
-def evaluate_instances(
-    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], thresholds: Sequence[float] = THRESHOLDS
-) -> dict[str, Any]:
-    """Data-set report as plain JSON; matching counts are summed over images before the ratios are taken.
+def image_scores(name: str, truth: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+    """Matching counts and scores at every threshold, VOI and adapted Rand error of one image."""
+    check_labels(truth, pred, name)
+    split, merge = variation_of_information(truth, pred)
+    report = _threshold_report(match_counts(truth, pred, thresholds))
+    return {"name": str(name), "thresholds": report, "voi_split": split, "voi_merge": merge, "arand": adapted_rand(truth, pred)}
+
+
+def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Data-set report from ``image_scores`` records; matching counts are summed over images before ratios are taken.
 
     Summing (StarDist's ``matching_dataset(..., by_image=False)``) weights every object equally, so an image
-    with one object cannot swing the score as much as one with hundreds.
+    with one object cannot swing the score as much as one with hundreds. VOI and ARand are means over images.
     """
-    totals = {float(t): np.zeros(3, dtype=np.int64) for t in thresholds}
-    per_image = []
-    for name, truth, pred in pairs:
-        check_labels(truth, pred, name)
-        counts = match_counts(truth, pred, thresholds)
-        for t, count in counts.items():
-            totals[t] += count
-        split, merge = variation_of_information(truth, pred)
-        report = _threshold_report(counts)
-        arand = adapted_rand(truth, pred)
-        per_image.append({"name": str(name), "thresholds": report, "voi_split": split, "voi_merge": merge, "arand": arand})
     if not per_image:
         raise DataError("no images to evaluate")
-    summed = _threshold_report({t: tuple(int(c) for c in count) for t, count in totals.items()})
+    keys = list(per_image[0]["thresholds"])
+    totals = {float(k): tuple(int(sum(image["thresholds"][k][c] for image in per_image)) for c in ("tp", "fp", "fn")) for k in keys}
+    summed = _threshold_report(totals)
     return {
         "thresholds": summed,
         "mean_score": float(np.mean([entry["score"] for entry in summed.values()])),
         "voi_split": float(np.mean([image["voi_split"] for image in per_image])),
         "voi_merge": float(np.mean([image["voi_merge"] for image in per_image])),
         "arand": float(np.mean([image["arand"] for image in per_image])),
-        "per_image": per_image,
+        "per_image": list(per_image),
     }
+
+
+def evaluate_instances(
+    pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], thresholds: Sequence[float] = THRESHOLDS
+) -> dict[str, Any]:
+    """Data-set report as plain JSON for (name, truth, prediction) label images (see ``summarize``)."""
+    return summarize([image_scores(name, truth, pred, thresholds) for name, truth, pred in pairs])
 
 
 def evaluate_label_folders(pred_dir: str | Path, truth_dir: str | Path, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:

@@ -1,5 +1,10 @@
 """Model zoo: build a network by name (see :func:`build_model`)."""
 
-from deepscope.models.registry import build_model, count_parameters, model_names
+from deepscope.models.registry import (
+    build_model,
+    build_unet,
+    count_parameters,
+    model_names,
+)
 
-__all__ = ["build_model", "count_parameters", "model_names"]
+__all__ = ["build_model", "build_unet", "count_parameters", "model_names"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from torch import nn
 
 from deepscope.errors import DeepscopeError
 from deepscope.models import classifiers
+from deepscope.models.unet import UNet
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": classifiers.LogisticRegression,
@@ -23,20 +25,29 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> nn.Module:
-    """Instantiate model ``name`` for inputs of ``in_shape`` (C, H, W) and ``num_classes`` outputs."""
-    if name not in _MODELS:
-        raise DeepscopeError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
-    factory = _MODELS[name]
-    allowed = set(inspect.signature(factory).parameters) - {"in_shape", "num_classes"}
+def _construct(name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]) -> nn.Module:
+    """``factory(*args, **kwargs)`` with unknown keyword names and invalid values reported as one-line errors."""
+    allowed = set(inspect.signature(factory).parameters) - positional
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise DeepscopeError(f"model {name!r} has no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed)) or 'none'}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
-        return factory(tuple(in_shape), num_classes, **kwargs)
+        return factory(*args, **kwargs)
     except ValueError as exc:
         raise DeepscopeError(f"model {name!r}: {exc}") from None
+
+
+def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **kwargs: Any) -> nn.Module:
+    """Instantiate classifier ``name`` for inputs of ``in_shape`` (C, H, W) and ``num_classes`` outputs."""
+    if name not in _MODELS:
+        raise DeepscopeError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    return _construct(name, _MODELS[name], (tuple(in_shape), num_classes), {"in_shape", "num_classes"}, kwargs)
+
+
+def build_unet(in_channels: int, out_channels: int, dim: int, **kwargs: Any) -> UNet:
+    """A 2D or 3D U-Net; ``kwargs`` are UNet's settings (depth, features, norm, upsample, pool)."""
+    return cast(UNet, _construct("unet", UNet, (in_channels, out_channels, dim), {"in_channels", "out_channels", "dim", "final_activation"}, kwargs))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,8 +6,12 @@ from deepscope.config import TrainConfig
 from deepscope.engine.task import Task
 from deepscope.errors import DeepscopeError
 from deepscope.tasks.classify import ClassifyConfig, ClassifyTask
+from deepscope.tasks.segment import SegmentConfig, SegmentTask
 
-TASKS: dict[str, tuple[type[TrainConfig], type[Task]]] = {"classify": (ClassifyConfig, ClassifyTask)}
+TASKS: dict[str, tuple[type[TrainConfig], type[Task]]] = {
+    "classify": (ClassifyConfig, ClassifyTask),
+    "segment": (SegmentConfig, SegmentTask),
+}
 
 
 def get_task(name: str) -> tuple[type[TrainConfig], type[Task]]:

@@ -1,0 +1,253 @@
+"""Segmentation data sets: (image, labels) pairs read from disk, normalized on read, sampled as training patches.
+
+Images stay as stored (uint8/uint16 in RAM, or lazy HDF5/zarr volumes) and are normalized patch by patch with
+percentiles computed once per image, so a data set costs its size on disk in memory, not four times that as float32.
+Layouts follow ``deepscope.data.segmentation``: 2D images (H, W) or (H, W, C), 3D (D, H, W) or (C, D, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from deepscope.data.readers import SPLITS
+from deepscope.data.segmentation import (
+    HDF5_SUFFIXES,
+    PatchSampler,
+    check_pair,
+    find_pairs,
+    is_volume,
+    open_volume,
+    read_volume,
+)
+from deepscope.errors import DataError
+
+PERCENTILE_SAMPLES = 2**22  # values read to estimate an image's percentiles; a strided subset of larger volumes
+LAZY_SUFFIXES = HDF5_SUFFIXES | {".zarr"}
+CONTAINER_SUFFIXES = LAZY_SUFFIXES | {".npz"}
+
+
+def channel_count(shape: Sequence[int], ndim: int) -> int:
+    """Channels of an image of ``shape`` in the storage layout (1 when it has no channel axis)."""
+    if len(shape) == ndim:
+        return 1
+    return int(shape[-1] if ndim == 2 else shape[0])
+
+
+def channel_axis(shape: Sequence[int], ndim: int) -> int | None:
+    if len(shape) == ndim:
+        return None
+    return len(shape) - 1 if ndim == 2 else 0
+
+
+class LazyVolume:
+    """An HDF5 dataset or zarr array opened on first read in each process, so it survives DataLoader workers
+    (an h5py handle inherited across ``fork`` is not safe to read) and pickles as just a path and a key."""
+
+    def __init__(self, path: Path, key: str | None) -> None:
+        self.path, self.key = Path(path), key
+        volume = open_volume(self.path, key)
+        self.shape, self.dtype, self.ndim = tuple(volume.shape), volume.dtype, len(volume.shape)
+        self._open: tuple[int, Any] | None = (os.getpid(), volume)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if self._open is None or self._open[0] != os.getpid():
+            self._open = (os.getpid(), open_volume(self.path, self.key))
+        return np.asarray(self._open[1][key])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": None}
+
+
+def percentiles(image: Any, ndim: int, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (low, high) percentiles, float32 of shape (C,), from at most ``PERCENTILE_SAMPLES`` values.
+
+    Larger images are subsampled by taking every k-th plane (row in 2D) along the first spatial axis, which
+    reads whole contiguous planes of a lazy volume rather than scattered voxels.
+    """
+    shape = tuple(image.shape)
+    axis = 1 if ndim == 3 and len(shape) == 4 else 0
+    step = max(1, math.ceil(np.prod(shape, dtype=np.float64) / PERCENTILE_SAMPLES))
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(None, None, step)
+    values = np.asarray(image[tuple(index)], dtype=np.float32)
+    c_axis = channel_axis(shape, ndim)
+    values = values.reshape(1, -1) if c_axis is None else np.moveaxis(values, c_axis, 0).reshape(values.shape[c_axis], -1)
+    p_low, p_high = np.percentile(values, [low, high], axis=1).astype(np.float32)
+    return p_low, p_high
+
+
+class Normalized:
+    """Read-only view of an image whose reads come back as float32 ``(x - low) / (high - low + eps)`` per channel.
+
+    Indexing with slices only (as patch sampling and tiling do) keeps every axis, so the per-channel scale
+    broadcasts on the same axis of the block as of the whole image.
+    """
+
+    def __init__(self, image: Any, ndim: int, low: np.ndarray, high: np.ndarray, eps: float = 1e-6) -> None:
+        self.image, self.shape, self.ndim = image, tuple(image.shape), len(image.shape)
+        axis = channel_axis(self.shape, ndim)
+        view = [1] * self.ndim
+        if axis is not None:
+            view[axis] = -1
+        self.low = np.asarray(low, np.float32).reshape(view)
+        self.scale = (np.asarray(high, np.float32) - np.asarray(low, np.float32) + np.float32(eps)).reshape(view)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return (np.asarray(self.image[key], dtype=np.float32) - self.low) / self.scale
+
+
+class ChannelsFirst:
+    """(C, *spatial) view of a stored image, as tiled prediction reads it; a grey image is repeated to ``channels``."""
+
+    def __init__(self, image: Any, ndim: int, channels: int | None = None) -> None:
+        shape = tuple(image.shape)
+        self.image, self.spatial_ndim = image, ndim
+        self.axis = channel_axis(shape, ndim)
+        stored = channel_count(shape, ndim)
+        self.channels = stored if channels is None else channels
+        if stored not in (1, self.channels):
+            raise DataError(f"image of shape {shape} has {stored} channels but {self.channels} are expected")
+        spatial = shape if self.axis is None else shape[:-1] if ndim == 2 else shape[1:]
+        self.shape = (self.channels, *spatial)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        spatial = tuple(key[1:])
+        if self.axis is None:
+            block = np.asarray(self.image[spatial])[None]
+        elif self.spatial_ndim == 2:
+            block = np.moveaxis(np.asarray(self.image[spatial + (slice(None),)]), -1, 0)
+        else:
+            block = np.asarray(self.image[(slice(None),) + spatial])
+        if block.shape[0] != self.channels:
+            block = np.repeat(block, self.channels, axis=0)
+        return block[key[0]]
+
+
+@dataclass
+class SegItem:
+    """One image with its labels; ``image`` is the normalized view, ``stored`` the image as read."""
+
+    name: str
+    stored: Any
+    labels: Any
+    image: Normalized
+
+    def channels_first(self, channels: int) -> ChannelsFirst:
+        return ChannelsFirst(self.image, self.labels.ndim, channels)
+
+
+def _open(path: Path, key: str | None) -> Any:
+    """HDF5/zarr lazily, everything else read whole."""
+    return LazyVolume(path, key) if path.suffix.lower() in LAZY_SUFFIXES else read_volume(path, key)
+
+
+def _containers(folder: Path) -> list[Path]:
+    """Files that can hold both an image and its labels under two keys."""
+    return sorted(p for p in folder.iterdir() if is_volume(p) and p.suffix.lower() in CONTAINER_SUFFIXES)
+
+
+def find_items(root: str | Path, raw_key: str, label_key: str) -> dict[str, list[tuple[str, Path, str | None, Path, str | None]]]:
+    """Per split, (name, image path, image key, label path, label key) for every pair under ``root``.
+
+    ``root`` is an ``images/`` + ``masks/``|``labels/`` folder (optionally in train/val/test), a folder of
+    NPZ/HDF5/zarr containers each holding ``raw_key`` and ``label_key`` (optionally in split folders), or one container.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: not found")
+    if root.is_file() or root.suffix.lower() == ".zarr":
+        return {"all": [(root.stem, root, raw_key, root, label_key)]}
+    split_dirs = [s for s in SPLITS if (root / s).is_dir()]
+    folders = {s: root / s for s in split_dirs} or {"all": root}
+    if all((folder / "images").is_dir() for folder in folders.values()):
+        return {split: [(img.stem, img, None, lab, None) for img, lab in pairs] for split, pairs in find_pairs(root).items()}
+    found: dict[str, list[tuple[str, Path, str | None, Path, str | None]]] = {}
+    for split, folder in folders.items():
+        files = _containers(folder)
+        if not files:
+            raise DataError(
+                f"{folder}: no images/ + masks/ (or labels/) folders and no NPZ, HDF5 or zarr files holding "
+                f"{raw_key!r} and {label_key!r}"
+            )
+        found[split] = [(f.stem, f, raw_key, f, label_key) for f in files]
+    return found
+
+
+def load_items(
+    entries: Sequence[tuple[str, Path, str | None, Path, str | None]],
+    ndim: int | None,
+    low: float,
+    high: float,
+    require_objects: bool = True,
+) -> list[SegItem]:
+    """Open and check every pair (labels must be integers, aligned, and hold objects when ``require_objects``)."""
+    items = []
+    for name, image_path, image_key, label_path, label_key in entries:
+        image, labels = _open(image_path, image_key), _open(label_path, label_key)
+        dims = labels.ndim if ndim is None else ndim
+        label_name = f"{label_path}" + (f" [{label_key}]" if label_key else "")
+        image_name = f"{image_path}" + (f" [{image_key}]" if image_key else "")
+        check_pair(image, labels, image_name, label_name, dims, require_objects)
+        p_low, p_high = percentiles(image, dims, low, high)
+        items.append(SegItem(name, image, labels, Normalized(image, dims, p_low, p_high)))
+    return items
+
+
+def common_channels(items: Sequence[SegItem], ndim: int) -> int:
+    """The channel count of the data set: grey images may join colour ones (they are repeated), other mixes fail."""
+    counts = {item.name: channel_count(item.stored.shape, ndim) for item in items}
+    channels = max(counts.values())
+    for name, c in counts.items():
+        if c not in (1, channels):
+            raise DataError(f"{name}: image has {c} channels but others have {channels}")
+    return channels
+
+
+class PatchDataset(Dataset):
+    """``length`` random patches per epoch; patch ``i`` of epoch ``e`` depends only on (seed, e, i), so it is the
+    same in any DataLoader worker and when a run resumes mid-epoch."""
+
+    def __init__(self, items: Sequence[SegItem], patch_shape: Sequence[int], length: int, channels: int,
+                 min_foreground: float = 0.0, seed: int = 0) -> None:
+        self.sampler = PatchSampler([(item.image, item.labels) for item in items], patch_shape, min_foreground,
+                                    names=[item.name for item in items])
+        self.length, self.channels, self.seed, self.epoch = length, channels, seed, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.sampler.sample(np.random.default_rng([self.seed, self.epoch, index]))
+        if image.shape[0] != self.channels:
+            image = np.repeat(image, self.channels, axis=0)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(labels.astype(np.int64))
+
+
+class PatchLoader:
+    """Batches of (image, labels) patches on the device for one process: its share of the epoch's patch indices."""
+
+    def __init__(self, dataset: PatchDataset, batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
+                 num_workers: int = 0) -> None:
+        self.dataset, self.device = dataset, device
+        self.loader = DataLoader(dataset, batch_size, sampler=range(rank, len(dataset), world), num_workers=num_workers,
+                                 drop_last=True, pin_memory=device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __iter__(self) -> Any:
+        for image, labels in self.loader:
+            yield image.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

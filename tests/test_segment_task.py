@@ -1,0 +1,198 @@
+"""The segment task end to end: training through the CLI, evaluation, prediction to files, resume, 3D and semantic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from PIL import Image
+
+from deepscope.cli import main
+from deepscope.demo import write_nuclei
+from deepscope.engine.checkpoint import load_checkpoint
+from deepscope.metrics.instance import evaluate_instances
+
+
+def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list[str]:
+    """A small, quick CPU segmentation run through the CLI (``out`` None: no --out, the caller adds it)."""
+    where = ["--out", str(out)] if out is not None else []
+    return ["train", "segment", "--data", str(data), *where, "--epochs", str(epochs), "--batch-size", "8",
+            "--device", "cpu", "--lr", "0.005", "--set", "model_args={features: 8, depth: 3}", "--set", "patch_shape=[64, 64]",
+            "--set", "patches_per_epoch=64", "--set", "val_fraction=0.2", *extra]
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def nuclei(tmp_path_factory) -> Path:
+    return write_nuclei(tmp_path_factory.mktemp("nuclei") / "data", train=16, test=4, size=96)
+
+
+@pytest.fixture(scope="module")
+def trained(nuclei, tmp_path_factory) -> Path:
+    """One trained 2D run shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("run") / "seg"
+    assert main(seg_args(nuclei, out, epochs=30)) == 0
+    return out
+
+
+def test_training_learns_instances_and_writes_the_run(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["test"]["thresholds"]["0.5"]["score"] > 0.45, metrics["test"]["thresholds"]["0.5"]
+    assert metrics["test"]["dice"] > 0.9
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]
+    for name in ("report.html", "overlays.png", "scores.png", "curves.png", "config.yaml", "best.pt", "last.pt"):
+        assert (trained / name).is_file(), name
+    assert "overlays.png" in (trained / "report.html").read_text()
+
+
+def test_evaluate_checkpoint_matches_scoring_its_saved_predictions(trained, nuclei, tmp_path, capsys):
+    preds = tmp_path / "pred"
+    assert main(["evaluate", str(trained / "best.pt"), "--data", str(nuclei), "--split", "test", "--save-pred", str(preds),
+                 "--out", str(tmp_path / "eval.json"), "--device", "cpu"]) == 0
+    direct = last_json(capsys)
+    assert main(["evaluate", "segment", "--pred", str(preds), "--truth", str(nuclei / "test" / "masks"), "--out", str(tmp_path / "e2.json")]) == 0
+    saved = last_json(capsys)
+    assert direct["thresholds"] == saved["thresholds"]
+    assert direct["thresholds"]["0.5"]["score"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test"]["thresholds"]["0.5"]["score"])
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".zarr", ".tif"])
+def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tmp_path, capsys, suffix):
+    from deepscope.data.synthetic import nuclei_image
+
+    image, truth = nuclei_image(size=160, seed=7)
+    source = tmp_path / "big.tif"
+    tifffile.imwrite(source, image)
+    out = tmp_path / f"pred{suffix}"
+    assert main(["predict", str(trained / "best.pt"), str(source), "--out", str(out), "--tile", "48", "--halo", "8",
+                 "--instances", "--device", "cpu"]) == 0
+    if suffix == ".h5":
+        with h5py.File(out) as f:
+            probs, labels = f["probabilities"][...], f["instances"][...]
+    elif suffix == ".zarr":
+        group = zarr.open_group(str(out), mode="r")
+        probs, labels = group["probabilities"][...], group["instances"][...]
+    else:
+        probs, labels = tifffile.imread(out), tifffile.imread(tmp_path / "pred_instances.tif")
+    assert probs.shape == (2, 160, 160) and labels.shape == (160, 160)
+    assert 0 <= probs.min() and probs.max() <= 1
+    # one tile for the whole image gives the same instances: tile borders neither cut nor merge objects
+    whole = tmp_path / "whole.h5"
+    assert main(["predict", str(trained / "best.pt"), str(source), "--out", str(whole), "--tile", "160", "--halo", "16",
+                 "--instances", "--device", "cpu"]) == 0
+    with h5py.File(whole) as f:
+        untiled = f["instances"][...]
+    agreement = evaluate_instances([("tiled", untiled, labels)])["thresholds"]["0.5"]["score"]
+    assert agreement > 0.95
+    assert sorted(np.unique(labels))[1:] == list(range(1, labels.max() + 1))  # unique consecutive ids
+    assert evaluate_instances([("truth", truth.astype(np.int32), labels)])["thresholds"]["0.5"]["score"] > 0.5
+
+
+def test_predict_folder_of_images_to_folder(trained, nuclei, tmp_path, capsys):
+    out = tmp_path / "preds"
+    assert main(["predict", str(trained / "best.pt"), str(nuclei / "test" / "images"), "--out", str(out), "--device", "cpu"]) == 0
+    result = last_json(capsys)
+    assert result["predictions"] == 4
+    assert sorted(p.name for p in out.iterdir())[:1] == ["000_probabilities.tif"]
+    assert not any("instances" in p.name for p in out.iterdir())
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(nuclei, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(seg_args(nuclei, straight, "--set", "augment.affine_degrees=10", "--set", "augment.noise_std=0.05", epochs=2)) == 0
+    # a wall-time limit stops the run part-way through the first epoch; resuming finishes it
+    assert main(seg_args(nuclei, split, "--set", "augment.affine_degrees=10", "--set", "augment.noise_std=0.05", "--max-minutes", "0.002", epochs=2)) == 0
+    first = load_checkpoint(split / "last.pt")
+    assert (first["epoch"], first["epoch_complete"]) == (0, False)
+    assert main(["train", "segment", "--out", str(split), "--resume", "--max-minutes", "60"]) == 0
+    a, b = load_checkpoint(straight / "last.pt")["model"], load_checkpoint(split / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_semantic_classes_from_label_values(nuclei, tmp_path):
+    """Masks with values {0, 255} (as ISBI 2012) trained as two classes through ``class_values``."""
+    data = tmp_path / "semantic"
+    for split in ("train", "test"):
+        for name in ("images", "masks"):
+            (data / split / name).mkdir(parents=True)
+        for path in sorted((nuclei / split / "images").iterdir()):
+            Image.fromarray(tifffile.imread(path)).save(data / split / "images" / f"{path.stem}.png")
+            mask = (tifffile.imread(nuclei / split / "masks" / path.name) > 0).astype(np.uint8) * 255
+            Image.fromarray(mask).save(data / split / "masks" / f"{path.stem}.png")
+    out = tmp_path / "run"
+    assert main(seg_args(data, out, "--set", "target=semantic", "--set", "class_values=[0, 255]", epochs=12)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["per_class"]["255"]["iou"] > 0.7
+    assert metrics["test"]["mean_iou"] > 0.8
+
+
+def test_lazy_hdf5_volumes_train_a_3d_model(tmp_path):
+    """3D training from HDF5 containers holding raw and label, read patch by patch."""
+    from deepscope.data.synthetic import nuclei_image
+
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    for i in range(3):
+        slices = [nuclei_image(48, seed=10 * i + z % 3) for z in range(16)]
+        raw = np.stack([s[0] for s in slices])
+        label = np.stack([s[1].astype(np.int32) + 100 * (z // 3) * (s[1] > 0) for z, s in enumerate(slices)])
+        with h5py.File(folder / f"v{i}.h5", "w") as f:
+            f["raw"], f["label"] = raw, label
+    out = tmp_path / "run3d"
+    args = ["train", "segment", "--data", str(folder), "--out", str(out), "--epochs", "2", "--batch-size", "2", "--device", "cpu",
+            "--set", "model_args={features: 4, depth: 2, pool: [1, 2, 2]}", "--set", "patch_shape=[8, 32, 32]",
+            "--set", "patches_per_epoch=8", "--set", "val_fraction=0.34"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["val"]["voi_split"]) and metrics["val"]["images"] == 1
+    state = load_checkpoint(out / "best.pt")["task_state"]
+    assert state["ndim"] == 3 and state["divisor"] == [1, 4, 4]
+
+
+def test_plantseg_nuclei_volume_end_to_end(shared_data, tmp_path):
+    """The real 3D nuclei crop: top half trains, bottom half scores (VOI, adapted Rand)."""
+    volume = np.load(shared_data / "plantseg3d" / "nuclei_1135_mini.npz")
+    for split, part in (("train", slice(0, 64)), ("test", slice(64, 100))):
+        (tmp_path / "vol" / split).mkdir(parents=True)
+        np.savez(tmp_path / "vol" / split / "nuclei.npz", raw=volume["raw"][part], label=volume["label"][part])
+    out = tmp_path / "run"
+    args = ["train", "segment", "--data", str(tmp_path / "vol"), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+            "--device", "cpu", "--lr", "0.005", "--set", "model_args={features: 8, depth: 2}", "--set", "patch_shape=[32, 48, 48]",
+            "--set", "patches_per_epoch=16", "--set", "val_fraction=0"]
+    assert main(args) == 0
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    assert test["dice"] > 0.5 and test["arand"] < 0.9
+
+
+def test_two_gloo_processes_match_one_process(nuclei, tmp_path):
+    """Patches depend only on their global index, so two processes with half batches make the same steps as one
+    (BCE is a per-pixel mean and GroupNorm is per sample, so averaging the halves' gradients is exact)."""
+    args = seg_args(nuclei, None, "--set", "loss=bce", "--set", "model_args={features: 8, depth: 2, norm: group}",
+                    "--set", "augment={flip: false, rot90: false}", epochs=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "deepscope"]
+    single = subprocess.run(cli + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m", "deepscope"]
+    double = subprocess.run(launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = load_checkpoint(tmp_path / "one" / "last.pt")["model"], load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert m2["processes"] == 2 and m1["val"]["images"] == m2["val"]["images"] == 3
+    assert m1["val"]["thresholds"] == m2["val"]["thresholds"]
