@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import fast_args
 from PIL import Image
 
-from conftest import fast_args
 from deepscope.cli import main
 from deepscope.engine import checkpoint as checkpoint_module
 from deepscope.engine.checkpoint import save_checkpoint

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import fast_args
+
 from deepscope.cli import main
 
 
@@ -91,8 +91,8 @@ def test_streaming_from_disk_trains_like_memory(class_tree, tmp_path):
     import torch
 
     from deepscope.data.classification import FileImageSet
-    from deepscope.engine.distributed import DistInfo
     from deepscope.data.loaders import ToDevice
+    from deepscope.engine.distributed import DistInfo
     from deepscope.tasks.classify import ClassifyConfig, ClassifyTask
 
     task = ClassifyTask(ClassifyConfig(data=str(class_tree), loader="dataloader"))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import fast_args, pattern_images
+
 from deepscope.cli import main
 from deepscope.config import OptimConfig
 from deepscope.engine.optim import build_scheduler

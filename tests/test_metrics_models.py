@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import fit_batch
+
 from deepscope.errors import DeepscopeError
 from deepscope.metrics.classification import ClassificationMetrics
 from deepscope.models import build_model, count_parameters

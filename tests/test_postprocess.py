@@ -9,7 +9,11 @@ from skimage.draw import disk
 from deepscope.data.targets import boundaries, foreground
 from deepscope.errors import DataError
 from deepscope.metrics.instance import match_counts
-from deepscope.postprocess import connected_components, size_filter, watershed_from_seeds
+from deepscope.postprocess import (
+    connected_components,
+    size_filter,
+    watershed_from_seeds,
+)
 
 
 def touching_discs() -> np.ndarray:

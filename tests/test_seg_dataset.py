@@ -19,10 +19,16 @@ from deepscope.data.seg_dataset import (
     SegItem,
     percentiles,
 )
-from deepscope.data.targets import batch_boundaries, batch_class_map, batch_target, distance_map, foreground_and_boundaries
+from deepscope.data.targets import (
+    batch_boundaries,
+    batch_class_map,
+    batch_target,
+    distance_map,
+    foreground_and_boundaries,
+)
 from deepscope.errors import DataError
 from deepscope.metrics.semantic import confusion, confusion_scores
-from deepscope.tasks.segment import halo_for
+from deepscope.tasks.segment_config import halo_for
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 17), (2, 9, 10, 11)])

@@ -194,5 +194,8 @@ def test_two_gloo_processes_match_one_process(nuclei, tmp_path):
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
     m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    # validation is sharded over the processes and gathered: every image is scored once; the scores agree up to the
+    # float noise between the two runs' weights (a barely trained model's watershed reacts to it)
     assert m2["processes"] == 2 and m1["val"]["images"] == m2["val"]["images"] == 3
-    assert m1["val"]["thresholds"] == m2["val"]["thresholds"]
+    assert sorted(i["name"] for i in m1["val"]["per_image"]) == sorted(i["name"] for i in m2["val"]["per_image"])
+    assert m2["val"]["dice"] == pytest.approx(m1["val"]["dice"], abs=0.01)

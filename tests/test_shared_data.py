@@ -6,9 +6,9 @@ import io
 import json
 
 import numpy as np
+from conftest import write_tree
 from PIL import Image
 
-from conftest import write_tree
 from deepscope.cli import main
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import fit_batch
+
 from deepscope.errors import DeepscopeError
 from deepscope.models import count_parameters
 from deepscope.models.unet import UNet

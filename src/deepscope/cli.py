@@ -101,7 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     device = pick_device(args.device)
     if checkpoint_task(args.checkpoint) == "segment":
-        from deepscope.tasks.segment import evaluate_checkpoint as evaluate_segmenter
+        from deepscope.tasks.segment_predict import evaluate_checkpoint as evaluate_segmenter
 
         result = evaluate_segmenter(args.checkpoint, args.data, args.split, device, args.save_pred)
     else:
@@ -146,7 +146,7 @@ def collect_inputs(inputs: list[str], volumes: bool = False) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     if checkpoint_task(args.checkpoint) == "segment":
-        from deepscope.tasks.segment import predict_files as predict_segmentation
+        from deepscope.tasks.segment_predict import predict_files as predict_segmentation
 
         files = collect_inputs(args.inputs, volumes=True)
         records = predict_segmentation(args.checkpoint, files, args.out, device, key=args.key, instances=args.instances,

@@ -134,7 +134,7 @@ def batch_class_map(labels: torch.Tensor, class_values: Sequence[int] | None = N
     else:
         values = torch.as_tensor(sorted(class_values), dtype=torch.long, device=labels.device)
         order = torch.as_tensor(np.argsort(np.asarray(class_values)), dtype=torch.long, device=labels.device)
-        position = torch.searchsorted(values, labels).clamp(max=len(values) - 1)
+        position = torch.searchsorted(values, labels.contiguous()).clamp(max=len(values) - 1)
         unknown = (values[position] != labels) & ~ignored
         if bool(unknown.any()):
             raise DataError(f"label value {int(labels[unknown][0])} is not one of the classes {list(class_values)}")

@@ -1,0 +1,222 @@
+"""Applying a segmentation model: whole images tile by tile, scores against the truth, checkpoints, files on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepscope.blockio import Output, open_input, output_paths
+from deepscope.config import from_dict
+from deepscope.data.seg_dataset import (
+    ChannelsFirst,
+    Normalized,
+    SegItem,
+    find_items,
+    load_items,
+    percentiles,
+)
+from deepscope.data.targets import batch_class_map
+from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference import load_trained_model
+from deepscope.metrics.instance import image_scores, summarize
+from deepscope.metrics.semantic import confusion, confusion_scores
+from deepscope.models import build_unet
+from deepscope.postprocess import watershed_from_seeds
+from deepscope.tasks.segment_config import (
+    InferenceConfig,
+    PostConfig,
+    SegmentConfig,
+    halo_for,
+)
+from deepscope.tiling import BLENDS, predict_tiled
+
+MAX_COLOURS = 4  # a 2D image's last axis up to this long is read as colour channels, longer as a third axis
+
+
+# ---- prediction and scoring of whole images ---------------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """Everything needed to turn an image into probabilities, instances or classes, as saved in a checkpoint."""
+
+    model: nn.Module
+    target: str
+    channels: int
+    out_channels: int
+    tile: tuple[int, ...]
+    halo: tuple[int, ...]
+    divisor: tuple[int, ...]
+    inference: InferenceConfig
+    post: PostConfig
+    device: torch.device
+    batch_size: int = 4
+
+    def probabilities(self, image: Any, out: Any = None) -> Any:
+        """(out_channels, *spatial) float32 probabilities of a (C, *spatial) image or view, written into ``out``."""
+        activation = nn.Softmax(dim=1) if self.target == "semantic" else nn.Sigmoid()
+        return predict_tiled(
+            nn.Sequential(self.model, activation), image, self.tile, self.halo, self.out_channels, out=out,
+            blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
+            flip_tta=self.inference.flip_tta, model_divisor=self.divisor,
+        )
+
+    def labels(self, probs: np.ndarray) -> np.ndarray:
+        """Instances (int32, 1..n) for instance targets, the class index map for semantic models."""
+        probs = np.asarray(probs)
+        if self.target == "semantic":
+            return probs.argmax(0).astype(np.int32)
+        post = self.post
+        if self.target == "boundaries":
+            foreground, boundary = np.ones_like(probs[0]), probs[0]
+        else:
+            foreground, boundary = probs[0], probs[1] if self.target == "foreground_boundaries" else None
+        seeds = "maxima" if self.target == "distance" else post.seeds
+        return watershed_from_seeds(foreground, boundary, post.threshold, seeds, post.min_distance, post.min_size)
+
+
+def score_image(predictor: Predictor, item: SegItem, class_values: list[int] | None, ignore_label: int | None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(record, probabilities, predicted labels) of one image; the record holds instance scores and a pixel confusion."""
+    was_training = predictor.model.training
+    probs = predictor.probabilities(item.channels_first(predictor.channels))
+    predictor.model.train(was_training)
+    pred = predictor.labels(probs)
+    truth = np.asarray(item.labels[...])
+    if predictor.target == "semantic":
+        classes = batch_class_map(torch.from_numpy(truth.astype(np.int64))[None], class_values, ignore_label)[0].numpy()
+        return {"name": item.name, "confusion": confusion(classes, pred, predictor.out_channels).tolist()}, probs, pred
+    record = image_scores(item.name, truth, pred)
+    record["confusion"] = confusion(truth > 0, pred > 0, 2).tolist()
+    return record, probs, pred
+
+
+def summarize_records(records: Sequence[dict[str, Any]], target: str, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Data-set metrics: summed pixel confusion (IoU, Dice) and, for instance targets, the instance report."""
+    matrix = np.sum([np.array(r["confusion"]) for r in records], axis=0)
+    if target == "semantic":
+        pixel = confusion_scores(matrix, class_names)
+        return {**pixel, "confusion": matrix.tolist(), "images": len(records)}
+    fg = confusion_scores(matrix)["per_class"]["1"]
+    instances = summarize([{k: v for k, v in r.items() if k != "confusion"} for r in records])
+    at = instances["thresholds"]
+    flat = {"score_0.5": at["0.5"]["score"], "f1_0.5": at["0.5"]["f1"], "precision_0.5": at["0.5"]["precision"],
+            "recall_0.5": at["0.5"]["recall"], "score_0.75": at["0.75"]["score"]}
+    return {"mean_score": instances["mean_score"], **flat, "voi_split": instances["voi_split"], "voi_merge": instances["voi_merge"],
+            "arand": instances["arand"], "iou": fg["iou"], "dice": fg["dice"], "images": len(records),
+            "thresholds": instances["thresholds"], "per_image": instances["per_image"]}
+
+
+
+# ---- from a checkpoint -------------------------------------------------------------------------------------------
+
+
+def _build_from_checkpoint(config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
+    return build_unet(info["channels"], info["out_channels"], info["ndim"], **config.get("model_args", {}))
+
+
+def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
+                   batch_size: int | None = None, **overrides: Any) -> tuple[Predictor, SegmentConfig]:
+    """A Predictor from a segmentation checkpoint; ``overrides`` replace inference settings (blend, flip_tta)."""
+    model, state = load_trained_model(path, "segment", device, _build_from_checkpoint)
+    cfg = from_dict(SegmentConfig, state["config"], f"{path}: config")
+    info = state["task_state"]
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg.inference, key, value)
+    ndim = info["ndim"]
+    tile_t = tuple(int(t) for t in tile) if tile else tuple(info["tile"])
+    if len(tile_t) == 1:
+        tile_t = tile_t * ndim
+    halo_t = tuple(int(h) for h in halo) if halo else (tuple(info["halo"]) if not tile else halo_for(tile_t, info["divisor"]))
+    if len(halo_t) == 1:
+        halo_t = halo_t * ndim
+    predictor = Predictor(model, cfg.target, info["channels"], info["out_channels"], tile_t, halo_t, tuple(info["divisor"]),
+                          cfg.inference, cfg.post, device, batch_size or cfg.eval_batch_size)
+    return predictor, cfg
+
+
+def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device,
+                        save_dir: str | Path | None = None) -> dict[str, Any]:
+    """Scores of a segmentation checkpoint on one split of a data set; ``save_dir`` receives the predicted labels."""
+    import tifffile
+
+    predictor, cfg = load_predictor(path, device)
+    found = find_items(data_path, cfg.raw_key, cfg.label_key)
+    if split not in found:
+        if "all" not in found:
+            raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
+        split_entries = found["all"]
+    else:
+        split_entries = found[split]
+    items = load_items(split_entries, None, *cfg.normalize, require_objects=cfg.target != "semantic")
+    for item in items:
+        if item.labels.ndim != len(predictor.tile):
+            raise DataError(f"{item.name}: labels are {item.labels.ndim}D but the model is {len(predictor.tile)}D")
+    records = []
+    out_dir = Path(save_dir) if save_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for item in items:
+            record, _, pred = score_image(predictor, item, cfg.class_values, cfg.ignore_label)
+            records.append(record)
+            if out_dir:
+                tifffile.imwrite(out_dir / f"{item.name}.tif", pred, compression="zlib")
+    class_names = [str(v) for v in cfg.class_values] if cfg.class_values else None
+    return {"checkpoint": str(path), "data": str(data_path), "split": split, **summarize_records(records, cfg.target, class_names)}
+
+
+def _input_view(image: Any, predictor: Predictor, name: str, normalize: Sequence[float]) -> ChannelsFirst:
+    """Check an input image against the model (2D/3D, channels) and wrap it normalized, channels first."""
+    ndim, shape = len(predictor.tile), tuple(image.shape)
+    if ndim == 2 and len(shape) == 3 and shape[-1] not in (1, predictor.channels):
+        if shape[-1] <= MAX_COLOURS:
+            raise DataError(f"{name}: image has {shape[-1]} channels but the model takes {predictor.channels}")
+        raise DataError(f"{name}: 3D volume {shape} given to a 2D model (2D images are (H, W) or (H, W, {predictor.channels}))")
+    if len(shape) not in (ndim, ndim + 1):
+        layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
+        raise DataError(f"{name}: image of shape {shape} does not fit a {ndim}D model; expected {layout}")
+    low, high = percentiles(image, ndim, *normalize)
+    try:
+        return ChannelsFirst(Normalized(image, ndim, low, high), ndim, predictor.channels)
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from None
+
+
+def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device, key: str | None = None,
+                  instances: bool = False, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
+                  blend: str | None = None, flip_tta: bool | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """Probabilities of every input written block by block (and instances or classes when asked), one record per input.
+
+    Instance post-processing runs on one image's whole probability map, so it needs that map in memory.
+    """
+    predictor, cfg = load_predictor(path, device, tile, halo, batch_size, blend=blend, flip_tta=flip_tta)
+    if blend is not None and blend not in BLENDS:
+        raise DeepscopeError(f"unknown blend {blend!r}; choose one of {', '.join(BLENDS)}")
+    if instances and cfg.target == "semantic":
+        raise DeepscopeError("--instances: this model predicts classes, not instances; use the class map it writes")
+    labels_name = "classes" if cfg.target == "semantic" else "instances"
+    records = []
+    for source in inputs:
+        image = open_input(source, key)
+        view = _input_view(image, predictor, str(source), cfg.normalize)
+        (prob_path, prob_key), (label_path, label_key) = output_paths(out, Path(source).stem, len(inputs) == 1, labels_name)
+        probs = Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile))
+        predictor.probabilities(view, out=probs.array)
+        record = {"input": str(source), "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""), "shape": list(view.shape)}
+        if instances or cfg.target == "semantic":
+            result = predictor.labels(np.asarray(probs.array[...]))
+            labels = Output(label_path, label_key, result.shape, np.int32, predictor.tile)
+            labels.array[...] = result
+            labels.close()
+            record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
+            record["objects" if instances else "classes_found"] = int(result.max()) if instances else len(np.unique(result))
+        probs.close()
+        records.append(record)
+    return records
