@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from torch import nn
 
@@ -34,7 +35,7 @@ from deepscope.tasks.segment_config import (
     SegmentConfig,
     halo_for,
 )
-from deepscope.tiling import BLENDS, predict_tiled
+from deepscope.tiling import predict_tiled
 
 MAX_COLOURS = 4  # a 2D image's last axis up to this long is read as colour channels, longer as a third axis
 
@@ -143,18 +144,14 @@ def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] |
 
 def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device,
                         save_dir: str | Path | None = None) -> dict[str, Any]:
-    """Scores of a segmentation checkpoint on one split of a data set; ``save_dir`` receives the predicted labels."""
-    import tifffile
-
+    """Scores of a segmentation checkpoint on one split of a data set (all of it when it has no split folders);
+    ``save_dir`` receives the predicted labels."""
     predictor, cfg = load_predictor(path, device)
     found = find_items(data_path, cfg.raw_key, cfg.label_key)
-    if split not in found:
-        if "all" not in found:
-            raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
-        split_entries = found["all"]
-    else:
-        split_entries = found[split]
-    items = load_items(split_entries, None, *cfg.normalize, require_objects=cfg.target != "semantic")
+    entries = found.get(split, found.get("all"))
+    if entries is None:
+        raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
+    items = load_items(entries, None, *cfg.normalize, require_objects=cfg.target != "semantic")
     for item in items:
         if item.labels.ndim != len(predictor.tile):
             raise DataError(f"{item.name}: labels are {item.labels.ndim}D but the model is {len(predictor.tile)}D")
@@ -197,8 +194,6 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
     Instance post-processing runs on one image's whole probability map, so it needs that map in memory.
     """
     predictor, cfg = load_predictor(path, device, tile, halo, batch_size, blend=blend, flip_tta=flip_tta)
-    if blend is not None and blend not in BLENDS:
-        raise DeepscopeError(f"unknown blend {blend!r}; choose one of {', '.join(BLENDS)}")
     if instances and cfg.target == "semantic":
         raise DeepscopeError("--instances: this model predicts classes, not instances; use the class map it writes")
     labels_name = "classes" if cfg.target == "semantic" else "instances"
@@ -216,7 +211,8 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
             labels.array[...] = result
             labels.close()
             record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
-            record["objects" if instances else "classes_found"] = int(result.max()) if instances else len(np.unique(result))
+            if instances:
+                record["objects"] = int(result.max())
         probs.close()
         records.append(record)
     return records
