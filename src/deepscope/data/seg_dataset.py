@@ -27,6 +27,7 @@ from deepscope.data.segmentation import (
     is_volume,
     open_volume,
     read_volume,
+    spatial_shape,
 )
 from deepscope.errors import DataError
 
@@ -116,8 +117,7 @@ class ChannelsFirst:
         self.channels = stored if channels is None else channels
         if stored not in (1, self.channels):
             raise DataError(f"image of shape {shape} has {stored} channels but {self.channels} are expected")
-        spatial = shape if self.axis is None else shape[:-1] if ndim == 2 else shape[1:]
-        self.shape = (self.channels, *spatial)
+        self.shape = (self.channels, *spatial_shape(shape, ndim))
         self.ndim = len(self.shape)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:

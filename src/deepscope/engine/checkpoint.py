@@ -45,15 +45,20 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
         _atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
 
 
-def load_checkpoint(path: str | Path, task: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """Load a deepscope checkpoint onto the CPU, checking it belongs to ``task`` and ``model``."""
-    path = Path(path)
+def _read(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` onto the CPU with one-line errors; ``mmap`` leaves the tensors on disk until used."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+
+
+def load_checkpoint(path: str | Path, task: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """Load a deepscope checkpoint onto the CPU, checking it belongs to ``task`` and ``model``."""
+    path = Path(path)
+    state = _read(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a deepscope checkpoint (no model weights and config)")
     if task is not None and state["config"].get("task") != task:
@@ -66,13 +71,11 @@ def load_checkpoint(path: str | Path, task: str | None = None, model: str | None
 def checkpoint_task(path: str | Path) -> str:
     """The task a checkpoint was trained for, read without loading its tensors (they are memory-mapped)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+    state = _read(path, mmap=True)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         return str(state["config"]["task"])
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    except (TypeError, KeyError):
+        raise CheckpointError(f"{path}: not a deepscope checkpoint (no config naming its task)") from None
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
