@@ -56,7 +56,8 @@ class Output:
                 group = zarr.open_group(str(path), mode="a")
                 self.array = group.create_array(key, shape=tuple(shape), dtype=dtype, chunks=chunks, overwrite=True)
             elif suffix in TIFF_SUFFIXES:
-                self.array = tifffile.memmap(path, shape=tuple(shape), dtype=dtype)
+                colour = len(shape) == 3 and shape[-1] in (3, 4)  # (H, W, RGB[A]); anything else is stored as grey planes
+                self.array = tifffile.memmap(path, shape=tuple(shape), dtype=dtype, photometric="rgb" if colour else "minisblack")
             else:
                 raise DataError(f"{path}: output must be TIFF, HDF5 (.h5) or zarr (.zarr), or a folder")
         except OSError as exc:

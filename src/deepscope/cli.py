@@ -31,6 +31,7 @@ TRAIN_FLAGS = {
     "lr": "optim.lr", "optimizer": "optim.name", "schedule": "optim.schedule", "weight_decay": "optim.weight_decay",
     "grad_clip": "optim.grad_clip", "device": "device", "amp": "amp", "seed": "seed", "max_minutes": "max_minutes",
     "early_stopping": "early_stopping", "resize": "resize", "loader": "loader", "val_fraction": "val_fraction",
+    "method": "method",
 }
 
 
@@ -95,15 +96,26 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    if args.checkpoint == "segment":
-        return evaluate_saved_segmentation(args)
+    if args.checkpoint in ("segment", "denoise"):
+        return evaluate_saved_results(args)
     if args.data is None:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     device = pick_device(args.device)
-    if checkpoint_task(args.checkpoint) == "segment":
-        from deepscope.tasks.segment_predict import evaluate_checkpoint as evaluate_segmenter
+    task = checkpoint_task(args.checkpoint)
+    if task != "denoise" and (args.tta or args.data_range is not None):
+        raise DeepscopeError("--tta and --data-range apply to denoising checkpoints only")
+    if task == "segment":
+        from deepscope.tasks.segment_predict import (
+            evaluate_checkpoint as evaluate_segmenter,
+        )
 
         result = evaluate_segmenter(args.checkpoint, args.data, args.split, device, args.save_pred)
+    elif task == "denoise":
+        from deepscope.tasks.denoise_predict import (
+            evaluate_checkpoint as evaluate_denoiser,
+        )
+
+        result = evaluate_denoiser(args.checkpoint, args.data, args.split, device, args.save_pred, args.tta or None, args.data_range)
     else:
         from deepscope.tasks.classify import evaluate_checkpoint
 
@@ -113,14 +125,22 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "per_image"}
 
 
-def evaluate_saved_segmentation(args: argparse.Namespace) -> dict[str, Any]:
-    """``evaluate segment --pred DIR --truth DIR``: instance scores of saved label images, no model needed."""
-    from deepscope.metrics.instance import evaluate_label_folders
-
+def evaluate_saved_results(args: argparse.Namespace) -> dict[str, Any]:
+    """``evaluate segment|denoise --pred DIR --truth DIR``: scores of saved results, no model needed (instance scores
+    of label images, or PSNR/SSIM of denoised images against clean ones)."""
     if not args.pred or not args.truth:
-        raise DeepscopeError("evaluate segment needs --pred DIR and --truth DIR (label images matched by file name)")
-    result = evaluate_label_folders(args.pred, args.truth)
-    Path(args.out or "eval_segment.json").write_text(json.dumps(result, indent=2))
+        raise DeepscopeError(f"evaluate {args.checkpoint} needs --pred DIR and --truth DIR (images matched by file name)")
+    if args.checkpoint == "segment":
+        from deepscope.metrics.instance import evaluate_label_folders
+
+        if args.data_range is not None:
+            raise DeepscopeError("--data-range applies to evaluate denoise only")
+        result = evaluate_label_folders(args.pred, args.truth)
+    else:
+        from deepscope.metrics.denoise import evaluate_image_folders
+
+        result = evaluate_image_folders(args.pred, args.truth, args.data_range)
+    Path(args.out or f"eval_{args.checkpoint}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -145,8 +165,20 @@ def collect_inputs(inputs: list[str], volumes: bool = False) -> list[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
-    if checkpoint_task(args.checkpoint) == "segment":
-        from deepscope.tasks.segment_predict import predict_files as predict_segmentation
+    task = checkpoint_task(args.checkpoint)
+    if task == "denoise":
+        from deepscope.tasks.denoise_predict import predict_files as denoise_files
+
+        if args.instances:
+            raise DeepscopeError("--instances applies to segmentation models only")
+        files = collect_inputs(args.inputs, volumes=True)
+        records = denoise_files(args.checkpoint, files, args.out, device, key=args.key, tile=args.tile, halo=args.halo,
+                                blend=args.blend, tta=args.tta or None, batch_size=args.batch_size)
+        return {"predictions": len(records), "out": str(args.out), "outputs": records}
+    if task == "segment":
+        from deepscope.tasks.segment_predict import (
+            predict_files as predict_segmentation,
+        )
 
         files = collect_inputs(args.inputs, volumes=True)
         records = predict_segmentation(args.checkpoint, files, args.out, device, key=args.key, instances=args.instances,
@@ -155,9 +187,9 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         return {"predictions": len(records), "out": str(args.out), "outputs": records}
     for flag in ("tile", "halo", "key", "blend", "batch_size"):
         if getattr(args, flag) is not None:
-            raise DeepscopeError(f"--{flag.replace('_', '-')} applies to segmentation models only")
+            raise DeepscopeError(f"--{flag.replace('_', '-')} applies to segmentation and denoising models only")
     if args.instances or args.tta:
-        raise DeepscopeError("--instances and --tta apply to segmentation models only")
+        raise DeepscopeError("--instances and --tta apply to segmentation (and --tta to denoising) models only")
     from deepscope.tasks.classify import predict_files
 
     files = collect_inputs(args.inputs)
@@ -185,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model")
     train.add_argument("task", choices=sorted(TASKS))
-    train.add_argument("--data", help="classify: class-folder tree or .npz; segment: images/ + masks/ folders or NPZ/HDF5/zarr")
-    train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment: unet")
+    train.add_argument("--data", help="classify: class-folder tree or .npz; segment: images/ + masks/ folders or NPZ/HDF5/zarr; "
+                       "denoise: noisy/ [+ noisy2/ | clean/] folders, or clean images with --set noise.kind=gaussian")
+    train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment, denoise: unet")
+    train.add_argument("--method", choices=["n2v", "n2n", "supervised"], help="denoise: Noise2Void, Noise2Noise or noisy-to-clean")
     train.add_argument("--epochs", type=int)
     train.add_argument("--out", help="run folder for checkpoints, logs and report")
     train.add_argument("--config", help="YAML file of settings")
@@ -209,32 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
-    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' to score saved label images (--pred, --truth)")
+    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' / 'denoise' to score saved results (--pred, --truth)")
     evaluate.add_argument("--data", help="data set to score the checkpoint on")
-    evaluate.add_argument("--pred", help="with 'segment': folder of predicted label images")
-    evaluate.add_argument("--truth", help="with 'segment': folder of true label images, matched to --pred by file name")
+    evaluate.add_argument("--pred", help="with 'segment' / 'denoise': folder of predicted label / denoised images")
+    evaluate.add_argument("--truth", help="with 'segment' / 'denoise': folder of true label / clean images, matched to --pred by file name")
+    evaluate.add_argument("--data-range", dest="data_range", type=float,
+                          help="denoise: PSNR/SSIM data range (default: the clean images' integer dtype range, e.g. 255)")
+    evaluate.add_argument("--tta", action="store_true", help="denoise: average over flips and rotations")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_segment.json)")
-    evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation: folder for the predicted label images")
+    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_<segment|denoise>.json)")
+    evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation, denoising: folder for the predicted images")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = sub.add_parser("predict", help="apply a trained model: classes into a CSV file, or segmentations into files")
+    predict = sub.add_parser("predict", help="apply a trained model: classes into a CSV file, segmentations or denoised images into files")
     predict.add_argument("checkpoint")
     predict.add_argument("inputs", nargs="+", help="image files or folders (segmentation: also TIFF/HDF5/zarr volumes)")
-    predict.add_argument("--out", required=True, help="CSV file (classification); folder, .tif, .h5 or .zarr (segmentation)")
+    predict.add_argument("--out", required=True, help="CSV file (classification); folder, .tif, .h5 or .zarr (segmentation, denoising)")
     predict.add_argument("--device", default="auto")
-    predict.add_argument("--tile", type=int, nargs="+", help="segmentation: tile size, one value or one per axis")
-    predict.add_argument("--halo", type=int, nargs="+", help="segmentation: context added around each tile")
-    predict.add_argument("--blend", choices=["gaussian", "linear", "none"], help="segmentation: how overlapping tiles are merged")
-    predict.add_argument("--tta", action="store_true", help="segmentation: average over flips (test-time augmentation)")
+    predict.add_argument("--tile", type=int, nargs="+", help="segmentation, denoising: tile size, one value or one per axis")
+    predict.add_argument("--halo", type=int, nargs="+", help="segmentation, denoising: context added around each tile")
+    predict.add_argument("--blend", choices=["gaussian", "linear", "none"], help="segmentation, denoising: how overlapping tiles are merged")
+    predict.add_argument("--tta", action="store_true", help="segmentation: average over flips; denoising: over flips and rotations")
     predict.add_argument("--instances", action="store_true", help="segmentation: also write instance labels")
-    predict.add_argument("--key", help="segmentation: dataset/array inside HDF5, zarr or NPZ inputs")
-    predict.add_argument("--batch-size", dest="batch_size", type=int, help="segmentation: tiles per forward pass")
+    predict.add_argument("--key", help="segmentation, denoising: dataset/array inside HDF5, zarr or NPZ inputs")
+    predict.add_argument("--batch-size", dest="batch_size", type=int, help="segmentation, denoising: tiles per forward pass")
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
-    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment"])
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise"])
     demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -87,18 +87,20 @@ def _placement(tile: Ranges, grow: Sequence[int], halo: tuple[int, ...], spatial
 
 @torch.no_grad()
 def _predict(
-    model: nn.Module, blocks: list[np.ndarray], device: torch.device, flips: list[tuple[int, ...]], channels: int
+    model: nn.Module, blocks: list[np.ndarray], device: torch.device, views: list[tuple[tuple[int, ...], bool]], channels: int
 ) -> np.ndarray:
-    """The model's float32 output for a batch of windows, averaged over the flips (each prediction flipped back)."""
+    """The model's float32 output for a batch of windows, averaged over the views (flipped axes, whether the last two
+    axes are swapped), each prediction turned back before it is added."""
     x = torch.from_numpy(np.stack(blocks)).to(device)
     total = torch.zeros((), device=device)
-    for dims in flips:
-        y = model(x.flip(dims))
-        if tuple(y.shape) != (x.shape[0], channels) + tuple(x.shape[2:]):
+    for dims, swap in views:
+        seen = x.flip(dims).transpose(-1, -2) if swap else x.flip(dims)
+        y = model(seen)
+        if tuple(y.shape) != (x.shape[0], channels) + tuple(seen.shape[2:]):
             raise DeepscopeError(f"model returned shape {tuple(y.shape)} for a tile batch of shape {tuple(x.shape)}; "
                                  f"expected {channels} channel(s) and the same spatial size")
-        total = total + y.flip(dims).float()
-    return (total / len(flips)).cpu().numpy()
+        total = total + (y.transpose(-1, -2) if swap else y).flip(dims).float()
+    return (total / len(views)).cpu().numpy()
 
 
 def predict_tiled(
@@ -113,13 +115,16 @@ def predict_tiled(
     device: str | torch.device | None = None,
     flip_tta: bool = False,
     dtype: Any = np.float32,
+    rotate_tta: bool = False,
     model_divisor: int | Sequence[int] | None = None,
 ) -> Any:
     """``model`` applied to ``image`` (C, *spatial), 2 or 3 spatial axes, tile by tile; returns ``out``.
 
     ``out`` (out_channels, *spatial) is filled by slice assignment, or allocated as a numpy array of ``dtype``. Windows
     of ``tile + 2 * halo`` go to the model ``batch_size`` at a time on ``device`` (default CUDA if available, else CPU;
-    the model is moved there and put in eval mode). ``flip_tta`` averages over flips of every subset of spatial axes.
+    the model is moved there and put in eval mode). ``flip_tta`` averages over flips of every subset of spatial axes;
+``rotate_tta`` also over those views with the last two axes swapped (with the flips: all 8 rotations and mirrorings
+of a 2D window).
     ``model_divisor`` is what the model needs each window side divisible by (a U-Net's ``divisor``); windows on axes
     shorter than a tile are shrunk to the image plus halo, rounded up to it. ``blend`` is explained in the module doc.
     """
@@ -149,6 +154,9 @@ def predict_tiled(
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     flips = [dims for r in range(ndim + 1 if flip_tta else 1) for dims in itertools.combinations(range(2, ndim + 2), r)]
+    if rotate_tta:  # swapped views need square windows: the shorter side reads more mirrored context, cropped after
+        window = window[:-2] + (max(window[-2:]),) * 2
+    views = [(dims, swap) for dims in flips for swap in ((False, True) if rotate_tta else (False,))]
     grid = [[(s, min(s + t, n)) for s in range(0, n, t)] for n, t in zip(spatial, tile)]
     grow = [0] * ndim if blend == "none" else [h - h // 2 for h in halo]
     weight = None if blend == "none" else _window_weight(blend, window, tile, halo)
@@ -165,7 +173,7 @@ def predict_tiled(
         for i in range(0, len(tiles), batch_size):
             batch = tiles[i : i + batch_size]
             blocks = [_read(image, tuple(a - h for (a, _), h in zip(t, halo)), window) for t in batch]
-            for t, pred in zip(batch, _predict(model, blocks, device, flips, out_channels)):
+            for t, pred in zip(batch, _predict(model, blocks, device, views, out_channels)):
                 dst, src = _placement(t, grow, halo, spatial)
                 if weight is None:
                     out[(slice(None),) + dst] = pred[(slice(None),) + src].astype(dtype, copy=False)

@@ -37,7 +37,7 @@ def is_volume(path: Path) -> bool:
     return (path.is_file() and suffix in FILE_SUFFIXES) or (path.is_dir() and suffix == ".zarr")
 
 
-def _by_stem(folder: Path) -> dict[str, Path]:
+def files_by_stem(folder: Path) -> dict[str, Path]:
     """Volumes of ``folder`` keyed by file stem; two files with one stem (a.png, a.tif) would make pairing a guess."""
     found: dict[str, Path] = {}
     for path in sorted(p for p in folder.iterdir() if is_volume(p)):
@@ -49,7 +49,7 @@ def _by_stem(folder: Path) -> dict[str, Path]:
 
 def match_by_stem(first_dir: Path, second_dir: Path, first_role: str, second_role: str) -> list[tuple[Path, Path]]:
     """Files of two folders paired by name (stem); a file without its partner is an error naming it."""
-    first, second = _by_stem(first_dir), _by_stem(second_dir)
+    first, second = files_by_stem(first_dir), files_by_stem(second_dir)
     if not first:
         raise DataError(f"{first_dir}: no {first_role} files found (PNG, JPEG, TIFF, NPZ, HDF5 or zarr)")
     for stem, path in first.items():

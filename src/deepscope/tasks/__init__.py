@@ -6,10 +6,13 @@ from deepscope.config import TrainConfig
 from deepscope.engine.task import Task
 from deepscope.errors import DeepscopeError
 from deepscope.tasks.classify import ClassifyConfig, ClassifyTask
+from deepscope.tasks.denoise import DenoiseTask
+from deepscope.tasks.denoise_config import DenoiseConfig
 from deepscope.tasks.segment import SegmentConfig, SegmentTask
 
 TASKS: dict[str, tuple[type[TrainConfig], type[Task]]] = {
     "classify": (ClassifyConfig, ClassifyTask),
+    "denoise": (DenoiseConfig, DenoiseTask),
     "segment": (SegmentConfig, SegmentTask),
 }
 

@@ -29,7 +29,7 @@ from deepscope.data.seg_dataset import (
 from deepscope.data.targets import batch_class_map, batch_target
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.report import write_report
-from deepscope.engine.task import Task
+from deepscope.engine.task import ItemShard, Task, split_validation
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
@@ -60,32 +60,6 @@ def patch_shape_for(requested: Sequence[int] | None, items: Sequence[SegItem], n
     if any(p > s for p, s in zip(shape, smallest)):
         raise DataError(f"the smallest image {tuple(int(s) for s in smallest)} is smaller than one U-Net input {shape}; use a shallower model (model_args.depth)")
     return shape
-
-
-def _split_val(items: list[SegItem], fraction: float, seed: int) -> tuple[list[SegItem], list[SegItem]]:
-    """A seeded random ``fraction`` of the images (at least one, never all) for validation."""
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
-    val = set(order[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
-
-
-class ItemShard:
-    """Whole images for evaluation: this process's share (every ``world``-th image from ``rank``)."""
-
-    def __init__(self, items: Sequence[SegItem], rank: int = 0, world: int = 1) -> None:
-        self.items = list(items)[rank::world]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[SegItem]:
-        return iter(self.items)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Evaluation order does not change between epochs."""
 
 
 class TrainBatches:
@@ -130,7 +104,7 @@ class SegmentTask(Task):
         if "train" not in splits:
             raise DataError(f"{cfg.data}: no training images (expected train/ or images/ + masks/)")
         if "val" not in splits:
-            splits["train"], val = _split_val(splits["train"], cfg.val_fraction, cfg.seed)
+            splits["train"], val = split_validation(splits["train"], cfg.val_fraction, cfg.seed)
             if val:
                 splits["val"] = val
         self.splits = splits
