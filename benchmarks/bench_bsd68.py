@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 
 from deepscope.data.denoise_dataset import find_denoise_files, load_split
-from deepscope.data.noise import NoiseConfig, add_noise, noise_generator
+from deepscope.data.noise import NoiseConfig
 from deepscope.metrics.denoise import psnr, ssim
+from deepscope.tasks.denoise_predict import add_fixed_noise
 
 SIGMA = 25.0
 VENV = CACHE / "careamics-venv"
@@ -68,13 +68,12 @@ def export_arrays(data: Path) -> Path:
     path = CACHE / "bsd68-arrays.npz"
     if path.exists():
         return path
-    noise = NoiseConfig(kind="gaussian", sigma=SIGMA)
     arrays = {}
     for split in ("train", "test"):
         items = load_split(find_denoise_files(data / split, synthetic=True)["all"], None, None)
+        add_fixed_noise(items, NoiseConfig(kind="gaussian", sigma=SIGMA), split, pairs=False, data_range=None)
         for i, item in enumerate(items):
-            noisy = add_noise(torch.from_numpy(item.images["clean"]), noise, noise_generator(noise, split, i)).numpy()[0]
-            arrays[f"{split}_noisy_{i:03d}"] = noisy
+            arrays[f"{split}_noisy_{i:03d}"] = item.images["noisy"][0]
             arrays[f"{split}_clean_{i:03d}"] = item.images["clean"][0]
     np.savez(path, **arrays)
     return path

@@ -111,13 +111,13 @@ def test_patch_bank_cuts_the_same_window_from_every_role():
     items = []
     for k, shape in enumerate([(20, 30), (20, 30), (25, 18)]):
         noisy = (np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape) + 1000 * k)
-        items.append(DenoiseItem(f"im{k}", {"noisy": noisy, "clean": -noisy}, np.dtype(np.float32), shape))
+        items.append(DenoiseItem(f"im{k}", {"noisy": noisy, "clean": -noisy}, np.dtype(np.float32)))
     bank = PatchBank(items, ["noisy", "clean"], (8, 6), torch.device("cpu"))
     crops = bank.sample(64, torch.Generator().manual_seed(0))
     assert crops["noisy"].shape == (64, 1, 8, 6) and torch.equal(crops["clean"], -crops["noisy"])
     for crop in crops["noisy"][:, 0]:
         k = int(crop[0, 0]) // 1000
-        shape = items[k].layout
+        shape = items[k].spatial
         i, j = divmod(int(crop[0, 0]) - 1000 * k, shape[1])
         assert torch.equal(crop, torch.from_numpy(items[k].images["noisy"][0, i : i + 8, j : j + 6]))
     with pytest.raises(DataError, match="smaller than the patch"):

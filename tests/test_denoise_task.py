@@ -179,6 +179,12 @@ def test_colour_images_with_fresh_noise_keep_their_layout(tmp_path):
     assert load_checkpoint(out / "best.pt")["task_state"]["channels"] == 3
     assert main(["predict", str(out / "best.pt"), str(tmp_path / "rgb" / "test" / "clean" / "c0.png"), "--out", str(tmp_path / "c0.tif"), "--device", "cpu"]) == 0
     assert tifffile.imread(tmp_path / "c0.tif").shape == (48, 48, 3)
+    # saved evaluation results keep the same layout, so they score against the clean PNGs
+    preds = tmp_path / "preds"
+    assert main(["evaluate", str(out / "best.pt"), "--data", str(tmp_path / "rgb"), "--save-pred", str(preds), "--out", str(tmp_path / "e1.json"), "--device", "cpu"]) == 0
+    assert main(["evaluate", "denoise", "--pred", str(preds), "--truth", str(tmp_path / "rgb" / "test" / "clean"), "--out", str(tmp_path / "e2.json")]) == 0
+    scored = [json.loads((tmp_path / name).read_text()) for name in ("e1.json", "e2.json")]
+    assert scored[1]["psnr"] == pytest.approx(scored[0]["psnr"], abs=1e-6)
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(clean_data, tmp_path):

@@ -28,7 +28,7 @@ from deepscope.data.targets import (
 )
 from deepscope.errors import DataError
 from deepscope.metrics.semantic import confusion, confusion_scores
-from deepscope.tasks.segment_config import halo_for
+from deepscope.tasks.geometry import halo_for
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 17), (2, 9, 10, 11)])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from deepscope.errors import DeepscopeError
+from deepscope.models import eval_mode
 
 BLENDS = ("none", "gaussian", "linear")
 Ranges = tuple[tuple[int, int], ...]
@@ -122,7 +123,7 @@ def predict_tiled(
 
     ``out`` (out_channels, *spatial) is filled by slice assignment, or allocated as a numpy array of ``dtype``. Windows
     of ``tile + 2 * halo`` go to the model ``batch_size`` at a time on ``device`` (default CUDA if available, else CPU;
-    the model is moved there and put in eval mode). ``flip_tta`` averages over flips of every subset of spatial axes;
+    the model is moved there and is in eval mode meanwhile). ``flip_tta`` averages over flips of every subset of spatial axes;
 ``rotate_tta`` also over those views with the last two axes swapped (with the flips: all 8 rotations and mirrorings
 of a 2D window).
     ``model_divisor`` is what the model needs each window side divisible by (a U-Net's ``divisor``); windows on axes
@@ -152,7 +153,6 @@ of a 2D window).
     tile = tuple(min(t, n) for t, n in zip(tile, spatial))  # one tile covers an axis shorter than a tile
     window = tuple(-(-(t + 2 * h) // d) * d for t, h, d in zip(tile, halo, divisor))  # last tiles are mirrored up to it
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
     flips = [dims for r in range(ndim + 1 if flip_tta else 1) for dims in itertools.combinations(range(2, ndim + 2), r)]
     if rotate_tta:  # swapped views need square windows: the shorter side reads more mirrored context, cropped after
         window = window[:-2] + (max(window[-2:]),) * 2
@@ -162,27 +162,28 @@ of a 2D window).
     weight = None if blend == "none" else _window_weight(blend, window, tile, halo)
     # blending accumulates sum(w * pred) and, as the last channel, sum(w) over the slab of rows [lo, lo + acc.shape[1])
     lo, acc = 0, np.zeros((out_channels + 1, 0) + spatial[1:], np.float32)
-    for k, row in enumerate(grid[0]):
-        tiles: list[Ranges] = [(row,) + rest for rest in itertools.product(*grid[1:])]
-        if weight is not None:
-            start = max(row[0] - grow[0], 0)
-            slab = np.zeros((out_channels + 1, min(row[1] + grow[0], spatial[0]) - start) + spatial[1:], np.float32)
-            carried = acc[:, start - lo :]  # rows the previous row of tiles reached into
-            slab[:, : carried.shape[1]] = carried
-            lo, acc = start, slab
-        for i in range(0, len(tiles), batch_size):
-            batch = tiles[i : i + batch_size]
-            blocks = [_read(image, tuple(a - h for (a, _), h in zip(t, halo)), window) for t in batch]
-            for t, pred in zip(batch, _predict(model, blocks, device, views, out_channels)):
-                dst, src = _placement(t, grow, halo, spatial)
-                if weight is None:
-                    out[(slice(None),) + dst] = pred[(slice(None),) + src].astype(dtype, copy=False)
-                    continue
-                w = weight[src]
-                at = (slice(dst[0].start - lo, dst[0].stop - lo),) + dst[1:]
-                acc[(slice(None, -1),) + at] += pred[(slice(None),) + src] * w
-                acc[(-1,) + at] += w
-        if weight is not None:
-            done = grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]  # no later tile reaches above
-            out[:, lo:done] = (acc[:-1, : done - lo] / acc[-1:, : done - lo]).astype(dtype, copy=False)
+    with eval_mode(model.to(device)):  # each submodule gets its own mode back afterwards
+        for k, row in enumerate(grid[0]):
+            tiles: list[Ranges] = [(row,) + rest for rest in itertools.product(*grid[1:])]
+            if weight is not None:
+                start = max(row[0] - grow[0], 0)
+                slab = np.zeros((out_channels + 1, min(row[1] + grow[0], spatial[0]) - start) + spatial[1:], np.float32)
+                carried = acc[:, start - lo :]  # rows the previous row of tiles reached into
+                slab[:, : carried.shape[1]] = carried
+                lo, acc = start, slab
+            for i in range(0, len(tiles), batch_size):
+                batch = tiles[i : i + batch_size]
+                blocks = [_read(image, tuple(a - h for (a, _), h in zip(t, halo)), window) for t in batch]
+                for t, pred in zip(batch, _predict(model, blocks, device, views, out_channels)):
+                    dst, src = _placement(t, grow, halo, spatial)
+                    if weight is None:
+                        out[(slice(None),) + dst] = pred[(slice(None),) + src].astype(dtype, copy=False)
+                        continue
+                    w = weight[src]
+                    at = (slice(dst[0].start - lo, dst[0].stop - lo),) + dst[1:]
+                    acc[(slice(None, -1),) + at] += pred[(slice(None),) + src] * w
+                    acc[(-1,) + at] += w
+            if weight is not None:
+                done = grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]  # no later tile reaches above
+                out[:, lo:done] = (acc[:-1, : done - lo] / acc[-1:, : done - lo]).astype(dtype, copy=False)
     return out

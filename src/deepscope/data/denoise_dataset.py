@@ -22,11 +22,15 @@ import torch
 from torch import Tensor
 
 from deepscope.data.readers import SPLITS
-from deepscope.data.segmentation import files_by_stem, is_volume, read_volume
+from deepscope.data.segmentation import (
+    MAX_COLOURS,
+    files_by_stem,
+    is_volume,
+    read_volume,
+)
 from deepscope.errors import DataError
 
 ROLES = ("noisy", "noisy2", "clean")
-MAX_COLOURS = 4  # a 3-axis array whose last axis is at most this long is a 2D colour image, otherwise a 3D volume
 
 
 @dataclass
@@ -36,7 +40,6 @@ class DenoiseItem:
     name: str
     images: dict[str, np.ndarray]
     dtype: np.dtype
-    layout: tuple[int, ...]  # the stored shape, to write results back in the same layout
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -132,7 +135,7 @@ def load_split(files: dict[str, dict[str, Path]], key: str | None, ndim: int | N
                 raise DataError(f"{path}: shape {layout} does not match {first[0]} of shape {first[2]}")
             images[role] = image
         assert first is not None
-        items.append(DenoiseItem(name, images, np.dtype(dtypes.get("clean", next(iter(dtypes.values())))), first[2]))
+        items.append(DenoiseItem(name, images, np.dtype(dtypes.get("clean", next(iter(dtypes.values()))))))
     dims = {len(item.spatial) for item in items}
     if len(dims) > 1:
         raise DataError(f"{', '.join(str(p) for p in next(iter(files.values())).values())}: 2D and 3D images mixed in one data set")

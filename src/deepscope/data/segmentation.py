@@ -27,6 +27,7 @@ PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 HDF5_SUFFIXES = {".h5", ".hdf5"}
 FILE_SUFFIXES = TIFF_SUFFIXES | PICTURE_SUFFIXES | HDF5_SUFFIXES | {".npz"}
 LABEL_FOLDERS = ("masks", "labels")
+MAX_COLOURS = 4  # a 3-axis array whose last axis is at most this long is a 2D colour image, otherwise a 3D volume
 
 
 def is_volume(path: Path) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from deepscope.data.segmentation import match_by_stem, read_volume
+from deepscope.data.segmentation import MAX_COLOURS, match_by_stem, read_volume
 from deepscope.errors import DataError
 
 
@@ -81,7 +81,7 @@ def evaluate_image_folders(pred_dir: str | Path, truth_dir: str | Path, data_ran
             pred = pred.reshape(truth.shape)
         if not np.isfinite(truth.astype(np.float64)).all():
             raise DataError(f"{truth_path}: holds NaN or infinite values")
-        channel_axis = -1 if truth.ndim == 3 and truth.shape[-1] <= 4 else None
+        channel_axis = -1 if truth.ndim == 3 and truth.shape[-1] <= MAX_COLOURS else None
         r = data_range_for(truth, truth.dtype, data_range, str(truth_path))
         records.append(image_scores(truth_path.stem, truth, pred.astype(np.float64), r, channel_axis))
     return {"pred": str(pred_dir), "truth": str(truth_dir), **summarize(records)}

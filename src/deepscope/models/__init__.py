@@ -4,7 +4,8 @@ from deepscope.models.registry import (
     build_model,
     build_unet,
     count_parameters,
+    eval_mode,
     model_names,
 )
 
-__all__ = ["build_model", "build_unet", "count_parameters", "model_names"]
+__all__ = ["build_model", "build_unet", "count_parameters", "eval_mode", "model_names"]

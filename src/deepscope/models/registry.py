@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from torch import nn
@@ -52,3 +53,16 @@ def build_unet(in_channels: int, out_channels: int, dim: int, **kwargs: Any) -> 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then every submodule back in the mode it had (a wrapper built just for
+    inference, e.g. ``nn.Sequential(model, activation)``, must not switch a frozen inner model back to training)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)

@@ -32,7 +32,7 @@ from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.inference import batched_logits, load_trained_model
 from deepscope.metrics.classification import ClassificationMetrics
-from deepscope.models import build_model
+from deepscope.models import build_model, eval_mode
 
 WORST_SHOWN = 24
 
@@ -164,14 +164,11 @@ class ClassifyTask(Task):
 
 def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list[str], device: torch.device) -> dict[str, Any]:
     """Classification metrics of ``model`` over ``batches`` (synchronised under DDP)."""
-    was_training = model.training
-    model.eval()
     metrics = ClassificationMetrics(class_names, device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for x, y in batches:
             logits = model(x)
             metrics.update(logits, y, F.cross_entropy(logits.float(), y, reduction="sum"))
-    model.train(was_training)
     return metrics.compute()
 
 

@@ -28,7 +28,7 @@ from deepscope.engine.task import ItemShard, Task, split_validation
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.denoise import masked_mse
 from deepscope.metrics.denoise import summarize
-from deepscope.models import build_unet
+from deepscope.models import build_unet, eval_mode
 from deepscope.tasks.denoise_config import DEFAULT_PATCH, DenoiseConfig
 from deepscope.tasks.denoise_predict import (
     ROLE_OF_METHOD,
@@ -39,7 +39,7 @@ from deepscope.tasks.denoise_predict import (
     score_item,
 )
 from deepscope.tasks.denoise_report import report_sections, save_crops
-from deepscope.tasks.segment_config import halo_for
+from deepscope.tasks.geometry import halo_for, patch_shape_for
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -95,7 +95,7 @@ class DenoiseTask(Task):
         self.mean = [float(np.mean([x[c].mean() for x in noisy])) for c in range(self.channels)]
         self.std = [float(np.sqrt(np.mean([((x[c] - m) ** 2).mean() for x in noisy]))) for c, m in enumerate(self.mean)]
         self.divisor = self.build_model().divisor
-        self.patch_shape = self._patch_shape([item.spatial for item in splits["train"]])
+        self.patch_shape = patch_shape_for(cfg.patch_shape, [item.spatial for item in splits["train"]], DEFAULT_PATCH[self.ndim], self.divisor)
         self.tile = tuple(cfg.inference.tile or DEFAULT_TILE[self.ndim])
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
         if len(self.tile) != self.ndim or len(self.halo) != self.ndim:
@@ -107,19 +107,6 @@ class DenoiseTask(Task):
         if cfg.monitor == "auto":
             with_clean = bool(scored) and all("clean" in item.images for item in scored)
             cfg.monitor, cfg.monitor_mode = ("psnr", "max") if with_clean else ("loss", "min")
-
-    def _patch_shape(self, spatial: list[tuple[int, ...]]) -> tuple[int, ...]:
-        smallest = np.min(spatial, axis=0)
-        requested = self.config.patch_shape
-        if requested is not None:
-            shape = tuple(int(s) for s in requested)
-            if len(shape) != self.ndim or any(s % d for s, d in zip(shape, self.divisor)):
-                raise DataError(f"patch_shape {list(shape)} must give {self.ndim} sizes divisible by {list(self.divisor)}")
-        else:
-            shape = tuple(max(d, min(p, int(s)) // d * d) for p, s, d in zip(DEFAULT_PATCH[self.ndim], smallest, self.divisor))
-        if any(p > s for p, s in zip(shape, smallest)):
-            raise DataError(f"patch shape {shape} is larger than the smallest training image {tuple(int(s) for s in smallest)}")
-        return shape
 
     def _validation_patches(self, items: list[DenoiseItem]) -> list[Batch]:
         """Fixed patches (and blind-spot masks) for the validation loss, the same at every epoch."""
@@ -185,10 +172,8 @@ class DenoiseTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
-        losses = [float(self.loss(model, batch)) for batch in self.val_set]
-        model.train(was_training)
+        with eval_mode(model):
+            losses = [float(self.loss(model, batch)) for batch in self.val_set]
         denoiser = self.denoiser(model)
         records = [score_item(denoiser, item, self.config.data_range)[0] for item in batches if "clean" in item.images]
         gathered = [r for part in gather_objects(records) for r in part]

@@ -23,6 +23,7 @@ from deepscope.inference import load_trained_model
 from deepscope.metrics.denoise import data_range_for, image_scores, summarize
 from deepscope.models import build_unet
 from deepscope.tasks.denoise_config import DenoiseConfig, DenoiseInference
+from deepscope.tasks.geometry import tile_and_halo
 from deepscope.tiling import predict_tiled
 
 ROLE_OF_METHOD = {"n2v": (), "n2n": ("noisy2",), "supervised": ("clean",)}  # what training needs besides noisy inputs
@@ -110,15 +111,11 @@ class Denoiser:
 
     def __call__(self, image: Any, name: str, out: Any = None) -> Any:
         """The denoised (C, *spatial) float32 image of a (C, *spatial) image or view in data units, into ``out``."""
-        ndim = len(self.tile)
-        was_training = self.model.training
-        result = predict_tiled(
-            Rescaled(self.model, self.mean, self.std, ndim), Standardized(image, self.mean, self.std, name), self.tile, self.halo,
-            self.channels, out=out, blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
+        return predict_tiled(
+            Rescaled(self.model, self.mean, self.std, len(self.tile)), Standardized(image, self.mean, self.std, name), self.tile,
+            self.halo, self.channels, out=out, blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
             flip_tta=self.inference.tta, rotate_tta=self.inference.tta, model_divisor=self.divisor,
         )
-        self.model.train(was_training)
-        return result
 
 
 def score_item(denoiser: Denoiser, item: DenoiseItem, data_range: float | None) -> tuple[dict[str, Any], np.ndarray]:
@@ -152,18 +149,19 @@ def load_denoiser(path: str | Path, device: torch.device, tile: Sequence[int] | 
         cfg.inference.blend = blend
     if tta is not None:
         cfg.inference.tta = tta
-    ndim = info["ndim"]
-    tile_t = tuple(int(t) for t in tile) if tile else tuple(info["tile"])
-    halo_t = tuple(int(h) for h in halo) if halo else tuple(info["halo"])
-    tile_t, halo_t = (tile_t * ndim if len(tile_t) == 1 else tile_t), (halo_t * ndim if len(halo_t) == 1 else halo_t)
+    tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
     denoiser = Denoiser(model, info["channels"], info["mean"], info["std"], tile_t, halo_t, tuple(info["divisor"]),
                         cfg.inference, device, batch_size or cfg.eval_batch_size)
     return denoiser, cfg
 
 
 def _write_tiff(path: Path, image: np.ndarray) -> None:
+    """A (C, *spatial) result written in the layout ``predict`` writes (see StoredLayout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, image[0] if image.shape[0] == 1 else image)
+    layout = StoredLayout(np.empty(StoredLayout.stored_shape(image.shape[0], image.shape[1:]), np.float32), image.shape[0], image.ndim - 1)
+    layout[(slice(None),) * image.ndim] = image
+    colour = image.ndim == 3 and image.shape[0] in (3, 4)
+    tifffile.imwrite(path, layout.array, photometric="rgb" if colour else "minisblack")
 
 
 def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device, save_dir: str | Path | None = None,

@@ -33,33 +33,14 @@ from deepscope.engine.task import ItemShard, Task, split_validation
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
+from deepscope.tasks.geometry import halo_for, patch_shape_for
 from deepscope.tasks.segment_config import (
     CHANNELS,
     DEFAULT_PATCH,
     SegmentConfig,
-    halo_for,
 )
 from deepscope.tasks.segment_predict import Predictor, score_image, summarize_records
 from deepscope.tasks.segment_report import SHOWN, draw_overlays, report_sections
-
-# ---- geometry defaults -------------------------------------------------------------------------------------------
-
-
-def patch_shape_for(requested: Sequence[int] | None, items: Sequence[SegItem], ndim: int, divisor: Sequence[int]) -> tuple[int, ...]:
-    """The requested patch shape (checked), or the default capped by the smallest image and rounded down to ``divisor``."""
-    smallest = np.min([item.labels.shape for item in items], axis=0)
-    if requested is not None:
-        shape = tuple(int(s) for s in requested)
-        if len(shape) != ndim:
-            raise DataError(f"patch_shape {list(shape)} has {len(shape)} sizes but the labels are {ndim}D")
-        bad = [s for s, d in zip(shape, divisor) if s % d]
-        if bad:
-            raise DataError(f"patch_shape {list(shape)} must be divisible by {list(divisor)} (the U-Net's pooling)")
-        return shape
-    shape = tuple(max(d, min(p, int(s)) // d * d) for p, s, d in zip(DEFAULT_PATCH[ndim], smallest, divisor))
-    if any(p > s for p, s in zip(shape, smallest)):
-        raise DataError(f"the smallest image {tuple(int(s) for s in smallest)} is smaller than one U-Net input {shape}; use a shallower model (model_args.depth)")
-    return shape
 
 
 class TrainBatches:
@@ -117,7 +98,8 @@ class SegmentTask(Task):
         self.class_names = self._classes(splits["train"]) if semantic else None
         self.out_channels = len(self.class_names) if self.class_names else CHANNELS[cfg.target]
         self.divisor = self.build_model().divisor
-        self.patch_shape = patch_shape_for(cfg.patch_shape, splits["train"], self.ndim, self.divisor)
+        self.patch_shape = patch_shape_for(cfg.patch_shape, [i.labels.shape for i in splits["train"]], DEFAULT_PATCH[self.ndim],
+                                           self.divisor, "labels")
         self.tile = tuple(cfg.inference.tile or self.patch_shape)
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
 

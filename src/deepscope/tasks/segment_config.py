@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from deepscope.config import OptimConfig, TrainConfig
@@ -82,12 +80,3 @@ class SegmentConfig(TrainConfig):
             raise DeepscopeError(f"unknown seeds {self.post.seeds!r}; choose one of {', '.join(SEEDS)}")
         if len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100:
             raise DeepscopeError(f"normalize must be two percentiles low < high in [0, 100], got {self.normalize}")
-
-
-
-
-def halo_for(tile: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:
-    """About an eighth of the tile, rounded up so that ``tile + 2 * halo`` stays divisible by ``divisor``."""
-    return tuple(math.ceil(t / 8 / max(1, d // 2)) * max(1, d // 2) if d > 1 else math.ceil(t / 8) for t, d in zip(tile, divisor))
-
-

@@ -22,6 +22,7 @@ from deepscope.data.seg_dataset import (
     load_items,
     percentiles,
 )
+from deepscope.data.segmentation import MAX_COLOURS
 from deepscope.data.targets import batch_class_map
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.inference import load_trained_model
@@ -29,16 +30,13 @@ from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.models import build_unet
 from deepscope.postprocess import watershed_from_seeds
+from deepscope.tasks.geometry import tile_and_halo
 from deepscope.tasks.segment_config import (
     InferenceConfig,
     PostConfig,
     SegmentConfig,
-    halo_for,
 )
 from deepscope.tiling import predict_tiled
-
-MAX_COLOURS = 4  # a 2D image's last axis up to this long is read as colour channels, longer as a third axis
-
 
 # ---- prediction and scoring of whole images ---------------------------------------------------------------------
 
@@ -84,9 +82,7 @@ class Predictor:
 
 def score_image(predictor: Predictor, item: SegItem, class_values: list[int] | None, ignore_label: int | None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(record, probabilities, predicted labels) of one image; the record holds instance scores and a pixel confusion."""
-    was_training = predictor.model.training
     probs = predictor.probabilities(item.channels_first(predictor.channels))
-    predictor.model.train(was_training)
     pred = predictor.labels(probs)
     truth = np.asarray(item.labels[...])
     if predictor.target == "semantic":
@@ -130,13 +126,7 @@ def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] |
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg.inference, key, value)
-    ndim = info["ndim"]
-    tile_t = tuple(int(t) for t in tile) if tile else tuple(info["tile"])
-    if len(tile_t) == 1:
-        tile_t = tile_t * ndim
-    halo_t = tuple(int(h) for h in halo) if halo else (tuple(info["halo"]) if not tile else halo_for(tile_t, info["divisor"]))
-    if len(halo_t) == 1:
-        halo_t = halo_t * ndim
+    tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
     predictor = Predictor(model, cfg.target, info["channels"], info["out_channels"], tile_t, halo_t, tuple(info["divisor"]),
                           cfg.inference, cfg.post, device, batch_size or cfg.eval_batch_size)
     return predictor, cfg
