@@ -1,4 +1,4 @@
-"""Command line: ``deepscope train | evaluate | predict | demo``.
+"""Command line: ``deepscope train | evaluate | predict | pixel | demo``.
 
 Settings resolve as defaults < ``--config FILE.yaml`` < ``--set key=value`` < explicit flags;
 the resolved config is written beside the checkpoints. Errors caused by the input are printed
@@ -204,6 +204,78 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     return {"predictions": len(files), "out": str(out)}
 
 
+def resolve_pixel_config(args: argparse.Namespace) -> Any:
+    """Pixel settings: defaults < --config < --set < flags, as for train."""
+    from deepscope.tasks.pixel_config import PixelConfig
+
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    for assignment in args.set or []:
+        set_dotted(values, *parse_assignment(assignment))
+    for flag in ("images", "labels", "out", "device", "cache"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.trees is not None:
+        set_dotted(values, "forest.trees", args.trees)
+    if args.filters or args.scales:
+        from deepscope.features import FILTERS, SCALES
+
+        values["features"] = {name: list(args.scales or SCALES) for name in (args.filters or FILTERS)}
+    if args.no_predict:
+        values["predict"] = False
+    return from_dict(PixelConfig, values, args.config or "command line")
+
+
+def cmd_pixel(args: argparse.Namespace) -> dict[str, Any]:
+    if args.action == "train":
+        from deepscope.tasks.pixel import train_pixel
+
+        metrics = train_pixel(resolve_pixel_config(args))
+        return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    if args.action == "scribbles":
+        return sample_scribble_files(args)
+    device = pick_device(args.device)
+    files = collect_inputs(args.inputs, volumes=True)
+    if args.action == "deep":
+        from deepscope.tasks.shallow2deep import train_unet_from_forest
+
+        settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
+        for assignment in args.set or []:
+            set_dotted(settings, *parse_assignment(assignment))
+        if args.epochs is not None:
+            settings["epochs"] = args.epochs
+        settings.setdefault("device", args.device)
+        return train_unet_from_forest(args.classifier, files, args.out, device, settings, args.key, args.min_confidence)
+    from deepscope.tasks.pixel import InstanceSettings
+    from deepscope.tasks.pixel import predict_files as predict_pixels
+
+    settings = InstanceSettings(args.foreground, args.boundary, args.threshold, args.seeds, args.min_distance, args.min_size)
+    records = predict_pixels(args.classifier, files, args.out, device, key=args.key, tile=args.tile,
+                             instances=settings if args.instances else None)
+    return {"predictions": len(records), "out": str(args.out), "outputs": records}
+
+
+def sample_scribble_files(args: argparse.Namespace) -> dict[str, Any]:
+    """Sparse labels sampled from dense ground truth files, written as ``<out>/<stem>.tif``."""
+    import numpy as np
+    import tifffile
+
+    from deepscope.data.scribbles import dense_classes, sample_scribbles
+    from deepscope.data.segmentation import read_volume
+
+    rng = np.random.default_rng(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled = total = 0
+    files = collect_inputs(args.truth, volumes=True)
+    for path in files:
+        classes = dense_classes(read_volume(path, args.key), args.class_values, args.foreground)
+        sparse = sample_scribbles(classes, args.fraction, args.length, rng)
+        tifffile.imwrite(out / f"{path.stem}.tif", sparse, compression="zlib")
+        labelled += int(np.count_nonzero(sparse))
+        total += sparse.size
+    return {"files": len(files), "labelled_pixels": labelled, "fraction": round(labelled / total, 6), "out": str(out)}
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from deepscope.demo import run_demo
 
@@ -270,11 +342,70 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", dest="batch_size", type=int, help="segmentation, denoising: tiles per forward pass")
     predict.set_defaults(func=cmd_predict)
 
+    add_pixel_parser(sub)
+
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
-    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise"])
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel"])
     demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def add_pixel_parser(sub: Any) -> None:
+    pixel = sub.add_parser("pixel", help="shallow pixel classification: filter features + random forest from sparse labels")
+    actions = pixel.add_subparsers(dest="action", required=True)
+
+    train = actions.add_parser("train", help="fit a forest on the labelled pixels; save classifier, predictions and report")
+    train.add_argument("--images", help="image file or folder (PNG/TIFF/HDF5/zarr/NPZ, 2D or 3D)")
+    train.add_argument("--labels", help="sparse label file or folder (0 unlabelled, 1..K classes), matched by file name")
+    train.add_argument("--out", help="run folder (default runs/pixel-<date-time>); rerun with the same folder to reuse cached features")
+    train.add_argument("--filters", nargs="+", help="features: gaussian log ggm dog structure hessian (default: all)")
+    train.add_argument("--scales", type=float, nargs="+", help="feature scales (default 0.3 0.7 1 1.6 3.5 5 10)")
+    train.add_argument("--trees", type=int, help="random forest size (default 100)")
+    train.add_argument("--cache", help="feature cache folder (default <out>/feature_cache)")
+    train.add_argument("--no-predict", dest="no_predict", action="store_true", help="do not write predictions of the labelled images")
+    train.add_argument("--config", help="YAML file of pixel settings")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. forest.class_weight=balanced")
+    train.add_argument("--device", help="where features are computed: auto (default), cpu, cuda")
+
+    predict = actions.add_parser("predict", help="probabilities, class maps (and instances) of new images, tile by tile")
+    predict.add_argument("classifier", help="classifier.pkl of a pixel train run")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--out", required=True, help="folder, .tif, .h5 or .zarr")
+    predict.add_argument("--tile", type=int, nargs="+", help="tile size per axis (default: whole image when it fits in memory)")
+    predict.add_argument("--instances", action="store_true", help="also write instance labels (seeded watershed)")
+    predict.add_argument("--foreground", type=int, nargs="+", help="classes that make objects (default: all but class 1)")
+    predict.add_argument("--boundary", type=int, help="class of object boundaries that separates touching objects")
+    predict.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold for instances")
+    predict.add_argument("--seeds", choices=["components", "maxima"], default="components",
+                         help="instance seeds: components of the foreground, or distance maxima (splits touching round objects)")
+    predict.add_argument("--min-distance", dest="min_distance", type=int, default=3, help="between maxima seeds (pixels)")
+    predict.add_argument("--min-size", dest="min_size", type=int, default=0, help="drop smaller objects (pixels)")
+    predict.add_argument("--key", help="dataset/array inside HDF5, zarr or NPZ inputs")
+    predict.add_argument("--device", default="auto")
+
+    scribbles = actions.add_parser("scribbles", help="sample brush-stroke sparse labels from dense ground truth")
+    scribbles.add_argument("truth", nargs="+", help="dense label files or folders")
+    scribbles.add_argument("--out", required=True, help="folder for the sparse label TIFFs")
+    scribbles.add_argument("--fraction", type=float, default=0.001, help="share of pixels to label (default 0.001)")
+    scribbles.add_argument("--length", type=int, default=16, help="stroke length in pixels")
+    scribbles.add_argument("--foreground", action="store_true", help="instance labels: classes 1 background, 2 objects")
+    scribbles.add_argument("--class-values", dest="class_values", type=int, nargs="+", help="label values of classes 1..K (default: the values present)")
+    scribbles.add_argument("--key", help="dataset/array inside HDF5, zarr or NPZ files")
+    scribbles.add_argument("--seed", type=int, default=0)
+
+    deep = actions.add_parser("deep", help="label images with a forest, then train a semantic U-Net on those labels")
+    deep.add_argument("classifier", help="classifier.pkl of a pixel train run")
+    deep.add_argument("inputs", nargs="+", help="unlabelled image files or folders")
+    deep.add_argument("--out", required=True, help="run folder: pseudo/ (images, masks) and unet/ (checkpoints, report)")
+    deep.add_argument("--epochs", type=int)
+    deep.add_argument("--min-confidence", dest="min_confidence", type=float, default=0.0,
+                      help="pixels whose top forest probability is lower are ignored in the loss")
+    deep.add_argument("--config", help="YAML file of segment settings for the U-Net")
+    deep.add_argument("--set", action="append", metavar="KEY=VALUE", help="any segment setting, e.g. patch_shape=[128,128]")
+    deep.add_argument("--key", help="dataset/array inside HDF5, zarr or NPZ inputs")
+    deep.add_argument("--device", default="auto")
+    pixel.set_defaults(func=cmd_pixel)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,7 +47,7 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
     return np.where(index < size, index, period - index)
 
 
-def _read(image: Any, starts: tuple[int, ...], window: tuple[int, ...]) -> np.ndarray:
+def read_block(image: Any, starts: tuple[int, ...], window: tuple[int, ...]) -> np.ndarray:
     """The float32 (C, *window) block whose corner is at ``starts`` (negative before the image), reading only the
     bounding box of the voxels it mirrors."""
     index = [_reflect(np.arange(a, a + w), n) for a, w, n in zip(starts, window, image.shape[1:])]
@@ -173,7 +173,7 @@ of a 2D window).
                 lo, acc = start, slab
             for i in range(0, len(tiles), batch_size):
                 batch = tiles[i : i + batch_size]
-                blocks = [_read(image, tuple(a - h for (a, _), h in zip(t, halo)), window) for t in batch]
+                blocks = [read_block(image, tuple(a - h for (a, _), h in zip(t, halo)), window) for t in batch]
                 for t, pred in zip(batch, _predict(model, blocks, device, views, out_channels)):
                     dst, src = _placement(t, grow, halo, spatial)
                     if weight is None:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from deepscope.data.readers import SPLITS
 from deepscope.data.segmentation import (
     HDF5_SUFFIXES,
+    MAX_COLOURS,
     PatchSampler,
     check_pair,
     find_pairs,
@@ -131,6 +132,25 @@ class ChannelsFirst:
         if block.shape[0] != self.channels:
             block = np.repeat(block, self.channels, axis=0)
         return block[key[0]]
+
+
+def input_view(image: Any, ndim: int, channels: int, name: str, normalize: Sequence[float] | None) -> Any:
+    """A stored image checked against a ``ndim``-D model of ``channels`` input channels, as a (C, *spatial) view,
+    percentile-normalized per channel unless ``normalize`` is None; errors name the file."""
+    shape = tuple(image.shape)
+    if ndim == 2 and len(shape) == 3 and shape[-1] not in (1, channels):
+        if shape[-1] <= MAX_COLOURS:
+            raise DataError(f"{name}: image has {shape[-1]} channels but the model takes {channels}")
+        raise DataError(f"{name}: 3D volume {shape} given to a 2D model (2D images are (H, W) or (H, W, {channels}))")
+    if len(shape) not in (ndim, ndim + 1):
+        layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
+        raise DataError(f"{name}: image of shape {shape} does not fit a {ndim}D model; expected {layout}")
+    if normalize is not None:
+        image = Normalized(image, ndim, *percentiles(image, ndim, *normalize))
+    try:
+        return ChannelsFirst(image, ndim, channels)
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from None
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from deepscope.errors import CheckpointError
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -36,13 +37,13 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Serialise ``state`` with ``torch.save`` to ``path`` atomically."""
-    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Atomically copy a finished checkpoint (e.g. last.pt to best.pt) without re-serialising."""
     with open(src, "rb") as source:
-        _atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+        atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
 
 
 def _read(path: Path, mmap: bool = False) -> Any:

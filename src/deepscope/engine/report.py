@@ -37,6 +37,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) normalized image as (H, W, 3) in [0, 1]: the first three channels, or the first one as grey."""
+    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    return np.clip(np.moveaxis(rgb, 0, -1), 0, 1)
+
+
 def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8) -> None:
     """Save (N, H, W, C) images in [0, 1] as a captioned grid."""
     rows = max(1, -(-len(images) // columns))

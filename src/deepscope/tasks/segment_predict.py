@@ -15,14 +15,11 @@ from torch import nn
 from deepscope.blockio import Output, open_input, output_paths
 from deepscope.config import from_dict
 from deepscope.data.seg_dataset import (
-    ChannelsFirst,
-    Normalized,
     SegItem,
     find_items,
+    input_view,
     load_items,
-    percentiles,
 )
-from deepscope.data.segmentation import MAX_COLOURS
 from deepscope.data.targets import batch_class_map
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.inference import load_trained_model
@@ -159,23 +156,6 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     return {"checkpoint": str(path), "data": str(data_path), "split": split, **summarize_records(records, cfg.target, class_names)}
 
 
-def _input_view(image: Any, predictor: Predictor, name: str, normalize: Sequence[float]) -> ChannelsFirst:
-    """Check an input image against the model (2D/3D, channels) and wrap it normalized, channels first."""
-    ndim, shape = len(predictor.tile), tuple(image.shape)
-    if ndim == 2 and len(shape) == 3 and shape[-1] not in (1, predictor.channels):
-        if shape[-1] <= MAX_COLOURS:
-            raise DataError(f"{name}: image has {shape[-1]} channels but the model takes {predictor.channels}")
-        raise DataError(f"{name}: 3D volume {shape} given to a 2D model (2D images are (H, W) or (H, W, {predictor.channels}))")
-    if len(shape) not in (ndim, ndim + 1):
-        layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
-        raise DataError(f"{name}: image of shape {shape} does not fit a {ndim}D model; expected {layout}")
-    low, high = percentiles(image, ndim, *normalize)
-    try:
-        return ChannelsFirst(Normalized(image, ndim, low, high), ndim, predictor.channels)
-    except DataError as exc:
-        raise DataError(f"{name}: {exc}") from None
-
-
 def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device, key: str | None = None,
                   instances: bool = False, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
                   blend: str | None = None, flip_tta: bool | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
@@ -190,7 +170,7 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
     records = []
     for source in inputs:
         image = open_input(source, key)
-        view = _input_view(image, predictor, str(source), cfg.normalize)
+        view = input_view(image, len(predictor.tile), predictor.channels, str(source), cfg.normalize)
         (prob_path, prob_key), (label_path, label_key) = output_paths(out, Path(source).stem, len(inputs) == 1, labels_name)
         probs = Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile))
         predictor.probabilities(view, out=probs.array)

@@ -12,7 +12,7 @@ from skimage.segmentation import find_boundaries
 from deepscope.data.seg_dataset import (
     SegItem,
 )
-from deepscope.engine.report import image_grid, plot_lines, table
+from deepscope.engine.report import display_rgb, image_grid, plot_lines, table
 from deepscope.tasks.segment_config import SegmentConfig
 from deepscope.tasks.segment_predict import Predictor, score_image
 
@@ -39,12 +39,6 @@ def report_sections(final: dict[str, Any], split: str, run_dir: Path) -> list[tu
     return sections
 
 
-def _display(image: np.ndarray) -> np.ndarray:
-    """(C, H, W) normalized image as (H, W, 3) in [0, 1]."""
-    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    return np.clip(np.moveaxis(rgb, 0, -1), 0, 1)
-
-
 def _outline(rgb: np.ndarray, labels: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
     out = rgb.copy()
     out[find_boundaries(labels, mode="inner")] = colour
@@ -61,7 +55,7 @@ def draw_overlays(predictor: Predictor, items: Sequence[SegItem], config: Segmen
         if truth.ndim == 3:
             z = truth.shape[0] // 2
             image, truth, pred, probs = image[:, z], truth[z], pred[z], probs[:, z]
-        rgb = _display(image)
+        rgb = display_rgb(image)
         panels += [rgb, _outline(rgb, truth, (0, 1, 0)), _outline(rgb, pred, (1, 0, 1)), np.repeat(probs[-1 if config.target == "semantic" else 0][..., None], 3, -1)]
         captions += [item.name[:28], f"truth: {len(np.unique(truth)) - 1}", f"prediction: {len(np.unique(pred)) - 1}", "probability"]
     if panels:
