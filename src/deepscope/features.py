@@ -86,14 +86,15 @@ class FeatureSpec:
     def from_dict(cls, values: dict[str, Any]) -> FeatureSpec:
         return cls.create(values["filters"], int(values["ndim"]), int(values["channels"]))
 
-    def _per_scale(self, name: str) -> int:
+    def per_scale(self, name: str) -> int:
+        """Maps per scale of filter ``name``: one, or ``ndim`` eigenvalues."""
         return self.ndim if name in ("structure", "hessian") else 1
 
     def names(self) -> list[str]:
         base = []
         for name, scales in self.filters.items():
             for sigma in scales:
-                count = self._per_scale(name)
+                count = self.per_scale(name)
                 base += [f"{name}_{sigma:g}" + (f"_ev{i}" if count > 1 else "") for i in range(count)]
         return base if self.channels == 1 else [f"c{c}_{n}" for c in range(self.channels) for n in base]
 
@@ -144,7 +145,11 @@ def _spectrum(sigma: float, order: int, length: int, last: bool, device: torch.d
 
 
 class _Block:
-    """One (C, *padded) block in the frequency domain; filters are read back cropped to the centre."""
+    """One (C, *padded) block in the frequency domain.
+
+    Spectra and maps go through buffers allocated once per block and reused for every filter and scale: fresh
+    multi-megabyte tensors per map would each be paged in anew, which costs more than the transforms themselves.
+    """
 
     def __init__(self, block: torch.Tensor, halo: int) -> None:
         self.ndim = block.ndim - 1
@@ -154,33 +159,49 @@ class _Block:
         self.halo = halo
         self.device = block.device
         self.spectrum = torch.fft.rfftn(block, s=self.fft_shape, dim=self.dims)
+        self.padded = (slice(None),) + tuple(slice(0, n) for n in self.shape)
+        self.centre = (slice(None),) + tuple(slice(halo, n - halo) for n in self.shape)
+        self._buffers: dict[str, torch.Tensor] = {}
 
-    def _separable(self, sigma: float, orders: Sequence[int]) -> torch.Tensor:
-        """Spectrum of the separable kernel with derivative ``orders[a]`` along spatial axis ``a``."""
-        total: torch.Tensor | None = None
+    def buffer(self, name: str, like: str = "centre") -> torch.Tensor:
+        """A named scratch tensor, allocated on first use: ``centre`` or ``padded`` real maps, ``spectrum`` complex."""
+        if name not in self._buffers:
+            channels = self.spectrum.shape[0]
+            if like == "spectrum":
+                self._buffers[name] = torch.empty_like(self.spectrum)
+            elif like == "fft":
+                self._buffers[name] = torch.empty((channels, *self.fft_shape), device=self.device)
+            else:
+                shape = self.shape if like == "padded" else tuple(n - 2 * self.halo for n in self.shape)
+                self._buffers[name] = torch.empty((channels, *shape), device=self.device)
+        return self._buffers[name]
+
+    def _kernel_times(self, spectrum: torch.Tensor, sigma: float, orders: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+        """``spectrum`` times the separable kernel with derivative ``orders[a]`` along spatial axis ``a``, into ``out``."""
         for axis, (order, n) in enumerate(zip(orders, self.fft_shape)):
-            last = axis == self.ndim - 1
-            k = _spectrum(sigma, order, n, last, self.device)
-            k = k.reshape((-1,) + (1,) * (self.ndim - 1 - axis))
-            total = k if total is None else total * k
-        assert total is not None
-        return total
+            k = _spectrum(sigma, order, n, axis == self.ndim - 1, self.device).reshape((-1,) + (1,) * (self.ndim - 1 - axis))
+            if axis == 0:
+                torch.mul(spectrum, k, out=out)
+            else:
+                out.mul_(k)
+        return out
 
-    def _inverse(self, spectrum: torch.Tensor, crop: int) -> torch.Tensor:
-        full = torch.fft.irfftn(spectrum, s=self.fft_shape, dim=self.dims)
-        return full[(slice(None),) + tuple(slice(crop, n - crop) for n in self.shape)]
-
-    def filtered(self, terms: Sequence[tuple[float, Sequence[int], float]], crop: int | None = None) -> torch.Tensor:
-        """(C, *centre) sum of ``weight * kernel(sigma, orders)`` applied to the block; ``crop`` defaults to the halo."""
-        kernel = self._separable(*terms[0][:2]) * terms[0][2]
+    def filtered(self, terms: Sequence[tuple[float, Sequence[int], float]], source: torch.Tensor | None = None) -> torch.Tensor:
+        """The padded-size map of the sum of ``weight * kernel(sigma, orders)`` applied to the block (or to the
+        spectrum ``source``); valid until the next call, and exact inside ``halo`` minus the kernel radius."""
+        source = self.spectrum if source is None else source
+        total = self._kernel_times(source, *terms[0][:2], self.buffer("product", "spectrum"))
+        if terms[0][2] != 1:
+            total.mul_(terms[0][2])
         for sigma, orders, weight in terms[1:]:
-            kernel = kernel + self._separable(sigma, orders) * weight
-        return self._inverse(self.spectrum * kernel, self.halo if crop is None else crop)
+            total.add_(self._kernel_times(source, sigma, orders, self.buffer("term", "spectrum")), alpha=weight)
+        real = torch.fft.irfftn(total, s=self.fft_shape, dim=self.dims, out=self.buffer("real", "fft"))
+        return real[self.padded]
 
     def smoothed(self, values: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Gaussian smoothing of another (C, *padded) array on this block's grid, cropped to the centre."""
-        spectrum = torch.fft.rfftn(values, s=self.fft_shape, dim=self.dims)
-        return self._inverse(spectrum * self._separable(sigma, (0,) * self.ndim), self.halo)
+        """Gaussian smoothing of another (C, *padded) map on this block's grid, cropped to the centre."""
+        spectrum = torch.fft.rfftn(values, s=self.fft_shape, dim=self.dims, out=self.buffer("values", "spectrum"))
+        return self.filtered([(sigma, (0,) * self.ndim, 1.0)], spectrum)[self.centre]
 
 
 def _unit(ndim: int, axis: int, order: int) -> tuple[int, ...]:
@@ -192,6 +213,16 @@ def _pairs(ndim: int) -> list[tuple[int, int]]:
     return [(a, a) for a in range(ndim)] + list(itertools.combinations(range(ndim), 2))
 
 
+def _eigenvalues_2d(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: torch.Tensor,
+                    out: Sequence[torch.Tensor]) -> None:
+    """Eigenvalues of [[a, b], [b, c]], largest first, into ``out``; ``a`` and ``scratch`` are overwritten."""
+    torch.sub(a, c, out=scratch).mul_(0.5)
+    torch.hypot(scratch, b, out=scratch)
+    a.add_(c).mul_(0.5)
+    torch.add(a, scratch, out=out[0])
+    torch.sub(a, scratch, out=out[1])
+
+
 def symmetric_eigenvalues(entries: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
     """Eigenvalues, largest first, of 2x2 or 3x3 symmetric matrices given by their upper-triangle entries.
 
@@ -201,10 +232,9 @@ def symmetric_eigenvalues(entries: dict[tuple[int, int], torch.Tensor]) -> torch
     """
     ndim = max(a for a, _ in entries) + 1
     if ndim == 2:
-        a, b, c = entries[0, 0], entries[0, 1], entries[1, 1]
-        half_trace = (a + c) / 2
-        root = torch.hypot((a - c) / 2, b)
-        return torch.stack([half_trace + root, half_trace - root])
+        out = torch.empty((2, *entries[0, 0].shape), dtype=entries[0, 0].dtype, device=entries[0, 0].device)
+        _eigenvalues_2d(entries[0, 0].clone(), entries[0, 1], entries[1, 1], torch.empty_like(entries[0, 0]), out)
+        return out
     e = {k: v.double() for k, v in entries.items()}
     q = (e[0, 0] + e[1, 1] + e[2, 2]) / 3
     d0, d1, d2 = e[0, 0] - q, e[1, 1] - q, e[2, 2] - q
@@ -217,39 +247,41 @@ def symmetric_eigenvalues(entries: dict[tuple[int, int], torch.Tensor]) -> torch
     return torch.stack([first, 3 * q - first - last, last]).float()
 
 
-def _filter(block: _Block, name: str, sigma: float) -> list[torch.Tensor]:
-    """The (C, *centre) feature maps of one filter at one scale."""
-    nd = block.ndim
+def _eigenvalues_into(block: _Block, entries: dict[tuple[int, int], torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+    if block.ndim == 2:
+        _eigenvalues_2d(entries[0, 0], entries[0, 1], entries[1, 1], block.buffer("eigen"), out)
+        return
+    for target, values in zip(out, symmetric_eigenvalues(entries)):
+        target.copy_(values)
+
+
+def _filter(block: _Block, name: str, sigma: float, out: Sequence[torch.Tensor]) -> None:
+    """Write the (C, *centre) maps of one filter at one scale into ``out`` (one tensor per map)."""
+    nd, centre = block.ndim, block.centre
     if name == "gaussian":
-        return [block.filtered([(sigma, (0,) * nd, 1.0)])]
-    if name == "log":
-        return [block.filtered([(sigma, _unit(nd, a, 2), 1.0) for a in range(nd)])]
-    if name == "dog":
-        return [block.filtered([(sigma, (0,) * nd, 1.0), (DOG_RATIO * sigma, (0,) * nd, -1.0)])]
-    if name == "ggm":
-        squares = sum(block.filtered([(sigma, _unit(nd, a, 1), 1.0)]) ** 2 for a in range(nd))
-        return [torch.sqrt(squares)]
-    if name == "hessian":
-        entries = {}
-        for a, b in _pairs(nd):
-            orders = tuple((a == i) + (b == i) for i in range(nd))
-            entries[a, b] = block.filtered([(sigma, orders, 1.0)])
-        return list(symmetric_eigenvalues(entries))
-    # structure tensor: products of gradients over the whole block (valid where the halo allows), then smoothed
-    gradients = [block.filtered([(sigma, _unit(nd, a, 1), 1.0)], crop=0) for a in range(nd)]
-    entries = {(a, b): block.smoothed(gradients[a] * gradients[b], STRUCTURE_OUTER * sigma) for a, b in _pairs(nd)}
-    return list(symmetric_eigenvalues(entries))
-
-
-def _block_maps(x: torch.Tensor, spec: FeatureSpec) -> Iterator[torch.Tensor]:
-    """The (C, *centre) maps of a (C, *padded) float32 block, one at a time in ``spec.names()`` order per channel."""
-    if x.ndim != spec.ndim + 1 or x.shape[0] != spec.channels:
-        raise DeepscopeError(f"block of shape {tuple(x.shape)} does not fit the features of {spec.channels}-channel "
-                             f"{spec.ndim}D images")
-    block = _Block(x, spec.halo)
-    for name, scales in spec.filters.items():
-        for sigma in scales:
-            yield from _filter(block, name, sigma)
+        out[0].copy_(block.filtered([(sigma, (0,) * nd, 1.0)])[centre])
+    elif name == "log":
+        out[0].copy_(block.filtered([(sigma, _unit(nd, a, 2), 1.0) for a in range(nd)])[centre])
+    elif name == "dog":
+        out[0].copy_(block.filtered([(sigma, (0,) * nd, 1.0), (DOG_RATIO * sigma, (0,) * nd, -1.0)])[centre])
+    elif name == "ggm":
+        out[0].zero_()
+        for a in range(nd):
+            derivative = block.filtered([(sigma, _unit(nd, a, 1), 1.0)])[centre]
+            out[0].addcmul_(derivative, derivative)
+        out[0].sqrt_()
+    else:
+        entries = {pair: block.buffer(f"entry{pair}") for pair in _pairs(nd)}
+        if name == "hessian":
+            for (a, b), target in entries.items():
+                target.copy_(block.filtered([(sigma, tuple((a == i) + (b == i) for i in range(nd)), 1.0)])[centre])
+        else:  # structure tensor: products of gradients over the whole block (valid where the halo allows), smoothed
+            gradients = [block.buffer(f"gradient{a}", "padded").copy_(block.filtered([(sigma, _unit(nd, a, 1), 1.0)]))
+                         for a in range(nd)]
+            product = block.buffer("gradient product", "padded")
+            for (a, b), target in entries.items():
+                target.copy_(block.smoothed(torch.mul(gradients[a], gradients[b], out=product), STRUCTURE_OUTER * sigma))
+        _eigenvalues_into(block, entries, out)
 
 
 def _check_image(image: Any, spec: FeatureSpec) -> tuple[int, ...]:
@@ -261,15 +293,30 @@ def _check_image(image: Any, spec: FeatureSpec) -> tuple[int, ...]:
 
 
 def _fill(image: Any, spec: FeatureSpec, region: tuple[slice, ...], device: torch.device, out: Any, at: tuple[slice, ...]) -> None:
-    """Write the features of ``region`` of ``image`` into ``out[:, at]``, each map as soon as it is computed, so a
-    block needs its spectrum and a few maps at a time, not all F."""
+    """Write the features of ``region`` of ``image`` into ``out[:, at]`` map by map. A numpy ``out`` is written in place
+    by the CPU computation; other outputs (HDF5, zarr, or features computed on a GPU) get each map copied."""
     halo, per_channel = spec.halo, spec.count // spec.channels
     starts = tuple(s.start - halo for s in region)
     window = tuple(s.stop - s.start + 2 * halo for s in region)
     x = torch.from_numpy(read_block(image, starts, window)).to(device)
-    for j, maps in enumerate(_block_maps(x, spec)):
-        for c, values in enumerate(maps.cpu().numpy()):
-            out[(c * per_channel + j,) + at] = values
+    if x.shape[0] != spec.channels:
+        raise DeepscopeError(f"block of shape {tuple(x.shape)} does not fit the features of {spec.channels}-channel images")
+    block = _Block(x, halo)
+    direct = isinstance(out, np.ndarray) and device.type == "cpu"
+    j = 0
+    for name, scales in spec.filters.items():
+        for sigma in scales:
+            count = spec.per_scale(name)
+            if direct:  # (C, *centre) views of maps j.. for every channel
+                targets = [torch.from_numpy(out[(slice(j + i, None, per_channel),) + at]) for i in range(count)]
+            else:
+                targets = [block.buffer(f"map{i}") for i in range(count)]
+            _filter(block, name, sigma, targets)
+            if not direct:
+                for i, target in enumerate(targets):
+                    for c, values in enumerate(target.cpu().numpy()):
+                        out[(c * per_channel + j + i,) + at] = values
+            j += count
 
 
 def _tiles_and_device(image: Any, spec: FeatureSpec, tile: Sequence[int] | None, device: Any) -> tuple[Iterator, torch.device]:

@@ -208,16 +208,19 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     ndim = items[0].labels.ndim
     spec = config.spec(ndim, channel_count(items[0].image.shape, ndim))
     device = pick_device(config.device)
-    cache = FeatureCache(Path(config.cache) if config.cache else out / "feature_cache")
+    cache = None if config.cache == "off" else FeatureCache(Path(config.cache) if config.cache else out / "feature_cache")
     start = time.perf_counter()
     xs, ys, features, cached = [], [], [], 0
     for item in items:
         view = input_view(item.image, ndim, spec.channels, str(item.source), config.normalize)
-        f, hit = cache.features(item.source, config.raw_key, view, spec, config.normalize, config.tile, device)
+        if cache is None:  # features live only while their labelled pixels are taken
+            f, hit = compute_features(view, spec, config.tile, device), False
+        else:
+            f, hit = cache.features(item.source, config.raw_key, view, spec, config.normalize, config.tile, device)
         x, y = _training_pixels(f, item.labels)
         xs.append(x)
         ys.append(y)
-        features.append(f)
+        features.append(f if cache is not None else None)
         cached += hit
     feature_s = time.perf_counter() - start
     x, y = np.concatenate(xs), np.concatenate(ys)
@@ -243,6 +246,9 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     if config.predict:
         start = time.perf_counter()
         for item, f in zip(items, features):
+            if f is None:
+                view = classifier.view(item.image, str(item.source))
+                f = compute_features(view, spec, config.tile, device)
             probs = classifier.probabilities(np.asarray(f))
             predictions.append(write_prediction(classifier, probs, out / "predictions" / f"{item.name}.tif"))
         metrics["predict_s"] = round(time.perf_counter() - start, 3)

@@ -32,7 +32,7 @@ class PixelConfig:
     class_names: list[str] | None = None  # names of classes 1..K, for reports
     tile: list[int] | None = None  # feature and prediction tile per spatial axis; None: whole image when it fits
     device: str = "auto"  # where features are computed: auto | cpu | cuda | cuda:N
-    cache: str | None = None  # feature cache folder; None: <out>/feature_cache
+    cache: str | None = None  # feature cache folder; None: <out>/feature_cache; "off": no cache (features recomputed)
     predict: bool = True  # write probabilities and classes of the labelled images
     seed: int = 0
     forest: ForestConfig = field(default_factory=ForestConfig)
