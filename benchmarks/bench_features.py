@@ -4,7 +4,7 @@ The set is scikit-image's ``multiscale_basic_features``: Gaussian smoothing, gra
 at 7 scales from 0.3 to 10 (28 features in 2D, 35 in 3D), on a 2048x2048 mosaic of ISBI 2012 EM slices and a
 256x256x256 volume mirrored out of the PlantSeg nuclei crop. Each method runs in its own process (so peak memory is
 its own) on the same 2 cores. The first call of a process pays for paging in fresh memory and setting up (FFT
-descriptors, thread pools), so it is reported apart from later calls ("warm": median of calls 2-4 in 2D, of calls 2-3
+descriptors, thread pools), so it is reported apart from later calls ("warm": median of calls 2-7 in 2D, of calls 2-3
 for deepscope in 3D; the 3D peers take minutes and run once). scikit-image computes its derivatives by finite differences of the smoothed image, scipy and
 deepscope by Gaussian-derivative kernels, which is why their values agree with each other and not with scikit-image.
 """
@@ -119,7 +119,7 @@ def main() -> None:
         return
     rows, checks = [], {}
     for ndim, label in ((2, "2048x2048"), (3, "256x256x256")):
-        results = {m: measure(m, ndim, 4 if ndim == 2 else 3 if m.startswith("deepscope") else 1) for m in METHODS}
+        results = {m: measure(m, ndim, 7 if ndim == 2 else 3 if m.startswith("deepscope") else 1) for m in METHODS}
         cold, warm = results["skimage"]["times"][0], results["skimage"].get("warm_s")
         for method, r in results.items():
             first = r["times"][0]

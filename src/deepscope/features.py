@@ -154,9 +154,9 @@ class _Block:
     share three in 2D, nine in 3D) do that work once, and later axes transform only the centre: in 3D about 2.5 times
     less transform work than a full inverse transform per map.
 
-    Every intermediate goes to a named buffer allocated once per block and reused for all filters and scales: fresh
-    tensors of hundreds of megabytes per map would each be paged in anew, which on a 3D volume costs more than the
-    transforms themselves.
+    Maps, Hessian and structure-tensor entries and the float64 eigenvalue scratch go to named buffers allocated once
+    per block and reused for all filters and scales, so a 3D volume is not paged in anew for every map. (Transforms
+    write fresh tensors: torch's ``out=`` path for FFTs was slower here than the allocation it saves.)
     """
 
     def __init__(self, block: torch.Tensor, halo: int) -> None:
@@ -202,8 +202,7 @@ class _Block:
             return cached[1]
         axis = len(prefix) - 1
         parent = self._partial(source, key, sigma, prefix[:-1], crop)
-        product = torch.mul(parent, self._kernel(sigma, prefix[-1], axis), out=self.buffer(("product", axis), tuple(parent.shape[1:]), parent.dtype))
-        full = torch.fft.ifft(product, dim=axis + 1, out=self.buffer(("partial", slot), tuple(parent.shape[1:]), parent.dtype))
+        full = torch.fft.ifft(parent * self._kernel(sigma, prefix[-1], axis), dim=axis + 1)
         start = self.halo if crop else 0
         values = full.narrow(axis + 1, start, self.shape[axis] - 2 * start)
         if key is not None:
@@ -227,15 +226,13 @@ class _Block:
                 term.mul_(weight)
             total = term if total is None else total.add_(term)
         assert total is not None
-        shape = tuple(total.shape[1:-1]) + (self.fft_shape[-1],)
-        real = torch.fft.irfft(total, n=self.fft_shape[-1], dim=-1, out=self.buffer("real", shape))
+        real = torch.fft.irfft(total, n=self.fft_shape[-1], dim=-1)
         start = self.halo if crop else 0
         return real.narrow(-1, start, self.shape[-1] - 2 * start)
 
     def smoothed(self, values: torch.Tensor, sigma: float) -> torch.Tensor:
         """Gaussian smoothing of another (C, *padded) map on this block's grid, cropped to the centre."""
-        spectrum = torch.fft.rfftn(values, s=self.fft_shape, dim=tuple(range(1, values.ndim)),
-                                   out=self.buffer("values spectrum", tuple(self.spectrum.shape[1:]), self.spectrum.dtype))
+        spectrum = torch.fft.rfftn(values, s=self.fft_shape, dim=tuple(range(1, values.ndim)))
         return self.filtered([(sigma, (0,) * self.ndim, 1.0)], spectrum)
 
 
