@@ -176,3 +176,12 @@ def test_demo_pixel_counts_the_coins(tmp_path, capsys):
     result = last_json(capsys)
     assert result["coins_found"] == result["coins_in_image"] == 24
     assert (tmp_path / "predictions.png").is_file() and (tmp_path / "importance.png").is_file()
+
+
+def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_path, capsys):
+    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(nuclei / "train" / "scribbles"),
+                 "--out", str(tmp_path), "--set", "cache=off", *FAST]) == 0
+    result = last_json(capsys)
+    assert result["features_from_cache"] == 0 and not (tmp_path / "feature_cache").exists()
+    pred = tifffile.imread(tmp_path / "predictions" / "n0_classes.tif")
+    assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / "n0.tif") > 0) > 0.8
