@@ -2,8 +2,8 @@
 
 Every filter is a sum of separable Gaussian-derivative kernels, sampled exactly as ``scipy.ndimage.gaussian_filter``
 samples them (radius ``int(4 sigma + 0.5)``, order 0 normalised to sum 1). The convolution is done by FFT: one forward
-transform of the block, then per feature one product with the outer product of 1D kernel spectra and one inverse
-transform. Written here because no maintained library computes this set on torch tensors: scikit-image and scipy
+transform of the block, then per feature the 1D kernel spectra multiplied in and inverted axis by axis (see
+``_Block``). Written here because no maintained library computes this set on torch tensors: scikit-image and scipy
 filter on the CPU one direct convolution at a time, which costs more per output than a transform of the whole block
 (and the 3D set at sigma 10 needs kernels of 81 taps along each axis).
 
