@@ -11,7 +11,11 @@ import pytest
 import tifffile
 
 from deepscope.cli import main
-from deepscope.data.scribbles import check_sparse_labels, dense_classes, sample_scribbles
+from deepscope.data.scribbles import (
+    check_sparse_labels,
+    dense_classes,
+    sample_scribbles,
+)
 from deepscope.data.synthetic import nuclei_set
 from deepscope.errors import DataError
 
@@ -70,6 +74,19 @@ def test_sparse_labels_are_checked():
         check_sparse_labels(-np.ones((4, 4), np.int16), "x.tif")
     with pytest.raises(DataError, match="fraction"):
         sample_scribbles(np.ones((4, 4), np.uint8), 0.0)
+
+
+def test_class_names_may_skip_unlabelled_class_numbers(nuclei, tmp_path, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for path in (nuclei / "train" / "scribbles").glob("*.tif"):  # classes 1 and 3: class 2 never painted
+        tifffile.imwrite(labels / path.name, np.where(tifffile.imread(path) == 2, 3, tifffile.imread(path)).astype(np.uint8))
+    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(labels),
+                 "--out", str(tmp_path / "run"), "--no-predict", *FAST]) == 0
+    assert "oob_accuracy" in last_json(capsys)
+    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(labels),
+                 "--out", str(tmp_path / "run"), "--no-predict", "--set", "class_names=[bg, nucleus]", *FAST]) == 2
+    assert "class_names lists 2 names but labels go up to class 3" in capsys.readouterr().err
 
 
 def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, capsys):
@@ -178,10 +195,12 @@ def test_demo_pixel_counts_the_coins(tmp_path, capsys):
     assert (tmp_path / "predictions.png").is_file() and (tmp_path / "importance.png").is_file()
 
 
-def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_path, capsys):
+@pytest.mark.parametrize("setting", ["cache=off", "cache='off'"])  # YAML reads a bare off as false
+def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_path, capsys, monkeypatch, setting):
+    monkeypatch.chdir(tmp_path)
     assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(nuclei / "train" / "scribbles"),
-                 "--out", str(tmp_path), "--set", "cache=off", *FAST]) == 0
+                 "--out", str(tmp_path), "--set", setting, *FAST]) == 0
     result = last_json(capsys)
-    assert result["features_from_cache"] == 0 and not (tmp_path / "feature_cache").exists()
+    assert result["features_from_cache"] == 0 and not list(tmp_path.rglob("*.npy"))  # no cache anywhere, cwd included
     pred = tifffile.imread(tmp_path / "predictions" / "n0_classes.tif")
     assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / "n0.tif") > 0) > 0.8

@@ -348,10 +348,7 @@ def _fill(image: Any, spec: FeatureSpec, region: tuple[slice, ...], device: torc
     halo, per_channel = spec.halo, spec.count // spec.channels
     starts = tuple(s.start - halo for s in region)
     window = tuple(s.stop - s.start + 2 * halo for s in region)
-    x = torch.from_numpy(read_block(image, starts, window)).to(device)
-    if x.shape[0] != spec.channels:
-        raise DeepscopeError(f"block of shape {tuple(x.shape)} does not fit the features of {spec.channels}-channel images")
-    block = _Block(x, halo)
+    block = _Block(torch.from_numpy(read_block(image, starts, window)).to(device), halo)
     direct = isinstance(out, np.ndarray) and device.type == "cpu"
     slots, j = [], 0  # (scale, filter, index of its first map): computed scale by scale, stored filter by filter
     for name, scales in spec.filters.items():

@@ -27,9 +27,9 @@ from sklearn.ensemble import RandomForestClassifier
 import deepscope
 from deepscope.blockio import Output, open_input, output_paths
 from deepscope.config import save_yaml
-from deepscope.data.scribbles import check_sparse_labels
+from deepscope.data.scribbles import read_sparse_labels
 from deepscope.data.seg_dataset import channel_count, input_view
-from deepscope.data.segmentation import check_pair, files_by_stem, read_volume
+from deepscope.data.segmentation import check_pair, files_by_stem
 from deepscope.engine.checkpoint import atomic_write
 from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
@@ -168,7 +168,7 @@ def labelled_images(config: PixelConfig) -> list[LabelledImage]:
     items = []
     for stem, label_path in sorted(labels.items()):
         image = open_input(images[stem], config.raw_key)
-        sparse = check_sparse_labels(read_volume(label_path, config.label_key), str(label_path))
+        sparse = read_sparse_labels(label_path, config.label_key)
         check_pair(image, sparse, str(images[stem]), str(label_path), sparse.ndim, require_objects=False)
         items.append(LabelledImage(stem, images[stem], image, sparse))
     ndims = {item.labels.ndim for item in items}
@@ -228,10 +228,10 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     forest = fit_forest(x, y, config)
     fit_s = time.perf_counter() - start
     classes = [int(c) for c in forest.classes_]
-    names = config.class_names or [f"class {c}" for c in classes]
-    if len(names) < max(classes):
-        raise DeepscopeError(f"class_names lists {len(names)} names but labels go up to class {max(classes)}")
+    names = [f"class {c}" for c in classes]
     if config.class_names:
+        if len(config.class_names) < max(classes):
+            raise DeepscopeError(f"class_names lists {len(config.class_names)} names but labels go up to class {max(classes)}")
         names = [config.class_names[c - 1] for c in classes]
     classifier = PixelClassifier(spec, forest, config.normalize, names, versions())
     classifier.save(out / "classifier.pkl")

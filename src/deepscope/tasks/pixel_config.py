@@ -32,12 +32,16 @@ class PixelConfig:
     class_names: list[str] | None = None  # names of classes 1..K, for reports
     tile: list[int] | None = None  # feature and prediction tile per spatial axis; None: whole image when it fits
     device: str = "auto"  # where features are computed: auto | cpu | cuda | cuda:N
-    cache: str | None = None  # feature cache folder; None: <out>/feature_cache; "off": no cache (features recomputed)
+    cache: str | bool | None = None  # feature cache folder; None: <out>/feature_cache; off (or false): no cache
     predict: bool = True  # write probabilities and classes of the labelled images
     seed: int = 0
     forest: ForestConfig = field(default_factory=ForestConfig)
 
     def __post_init__(self) -> None:
+        if self.cache is False:  # YAML reads a bare ``off`` as false
+            self.cache = "off"
+        if self.cache is True:
+            raise DeepscopeError("cache must be a folder, off, or null (the run folder's feature_cache)")
         if self.features is not None:
             FeatureSpec.create(self.features)  # unknown filters and bad scales fail here, not after reading images
         if self.normalize is not None and (len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100):
