@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from deepscope.data.augment import AugmentConfig
 from deepscope.data.classification import ImageSet, channel_stats, load_classification
 from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
+from deepscope.engine.precision import resolve_precision
 from deepscope.models import build_model
 
 from common import CACHE, SHARED, command_line, header, write_section
 from prepare_cifar10 import prepare
 
+AUTO = resolve_precision("auto", torch.device("cpu"))  # what the trainer would run in here
 MODELS = {"logreg": {}, "mlp": {}, "cnn": {}, "fastnet": {"widths": [32, 64, 128], "stem": 24}}
 
 
@@ -32,7 +34,7 @@ def images_per_second(model: torch.nn.Module, loader, steps: int, warmup: int = 
     for i, (x, y) in enumerate(loader):
         if i == warmup:
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with AUTO.autocast(torch.device("cpu")):
             loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y)
         opt.zero_grad()
         loss.backward()
@@ -101,7 +103,8 @@ def main() -> None:
              f"{'identical to' if same else 'NOT identical to'} the cached arrays. Streaming the training PNG files from disk "
              f"(`--loader dataloader`, for folders larger than memory) delivered {stream_rate[0]:,.0f} images/s with 0 workers "
              f"and {stream_rate[2]:,.0f} images/s with 2 workers, same augmentation.\n\n"
-             f"CIFAR-10 training set, batch {args.batch_size}, {args.steps} timed steps after 3 warm-up steps, SGD, bf16 autocast, "
+             f"CIFAR-10 training set, batch {args.batch_size}, {args.steps} timed steps after 3 warm-up steps, SGD, "
+             f"{AUTO.name} (`--amp auto` on this CPU), "
              "channels-last. Augmentation: reflect-pad-4 random crop, horizontal flip, 8x8 cutout, per image in both paths "
              "(batched tensor ops in deepscope's device loader; torchvision.transforms.v2 per sample in the DataLoader). "
              "Single run on a shared machine: figures move by ±20% between runs. The first row times the loaders with no model (100 batches). With a model, the ratio falls as the model's own "

@@ -37,7 +37,9 @@ def row(run: str, label: str, report: dict, images: int) -> str:
 def describe(out: Path, data: Path, fluo: set[str]) -> list[str]:
     metrics = json.loads((out / "metrics.json").read_text())
     test = json.loads((out / "test_scores.json").read_text()) if (out / "test_scores.json").exists() else metrics["test"]
-    name = f"`{out.name}`: {metrics['parameters']:,} parameters, {metrics['epochs_completed']} epochs, {metrics['train_time_s'] / 60:.1f} min"
+    precision = metrics.get("precision", {}).get("dtype", "bf16")  # runs from before the precision was recorded ran bf16
+    name = (f"`{out.name}`: {metrics['parameters']:,} parameters, {metrics['epochs_completed']} epochs, "
+            f"{metrics['train_time_s'] / 60:.1f} min, {precision}")
     return [
         row(name, "all", test, test["images"]),
         row(name, "fluorescence only", subset_scores(test, fluo), len(fluo & {i["name"] for i in test["per_image"]})),
@@ -69,7 +71,8 @@ def main() -> None:
         header(command_line()),
         "Training through `deepscope train segment --config RECIPE --max-minutes M` on DSB2018 `train/` (664 images, 5% "
         "carved for validation, best epoch by validation mean score); scored on `test/` (50 images, 41 fluorescence). "
-        "Times are training incl. per-epoch validation on 2 CPU cores, bf16 autocast.",
+        "Times are training incl. per-epoch validation on 2 CPU cores; precision per run (`--amp auto`: bf16 on CPUs with "
+        "native bf16, float32 elsewhere) in the run column.",
         "",
         "| run | test images | n | score@0.5 | F1@0.5 | score@0.75 | score@0.9 | mean score 0.5-0.9 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -12,23 +12,31 @@ from pathlib import Path
 
 import torch
 
+from deepscope.engine.precision import cpu_description, resolve_precision
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 CACHE = HERE / ".cache"
 SHARED = HERE.parent.parent / "shared" / "data"
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
+def cpu_name() -> str:
+    """The processor's model name from /proc/cpuinfo (or what the platform says)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "cpu"
+
+
+def machine() -> str:
+    """Processor, its vector capability and what ``--amp auto`` runs in on it, cores, GPU and versions."""
+    auto = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{cpu_name()} ({cpu_description()}), {os.cpu_count()} cores{gpu}, `--amp auto` runs {auto.name}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def header(command: str) -> str:
@@ -46,6 +54,14 @@ def write_section(name: str, title: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def section_rows(name: str) -> list[str]:
+    """The table rows (below the header and rule) of section ``name`` in RESULTS.md, to keep rows of other machines."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
+    rows = [line for line in match.group(1).splitlines() if line.startswith("|")] if match else []
+    return rows[2:]
 
 
 def run(cmd: list[str], log: Path) -> float:

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from deepscope.engine.precision import cpu_description, cpu_native_bf16
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SLOW_ENV = "DEEPSCOPE_SLOW_TESTS"
+
+# bf16 on a CPU that only emulates it is many times slower than float32: such paths are tested where they are native
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_native_bf16(), reason=f"this CPU ({cpu_description()}) only emulates bf16; bf16 paths are tested where it is native")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help=f"also run tests marked slow (or set {SLOW_ENV}=1)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"slow: end-to-end run of minutes, only with --slow or {SLOW_ENV}=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow") or os.environ.get(SLOW_ENV, "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason=f"slow end-to-end test: run with --slow or {SLOW_ENV}=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pattern_images(n_per_class: int, size: int = 12, seed: int = 0, classes: int = 3) -> tuple[np.ndarray, np.ndarray]:

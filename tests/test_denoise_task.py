@@ -200,11 +200,11 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(clean_data, tmp_p
         assert torch.equal(a[key], b[key]), key
 
 
-def test_demo_denoise_runs_on_bundled_images_in_time(tmp_path, capsys):
+def test_demo_denoise_cleans_the_held_out_photograph(tmp_path, capsys):
     assert main(["demo", "denoise", "--out", str(tmp_path / "demo")]) == 0
     result = last_json(capsys)
-    assert result["test_psnr"] > result["test_psnr_noisy"] + 3, result
-    assert result["wall_time_s"] < 120
+    assert result["test_psnr"] > result["test_psnr_noisy"] + 5, result
+    assert (tmp_path / "demo" / "report.html").exists()
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

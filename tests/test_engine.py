@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fast_args, pattern_images
+from conftest import fast_args, needs_native_bf16, pattern_images
 
 from deepscope.cli import main
 from deepscope.config import OptimConfig
+from deepscope.engine import precision
 from deepscope.engine.optim import build_scheduler
-from deepscope.engine.trainer import resolve_amp
+from deepscope.engine.precision import resolve_precision
+from deepscope.errors import DeepscopeError
 from deepscope.models import build_model
 
 CLI = [sys.executable, "-m", "deepscope"]
@@ -78,17 +80,22 @@ def big_npz(tmp_path: Path) -> Path:
     return path
 
 
-def resume_args(data: Path, out: Path) -> list[str]:
+def resume_args(data: Path, out: Path, amp: str = "off") -> list[str]:
     return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "4",
-            "--batch-size", "32", "--device", "cpu", "--set", "model_args.widths=[16,32]", "--set", "augment.cutout=4"]
+            "--batch-size", "32", "--device", "cpu", "--amp", amp, "--set", "model_args.widths=[16,32]", "--set", "augment.cutout=4"]
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
+PRECISIONS = ["off", pytest.param("bf16", marks=needs_native_bf16)]
+
+
+@pytest.mark.parametrize("amp", PRECISIONS)
+def test_killed_run_resumes_to_identical_weights(tmp_path, amp):
     data = big_npz(tmp_path)
-    assert main(resume_args(data, tmp_path / "full")) == 0
+    assert main(resume_args(data, tmp_path / "full", amp)) == 0
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["precision"]["dtype"] == {"off": "float32"}.get(amp, amp)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(CLI + resume_args(data, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(CLI + resume_args(data, killed, amp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "last.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -160,17 +167,48 @@ def test_plateau_schedule_cuts_lr():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
-def test_amp_resolution():
+def test_auto_precision_follows_the_processor(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None
-    assert resolve_amp("bf16", cpu) is torch.bfloat16
-    assert resolve_amp("off", cpu) is None
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
+    auto = resolve_precision("auto", cpu)
+    assert auto.dtype is None and auto.name == "float32" and "emulate" in auto.reason and auto.warning is None
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    auto = resolve_precision("auto", cpu)
+    assert auto.dtype is torch.bfloat16 and "natively" in auto.reason and auto.warning is None
+    assert resolve_precision("bf16", cpu).warning is None
+    assert resolve_precision("off", cpu).dtype is None
+    with pytest.raises(DeepscopeError, match="unknown amp mode 'bf32'"):
+        resolve_precision("bf32", cpu)
 
 
-def test_bf16_autocast_trains_on_cpu(class_tree, tmp_path):
-    out = tmp_path / "bf16"
-    assert main(fast_args(class_tree, out, "--amp", "bf16", "--epochs", "4")) == 0
-    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] >= 0.9
+def test_cpu_probe_agrees_with_the_instruction_set():
+    """Native bf16 on x86 means AVX-512 BF16 (or AMX), which only processors with AVX-512 have."""
+    if precision._is_x86() and precision.cpu_native_bf16():
+        assert torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert precision.cpu_description().startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_emulated_bf16_runs_and_warns_once_in_one_line(class_tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
+    out = tmp_path / "emulated"
+    assert main(fast_args(class_tree, out, "--amp", "bf16", "--model", "logreg", "--set", "model_args={}", "--epochs", "1")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: --amp bf16") and "no native bf16" in warnings[0]
+    assert warnings[0].endswith("use --amp auto")
+    assert sum("warning: --amp bf16" in line for line in (out / "train.log").read_text().splitlines()) == 1
+    recorded = json.loads((out / "metrics.json").read_text())["precision"]
+    assert recorded["mode"] == "bf16" and recorded["dtype"] == "bf16" and "emulated" in recorded["reason"]
+
+
+@pytest.mark.parametrize("amp", PRECISIONS)
+def test_training_in_each_precision_learns(class_tree, tmp_path, amp):
+    out = tmp_path / amp
+    assert main(fast_args(class_tree, out, "--amp", amp, "--epochs", "4")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.9
+    assert metrics["history"][-1]["train_loss"] < 0.5 * metrics["history"][0]["train_loss"]
+    assert metrics["precision"]["dtype"] == {"off": "float32"}.get(amp, amp)
+    assert f"precision: {metrics['precision']['dtype']}" in (out / "train.log").read_text()
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", dest="weight_decay", type=float)
     train.add_argument("--grad-clip", dest="grad_clip", type=float)
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    train.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (auto: on for CUDA)")
+    train.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"],
+                       help="mixed precision (auto: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively, else float32)")
     train.add_argument("--seed", type=int)
     train.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop cleanly after this wall time")
     train.add_argument("--early-stopping", dest="early_stopping", type=int, metavar="EPOCHS")

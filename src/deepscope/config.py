@@ -53,7 +53,7 @@ class TrainConfig:
     model_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (by the hardware: see engine/precision.py) | off | bf16 | fp16
     max_minutes: float | None = None
     early_stopping: int | None = None  # epochs without improvement before stopping
     monitor: str = "accuracy"

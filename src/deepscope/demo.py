@@ -68,7 +68,8 @@ def write_nuclei(root: Path, train: int = 32, test: int = 8, size: int = 128) ->
 
 def demo_segment(out: Path) -> dict[str, Any]:
     data = write_nuclei(out / "data")
-    config = SegmentConfig(data=str(data), out=str(out), epochs=14, batch_size=8, patches_per_epoch=128,
+    # 64x64 patches (a quarter of an image): as many steps as whole-image patches for a quarter of the arithmetic
+    config = SegmentConfig(data=str(data), out=str(out), epochs=14, batch_size=16, patches_per_epoch=256, patch_shape=[64, 64],
                            model_args={"features": 16, "depth": 3}, val_fraction=0.15)
     config.optim.lr = 3e-3
     metrics = Trainer(SegmentTask(config)).fit()
@@ -93,8 +94,11 @@ def write_photos(root: Path) -> Path:
 
 def demo_denoise(out: Path) -> dict[str, Any]:
     data = write_photos(out / "data")
+    # 16 features and batches of 16 patches: as good as 32 features (26.5 dB) at a quarter of the arithmetic, so the demo
+    # takes about a minute in float32 on CPUs without native bf16 too
     config = DenoiseConfig(data=str(data), out=str(out), method="n2v", noise=NoiseConfig(kind="gaussian", sigma=25),
-                           epochs=6, batch_size=64, patches_per_epoch=1536, amp="bf16", val_fraction=0.15)
+                           epochs=6, batch_size=16, patches_per_epoch=1024, val_fraction=0.15, model_args={"features": 16})
+    config.optim.lr = 4e-3
     metrics = Trainer(DenoiseTask(config)).fit()
     return {"test_psnr": metrics["test_psnr"], "test_psnr_noisy": metrics["test_psnr_input"], "test_ssim": metrics["test_ssim"],
             "wall_time_s": round(metrics["wall_time_s"], 1), "report": str(out / "report.html")}

@@ -9,9 +9,12 @@ and apply them with tensor indexing: no Python loop over images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 
 @dataclass
@@ -104,7 +107,12 @@ class BatchAugment:
 
 
 def torchvision_pipeline(config: AugmentConfig | None, mean: list[float], std: list[float], size: tuple[int, int]) -> v2.Compose:
-    """The same augmentation, per image, for the torch DataLoader path (CHW uint8/uint16 tensor in)."""
+    """The same augmentation, per image, for the torch DataLoader path (CHW uint8/uint16 tensor in).
+
+    torchvision is imported here, not with the module: importing it costs seconds of start-up on a slow CPU (it
+    loads torch's compiler stack), which every command would pay for a path only the DataLoader uses."""
+    from torchvision.transforms import v2
+
     steps: list[v2.Transform] = [v2.ToDtype(torch.float32, scale=True)]
     if config is not None and config.color_jitter > 0:
         s = config.color_jitter

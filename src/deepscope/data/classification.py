@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from deepscope.data.readers import SPLITS, is_image_file, probe_image, read_image
 from deepscope.errors import DataError
@@ -321,7 +320,11 @@ def load_classification(path: str | Path, resize: tuple[int, int] | None = None,
 
 
 def stratified_split(data: AnyImageSet, val_fraction: float, seed: int) -> tuple[AnyImageSet, AnyImageSet]:
-    """Seeded split keeping class proportions; each class keeps at least one training image."""
+    """Seeded split keeping class proportions; each class keeps at least one training image.
+
+    scikit-learn is imported here: importing it costs over a second of every command's start-up."""
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(data))
     n_classes = len(np.unique(data.labels))
     n_val = max(n_classes, int(round(val_fraction * len(data))))

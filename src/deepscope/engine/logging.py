@@ -41,7 +41,7 @@ class RunLogger:
     def info(self, message: str) -> None:
         if not self.enabled:
             return
-        console.print(message, markup=False, highlight=False)
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
         with open(self.log_path, "a") as handle:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 

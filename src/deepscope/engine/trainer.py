@@ -37,24 +37,12 @@ from deepscope.engine.distributed import (
 )
 from deepscope.engine.logging import RunLogger
 from deepscope.engine.optim import build_optimizer, build_scheduler
+from deepscope.engine.precision import Precision, resolve_precision
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import CheckpointError, DeepscopeError, TrainingError
 from deepscope.models import count_parameters
 
 CHECK_EVERY_STEPS = 20  # how often (in steps) losses are checked and progress is drawn
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: 'auto' is bf16 (or fp16 without bf16 support) on CUDA and off on CPU."""
-    if mode == "off":
-        return None
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mode in ("bf16", "fp16"):
-        return torch.bfloat16 if mode == "bf16" else torch.float16
-    raise DeepscopeError(f"unknown amp mode {mode!r}; choose auto, off, bf16 or fp16")
 
 
 def first_nonfinite(values: torch.Tensor) -> int | None:
@@ -81,7 +69,7 @@ class Run:
     scheduler: Any
     sched_when: str
     scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
+    precision: Precision
     device: torch.device
     dist: DistInfo
     parameters: int
@@ -94,7 +82,7 @@ class Run:
     stop_reason: str = "completed"
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+        return self.precision.autocast(self.device)
 
 
 class Trainer:
@@ -147,15 +135,18 @@ class Trainer:
             raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
-        amp_dtype = resolve_amp(cfg.amp, device)
+        precision = resolve_precision(cfg.amp, device)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
         run = Run(
             train=train, val=task.val_batches(), model=model, net=net, optimizer=optimizer, scheduler=scheduler, sched_when=sched_when,
-            scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+            scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16), precision=precision,
             device=device, dist=dist, parameters=count_parameters(model), steps=steps, t_start=t_start,
             deadline=t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf,
         )
         self.log.info(f"{cfg.task}: model {cfg.model} with {run.parameters:,} parameters on {device} x{dist.world}")
+        self.log.info(f"precision: {precision.name} ({precision.reason})")
+        if precision.warning:
+            self.log.info(f"warning: {precision.warning}")
         if state is None:
             return run, 0, 0
         optimizer.load_state_dict(state["optimizer"])
@@ -281,6 +272,7 @@ class Trainer:
             "parameters": run.parameters,
             "device": str(run.device),
             "processes": run.dist.world,
+            "precision": run.precision.summary(),
             "stopped": run.stop_reason,
             "epochs_completed": len(run.history),
             "best_epoch": run.best["epoch"],

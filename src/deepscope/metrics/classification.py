@@ -5,23 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
 
 
 class ClassificationMetrics:
     """Accumulates logits and labels batch by batch; ``compute`` returns plain Python numbers.
 
     torchmetrics sums its states over processes in ``compute``, so with DDP each rank can
-    evaluate its own shard of the data and every rank gets the metrics of the whole set.
+    evaluate its own shard of the data and every rank gets the metrics of the whole set. It is imported on first use:
+    importing torchmetrics imports torchvision, seconds of start-up that commands of other tasks need not pay.
     """
 
     def __init__(self, class_names: list[str], device: torch.device, top_k: int = 5) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import (
+            MulticlassAccuracy,
+            MulticlassConfusionMatrix,
+            MulticlassPrecision,
+            MulticlassRecall,
+        )
+
         n = len(class_names)
         self.class_names = class_names
         self.top_k = top_k if n > top_k else None

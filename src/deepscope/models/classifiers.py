@@ -6,7 +6,6 @@ All take NCHW float input of shape (C, H, W) given at construction and return lo
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from deepscope.models.layers import norm_nd
@@ -85,7 +84,11 @@ class SmallCNN(nn.Module):
 
 
 def resnet18(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """torchvision ResNet-18; for images up to 64 px the stem is a 3x3 stride-1 conv without max-pool."""
+    """torchvision ResNet-18; for images up to 64 px the stem is a 3x3 stride-1 conv without max-pool.
+
+    torchvision is imported here: it costs seconds of start-up that the other models need not pay."""
+    import torchvision
+
     model = torchvision.models.resnet18(num_classes=num_classes)
     if in_shape[0] != 3 or min(in_shape[1:]) <= 64:
         stride = 1 if min(in_shape[1:]) <= 64 else 2
