@@ -99,7 +99,8 @@ def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) 
 
 
 def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """A small, quick CPU training run through the CLI."""
+    """A small, quick CPU training run through the CLI, in float32 (``--amp off``) on every processor, so figures
+    compare exactly between runs, processes and ``evaluate``; a later ``--amp`` in ``extra`` wins."""
     return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "3",
-            "--batch-size", "16", "--lr", "0.01", "--optimizer", "adamw", "--device", "cpu",
+            "--batch-size", "16", "--lr", "0.01", "--optimizer", "adamw", "--device", "cpu", "--amp", "off",
             "--set", "model_args.widths=[8,16]", *extra]

@@ -216,7 +216,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     data = tmp_path / "ddp.npz"
     np.savez(data, x_train=x, y_train=y)
     args = ["train", "classify", "--data", str(data), "--model", "mlp", "--epochs", "2", "--batch-size", "32",
-            "--device", "cpu", "--val-fraction", "0.25", "--set", "model_args={hidden: [32], dropout: 0.0, batchnorm: false}",
+            "--device", "cpu", "--amp", "off", "--val-fraction", "0.25", "--set", "model_args={hidden: [32], dropout: 0.0, batchnorm: false}",
             "--set", "augment.color_jitter=0.3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(CLI + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)

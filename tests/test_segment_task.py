@@ -23,10 +23,11 @@ from deepscope.metrics.instance import evaluate_instances
 
 
 def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list[str]:
-    """A small, quick CPU segmentation run through the CLI (``out`` None: no --out, the caller adds it)."""
+    """A small, quick CPU segmentation run through the CLI (``out`` None: no --out, the caller adds it), in float32 on
+    every processor (scores compare with ``evaluate`` and between processes)."""
     where = ["--out", str(out)] if out is not None else []
     return ["train", "segment", "--data", str(data), *where, "--epochs", str(epochs), "--batch-size", "8",
-            "--device", "cpu", "--lr", "0.005", "--set", "model_args={features: 8, depth: 3}", "--set", "patch_shape=[64, 64]",
+            "--device", "cpu", "--amp", "off", "--lr", "0.005", "--set", "model_args={features: 8, depth: 3}", "--set", "patch_shape=[64, 64]",
             "--set", "patches_per_epoch=64", "--set", "val_fraction=0.2", *extra]
 
 
