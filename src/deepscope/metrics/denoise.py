@@ -4,6 +4,7 @@ PSNR = 10 log10(R^2 / MSE) per image, averaged over images (as the BSD68 tables 
 float64. SSIM is scikit-image's with Wang et al.'s settings (Gaussian window, sigma 1.5, population covariances),
 which is what published SSIM tables use. R is the data range: the dtype's range for integer ground truth (255 for
 8-bit), a given value, or for float ground truth without one the image's own max - min (as CAREamics does).
+scikit-image's metrics are imported on first use: they load scipy.stats, over a second of every command's start-up.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from deepscope.data.segmentation import MAX_COLOURS, match_by_stem, read_volume
 from deepscope.errors import DataError
@@ -37,11 +37,15 @@ def data_range_for(truth: np.ndarray, dtype: np.dtype, given: float | None, name
 
 
 def psnr(truth: np.ndarray, pred: np.ndarray, data_range: float) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
     return float(peak_signal_noise_ratio(np.asarray(truth, np.float64), np.asarray(pred, np.float64), data_range=data_range))
 
 
 def ssim(truth: np.ndarray, pred: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
     """Mean SSIM of a 2D image or 3D volume; ``channel_axis`` averages it over channels."""
+    from skimage.metrics import structural_similarity
+
     truth, pred = np.asarray(truth, np.float64), np.asarray(pred, np.float64)
     spatial = [s for i, s in enumerate(truth.shape) if channel_axis is None or i != channel_axis % truth.ndim]
     smallest = min(spatial)
