@@ -24,11 +24,12 @@ import torch
 from common import command_line, cpu_name, header, section_rows, write_section
 from torch import nn
 
-from deepscope.engine.precision import cpu_description, resolve_precision
+from deepscope.engine.precision import Precision, cpu_description, resolve_precision
 from deepscope.losses.denoise import masked_mse
 from deepscope.models import build_model, build_unet
 
 SECTION = "precision"
+CPU = torch.device("cpu")
 
 
 def denoise_unet() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Module], torch.Tensor]]:
@@ -48,15 +49,15 @@ def fastnet() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Module], t
 MODELS = {"denoise U-Net, default size (batch 64 of 64x64)": denoise_unet, "CIFAR-10 fast net (batch 512 of 32x32)": fastnet}
 
 
-def step_seconds(build: Callable, dtype: torch.dtype | None, steps: int, budget: float) -> float:
-    """Median seconds of one training step (after a warm-up step) in ``dtype`` autocast (None: float32)."""
+def step_seconds(build: Callable, precision: Precision, steps: int, budget: float) -> float:
+    """Median seconds of one training step (after a warm-up step) in ``precision`` on the CPU."""
     torch.manual_seed(0)
     model, optimizer, loss_of = build()
     model.train()
     times: list[float] = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with precision.autocast(CPU):
             loss = loss_of(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,11 +75,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=60, help="seconds of timed steps per model and precision")
     args = parser.parse_args()
     processor = f"{cpu_name()} ({cpu_description()})"
-    auto = resolve_precision("auto", torch.device("cpu"))
+    auto = resolve_precision("auto", CPU)
     rows = []
     for name, build in MODELS.items():
-        fp32 = step_seconds(build, None, args.steps, args.budget)
-        bf16 = step_seconds(build, torch.bfloat16, args.steps, args.budget)
+        fp32 = step_seconds(build, resolve_precision("off", CPU), args.steps, args.budget)
+        bf16 = step_seconds(build, resolve_precision("bf16", CPU), args.steps, args.budget)
         rows.append(f"| {processor} | {name} | {fp32:.2f} | {bf16:.2f} | {bf16 / fp32:.2f}x | {auto.name} | "
                     f"{datetime.date.today().isoformat()} |")
         print(rows[-1], flush=True)

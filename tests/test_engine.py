@@ -92,7 +92,8 @@ PRECISIONS = ["off", pytest.param("bf16", marks=needs_native_bf16)]
 def test_killed_run_resumes_to_identical_weights(tmp_path, amp):
     data = big_npz(tmp_path)
     assert main(resume_args(data, tmp_path / "full", amp)) == 0
-    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["precision"]["dtype"] == {"off": "float32"}.get(amp, amp)
+    recorded = json.loads((tmp_path / "full" / "metrics.json").read_text())["precision"]
+    assert recorded["dtype"] == resolve_precision(amp, torch.device("cpu")).name
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(CLI + resume_args(data, killed, amp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -207,7 +208,7 @@ def test_training_in_each_precision_learns(class_tree, tmp_path, amp):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.9
     assert metrics["history"][-1]["train_loss"] < 0.5 * metrics["history"][0]["train_loss"]
-    assert metrics["precision"]["dtype"] == {"off": "float32"}.get(amp, amp)
+    assert metrics["precision"]["dtype"] == resolve_precision(amp, torch.device("cpu")).name
     assert f"precision: {metrics['precision']['dtype']}" in (out / "train.log").read_text()
 
 

@@ -22,6 +22,7 @@ from deepscope.data.readers import is_image_file
 from deepscope.data.segmentation import is_volume
 from deepscope.engine.checkpoint import checkpoint_task
 from deepscope.engine.distributed import pick_device, shutdown
+from deepscope.engine.precision import MODES
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.tasks import TASKS, get_task
 
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", dest="weight_decay", type=float)
     train.add_argument("--grad-clip", dest="grad_clip", type=float)
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    train.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"],
+    train.add_argument("--amp", choices=MODES,
                        help="mixed precision (auto: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively, else float32)")
     train.add_argument("--seed", type=int)
     train.add_argument("--max-minutes", dest="max_minutes", type=float, help="stop cleanly after this wall time")

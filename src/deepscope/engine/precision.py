@@ -2,7 +2,8 @@
 
 Mixed precision only pays where the hardware has bf16 or fp16 arithmetic: CUDA GPUs, and CPUs with AVX-512 BF16
 (or AMX) for bf16 and AVX-512 FP16 / AMX-FP16 for fp16. Elsewhere PyTorch's CPU autocast still works but emulates
-the low-precision kernels, measured here at about 15x slower than float32 on an AVX2-only processor. So ``auto``
+the low-precision kernels: a training step 9-12x slower than float32 on an AVX2-only processor
+(``benchmarks/bench_precision.py``). So ``auto``
 asks the processor once and picks float32 there; an explicit ``bf16``/``fp16`` is honoured but warned about.
 """
 
@@ -87,16 +88,14 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
         raise DeepscopeError(f"unknown amp mode {mode!r}; choose {', '.join(MODES)}")
     if mode == "off":
         return Precision(mode, None, "amp off: float32 as asked")
-    if device.type == "cuda":
-        if mode == "auto":
-            if torch.cuda.is_bf16_supported():
-                return Precision(mode, torch.bfloat16, "auto: the GPU supports bf16")
-            return Precision(mode, torch.float16, "auto: the GPU lacks bf16, fp16 with loss scaling")
-        return Precision(mode, DTYPES[mode], f"{mode} as asked")
     if device.type != "cpu":
-        if mode == "auto":
+        if mode != "auto":
+            return Precision(mode, DTYPES[mode], f"{mode} as asked")
+        if device.type != "cuda":
             return Precision(mode, None, f"auto: float32 on {device.type}")
-        return Precision(mode, DTYPES[mode], f"{mode} as asked")
+        if torch.cuda.is_bf16_supported():
+            return Precision(mode, torch.bfloat16, "auto: the GPU supports bf16")
+        return Precision(mode, torch.float16, "auto: the GPU lacks bf16, fp16 with loss scaling")
     cpu = cpu_description()
     if mode == "auto":
         if cpu_native_bf16():
