@@ -69,6 +69,13 @@ def test_unknown_config_key_is_an_error(npz_data, tmp_path, capsys):
     assert "unknown setting(s) epochz" in capsys.readouterr().err
 
 
+def test_unknown_amp_mode_from_yaml_is_an_error(npz_data, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("amp: bf32\n")
+    assert main(["train", "classify", "--data", str(npz_data), "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown amp mode 'bf32'; choose auto, off, bf16, fp16" in capsys.readouterr().err
+
+
 def test_demo_reaches_97_percent(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     result = last_json(capsys)

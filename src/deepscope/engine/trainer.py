@@ -117,6 +117,7 @@ class Trainer:
         if not self.resume and self.last_path.exists():
             raise DeepscopeError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
         state = self._resume_state() if self.resume else None
+        precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
         seed_everything(cfg.seed)
         task.setup(device, dist)
         model = task.build_model()
@@ -135,7 +136,6 @@ class Trainer:
             raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
-        precision = resolve_precision(cfg.amp, device)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
         run = Run(
             train=train, val=task.val_batches(), model=model, net=net, optimizer=optimizer, scheduler=scheduler, sched_when=sched_when,
