@@ -17,7 +17,8 @@ from deepscope.engine.precision import cpu_description, resolve_precision
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 CACHE = HERE / ".cache"
-SHARED = HERE.parent.parent / "shared" / "data"
+# the real data sets: ../shared/data beside the checkout, or DEEPSCOPE_SHARED_DATA (a copy carried to a GPU machine)
+SHARED = Path(os.environ.get("DEEPSCOPE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 
 
 def cpu_name() -> str:

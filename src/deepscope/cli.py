@@ -32,7 +32,7 @@ TRAIN_FLAGS = {
     "lr": "optim.lr", "optimizer": "optim.name", "schedule": "optim.schedule", "weight_decay": "optim.weight_decay",
     "grad_clip": "optim.grad_clip", "device": "device", "amp": "amp", "seed": "seed", "max_minutes": "max_minutes",
     "early_stopping": "early_stopping", "resize": "resize", "loader": "loader", "val_fraction": "val_fraction",
-    "method": "method",
+    "method": "method", "images": "images", "annotations": "annotations", "init_from": "init_from",
 }
 
 
@@ -82,7 +82,7 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
             set_dotted(values, key, value)
     values["task"] = args.task
     config = from_dict(config_cls, values, args.config or "command line")
-    if not config.data:
+    if not config.data and not getattr(config, "images", None):
         raise DeepscopeError("no data given: pass --data PATH (or data: in the --config file)")
     return config
 
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    if args.checkpoint in ("segment", "denoise"):
+    if args.checkpoint in ("segment", "denoise", "detect"):
         return evaluate_saved_results(args)
     if args.data is None:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
@@ -105,7 +105,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     task = checkpoint_task(args.checkpoint)
     if task != "denoise" and (args.tta or args.data_range is not None):
         raise DeepscopeError("--tta and --data-range apply to denoising checkpoints only")
-    if task == "segment":
+    if task != "detect" and args.max_detections is not None:
+        raise DeepscopeError("--max-detections applies to detection only")
+    if task == "detect":
+        from deepscope.tasks.detect.apply import evaluate_checkpoint as evaluate_detector
+
+        result = evaluate_detector(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
+    elif task == "segment":
         from deepscope.tasks.segment_predict import (
             evaluate_checkpoint as evaluate_segmenter,
         )
@@ -127,11 +133,15 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate_saved_results(args: argparse.Namespace) -> dict[str, Any]:
-    """``evaluate segment|denoise --pred DIR --truth DIR``: scores of saved results, no model needed (instance scores
-    of label images, or PSNR/SSIM of denoised images against clean ones)."""
+    """``evaluate segment|denoise|detect --pred --truth``: scores of saved results, no model needed (instance scores
+    of label images, PSNR/SSIM of denoised images against clean ones, or COCO mAP of a COCO-JSON detection file)."""
     if not args.pred or not args.truth:
-        raise DeepscopeError(f"evaluate {args.checkpoint} needs --pred DIR and --truth DIR (images matched by file name)")
-    if args.checkpoint == "segment":
+        raise DeepscopeError(f"evaluate {args.checkpoint} needs --pred and --truth (images matched by file name)")
+    if args.checkpoint == "detect":
+        from deepscope.tasks.detect.apply import score_saved_detections
+
+        result = score_saved_detections(args.pred, args.truth, args.max_detections or 100)
+    elif args.checkpoint == "segment":
         from deepscope.metrics.instance import evaluate_label_folders
 
         if args.data_range is not None:
@@ -164,9 +174,17 @@ def collect_inputs(inputs: list[str], volumes: bool = False) -> list[Path]:
     return files
 
 
+DETECT_FLAGS = ("overlap", "score_threshold", "max_detections", "format", "draw")
+
+
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     task = checkpoint_task(args.checkpoint)
+    if task == "detect":
+        return predict_detections(args, device)
+    for flag in DETECT_FLAGS:
+        if getattr(args, flag) not in (None, False):
+            raise DeepscopeError(f"--{flag.replace('_', '-')} applies to detection models only")
     if task == "denoise":
         from deepscope.tasks.denoise_predict import predict_files as denoise_files
 
@@ -203,6 +221,23 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         for f, p in zip(files, probs):
             writer.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
     return {"predictions": len(files), "out": str(out)}
+
+
+def predict_detections(args: argparse.Namespace, device: Any) -> dict[str, Any]:
+    """``predict`` with a detection checkpoint: a COCO JSON file (or VOC XML / YOLO txt files), optionally pictures."""
+    from deepscope.tasks.detect.apply import predict_files as detect_files
+
+    for flag in ("halo", "blend", "key"):
+        if getattr(args, flag) is not None:
+            raise DeepscopeError(f"--{flag} applies to segmentation and denoising models only")
+    if args.instances or args.tta:
+        raise DeepscopeError("--instances and --tta apply to segmentation and denoising models only")
+    if args.tile is not None and len(args.tile) not in (1, 2):
+        raise DeepscopeError("--tile takes one size or two (height width) for detection")
+    overrides = {"tile": (args.tile * 2 if len(args.tile) == 1 else args.tile) if args.tile else None, "overlap": args.overlap,
+                 "score_threshold": args.score_threshold, "max_detections": args.max_detections}
+    files = collect_inputs(args.inputs)
+    return detect_files(args.checkpoint, files, args.out, device, args.format or "coco", args.draw, overrides)
 
 
 def resolve_pixel_config(args: argparse.Namespace) -> Any:
@@ -291,8 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model")
     train.add_argument("task", choices=sorted(TASKS))
     train.add_argument("--data", help="classify: class-folder tree or .npz; segment: images/ + masks/ folders or NPZ/HDF5/zarr; "
-                       "denoise: noisy/ [+ noisy2/ | clean/] folders, or clean images with --set noise.kind=gaussian")
-    train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment, denoise: unet")
+                       "denoise: noisy/ [+ noisy2/ | clean/] folders, or clean images with --set noise.kind=gaussian; "
+                       "detect: images/ + Annotations/ (VOC XML), a COCO .json, labels/ (YOLO txt) or masks/")
+    train.add_argument("--images", help="detect: image folder of any layout, with --annotations")
+    train.add_argument("--annotations", help="detect: COCO JSON file, or folder of VOC XML, YOLO txt or instance-label images")
+    train.add_argument("--init-from", dest="init_from", help="detect: start the model or its backbone from this local weights file")
+    train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment, denoise: unet; "
+                       "detect: fcos, retinanet, fasterrcnn, maskrcnn, centernet, detr")
     train.add_argument("--method", choices=["n2v", "n2n", "supervised"], help="denoise: Noise2Void, Noise2Noise or noisy-to-clean")
     train.add_argument("--epochs", type=int)
     train.add_argument("--out", help="run folder for checkpoints, logs and report")
@@ -317,16 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
-    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' / 'denoise' to score saved results (--pred, --truth)")
+    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' / 'denoise' / 'detect' to score saved results (--pred, --truth)")
     evaluate.add_argument("--data", help="data set to score the checkpoint on")
-    evaluate.add_argument("--pred", help="with 'segment' / 'denoise': folder of predicted label / denoised images")
-    evaluate.add_argument("--truth", help="with 'segment' / 'denoise': folder of true label / clean images, matched to --pred by file name")
+    evaluate.add_argument("--pred", help="with 'segment' / 'denoise': folder of predicted label / denoised images; 'detect': COCO JSON")
+    evaluate.add_argument("--truth", help="with 'segment' / 'denoise': folder of true label / clean images, matched to --pred by file name; "
+                          "'detect': COCO JSON, or a data folder (any annotation format), images matched by file name")
     evaluate.add_argument("--data-range", dest="data_range", type=float,
                           help="denoise: PSNR/SSIM data range (default: the clean images' integer dtype range, e.g. 255)")
     evaluate.add_argument("--tta", action="store_true", help="denoise: average over flips and rotations")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_<segment|denoise>.json)")
     evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation, denoising: folder for the predicted images")
+    evaluate.add_argument("--max-detections", dest="max_detections", type=int,
+                          help="detection: detections per image the metric counts (default 100, COCO's; raise it for crowded images)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -342,12 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--instances", action="store_true", help="segmentation: also write instance labels")
     predict.add_argument("--key", help="segmentation, denoising: dataset/array inside HDF5, zarr or NPZ inputs")
     predict.add_argument("--batch-size", dest="batch_size", type=int, help="segmentation, denoising: tiles per forward pass")
+    predict.add_argument("--overlap", type=int, help="detection: pixels shared by neighbouring tiles (more than the largest object)")
+    predict.add_argument("--score-threshold", dest="score_threshold", type=float, help="detection: drop detections scoring lower")
+    predict.add_argument("--max-detections", dest="max_detections", type=int, help="detection: most detections kept per image")
+    predict.add_argument("--format", choices=["coco", "voc", "yolo"], help="detection: COCO JSON (default), VOC XML or YOLO txt files")
+    predict.add_argument("--draw", action="store_true", help="detection: also draw the boxes on the images (pictures/)")
     predict.set_defaults(func=cmd_predict)
 
     add_pixel_parser(sub)
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
-    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel"])
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel", "detect"])
     demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser

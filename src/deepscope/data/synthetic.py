@@ -41,3 +41,44 @@ def nuclei_image(size: int = 128, seed: int = 0, density: tuple[float, float] = 
 def nuclei_set(n: int, size: int = 128, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``n`` independent images, image ``i`` seeded by (seed, i)."""
     return [nuclei_image(size, seed=seed * 100_003 + i) for i in range(n)]
+
+
+SHAPES = ("square", "disc", "triangle")
+
+
+def shapes_image(size: int = 128, seed: int = 0, count: tuple[int, int] = (1, 6),
+                 extent: tuple[int, int] = (14, 40)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 (size, size, 3) image, (N, 4) float32 boxes x1 y1 x2 y2, (N,) int64 classes 1..3 of ``SHAPES``).
+
+    Filled squares, discs and triangles of random colour and size on a noisy, shaded background, overlapping each
+    other little: shape (not colour or size) tells the class, so a detector must learn form and extent.
+    """
+    from skimage.draw import disk, polygon
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    tilt = rng.uniform(-40, 40, 2)
+    image = (90 + tilt[0] * yy + tilt[1] * xx)[..., None] + rng.normal(0, 12, (size, size, 3))
+    taken = np.zeros((size, size), bool)
+    boxes, labels = [], []
+    wanted = int(rng.integers(count[0], count[1] + 1))
+    for _ in range(wanted * 4):  # tries; crowded images place fewer
+        if len(boxes) == wanted:
+            break
+        side = int(rng.integers(*extent))
+        y0, x0 = (int(v) for v in rng.integers(0, size - side, 2))
+        if taken[y0 : y0 + side, x0 : x0 + side].mean() > 0.1:
+            continue
+        kind = int(rng.integers(len(SHAPES)))
+        if kind == 0:
+            rows, cols = np.mgrid[y0 : y0 + side, x0 : x0 + side].reshape(2, -1)
+        elif kind == 1:
+            rows, cols = disk((y0 + side / 2 - 0.5, x0 + side / 2 - 0.5), side / 2, shape=(size, size))
+        else:
+            rows, cols = polygon([y0 + side - 1, y0 + side - 1, y0], [x0, x0 + side - 1, x0 + (side - 1) / 2], shape=(size, size))
+        colour = rng.uniform(140, 255, 3) * rng.permutation([1.0, rng.uniform(0.2, 1), rng.uniform(0.2, 1)])
+        image[rows, cols] = colour + rng.normal(0, 12, (len(rows), 3))
+        taken[y0 : y0 + side, x0 : x0 + side] = True
+        boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+        labels.append(kind + 1)
+    return (np.clip(image, 0, 255).astype(np.uint8), np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64))

@@ -107,3 +107,59 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+SOURCE_PREFIXES = ("", "module.", "backbone.", "backbone.body.", "body.", "encoder.", "model.")
+TARGET_PREFIXES = ("", "backbone.body.", "backbone.", "body.", "encoder.")
+
+
+def _state_dict_of(value: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a deepscope checkpoint, a plain state dict, or a dict holding one under ``state_dict``/``model``."""
+    if isinstance(value, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(value.get(key), dict):
+                value = value[key]
+                break
+    if isinstance(value, torch.nn.Module):
+        value = value.state_dict()
+    tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)} if isinstance(value, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no weights (expected a deepscope checkpoint or a state dict of tensors)")
+    return tensors
+
+
+def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Start ``model`` (or its backbone) from the weights of a local file; returns one line saying what was taken.
+
+    The file's keys are mapped onto the model's by the pair of key prefixes (e.g. a torchvision ResNet's ``layer1.*``
+    onto a detector's ``backbone.body.layer1.*``) that fits the most tensors. Tensors whose shapes differ, and batch-norm
+    statistics meeting a model without them (a GroupNorm model), are errors listing the keys: a partly fitting file is
+    never loaded silently wrong. Keys with no counterpart at all (a classifier's last layer) are left out and named.
+    """
+    path = Path(path)
+    source = _state_dict_of(_read(path), path)
+    target = model.state_dict()
+    best: tuple[int, str, str] = (0, "", "")
+    for strip in SOURCE_PREFIXES:
+        keys = [k[len(strip):] for k in source if k.startswith(strip)]
+        for add in TARGET_PREFIXES:
+            hits = sum(add + k in target for k in keys)
+            best = max(best, (hits, strip, add))
+    hits, strip, add = best
+    if not hits:
+        raise CheckpointError(f"{path}: no weight name fits the model (file keys like {next(iter(source))!r}, model keys like {next(iter(target))!r})")
+    mapped = {add + k[len(strip):]: v for k, v in source.items() if k.startswith(strip)}
+    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items() if k in target and v.shape != target[k].shape]
+    stats = [k for k in mapped if k not in target and k.rsplit(".", 1)[-1] in ("running_mean", "running_var") and k.rsplit(".", 1)[0] + ".weight" in target]
+    if wrong_shape or stats:
+        problems = [f"{len(wrong_shape)} of different shape ({', '.join(wrong_shape[:4])})"] if wrong_shape else []
+        if stats:
+            problems.append(f"batch-norm statistics for {len(stats)} layers the model normalises otherwise (e.g. {stats[0]}; "
+                            "build the model with the same norm, e.g. model_args.norm=batch)")
+        raise CheckpointError(f"{path}: weights do not fit the model: {'; '.join(problems)}")
+    taken = {k: v for k, v in mapped.items() if k in target}
+    left_out = [k for k in mapped if k not in target]
+    model.load_state_dict(taken, strict=False)
+    where = f"under {add!r}" if add else "by name"
+    skipped = f"; left out {len(left_out)} with no counterpart ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''})" if left_out else ""
+    return f"initialised {len(taken)} of {len(target)} tensors from {path} {where}{skipped}"

@@ -63,9 +63,12 @@ class Task(ABC):
     """One kind of learning problem (classification, segmentation, ...)."""
 
     name: str = ""
+    # DDP must look for parameters without gradient each step (e.g. a detector's head for objects a batch lacks)
+    find_unused_parameters: bool = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self.notes: list[str] = []  # lines for the run log from setup and model building (e.g. which weights were loaded)
 
     @abstractmethod
     def setup(self, device: torch.device, dist: DistInfo) -> None:

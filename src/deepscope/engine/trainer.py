@@ -136,7 +136,8 @@ class Trainer:
             raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=task.find_unused_parameters) if dist.enabled else model
         run = Run(
             train=train, val=task.val_batches(), model=model, net=net, optimizer=optimizer, scheduler=scheduler, sched_when=sched_when,
             scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16), precision=precision,
@@ -144,6 +145,8 @@ class Trainer:
             deadline=t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf,
         )
         self.log.info(f"{cfg.task}: model {cfg.model} with {run.parameters:,} parameters on {device} x{dist.world}")
+        for note in task.notes:
+            self.log.info(note)
         self.log.info(f"precision: {precision.name} ({precision.reason})")
         if precision.warning:
             self.log.info(f"warning: {precision.warning}")

@@ -1,0 +1,46 @@
+"""Object detectors by name (see :func:`build_detector`).
+
+Every detector follows torchvision's convention: ``model(images, targets)`` with a list of (C, H, W) float images
+in [0, 1] of any sizes; in training mode it returns a dict of scalar losses, in evaluation mode one dict per image
+with ``boxes`` (xyxy, in that image's pixels), ``scores`` and ``labels`` (1..K), plus ``masks`` for Mask R-CNN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from deepscope.errors import DeepscopeError
+from deepscope.models.detection import torchvision_detectors
+from deepscope.models.detection.centernet import CenterNet
+from deepscope.models.detection.detr import DETR
+from deepscope.models.registry import _construct
+
+DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "fasterrcnn": torchvision_detectors.faster_rcnn,
+    "retinanet": torchvision_detectors.retinanet,
+    "fcos": torchvision_detectors.fcos,
+    "maskrcnn": torchvision_detectors.mask_rcnn,
+    "centernet": CenterNet,
+    "detr": DETR,
+}
+_MASK_DETECTORS = frozenset({"maskrcnn"})
+
+
+def detector_names() -> list[str]:
+    return sorted(DETECTORS)
+
+
+def predicts_masks(name: str) -> bool:
+    """Whether detector ``name`` returns instance masks (and so trains on them)."""
+    return name in _MASK_DETECTORS
+
+
+def build_detector(name: str, num_classes: int, in_channels: int = 3, **model_args: Any) -> nn.Module:
+    """Detector ``name`` for ``num_classes`` object classes (labels 1..K, no background) on images of ``in_channels``;
+    ``model_args`` are the detector's own settings (backbone, norm, fpn_channels, min_size, max_detections, ...)."""
+    if name not in DETECTORS:
+        raise DeepscopeError(f"unknown detector {name!r}; choose one of {', '.join(detector_names())}")
+    return _construct(name, DETECTORS[name], (num_classes, in_channels), {"num_classes", "in_channels"}, model_args)

@@ -1,0 +1,1 @@
+"""Object detection: config, task, inference (whole and tiled), outputs, report."""

@@ -1,0 +1,178 @@
+"""Object detection: boxes (and masks) from VOC, COCO, YOLO or instance-label files, detectors trained from scratch
+or from a local file, COCO mAP on whole images.
+
+Training images are decoded once into memory and augmented on the training device with their boxes; every detector
+resizes, normalises and pads its batch itself (torchvision's transform), drawing the shorter side from
+``config.train_sizes()`` for multi-scale training. Validation and test images are predicted whole (or tile by tile
+when ``inference.tile`` is set) and scored with the COCO metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepscope.data.det_batches import DetBatches, DetSample
+from deepscope.data.det_types import DetData, DetItem
+from deepscope.data.detection import load_detection_data
+from deepscope.data.readers import probe_image, read_image
+from deepscope.engine.checkpoint import load_init_weights
+from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.task import ItemShard, Task, split_validation
+from deepscope.errors import DataError
+from deepscope.metrics.detection import DetectionScorer
+from deepscope.models.detection import build_detector, predicts_masks
+from deepscope.tasks.detect.config import DetectConfig
+from deepscope.tasks.detect.predict import Detector
+from deepscope.tasks.detect.report import detect_report_sections, draw_worst
+
+PICTURES = 8  # test images drawn in the report
+
+
+def as_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
+    """(H, W, C) image with ``channels`` channels: grey images are repeated to RGB when the data set mixes both."""
+    if image.shape[2] == channels:
+        return image
+    if image.shape[2] == 1:
+        return np.repeat(image, channels, axis=2)
+    raise DataError(f"{name}: has {image.shape[2]} channels but the model takes {channels}")
+
+
+def detector_args(config: DetectConfig) -> dict[str, Any]:
+    """``model_args`` with the sizes and the detection limit the task sets (the limit is ``inference.max_detections``,
+    so that prediction and the metric agree; a ``model_args.max_detections`` of its own wins for the model)."""
+    return {"min_size": config.train_sizes(), "max_size": config.max_size, "max_detections": config.inference.max_detections,
+            **config.model_args}
+
+
+def truth_of(item: DetItem, masks: bool) -> dict[str, np.ndarray]:
+    """The metric's ground truth of one image (crowd/difficult objects flagged, masks when the model predicts them)."""
+    truth = {"boxes": item.boxes, "labels": item.labels, "iscrowd": item.crowd}
+    if item.area is not None:
+        truth["area"] = item.area
+    if masks:
+        truth["masks"] = item.masks() if item.masks is not None else np.zeros((len(item.boxes), item.height, item.width), bool)
+    return truth
+
+
+def load_split(data: DetData, split: str) -> list[DetItem]:
+    items = data.splits.get(split, data.splits.get("all") if split == "test" and len(data.splits) == 1 else None)
+    if items is None:
+        raise DataError(f"the data has no {split} split (found {', '.join(sorted(data.splits))})")
+    return items
+
+
+def score_items(detector: Detector, items: Sequence[DetItem], channels: int, class_names: list[str], max_detections: int,
+                masks: bool, curves: bool = False) -> tuple[dict[str, Any], list[tuple[DetItem, dict[str, np.ndarray]]]]:
+    """COCO metrics of ``items`` (gathered over processes; with ``curves`` also precision-recall curves and the best-F1
+    score thresholds) and this process's (item, prediction) pairs."""
+    pairs = [(item, detector(as_channels(read_image(item.path), channels, item.name))) for item in items]
+    records = [(pred, truth_of(item, masks)) for item, pred in pairs]
+    scorer = DetectionScorer(class_names, max_detections=max_detections, masks=masks)
+    for part in gather_objects(records):
+        for pred, truth in part:
+            scorer.update([pred], [truth])
+    return scorer.compute(curves=curves), pairs
+
+
+class DetectTask(Task):
+    name = "detect"
+    config: DetectConfig
+    find_unused_parameters = True  # pyramid levels a head does not read, mask heads on batches without positives
+
+    def setup(self, device: torch.device, dist: DistInfo) -> None:
+        cfg = self.config
+        self.device, self.dist = device, dist
+        data = load_detection_data(cfg.data or None, cfg.images, cfg.annotations, cfg.class_names)
+        splits = dict(data.splits)
+        if "all" in splits:
+            splits["train"] = splits.pop("all")
+        if "train" not in splits or not splits["train"]:
+            raise DataError(f"{cfg.data or cfg.images}: no training images")
+        if "val" not in splits:
+            splits["train"], val = split_validation(splits["train"], cfg.val_fraction, cfg.seed)
+            if val:
+                splits["val"] = val
+        self.splits, self.class_names = splits, data.class_names
+        self.masks = predicts_masks(cfg.model)
+        if self.masks and not all(item.has_masks for item in splits["train"]):
+            raise DataError(f"model {cfg.model!r} learns masks, but the annotations give boxes only; use masks/ label images or COCO segmentations")
+        self.channels = max(probe_image(item.path)[2] for items in splits.values() for item in items)
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config
+        model = build_detector(cfg.model, len(self.class_names), self.channels, **detector_args(cfg))
+        if cfg.init_from:
+            self.notes.append(load_init_weights(model, cfg.init_from))
+        return model
+
+    def _samples(self) -> list[DetSample]:
+        """Decoded training images and their targets. Crowd/difficult objects are left out of training: the metric
+        counts them neither as hits nor as misses, and torchvision's detectors have no way to ignore a region."""
+        samples = []
+        for item in self.splits["train"]:
+            keep = ~item.crowd
+            target = {"boxes": item.boxes[keep], "labels": item.labels[keep]}
+            masks = (lambda item=item, keep=keep: item.masks()[keep]) if self.masks else None
+            samples.append(DetSample(as_channels(read_image(item.path), self.channels, item.name), target, masks))
+        return samples
+
+    def train_batches(self) -> DetBatches:
+        cfg, world = self.config, self.dist.world
+        if cfg.batch_size % world:
+            raise DataError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        return DetBatches(self._samples(), cfg.batch_size // world, self.device, self.dist.rank, world, cfg.seed, cfg.augment)
+
+    def val_batches(self) -> ItemShard | None:
+        return ItemShard(self.splits["val"], self.dist.rank, self.dist.world) if "val" in self.splits else None
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        images, targets = batch
+        losses = model(images, targets)
+        return sum(losses.values())
+
+    def detector(self, model: nn.Module) -> Detector:
+        return Detector(model, self.config.inference, self.device, masks=self.masks, batch_size=self.config.eval_batch_size)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        metrics, _ = score_items(self.detector(model), list(batches), self.channels, self.class_names,
+                                 self.config.inference.max_detections, self.masks)
+        return metrics
+
+    def inference_state(self) -> dict[str, Any]:
+        return {"class_names": self.class_names, "channels": self.channels, "masks": self.masks}
+
+    def display_images(self, batch: Any) -> torch.Tensor:
+        images = [image[:3] if image.shape[0] >= 3 else image[:1] for image in batch[0][:4]]
+        size = min(min(i.shape[-2] for i in images), 256), min(min(i.shape[-1] for i in images), 256)
+        return torch.stack([i[:, : size[0], : size[1]].float() for i in images]).clamp(0, 1) if len({i.shape[0] for i in images}) == 1 else torch.empty(0)
+
+    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+        shown = "test" if "test" in self.splits else "val" if "val" in self.splits else None
+        if shown is None:
+            return {}
+        items = ItemShard(self.splits[shown], self.dist.rank, self.dist.world)
+        with torch.no_grad():
+            metrics, pairs = score_items(self.detector(model), list(items), self.channels, self.class_names,
+                                         self.config.inference.max_detections, self.masks, curves=True)
+        result: dict[str, Any] = {"shown_split": shown}
+        if shown == "test":
+            result["test"] = metrics
+            result.update({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        result["final_metrics"] = metrics
+        if self.dist.is_main:
+            draw_worst(pairs, self.class_names, metrics, run_dir / "detections.png", PICTURES)
+        return result
+
+    def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
+        from deepscope.engine.report import write_report
+
+        split = "test" if metrics.get("test") else "validation"
+        sections = detect_report_sections(metrics.get("final_metrics") or metrics.get("val") or {}, split, self.class_names, run_dir)
+        write_report(run_dir, f"deepscope detect: {self.config.model} on {self.config.data or self.config.images}", metrics, history, sections)

@@ -1,0 +1,181 @@
+"""Detection backbones and torchvision's detectors built from scratch: shapes, losses, detections, overfitting, errors."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import box_iou
+
+from deepscope.errors import DeepscopeError
+from deepscope.models.detection import build_detector, detector_names, predicts_masks
+from deepscope.models.detection.backbones import BACKBONES, build_backbone, group_norm
+
+TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
+SMALL = {"backbone": "tiny", "fpn_channels": 16, "min_size": 96, "max_size": 128}  # 96x128 and 112x96 images stay unresized
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: their convolutions gain nothing from intra-op threads, and on a busy shared CPU the
+    threads' waiting for each other made a 2-second test take minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def painted_image(boxes: torch.Tensor, labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grey image with each box filled bright in the colour channel of its label: an easy, known answer."""
+    image = torch.full((3, *size), 0.2)
+    for (x1, y1, x2, y2), label in zip(boxes.long().tolist(), labels.tolist()):
+        image[label - 1, y1:y2, x1:x2] = 0.9
+    return image
+
+
+def two_images() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Images of two sizes, the second without objects; both with instance masks filling their boxes."""
+    boxes, labels = torch.tensor([[10.0, 20, 50, 60], [60, 30, 90, 80]]), torch.tensor([1, 2])
+    masks = torch.zeros(2, 96, 128, dtype=torch.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
+        mask[y1:y2, x1:x2] = 1
+    images = [painted_image(boxes, labels, (96, 128)), torch.rand(3, 112, 96)]
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    empty["masks"] = torch.zeros(0, 112, 96, dtype=torch.uint8)
+    return images, [{"boxes": boxes, "labels": labels, "masks": masks}, empty]
+
+
+@pytest.mark.parametrize("norm", ["group", "batch"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbone_gives_fpn_maps_at_the_requested_strides(name: str, norm: str) -> None:
+    backbone = build_backbone(name, norm=norm, fpn_channels=16, strides=(4, 8, 16, 32), extra_p6p7=True)
+    features = backbone(torch.rand(2, 3, 64, 128))
+    assert list(features) == ["0", "1", "2", "3", "p6", "p7"]
+    assert backbone.strides == (4, 8, 16, 32, 64, 128) and backbone.out_channels == 16
+    for feature, stride in zip(features.values(), backbone.strides):
+        assert feature.shape == (2, 16, math.ceil(64 / stride), math.ceil(128 / stride))
+    norms = {type(m) for m in backbone.modules()} & {nn.GroupNorm, nn.BatchNorm2d}
+    assert norms == ({nn.GroupNorm} if norm == "group" else {nn.BatchNorm2d})
+
+
+def test_backbone_takes_other_channel_counts_and_a_subset_of_strides() -> None:
+    backbone = build_backbone("tiny", in_channels=1, strides=(4,))
+    features = backbone(torch.rand(1, 1, 32, 48))
+    assert list(features) == ["0"] and features["0"].shape == (1, 128, 8, 12)
+    for bad in ({"strides": (16, 8)}, {"strides": (2, 4)}, {"strides": ()}):
+        with pytest.raises(ValueError, match="strides"):
+            build_backbone("tiny", **bad)
+    with pytest.raises(ValueError, match="resnet99"):
+        build_backbone("resnet99")
+
+
+def test_torchvision_resnet_weights_fit_the_trunk() -> None:
+    """A user's own torchvision ResNet (same norm) loads under ``body.``; only the classifier is left over."""
+    state = torchvision.models.resnet18(norm_layer=group_norm).state_dict()
+    result = build_backbone("resnet18", strides=(4, 8, 16, 32)).body.load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["fc.bias", "fc.weight"]
+
+
+def test_groupnorm_features_do_not_depend_on_the_other_images_in_the_batch() -> None:
+    """In training mode BatchNorm normalises with the batch's statistics, so an image's features change with its
+    companions; GroupNorm's do not, which is why it suits detection's small batches."""
+    torch.manual_seed(0)
+    image, other = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 3
+    for norm, independent in (("group", True), ("batch", False)):
+        backbone = build_backbone("tiny", norm=norm, fpn_channels=16).train()
+        alone, together = backbone(image)["0"], backbone(torch.cat([image, other]))["0"][:1]
+        assert torch.allclose(alone, together, atol=1e-5) == independent, norm
+
+
+@pytest.mark.parametrize("name", TORCHVISION_DETECTORS)
+def test_detector_gives_losses_in_training_and_detections_in_evaluation(name: str) -> None:
+    torch.manual_seed(0)
+    images, targets = two_images()
+    model = build_detector(name, 2, **SMALL, score_thresh=0.0)
+    losses = model.train()(images, targets)
+    assert losses and all(loss.ndim == 0 and torch.isfinite(loss) for loss in losses.values())
+    assert ("loss_mask" in losses) == predicts_masks(name)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        detections = model.eval()(images)
+    assert len(detections) == 2
+    for detection, image in zip(detections, images):
+        height, width = image.shape[1:]
+        boxes = detection["boxes"]
+        assert len(boxes) > 0 and len(boxes) == len(detection["scores"]) == len(detection["labels"])
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all()
+        assert (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
+        assert set(detection["labels"].tolist()) <= {1, 2}
+        assert ((detection["scores"] >= 0) & (detection["scores"] <= 1)).all()
+        if predicts_masks(name):
+            assert detection["masks"].shape == (len(boxes), 1, height, width)
+        else:
+            assert "masks" not in detection
+
+
+def test_retinanet_overfits_one_image() -> None:
+    torch.manual_seed(0)
+    boxes, labels = torch.tensor([[5.0, 7, 27, 24], [33, 29, 60, 60], [13, 40, 29, 59]]), torch.tensor([1, 2, 1])
+    image = painted_image(boxes, labels, (64, 64))
+    model = build_detector("retinanet", 2, backbone="tiny", fpn_channels=16, min_size=64, max_size=64, extra_p6p7=False).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(50):
+        loss = sum(model([image], [{"boxes": boxes, "labels": labels}]).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < history[0] / 10
+    with torch.no_grad():
+        found = model.eval()([image])[0]
+    confident = found["scores"] > 0.5
+    for box, label in zip(boxes, labels):
+        same_class = confident & (found["labels"] == label)
+        assert same_class.any() and box_iou(box[None], found["boxes"][same_class]).max() > 0.5
+
+
+def test_max_detections_lifts_the_cap_of_100_and_label_0_never_comes_out() -> None:
+    """An untrained RetinaNet scores every anchor 0.01 (its prior), so a zero threshold lets hundreds through."""
+    torch.manual_seed(0)
+    image = [torch.rand(3, 128, 128)]
+    counts = {}
+    for cap in (100, 300):
+        model = build_detector("retinanet", 1, backbone="tiny", fpn_channels=16, min_size=128, max_size=128, score_thresh=0.0,
+                               max_detections=cap).eval()
+        with torch.no_grad():
+            detection = model(image)[0]
+        assert (detection["labels"] == 1).all()
+        counts[cap] = len(detection["boxes"])
+    assert counts[100] <= 100 < counts[300]
+
+
+def test_groupnorm_detections_do_not_depend_on_the_other_images_in_the_batch() -> None:
+    torch.manual_seed(0)
+    image, other = torch.rand(3, 96, 128), torch.rand(3, 96, 128)
+    model = build_detector("fcos", 1, **SMALL, score_thresh=0.0).eval()
+    with torch.no_grad():
+        alone, together = model([image])[0], model([image, other])[0]
+    assert len(alone["boxes"]) > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.allclose(alone[key].float(), together[key].float(), atol=1e-4), key
+
+
+def test_registry_names_and_errors() -> None:
+    assert detector_names() == ["centernet", "detr", "fasterrcnn", "fcos", "maskrcnn", "retinanet"]
+    assert [predicts_masks(name) for name in TORCHVISION_DETECTORS] == [False, False, False, True]
+    with pytest.raises(DeepscopeError, match="unknown detector 'yolo'; choose one of centernet, detr"):
+        build_detector("yolo", 2)
+    with pytest.raises(DeepscopeError, match="'fcos' has no argument.*depth.*it takes .*backbone"):
+        build_detector("fcos", 2, depth=3)
+    for bad, problem in (({"backbone": "resnet99"}, "resnet99"), ({"norm": "layer"}, "layer"), ({"min_size": 900}, "min_size"),
+                         ({"strides": [8, 64]}, "strides")):
+        with pytest.raises(DeepscopeError, match=problem):
+            build_detector("retinanet", 2, **bad)
+    with pytest.raises(DeepscopeError, match="num_classes"):
+        build_detector("fasterrcnn", 0)

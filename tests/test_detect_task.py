@@ -1,0 +1,164 @@
+"""The detect task end to end through the CLI: train, resume, evaluate, predict, score saved detections, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from deepscope.cli import main
+from deepscope.demo import write_shapes
+from deepscope.engine.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
+from deepscope.errors import CheckpointError
+from deepscope.models.detection import build_detector
+from deepscope.tasks.detect.apply import load_detector
+
+TINY = ["--model", "centernet", "--batch-size", "4", "--amp", "off", "--set", "image_size=0",
+        "--set", "model_args={backbone: tiny, fpn_channels: 16}", "--set", "augment.crop=0"]
+
+
+def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated shapes, 24 training and 6 test images of 64x64 with a COCO file each."""
+    return write_shapes(tmp_path_factory.mktemp("shapes"), train=24, test=6, size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "detect", "--data", str(shapes), "--epochs", "3", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_training_writes_the_run_folder_and_the_loss_falls(trained: Path) -> None:
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.json", "report.html", "pr_curves.png", "detections.png"):
+        assert (trained / name).is_file(), name
+    metrics = json.loads((trained / "metrics.json").read_text())
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0]
+    assert 0 <= metrics["test_map"] <= metrics["test_map_50"] <= 1
+    assert set(metrics["test"]["per_class"]) == {"square", "disc", "triangle"}
+    report = (trained / "report.html").read_text()
+    assert "mAP" in report and "Best score threshold" in report
+
+
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(shapes: Path, tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["train", "detect", "--data", str(shapes), *TINY]
+    assert main([*args, "--epochs", "2", "--out", str(straight)]) == 0
+    # stopped by the time limit after its first step (as a killed run leaves last.pt mid-epoch), then resumed
+    assert main([*args, "--epochs", "2", "--out", str(resumed), "--max-minutes", "0.00001"]) == 0
+    assert json.loads((resumed / "metrics.json").read_text())["stopped"] == "max_minutes"
+    assert main(["train", "detect", "--resume", "--out", str(resumed), "--set", "max_minutes=null"]) == 0
+    a, b = load_checkpoint(straight / "last.pt")["model"], load_checkpoint(resumed / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_predict_and_score_saved_detections_agree(trained: Path, shapes: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["evaluate", str(trained / "best.pt"), "--data", str(shapes), "--split", "test"]) == 0
+    scores = last_json(capsys)
+    assert scores["map"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test_map"])
+    pred = tmp_path / "pred.json"
+    assert main(["predict", str(trained / "best.pt"), str(shapes / "test" / "images"), "--out", str(pred)]) == 0
+    coco = json.loads(pred.read_text())
+    assert {i["file_name"] for i in coco["images"]} == {p.name for p in (shapes / "test" / "images").iterdir()}
+    assert all(len(a["bbox"]) == 4 and 0 <= a["score"] <= 1 for a in coco["annotations"])
+    for truth in (shapes / "test", shapes / "test" / "annotations.json"):  # a data folder or a COCO file
+        assert main(["evaluate", "detect", "--pred", str(pred), "--truth", str(truth), "--out", str(tmp_path / "s.json")]) == 0
+        saved = last_json(capsys)
+        assert saved["map"] == pytest.approx(scores["map"]) and saved["map_50"] == pytest.approx(scores["map_50"])
+        assert saved["max_detections"] == 100 and "per_class" in saved
+
+
+def test_predict_writes_voc_yolo_pictures_and_tiles(trained: Path, shapes: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    images = shapes / "test" / "images"
+    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "voc"), "--format", "voc", "--draw"]) == 0
+    assert len(list((tmp_path / "voc").glob("*.xml"))) == 6 and (tmp_path / "voc" / "pictures" / "detections.png").is_file()
+    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "yolo"), "--format", "yolo"]) == 0
+    assert len(list((tmp_path / "yolo").glob("*.txt"))) == 6
+    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "t.json"), "--tile", "48", "--overlap", "24"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["settings"]["tile"] == [48, 48]
+
+
+def test_bad_flags_and_checkpoints_fail_in_one_line(trained: Path, shapes: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = str(trained / "best.pt")
+    assert main(["predict", ckpt, str(shapes / "test" / "images"), "--out", str(tmp_path / "x.json"), "--format", "voc"]) == 2
+    assert "folder" in capsys.readouterr().err
+    assert main(["predict", ckpt, str(shapes / "test" / "images"), "--out", str(tmp_path / "x"), "--halo", "8"]) == 2
+    assert "--halo" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    save_checkpoint({"model": {}, "config": {"task": "segment"}}, other)
+    with pytest.raises(CheckpointError, match="segment"):
+        load_detector(other, torch.device("cpu"))
+    assert main(["train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(tmp_path / "r"), *TINY,
+                 "--init-from", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err
+
+
+def test_init_from_a_torchvision_resnet_fits_the_backbone_or_names_what_does_not(tmp_path: Path) -> None:
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    model = build_detector("fcos", 2, 3, backbone="resnet18", norm="batch", fpn_channels=32, min_size=64, max_size=64)
+    message = load_init_weights(model, weights)
+    assert "backbone.body." in message and "fc.weight" in message
+    source = torch.load(weights)
+    assert torch.equal(model.state_dict()["backbone.body.layer1.0.conv1.weight"], source["layer1.0.conv1.weight"])
+    grouped = build_detector("fcos", 2, 3, backbone="resnet18", norm="group", fpn_channels=32, min_size=64, max_size=64)
+    with pytest.raises(CheckpointError, match="batch-norm statistics"):
+        load_init_weights(grouped, weights)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"layer1.0.conv1.weight": torch.zeros(3, 3, 3, 3)}, wrong)
+    with pytest.raises(CheckpointError, match="different shape"):
+        load_init_weights(model, wrong)
+
+
+def test_a_whole_detector_checkpoint_initialises_a_new_run(trained: Path, shapes: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "fine"
+    assert main(["train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY,
+                 "--init-from", str(trained / "best.pt")]) == 0
+    log = (out / "train.log").read_text()
+    assert "initialised" in log and "of " in log
+    state = load_checkpoint(out / "last.pt")
+    assert state["config"]["init_from"] == str(trained / "best.pt")
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["history"][0]["train_loss"])
+
+
+def test_two_gloo_processes_train_and_score_every_test_image_once(shapes: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Under DDP each process predicts its share of the test images; the gathered score equals one process scoring
+    them all with the same weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "deepscope"]
+    out = tmp_path / "ddp"
+    run = subprocess.run([*launcher, "train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert main(["evaluate", str(out / "best.pt"), "--data", str(shapes), "--split", "test"]) == 0
+    assert last_json(capsys)["map"] == pytest.approx(metrics["test_map"])
+
+
+@pytest.mark.slow
+def test_demo_detect_finds_the_shapes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "detect", "--out", str(tmp_path / "demo")]) == 0
+    result = last_json(capsys)
+    assert result["map_50"] >= 0.8 and result["map"] > 0.5
+    assert (tmp_path / "demo" / "report.html").is_file()
