@@ -179,6 +179,16 @@ def mask_rcnn(
     ), in_channels, min_size, max_size)
 
 
+def _single_stage(cls: type[Detector], body: FPNBackbone, num_classes: int, anchors: AnchorGenerator, head: nn.Module,
+                  sizes: tuple[int, int | Sequence[int], int], score_thresh: float, nms_thresh: float, max_detections: int) -> Detector:
+    """RetinaNet or FCOS with K + 1 classes, deepscope's transform and candidates enough for ``max_detections``."""
+    in_channels, min_size, max_size = sizes
+    model = cls(body, num_classes + 1, **transform_args(in_channels, min_size, max_size), anchor_generator=anchors, head=head,
+                score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=max_detections,
+                topk_candidates=max(1000, max_detections))
+    return _scaled(model, in_channels, min_size, max_size)
+
+
 def retinanet(
     num_classes: int,
     in_channels: int = 3,
@@ -198,17 +208,8 @@ def retinanet(
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = octave_anchors(body.strides)
     head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=_head_norm(norm))
-    return _scaled(RetinaNetFromOne(
-        body,
-        num_classes + 1,
-        **transform_args(in_channels, min_size, max_size),
-        anchor_generator=anchors,
-        head=head,
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=max_detections,
-        topk_candidates=max(1000, max_detections),
-    ), in_channels, min_size, max_size)
+    return _single_stage(RetinaNetFromOne, body, num_classes, anchors, head, (in_channels, min_size, max_size),
+                         score_thresh, nms_thresh, max_detections)
 
 
 def fcos(
@@ -231,14 +232,6 @@ def fcos(
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = AnchorGenerator(tuple((s,) for s in body.strides), ((1.0,),) * len(body.strides))
-    return _scaled(FCOSFromOne(
-        body,
-        num_classes + 1,
-        **transform_args(in_channels, min_size, max_size),
-        anchor_generator=anchors,
-        head=NormFCOSHead(fpn_channels, num_classes + 1, group_norm),
-        score_thresh=score_thresh,
-        nms_thresh=nms_thresh,
-        detections_per_img=max_detections,
-        topk_candidates=max(1000, max_detections),
-    ), in_channels, min_size, max_size)
+    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm)
+    return _single_stage(FCOSFromOne, body, num_classes, anchors, head, (in_channels, min_size, max_size),
+                         score_thresh, nms_thresh, max_detections)
