@@ -35,7 +35,8 @@ MODELS: dict[str, list[str]] = {
     "retinanet": ["epochs=14"],
     "fasterrcnn": ["epochs=10"],
     "fcos-tiny": ["epochs=24", "model_args.backbone=tiny"],
-    "centernet-tiny": ["epochs=30", "model_args.backbone=tiny"],
+    "centernet-tiny": ["epochs=24", "model_args.backbone=tiny"],
+    "retinanet-tiny": ["epochs=24", "model_args.backbone=tiny"],
 }
 ULTRALYTICS = "ultralytics==8.4.190"
 SPLIT = CACHE / "pennfudan_split"
