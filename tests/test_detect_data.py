@@ -17,7 +17,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from deepscope.data import detection
-from deepscope.data.detection import coco_dict, load_detection_data, load_image
+from deepscope.data.detection import coco_ground_truth, load_detection_data
+from deepscope.data.readers import read_image
 from deepscope.errors import DataError
 
 # ------------------------------------------------------------------------------------------------- file writers
@@ -122,7 +123,7 @@ def test_voc_boxes_are_converted_from_one_based_inclusive(tmp_path: Path) -> Non
     assert a.boxes.dtype == np.float32 and a.labels.tolist() == [2, 1] and a.crowd.tolist() == [False, True]
     assert a.masks is None and a.area is None
     assert b.boxes.shape == (0, 4) and b.labels.shape == (0,) and b.crowd.shape == (0,)
-    assert load_image(a).shape == (16, 20, 3)
+    assert read_image(a.path).shape == (16, 20, 3)
 
 
 def test_class_names_fix_the_order_and_unknown_names_fail(tmp_path: Path) -> None:
@@ -304,13 +305,13 @@ def test_two_annotation_sources_ask_to_choose(tmp_path: Path) -> None:
     raises("--images and --annotations", root, data=root)
 
 
-# ----------------------------------------------------------------------------------------------------- coco_dict
+# ---------------------------------------------------------------------------------------------- coco_ground_truth
 
 
-def test_coco_dict_is_ground_truth_pycocotools_scores_perfectly(tmp_path: Path) -> None:
+def test_coco_ground_truth_is_what_pycocotools_scores_perfectly(tmp_path: Path) -> None:
     images, path, _ = coco_set(tmp_path)
     data = load_detection_data(images=images, annotations=path)
-    gt_dict = coco_dict(data, "all")
+    gt_dict = coco_ground_truth(data.class_names, data.splits["all"], masks=True)
     json.dumps(gt_dict)  # RLE counts are str, so it can be written as JSON
     assert [c["id"] for c in gt_dict["categories"]] == [1, 2]
     assert [a["id"] for a in gt_dict["annotations"]] == [1, 2, 3]

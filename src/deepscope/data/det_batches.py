@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from deepscope.data.det_augment import DetAugmentConfig, as_target, augment_sample, mosaic
-from deepscope.data.det_types import DetItem
-from deepscope.data.readers import read_image
-from deepscope.errors import DataError, DeepscopeError
+from deepscope.errors import DeepscopeError
 
 
 @dataclass
@@ -33,19 +31,6 @@ class DetSample:
     image: np.ndarray | Tensor
     target: dict[str, Any]
     masks: Callable[[], Any] | None = None
-
-
-def samples_from_items(items: Sequence[DetItem]) -> list[DetSample]:
-    """Read every item's image into memory; errors name the file."""
-    samples = []
-    for item in items:
-        image = read_image(item.path)
-        if image.shape[:2] != (item.height, item.width):
-            raise DataError(f"{item.path}: image is {image.shape[1]} x {image.shape[0]} pixels but its annotation says "
-                            f"{item.width} x {item.height}")
-        target = {"boxes": item.boxes, "labels": item.labels, "iscrowd": item.crowd, "image_id": item.image_id}
-        samples.append(DetSample(image, target, item.masks))
-    return samples
 
 
 def _seeded(device: torch.device, *keys: int) -> torch.Generator:

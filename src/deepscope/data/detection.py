@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -28,7 +28,7 @@ import yaml
 from scipy import ndimage
 
 from deepscope.data.det_types import DetData, DetItem
-from deepscope.data.readers import SPLITS, is_image_file, probe_image, read_image
+from deepscope.data.readers import SPLITS, is_image_file, probe_image
 from deepscope.data.segmentation import read_volume
 from deepscope.errors import DataError
 
@@ -565,34 +565,29 @@ def load_detection_data(
     return DetData(names, splits)
 
 
-def load_image(item: DetItem) -> np.ndarray:
-    """The item's pixels, (H, W, C) uint8 or uint16 with the file's own channels."""
-    return read_image(item.path)
-
-
-def _rles(masks: np.ndarray) -> list[dict]:
-    """Compressed RLEs with ``counts`` as str, so the dict can be written as JSON."""
+def json_rles(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) masks as compressed COCO RLEs with ``counts`` as str, so they can be written as JSON."""
     encoded = mask_utils.encode(np.asfortranarray(np.moveaxis(masks, 0, -1).astype(np.uint8))) if len(masks) else []
-    return [{"size": rle["size"], "counts": rle["counts"].decode("ascii")} for rle in encoded]
+    return [{"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")} for rle in encoded]
 
 
-def coco_dict(data: DetData, split: str) -> dict:
-    """The ground truth of ``split`` as a COCO data set (category ids 1..K, annotation ids from 1), for pycocotools."""
-    if split not in data.splits:
-        raise DataError(f"no split {split!r} in the data (found: {', '.join(data.splits)})")
+def coco_ground_truth(class_names: list[str], items: Sequence[DetItem], masks: bool = False) -> dict:
+    """The objects of ``items`` as a COCO data set for pycocotools: category ids 1..K, annotation ids from 1, boxes as
+    [x, y, w, h], crowds as ``iscrowd``, ``area`` the item's own (a COCO file's mask area) or else the box area, as
+    COCO does for boxes; with ``masks`` also each object's mask as RLE."""
     images, annotations = [], []
-    for item in data.splits[split]:
-        images.append({"id": item.image_id, "file_name": item.name, "width": item.width, "height": item.height})
-        rles = _rles(item.masks()) if item.has_masks else None
+    for item in items:
+        images.append({"id": int(item.image_id), "file_name": item.name, "width": int(item.width), "height": int(item.height)})
+        rles = json_rles(item.masks()) if masks and item.has_masks else None
         sizes = item.boxes[:, 2:] - item.boxes[:, :2]
         areas = item.area if item.area is not None else sizes[:, 0] * sizes[:, 1]
         for k, (box, size) in enumerate(zip(item.boxes.tolist(), sizes.tolist())):
             annotation = {
-                "id": len(annotations) + 1, "image_id": item.image_id, "category_id": int(item.labels[k]),
+                "id": len(annotations) + 1, "image_id": int(item.image_id), "category_id": int(item.labels[k]),
                 "bbox": [box[0], box[1], size[0], size[1]], "area": float(areas[k]), "iscrowd": int(item.crowd[k]),
             }
             if rles is not None:
                 annotation["segmentation"] = rles[k]
             annotations.append(annotation)
-    categories = [{"id": i + 1, "name": name} for i, name in enumerate(data.class_names)]
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(class_names)]
     return {"images": images, "categories": categories, "annotations": annotations}

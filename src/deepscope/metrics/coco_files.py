@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from deepscope.data.det_types import DetData, DetItem
+from deepscope.data.det_types import DetData
+from deepscope.data.detection import coco_ground_truth, json_rles
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer, binary_masks
 
@@ -94,37 +94,13 @@ def load_coco_predictions(path: str | Path) -> CocoPredictions:
     return CocoPredictions(path, detections, file_names, names)
 
 
-def det_items_to_coco(class_names: list[str], items: list[DetItem]) -> dict[str, Any]:
-    """A COCO ground-truth dict of data read from a folder: boxes as [x, y, w, h], crowds as ``iscrowd``.
-
-    ``area`` is the item's own (a COCO file's mask area) when it has one, else the box area, as COCO does for boxes.
-    """
-    images, annotations = [], []
-    for item in items:
-        images.append({"id": int(item.image_id), "file_name": item.name, "width": int(item.width), "height": int(item.height)})
-        boxes = np.asarray(item.boxes, dtype=np.float64).reshape(-1, 4)
-        wh = boxes[:, 2:] - boxes[:, :2]
-        areas = np.asarray(item.area, dtype=np.float64) if item.area is not None else wh[:, 0] * wh[:, 1]
-        for box, size, label, area, crowd in zip(boxes, wh, item.labels, areas, item.crowd):
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": int(item.image_id),
-                "category_id": int(label),
-                "bbox": [float(box[0]), float(box[1]), float(size[0]), float(size[1])],
-                "area": float(area),
-                "iscrowd": int(crowd),
-            })
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
-    return {"images": images, "categories": categories, "annotations": annotations}
-
-
 def _load_truth(truth: str | Path | DetData, split: str | None) -> _CocoTruth:
     if isinstance(truth, DetData):
         if split is not None and split not in truth.splits:
             raise DataError(f"the truth data has no split {split!r}, only {sorted(truth.splits)}")
         items = truth.splits[split] if split else [item for part in truth.splits.values() for item in part]
         source = str(items[0].path.parent) if items else "the truth data"
-        coco = det_items_to_coco(truth.class_names, items)
+        coco = coco_ground_truth(truth.class_names, items)
         return _CocoTruth(source, coco["images"], coco["categories"], coco["annotations"])
     path = Path(truth)
     data = _read_json(path)
@@ -233,8 +209,6 @@ def detections_to_coco(
     ``images`` hold ``id``, ``file_name``, ``width``, ``height``; categories get ids 1..K. With ``masks_rle`` the
     detections' masks are written as compressed RLE (``counts`` a string, so the file is JSON) and give the area.
     """
-    from pycocotools import mask as mask_utils
-
     if len(images) != len(detections):
         raise ValueError(f"{len(images)} images but {len(detections)} detection lists")
     annotations = []
@@ -242,9 +216,8 @@ def detections_to_coco(
         boxes = torch.as_tensor(det["boxes"], dtype=torch.float64).cpu().reshape(-1, 4).tolist()
         scores = torch.as_tensor(det["scores"], dtype=torch.float64).cpu().tolist()
         labels = torch.as_tensor(det["labels"], dtype=torch.int64).cpu().tolist()
-        rles = []
-        if masks_rle and det.get("masks") is not None:
-            rles = mask_utils.encode(np.asfortranarray(binary_masks(det["masks"]).permute(1, 2, 0).numpy()))
+        masks = binary_masks(det["masks"]).numpy() if masks_rle and det.get("masks") is not None else None
+        rles = json_rles(masks) if masks is not None else []
         for k, (box, score, label) in enumerate(zip(boxes, scores, labels)):
             w, h = box[2] - box[0], box[3] - box[1]
             annotation = {
@@ -257,8 +230,8 @@ def detections_to_coco(
                 "iscrowd": 0,
             }
             if rles:
-                annotation["area"] = float(mask_utils.area(rles[k]))
-                annotation["segmentation"] = {"size": list(rles[k]["size"]), "counts": rles[k]["counts"].decode("ascii")}
+                annotation["area"] = float(masks[k].sum())
+                annotation["segmentation"] = rles[k]
             annotations.append(annotation)
     return {
         "images": [{key: image[key] for key in ("id", "file_name", "width", "height")} for image in images],
