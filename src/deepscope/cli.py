@@ -33,6 +33,7 @@ TRAIN_FLAGS = {
     "grad_clip": "optim.grad_clip", "device": "device", "amp": "amp", "seed": "seed", "max_minutes": "max_minutes",
     "early_stopping": "early_stopping", "resize": "resize", "loader": "loader", "val_fraction": "val_fraction",
     "method": "method", "images": "images", "annotations": "annotations", "init_from": "init_from",
+    "freeze_encoder": "freeze_encoder",
 }
 
 
@@ -107,7 +108,13 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise DeepscopeError("--tta and --data-range apply to denoising checkpoints only")
     if task != "detect" and args.max_detections is not None:
         raise DeepscopeError("--max-detections applies to detection only")
-    if task == "detect":
+    if (task == "ssl") != bool(args.probe) or (args.fractions and task != "ssl"):
+        raise DeepscopeError("ssl checkpoints are evaluated with --probe knn|linear [--fractions ...]; --probe and --fractions apply to them only")
+    if task == "ssl":
+        from deepscope.tasks.ssl.task import evaluate_checkpoint as evaluate_encoder
+
+        result = evaluate_encoder(args.checkpoint, args.data, args.probe, args.fractions, device)
+    elif task == "detect":
         from deepscope.tasks.detect.apply import evaluate_checkpoint as evaluate_detector
 
         result = evaluate_detector(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
@@ -327,13 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("task", choices=sorted(TASKS))
     train.add_argument("--data", help="classify: class-folder tree or .npz; segment: images/ + masks/ folders or NPZ/HDF5/zarr; "
                        "denoise: noisy/ [+ noisy2/ | clean/] folders, or clean images with --set noise.kind=gaussian; "
-                       "detect: images/ + Annotations/ (VOC XML), a COCO .json, labels/ (YOLO txt) or masks/")
+                       "detect: images/ + Annotations/ (VOC XML), a COCO .json, labels/ (YOLO txt) or masks/; "
+                       "ssl: class folders or .npz (labels only judge the features), a plain folder of images, or images/ (+ masks/)")
     train.add_argument("--images", help="detect: image folder of any layout, with --annotations")
     train.add_argument("--annotations", help="detect: COCO JSON file, or folder of VOC XML, YOLO txt or instance-label images")
-    train.add_argument("--init-from", dest="init_from", help="detect: start the model or its backbone from this local weights file")
+    train.add_argument("--init-from", dest="init_from", help="start the model, or its encoder/backbone, from a local weights file "
+                       "(a deepscope checkpoint, e.g. of train ssl, or a torchvision state dict); the log says which tensors were taken")
+    train.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
+                       help="with --init-from: keep the loaded weights fixed and train only the rest (a linear probe on a classifier)")
     train.add_argument("--model", help="classify: logreg, mlp, cnn, resnet18, fastnet; segment, denoise: unet; "
-                       "detect: fcos, retinanet, fasterrcnn, maskrcnn, centernet, detr")
-    train.add_argument("--method", choices=["n2v", "n2n", "supervised"], help="denoise: Noise2Void, Noise2Noise or noisy-to-clean")
+                       "detect: fcos, retinanet, fasterrcnn, maskrcnn, centernet, detr; ssl (the encoder): resnet18, unet")
+    train.add_argument("--method", choices=["n2v", "n2n", "supervised", "simclr", "vicreg"],
+                       help="denoise: Noise2Void, Noise2Noise or noisy-to-clean; ssl: SimCLR or VICReg")
     train.add_argument("--epochs", type=int)
     train.add_argument("--out", help="run folder for checkpoints, logs and report")
     train.add_argument("--config", help="YAML file of settings")
@@ -370,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation, denoising: folder for the predicted images")
     evaluate.add_argument("--max-detections", dest="max_detections", type=int,
                           help="detection: detections per image the metric counts (default 100, COCO's; raise it for crowded images)")
+    evaluate.add_argument("--probe", nargs="+", choices=["knn", "linear"],
+                          help="ssl: judge the encoder's frozen features by a kNN classifier and/or linear probes (needs labels)")
+    evaluate.add_argument("--fractions", type=float, nargs="+", help="ssl: label fractions of the linear probes (default 0.01 0.1 1)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -395,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pixel_parser(sub)
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
-    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel", "detect"])
+    demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel", "detect", "ssl"])
     demo.add_argument("--out", help="run folder (default: runs/demo-<task>-<date-time>)")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -61,6 +61,8 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 0
     tensorboard_images: int = 16
+    init_from: str | None = None  # start the model (or its encoder/backbone) from the weights of this local file
+    freeze_encoder: bool = False  # with init_from: train only what the file did not provide (a linear probe on a classifier)
 
 
 def _resolve_type(tp: Any) -> Any:

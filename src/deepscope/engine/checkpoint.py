@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +129,14 @@ def _state_dict_of(value: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
+def load_init_weights(model: torch.nn.Module, path: str | Path, freeze: bool = False) -> str:
     """Start ``model`` (or its backbone) from the weights of a local file; returns one line saying what was taken.
 
     The file's keys are mapped onto the model's by the pair of key prefixes (e.g. a torchvision ResNet's ``layer1.*``
     onto a detector's ``backbone.body.layer1.*``) that fits the most tensors. Tensors whose shapes differ, and batch-norm
     statistics meeting a model without them (a GroupNorm model), are errors listing the keys: a partly fitting file is
     never loaded silently wrong. Keys with no counterpart at all (a classifier's last layer) are left out and named.
+    ``freeze`` keeps every tensor taken from the file fixed (see :func:`freeze_tensors`).
     """
     path = Path(path)
     source = _state_dict_of(_read(path), path)
@@ -160,6 +162,25 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> str:
     taken = {k: v for k, v in mapped.items() if k in target}
     left_out = [k for k in mapped if k not in target]
     model.load_state_dict(taken, strict=False)
-    where = f"under {add!r}" if add else "by name"
+    where = f"mapping {strip or '(top level)'}* onto {add or '(top level)'}*" if strip != add else "by name"
+    left_out += [k for k in source if not k.startswith(strip)]  # e.g. a self-supervised run's projection head
     skipped = f"; left out {len(left_out)} with no counterpart ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''})" if left_out else ""
-    return f"initialised {len(taken)} of {len(target)} tensors from {path} {where}{skipped}"
+    frozen = f"; {freeze_tensors(model, set(taken), path)} frozen" if freeze else ""
+    return f"initialised {len(taken)} of {len(target)} tensors from {path} {where}{skipped}{frozen}"
+
+
+def freeze_tensors(model: torch.nn.Module, names: set[str], path: Path) -> int:
+    """Stop training the parameters in ``names``; returns how many. Batch-norm layers whose parameters are all frozen also
+    keep their running statistics (they stay in eval mode whatever ``model.train()`` says), so a frozen encoder computes
+    the same features in training as in evaluation, as a linear probe requires."""
+    params = dict(model.named_parameters())
+    for name in names & set(params):
+        params[name].requires_grad_(False)
+    if not any(p.requires_grad for p in params.values()):
+        raise CheckpointError(f"{path}: it provides every weight of the model, so --freeze-encoder would leave nothing to train")
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):
+            module.train = types.MethodType(lambda self, mode=True: torch.nn.Module.train(self, False), module)
+            module.eval()
+    return sum(1 for name in names if name in params)

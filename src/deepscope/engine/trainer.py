@@ -23,6 +23,7 @@ from deepscope.config import save_yaml, to_dict
 from deepscope.engine.checkpoint import (
     copy_checkpoint,
     load_checkpoint,
+    load_init_weights,
     load_weights,
     rng_state,
     save_checkpoint,
@@ -121,6 +122,12 @@ class Trainer:
         seed_everything(cfg.seed)
         task.setup(device, dist)
         model = task.build_model()
+        if cfg.init_from:  # also when resuming: it decides which tensors stay frozen
+            note = load_init_weights(model, cfg.init_from, freeze=cfg.freeze_encoder)
+            if state is None:
+                task.notes.append(note)
+        elif cfg.freeze_encoder:
+            raise DeepscopeError("--freeze-encoder needs --init-from FILE, the weights to freeze")
         if state is not None:
             load_weights(model, state["model"], self.last_path)
         if dist.enabled and device.type == "cuda":

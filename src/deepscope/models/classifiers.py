@@ -1,4 +1,4 @@
-"""Image classifiers in the course's order: logistic regression, MLP, small CNN, ResNet-18, fast ResNet-9.
+"""Image classifiers in the course's order: logistic regression, MLP, small CNN, fast ResNet-9 (ResNet-18: models/resnet.py).
 
 All take NCHW float input of shape (C, H, W) given at construction and return logits.
 """
@@ -81,21 +81,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def resnet18(in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """torchvision ResNet-18; for images up to 64 px the stem is a 3x3 stride-1 conv without max-pool.
-
-    torchvision is imported here: it costs seconds of start-up that the other models need not pay."""
-    import torchvision
-
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    if in_shape[0] != 3 or min(in_shape[1:]) <= 64:
-        stride = 1 if min(in_shape[1:]) <= 64 else 2
-        model.conv1 = nn.Conv2d(in_shape[0], 64, 3, stride=stride, padding=1, bias=False)
-    if min(in_shape[1:]) <= 64:
-        model.maxpool = nn.Identity()
-    return model
 
 
 class FastBlock(nn.Module):

@@ -11,13 +11,14 @@ from torch import nn
 
 from deepscope.errors import DeepscopeError
 from deepscope.models import classifiers
+from deepscope.models.resnet import resnet18
 from deepscope.models.unet import UNet
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": classifiers.LogisticRegression,
     "mlp": classifiers.MLP,
     "cnn": classifiers.SmallCNN,
-    "resnet18": classifiers.resnet18,
+    "resnet18": resnet18,
     "fastnet": classifiers.FastNet,
 }
 
@@ -26,7 +27,7 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def _construct(name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]) -> nn.Module:
+def construct_model(name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]) -> nn.Module:
     """``factory(*args, **kwargs)`` with unknown keyword names and invalid values reported as one-line errors."""
     allowed = set(inspect.signature(factory).parameters) - positional
     unknown = sorted(set(kwargs) - allowed)
@@ -43,12 +44,12 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **k
     """Instantiate classifier ``name`` for inputs of ``in_shape`` (C, H, W) and ``num_classes`` outputs."""
     if name not in _MODELS:
         raise DeepscopeError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
-    return _construct(name, _MODELS[name], (tuple(in_shape), num_classes), {"in_shape", "num_classes"}, kwargs)
+    return construct_model(name, _MODELS[name], (tuple(in_shape), num_classes), {"in_shape", "num_classes"}, kwargs)
 
 
 def build_unet(in_channels: int, out_channels: int, dim: int, **kwargs: Any) -> UNet:
     """A 2D or 3D U-Net; ``kwargs`` are UNet's settings (depth, features, norm, upsample, pool)."""
-    return cast(UNet, _construct("unet", UNet, (in_channels, out_channels, dim), {"in_channels", "out_channels", "dim", "final_activation"}, kwargs))
+    return cast(UNet, construct_model("unet", UNet, (in_channels, out_channels, dim), {"in_channels", "out_channels", "dim", "final_activation"}, kwargs))
 
 
 def count_parameters(model: nn.Module) -> int:

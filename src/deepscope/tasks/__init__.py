@@ -18,6 +18,7 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "denoise": ("deepscope.tasks.denoise", "DenoiseConfig", "DenoiseTask"),
     "detect": ("deepscope.tasks.detect.task", "DetectConfig", "DetectTask"),
     "segment": ("deepscope.tasks.segment", "SegmentConfig", "SegmentTask"),
+    "ssl": ("deepscope.tasks.ssl.task", "SSLConfig", "SSLTask"),
 }
 
 

@@ -16,7 +16,7 @@ from deepscope.errors import DeepscopeError
 from deepscope.models.detection import torchvision_detectors
 from deepscope.models.detection.centernet import CenterNet
 from deepscope.models.detection.detr import DETR
-from deepscope.models.registry import _construct
+from deepscope.models.registry import construct_model
 
 DETECTORS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn": torchvision_detectors.faster_rcnn,
@@ -43,4 +43,4 @@ def build_detector(name: str, num_classes: int, in_channels: int = 3, **model_ar
     ``model_args`` are the detector's own settings (backbone, norm, fpn_channels, min_size, max_detections, ...)."""
     if name not in DETECTORS:
         raise DeepscopeError(f"unknown detector {name!r}; choose one of {', '.join(detector_names())}")
-    return _construct(name, DETECTORS[name], (num_classes, in_channels), {"num_classes", "in_channels"}, model_args)
+    return construct_model(name, DETECTORS[name], (num_classes, in_channels), {"num_classes", "in_channels"}, model_args)

@@ -26,7 +26,6 @@ class DetectConfig(TrainConfig):
     # 0: native scale, no resizing (microscopy, tiled prediction of large images; augment.scale_jitter then varies scale)
     max_size: int = 853  # longer side cap
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])  # training sizes: image_size times this range
-    init_from: str | None = None  # weights of a whole model or of its backbone, from a local file
     val_fraction: float = 0.1
     batch_size: int = 4
     eval_batch_size: int = 4  # tiles per forward pass in tiled prediction

@@ -21,7 +21,6 @@ from deepscope.data.det_batches import DetBatches, DetSample
 from deepscope.data.det_types import DetData, DetItem
 from deepscope.data.detection import load_detection_data
 from deepscope.data.readers import probe_image, read_image
-from deepscope.engine.checkpoint import load_init_weights
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.task import ItemShard, Task, split_validation
 from deepscope.errors import DataError
@@ -106,10 +105,7 @@ class DetectTask(Task):
 
     def build_model(self) -> nn.Module:
         cfg = self.config
-        model = build_detector(cfg.model, len(self.class_names), self.channels, **detector_args(cfg))
-        if cfg.init_from:
-            self.notes.append(load_init_weights(model, cfg.init_from))
-        return model
+        return build_detector(cfg.model, len(self.class_names), self.channels, **detector_args(cfg))
 
     def _samples(self) -> list[DetSample]:
         """Decoded training images and their targets. Crowd/difficult objects are left out of training: the metric
