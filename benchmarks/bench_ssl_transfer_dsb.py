@@ -84,7 +84,7 @@ def pretrain(shared: Path, recipe: Path, out: Path, args: argparse.Namespace) ->
 def segment(data: Path, recipe: Path, out: Path, args: argparse.Namespace, init: Path | None) -> None:
     cmd = deepscope("train", "segment", "--config", str(recipe), "--data", str(data), "--out", str(out),
                     "--max-minutes", f"{args.minutes:g}", "--device", args.device,
-                    *(["--init-from", str(init)] if init else []))
+                    *(["--init-from", str(init)] if init else []), *(a for s in args.segment_set for a in ("--set", s)))
     train(cmd, out)
 
 
@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the labelled training images used")
     parser.add_argument("--patch-size", type=int, default=128, help="side of the pre-training patches")
     parser.add_argument("--ssl-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for train ssl")
+    parser.add_argument("--segment-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more --set for both segment runs (e.g. epochs=2, so the schedule ends within --minutes)")
     parser.add_argument("--recipe", default=str(HERE / "recipes" / "dsb2018_unet.yaml"))
     parser.add_argument("--data", default=str(SHARED / "dsb2018"))
     parser.add_argument("--device", default="auto")

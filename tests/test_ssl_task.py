@@ -70,8 +70,10 @@ def test_evaluate_probes_a_checkpoint(pretrained: Path, digits: Path, capsys: py
 
 
 def test_resume_replays_the_same_run(digits: Path, tmp_path: Path) -> None:
-    small = few_labels(digits, tmp_path / "small.npz", 20)
-    args = ["train", "ssl", "--data", str(small), *TINY, "--set", "probe_fractions=[1]", "--set", "probe_random=false"]
+    train = np.load(digits)
+    small = tmp_path / "small.npz"
+    np.savez(small, x_train=train["x_train"][:180], y_train=train["y_train"][:180])  # no test split, no probes: quick
+    args = ["train", "ssl", "--data", str(small), *TINY, "--val-fraction", "0"]
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0  # stops after step 1
     assert main(["train", "ssl", "--out", str(tmp_path / "split"), "--resume", "--max-minutes", "10"]) == 0
@@ -192,3 +194,15 @@ def test_bad_input_is_one_clear_line(digits: Path, pretrained: Path, tmp_path: P
                      "--epochs", "1", "--out", str(tmp_path / "wide"), "--init-from", str(pretrained / "best.pt")])
     assert "best.pt" in message and "different shape" in message
     assert "--probe" in error(["evaluate", str(pretrained / "best.pt"), "--data", str(digits)])
+    assert "--init-from" in error(["train", "classify", "--data", str(digits), "--epochs", "1", "--out", str(tmp_path / "frozen"),
+                                   "--freeze-encoder"])
+
+
+@pytest.mark.slow
+def test_demo_ssl_beats_the_random_encoder(tmp_path: Path) -> None:
+    from deepscope.demo import run_demo
+
+    result = run_demo("ssl", tmp_path / "demo")
+    assert result["knn_accuracy"] > result["random_encoder_knn_accuracy"] + 0.05
+    assert result["linear_accuracy"] > result["random_encoder_linear_accuracy"] + 0.03
+    assert (tmp_path / "demo" / "report.html").exists()

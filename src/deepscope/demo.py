@@ -35,7 +35,7 @@ from deepscope.tasks.segment import SegmentConfig, SegmentTask
 from deepscope.tasks.ssl.config import SSLConfig
 from deepscope.tasks.ssl.task import SSLTask
 
-DEMO_SSL_EPOCHS = 20
+DEMO_SSL_EPOCHS = 40
 
 
 def write_digits_npz(path: Path, seed: int = 0) -> Path:

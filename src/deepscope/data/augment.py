@@ -27,11 +27,11 @@ class AugmentConfig:
     cutout: int = 0  # side of a zeroed square at a random position, 0 disables
 
 
-def _uniform(generator: torch.Generator, n: int, rows: slice, device: torch.device) -> torch.Tensor:
+def draw_uniform(generator: torch.Generator, n: int, rows: slice, device: torch.device) -> torch.Tensor:
     return torch.rand(n, generator=generator, device=generator.device)[rows].to(device)
 
 
-def _randint(high: int, generator: torch.Generator, n: int, rows: slice, device: torch.device) -> torch.Tensor:
+def draw_randint(high: int, generator: torch.Generator, n: int, rows: slice, device: torch.device) -> torch.Tensor:
     return torch.randint(high, (n,), generator=generator, device=generator.device)[rows].to(device)
 
 
@@ -43,15 +43,15 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator, n: int, r
     """
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = _randint(2 * pad + 1, generator, n, rows, x.device)
-    dx = _randint(2 * pad + 1, generator, n, rows, x.device)
+    dy = draw_randint(2 * pad + 1, generator, n, rows, x.device)
+    dx = draw_randint(2 * pad + 1, generator, n, rows, x.device)
     ys = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(b, c, h, w + 2 * pad)
     xs = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :].expand(b, c, h, w)
     return padded.gather(2, ys).gather(3, xs)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator, n: int, rows: slice) -> torch.Tensor:
-    flip = _uniform(generator, n, rows, x.device) < 0.5
+    flip = draw_uniform(generator, n, rows, x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -59,7 +59,7 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator, n
     """Brightness, contrast and saturation factors in [1 - s, 1 + s] per image, on [0, 1] data."""
 
     def factor() -> torch.Tensor:
-        return (1 + strength * (2 * _uniform(generator, n, rows, x.device) - 1))[:, None, None, None]
+        return (1 + strength * (2 * draw_uniform(generator, n, rows, x.device) - 1))[:, None, None, None]
 
     x = (x * factor()).clamp(0, 1)
     grey = x.mean(1, keepdim=True) if x.shape[1] != 3 else (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
@@ -74,8 +74,8 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator, n
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator, n: int, rows: slice) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square centred at a random pixel of each image."""
     b, _, h, w = x.shape
-    cy = _randint(h, generator, n, rows, x.device)[:, None]
-    cx = _randint(w, generator, n, rows, x.device)[:, None]
+    cy = draw_randint(h, generator, n, rows, x.device)[:, None]
+    cx = draw_randint(w, generator, n, rows, x.device)[:, None]
     ys = torch.arange(h, device=x.device)[None]
     xs = torch.arange(w, device=x.device)[None]
     inside_y = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)

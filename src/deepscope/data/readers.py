@@ -7,6 +7,7 @@ is otherwise a needle in a haystack.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tifffile
@@ -81,3 +82,17 @@ def as_hwc(array: np.ndarray, path: Path | str) -> np.ndarray:
     if array.shape[2] == 4:
         array = array[:, :, :3]
     return np.ascontiguousarray(array)
+
+
+Item = TypeVar("Item")
+
+
+def split_validation(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """A seeded random ``fraction`` of the images (at least one, never all) for validation; whole images, so no patch of a
+    validation image is trained on."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    val = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]

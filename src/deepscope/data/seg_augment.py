@@ -91,7 +91,7 @@ def _rot90(x: Tensor, turns: Tensor) -> Tensor:
     return out
 
 
-def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
+def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
     """Normalized 1D Gaussians of length 2 * radius + 1, one row per sigma; sigma 0 gives the identity kernel."""
     offsets = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
     kernels = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-3)[:, None]) ** 2)
@@ -106,7 +106,7 @@ def _blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     """
     n, c, *spatial = x.shape
     conv = F.conv2d if len(spatial) == 2 else F.conv3d
-    kernels = _gaussian_kernels(sigma.to(torch.float32), radius).to(x.dtype).repeat_interleave(c, 0)
+    kernels = gaussian_kernels(sigma.to(torch.float32), radius).to(x.dtype).repeat_interleave(c, 0)
     out = F.pad(x.reshape(1, n * c, *spatial), [radius] * 2 * len(spatial), mode="replicate")
     for axis in range(len(spatial)):
         shape = [1] * len(spatial)
@@ -145,7 +145,7 @@ def _elastic(config: SegAugmentConfig, generator: torch.Generator, n: int, spati
     radius = math.ceil(3 * config.elastic_sigma)
     sigma = torch.full((n,), config.elastic_sigma, device=device)
     field = _blur(noise, sigma, radius)
-    spread = _gaussian_kernels(sigma[:1], radius).square().sum().sqrt() ** nd
+    spread = gaussian_kernels(sigma[:1], radius).square().sum().sqrt() ** nd
     pixels = config.elastic_alpha * field / spread
     sizes = torch.tensor(spatial, dtype=torch.float32, device=device)
     return (2 * pixels.movedim(1, -1) / sizes).flip(-1)  # axis order (D, H, W) -> grid order (x, y, z)

@@ -29,7 +29,7 @@ import torch
 
 from deepscope.data.classification import ImageSet, array_stats, load_classification, stratified_split
 from deepscope.data.loaders import epoch_generator
-from deepscope.data.readers import SPLITS, is_image_file
+from deepscope.data.readers import SPLITS, is_image_file, split_validation
 from deepscope.data.seg_dataset import input_view
 from deepscope.data.segmentation import LABEL_FOLDERS, MAX_COLOURS, files_by_stem, read_volume
 from deepscope.errors import DataError, DeepscopeError
@@ -199,7 +199,7 @@ def load_unlabelled(
     if "val" not in files and val_fraction > 0:
         for store in (files, raw, masks):
             if store:
-                store["train"], store["val"] = carve(store["train"], val_fraction, seed)
+                store["train"], store["val"] = split_validation(store["train"], val_fraction, seed)
     low_high = None if natural else tuple(normalize or DEFAULT_NORMALIZE)
     splits = {}
     for s in (s for s in SPLITS if files.get(s)):
@@ -255,16 +255,6 @@ def check_same_size(raw: dict[str, list[np.ndarray]], files: dict[str, list[Path
                     f"{path}: image size {image.shape[0]}x{image.shape[1]} differs from {first[0]} "
                     f"({first[1][0]}x{first[1][1]}); pass --set patch_size=N to cut fixed-size patches"
                 )
-
-
-def carve(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded ``fraction`` of the images (at least one, never all) for validation; whole images, so no patch of a
-    validation image is trained on."""
-    if len(items) < 2:
-        return items, []
-    order = np.random.default_rng(seed).permutation(len(items))
-    val = set(order[: min(len(items) - 1, max(1, round(fraction * len(items))))].tolist())
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
 def crop_image(

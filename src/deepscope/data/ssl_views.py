@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepscope.config import from_dict
-from deepscope.data.augment import _randint, _uniform
-from deepscope.data.seg_augment import _gaussian_kernels
+from deepscope.data.augment import draw_randint, draw_uniform
+from deepscope.data.seg_augment import gaussian_kernels
 from deepscope.errors import DeepscopeError
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
@@ -99,7 +99,7 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator, rows: slice, devic
 
 
 def _between(low: float, high: float, generator: torch.Generator, n: int, rows: slice, device: torch.device) -> Tensor:
-    return low + (high - low) * _uniform(generator, n, rows, device)
+    return low + (high - low) * draw_uniform(generator, n, rows, device)
 
 
 def _crop_theta(
@@ -116,10 +116,10 @@ def _crop_theta(
     area = h * w * _between(*cfg.crop_scale, generator, n, rows, device)
     ratio = torch.exp(_between(*map(math.log, cfg.crop_ratio), generator, n, rows, device))
     bw, bh = (area * ratio).sqrt().clamp(max=w), (area / ratio).sqrt().clamp(max=h)
-    cx = bw / 2 + _uniform(generator, n, rows, device) * (w - bw)
-    cy = bh / 2 + _uniform(generator, n, rows, device) * (h - bh)
-    flip = torch.where(_uniform(generator, n, rows, device) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones_like(area)
-    turns = _randint(4, generator, n, rows, device) if cfg.rot90 else torch.zeros_like(area, dtype=torch.long)
+    cx = bw / 2 + draw_uniform(generator, n, rows, device) * (w - bw)
+    cy = bh / 2 + draw_uniform(generator, n, rows, device) * (h - bh)
+    flip = torch.where(draw_uniform(generator, n, rows, device) < 0.5, -1.0, 1.0) if cfg.flip else torch.ones_like(area)
+    turns = draw_randint(4, generator, n, rows, device) if cfg.rot90 else torch.zeros_like(area, dtype=torch.long)
     cos = torch.tensor([1.0, 0.0, -1.0, 0.0], device=device)[turns]
     sin = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)[turns]
     sx, sy = bw / w, bh / h
@@ -144,7 +144,7 @@ def _color_jitter(x: Tensor, cfg: ViewConfig, generator: torch.Generator, n: int
     colours turn the same way about as far, but luma stays put where HSV keeps the largest channel.
     """
     clip = (lambda t: t.clamp(0, 1)) if cfg.clamp else (lambda t: t)
-    on = _uniform(generator, n, rows, x.device) < cfg.jitter_p
+    on = draw_uniform(generator, n, rows, x.device) < cfg.jitter_p
 
     def factor(s: float) -> Tensor:
         return torch.where(on, _between(max(0.0, 1 - s), 1 + s, generator, n, rows, x.device), 1.0)[:, None, None, None]
@@ -171,7 +171,7 @@ def _blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     torchvision's gaussian_blur takes one sigma per call; folding images and channels into the channels of one
     grouped convolution gives each image its own kernel in a single call per axis."""
     b, c, h, w = x.shape
-    kernels = _gaussian_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, 0)
+    kernels = gaussian_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, 0)
     out = F.pad(x.reshape(1, b * c, h, w), [radius] * 4, mode="reflect")
     out = F.conv2d(out, kernels.view(b * c, 1, -1, 1), groups=b * c)
     return F.conv2d(out, kernels.view(b * c, 1, 1, -1), groups=b * c).view(b, c, h, w)
@@ -202,19 +202,19 @@ class TwoViews:
         if cfg.jitter_p > 0 and max(cfg.jitter) > 0:
             x = _color_jitter(x, cfg, generator, n, rows)
         if cfg.grayscale_p > 0 and x.shape[1] == 3:
-            x = torch.where((_uniform(generator, n, rows, dev) < cfg.grayscale_p)[:, None, None, None], _grey(x), x)
+            x = torch.where((draw_uniform(generator, n, rows, dev) < cfg.grayscale_p)[:, None, None, None], _grey(x), x)
         if cfg.intensity_p > 0 and cfg.intensity != [1.0, 1.0]:
             low, high = cfg.intensity
             scale = low + (high - low) * _rand((n, x.shape[1]), generator, rows, dev)
-            x = x * torch.where((_uniform(generator, n, rows, dev) < cfg.intensity_p)[:, None], scale, 1.0)[:, :, None, None]
+            x = x * torch.where((draw_uniform(generator, n, rows, dev) < cfg.intensity_p)[:, None], scale, 1.0)[:, :, None, None]
         if cfg.blur_p > 0 and self.blur_radius > 0:
             sigma = _between(*cfg.blur_sigma, generator, n, rows, dev)
-            x = _blur(x, torch.where(_uniform(generator, n, rows, dev) < cfg.blur_p, sigma, 0.0), self.blur_radius)
+            x = _blur(x, torch.where(draw_uniform(generator, n, rows, dev) < cfg.blur_p, sigma, 0.0), self.blur_radius)
         if cfg.solarize_p > 0:
-            on = (_uniform(generator, n, rows, dev) < cfg.solarize_p)[:, None, None, None]
+            on = (draw_uniform(generator, n, rows, dev) < cfg.solarize_p)[:, None, None, None]
             x = torch.where(on & (x >= 0.5), 1 - x, x)
         if cfg.noise_p > 0 and cfg.noise > 0:
-            on = (_uniform(generator, n, rows, dev) < cfg.noise_p)[:, None, None, None]
+            on = (draw_uniform(generator, n, rows, dev) < cfg.noise_p)[:, None, None, None]
             x = x + cfg.noise * on * _rand((n, *x.shape[1:]), generator, rows, dev, normal=True)
         return x.clamp(0, 1) if cfg.clamp else x
 

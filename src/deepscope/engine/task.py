@@ -10,9 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,19 +27,6 @@ class Batches(Protocol):
     def __iter__(self) -> Any: ...
 
     def set_epoch(self, epoch: int) -> None: ...
-
-
-Item = TypeVar("Item")
-
-
-def split_validation(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """A seeded random ``fraction`` of the images (at least one, never all) for validation."""
-    if fraction <= 0 or len(items) < 2:
-        return items, []
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
-    val = set(order[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
 class ItemShard:

@@ -24,7 +24,8 @@ from deepscope.data.noise import add_noise
 from deepscope.data.seg_augment import SegAugmentConfig, augment_pair
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.report import write_report
-from deepscope.engine.task import ItemShard, Task, split_validation
+from deepscope.data.readers import split_validation
+from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.denoise import masked_mse
 from deepscope.metrics.denoise import summarize

@@ -29,7 +29,8 @@ from deepscope.data.seg_dataset import (
 from deepscope.data.targets import batch_class_map, batch_target
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.report import write_report
-from deepscope.engine.task import ItemShard, Task, split_validation
+from deepscope.data.readers import split_validation
+from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet

@@ -22,7 +22,8 @@ from deepscope.data.det_types import DetData, DetItem
 from deepscope.data.detection import load_detection_data
 from deepscope.data.readers import probe_image, read_image
 from deepscope.engine.distributed import DistInfo, gather_objects
-from deepscope.engine.task import ItemShard, Task, split_validation
+from deepscope.data.readers import split_validation
+from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
 from deepscope.models.detection import build_detector, predicts_masks

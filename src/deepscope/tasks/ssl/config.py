@@ -12,9 +12,14 @@ METHODS = ("simclr", "vicreg")
 PROJECTORS = {"simclr": [512, 128], "vicreg": [1024, 1024, 1024]}  # SimCLR: 2-layer head; VICReg: 3-layer expander
 
 
-def _default_optim() -> OptimConfig:
+def _default_optim(method: str = "simclr") -> OptimConfig:
     """SGD with a short warm-up and cosine decay (the SimCLR CIFAR-10 recipe), at a learning rate for short runs: lightly's
-    0.06 per 256 images is tuned for hundreds of epochs; CPU budgets allow tens."""
+    0.06 per 256 images is tuned for hundreds of epochs; CPU budgets allow tens. VICReg's loss is some 25x larger and
+    diverged at lr 0.16 on CIFAR-10 (batch 256, width 8), so it gets lr 0.1 with gradient clipping (its authors use LARS,
+    whose per-layer trust ratio does the same job)."""
+    if method == "vicreg":
+        return OptimConfig(name="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9, nesterov=False, schedule="cosine",
+                           warmup_fraction=0.05, grad_clip=3.0)
     return OptimConfig(name="sgd", lr=0.3, weight_decay=5e-4, momentum=0.9, nesterov=False, schedule="cosine", warmup_fraction=0.05)
 
 
@@ -48,6 +53,8 @@ class SSLConfig(TrainConfig):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DeepscopeError(f"unknown ssl method {self.method!r}; choose {' or '.join(METHODS)}")
+        if self.optim == _default_optim():  # no optimizer setting given: the method's own defaults
+            self.optim = _default_optim(self.method)
         if self.crops not in ("grid", "objects"):
             raise DeepscopeError(f"crops must be grid or objects, got {self.crops!r}")
         if self.temperature <= 0 or self.knn_temperature <= 0:
