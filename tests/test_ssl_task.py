@@ -206,3 +206,19 @@ def test_demo_ssl_beats_the_random_encoder(tmp_path: Path) -> None:
     assert result["knn_accuracy"] > result["random_encoder_knn_accuracy"] + 0.05
     assert result["linear_accuracy"] > result["random_encoder_linear_accuracy"] + 0.03
     assert (tmp_path / "demo" / "report.html").exists()
+
+
+def test_an_ssl_checkpoint_starts_a_detector_backbone(tmp_path: Path) -> None:
+    """A width-64 SSL ResNet-18 of images above 64 px (the ImageNet stem: 7x7 convolution and max-pool) fits a detector's
+    batch-norm resnet18 backbone key for key (encoder.* -> backbone.body.*); the CIFAR stem of small images would not."""
+    from deepscope.engine.checkpoint import load_init_weights
+    from deepscope.models.detection import build_detector
+
+    ssl = SSLModel(build_encoder("resnet18", (3, 96, 96)), [32, 16])
+    torch.save({"model": ssl.state_dict()}, tmp_path / "ssl.pt")
+    detector = build_detector("fcos", 2, 3, backbone="resnet18", norm="batch", fpn_channels=32, min_size=64, max_size=64)
+    message = load_init_weights(detector, tmp_path / "ssl.pt")
+    assert "mapping encoder.* onto backbone.body.*" in message
+    body = detector.backbone.body.state_dict()
+    for key in ("layer1.0.conv1.weight", "layer4.1.bn2.running_var"):
+        torch.testing.assert_close(body[key], ssl.state_dict()[f"encoder.{key}"], rtol=0, atol=0)
