@@ -307,11 +307,16 @@ def object_corners(mask_path: Path, shape: tuple[int, int], image_path: Path, p:
     return np.clip(corners, 0, [shape[0] - p, shape[1] - p])
 
 
+def seeded_sample(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of at most ``limit`` of ``n`` items (all of them when ``n <= limit``)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
 def cap(images: SSLImages, limit: int, seed: int) -> SSLImages:
     """A seeded sample of at most ``limit`` images, in their original order."""
-    if len(images) <= limit:
-        return images
-    return images.subset(np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False)))
+    return images if len(images) <= limit else images.subset(seeded_sample(len(images), limit, seed))
 
 
 def ssl_stats(data: SSLImages, kind: str) -> tuple[list[float], list[float]]:

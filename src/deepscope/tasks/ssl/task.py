@@ -4,6 +4,7 @@ fractions against the same encoder at random initialisation, an embedding map an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ import torch
 from torch import nn
 
 from deepscope.config import from_dict
-from deepscope.data.ssl_data import SSLData, SSLEvalBatches, SSLImages, SSLTrainBatches, load_ssl_data, ssl_stats
+from deepscope.data.ssl_data import (
+    SSLData,
+    SSLEvalBatches,
+    SSLImages,
+    SSLTrainBatches,
+    load_ssl_data,
+    seeded_sample,
+    ssl_stats,
+)
 from deepscope.data.ssl_views import TwoViews, view_config
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.task import Batches, Task
@@ -39,13 +48,6 @@ def ssl_loss(cfg: SSLConfig, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor
     if cfg.method == "simclr":
         return nt_xent(z1, z2, cfg.temperature)
     return vicreg(z1, z2, *cfg.vicreg_weights)
-
-
-def seeded_sample(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded sample of at most ``limit`` of ``n`` items (all when ``limit`` is 0)."""
-    if not limit or n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
 @torch.no_grad()
@@ -78,7 +80,9 @@ class SSLTask(Task):
         if cfg.monitor == "auto":
             cfg.monitor, cfg.monitor_mode = ("knn_accuracy", "max") if self.labelled else ("loss", "min")
         labelled_train = np.flatnonzero(train.labels >= 0)
-        self.bank = train.subset(labelled_train[seeded_sample(len(labelled_train), cfg.knn_bank, cfg.seed)])
+        bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
+        self.bank = train.subset(labelled_train[seeded_sample(len(labelled_train), bank_size, cfg.seed)])
+        self.bank_batches = self.eval_batches(self.bank) if self.labelled else None  # built once, read every epoch
         self.notes.append(f"ssl: {cfg.method} on {len(train)} training images of shape {self.in_shape} ({self.data.kind}, "
                           f"{self.preset} views); monitor {cfg.monitor}"
                           + (f" (kNN k={cfg.knn_k}, T={cfg.knn_temperature}, bank of {len(self.bank)})" if self.labelled else ""))
@@ -128,7 +132,7 @@ class SSLTask(Task):
         sums = gather_objects((total, count))
         result: dict[str, Any] = {"loss": sum(s[0] for s in sums) / max(1, sum(s[1] for s in sums))}
         if self.labelled:
-            bank, bank_labels = extract_features(model.encoder, self.eval_batches(self.bank))
+            bank, bank_labels = extract_features(model.encoder, self.bank_batches)
             query = torch.cat([t for part in gather_objects(features) for t in part])
             query_labels = torch.cat([t for part in gather_objects(labels) for t in part])
             bank = torch.cat(gather_objects(bank))
@@ -263,8 +267,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, probes: Sequenc
     """``deepscope evaluate CKPT --probe knn|linear``: probes of a trained ssl checkpoint's encoder on a labelled data set."""
     model, cfg, info = load_ssl_model(path, device)
     if fractions:
-        cfg.probe_fractions = list(fractions)
-        cfg.__post_init__()
+        cfg = dataclasses.replace(cfg, probe_fractions=list(fractions))  # checked again by __post_init__
     data = load_ssl_data(data_path, cfg.patch_size, cfg.crops, cfg.normalize, info["in_shape"][0], cfg.val_fraction, cfg.seed)
     result = probe_data(model.encoder, data, data_path, cfg, info["mean"], info["std"], info["in_shape"][1:], device, probes)
     return {"checkpoint": str(path), "data": str(data_path), **result}
