@@ -19,7 +19,7 @@ import torch
 from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 
 from deepscope.metrics.instance import summarize
-from deepscope.tasks.segment_predict import evaluate_checkpoint
+from deepscope.tasks.segment.predict import evaluate_checkpoint
 
 RUNS = CACHE / "dsb2018"
 

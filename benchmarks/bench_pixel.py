@@ -27,7 +27,7 @@ from deepscope.data.scribbles import dense_classes, sample_scribbles
 from deepscope.tasks.pixel import predict_files as forest_predict
 from deepscope.tasks.pixel import train_pixel
 from deepscope.tasks.pixel_config import PixelConfig
-from deepscope.tasks.segment_predict import predict_files as unet_predict
+from deepscope.tasks.segment.predict import predict_files as unet_predict
 
 FRACTION = 0.001
 CPU = torch.device("cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from deepscope.metrics.instance import evaluate_instances
-from deepscope.postprocess import watershed_from_seeds
+from deepscope.postprocess.watershed import watershed_from_seeds
 from scipy import ndimage
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import label

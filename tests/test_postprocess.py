@@ -9,7 +9,7 @@ from skimage.draw import disk
 from deepscope.data.targets import boundaries, foreground
 from deepscope.errors import DataError
 from deepscope.metrics.instance import match_counts
-from deepscope.postprocess import (
+from deepscope.postprocess.watershed import (
     connected_components,
     size_filter,
     watershed_from_seeds,

@@ -119,7 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         result = evaluate_detector(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
     elif task == "segment":
-        from deepscope.tasks.segment_predict import (
+        from deepscope.tasks.segment.predict import (
             evaluate_checkpoint as evaluate_segmenter,
         )
 
@@ -202,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
                                 blend=args.blend, tta=args.tta or None, batch_size=args.batch_size)
         return {"predictions": len(records), "out": str(args.out), "outputs": records}
     if task == "segment":
-        from deepscope.tasks.segment_predict import (
+        from deepscope.tasks.segment.predict import (
             predict_files as predict_segmentation,
         )
 

@@ -31,7 +31,7 @@ from deepscope.tasks.detect.config import DetectConfig
 from deepscope.tasks.detect.task import DetectTask
 from deepscope.tasks.denoise import DenoiseTask
 from deepscope.tasks.denoise_config import DenoiseConfig
-from deepscope.tasks.segment import SegmentConfig, SegmentTask
+from deepscope.tasks.segment.task import SegmentConfig, SegmentTask
 from deepscope.tasks.ssl.config import SSLConfig
 from deepscope.tasks.ssl.task import SSLTask
 

@@ -17,7 +17,7 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "classify": ("deepscope.tasks.classify", "ClassifyConfig", "ClassifyTask"),
     "denoise": ("deepscope.tasks.denoise", "DenoiseConfig", "DenoiseTask"),
     "detect": ("deepscope.tasks.detect.task", "DetectConfig", "DetectTask"),
-    "segment": ("deepscope.tasks.segment", "SegmentConfig", "SegmentTask"),
+    "segment": ("deepscope.tasks.segment.task", "SegmentConfig", "SegmentTask"),
     "ssl": ("deepscope.tasks.ssl.task", "SSLConfig", "SSLTask"),
 }
 

@@ -34,7 +34,7 @@ from deepscope.engine.checkpoint import atomic_write
 from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.features import FeatureSpec, compute_features, feature_tiles
-from deepscope.postprocess import watershed_from_seeds
+from deepscope.postprocess.watershed import watershed_from_seeds
 from deepscope.tasks.pixel_config import PixelConfig
 
 FORMAT = "deepscope-pixel-classifier"

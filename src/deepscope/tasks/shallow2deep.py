@@ -24,7 +24,7 @@ from deepscope.engine.trainer import Trainer
 from deepscope.errors import DataError
 from deepscope.features import compute_features
 from deepscope.tasks.pixel import PixelClassifier
-from deepscope.tasks.segment import SegmentConfig, SegmentTask
+from deepscope.tasks.segment.task import SegmentConfig, SegmentTask
 
 IGNORE = 255
 

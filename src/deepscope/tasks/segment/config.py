@@ -8,7 +8,7 @@ from deepscope.config import OptimConfig, TrainConfig
 from deepscope.data.seg_augment import SegAugmentConfig
 from deepscope.data.targets import TARGETS
 from deepscope.errors import DeepscopeError
-from deepscope.postprocess import SEEDS
+from deepscope.postprocess.watershed import SEEDS
 from deepscope.tiling import BLENDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}

@@ -13,8 +13,8 @@ from deepscope.data.seg_dataset import (
     SegItem,
 )
 from deepscope.engine.report import display_rgb, image_grid, plot_lines, table
-from deepscope.tasks.segment_config import SegmentConfig
-from deepscope.tasks.segment_predict import Predictor, score_image
+from deepscope.tasks.segment.config import SegmentConfig
+from deepscope.tasks.segment.predict import Predictor, score_image
 
 SHOWN = 6  # images drawn in the report
 

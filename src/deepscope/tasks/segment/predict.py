@@ -26,9 +26,9 @@ from deepscope.inference import load_trained_model
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.models import build_unet
-from deepscope.postprocess import watershed_from_seeds
+from deepscope.postprocess.watershed import watershed_from_seeds
 from deepscope.tasks.geometry import tile_and_halo
-from deepscope.tasks.segment_config import (
+from deepscope.tasks.segment.config import (
     InferenceConfig,
     PostConfig,
     SegmentConfig,

@@ -35,13 +35,13 @@ from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
 from deepscope.tasks.geometry import halo_for, patch_shape_for
-from deepscope.tasks.segment_config import (
+from deepscope.tasks.segment.config import (
     CHANNELS,
     DEFAULT_PATCH,
     SegmentConfig,
 )
-from deepscope.tasks.segment_predict import Predictor, score_image, summarize_records
-from deepscope.tasks.segment_report import SHOWN, draw_overlays, report_sections
+from deepscope.tasks.segment.predict import Predictor, score_image, summarize_records
+from deepscope.tasks.segment.report import SHOWN, draw_overlays, report_sections
 
 
 class TrainBatches:

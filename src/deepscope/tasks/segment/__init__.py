@@ -1,0 +1,1 @@
+"""Semantic and instance segmentation: config, task, prediction of whole images, plan of defaults, report."""
