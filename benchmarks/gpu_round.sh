@@ -18,6 +18,9 @@ step() {  # step SECONDS COMMAND...: run one benchmark with a time limit
 step 100 python benchmarks/bench_gpu_airbench.py --runs 1                               # airbench94 against the fast net
 step 150 python benchmarks/bench_bsd68.py --steps 40000 --methods n2v --no-peer        # BSD68 Noise2Void at 40k steps
 step 120 python benchmarks/bench_dsb2018.py --max-minutes 1.5                          # DSB2018 U-Net, full training set
+# DSB2018 star-convex nuclei with the planned GPU defaults (32 features, batch 16) for 2 minutes: the first GPU point of the
+# curve towards StarDist's 0.86 on fluorescence (convergence needs a longer lease than a round)
+step 200 python benchmarks/bench_nuclei.py --minutes 2 --runs stardist
 step 120 python benchmarks/bench_detect_pennfudan.py --only deepscope --minutes 1.5 --models fcos centernet  # detection
 step 90 python benchmarks/bench_detect_dsb2018.py --minutes 1 --only train             # dense detection (nuclei)
 step 45 python benchmarks/bench_tiling.py --dim 2                                      # CUDA tiling against MONAI

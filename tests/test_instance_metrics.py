@@ -10,13 +10,17 @@ import skimage.metrics
 
 from deepscope.errors import DataError
 from deepscope.metrics.instance import (
+    KAGGLE_THRESHOLDS,
     THRESHOLDS,
     adapted_rand,
     check_labels,
     evaluate_instances,
+    image_scores,
     match_counts,
     overlap_table,
+    panoptic,
     scores,
+    unmatched_ids,
     variation_of_information,
 )
 
@@ -94,7 +98,7 @@ def test_evaluate_instances_sums_counts_over_images():
     single[1:4, 1:4] = 5
     report = evaluate_instances([("hand", truth, pred), ("single", single, single)])
     assert json.loads(json.dumps(report)) == report
-    assert list(report) == ["thresholds", "mean_score", "voi_split", "voi_merge", "arand", "per_image"]
+    assert list(report) == ["thresholds", "mean_score", "voi_split", "voi_merge", "arand", "kaggle_score", "pq", "sq", "rq", "per_image"]
     keys = ["0.5", "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9"]
     assert list(report["thresholds"]) == keys and len(THRESHOLDS) == 9
     # summed at 0.5: tp 2 + 1, fp 1 + 0, fn 1 + 0 -> score 3/5; averaging the per-image scores would give (0.5 + 1) / 2
@@ -195,3 +199,90 @@ def test_cli_scores_saved_label_folders(tmp_path, capsys):
     tifffile.imwrite(pred_dir / "b.tif", truth.astype(np.float32))
     assert main(["evaluate", "segment", "--pred", str(pred_dir), "--truth", str(truth_dir), "--out", str(out)]) == 2
     assert "b: labels must be integers, got float32" in capsys.readouterr().err
+
+
+def shifted_squares() -> tuple[np.ndarray, np.ndarray]:
+    """Four 10x10 squares, predicted shifted right by 0, 1, 2 and 3 columns: IoU (10 - k) / (10 + k), i.e.
+    1, 9/11, 8/12 and 7/13 (0.538, between the thresholds 0.5 and 0.55)."""
+    truth = np.zeros((12, 60), dtype=np.uint16)
+    pred = np.zeros_like(truth)
+    for k in range(4):
+        truth[1:11, 15 * k:15 * k + 10] = k + 1
+        pred[1:11, 15 * k + k:15 * k + k + 10] = 10 + k
+    return truth, pred
+
+
+def test_kaggle_score_and_panoptic_quality_of_shifted_squares():
+    truth, pred = shifted_squares()
+    np.testing.assert_allclose(np.diag(overlap_table(truth, pred)[0]), [1, 9 / 11, 8 / 12, 7 / 13])
+    record = image_scores("squares", truth, pred)
+    assert KAGGLE_THRESHOLDS == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    # pairs above 0.5, 0.55, ..., 0.95: 4, 3, 3, 3, 2, 2, 2, 1, 1, 1 of 4 truths and 4 predictions
+    per_threshold = [4 / 4, 3 / 5, 3 / 5, 3 / 5, 2 / 6, 2 / 6, 2 / 6, 1 / 7, 1 / 7, 1 / 7]
+    assert record["kaggle"] == pytest.approx(np.mean(per_threshold))
+    sq = (1 + 9 / 11 + 8 / 12 + 7 / 13) / 4
+    assert record["sq"] == pytest.approx(sq) and record["rq"] == 1.0 and record["pq"] == pytest.approx(sq)
+    assert (record["pq_tp"], record["pq_fp"], record["pq_fn"]) == (4, 0, 0)
+    assert record["pq_iou_sum"] == pytest.approx(4 * sq)
+
+
+def test_kaggle_and_panoptic_need_iou_above_the_threshold():
+    truth, pred = hand_case()  # IoUs 1 and 0.6 (exactly 12/20), the rest unmatched; 3 objects on each side
+    record = image_scores("hand", truth, pred)
+    # match_counts accepts IoU >= 0.6 (StarDist), Kaggle only IoU > 0.6: 2 matches at 0.5 and 0.55, then 1
+    assert record["thresholds"]["0.6"]["tp"] == 2
+    assert record["kaggle"] == pytest.approx((2 * 2 / 4 + 8 * 1 / 5) / 10)
+    assert record["sq"] == pytest.approx(0.8) and record["rq"] == pytest.approx(2 / 3) and record["pq"] == pytest.approx(0.8 * 2 / 3)
+    # IoU exactly 0.5 (a 2x4 truth, its left half predicted) is a match for score@0.5, not for PQ or Kaggle
+    half_truth = np.zeros((2, 4), dtype=np.uint8)
+    half_truth[:] = 1
+    half_pred = np.zeros_like(half_truth)
+    half_pred[:, :2] = 1
+    half = image_scores("half", half_truth, half_pred)
+    assert half["thresholds"]["0.5"]["score"] == 1.0
+    assert half["kaggle"] == 0.0 and half["pq"] == 0.0 and (half["pq_tp"], half["pq_fp"], half["pq_fn"]) == (0, 1, 1)
+
+
+def test_empty_images_score_one_when_both_are_empty_else_zero():
+    empty = np.zeros((8, 8), dtype=np.int32)
+    one = empty.copy()
+    one[2:5, 2:5] = 3
+    nothing = image_scores("nothing", empty, empty)
+    assert nothing["kaggle"] == 1.0 and (nothing["pq"], nothing["sq"], nothing["rq"]) == (1.0, 1.0, 1.0)
+    for truth, pred in ((one, empty), (empty, one)):
+        record = image_scores("one side", truth, pred)
+        assert record["kaggle"] == 0.0 and (record["pq"], record["sq"], record["rq"]) == (0.0, 0.0, 0.0)
+    assert (image_scores("missed", one, empty)["pq_fn"], image_scores("spurious", empty, one)["pq_fp"]) == (1, 1)
+    assert panoptic(0.0, 0, 0, 0) == {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+
+
+def test_kaggle_is_a_mean_over_images_and_panoptic_quality_is_pooled():
+    # one image with a single, perfect object; one with 20 objects and no prediction at all
+    single = np.zeros((6, 6), dtype=np.int32)
+    single[1:4, 1:4] = 1
+    crowd = np.zeros((20, 40), dtype=np.int32)
+    for i in range(20):
+        crowd[(i // 10) * 10 + 1:(i // 10) * 10 + 8, (i % 10) * 4:(i % 10) * 4 + 3] = i + 1
+    report = evaluate_instances([("single", single, single), ("crowd", crowd, np.zeros_like(crowd))])
+    assert [r["kaggle"] for r in report["per_image"]] == [1.0, 0.0]
+    assert report["kaggle_score"] == 0.5  # every image weighs the same
+    assert report["thresholds"]["0.5"]["score"] == pytest.approx(1 / 21)  # every object weighs the same
+    # pooled: tp 1, fn 20, matched IoU 1 -> SQ 1, RQ 1 / (1 + 20 / 2); the mean of the images' PQ would be 0.5
+    assert report["sq"] == 1.0 and report["rq"] == pytest.approx(1 / 11) and report["pq"] == pytest.approx(1 / 11)
+    assert [r["pq"] for r in report["per_image"]] == [1.0, 0.0]
+
+
+def test_unmatched_ids_follow_the_matching_counts():
+    truth, pred = hand_case()
+    missed, spurious = unmatched_ids(truth, pred)
+    assert missed.tolist() == [3] and spurious.tolist() == [3]
+    assert unmatched_ids(truth, pred, 0.7)[0].tolist() == [2, 3] and unmatched_ids(truth, pred, 0.6)[0].tolist() == [3]
+    # the case that needs the assignment: at 0.25 every object matches, at 0.5 truth 2 and prediction 2 are left
+    truth = np.zeros((2, 13), dtype=np.uint16)
+    pred = np.zeros((2, 13), dtype=np.uint16)
+    truth[0, :10], truth[0, 10:], truth[1, :4] = 1, 2, 3
+    pred[0, :3], pred[0, 3:], pred[1, :4] = 2, 1, 5
+    assert [ids.tolist() for ids in unmatched_ids(truth, pred, 0.25)] == [[], []]
+    assert [ids.tolist() for ids in unmatched_ids(truth, pred, 0.5)] == [[2], [2]]
+    empty = np.zeros_like(truth)
+    assert [ids.tolist() for ids in unmatched_ids(truth, empty)] == [[1, 2, 3], []]

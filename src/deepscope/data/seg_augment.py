@@ -4,7 +4,7 @@ The geometry (flips, right-angle rotations, a small affine transform, an elastic
 target and the loss mask together, and it must never invent labels: integer targets are resampled by nearest
 neighbour with index arithmetic (exact for any dtype, even labels above 2**24 that a float round trip would
 change), float targets (probabilities, boundaries, distances) bilinearly or trilinearly. Intensity changes (gamma,
-blur, noise) touch the image only. Each sample draws its own parameters from a seeded generator, and everything
+blur, noise, stain and colour jitter, inversion) touch the image only. Each sample draws its own parameters from a seeded generator, and everything
 is applied with batched tensor operations: no Python loop over samples or pixels.
 
 Affine and elastic transforms sample all tensors with one grid (``grid_sample``, align_corners=False). Outside the
@@ -19,11 +19,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import Tensor
 
 from deepscope.errors import DeepscopeError
 
 EDGE_TOLERANCE = 1e-3  # pixels; a sampling point this far past the outer pixel centre still counts as inside
+OD_FLOOR = 1 / 255  # intensities are clamped to this before the log of the optical density, as an 8-bit camera would
+HED_SHIFT = 0.05  # a stain's optical-density shift is U(-s, s) times this; the scale 1 + U(-s, s) does the most
 
 
 @dataclass
@@ -43,13 +46,21 @@ class SegAugmentConfig:
     noise_std: float = 0.0  # standard deviation of additive Gaussian noise on the image
     gamma: float = 0.0  # image ** exp(uniform(-g, g)) on the per-sample min-max rescaled image
     blur_sigma: float = 0.0  # Gaussian blur of the image with a sigma drawn from [0, blur_sigma] pixels
+    hed_jitter: float = 0.0  # H&E stain jitter of 3-channel images: each stain scaled by 1 + U(-s, s), see _hed_jitter
+    colour_jitter: float = 0.0  # brightness, contrast (and saturation of 3 channels) factors in [1 - c, 1 + c]
+    invert: float = 0.0  # probability of replacing a sample by 1 - x (bright background <-> dark background)
 
     def __post_init__(self) -> None:
-        for name in ("affine_degrees", "affine_scale", "elastic_sigma", "elastic_alpha", "noise_std", "gamma", "blur_sigma"):
+        names = ("affine_degrees", "affine_scale", "elastic_sigma", "elastic_alpha", "noise_std", "gamma", "blur_sigma",
+                 "hed_jitter", "colour_jitter", "invert")
+        for name in names:
             if getattr(self, name) < 0:
                 raise DeepscopeError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
-        if self.affine_scale >= 1:
-            raise DeepscopeError(f"augmentation affine_scale must be below 1 (scales in [1 - s, 1 + s]), got {self.affine_scale}")
+        for name, meaning in (("affine_scale", "scales"), ("hed_jitter", "stain scales"), ("colour_jitter", "factors")):
+            if getattr(self, name) >= 1:
+                raise DeepscopeError(f"augmentation {name} must be below 1 ({meaning} in [1 - s, 1 + s]), got {getattr(self, name)}")
+        if self.invert > 1:
+            raise DeepscopeError(f"augmentation invert is a probability, at most 1, got {self.invert}")
 
 
 def _uniform(generator: torch.Generator, n: int, device: torch.device) -> Tensor:
@@ -193,6 +204,51 @@ def _gamma(x: Tensor, limit: float, generator: torch.Generator) -> Tensor:
     return ((x - low) / span).clamp(0, 1) ** exponent * span + low
 
 
+def _hed_jitter(x: Tensor, limit: float, generator: torch.Generator) -> Tensor:
+    """Stain augmentation of (N, 3, *spatial) RGB images in the HED colour space (Tellez et al. 2018).
+
+    Intensities are read as transmitted light: optical density ``-ln(max(x, OD_FLOOR))`` is unmixed into
+    haematoxylin, eosin and DAB with skimage's ``hed_from_rgb``, each stain ``h`` becomes ``h * (1 + a) + b`` with
+    ``a`` in U(-s, s) and ``b`` in U(-s, s) * ``HED_SHIFT`` (in natural-log optical density) per sample and stain,
+    and is mixed back with ``rgb_from_hed``. The floor is 1/255 rather than skimage's 1e-6 because percentile
+    normalization maps the darkest percent of pixels to 0 or below, and an optical density of 13.8 there turns a
+    small stain change into a large one. Stains are not clipped at 0 (skimage clips them), so s = 0 returns the
+    input to float precision; instead a pixel may not get a negative optical density (brighter than the light) unless
+    it had one, which keeps the few strongly coloured dark pixels from flaring up to many times the background.
+    Values below the floor keep their offset from it. The mixing matrices and the stain scales fold into one 3 x 3
+    matrix per sample, applied with one einsum (skimage's rgb2hed takes one numpy image at a time).
+    """
+    n, dtype = x.shape[0], x.dtype
+    unmix = torch.tensor(hed_from_rgb, dtype=torch.float32, device=x.device)
+    mix = torch.tensor(rgb_from_hed, dtype=torch.float32, device=x.device)
+    scale = 1 + _symmetric(limit, generator, 3 * n, x.device).view(n, 3)
+    shift = HED_SHIFT * _symmetric(limit, generator, 3 * n, x.device).view(n, 3)
+    matrix = torch.einsum("ij,nj,jk->nik", unmix, scale, mix)  # od_row @ unmix @ diag(scale) @ mix
+    offset = shift @ mix
+    floored = x.float().clamp_min(OD_FLOOR)
+    density = -torch.log(floored)
+    jittered = torch.einsum("ni...,nik->nk...", density, matrix) + offset.view(n, 3, *[1] * (x.ndim - 2))
+    jittered = torch.maximum(jittered, density.clamp_max(0))  # no brighter than the light unless it already was
+    return (torch.exp(-jittered) + (x.float() - floored)).to(dtype)
+
+
+def _colour_jitter(x: Tensor, limit: float, generator: torch.Generator) -> Tensor:
+    """Brightness (x * f), contrast (about the sample's mean) and, for 3 channels, saturation (about each pixel's
+    channel mean), in that fixed order, each with its own per-sample factor f in [1 - c, 1 + c].
+
+    Multiplying keeps a dark background at 0, as a brighter or dimmer exposure would; a grey image stored as RGB
+    has no saturation to change, so it stays grey."""
+    n, dims = x.shape[0], tuple(range(1, x.ndim))
+    brightness, contrast = (_rows(1 + _symmetric(limit, generator, n, x.device), x.ndim).to(x.dtype) for _ in range(2))
+    x = x * brightness
+    mean = x.mean(dims, keepdim=True)
+    x = (x - mean) * contrast + mean
+    if x.shape[1] == 3:
+        grey = x.mean(1, keepdim=True)
+        x = (x - grey) * _rows(1 + _symmetric(limit, generator, n, x.device), x.ndim).to(x.dtype) + grey
+    return x
+
+
 def augment_pair(
     image: Tensor, target: Tensor, config: SegAugmentConfig, generator: torch.Generator, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,7 +258,8 @@ def augment_pair(
     maps; ``mask`` likewise, any dtype. Target and mask come back in their own shape and dtype. Without a mask the
     returned one is float32 (N, 1, *spatial): 1 where the target holds real data, 0 where an affine or elastic
     transform sampled from outside the input (the target reads 0 there), so pass it to the loss.
-    Order: flips, rot90, affine + elastic (one resampling), then gamma, blur and noise on the image.
+    Order: flips, rot90, affine + elastic (one resampling), then gamma, blur, noise, stain (HED) jitter, colour
+    jitter and inversion on the image.
     """
     _check(image, target, mask)
     n, spatial, device = image.shape[0], list(image.shape[2:]), image.device
@@ -233,6 +290,13 @@ def augment_pair(
     if config.noise_std > 0:
         noise = torch.randn(image.shape, generator=generator, device=generator.device)
         image = image + config.noise_std * noise.to(image)
+    if config.hed_jitter > 0 and image.shape[1] == 3:
+        image = _hed_jitter(image, config.hed_jitter, generator)
+    if config.colour_jitter > 0:
+        image = _colour_jitter(image, config.colour_jitter, generator)
+    if config.invert > 0:
+        invert = _uniform(generator, n, device) < config.invert
+        image = torch.where(_rows(invert, image.ndim), 1 - image, image)
     if mask is not None and mask.ndim != image.ndim:
         mask_c = mask_c.squeeze(1)
     return image, target_c if has_channel else target_c.squeeze(1), mask_c

@@ -242,7 +242,8 @@ class PatchSampler:
     """Random patches from (image, labels) pairs, reading only the patch region of each (lazy) volume.
 
     A pair is drawn with probability proportional to its volume, so every voxel is about equally likely to be
-    seen; patches whose foreground fraction is below ``min_foreground`` are redrawn, up to ``max_tries`` times.
+    seen, unless ``weights`` gives its own per-pair probabilities (scaled to sum to 1), e.g. to balance groups of
+    images; patches whose foreground fraction is below ``min_foreground`` are redrawn, up to ``max_tries`` times.
     """
 
     def __init__(
@@ -253,6 +254,7 @@ class PatchSampler:
         max_tries: int = 50,
         rng: np.random.Generator | None = None,
         names: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if not pairs:
             raise DataError("PatchSampler needs at least one (image, labels) pair")
@@ -275,8 +277,14 @@ class PatchSampler:
             if any(p > s for p, s in zip(self.patch_shape, shape)):
                 raise DataError(f"{name}: patch shape {self.patch_shape} is larger than the image {shape}")
             self.shapes.append(shape)
-        sizes = np.array([np.prod(s, dtype=np.float64) for s in self.shapes])
-        self.weights = sizes / sizes.sum()
+        if weights is None:
+            given = np.array([np.prod(s, dtype=np.float64) for s in self.shapes])
+        else:
+            given = np.asarray(weights, dtype=np.float64)
+            if given.shape != (len(self.pairs),) or not np.all(np.isfinite(given) & (given >= 0)) or given.sum() <= 0:
+                raise DataError(f"PatchSampler needs {len(self.pairs)} finite weights >= 0 with a positive sum, got "
+                                f"{given.size} with minimum {given.min(initial=np.inf):g} and sum {given.sum():g}")
+        self.weights = given / given.sum()
 
     def _image_patch(self, image: Any, region: tuple[slice, ...]) -> np.ndarray:
         """(C, *patch_shape) float32, moving a 2D channel-last axis to the front."""

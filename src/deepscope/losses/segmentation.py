@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deepscope.errors import DeepscopeError
+from deepscope.losses.flows import flows_loss
+from deepscope.losses.star import stardist_loss
 
 LossFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -102,6 +104,8 @@ _LOSSES: dict[str, Callable[..., Tensor]] = {
     "bce": bce_loss,
     "dice_bce": dice_bce_loss,
     "ce": cross_entropy_loss,
+    "stardist": stardist_loss,
+    "flows": flows_loss,
 }
 
 

@@ -1,7 +1,13 @@
 """Metrics for instance segmentation: label images (2D or 3D integers, 0 = background, one positive id per object).
 
 Objects are matched one to one by IoU at several thresholds, as in the DSB2018 challenge and StarDist's ``matching``;
-variation of information and the adapted Rand error add pixel-level views of splits and merges.
+variation of information and the adapted Rand error add pixel-level views of splits and merges. Two published
+summaries come from the same overlaps: the Kaggle DSB2018 score and panoptic quality (Kirillov et al., CVPR 2019).
+
+Matching rule at an IoU exactly equal to a threshold: the per-threshold counts (``match_counts``, the
+``thresholds`` report) accept IoU >= t, as StarDist's ``matching``; the Kaggle score and panoptic quality
+accept only IoU > t, as their definitions say ("greater than", "strictly greater than 0.5"). The two differ only
+for pairs whose IoU is exactly a threshold, e.g. 12/20 at 0.6.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from deepscope.data.segmentation import match_by_stem, read_volume
 from deepscope.errors import DataError
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))
+KAGGLE_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5, 0.55, ..., 0.95
 
 
 def check_labels(truth: np.ndarray, pred: np.ndarray, name: str = "") -> None:
@@ -63,25 +70,36 @@ def overlap_table(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.n
     return table, truth_ids, pred_ids
 
 
-def _max_matches(rows: np.ndarray, cols: np.ndarray) -> int:
-    """Size of the maximum one-to-one matching among the candidate pairs (rows[i], cols[i]).
+def _max_matching(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Indices of the candidate pairs (rows[i], cols[i]) that form a maximum one-to-one matching.
 
     A pair whose truth and prediction have no other candidate is in every maximum matching, so only the
     conflicting rest (never any above a threshold of 0.5) goes to the assignment, which keeps its matrix small.
     """
     row_degree, col_degree = np.bincount(rows), np.bincount(cols)
     alone = (row_degree[rows] == 1) & (col_degree[cols] == 1)
-    rows, cols = rows[~alone], cols[~alone]
-    if not len(rows):
-        return int(alone.sum())
-    _, rows = np.unique(rows, return_inverse=True)
-    _, cols = np.unique(cols, return_inverse=True)
-    candidate = np.zeros((rows.max() + 1, cols.max() + 1))
-    candidate[rows, cols] = 1.0
+    rest = np.flatnonzero(~alone)
+    if not len(rest):
+        return np.flatnonzero(alone)
+    _, sub_rows = np.unique(rows[rest], return_inverse=True)
+    _, sub_cols = np.unique(cols[rest], return_inverse=True)
+    candidate = np.full((sub_rows.max() + 1, sub_cols.max() + 1), -1)
+    candidate[sub_rows, sub_cols] = rest
     # Maximising the number of candidates assigned, not their summed IoU, which could prefer one
     # high-IoU match over two lower ones that both pass the threshold.
-    assigned = linear_sum_assignment(candidate, maximize=True)
-    return int(alone.sum() + candidate[assigned].sum())
+    assigned = candidate[linear_sum_assignment(candidate >= 0, maximize=True)]
+    return np.concatenate([np.flatnonzero(alone), assigned[assigned >= 0]])
+
+
+def _counts(rows: np.ndarray, cols: np.ndarray, ious: np.ndarray, n_truth: int, n_pred: int,
+            thresholds: Sequence[float]) -> dict[float, tuple[int, int, int]]:
+    """``match_counts`` from overlaps already computed, so ``image_scores`` passes over the pixels once."""
+    counts = {}
+    for threshold in thresholds:
+        ok = ious >= threshold
+        tp = len(_max_matching(rows[ok], cols[ok]))
+        counts[float(threshold)] = (tp, n_pred - tp, n_truth - tp)
+    return counts
 
 
 def match_counts(
@@ -89,12 +107,15 @@ def match_counts(
 ) -> dict[float, tuple[int, int, int]]:
     """(tp, fp, fn) per threshold; a pair can match when IoU >= threshold, as StarDist's ``matching``."""
     rows, cols, ious, truth_ids, pred_ids = _sparse_overlaps(truth, pred)
-    counts = {}
-    for threshold in thresholds:
-        ok = ious >= threshold
-        tp = _max_matches(rows[ok], cols[ok])
-        counts[float(threshold)] = (tp, len(pred_ids) - tp, len(truth_ids) - tp)
-    return counts
+    return _counts(rows, cols, ious, len(truth_ids), len(pred_ids), thresholds)
+
+
+def unmatched_ids(truth: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(missed truth ids, spurious prediction ids) under ``match_counts``' rule, so they number its fn and fp."""
+    rows, cols, ious, truth_ids, pred_ids = _sparse_overlaps(truth, pred)
+    ok = np.flatnonzero(ious >= threshold)
+    matched = ok[_max_matching(rows[ok], cols[ok])]
+    return np.setdiff1d(truth_ids, truth_ids[rows[matched]]), np.setdiff1d(pred_ids, pred_ids[cols[matched]])
 
 
 def _ratio(num: float, den: float) -> float:
@@ -109,6 +130,38 @@ def scores(tp: int, fp: int, fn: int) -> dict[str, float]:
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "score": _ratio(tp, tp + fp + fn),
     }
+
+
+def _kaggle(ious: np.ndarray, n_truth: int, n_pred: int) -> float:
+    """Mean over ``KAGGLE_THRESHOLDS`` of tp / (tp + fp + fn), a pair matching when its IoU is above the threshold.
+
+    Above 0.5 a truth object and a prediction can each have at most one partner (two would each need more than
+    half of it), so counting the pairs above a threshold is the one-to-one matching and needs no assignment.
+    No truth and no prediction scores 1 (nothing to find, nothing invented); one side empty scores 0.
+    """
+    if not n_truth and not n_pred:
+        return 1.0
+    tp = (ious[None, :] > np.array(KAGGLE_THRESHOLDS)[:, None]).sum(axis=1)
+    return float(np.mean(tp / (n_truth + n_pred - tp)))
+
+
+def panoptic(iou_sum: float, tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Panoptic quality from matched-IoU sum and counts: SQ = mean matched IoU, RQ = tp / (tp + fp/2 + fn/2), PQ = SQ * RQ.
+
+    Nothing on either side counts as perfect (1), as in the Kaggle score; with no match SQ is 0 (panopticapi).
+    """
+    if not tp + fp + fn:
+        return {"pq": 1.0, "sq": 1.0, "rq": 1.0}
+    sq, rq = _ratio(iou_sum, tp), tp / (tp + 0.5 * fp + 0.5 * fn)
+    return {"pq": sq * rq, "sq": sq, "rq": rq}
+
+
+def _panoptic_record(ious: np.ndarray, n_truth: int, n_pred: int) -> dict[str, float | int]:
+    """Per-image PQ with the sums ``summarize`` pools; pairs match at IoU > 0.5, which is one to one (see ``_kaggle``)."""
+    matched = ious[ious > 0.5]
+    tp = len(matched)
+    iou_sum = float(matched.sum())
+    return {**panoptic(iou_sum, tp, n_pred - tp, n_truth - tp), "pq_iou_sum": iou_sum, "pq_tp": tp, "pq_fp": n_pred - tp, "pq_fn": n_truth - tp}
 
 
 def variation_of_information(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -140,18 +193,26 @@ def _threshold_report(counts: dict[float, tuple[int, int, int]]) -> dict[str, di
 
 
 def image_scores(name: str, truth: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
-    """Matching counts and scores at every threshold, VOI and adapted Rand error of one image."""
+    """Matching counts and scores at every threshold, VOI, adapted Rand error, Kaggle score and PQ of one image.
+
+    The matching scores all come from one overlap table, the costly pass over the pixels.
+    """
     check_labels(truth, pred, name)
+    rows, cols, ious, truth_ids, pred_ids = _sparse_overlaps(truth, pred)
+    n_truth, n_pred = len(truth_ids), len(pred_ids)
     split, merge = variation_of_information(truth, pred)
-    report = _threshold_report(match_counts(truth, pred, thresholds))
-    return {"name": str(name), "thresholds": report, "voi_split": split, "voi_merge": merge, "arand": adapted_rand(truth, pred)}
+    report = _threshold_report(_counts(rows, cols, ious, n_truth, n_pred, thresholds))
+    return {"name": str(name), "thresholds": report, "voi_split": split, "voi_merge": merge, "arand": adapted_rand(truth, pred),
+            "kaggle": _kaggle(ious, n_truth, n_pred), **_panoptic_record(ious, n_truth, n_pred)}
 
 
 def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Data-set report from ``image_scores`` records; matching counts are summed over images before ratios are taken.
 
     Summing (StarDist's ``matching_dataset(..., by_image=False)``) weights every object equally, so an image
-    with one object cannot swing the score as much as one with hundreds. VOI and ARand are means over images.
+    with one object cannot swing the score as much as one with hundreds; PQ is pooled the same way (summed
+    matched IoUs and counts). VOI, ARand and ``kaggle_score`` are means over images, the last as the challenge
+    ranked entries, so there every image weighs the same whatever its number of objects.
     """
     if not per_image:
         raise DataError("no images to evaluate")
@@ -164,6 +225,8 @@ def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "voi_split": float(np.mean([image["voi_split"] for image in per_image])),
         "voi_merge": float(np.mean([image["voi_merge"] for image in per_image])),
         "arand": float(np.mean([image["arand"] for image in per_image])),
+        "kaggle_score": float(np.mean([image["kaggle"] for image in per_image])),
+        **panoptic(*(sum(image[k] for image in per_image) for k in ("pq_iou_sum", "pq_tp", "pq_fp", "pq_fn"))),
         "per_image": list(per_image),
     }
 

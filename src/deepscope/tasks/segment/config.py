@@ -6,13 +6,24 @@ from dataclasses import dataclass, field
 
 from deepscope.config import OptimConfig, TrainConfig
 from deepscope.data.seg_augment import SegAugmentConfig
-from deepscope.data.targets import TARGETS
 from deepscope.errors import DeepscopeError
 from deepscope.postprocess.watershed import SEEDS
 from deepscope.tiling import BLENDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}
+VECTOR_TARGETS = ("stardist", "flows")  # probability plus distances or flow vectors, whose channels are not all sigmoid maps
+INSTANCE_TARGETS = (*CHANNELS, *VECTOR_TARGETS)
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
+INVERT = ("never", "always", "auto")
+
+
+def output_channels(target: str, ndim: int, n_rays: int) -> int:
+    """Network output channels of an instance target: one probability, plus n_rays distances or ndim flow components."""
+    if target == "stardist":
+        return 1 + n_rays
+    if target == "flows":
+        return 1 + ndim
+    return CHANNELS[target]
 
 
 @dataclass
@@ -23,16 +34,22 @@ class InferenceConfig:
     halo: list[int] | None = None  # None: about tile / 8, rounded so that tile + 2 * halo suits the U-Net
     blend: str = "gaussian"  # gaussian | linear | none
     flip_tta: bool = False
+    instance_block: int = 2048  # predict --instances: images larger than this per axis are post-processed block by block
 
 
 @dataclass
 class PostConfig:
-    """From probabilities to instances (see ``deepscope.postprocess.watershed_from_seeds``)."""
+    """From network outputs to instances: a watershed for the map targets (``postprocess.watershed``), polygon
+    non-maximum suppression for stardist (``postprocess.star``), flow following for flows (``postprocess.flows``)."""
 
-    threshold: float = 0.5
+    threshold: float = 0.5  # probability of foreground (watershed), of an object centre (stardist), of a cell (flows)
     seeds: str = "components"  # components (of foreground minus boundaries) | maxima (of the distance transform)
     min_size: int = 0  # objects smaller than this many pixels/voxels are removed
     min_distance: int = 3  # between distance maxima, with seeds=maxima
+    nms_threshold: float = 0.4  # stardist: a candidate overlapping a kept polygon by more IoU than this is dropped
+    flow_steps: int = 200  # flows: Euler steps every pixel takes along the predicted flows
+    flow_threshold: float | None = 0.4  # flows: masks whose own flows differ from the predicted ones by more (MSE) are dropped
+    tune: bool = True  # after training, choose threshold (and nms/flow threshold) on the validation images
 
 
 def _default_optim() -> OptimConfig:
@@ -43,37 +60,53 @@ def _default_optim() -> OptimConfig:
 class SegmentConfig(TrainConfig):
     task: str = "segment"
     model: str = "unet"
-    target: str = "foreground_boundaries"  # foreground | boundaries | foreground_boundaries | distance | semantic
-    loss: str = "auto"  # dice | bce | dice_bce | ce; auto: dice_bce for instance targets, ce for semantic
+    target: str = "foreground_boundaries"  # foreground | boundaries | foreground_boundaries | distance | stardist | flows | semantic
+    n_rays: int = 32  # stardist: rays of the star-convex polygons
+    dist_scale: float | None = None  # stardist: the network predicts distances / dist_scale (pixels); None: planned
+    loss: str = "auto"  # dice | bce | dice_bce | ce | stardist | flows; auto: the target's own (dice_bce for the maps, ce for semantic)
     raw_key: str = "raw"  # image array in NPZ/HDF5/zarr containers
     label_key: str = "label"  # label array in NPZ/HDF5/zarr containers
     class_values: list[int] | None = None  # semantic: label value of each class, e.g. [0, 255]; None: labels are 0..K-1
     num_classes: int | None = None  # semantic without class_values; None: the largest training label + 1
     ignore_label: int | None = None  # semantic: label value excluded from loss and metrics
-    patch_shape: list[int] | None = None  # None: 256x256 (2D) or 32x128x128 (3D), capped by the smallest image
-    patches_per_epoch: int | None = None  # None: enough patches to cover the training voxels once
+    # Settings left at None are planned from the data and the budget (``tasks/segment/plan.py``); the plan and its
+    # reasons go to the log, config.yaml and the report. Any value given in YAML or by --set is kept as given.
+    epochs: int | None = None
+    patch_shape: list[int] | None = None  # planned from object sizes, capped by the smallest image
+    patches_per_epoch: int | None = None  # planned from the measured step time and the budget
     min_foreground: float = 0.0  # fraction of labelled pixels a training patch must have (redrawn otherwise)
     normalize: list[float] = field(default_factory=lambda: [1.0, 99.8])  # percentiles mapped to 0 and 1 per image
-    val_fraction: float = 0.1  # of the training images, when there is no val/ split
-    batch_size: int = 8
+    val_fraction: float | None = None  # of the training images, when there is no val/ split
+    invert: str | None = None  # never | always | auto (bright-background images inverted, so nuclei are bright in every modality)
+    balance: str | None = None  # none | auto (by appearance) | a column of index.csv: image groups drawn alike
+    balance_power: float = 0.5  # groups drawn in proportion to their size ** power (0: all groups alike, 1: by size)
+    batch_size: int | None = None
     eval_batch_size: int = 4  # tiles per forward pass in tiled prediction
     monitor: str = "auto"  # auto: mean_score for instance targets, mean_iou for semantic
     channels_last: bool = False
     optim: OptimConfig = field(default_factory=_default_optim)
-    augment: SegAugmentConfig = field(default_factory=SegAugmentConfig)
+    augment: SegAugmentConfig | None = None  # None: planned; an augment section replaces the plan's as a whole
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     post: PostConfig = field(default_factory=PostConfig)
 
     def __post_init__(self) -> None:
-        if self.target not in CHANNELS and self.target != "semantic":
-            raise DeepscopeError(f"unknown target {self.target!r}; choose one of {', '.join([*TARGETS, 'semantic'])}")
+        if self.target not in INSTANCE_TARGETS and self.target != "semantic":
+            raise DeepscopeError(f"unknown target {self.target!r}; choose one of {', '.join([*INSTANCE_TARGETS, 'semantic'])}")
         semantic = self.target == "semantic"
         if self.monitor == "auto":
             self.monitor = "mean_iou" if semantic else "mean_score"
         if self.loss == "auto":
-            self.loss = "ce" if semantic else "dice_bce"
-        if semantic != (self.loss == "ce"):
-            raise DeepscopeError(f"loss {self.loss!r} does not fit target {self.target!r}: semantic takes ce, the others dice, bce or dice_bce")
+            self.loss = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else "dice_bce"
+        own = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else None
+        if (own is not None and self.loss != own) or (own is None and self.loss not in ("dice", "bce", "dice_bce")):
+            raise DeepscopeError(f"loss {self.loss!r} does not fit target {self.target!r}: semantic takes ce, stardist and flows "
+                                 "their own loss, the other targets dice, bce or dice_bce")
+        if self.target in VECTOR_TARGETS and self.inference.flip_tta:
+            raise DeepscopeError(f"flip_tta does not apply to target {self.target!r}: flipping would also have to turn its vectors")
+        if self.target == "stardist" and self.n_rays < 3:
+            raise DeepscopeError(f"n_rays must be at least 3, got {self.n_rays}")
+        if self.invert is not None and self.invert not in INVERT:
+            raise DeepscopeError(f"unknown invert {self.invert!r}; choose one of {', '.join(INVERT)}")
         if self.inference.blend not in BLENDS:
             raise DeepscopeError(f"unknown blend {self.inference.blend!r}; choose one of {', '.join(BLENDS)}")
         if self.post.seeds not in SEEDS:

@@ -26,9 +26,13 @@ from deepscope.inference import load_trained_model
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.models import build_unet
+from deepscope.postprocess.flows import flow_instances
+from deepscope.postprocess.star import star_instances
+from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
 from deepscope.tasks.geometry import tile_and_halo
 from deepscope.tasks.segment.config import (
+    VECTOR_TARGETS,
     InferenceConfig,
     PostConfig,
     SegmentConfig,
@@ -36,6 +40,13 @@ from deepscope.tasks.segment.config import (
 from deepscope.tiling import predict_tiled
 
 # ---- prediction and scoring of whole images ---------------------------------------------------------------------
+
+
+class ProbabilityFirst(nn.Module):
+    """Sigmoid on channel 0 (object or cell probability), the rest as predicted (star distances, flows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.sigmoid(x[:, :1]), x[:, 1:]], dim=1)
 
 
 @dataclass
@@ -53,10 +64,11 @@ class Predictor:
     post: PostConfig
     device: torch.device
     batch_size: int = 4
+    dist_scale: float = 1.0  # stardist: predicted distances are in units of this many pixels
 
     def probabilities(self, image: Any, out: Any = None) -> Any:
         """(out_channels, *spatial) float32 probabilities of a (C, *spatial) image or view, written into ``out``."""
-        activation = nn.Softmax(dim=1) if self.target == "semantic" else nn.Sigmoid()
+        activation = nn.Softmax(dim=1) if self.target == "semantic" else ProbabilityFirst() if self.target in VECTOR_TARGETS else nn.Sigmoid()
         return predict_tiled(
             nn.Sequential(self.model, activation), image, self.tile, self.halo, self.out_channels, out=out,
             blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
@@ -68,7 +80,17 @@ class Predictor:
         probs = np.asarray(probs)
         if self.target == "semantic":
             return probs.argmax(0).astype(np.int32)
-        post = self.post
+        return self.instances(probs)
+
+    def instances(self, probs: np.ndarray, post: PostConfig | None = None) -> np.ndarray:
+        """Instances of one image's (or window's) network output by the target's own method; ``post`` replaces the
+        predictor's settings (threshold tuning tries several)."""
+        post = post or self.post
+        if self.target == "stardist":
+            return star_instances(probs[0], probs[1:] * self.dist_scale, post.threshold, post.nms_threshold, post.min_size, device=self.device)
+        if self.target == "flows":
+            return flow_instances(probs[0], probs[1:], post.threshold, post.flow_steps, post.min_size, post.flow_threshold,
+                                  device=self.device)
         if self.target == "boundaries":
             foreground, boundary = np.ones_like(probs[0]), probs[0]
         else:
@@ -101,7 +123,8 @@ def summarize_records(records: Sequence[dict[str, Any]], target: str, class_name
     at = instances["thresholds"]
     flat = {"score_0.5": at["0.5"]["score"], "f1_0.5": at["0.5"]["f1"], "precision_0.5": at["0.5"]["precision"],
             "recall_0.5": at["0.5"]["recall"], "score_0.75": at["0.75"]["score"]}
-    return {"mean_score": instances["mean_score"], **flat, "voi_split": instances["voi_split"], "voi_merge": instances["voi_merge"],
+    return {"mean_score": instances["mean_score"], **flat, "kaggle_score": instances["kaggle_score"], "pq": instances["pq"],
+            "sq": instances["sq"], "rq": instances["rq"], "voi_split": instances["voi_split"], "voi_merge": instances["voi_merge"],
             "arand": instances["arand"], "iou": fg["iou"], "dice": fg["dice"], "images": len(records),
             "thresholds": instances["thresholds"], "per_image": instances["per_image"]}
 
@@ -123,9 +146,11 @@ def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] |
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg.inference, key, value)
+    if cfg.inference.flip_tta and cfg.target in VECTOR_TARGETS:
+        raise DeepscopeError(f"--tta does not apply to {cfg.target} models: flipping would also have to turn their vectors")
     tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
     predictor = Predictor(model, cfg.target, info["channels"], info["out_channels"], tile_t, halo_t, tuple(info["divisor"]),
-                          cfg.inference, cfg.post, device, batch_size or cfg.eval_batch_size)
+                          cfg.inference, cfg.post, device, batch_size or cfg.eval_batch_size, cfg.dist_scale or 1.0)
     return predictor, cfg
 
 
@@ -138,7 +163,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     entries = found.get(split, found.get("all"))
     if entries is None:
         raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
-    items = load_items(entries, None, *cfg.normalize, require_objects=cfg.target != "semantic")
+    items = load_items(entries, None, *cfg.normalize, require_objects=cfg.target != "semantic", invert=cfg.invert or "never")
     for item in items:
         if item.labels.ndim != len(predictor.tile):
             raise DataError(f"{item.name}: labels are {item.labels.ndim}D but the model is {len(predictor.tile)}D")
@@ -161,7 +186,8 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
                   blend: str | None = None, flip_tta: bool | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
     """Probabilities of every input written block by block (and instances or classes when asked), one record per input.
 
-    Instance post-processing runs on one image's whole probability map, so it needs that map in memory.
+    Instances of images larger than ``inference.instance_block`` per axis are found block by block with the
+    prediction halo as context (``postprocess.tiled``), so objects smaller than the halo are never cut.
     """
     predictor, cfg = load_predictor(path, device, tile, halo, batch_size, blend=blend, flip_tta=flip_tta)
     if instances and cfg.target == "semantic":
@@ -170,19 +196,21 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
     records = []
     for source in inputs:
         image = open_input(source, key)
-        view = input_view(image, len(predictor.tile), predictor.channels, str(source), cfg.normalize)
+        view = input_view(image, len(predictor.tile), predictor.channels, str(source), cfg.normalize, invert=cfg.invert or "never")
         (prob_path, prob_key), (label_path, label_key) = output_paths(out, Path(source).stem, len(inputs) == 1, labels_name)
         probs = Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile))
         predictor.probabilities(view, out=probs.array)
         record = {"input": str(source), "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""), "shape": list(view.shape)}
         if instances or cfg.target == "semantic":
-            result = predictor.labels(np.asarray(probs.array[...]))
-            labels = Output(label_path, label_key, result.shape, np.int32, predictor.tile)
-            labels.array[...] = result
-            labels.close()
+            labels = Output(label_path, label_key, view.shape[1:], np.int32, predictor.tile)
+            if cfg.target == "semantic":
+                labels.array[...] = predictor.labels(np.asarray(probs.array[...]))
+            else:  # block by block with the prediction halo as context, so memory follows the block
+                tiled_instances(predictor.instances, probs.array, cfg.inference.instance_block, predictor.halo, out=labels.array)
+            result = labels.array
             record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
             if instances:
-                record["objects"] = int(result.max())
+                record["objects"] = len(np.unique(np.asarray(result[...]))) - 1
         probs.close()
         records.append(record)
     return records

@@ -7,7 +7,10 @@ them as the field does (matching at IoU 0.5..0.9, VOI, adapted Rand) plus pixel 
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import math
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,32 +19,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepscope.data.flows import batch_flow_target
+from deepscope.data.label_checks import label_warnings
 from deepscope.data.loaders import epoch_generator
-from deepscope.data.seg_augment import augment_pair
+from deepscope.data.readers import split_validation
+from deepscope.data.seg_augment import SegAugmentConfig, augment_pair
 from deepscope.data.seg_dataset import (
     PatchDataset,
     PatchLoader,
     SegItem,
+    balanced_weights,
     common_channels,
     find_items,
+    image_groups,
     load_items,
+    normalized,
 )
+from deepscope.data.star import batch_star_target, non_star_convex_fraction
 from deepscope.data.targets import batch_class_map, batch_target
+from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepscope.engine.distributed import DistInfo, gather_objects
-from deepscope.engine.report import write_report
-from deepscope.data.readers import split_validation
+from deepscope.engine.precision import resolve_precision
+from deepscope.engine.report import table, write_report
 from deepscope.engine.task import ItemShard, Task
+from deepscope.config import save_yaml
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
 from deepscope.tasks.geometry import halo_for, patch_shape_for
-from deepscope.tasks.segment.config import (
-    CHANNELS,
-    DEFAULT_PATCH,
-    SegmentConfig,
-)
+from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
+from deepscope.tasks.segment.plan import Hardware, Plan, fingerprint, make_plan, semantic_plan
 from deepscope.tasks.segment.predict import Predictor, score_image, summarize_records
-from deepscope.tasks.segment.report import SHOWN, draw_overlays, report_sections
+from deepscope.tasks.segment.report import SHOWN, draw_overlays, overlay_caption, report_sections, worst_names
+from deepscope.tasks.segment.tune import tune_post
+
+WARNINGS_SHOWN = 5  # label warnings written to the log one by one; the rest are counted
 
 
 class TrainBatches:
@@ -61,14 +73,29 @@ class TrainBatches:
         cfg = self.config
         generator = epoch_generator(cfg.seed * 7919 + self.rank, self.epoch, self.loader.device)
         for image, labels in self.loader:
-            image, labels, mask = augment_pair(image, labels, cfg.augment, generator)
-            if cfg.target == "semantic":
-                target = batch_class_map(labels, cfg.class_values, cfg.ignore_label)
-                mask = mask * (target >= 0).unsqueeze(1)
-                target = target.clamp(min=0)
-            else:
-                target = batch_target(cfg.target, labels)
-            yield image, target, mask
+            image, labels, mask = augment_pair(image, labels, cfg.augment or SegAugmentConfig(), generator)
+            yield image, *training_target(cfg, labels, mask)
+
+
+def segment_loss(cfg: SegmentConfig) -> Any:
+    """The configured loss; stardist's distance term is weighted 0.2 per pixel of error as in StarDist, which is
+    0.2 * dist_scale per unit of the scaled distances the network predicts."""
+    if cfg.loss == "stardist":
+        return build_loss(cfg.loss, dist_weight=0.2 * (cfg.dist_scale or 1.0))
+    return build_loss(cfg.loss)
+
+
+def training_target(cfg: SegmentConfig, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, loss mask) of a batch of (augmented) label patches for the configured target."""
+    if cfg.target == "semantic":
+        target = batch_class_map(labels, cfg.class_values, cfg.ignore_label)
+        return target.clamp(min=0), mask * (target >= 0).unsqueeze(1)
+    if cfg.target == "stardist":
+        target = batch_star_target(labels, cfg.n_rays)
+        return torch.cat([target[:, :1], target[:, 1:] / (cfg.dist_scale or 1.0)], dim=1), mask
+    if cfg.target == "flows":
+        return batch_flow_target(labels), mask
+    return batch_target(cfg.target, labels), mask
 
 
 class SegmentTask(Task):
@@ -77,6 +104,7 @@ class SegmentTask(Task):
 
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
+        started = time.time()
         self.device, self.dist = device, dist
         semantic = cfg.target == "semantic"
         found = find_items(cfg.data, cfg.raw_key, cfg.label_key)
@@ -85,24 +113,103 @@ class SegmentTask(Task):
             splits["train"] = splits.pop("all")
         if "train" not in splits:
             raise DataError(f"{cfg.data}: no training images (expected train/ or images/ + masks/)")
-        if "val" not in splits:
-            splits["train"], val = split_validation(splits["train"], cfg.val_fraction, cfg.seed)
-            if val:
-                splits["val"] = val
-        self.splits = splits
         everything = [item for items in splits.values() for item in items]
         self.ndim = everything[0].labels.ndim
         for item in everything:
             if item.labels.ndim != self.ndim:
                 raise DataError(f"{item.name}: labels are {item.labels.ndim}D but others are {self.ndim}D")
         self.channels = common_channels(everything, self.ndim)
+        appearance = image_groups(splits["train"], "auto", None)
+        self.plan = semantic_plan(cfg) if semantic else self._plan(splits["train"], appearance, started)
+        self._apply(self.plan)
+        self.notes += self.plan.reasons
+        if cfg.invert not in (None, "never"):
+            for item in everything:
+                item.image = normalized(item.stored, self.ndim, *cfg.normalize, invert=cfg.invert)
+        if not semantic:
+            self._check_labels(splits["train"])
+        self.groups = dict(zip((i.name for i in splits["train"]), appearance if cfg.balance in (None, "none", "auto")
+                               else image_groups(splits["train"], cfg.balance, Path(cfg.data))))
+        if "val" not in splits:
+            splits["train"], val = split_validation(splits["train"], cfg.val_fraction or 0.0, cfg.seed)
+            if val:
+                splits["val"] = val
+        self.splits = splits
         self.class_names = self._classes(splits["train"]) if semantic else None
-        self.out_channels = len(self.class_names) if self.class_names else CHANNELS[cfg.target]
+        self.out_channels = len(self.class_names) if self.class_names else output_channels(cfg.target, self.ndim, cfg.n_rays)
         self.divisor = self.build_model().divisor
         self.patch_shape = patch_shape_for(cfg.patch_shape, [i.labels.shape for i in splits["train"]], DEFAULT_PATCH[self.ndim],
                                            self.divisor, "labels")
         self.tile = tuple(cfg.inference.tile or self.patch_shape)
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
+
+    def _plan(self, train: Sequence[SegItem], appearance: Sequence[str], started: float) -> Plan:
+        """The plan of every setting left at None, from the data and the budget (``plan.py``)."""
+        cfg = self.config
+        fp = fingerprint(train, self.ndim, self.channels, appearance, cfg.seed)
+        hw = Hardware(self.device.type, resolve_precision(cfg.amp, self.device).name)
+        train_pixels = float(sum(np.prod(i.labels.shape) for i in train))
+        return make_plan(cfg, fp, hw, time.time() - started, lambda *a: self._time_steps(train, *a), train_pixels)
+
+    def _apply(self, plan: Plan) -> None:
+        for key, value in plan.settings.items():
+            if key.startswith("model_args."):
+                self.config.model_args[key.split(".", 1)[1]] = value
+            else:
+                setattr(self.config, key, value)
+
+    def _time_steps(self, train: Sequence[SegItem], patch: list[int], model_args: dict[str, Any], batch: int) -> tuple[float, float]:
+        """(seconds per training step, seconds per predicted pixel) of a U-Net with ``model_args`` on real patches:
+        data, augmentation, target, forward, backward and optimizer step, in the run's precision; median of 3 after one
+        warm-up step (first calls allocate and pick kernels)."""
+        cfg = self.config
+        model = build_unet(self.channels, output_channels(cfg.target, self.ndim, cfg.n_rays), self.ndim, **model_args).to(self.device)
+        precision = resolve_precision(cfg.amp, self.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        dataset = PatchDataset(train, patch, 4 * batch, self.channels, cfg.min_foreground, cfg.seed)
+        loader = PatchLoader(dataset, batch, self.device)
+        generator = epoch_generator(cfg.seed, 0, self.device)
+        loss_fn = segment_loss(cfg)
+        times = []
+        for image, labels in loader:
+            start = time.perf_counter()
+            image, labels, mask = augment_pair(image, labels, cfg.augment or SegAugmentConfig(), generator)
+            target, mask = training_target(cfg, labels, mask)
+            with precision.autocast(self.device):
+                loss = loss_fn(model(image), target, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        model.eval()
+        halo = halo_for(patch, model.divisor)
+        window = [p + 2 * h for p, h in zip(patch, halo)]
+        tiles = torch.zeros(cfg.eval_batch_size, self.channels, *window, device=self.device)
+        with torch.no_grad(), precision.autocast(self.device):
+            model(tiles)
+            start = time.perf_counter()
+            model(tiles)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            forward = time.perf_counter() - start
+        return float(np.median(times[1:])), forward / (cfg.eval_batch_size * float(np.prod(patch)))
+
+    def _check_labels(self, train: Sequence[SegItem]) -> None:
+        """Warn about objects with holes or in pieces (naming the files) and, for stardist, about shapes a star-convex
+        polygon cannot draw: both train silently into a worse model otherwise."""
+        cfg = self.config
+        warnings = [w for item in train for w in label_warnings(np.asarray(item.labels[...]), item.label_source or item.name)]
+        for warning in warnings[:WARNINGS_SHOWN]:
+            self.notes.append(f"warning: {warning}")
+        if len(warnings) > WARNINGS_SHOWN:
+            self.notes.append(f"warning: {len(warnings) - WARNINGS_SHOWN} more label warnings of this kind")
+        if cfg.target == "stardist":
+            fraction, bad, total = non_star_convex_fraction([np.asarray(i.labels[...]) for i in train], cfg.n_rays)
+            self.notes.append(f"{'warning: ' if fraction > 0.05 else ''}{bad} of {total} training objects ({fraction:.1%}) are not "
+                              f"star-convex: their {cfg.n_rays}-ray polygon covers them poorly" +
+                              ("; target flows suits such shapes better" if fraction > 0.05 else ""))
 
     def _classes(self, items: Sequence[SegItem]) -> list[str]:
         cfg = self.config
@@ -126,7 +233,10 @@ class SegmentTask(Task):
             raise DeepscopeError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
         length = cfg.patches_per_epoch or max(len(train), math.ceil(sum(np.prod(i.labels.shape) for i in train) / np.prod(self.patch_shape)))
         length = max(cfg.batch_size, math.ceil(length / cfg.batch_size) * cfg.batch_size)
-        dataset = PatchDataset(train, self.patch_shape, length, self.channels, cfg.min_foreground, cfg.seed)
+        weights = None
+        if cfg.balance not in (None, "none"):
+            weights = balanced_weights(train, [self.groups[i.name] for i in train], cfg.balance_power)
+        dataset = PatchDataset(train, self.patch_shape, length, self.channels, cfg.min_foreground, cfg.seed, weights=weights)
         loader = PatchLoader(dataset, cfg.batch_size // world, self.device, self.dist.rank, world, cfg.num_workers)
         return TrainBatches(loader, cfg, self.dist.rank)
 
@@ -135,12 +245,12 @@ class SegmentTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         image, target, mask = batch
-        return build_loss(self.config.loss)(model(image), target, mask)
+        return segment_loss(self.config)(model(image), target, mask)
 
     def predictor(self, model: nn.Module) -> Predictor:
         cfg = self.config
         return Predictor(model, cfg.target, self.channels, self.out_channels, self.tile, self.halo, self.divisor,
-                         cfg.inference, cfg.post, self.device, cfg.eval_batch_size)
+                         cfg.inference, cfg.post, self.device, cfg.eval_batch_size, cfg.dist_scale or 1.0)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
@@ -162,23 +272,48 @@ class SegmentTask(Task):
 
     def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {}
+        cfg = self.config
+        if cfg.target != "semantic" and cfg.post.tune and "val" in self.splits:
+            with torch.no_grad():
+                best, tried = tune_post(self.predictor(model), self.splits["val"])
+            cfg.post = best
+            result["post_tuning"] = tried
+            if self.dist.is_main:
+                self._store_post(run_dir)
         if "test" in self.splits:
             result["test"] = self.evaluate(model, ItemShard(self.splits["test"], self.dist.rank, self.dist.world))
             result.update({f"test_{k}": v for k, v in result["test"].items() if isinstance(v, float)})
         shown = "test" if "test" in self.splits else "val" if "val" in self.splits else "train"
         if self.dist.is_main:
+            items = self.splits[shown]
+            records = {r["name"]: r for r in result["test"]["per_image"]} if shown == "test" and cfg.target != "semantic" else None
+            if records:
+                order = worst_names(list(records.values()), SHOWN)
+                items = sorted((i for i in items if i.name in order), key=lambda i: order.index(i.name))
             with torch.no_grad():
-                draw_overlays(self.predictor(model), self.splits[shown][:SHOWN], self.config, run_dir / "overlays.png")
+                draw_overlays(self.predictor(model), items[:SHOWN], cfg, run_dir / "overlays.png")
             result["shown_split"] = shown
+            result["plan"] = self.plan.reasons
         return result
+
+    def _store_post(self, run_dir: Path) -> None:
+        """The tuned post-processing into both checkpoints and config.yaml, so every later predict uses it."""
+        post = dataclasses.asdict(self.config.post)
+        for path in (run_dir / "best.pt", run_dir / "last.pt"):
+            if path.exists():
+                state = load_checkpoint(path)
+                state["config"]["post"] = post
+                save_checkpoint(state, path)
+        save_yaml(self.config, run_dir / "config.yaml")
 
     def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         final = metrics.get("test") or metrics.get("val") or {}
         split = "test" if metrics.get("test") else "validation"
-        sections = report_sections(final, split, run_dir)
+        sections = [("Plan (settings chosen from the data and the budget)", "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in self.plan.reasons) + "</ul>")]
+        sections += report_sections(final, split, run_dir)
+        if metrics.get("post_tuning"):
+            sections.append(("Post-processing tuned on the validation images", table(metrics["post_tuning"])))
         if (run_dir / "overlays.png").exists():
-            caption = "image | truth (green outlines) | prediction (magenta outlines) | probability"
+            caption = overlay_caption(self.config.target) + (" (worst test images first)" if metrics.get("test") else "")
             sections.append((f"Predictions ({metrics.get('shown_split')} images)", f"<p>{caption}</p><img src='overlays.png' alt='overlays'>"))
         write_report(run_dir, f"deepscope segment: {self.config.target} U-Net on {self.config.data}", metrics, history, sections)
-
-
