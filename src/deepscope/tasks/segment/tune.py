@@ -44,8 +44,10 @@ def tune_post(predictor: Predictor, items: Sequence[SegItem]) -> tuple[PostConfi
         if score > max((t["mean_score"] for t in tried[:-1]), default=-1.0):
             best = post
 
+    attempt(predictor.post)  # first, so the given settings win every tie (an untrained model scores 0 everywhere)
     for threshold in THRESHOLDS:
-        attempt(dataclasses.replace(predictor.post, threshold=threshold))
+        if threshold != predictor.post.threshold:
+            attempt(dataclasses.replace(predictor.post, threshold=threshold))
     if predictor.target in SECOND:
         key, values = SECOND[predictor.target]
         for value in values:
