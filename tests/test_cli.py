@@ -84,6 +84,7 @@ def test_demo_reaches_97_percent(tmp_path, capsys):
         assert (tmp_path / "demo" / name).exists()
 
 
+@pytest.mark.slow  # 70 s; the segment task's own end-to-end tests cover the same path within the suite's 10 minutes
 def test_demo_segment_finds_the_generated_nuclei(tmp_path, capsys):
     assert main(["demo", "segment", "--out", str(tmp_path / "demo")]) == 0
     result = last_json(capsys)
