@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepscope.config import save_yaml
 from deepscope.data.flows import batch_flow_target
 from deepscope.data.label_checks import label_warnings
 from deepscope.data.loaders import epoch_generator
 from deepscope.data.readers import split_validation
 from deepscope.data.seg_augment import SegAugmentConfig, augment_pair
 from deepscope.data.seg_dataset import (
+    Normalized,
     PatchDataset,
     PatchLoader,
     SegItem,
@@ -33,7 +35,6 @@ from deepscope.data.seg_dataset import (
     find_items,
     image_groups,
     load_items,
-    normalized,
 )
 from deepscope.data.star import batch_star_target, non_star_convex_fraction
 from deepscope.data.targets import batch_class_map, batch_target
@@ -42,15 +43,26 @@ from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.precision import resolve_precision
 from deepscope.engine.report import table, write_report
 from deepscope.engine.task import ItemShard, Task
-from deepscope.config import save_yaml
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
 from deepscope.tasks.geometry import halo_for, patch_shape_for
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
-from deepscope.tasks.segment.plan import Hardware, Plan, fingerprint, make_plan, semantic_plan
+from deepscope.tasks.segment.plan import (
+    Hardware,
+    Plan,
+    fingerprint,
+    make_plan,
+    semantic_plan,
+)
 from deepscope.tasks.segment.predict import Predictor, score_image, summarize_records
-from deepscope.tasks.segment.report import SHOWN, draw_overlays, overlay_caption, report_sections, worst_names
+from deepscope.tasks.segment.report import (
+    SHOWN,
+    draw_overlays,
+    overlay_caption,
+    report_sections,
+    worst_names,
+)
 from deepscope.tasks.segment.tune import tune_post
 
 WARNINGS_SHOWN = 5  # label warnings written to the log one by one; the rest are counted
@@ -123,9 +135,12 @@ class SegmentTask(Task):
         self.plan = semantic_plan(cfg) if semantic else self._plan(splits["train"], appearance, started)
         self._apply(self.plan)
         self.notes += self.plan.reasons
-        if cfg.invert not in (None, "never"):
+        if cfg.invert in ("always", "auto"):  # the percentiles are known; the training images' backgrounds too
+            known = {id(item): group for item, group in zip(splits["train"], appearance)}
             for item in everything:
-                item.image = normalized(item.stored, self.ndim, *cfg.normalize, invert=cfg.invert)
+                bright = (known.get(id(item)) or image_groups([item], "auto", None)[0]).endswith("bright")
+                item.image = Normalized(item.stored, self.ndim, item.image.low, item.image.high,
+                                        inverted=cfg.invert == "always" or bright)
         if not semantic:
             self._check_labels(splits["train"])
         self.groups = dict(zip((i.name for i in splits["train"]), appearance if cfg.balance in (None, "none", "auto")
