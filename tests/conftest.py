@@ -85,17 +85,20 @@ def shared_data() -> Path:
     return SHARED
 
 
-def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) -> None:
-    """Train ``model`` on one batch for ``steps`` optimizer steps (for tests that a model can overfit)."""
+def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) -> list[float]:
+    """Train ``model`` on one batch for ``steps`` optimizer steps (for tests that a model can overfit); the losses."""
     import torch
 
     opt = (optimizer or torch.optim.AdamW)(model.parameters(), lr=lr)
+    losses = []
     for _ in range(steps):
         loss = loss_fn(model(x), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        losses.append(loss.item())
     model.eval()
+    return losses
 
 
 def fast_args(data: Path, out: Path, *extra: str) -> list[str]:

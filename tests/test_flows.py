@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fit_batch
 
 from deepscope.data.flows import batch_flow_target, batch_flows
 from deepscope.errors import DataError, DeepscopeError
@@ -146,14 +147,7 @@ def test_loss_falls_when_a_tiny_net_overfits_one_target():
         torch.nn.Conv2d(8, 8, 5, padding=2), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 3, 3, padding=1),
     )  # fmt: skip
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(50):
-        loss = flows_loss(net(image), target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = fit_batch(net, image, target, flows_loss, steps=50, lr=1e-2, optimizer=torch.optim.Adam)
     assert losses[-1] < 0.3 * losses[0]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import fit_batch
 from skimage.draw import disk, ellipse
 
 from deepscope.data.star import (
@@ -130,14 +131,7 @@ def test_loss_falls_when_a_small_net_overfits_one_target():
     target = batch_star_target(labels, 8)
     image = (labels > 0).float()[:, None] + 0.1 * torch.randn(1, 1, 24, 24)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 9, 5, padding=2))
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(50):
-        loss = stardist_loss(net(image), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_batch(net, image, target, stardist_loss, steps=50, lr=2e-2, optimizer=torch.optim.Adam)
     assert losses[-1] < 0.5 * losses[0]
 
 

@@ -41,6 +41,7 @@ from deepscope.data.targets import batch_class_map, batch_target
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.precision import resolve_precision
+from deepscope.engine.probe import seconds_per_forward, seconds_per_step
 from deepscope.engine.report import table, write_report
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -174,42 +175,17 @@ class SegmentTask(Task):
                 setattr(self.config, key, value)
 
     def _time_steps(self, train: Sequence[SegItem], patch: list[int], model_args: dict[str, Any], batch: int) -> tuple[float, float]:
-        """(seconds per training step, seconds per predicted pixel) of a U-Net with ``model_args`` on real patches:
-        data, augmentation, target, forward, backward and optimizer step, in the run's precision; median of 3 after one
-        warm-up step (first calls allocate and pick kernels)."""
+        """(seconds per training step, seconds per predicted pixel) of a U-Net with ``model_args``: four steps on
+        real patches through the training path (patches, augmentation, target, loss) and one tiled forward pass."""
         cfg = self.config
         model = build_unet(self.channels, output_channels(cfg.target, self.ndim, cfg.n_rays), self.ndim, **model_args).to(self.device)
         precision = resolve_precision(cfg.amp, self.device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         dataset = PatchDataset(train, patch, 4 * batch, self.channels, cfg.min_foreground, cfg.seed)
-        loader = PatchLoader(dataset, batch, self.device)
-        generator = epoch_generator(cfg.seed, 0, self.device)
-        loss_fn = segment_loss(cfg)
-        times = []
-        for image, labels in loader:
-            start = time.perf_counter()
-            image, labels, mask = augment_pair(image, labels, cfg.augment or SegAugmentConfig(), generator)
-            target, mask = training_target(cfg, labels, mask)
-            with precision.autocast(self.device):
-                loss = loss_fn(model(image), target, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        model.eval()
-        halo = halo_for(patch, model.divisor)
-        window = [p + 2 * h for p, h in zip(patch, halo)]
+        batches = TrainBatches(PatchLoader(dataset, batch, self.device), cfg, self.dist.rank)
+        step = seconds_per_step(model, batches, self.loss, precision, self.device)
+        window = [p + 2 * h for p, h in zip(patch, halo_for(patch, model.divisor))]
         tiles = torch.zeros(cfg.eval_batch_size, self.channels, *window, device=self.device)
-        with torch.no_grad(), precision.autocast(self.device):
-            model(tiles)
-            start = time.perf_counter()
-            model(tiles)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            forward = time.perf_counter() - start
-        return float(np.median(times[1:])), forward / (cfg.eval_batch_size * float(np.prod(patch)))
+        return step, seconds_per_forward(model, tiles, precision, self.device) / (cfg.eval_batch_size * float(np.prod(patch)))
 
     def _check_labels(self, train: Sequence[SegItem]) -> None:
         """Warn about objects with holes or in pieces (naming the files) and, for stardist, about shapes a star-convex
