@@ -1,4 +1,4 @@
-"""Command line: ``deepscope train | evaluate | predict | pixel | demo``.
+"""Command line: ``deepscope train | evaluate | predict | pixel | serve | demo``.
 
 Settings resolve as defaults < ``--config FILE.yaml`` < ``--set key=value`` < explicit flags;
 the resolved config is written beside the checkpoints. Errors caused by the input are printed
@@ -319,6 +319,13 @@ def sample_scribble_files(args: argparse.Namespace) -> dict[str, Any]:
     return {"files": len(files), "labelled_pixels": labelled, "fraction": round(labelled / total, 6), "out": str(out)}
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from deepscope.serve.app import serve
+
+    serve(args.folder, host=args.host, port=args.port)
+    return {"served": str(args.folder)}
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from deepscope.demo import run_demo
 
@@ -408,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     add_pixel_parser(sub)
+
+    serve = sub.add_parser("serve", help="label images in the browser: paint classes, see a live pixel classifier's predictions")
+    serve.add_argument("folder", nargs="?", default=".", help="folder of images (or with images/); labels are saved in FOLDER/labels")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; any but the loopback requires the token printed at start")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="train and evaluate on bundled data (no download)")
     demo.add_argument("task", nargs="?", default="classify", choices=["classify", "segment", "denoise", "pixel", "detect", "ssl"])

@@ -179,7 +179,7 @@ def labelled_images(config: PixelConfig) -> list[LabelledImage]:
     return items
 
 
-def _training_pixels(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def training_pixels(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     where = np.flatnonzero(labels)
     x = np.asarray(features.reshape(features.shape[0], -1)[:, where]).T
     return np.ascontiguousarray(x, np.float32), labels.ravel()[where]
@@ -217,7 +217,7 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
             f, hit = compute_features(view, spec, config.tile, device), False
         else:
             f, hit = cache.features(item.source, config.raw_key, view, spec, config.normalize, config.tile, device)
-        x, y = _training_pixels(f, item.labels)
+        x, y = training_pixels(f, item.labels)
         xs.append(x)
         ys.append(y)
         features.append(f if cache is not None else None)
