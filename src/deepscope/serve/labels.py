@@ -35,7 +35,7 @@ from skimage.draw import disk, polygon
 from deepscope.data.scribbles import MAX_CLASSES
 from deepscope.engine.checkpoint import atomic_write
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.serve.folder import STATE_DIR, ServedFolder, ServedImage
+from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedImage
 
 MAX_POINTS = 10000  # points of one stroke
 MAX_RADIUS = 128.0  # brush radius in pixels: bounds the work one request can ask for
@@ -235,6 +235,15 @@ class LabelStore:
         """Increases with every change, also across restarts while the label file exists."""
         with self._changed:
             return self._image(name).seq
+
+    def changed_times(self) -> dict[str, float]:
+        """Image stem -> latest modification time of its label file or its journal, for every image that has either:
+        the images that may hold labels, including ones painted in another program or not yet written out."""
+        changed: dict[str, float] = {}
+        for folder, pattern in ((self.folder.root / LABELS_DIR, "*.tif"), (self.folder.root / STATE_DIR / JOURNAL_DIR, "*.jsonl")):
+            for path in folder.glob(pattern) if folder.is_dir() else ():
+                changed[path.stem] = max(changed.get(path.stem, 0.0), path.stat().st_mtime)
+        return changed
 
     def apply(self, name: str, stroke: Stroke) -> Box:
         """Paint ``stroke`` (durably: journalled and fsynced on return); the changed box as spatial slices."""

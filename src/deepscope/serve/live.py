@@ -29,8 +29,8 @@ from deepscope.blockio import open_input
 from deepscope.data.seg_dataset import input_view
 from deepscope.errors import DeepscopeError
 from deepscope.features import FeatureSpec
-from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedImage
-from deepscope.serve.labels import JOURNAL_DIR, LabelStore
+from deepscope.serve.folder import STATE_DIR, ServedFolder, ServedImage
+from deepscope.serve.labels import LabelStore
 from deepscope.serve.project import Project
 from deepscope.tasks.pixel import (
     FeatureCache,
@@ -307,11 +307,7 @@ class LiveClassifier:
         An image has labels on disk (``labels/``) or in the store, which keeps a journal for every image it opened;
         the later of the two files' modification times orders them.
         """
-        changed: dict[str, float] = {}
-        for folder, pattern in ((self.folder.root / LABELS_DIR, "*.tif"),
-                                (self.folder.root / STATE_DIR / JOURNAL_DIR, "*.jsonl")):
-            for path in folder.glob(pattern) if folder.is_dir() else ():
-                changed[path.stem] = max(changed.get(path.stem, 0.0), path.stat().st_mtime)
+        changed = self.store.changed_times()
         if not set(changed) <= set(self._stems):
             self._stems = {Path(e.name).stem: e.name for e in self.folder.images() if e.error is None}
         found = []
