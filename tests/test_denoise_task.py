@@ -200,6 +200,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(clean_data, tmp_p
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_demo_denoise_cleans_the_held_out_photograph(tmp_path, capsys):
     assert main(["demo", "denoise", "--out", str(tmp_path / "demo")]) == 0
     result = last_json(capsys)

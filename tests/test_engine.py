@@ -17,7 +17,9 @@ from conftest import fast_args, needs_native_bf16, pattern_images
 
 from deepscope.cli import main
 from deepscope.config import OptimConfig
+from deepscope.engine import logging as run_logging
 from deepscope.engine import precision
+from deepscope.engine.logging import PROGRESS_FILE
 from deepscope.engine.optim import build_scheduler
 from deepscope.engine.precision import resolve_precision
 from deepscope.errors import DeepscopeError
@@ -50,11 +52,18 @@ def test_training_learns_and_writes_run_folder(class_tree, tmp_path, capsys):
     assert losses[-1] < losses[0] * 0.5
     assert "confusion.png" in (out / "report.html").read_text()
 
+    progress = json.loads((out / PROGRESS_FILE).read_text())  # what deepscope serve's training jobs follow
+    assert progress["state"] == "done" and progress["stopped"] == "completed"
+    assert (progress["epoch"], progress["epochs"], progress["step"], progress["steps"]) == (4, 4, 0, 108 // 16)
+    assert progress["history"] == metrics["history"] and progress["elapsed_s"] > 0
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert "train/samples" in events.Tags()["images"]
     assert {"epoch/train_loss", "epoch/val_accuracy", "train/loss_step"} <= set(events.Tags()["scalars"])
+    assert main(fast_args(class_tree, out, "--epochs", "4")) == 2  # refused, the folder holds a run ...
+    assert json.loads((out / PROGRESS_FILE).read_text()) == progress  # ... whose progress file stays as it was
 
 
 def test_gradient_clipping_bounds_each_update(class_tree, tmp_path):
@@ -232,3 +241,32 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["processes"] == 2
     assert m1["val"]["confusion_matrix"] == m2["val"]["confusion_matrix"]
+
+
+def test_progress_file_is_written_at_most_once_a_second_and_says_failed(tmp_path, monkeypatch):
+    clock = [1000.0]
+    writes: list[dict] = []
+    monkeypatch.setattr(run_logging.time, "time", lambda: clock[0])
+    real_write = run_logging.atomic_write
+
+    def counting(path, write):
+        real_write(path, write)
+        writes.append(json.loads(path.read_text()))
+
+    monkeypatch.setattr(run_logging, "atomic_write", counting)
+    log = run_logging.RunLogger(tmp_path / "run")
+    log.start_epoch(0, 3, 500)
+    for step in range(1, 501):  # every step within one second: no further write
+        log.advance(step)
+    assert [w["step"] for w in writes] == [0]
+    clock[0] += 1.0
+    log.update(7, float("nan"), 10.0, "")
+    assert writes[-1]["step"] == 7 and writes[-1]["loss"] is None  # a diverged loss is JSON null, not NaN
+    log.epoch_done(1, [{"epoch": 1, "train_loss": 0.5}])  # forced, though no time passed
+    log.fail("non-finite loss at epoch 2")
+    log.close()
+    assert len(writes) == 4
+    assert writes[2]["history"] == [{"epoch": 1, "train_loss": 0.5}] and writes[2]["epoch"] == 1
+    assert writes[3]["state"] == "failed" and writes[3]["error"] == "non-finite loss at epoch 2"
+    assert writes[3]["elapsed_s"] == 1.0
+

@@ -18,6 +18,7 @@ from deepscope.data.scribbles import (
 )
 from deepscope.data.synthetic import nuclei_set
 from deepscope.errors import DataError
+from deepscope.tasks.pixel import labelled_indices
 
 FAST = ["--filters", "gaussian", "ggm", "hessian", "structure", "--scales", "1", "2", "4", "--trees", "30"]
 
@@ -204,3 +205,15 @@ def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_pa
     assert result["features_from_cache"] == 0 and not list(tmp_path.rglob("*.npy"))  # no cache anywhere, cwd included
     pred = tifffile.imread(tmp_path / "predictions" / "n0_classes.tif")
     assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / "n0.tif") > 0) > 0.8
+
+
+def test_labelled_indices_are_the_nonzero_pixels() -> None:
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((64, 64), np.uint8), ((13, 7), np.uint8), ((3, 5, 9), np.uint8), ((1,), np.uint8),
+                         ((20, 30), np.uint16)):
+        labels = np.zeros(shape, dtype)
+        painted = rng.random(shape) < 0.05
+        labels[painted] = rng.integers(1, 5, int(painted.sum()))
+        labels.ravel()[-1] = 2  # the tail beyond the last whole 8-pixel word counts too
+        np.testing.assert_array_equal(labelled_indices(labels), np.flatnonzero(labels))
+    np.testing.assert_array_equal(labelled_indices(np.zeros((8, 8), np.uint8)), [])

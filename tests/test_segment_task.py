@@ -179,6 +179,7 @@ def test_plantseg_nuclei_volume_end_to_end(shared_data, tmp_path):
     assert test["dice"] > 0.5 and test["arand"] < 0.9
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_two_gloo_processes_match_one_process(nuclei, tmp_path):
     """Patches depend only on their global index, so two processes with half batches make the same steps as one
     (BCE is a per-pixel mean and GroupNorm is per sample, so averaging the halves' gradients is exact)."""

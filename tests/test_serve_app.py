@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import yaml
 from PIL import Image
 
 with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test client; httpx works the same here
@@ -22,6 +23,8 @@ from deepscope.cli import build_parser, main
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.errors import DeepscopeError
 from deepscope.serve.app import LOOPBACK_NAMES, create_app, is_loopback, serve
+from deepscope.serve.folder import ServedFolder
+from deepscope.serve.http import visible_region
 from deepscope.serve.project import PROJECT_FILE
 from deepscope.tasks.pixel import PixelClassifier
 
@@ -138,6 +141,7 @@ def test_strokes_labels_predictions_undo_redo(client: TestClient, folder: Path) 
     first = post(client, "/api/stroke?image=cells.png", {**LEFT, "visible": [0, 64, 0, 96]}).json()
     assert first["labels_version"] == 1 and first["model"] is None  # one class: nothing to fit yet
     assert first["bbox"] == [[29, 36], [3, 44]]
+    assert yaml.safe_load((folder / PROJECT_FILE).read_text())["labelled"] == ["cells.png"]  # the project lists it
     labels = rgba(client.get("/api/overlay?kind=labels&image=cells.png&level=0&ty=0&tx=0&v=1"))
     assert labels.shape == (64, 96, 4) and tuple(labels[32, 20]) == (*BLUE, 255) and labels[10, 20, 3] == 0
 
@@ -183,6 +187,13 @@ def test_predict_and_stack_strokes(client: TestClient, folder: Path) -> None:
     assert tuple(classes[10, 5, :3]) == BLUE and tuple(classes[10, 45, :3]) == ORANGE
     response = post(client, "/api/predict?image=cells.png", {"visible": [100, 200, 0, 5]})
     assert response.status_code == 400 and "visible" in response.json()["error"]
+    for level in (1, "x", -1):  # cells.png has a single pyramid level
+        response = post(client, "/api/predict?image=cells.png", {"visible": [0, 64, 0, 96], "level": level})
+        assert response.status_code == 400 and "level" in response.json()["error"], level
+    # a zoomed-out view predicts first only the pixels its overlay tiles show
+    big = ServedFolder(folder).open("big.tif")
+    assert visible_region([0, 520, -5, 300], big, 2) == (slice(0, 520, 4), slice(0, 300, 4))
+    assert visible_region([0, 520, 0, 300], big) == (slice(0, 520, 1), slice(0, 300, 1))
     assert client.get("/api/overlay?kind=edges&image=cells.png&level=0&ty=0&tx=0").status_code == 400
 
 
@@ -223,6 +234,20 @@ def test_project_classes_features_and_classifier(client: TestClient, folder: Pat
     classifier = PixelClassifier.load(saved["path"])
     assert classifier.classes == [1, 2] and classifier.spec.count == 3 and Path(saved["path"]).parent == folder
     assert client.get("/api/project").json()["classifier"] == Path(saved["path"]).name
+
+    # pixel predict takes the project (its folder or its file) for its saved classifier
+    for given in (folder, folder / PROJECT_FILE, Path(saved["path"])):
+        out = folder.parent / f"out-{given.name}"
+        assert main(["pixel", "predict", str(given), str(folder / "cells.png"), "--out", str(out)]) == 0
+    by_file, by_project = (tifffile.imread(folder.parent / f"out-{n}" / "cells_classes.tif") for n in ("pixel-classifier.pkl", "data"))
+    np.testing.assert_array_equal(by_project, by_file)
+    assert (by_file[:, :40] == 1).mean() > 0.9 and (by_file[:, 56:] == 2).mean() > 0.9
+
+
+def test_pixel_predict_refuses_a_project_without_classifier(folder: Path, capsys) -> None:
+    (folder / PROJECT_FILE).write_text("classes: [{value: 1, name: a, colour: '#000000'}]\n")
+    assert main(["pixel", "predict", str(folder), str(folder / "cells.png"), "--out", str(folder / "out")]) != 0
+    assert "no classifier saved yet" in capsys.readouterr().err
 
 
 def test_token_is_required_when_set(folder: Path) -> None:

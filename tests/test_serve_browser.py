@@ -9,17 +9,14 @@ driver (Debian: ``apt-get install chromium chromium-driver``).
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from deepscope.serve.app import LOOPBACK_NAMES, create_app
+from deepscope.serve.app import LOOPBACK_NAMES, background_server, create_app
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
 from selenium.common.exceptions import TimeoutException, WebDriverException
@@ -49,22 +46,8 @@ def server(tmp_path: Path) -> Iterator[str]:
     folder = tmp_path / "data"
     folder.mkdir()
     Image.fromarray(image).save(folder / "cells.png")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(folder, hosts=LOOPBACK_NAMES), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started or not thread.is_alive():
-                break
-            thread.join(0.05)
-        assert server.started, "the server did not start"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    with background_server(create_app(folder, hosts=LOOPBACK_NAMES)) as url:
+        yield url
 
 
 @pytest.fixture

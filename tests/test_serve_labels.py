@@ -85,8 +85,13 @@ def test_undo_redo_round_trips(store: LabelStore) -> None:
     assert np.array_equal(store.labels(name), states[2]) and store.redo(name) is None
     assert store.version(name) == versions[2] + 4  # two undos and two redos are changes too
     store.undo(name)
+    assert store.classes(name).tolist() == [1]  # class 2 undone: the counts follow every change
     store.apply(name, Stroke([(50.0, 50.0)], 1.0, 1))  # a new stroke drops what could be redone
     assert store.redo(name) is None
+    store.apply(name, Stroke([(10.0, 0.0), (10.0, 63.0)], 8.0, 0))  # erase the first stroke, not the dot
+    assert store.classes(name).tolist() == [1] and store.labels(name)[50, 50] == 1 and not store.labels(name)[:20].any()
+    store.apply(name, Stroke([(50.0, 50.0)], 2.0, 0))
+    assert store.classes(name).tolist() == [] and not store.labels(name).any()
 
 
 def test_history_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

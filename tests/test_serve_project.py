@@ -30,7 +30,10 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     project.features = {"gaussian": [1.0], "dog": [2.0, 4.0]}
     project.normalize, project.classifier = None, "pixel-classifier.pkl"
     project.save(folder)
-    assert Project.load(folder) == project
+    project.record(folder, "labelled", "images/a.png")
+    project.record(folder, "models", "models/run1/best.pt")
+    project.record(folder, "labelled", "images/a.png")  # once only
+    assert Project.load(folder) == project and project.labelled == ["images/a.png"]
     assert yaml.safe_load((tmp_path / PROJECT_FILE).read_text())["classes"][2] == {
         "value": 7, "name": "membrane", "colour": "#2ca02c"}
     assert [p.name for p in tmp_path.iterdir()] == [PROJECT_FILE]  # no temporary file left
@@ -60,6 +63,8 @@ def test_a_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
     ("normalize: [99, 1]\n", "normalize"),
     ("classifier: /etc/passwd\n", "classifier must be a path inside the folder"),
     ("classifier: ../x.pkl\n", "classifier must be a path inside the folder"),
+    ("labelled: [../a.png]\n", "labelled must be a list of paths inside the folder"),
+    ("models: /tmp/best.pt\n", "models must be a list of paths inside the folder"),
 ])
 def test_bad_project_files_name_the_file(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / PROJECT_FILE).write_text(text)

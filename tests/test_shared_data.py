@@ -19,6 +19,7 @@ def decode_subset(pack, split: str, count: int) -> tuple[np.ndarray, np.ndarray]
     return np.stack(images), pack[f"y_{split}"][:count].astype(np.int64)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_cifar10_subset_trains_well_above_chance(shared_data, tmp_path, capsys):
     pack = np.load(shared_data / "cifar10" / "cifar10_jpeg.npz")
     names = [str(n) for n in pack["class_names"]]

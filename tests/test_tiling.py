@@ -87,6 +87,16 @@ def test_model_sees_only_tiles_in_batches() -> None:
     assert sum(s[0] for s in model.shapes) == 3 * 3  # ceil(70/32) * ceil(90/32) tiles, each once
 
 
+
+@pytest.mark.parametrize("blend", ["none", "gaussian"])
+def test_progress_counts_every_window_once(blend: str) -> None:
+    x = image((1, 70, 90))
+    model, seen = Recorder(pointwise_net(2)), []
+    predict_tiled(model, x, 32, HALO, 2, blend=blend, batch_size=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
+    calls = [0] + [s[0] for s in model.shapes]  # the windows of each model call, as the callback should count them
+    assert seen == [(sum(calls[: i + 1]), 9) for i in range(1, len(calls))]
+    assert seen[-1] == (9, 9)  # 3 x 3 windows, counted up one batch at a time
+
 class LoggedArray:
     """An array that logs every read and write with its slices, standing in for an on-disk dataset."""
 

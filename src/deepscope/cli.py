@@ -278,6 +278,7 @@ def cmd_pixel(args: argparse.Namespace) -> dict[str, Any]:
         return sample_scribble_files(args)
     device = pick_device(args.device)
     files = collect_inputs(args.inputs, volumes=True)
+    args.classifier = classifier_file(args.classifier)
     if args.action == "deep":
         from deepscope.tasks.shallow2deep import train_unet_from_forest
 
@@ -295,6 +296,24 @@ def cmd_pixel(args: argparse.Namespace) -> dict[str, Any]:
     records = predict_pixels(args.classifier, files, args.out, device, key=args.key, tile=args.tile,
                              instances=settings if args.instances else None)
     return {"predictions": len(records), "out": str(args.out), "outputs": records}
+
+
+def classifier_file(given: str) -> Path:
+    """The classifier file named on the command line: a ``classifier.pkl``, or a ``deepscope serve`` project (its
+    folder or its project file), whose saved classifier is used."""
+    from deepscope.serve.folder import ServedFolder
+    from deepscope.serve.project import PROJECT_FILE, Project
+
+    path = Path(given)
+    if path.is_dir() or path.name == PROJECT_FILE:
+        folder = path if path.is_dir() else path.parent
+        if not (folder / PROJECT_FILE).is_file():
+            raise DataError(f"{folder}: no {PROJECT_FILE} here; give a classifier.pkl or a folder served by deepscope serve")
+        project = Project.load(ServedFolder(folder))
+        if project.classifier is None:
+            raise DataError(f"{folder / PROJECT_FILE}: no classifier saved yet; save one in the page (Classifier: save)")
+        return folder / project.classifier
+    return path
 
 
 def sample_scribble_files(args: argparse.Namespace) -> dict[str, Any]:
@@ -447,7 +466,7 @@ def add_pixel_parser(sub: Any) -> None:
     train.add_argument("--device", help="where features are computed: auto (default), cpu, cuda")
 
     predict = actions.add_parser("predict", help="probabilities, class maps (and instances) of new images, tile by tile")
-    predict.add_argument("classifier", help="classifier.pkl of a pixel train run")
+    predict.add_argument("classifier", help="classifier.pkl of a pixel train run, or a deepscope serve project (folder or its yaml)")
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--out", required=True, help="folder, .tif, .h5 or .zarr")
     predict.add_argument("--tile", type=int, nargs="+", help="tile size per axis (default: whole image when it fits in memory)")
@@ -473,7 +492,7 @@ def add_pixel_parser(sub: Any) -> None:
     scribbles.add_argument("--seed", type=int, default=0)
 
     deep = actions.add_parser("deep", help="label images with a forest, then train a semantic U-Net on those labels")
-    deep.add_argument("classifier", help="classifier.pkl of a pixel train run")
+    deep.add_argument("classifier", help="classifier.pkl of a pixel train run, or a deepscope serve project (folder or its yaml)")
     deep.add_argument("inputs", nargs="+", help="unlabelled image files or folders")
     deep.add_argument("--out", required=True, help="run folder: pseudo/ (images, masks) and unet/ (checkpoints, report)")
     deep.add_argument("--epochs", type=int)

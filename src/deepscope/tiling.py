@@ -15,7 +15,8 @@ accumulated, and rows are written as soon as no later tile reaches them, so memo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,7 @@ def predict_tiled(
     dtype: Any = np.float32,
     rotate_tta: bool = False,
     model_divisor: int | Sequence[int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """``model`` applied to ``image`` (C, *spatial), 2 or 3 spatial axes, tile by tile; returns ``out``.
 
@@ -128,6 +130,8 @@ def predict_tiled(
 of a 2D window).
     ``model_divisor`` is what the model needs each window side divisible by (a U-Net's ``divisor``); windows on axes
     shorter than a tile are shrunk to the image plus halo, rounded up to it. ``blend`` is explained in the module doc.
+    ``progress(done, total)`` is called after each batch with the number of windows predicted so far, so a caller can
+    show how far it is (and stop it by raising).
     """
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) not in (3, 4):
@@ -162,6 +166,7 @@ of a 2D window).
     weight = None if blend == "none" else _window_weight(blend, window, tile, halo)
     # blending accumulates sum(w * pred) and, as the last channel, sum(w) over the slab of rows [lo, lo + acc.shape[1])
     lo, acc = 0, np.zeros((out_channels + 1, 0) + spatial[1:], np.float32)
+    predicted, windows = 0, math.prod(len(axis) for axis in grid)
     with eval_mode(model.to(device)):  # each submodule gets its own mode back afterwards
         for k, row in enumerate(grid[0]):
             tiles: list[Ranges] = [(row,) + rest for rest in itertools.product(*grid[1:])]
@@ -183,6 +188,9 @@ of a 2D window).
                     at = (slice(dst[0].start - lo, dst[0].stop - lo),) + dst[1:]
                     acc[(slice(None, -1),) + at] += pred[(slice(None),) + src] * w
                     acc[(-1,) + at] += w
+                predicted += len(batch)
+                if progress is not None:
+                    progress(predicted, windows)
             if weight is not None:
                 done = grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]  # no later tile reaches above
                 out[:, lo:done] = (acc[:-1, : done - lo] / acc[-1:, : done - lo]).astype(dtype, copy=False)

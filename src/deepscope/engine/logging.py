@@ -1,10 +1,18 @@
-"""What a run tells its user: a rich progress bar, a plain-text log and TensorBoard.
+"""What a run tells its user: a rich progress bar, a plain-text log, TensorBoard and a progress file.
+
+``progress.json`` in the run folder lets another program (``deepscope serve``'s training jobs) follow a run without
+parsing its log: ``{"state": "running"|"done"|"failed", "epoch": epochs completed, "epochs", "step": steps done in
+the current epoch, "steps", "loss": the current epoch's mean training loss so far, "elapsed_s", "history": the
+per-epoch records, "stopped": why a finished run stopped, "error": why a failed one did}``. It is replaced
+atomically, at most once per ``PROGRESS_EVERY_S`` during an epoch and at every epoch's and the run's end.
 
 Only the main process (rank 0) writes; the others get a logger that does nothing.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,22 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from deepscope.engine.checkpoint import atomic_write
+
 console = Console(stderr=True)
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 1.0  # the least time between two writes of the progress file within an epoch
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinite numbers (of a diverged loss) as None, so the file is strict JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 class RunLogger:
@@ -30,12 +53,17 @@ class RunLogger:
         self.writer = None
         self.progress: Progress | None = None
         self.task_id = None
+        self.started = time.time()
+        self.written = -math.inf  # when the progress file was last written
+        self.status: dict[str, Any] = {"state": "running", "epoch": 0, "epochs": 0, "step": 0, "steps": 0, "loss": None,
+                                       "elapsed_s": 0.0, "history": [], "stopped": None}
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / "train.log"
+        self.progress_path = run_dir / PROGRESS_FILE
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def info(self, message: str) -> None:
@@ -60,16 +88,53 @@ class RunLogger:
         )
         self.progress.start()
         self.task_id = self.progress.add_task("train", total=steps, stats="")
+        self.status.update(epoch=epoch, epochs=epochs, step=0, steps=steps, loss=None)
+        self.write_progress()
+
+    def advance(self, completed: int) -> None:
+        """``completed`` steps of the epoch are done; called at every step, it writes the file at most once a second."""
+        self.status["step"] = completed
+        self.write_progress()
 
     def update(self, completed: int, loss: float, images_per_s: float, metric: str) -> None:
         if self.progress is not None:
             stats = f"loss {loss:.4f}  {metric}  {images_per_s:,.0f} img/s"
             self.progress.update(self.task_id, completed=completed, stats=stats)
+        self.status["loss"] = loss
+        self.advance(completed)
 
     def end_epoch(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+    def epoch_done(self, epochs_completed: int, history: list[dict[str, Any]]) -> None:
+        """An epoch is trained, validated and checkpointed: its record joins the file's history at once."""
+        self.status.update(epoch=epochs_completed, step=0, history=list(history))
+        self.write_progress(force=True)
+
+    def finish(self, stopped: str) -> None:
+        """The run is over and its files are written."""
+        self.status.update(state="done", stopped=stopped)
+        self.write_progress(force=True)
+
+    def fail(self, error: str) -> None:
+        """The run stopped on an error; the progress file says so (a killed process leaves "running" behind). A run
+        refused before it wrote anything (e.g. its folder holds another run) leaves that run's file alone."""
+        if self.enabled and self.written == -math.inf and self.progress_path.exists():
+            return
+        self.status.update(state="failed", error=error)
+        self.write_progress(force=True)
+
+    def write_progress(self, force: bool = False) -> None:
+        """Replace the progress file (rank 0 only), unless it was written less than a second ago and not ``force``."""
+        now = time.time()
+        if not self.enabled or (not force and now - self.written < PROGRESS_EVERY_S):
+            return
+        self.status["elapsed_s"] = round(now - self.started, 3)
+        text = json.dumps(finite(self.status)).encode()
+        atomic_write(self.progress_path, lambda handle: handle.write(text))
+        self.written = now
 
     def scalars(self, values: dict[str, Any], step: int, prefix: str = "") -> None:
         if self.writer is None:

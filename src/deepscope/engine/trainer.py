@@ -108,6 +108,9 @@ class Trainer:
                 if not self._epoch(run, epoch, skip_steps if epoch == start_epoch else 0):
                     break
             return self._finish(run)
+        except BaseException as exc:
+            self.log.fail(str(exc) or type(exc).__name__)
+            raise
         finally:
             self.log.close()
 
@@ -184,6 +187,7 @@ class Trainer:
             if step == first and run.dist.is_main:
                 log.images("train/samples", task.display_images(batch), epoch)
             losses[step] = self._step(run, batch)
+            log.advance(step + 1)
             seen += len(batch[0])
             late = time.time() > run.deadline
             if step % CHECK_EVERY_STEPS and step != run.steps - 1 and not (late and not run.dist.enabled):
@@ -219,6 +223,7 @@ class Trainer:
         self._save(run, epoch, step + 1, complete=step == run.steps - 1)
         log.scalars(record, epoch + 1, "epoch/")
         log.info(self._epoch_line(record, cfg.epochs))
+        log.epoch_done(epoch + 1, run.history)
         if run.stop_reason == "max_minutes":
             log.info(f"stopping: wall-time limit of {cfg.max_minutes} min reached")
             return False
@@ -298,6 +303,7 @@ class Trainer:
             write_json(self.run_dir / "metrics.json", summary)
             self.task.write_report(self.run_dir, run.history, summary)
             self.log.info(f"run written to {self.run_dir} (report.html, metrics.json, last.pt, best.pt)")
+        self.log.finish(run.stop_reason)
         return summary
 
     def _resume_state(self) -> dict[str, Any]:

@@ -14,12 +14,11 @@ random token printed in the start URL, sent as ``?token=``, ``X-Deepscope-Token`
 from __future__ import annotations
 
 import ipaddress
-import json
 import secrets
 import socket
 import threading
-from collections.abc import AsyncIterator, Collection
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepscope.errors import DeepscopeError
 from deepscope.features import FILTERS, SCALES
+from deepscope.serve import jobs, models, proofread
 from deepscope.serve.folder import (
     AccessError,
     ServedFolder,
     ServedImage,
     UnknownImageError,
+)
+from deepscope.serve.http import (
+    NO_STORE,
+    TILE_CACHE,
+    integer,
+    json_body,
+    param,
+    parse_contrast,
+    png,
+    slice_index,
+    visible_region,
 )
 from deepscope.serve.labels import LabelStore, Stroke
 from deepscope.serve.live import LiveClassifier
@@ -63,8 +74,6 @@ TOKEN_HEADER = "x-deepscope-token"
 CLASSIFIER_FILE = "pixel-classifier.pkl"  # beside the images, where users look for it
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 OVERLAYS = ("labels", "probabilities", "uncertainty", "classes")
-NO_STORE = {"Cache-Control": "no-store"}
-TILE_CACHE = {"Cache-Control": "private, max-age=300"}  # a tile's URL names everything it shows but the file itself
 
 
 def is_loopback(host: str) -> bool:
@@ -137,70 +146,6 @@ class Guard:
         return sending
 
 
-def param(params: QueryParams, key: str, default: str | None = None) -> str:
-    """A query parameter, or DeepscopeError (answered 400) naming it when missing."""
-    value = params.get(key, default)
-    if value is None or value == "":
-        raise DeepscopeError(f"query parameter {key!r} is missing")
-    return value
-
-
-def integer(value: Any, what: str) -> int:
-    """An integer from a query string or JSON value; DeepscopeError naming ``what`` otherwise."""
-    if isinstance(value, bool):
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}") from None
-    if not number.is_integer():
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}")
-    return int(number)
-
-
-def slice_index(image: ServedImage, value: Any) -> int | None:
-    """The slice of a 3D stack (0 when not given); None for a 2D image, which has only slice 0."""
-    z = 0 if value in (None, "") else integer(value, "z")
-    if image.ndim == 2:
-        if z != 0:
-            raise DeepscopeError(f"z={z}: {image.name} is a 2D image")
-        return None
-    if not 0 <= z < image.spatial[0]:
-        raise DeepscopeError(f"z={z}: {image.name} has slices 0 to {image.spatial[0] - 1}")
-    return z
-
-
-def parse_contrast(text: str | None, image: ServedImage) -> list[tuple[float, float]]:
-    """``lo,hi;lo,hi`` (one pair per channel) as display limits; the image's defaults when not given."""
-    if not text:
-        return image.contrast()
-    try:
-        limits = [tuple(float(v) for v in pair.split(",")) for pair in text.split(";")]
-    except ValueError:
-        raise DeepscopeError(f"contrast {text!r}: expected numbers as lo,hi;lo,hi") from None
-    if len(limits) != image.channels or any(len(p) != 2 or not np.isfinite(p).all() or p[0] >= p[1] for p in limits):
-        raise DeepscopeError(f"contrast {text!r}: expected {image.channels} pair(s) lo,hi of finite numbers with lo < hi")
-    return [(lo, hi) for lo, hi in limits]
-
-
-def visible_region(value: Any, image: ServedImage) -> tuple[slice, slice] | None:
-    """``[y0, y1, x0, x1]`` of the viewed plane, clipped to the image; None (the whole plane) when not given."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or len(value) != 4:
-        raise DeepscopeError(f"visible {value!r}: expected [y0, y1, x0, x1]")
-    y0, y1, x0, x1 = (integer(v, "visible") for v in value)
-    height, width = image.spatial[-2:]
-    y0, y1, x0, x1 = max(0, y0), min(height, y1), max(0, x0), min(width, x1)
-    if y0 >= y1 or x0 >= x1:
-        raise DeepscopeError(f"visible {value!r}: the region does not overlap the image ({height} x {width})")
-    return slice(y0, y1), slice(x0, x1)
-
-
-def png(data: bytes, headers: dict[str, str]) -> Response:
-    return Response(data, media_type="image/png", headers=headers)
-
-
 def project_json(project: Project) -> dict[str, Any]:
     return {"classes": [asdict(c) for c in project.classes], "features": project.features, "normalize": project.normalize,
             "classifier": project.classifier, "filters": list(FILTERS), "scales": list(SCALES)}
@@ -219,15 +164,20 @@ class Session:
         self.project = Project.load(self.folder)
         self.store = LabelStore(self.folder)
         self.live = LiveClassifier(self.folder, self.store, self.project)
+        self.models = models.ModelService(self.folder)
+        self.instances = proofread.InstanceEditor(self.folder, self.models)
+        self.jobs = jobs.JobService(self.folder, self.project, self.store, self.classifier_path)
         self.editing = threading.Lock()
         self.fitting = threading.Lock()
         self.changes, self.fitted = 1, 0  # labels on disk count as a change: the first prediction fits them
         self.model: int | None = None
 
     def close(self) -> None:
-        self.live.close()
-        self.store.flush()
-        self.store.close()
+        """Stop every part, each even when an earlier one failed (a failed save must not skip writing the labels)."""
+        with ExitStack() as stack:
+            for close in (self.store.close, self.store.flush, self.live.close, self.models.close, self.instances.close,
+                          self.jobs.close):
+                stack.callback(close)  # run last-in first-out: jobs first, the labels last
 
     def image(self, params: QueryParams) -> ServedImage:
         return self.folder.open(param(params, "image"))
@@ -296,6 +246,8 @@ class Session:
                 if stroke.label and stroke.label not in self.colours():
                     raise DeepscopeError(f"label {stroke.label} is not a class of the project; add the class first")
                 changed = self.store.apply(image.name, stroke)
+                if stroke.label:
+                    self.project.record(self.folder, "labelled", image.name)
             else:
                 changed = self.store.undo(image.name) if action == "undo" else self.store.redo(image.name)
             if changed is not None:
@@ -306,8 +258,8 @@ class Session:
 
     @staticmethod
     def viewed(image: ServedImage, body: dict[str, Any]) -> tuple[int | None, tuple[slice, slice] | None]:
-        """The slice and the visible region a request names (``z``, ``visible``)."""
-        return slice_index(image, body.get("z")), visible_region(body.get("visible"), image)
+        """The slice and the visible region a request names (``z``, ``visible`` seen at ``level``)."""
+        return slice_index(image, body.get("z")), visible_region(body.get("visible"), image, body.get("level"))
 
     def predict_visible(self, image: ServedImage, z: int | None, region: tuple[slice, slice] | None) -> dict[str, Any]:
         """Refit when labels changed since the last fit, then predict the visible region with the current model."""
@@ -365,19 +317,9 @@ class Session:
         self.project.save(self.folder)
         return {"path": str(path), "classes": classifier.classes, "model": self.model}
 
-
-async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object ({} when empty); the size limit is enforced by Starlette (413)."""
-    raw = await request.body()
-    if not raw:
-        return {}
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeepscopeError(f"request body: not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise DeepscopeError("request body: expected a JSON object")
-    return body
+    def classifier_path(self) -> Path:
+        """The live forest saved (for a shallow-to-deep job), its path."""
+        return Path(self.save_classifier()["path"])
 
 
 def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 << 20,
@@ -436,6 +378,9 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
         Route("/api/redo", changing("redo"), methods=["POST"]),
         Route("/api/predict", predict, methods=["POST"]),
         Route("/api/classifier/save", save_classifier, methods=["POST"]),
+        *models.routes(session.models),
+        *proofread.routes(session.instances),
+        *jobs.routes(session.jobs),
     ]
 
     def error(status: int) -> Any:
@@ -483,6 +428,7 @@ def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, o
         sock.close()
         raise DeepscopeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                              "choose another --port") from None
+    sock.listen(2048)  # before the address is printed: a client may connect at once (uvicorn accepts from the backlog)
     port = sock.getsockname()[1]
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
     print(f"deepscope serve: open http://{shown}:{port}/" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)", flush=True)
@@ -490,3 +436,28 @@ def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, o
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
+
+
+@contextmanager
+def background_server(app: Starlette) -> Iterator[str]:
+    """``app`` (from ``create_app``) served on a free loopback port by a thread of this process, for notebooks,
+    scripts and tests that drive the page; yields its URL and shuts it down (labels written) on leaving."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        if not server.started:
+            raise DeepscopeError("the server did not start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -232,7 +232,7 @@ class ServedFolder:
                 if error is not None:
                     raise DataError(f"{path}: {error}")
                 return
-        raise UnknownImageError(f"{name}: not an image of the served folder {self.root}")
+        raise UnknownImageError(f"{name}: not an image of the served folder")
 
     def open(self, name: str) -> ServedImage:
         """The image ``name``, kept open for the next requests (reopened when the file changes on disk); DataError
@@ -241,7 +241,7 @@ class ServedFolder:
         try:
             stat = path.stat()
         except OSError:
-            raise UnknownImageError(f"{name}: not an image of the served folder {self.root}") from None
+            raise UnknownImageError(f"{name}: not an image of the served folder") from None
         stamp = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._open.get(name)

@@ -40,6 +40,8 @@ from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedIm
 MAX_POINTS = 10000  # points of one stroke
 MAX_RADIUS = 128.0  # brush radius in pixels: bounds the work one request can ask for
 HISTORY = 200  # undo steps kept per image
+SAVE_LEVEL = 1  # zlib level of the label files: a 4096x4096 file is written in 28 ms instead of 95 ms (the default 6),
+# CPU time taken from the refit of the next stroke; sparse labels stay small either way (76 KB instead of 19 KB)
 JOURNAL_DIR = "journal"  # in STATE_DIR
 JOURNAL_KEY = "deepscope_journal"  # TIFF description: {JOURNAL_KEY: number of the last journal entry in the file}
 
@@ -146,8 +148,14 @@ class _Image:
     path: Path  # the label file
     journal_path: Path
     journal: BinaryIO
+    counts: np.ndarray  # (256,) pixels of each label value, kept up to date by every change
     done: deque[_Step] = field(default_factory=lambda: deque(maxlen=HISTORY))
     undone: list[_Step] = field(default_factory=list)
+
+
+def _counts(labels: np.ndarray) -> np.ndarray:
+    """(256,) number of pixels of each label value."""
+    return np.bincount(labels.ravel(), minlength=256)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -236,6 +244,12 @@ class LabelStore:
         with self._changed:
             return self._image(name).seq
 
+    def classes(self, name: str) -> np.ndarray:
+        """The class values (1..255) labelled in ``name``, from counts kept by every change: a refit asks this of
+        every labelled image, and counting a 4096x4096 label image anew takes 0.13 s."""
+        with self._changed:
+            return np.flatnonzero(self._image(name).counts[1:]) + 1
+
     def changed_times(self) -> dict[str, float]:
         """Image stem -> latest modification time of its label file or its journal, for every image that has either:
         the images that may hold labels, including ones painted in another program or not yet written out."""
@@ -322,7 +336,7 @@ class LabelStore:
         if entries:
             self._dirty.add(name)
             self._changed.notify_all()
-        return _Image(labels, seq, path, journal_path, journal)
+        return _Image(labels, seq, path, journal_path, journal, _counts(labels))
 
     def _step(self, name: str, forward: bool) -> Box | None:
         """Undo (``forward`` False) or redo one step, journalled like a stroke."""
@@ -347,7 +361,9 @@ class LabelStore:
             image.journal.truncate(end)  # no torn line for the next entry to be appended to
             raise DataError(f"{image.journal_path}: could not record the change, so it was not made "
                             f"({exc.strerror or exc})") from None
+        image.counts -= _counts(image.labels[box])
         _patch(image.labels, box, data)
+        image.counts += _counts(image.labels[box])
         image.seq += 1
         self._dirty.add(name)
         self._changed.notify_all()
@@ -381,7 +397,8 @@ class LabelStore:
         if labels.any():
             description = json.dumps({JOURNAL_KEY: seq})
             atomic_write(path, lambda handle: tifffile.imwrite(
-                handle, labels, photometric="minisblack", compression="zlib", metadata=None, description=description))
+                handle, labels, photometric="minisblack", compression="zlib", compressionargs={"level": SAVE_LEVEL},
+                metadata=None, description=description))
         else:
             path.unlink(missing_ok=True)
         if path.parent.exists():

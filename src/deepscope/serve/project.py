@@ -1,6 +1,8 @@
-"""The labelling project of a served folder: class names and colours, the live feature set, and the saved classifier.
+"""The labelling project of a served folder: class names and colours, the live feature set, the saved classifier, the
+labelled images and the models trained from the page.
 
-Kept in ``FOLDER/deepscope-project.yaml`` so that reopening the folder restores what the user set up. The feature
+Kept in ``FOLDER/deepscope-project.yaml`` so that reopening the folder restores what the user set up (the labels,
+masks and models themselves are files of the folder; the project says which). The feature
 selection uses the shape of ``PixelConfig.features`` (filter -> scales), so it can be copied into a ``deepscope pixel
 train`` config unchanged.
 """
@@ -8,6 +10,7 @@ train`` config unchanged.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import PurePosixPath
 
@@ -21,6 +24,8 @@ from deepscope.serve.folder import ServedFolder
 
 PROJECT_FILE = "deepscope-project.yaml"  # in the served folder
 COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+SAVING = threading.RLock()  # one change and save at a time: the page, the label changes and the jobs all record here
+PATH_LISTS = ("labelled", "models")
 LIVE_SCALES = [1.0, 1.6, 3.5]  # a light set for live updates: ilastik's small and medium scales, no 5.0 and 10.0
 
 
@@ -46,6 +51,8 @@ class Project:
     features: dict[str, list[float]] = field(default_factory=_default_features)  # filter -> scales
     normalize: list[float] | None = field(default_factory=lambda: [1.0, 99.8])  # percentiles to 0 and 1; None: raw
     classifier: str | None = None  # path, relative to the folder, of the last saved classifier pickle
+    labelled: list[str] = field(default_factory=list)  # images painted in the page (served names)
+    models: list[str] = field(default_factory=list)  # checkpoints trained from the page, relative to the folder
 
     @classmethod
     def load(cls, folder: ServedFolder) -> Project:
@@ -69,7 +76,8 @@ class Project:
         defaults = cls()
         project = cls(classes=[LabelClass(**c) for c in classes] if "classes" in values else defaults.classes,
                       features=values.get("features", defaults.features),
-                      normalize=values.get("normalize", defaults.normalize), classifier=values.get("classifier"))
+                      normalize=values.get("normalize", defaults.normalize), classifier=values.get("classifier"),
+                      labelled=values.get("labelled", []), models=values.get("models", []))
         project.check(folder)
         return project
 
@@ -106,17 +114,28 @@ class Project:
                 or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in self.normalize)
                 or not 0 <= self.normalize[0] < self.normalize[1] <= 100):
             return f"normalize must be two percentiles low < high in [0, 100], or null, got {self.normalize!r}"
-        if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier
-                                            or PurePosixPath(self.classifier).is_absolute()
-                                            or ".." in PurePosixPath(self.classifier).parts):
+        if self.classifier is not None and not _inside(self.classifier):
             return f"classifier must be a path inside the folder, got {self.classifier!r}"
+        for name in PATH_LISTS:
+            paths = getattr(self, name)
+            if not isinstance(paths, list) or not all(map(_inside, paths)):
+                return f"{name} must be a list of paths inside the folder, got {paths!r}"
         return None
 
     def save(self, folder: ServedFolder) -> None:
         """Write the project file atomically, so a crash never leaves it half written."""
-        self.check(folder)
-        text = yaml.safe_dump(asdict(self), sort_keys=False).encode()
-        atomic_write(folder.root / PROJECT_FILE, lambda handle: handle.write(text))
+        with SAVING:
+            self.check(folder)
+            text = yaml.safe_dump(asdict(self), sort_keys=False).encode()
+            atomic_write(folder.root / PROJECT_FILE, lambda handle: handle.write(text))
+
+    def record(self, folder: ServedFolder, kind: str, path: str) -> None:
+        """Add ``path`` to the ``kind`` list (``labelled`` images, trained ``models``) and save, when it is new."""
+        with SAVING:
+            paths = getattr(self, kind)
+            if path not in paths:
+                paths.append(path)
+                self.save(folder)
 
     def class_by_value(self, value: int) -> LabelClass:
         for label_class in self.classes:
@@ -124,3 +143,8 @@ class Project:
                 return label_class
         raise DeepscopeError(f"label {value} is not a class of the project; classes are "
                              f"{', '.join(str(c.value) for c in self.classes)}")
+
+
+def _inside(path: object) -> bool:
+    """Whether ``path`` is a relative path that stays inside the folder."""
+    return isinstance(path, str) and bool(path) and not PurePosixPath(path).is_absolute() and ".." not in PurePosixPath(path).parts

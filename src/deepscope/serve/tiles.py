@@ -24,6 +24,7 @@ DEFAULT_CHANNEL_COLOURS = ("#ff0000", "#00ff00", "#0000ff", "#ff00ff", "#00ffff"
 UNKNOWN_CLASS_COLOUR = "#808080"  # labels without a class in the project stay visible
 UNCERTAINTY_COLOUR = "#ffff00"
 OUTLINE_COLOUR = "#ffff00"
+SELECTED_FILL = ("#00ffff", 110)  # an object picked (for a merge): filled, half transparent
 
 
 def rgb(colour: str) -> np.ndarray:
@@ -189,10 +190,15 @@ def uncertainty_png(uncertainty: np.ndarray, colour: str = UNCERTAINTY_COLOUR) -
     return _png(pixels)
 
 
-def outlines_png(instances: np.ndarray, colour: str = OUTLINE_COLOUR) -> bytes:
+def outlines_png(instances: np.ndarray, colour: str = OUTLINE_COLOUR, selected: int | None = None,
+                 fill: tuple[str, int] = SELECTED_FILL) -> bytes:
     """RGBA PNG of the borders of an (h, w) instance map: opaque on the object pixels that touch another object or
-    the background, transparent elsewhere."""
-    border = find_boundaries(np.asarray(instances), mode="inner", background=0)
+    the background, transparent elsewhere; the inside of object ``selected`` (when given) is ``fill`` (colour,
+    alpha)."""
+    instances = np.asarray(instances)
+    border = find_boundaries(instances, mode="inner", background=0)
     pixels = np.zeros((*border.shape, 4), np.uint8)
+    if selected:
+        pixels[(instances == selected) & ~border] = (*rgb(fill[0]), fill[1])
     pixels[border] = (*rgb(colour), 255)
     return _png(pixels)

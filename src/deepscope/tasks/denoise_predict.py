@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,12 +109,13 @@ class Denoiser:
     device: torch.device
     batch_size: int = 4
 
-    def __call__(self, image: Any, name: str, out: Any = None) -> Any:
-        """The denoised (C, *spatial) float32 image of a (C, *spatial) image or view in data units, into ``out``."""
+    def __call__(self, image: Any, name: str, out: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+        """The denoised (C, *spatial) float32 image of a (C, *spatial) image or view in data units, into ``out``;
+        ``progress`` as in :func:`predict_tiled`."""
         return predict_tiled(
             Rescaled(self.model, self.mean, self.std, len(self.tile)), Standardized(image, self.mean, self.std, name), self.tile,
             self.halo, self.channels, out=out, blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
-            flip_tta=self.inference.tta, rotate_tta=self.inference.tta, model_divisor=self.divisor,
+            flip_tta=self.inference.tta, rotate_tta=self.inference.tta, model_divisor=self.divisor, progress=progress,
         )
 
 

@@ -179,8 +179,21 @@ def labelled_images(config: PixelConfig) -> list[LabelledImage]:
     return items
 
 
+def labelled_indices(labels: np.ndarray) -> np.ndarray:
+    """Flat indices of the labelled (nonzero) pixels. Sparse uint8 labels are scanned 8 pixels at a time, as 64-bit
+    words, and only the nonzero words are looked into: a plain scan of a 4096x4096 label image takes 50 ms, which
+    the live classifier of ``deepscope serve`` would pay at every stroke."""
+    flat = np.ascontiguousarray(labels).ravel()
+    if flat.dtype != np.uint8:
+        return np.flatnonzero(flat)
+    whole = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:whole].view(np.uint64))
+    candidates = np.concatenate([(words[:, None] * 8 + np.arange(8)).ravel(), np.arange(whole, flat.size)])
+    return candidates[flat[candidates] != 0]
+
+
 def training_pixels(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    where = np.flatnonzero(labels)
+    where = labelled_indices(labels)
     x = np.asarray(features.reshape(features.shape[0], -1)[:, where]).T
     return np.ascontiguousarray(x, np.float32), labels.ravel()[where]
 

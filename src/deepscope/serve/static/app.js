@@ -25,6 +25,10 @@ const OVERLAYS = [  // bottom to top: [kind, shown at start, opacity]
   ["probabilities", true, 0.45], ["uncertainty", false, 0.6], ["classes", false, 0.5], ["labels", true, 0.85]];
 
 const $ = (id) => document.getElementById(id);
+/** Tools added by other scripts (models, proofreading): name -> {start(point, event), move(point, event), end(),
+ *  pointer: true for a tool that picks what is under the pointer (a crosshair, not the brush)}, points in image
+ *  coordinates. Those scripts also listen to "deepscope:image" (an image or slice was opened). */
+const tools = {};
 const body = document.body;
 const viewer = $("viewer");
 const cursorCanvas = $("layer-cursor");
@@ -37,7 +41,7 @@ const state = {
   contrast: null,                          // null: the server's default limits
   labelsVersion: 0, model: null, predictions: 0, colours: 0,
   generation: 0,                           // bumped when the image or slice changes: late tiles are dropped
-  strokes: [], drawing: null, panning: null, space: false, pointer: null,
+  strokes: [], drawing: null, panning: null, space: false, pointer: null, toolActive: false,
   pending: 0, polling: false, pollAgain: false, renderQueued: false,
 };
 
@@ -335,6 +339,14 @@ function drawCursor() {
   ctx.clearRect(0, 0, state.size.width, state.size.height);
   if (!state.pointer || state.space || state.panning || !state.image) return;
   ctx.beginPath();
+  if (tools[state.tool] && tools[state.tool].pointer) {  // a tool that picks what is under the pointer: a crosshair
+    const [px, py] = state.pointer;
+    ctx.moveTo(px - 8, py); ctx.lineTo(px + 8, py); ctx.moveTo(px, py - 8); ctx.lineTo(px, py + 8);
+    ctx.strokeStyle = "#fff";
+    ctx.lineWidth = 1.5;
+    ctx.stroke();
+    return;
+  }
   ctx.arc(state.pointer[0], state.pointer[1], Math.max(1, state.radius * state.view.scale), 0, 2 * Math.PI);
   ctx.setLineDash(state.tool === "eraser" ? [4, 3] : []);
   ctx.strokeStyle = state.tool === "eraser" ? "#fff" : colourOf(state.classValue);
@@ -389,7 +401,7 @@ function strokeBody(stroke) {
     const step = Math.ceil(points.length / MAX_POINTS);
     points = points.filter((_, i) => i % step === 0 || i === points.length - 1);
   }
-  return { points, radius: Math.max(0.5, stroke.radius), label: stroke.label, z: state.image.ndim === 3 ? state.z : null, visible: visibleRect() };
+  return { points, radius: Math.max(0.5, stroke.radius), label: stroke.label, ...viewed() };
 }
 
 function finishStroke() {
@@ -446,13 +458,17 @@ function applyReply(reply) {
   poll();
 }
 
+/** What the server predicts first: the slice, and the region on screen at the pyramid level the overlays show. */
+function viewed() {
+  return { visible: visibleRect(), level: currentLevel(), z: state.image.ndim === 3 ? state.z : null };
+}
+
 function predictVisible() {
-  const rect = visibleRect();
-  return send(`/api/predict?${imageQuery({})}`, { visible: rect, z: state.image.ndim === 3 ? state.z : null });
+  return send(`/api/predict?${imageQuery({})}`, viewed());
 }
 
 function undoRedo(action) {
-  if (state.image) send(`/api/${action}?${imageQuery({})}`, { visible: visibleRect(), z: state.image.ndim === 3 ? state.z : null });
+  if (state.image) send(`/api/${action}?${imageQuery({})}`, viewed());
 }
 
 /** Poll the live status until the background prediction of the rest of the image is done; the overlays are
@@ -501,6 +517,9 @@ cursorCanvas.addEventListener("pointerdown", (event) => {
     event.preventDefault();
     state.panning = { x: event.clientX, y: event.clientY };
     cursorCanvas.classList.add("panning");
+  } else if (event.button === 0 && tools[state.tool]) {
+    state.toolActive = true;
+    tools[state.tool].start(toImage(event), event);
   } else if (event.button === 0) {
     startStroke(event);
   } else {
@@ -519,6 +538,8 @@ cursorCanvas.addEventListener("pointermove", (event) => {
     scheduleRender();
   } else if (state.drawing) {
     extendStroke(event);
+  } else if (state.toolActive) {
+    tools[state.tool].move(toImage(event), event);
   } else {
     drawCursor();
   }
@@ -530,6 +551,9 @@ function pointerEnd() {
     cursorCanvas.classList.toggle("panning", state.space);
   } else if (state.drawing) {
     finishStroke();
+  } else if (state.toolActive) {
+    state.toolActive = false;
+    tools[state.tool].end();
   }
 }
 cursorCanvas.addEventListener("pointerup", pointerEnd);
@@ -803,6 +827,7 @@ function newPlane() {
   state.strokes = [];
   failed.clear();
   for (const layer of layers) layer.clear();
+  document.dispatchEvent(new CustomEvent("deepscope:image", { detail: { image: state.image, z: state.z } }));
   scheduleRender();
 }
 

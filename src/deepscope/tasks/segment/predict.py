@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,13 +66,14 @@ class Predictor:
     batch_size: int = 4
     dist_scale: float = 1.0  # stardist: predicted distances are in units of this many pixels
 
-    def probabilities(self, image: Any, out: Any = None) -> Any:
-        """(out_channels, *spatial) float32 probabilities of a (C, *spatial) image or view, written into ``out``."""
+    def probabilities(self, image: Any, out: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+        """(out_channels, *spatial) float32 probabilities of a (C, *spatial) image or view, written into ``out``;
+        ``progress`` as in :func:`predict_tiled`."""
         activation = nn.Softmax(dim=1) if self.target == "semantic" else ProbabilityFirst() if self.target in VECTOR_TARGETS else nn.Sigmoid()
         return predict_tiled(
             nn.Sequential(self.model, activation), image, self.tile, self.halo, self.out_channels, out=out,
             blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
-            flip_tta=self.inference.flip_tta, model_divisor=self.divisor,
+            flip_tta=self.inference.flip_tta, model_divisor=self.divisor, progress=progress,
         )
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
