@@ -216,7 +216,7 @@ class Session:
         if kind == "uncertainty":
             uncertainty = self.live.uncertainty(image.name, z)
             return uncertainty_png(empty if uncertainty is None else overlay_region(uncertainty, level, ty, tx))
-        probs, classes = self.live.probabilities(image.name, z), self.live.status(image.name)["classes"]
+        probs, classes = self.live.probabilities(image.name, z), self.live.classes()
         if probs is None or len(probs) != len(classes):  # not predicted, or only by a model of other classes so far
             return labels_png(empty, {})
         region = overlay_region(probs, level, ty, tx)
