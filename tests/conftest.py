@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -107,3 +108,10 @@ def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "3",
             "--batch-size", "16", "--lr", "0.01", "--optimizer", "adamw", "--device", "cpu", "--amp", "off",
             "--set", "model_args.widths=[8,16]", *extra]
+
+
+def rgba(response) -> np.ndarray:
+    """The pixels of a PNG answer of ``deepscope serve`` (checked to be one)."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))

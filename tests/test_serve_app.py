@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import socket
 import time
 import warnings
@@ -18,6 +17,8 @@ from PIL import Image
 with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test client; httpx works the same here
     warnings.filterwarnings("ignore", "Using `httpx`")
     from starlette.testclient import TestClient
+
+from conftest import rgba
 
 from deepscope.cli import build_parser, main
 from deepscope.data.scribbles import read_sparse_labels
@@ -57,12 +58,6 @@ def folder(tmp_path: Path) -> Path:
 def client(folder: Path):
     with TestClient(create_app(folder)) as test_client:
         yield test_client
-
-
-def rgba(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "image/png"
-    return np.asarray(Image.open(io.BytesIO(response.content)))
 
 
 def post(client: TestClient, path: str, body: dict | None = None, **kwargs):

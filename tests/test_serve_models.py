@@ -5,7 +5,6 @@ drawing a model's instance outlines in a headless browser."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test cl
     warnings.filterwarnings("ignore", "Using `httpx`")
     from starlette.testclient import TestClient
 
-from conftest import pattern_images, write_tree
+from conftest import pattern_images, rgba, write_tree
 
 from deepscope.cli import main
 from deepscope.data.synthetic import nuclei_image
@@ -131,9 +130,7 @@ def predicted(client: TestClient, checkpoint: str, image: str = "cells.tif") -> 
 
 
 def tile(client: TestClient, kind: str, **extra: str) -> np.ndarray:
-    response = client.get("/api/models/overlay", params={"image": "cells.tif", "kind": kind, "level": 0, "ty": 0, "tx": 0, **extra})
-    assert response.status_code == 200, response.text
-    return np.array(Image.open(io.BytesIO(response.content)))
+    return rgba(client.get("/api/models/overlay", params={"image": "cells.tif", "kind": kind, "level": 0, "ty": 0, "tx": 0, **extra}))
 
 
 def test_listing_shows_checkpoints_newest_first_with_task_or_error(client: TestClient, folder: Path) -> None:

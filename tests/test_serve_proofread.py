@@ -7,7 +7,6 @@ here needs a trained model.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterator
 from contextlib import closing
@@ -22,6 +21,8 @@ from skimage.draw import disk
 with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test client; httpx works the same here
     warnings.filterwarnings("ignore", "Using `httpx`")
     from starlette.testclient import TestClient
+
+from conftest import rgba
 
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve import proofread
@@ -265,12 +266,6 @@ def client(folder: Path) -> Iterator[TestClient]:
     save_known(folder)
     with TestClient(create_app(folder)) as test_client:
         yield test_client
-
-
-def rgba(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "image/png"
-    return np.asarray(Image.open(io.BytesIO(response.content)))
 
 
 def test_routes_edit_draw_and_survive_a_restart(folder: Path) -> None:

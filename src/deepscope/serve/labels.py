@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import threading
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from deepscope.data.scribbles import MAX_CLASSES
 from deepscope.engine.checkpoint import atomic_write
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedImage
+from deepscope.serve.writer import BackgroundWriter
 
 MAX_POINTS = 10000  # points of one stroke
 MAX_RADIUS = 128.0  # brush radius in pixels: bounds the work one request can ask for
@@ -220,19 +220,14 @@ def _patch(labels: np.ndarray, box: Box, data: bytes) -> None:
     labels[box] = np.frombuffer(zlib.decompress(data), np.uint8).reshape(shape)
 
 
-class LabelStore:
-    """Sparse class labels of every image of a ServedFolder, one uint8 label image per image in FOLDER/labels/."""
+class LabelStore(BackgroundWriter):
+    """Sparse class labels of every image of a ServedFolder, one uint8 label image per image in FOLDER/labels/,
+    written by the background writer (an image is dirty while its label file is behind its journal)."""
 
     def __init__(self, folder: ServedFolder) -> None:
         self.folder = folder
-        self._images: dict[str, _Image] = {}
-        self._changed = threading.Condition(threading.RLock())  # guards everything below and the live arrays
-        self._dirty: set[str] = set()  # images whose label file is behind their journal
-        self._writing = False
-        self._closing = False
-        self._error: Exception | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="deepscope-labels-writer", daemon=True)
-        self._writer.start()
+        self._images: dict[str, _Image] = {}  # the live arrays, guarded by the writer's lock
+        super().__init__("deepscope-labels-writer", f"{folder.root}: label files")
 
     def labels(self, name: str) -> np.ndarray:
         """(Y,X) or (Z,Y,X) uint8, loaded from disk or zeros; the live array (callers must not write into it)."""
@@ -283,22 +278,13 @@ class LabelStore:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every label file holds its journal; raises the last write error (the journal still holds the
         changes), or DeepscopeError after ``timeout`` seconds."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: not self._dirty and not self._writing, timeout):
-                raise DeepscopeError(f"{self.folder.root}: label files still being written after {timeout} s")
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
+        super().flush(timeout)
 
     def close(self) -> None:
         """Write every label file, stop the writer and close the journals."""
         try:
-            self.flush()
+            super().close()
         finally:
-            with self._changed:
-                self._closing = True
-                self._changed.notify_all()
-            self._writer.join()
             for image in self._images.values():
                 image.journal.close()
 
@@ -334,8 +320,7 @@ class LabelStore:
         if created:
             _fsync_dir(journal_path.parent)
         if entries:
-            self._dirty.add(name)
-            self._changed.notify_all()
+            self._mark(name)
         return _Image(labels, seq, path, journal_path, journal, _counts(labels))
 
     def _step(self, name: str, forward: bool) -> Box | None:
@@ -365,31 +350,21 @@ class LabelStore:
         _patch(image.labels, box, data)
         image.counts += _counts(image.labels[box])
         image.seq += 1
-        self._dirty.add(name)
-        self._changed.notify_all()
+        self._mark(name)
 
-    def _write_loop(self) -> None:
-        """Rewrite the label files of changed images until closed; strokes go on while a file is written."""
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._dirty or self._closing)
-                if not self._dirty:
-                    return
-                image = self._images[self._dirty.pop()]
-                labels, seq = image.labels.copy(), image.seq
-                self._writing = True
-            error = None
-            try:
-                self._save(image.path, labels, seq)
-            except (OSError, DeepscopeError) as exc:
-                error = exc
-            with self._changed:
-                self._writing = False
-                if error is not None:
-                    self._error = error
-                elif image.seq == seq:  # caught up: the file holds every journal entry
-                    image.journal.truncate(0)
-                self._changed.notify_all()
+    def _snapshot(self, key: str) -> tuple[_Image, np.ndarray, int]:
+        image = self._images[key]
+        return image, image.labels.copy(), image.seq
+
+    def _write(self, snapshot: tuple[_Image, np.ndarray, int]) -> None:
+        image, labels, seq = snapshot
+        self._save(image.path, labels, seq)
+
+    def _written(self, snapshot: tuple[_Image, np.ndarray, int], error: Exception | None) -> None:
+        super()._written(snapshot, error)
+        image, _, seq = snapshot
+        if error is None and image.seq == seq:  # caught up: the file holds every journal entry
+            image.journal.truncate(0)
 
     @staticmethod
     def _save(path: Path, labels: np.ndarray, seq: int) -> None:

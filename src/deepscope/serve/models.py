@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class Result:
         return array[..., z, :, :]
 
 
-class Model:
+class Model(ABC):
     """An opened checkpoint: what it takes (``ndim`` spatial axes, ``channels``; grey images are repeated to them)
     and how it predicts a served image (a 2D model: slice ``z``; a 3D model: the whole stack). The subclasses
     import their task when a checkpoint is opened, so the server starts without loading every task."""
@@ -134,9 +135,9 @@ class Model:
         """The image as the model reads it, in the stored layout: the whole stack for a 3D model, else slice ``z``."""
         return stored_layout(image.stored if self.ndim == 3 else image.raw(z), self.ndim)
 
+    @abstractmethod
     def run(self, image: ServedImage, z: int | None, progress: ProgressFn) -> Result:
         """The prediction, calling ``progress(done, total)`` as windows are predicted (which may raise Cancelled)."""
-        raise NotImplementedError
 
 
 class SegmentModel(Model):

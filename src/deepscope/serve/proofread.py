@@ -14,7 +14,6 @@ made while it writes are covered by its next write, so a burst of edits costs on
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from deepscope.serve.http import NO_STORE, integer, json_body, param, png, slice
 from deepscope.serve.labels import Stroke
 from deepscope.serve.models import ModelService
 from deepscope.serve.tiles import outlines_png, overlay_region
+from deepscope.serve.writer import BackgroundWriter
 
 MASKS_DIR = "masks"
 HISTORY = 100  # undo steps kept per image plane
@@ -165,20 +165,14 @@ def _save(path: Path, ids: np.ndarray) -> None:
                                                         metadata=None))
 
 
-class InstanceEditor:
-    """Instance masks of the images of a ServedFolder being proofread, and their writer thread."""
+class InstanceEditor(BackgroundWriter):
+    """Instance masks of the images of a ServedFolder being proofread, saved by the background writer."""
 
     def __init__(self, folder: ServedFolder, models: ModelService) -> None:
         self.folder, self.models = folder, models
-        self._masks: OrderedDict[str, _Mask] = OrderedDict()
-        self._changed = threading.Condition(threading.RLock())  # guards everything below and the live arrays
+        self._masks: OrderedDict[str, _Mask] = OrderedDict()  # guarded by the writer's lock, as the live arrays
         self._versions = 0  # one counter for every mask: a version never repeats, even after a reload
-        self._dirty: set[str] = set()  # masks waiting for the writer
-        self._writing = False
-        self._closing = False
-        self._error: Exception | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="deepscope-masks-writer", daemon=True)
-        self._writer.start()
+        super().__init__("deepscope-masks-writer", f"{folder.root / MASKS_DIR}: masks")
 
     def mask_path(self, name: str) -> Path:
         """``masks/<stem>.tif``, paired with the image by name as ``train segment`` does."""
@@ -304,23 +298,10 @@ class InstanceEditor:
         """Wait until every mask file holds its live mask, trying again the writes that failed; raises the last
         write error, or DeepscopeError after ``timeout`` seconds."""
         with self._changed:
-            self._dirty.update(name for name, mask in self._masks.items() if mask.saved != mask.version)
-            self._changed.notify_all()
-            if not self._changed.wait_for(lambda: not self._dirty and not self._writing, timeout):
-                raise DeepscopeError(f"{self.folder.root / MASKS_DIR}: masks still being written after {timeout} s")
-            error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        """Write every mask and stop the writer."""
-        try:
-            self.flush()
-        finally:
-            with self._changed:
-                self._closing = True
-                self._changed.notify_all()
-            self._writer.join()
+            for name, mask in self._masks.items():
+                if mask.saved != mask.version:
+                    self._mark(name)
+        super().flush(timeout)
 
     # --- internals (called holding the lock) ---------------------------------------------------------------------
 
@@ -427,8 +408,7 @@ class InstanceEditor:
             plane.boxes.update(_extents(after, np.array(sorted(ids)), (box[0].start, box[1].start)))
             mask.top = max(mask.top, *ids)
         mask.version = self._next_version()
-        self._dirty.add(mask.name)
-        self._changed.notify_all()
+        self._mark(mask.name)
 
     def _step(self, name: str, z: Any, forward: bool) -> dict[str, Any]:
         with self._changed:
@@ -463,28 +443,21 @@ class InstanceEditor:
 
     # --- writer --------------------------------------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
-        """Write changed masks until closed; edits go on while a file is written."""
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._dirty or self._closing)
-                if not self._dirty:
-                    return
-                mask = self._masks[self._dirty.pop()]
-                ids, version = mask.ids.copy(), mask.version
-                self._writing = True
-            error = None
-            try:
-                _save(mask.path, ids)
-            except Exception as exc:  # noqa: BLE001 (the writer must outlive any failure; flush() reports it)
-                error = exc
-            with self._changed:
-                self._writing = False
-                if error is None:
-                    mask.saved, mask.error = max(mask.saved, version), None
-                else:
-                    self._error, mask.error = error, str(error)
-                self._changed.notify_all()
+    def _snapshot(self, key: str) -> tuple[_Mask, np.ndarray, int]:
+        mask = self._masks[key]
+        return mask, mask.ids.copy(), mask.version
+
+    def _write(self, snapshot: tuple[_Mask, np.ndarray, int]) -> None:
+        mask, ids, _ = snapshot
+        _save(mask.path, ids)
+
+    def _written(self, snapshot: tuple[_Mask, np.ndarray, int], error: Exception | None) -> None:
+        super()._written(snapshot, error)
+        mask, _, version = snapshot
+        if error is None:
+            mask.saved, mask.error = max(mask.saved, version), None
+        else:
+            mask.error = str(error)
 
 
 def routes(editor: InstanceEditor) -> list[Route]:
