@@ -12,6 +12,10 @@ the first stroke that gives a second class, which computes the image's features 
 filters); "warm" are the strokes after it. The reference is the command line loop the issue names: ``deepscope pixel
 train`` rerun on the same labels with its features cached (its defaults: 49 features, 100 trees; one process per
 iteration, as ``bench_pixel_iteration.py`` measures it).
+
+``--soak`` (its own section): 8 users for 2 minutes, each painting their own image and panning image tiles, then the
+server killed with ``kill -9`` while requests are still in flight; every acknowledged stroke is then looked up in
+what the server left (label files and journals, read back as a restarted server reads them).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import concurrent.futures
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +39,8 @@ from PIL import Image
 from scipy import ndimage
 
 from deepscope.data.scribbles import dense_classes
+from deepscope.serve.folder import ServedFolder
+from deepscope.serve.labels import LabelStore, Stroke
 
 TILE = 256
 FETCHERS = 6  # tiles the page requests at once
@@ -276,7 +284,118 @@ def tile_rows() -> list[str]:
     return rows
 
 
+class SoakUser:
+    """One simulated user of the soak run: strokes on their own image, each followed by the overlay tiles of the
+    viewed region and a few image tiles elsewhere (panning), 0.5 s apart, until ``stop``."""
+
+    def __init__(self, url: str, number: int, painter: Painter, stop: threading.Event) -> None:
+        self.url, self.image, self.painter, self.stop = url, f"user{number}.tif", painter, stop
+        self.rng = np.random.default_rng(100 + number)
+        self.acknowledged: list[dict] = []
+        self.sent = self.failed = self.unanswered = 0
+        self.stroke_s: list[float] = []  # stroke to its overlay tiles loaded
+        self.tile_s: list[float] = []  # one image tile
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=120) as client:
+            while not self.stop.is_set():
+                y, x = (int(v) for v in self.rng.integers(0, 2, 2) * 512)
+                region = (y, y + 512, x, x + 512)
+                stroke = self.painter.stroke(1 + self.sent % 2, region)
+                self.sent += 1
+                start, acknowledged = time.perf_counter(), False
+                try:
+                    reply = client.post("/api/stroke", params={"image": self.image}, json={**stroke, "visible": list(region)})
+                    reply.raise_for_status()
+                    self.acknowledged.append(stroke)
+                    acknowledged = True
+                    version = f"{reply.json()['model']}.{reply.json()['labels_version']}"
+                    for ty in range(y // TILE, (y + 512) // TILE):
+                        for tx in range(x // TILE, (x + 512) // TILE):
+                            client.get("/api/overlay", params={"image": self.image, "kind": "probabilities", "level": 0,
+                                                                "ty": ty, "tx": tx, "v": version}).raise_for_status()
+                    self.stroke_s.append(time.perf_counter() - start)
+                    level = int(self.rng.integers(0, 3))
+                    for ty, tx in self.rng.integers(0, 1024 // (TILE * 2**level), (4, 2)):
+                        tile = time.perf_counter()
+                        client.get("/api/tile", params={"image": self.image, "level": level, "ty": int(ty),
+                                                         "tx": int(tx)}).raise_for_status()
+                        self.tile_s.append(time.perf_counter() - tile)
+                except httpx.HTTPError:
+                    if self.stop.is_set():  # the server was killed under this request
+                        self.unanswered += not acknowledged
+                        return
+                    self.failed += 1
+                self.stop.wait(0.5)
+
+
+def soak_rows(users: int, seconds: float) -> tuple[list[str], int]:
+    """``users`` at once for ``seconds``, then ``kill -9``; every acknowledged stroke checked in what the server
+    left. The table row, and the number of acknowledged strokes lost (0 expected)."""
+    images = {f"user{u}.tif": mosaic("images", 2, first=3 * u) for u in range(users)}
+    painters = [Painter(dense_classes(mosaic("labels", 2, first=3 * u)), seed=u) for u in range(users)]
+    folder = fresh_folder("soak", images)
+    server = Server(folder)
+    stop = threading.Event()
+    simulated = [SoakUser(server.url, u, painters[u], stop) for u in range(users)]
+    threads = [threading.Thread(target=user.run) for user in simulated]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    rss = server.peak_rss_mb()
+    stop.set()
+    os.kill(server.process.pid, signal.SIGKILL)  # requests still in flight: their strokes are not acknowledged
+    server.process.wait()
+    for thread in threads:
+        thread.join()
+    store = LabelStore(ServedFolder(folder))  # as a restarted server: label files, then the journals replayed
+    lost = 0
+    for u, user in enumerate(simulated):
+        labels = store.labels(f"user{u}.tif")
+        for stroke in user.acknowledged:
+            box, mask = Stroke([tuple(p) for p in stroke["points"]], stroke["radius"], stroke["label"]).raster(labels.shape)
+            lost += bool((labels[box][mask] != stroke["label"]).any())  # strokes of the other class never overlap
+    store.close()
+    strokes = [s for user in simulated for s in user.stroke_s[2:]]  # a user's first two strokes compute the features
+    tiles = [s for user in simulated for s in user.tile_s]
+    sent, acknowledged = sum(u.sent for u in simulated), sum(len(u.acknowledged) for u in simulated)
+    row = (f"| {users} users x {seconds:.0f} s, then kill -9 | {sent} / {acknowledged} / {lost} | "
+           f"{sum(u.unanswered for u in simulated)} | {sum(u.failed for u in simulated)} | {percentiles(strokes)} "
+           f"({len(strokes)}) | {1000 * np.percentile(tiles, 50):.0f} / {1000 * np.percentile(tiles, 95):.0f} ({len(tiles)}) | "
+           f"{rss:,.0f} MB |")
+    return [row], lost
+
+
+def soak() -> None:
+    """``--soak``: its own section of RESULTS.md (the other figures take much longer to measure)."""
+    seconds = 20.0 if "--quick" in sys.argv else 120.0
+    load = os.getloadavg()[0]  # other work on the machine, which the figures share the cores with
+    rows, lost = soak_rows(8, seconds)
+    text = "\n".join([
+        header(command_line()),
+        (f"8 simulated users on 127.0.0.1, each labelling their own 1024x1024 image (ISBI EM mosaic) for {seconds:.0f} s: "
+         "a stroke (radius 2, alternating classes) in a 512x512 region they look at, the 4 probability overlay "
+         "tiles of that region, then 4 image tiles at a random level (panning), 0.5 s between strokes. Server and "
+         f"users share the machine's {os.cpu_count()} cores (1-minute load average {load:.1f} when the run started). "
+         "At the end the server is killed with `kill -9` while requests are in flight; the label files and journals it "
+         "left are read back as a restarted server reads them, and every acknowledged stroke is looked up there pixel "
+         "by pixel.\n"),
+        ("| run | strokes sent / acknowledged / lost | strokes unanswered (in flight at the kill) | failed requests | stroke to "
+         "overlay p50 / p95 s (strokes) | image tile p50 / p95 ms (tiles) | server peak memory |"),
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ])
+    print(text)
+    if "--quick" not in sys.argv:
+        write_section("serve-soak", "deepscope serve: 8 users for 2 minutes, then kill -9 (CPU)", text)
+    if lost:
+        raise SystemExit(f"{lost} acknowledged stroke(s) lost")
+
+
 def main() -> None:
+    if "--soak" in sys.argv:
+        soak()
+        return
     quick = "--quick" in sys.argv  # fewer repetitions, to check the script
     latency = latency_rows(2, 6 if quick else 30, 1 if quick else 3)
     latency += latency_rows(8, 3 if quick else 10, 1 if quick else 2)

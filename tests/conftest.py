@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import io
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +120,52 @@ def rgba(response) -> np.ndarray:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
     return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+class FullDisk:
+    """Atomic writes (:func:`deepscope.atomic.atomic_write`) of files matching ``pattern`` fail as on a full disk:
+    half their bytes reach the temporary file, then ENOSPC. ``space_back()`` lets writes succeed again."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pattern: str) -> None:
+        from deepscope import atomic
+
+        self.full, self.failures = True, 0
+
+        def opener(path, mode="r", *args, **kwargs):
+            handle = open(path, mode, *args, **kwargs)
+            # the temporary name is ".NAME.tmp-PID": match NAME against the pattern
+            name = Path(path).name.lstrip(".").rsplit(".tmp-", 1)[0]
+            if not (self.full and "w" in mode and fnmatch.fnmatch(name, pattern)):
+                return handle
+            write = handle.write
+
+            def filling(data):
+                write(bytes(data)[: max(1, len(data) // 2)])
+                self.failures += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            handle.write = filling
+            return handle
+
+        monkeypatch.setattr(atomic, "open", opener, raising=False)
+
+    def space_back(self) -> None:
+        self.full = False
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch):
+    """``full_disk("*.pt")``: a :class:`FullDisk` for the files matching the pattern."""
+    return lambda pattern="*": FullDisk(monkeypatch, pattern)
+
+
+def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """``deepscope serve FOLDER`` in its own process on a free port, and the address it printed (``http://...:N/``)."""
+    server = subprocess.Popen([sys.executable, "-m", "deepscope", "serve", str(folder), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = server.stdout.readline()
+    url = re.search(r"http://127\.0\.0\.1:\d+/", line)
+    if not url:
+        server.kill()
+        raise AssertionError(line + server.stdout.read())
+    return server, url.group(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import shutil
 
 import numpy as np
@@ -10,11 +9,12 @@ import pytest
 import torch
 from conftest import fast_args
 from PIL import Image
+from test_segment_bad_input import small_run
 
+from deepscope.atomic import WriteError
 from deepscope.cli import main
-from deepscope.engine import checkpoint as checkpoint_module
-from deepscope.engine.checkpoint import save_checkpoint
-from deepscope.errors import CheckpointError
+from deepscope.demo import write_nuclei
+from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 def error_line(capsys) -> str:
@@ -93,15 +93,15 @@ def test_checkpoint_from_another_model_or_task(class_tree, tmp_path, capsys):
     assert main(["train", "classify", "--out", str(out), "--resume", "--model", "mlp"]) == 2
     assert "checkpoint holds model 'cnn', not 'mlp'" in error_line(capsys)
 
-    state = torch.load(out / "best.pt", weights_only=False)
+    state = load_checkpoint(out / "best.pt")
     state["config"]["task"] = "segment"
-    torch.save(state, tmp_path / "other_task.pt")
+    save_checkpoint(state, tmp_path / "other_task.pt")
     assert main(["evaluate", str(tmp_path / "other_task.pt"), "--data", str(class_tree)]) == 2
     assert "other_task.pt" in error_line(capsys)
 
-    state = torch.load(out / "best.pt", weights_only=False)
+    state = load_checkpoint(out / "best.pt")
     state["model"] = {k: v[:1] if v.ndim else v for k, v in state["model"].items()}
-    torch.save(state, tmp_path / "shrunk.pt")
+    save_checkpoint(state, tmp_path / "shrunk.pt")
     assert main(["evaluate", str(tmp_path / "shrunk.pt"), "--data", str(class_tree)]) == 2
     assert "shrunk.pt: weights do not fit the model" in error_line(capsys)
 
@@ -122,7 +122,7 @@ def test_existing_run_is_not_overwritten(class_tree, tmp_path, capsys):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(class_tree, tmp_path, capsys, monkeypatch):
     assert train(class_tree, tmp_path, "--epochs", "1") == 0
     out = tmp_path / "run"
-    good = torch.load(out / "last.pt", weights_only=False)
+    good = load_checkpoint(out / "last.pt")
     capsys.readouterr()
 
     from deepscope.tasks.classify import ClassifyTask
@@ -139,35 +139,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(class_tree, tmp_pa
     assert main(["train", "classify", "--out", str(out), "--resume", "--epochs", "3"]) == 2
     line = error_line(capsys)
     assert "non-finite loss at epoch 2, step 3" in line and "last good checkpoint" in line
-    kept = torch.load(out / "last.pt", weights_only=False)
+    kept = load_checkpoint(out / "last.pt")
     assert kept["epoch"] == good["epoch"] == 0
     for key in good["model"]:
         assert torch.equal(kept["model"][key], good["model"][key])
 
 
-def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_keeps_previous_checkpoint(tmp_path, full_disk):
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
-
-    def failing_save(obj, handle):
-        handle.write(b"partial bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
-    with pytest.raises(CheckpointError, match=r"\(No space left on device\); the previous checkpoint is intact"):
+    disk = full_disk("*.pt")
+    with pytest.raises(WriteError, match=r"\(No space left on device\); the previous checkpoint is intact"):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}}, path)
-    monkeypatch.undo()
-    assert torch.equal(torch.load(path, weights_only=False)["model"]["w"], torch.ones(3))
+    assert disk.failures == 1
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def test_full_disk_during_training_is_a_clear_error(class_tree, tmp_path, capsys, monkeypatch):
-    def failing_save(obj, handle):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+def test_full_disk_during_training_is_a_clear_error(class_tree, tmp_path, capsys, full_disk):
+    full_disk("*.pt")
     assert train(class_tree, tmp_path, "--epochs", "1") == 2
-    assert "last.pt: could not write checkpoint (No space left on device)" in error_line(capsys)
+    assert "best.pt: could not write checkpoint (No space left on device); no earlier checkpoint existed" in error_line(capsys)
 
 
 def test_bad_predict_inputs(class_tree, tmp_path, capsys):
@@ -187,3 +179,18 @@ def test_evaluate_with_wrong_classes(class_tree, tmp_path, capsys):
     shutil.rmtree(class_tree / "test" / "gamma")
     assert main(["evaluate", str(tmp_path / "run" / "best.pt"), "--data", str(class_tree / "test")]) == 2
     assert "differ from the checkpoint's" in error_line(capsys)
+
+
+def test_segment_folder_with_masks_and_labels_trains_and_evaluates_with_a_choice(tmp_path, capsys):
+    """deepscope serve keeps painted class labels in labels/ and proofread instance masks in masks/ of one folder."""
+    data = write_nuclei(tmp_path / "data", train=4, test=1, size=32)
+    for split in ("train", "test"):
+        shutil.copytree(data / split / "masks", data / split / "labels")
+    assert main(small_run(data, tmp_path / "run")) == 2
+    assert "train: both masks/ and labels/ found; choose the label folder with --labels masks or --labels labels" in error_line(capsys)
+    assert main(small_run(data, tmp_path / "run", "--labels", "masks")) == 0
+    best = str(tmp_path / "run" / "best.pt")
+    assert main(["evaluate", best, "--data", str(data), "--device", "cpu"]) == 0  # the label folder trained on
+    capsys.readouterr()
+    assert main(["evaluate", best, "--data", str(data), "--device", "cpu", "--labels", "proofread"]) == 2
+    assert "data/train: no proofread/ folder next to images/ (the label folder chosen with --labels)" in error_line(capsys)

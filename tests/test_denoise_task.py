@@ -51,9 +51,11 @@ def write_noisy_pairs(root: Path, sigma: float = 20, size: int = 64) -> Path:
     return root
 
 
-def dn_args(data: Path, out: Path, method: str, *extra: str, epochs: int = 5) -> list[str]:
-    """A small, quick CPU denoising run through the CLI, in float32 on every processor (scores compare with ``evaluate``)."""
-    return ["train", "denoise", "--data", str(data), "--out", str(out), "--method", method, "--epochs", str(epochs),
+def dn_args(data: Path, out: Path | None, method: str, *extra: str, epochs: int = 5) -> list[str]:
+    """A small, quick CPU denoising run through the CLI, in float32 on every processor (scores compare with ``evaluate``);
+    ``out`` None: no --out, the caller adds it."""
+    where = ["--out", str(out)] if out is not None else []
+    return ["train", "denoise", "--data", str(data), *where, "--method", method, "--epochs", str(epochs),
             "--batch-size", "16", "--device", "cpu", "--amp", "off", "--lr", "0.004", "--set", "model_args={features: 8, depth: 2}",
             "--set", "patch_shape=[32, 32]", "--set", "patches_per_epoch=320", "--set", "val_fraction=0.2", *extra]
 

@@ -30,6 +30,30 @@ def test_classification_metrics_hand_computed():
     assert result["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
 
 
+def test_scores_are_exact_ratios_of_counts_never_above_one():
+    """torchmetrics' float32 averaging reported a balanced accuracy of 1.0000001192092896 for ten classes all right."""
+    target = torch.arange(360) % 10
+    metrics = ClassificationMetrics([str(i) for i in range(10)], torch.device("cpu"))
+    metrics.update(F.one_hot(target, 10).float(), target, torch.tensor(0.0))
+    result = metrics.compute()
+    assert (result["accuracy"], result["balanced_accuracy"], result["top5_accuracy"]) == (1.0, 1.0, 1.0)
+    assert all(v == {"precision": 1.0, "recall": 1.0} for v in result["per_class"].values())
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 7, (1001,), generator=generator)
+    logits = torch.randn(1001, 7, generator=generator) + 2 * F.one_hot(target, 7)
+    metrics = ClassificationMetrics([str(i) for i in range(7)], torch.device("cpu"))
+    for chunk in range(0, 1001, 128):
+        metrics.update(logits[chunk : chunk + 128], target[chunk : chunk + 128], torch.tensor(0.0))
+    result = metrics.compute()
+    pred = logits.argmax(1)
+    assert result["accuracy"] == int((pred == target).sum()) / 1001  # the float nearest the true ratio, no closer one exists
+    recalls = [int(((pred == c) & (target == c)).sum()) / int((target == c).sum()) for c in range(7)]
+    assert result["balanced_accuracy"] == pytest.approx(sum(recalls) / 7, rel=1e-15, abs=0)
+    assert result["top5_accuracy"] == int((logits.topk(5, 1).indices == target[:, None]).any(1).sum()) / 1001
+    assert all(0 <= v["precision"] <= 1 and 0 <= v["recall"] <= 1 for v in result["per_class"].values())
+
+
 def test_top5_accuracy_hand_computed():
     logits = torch.arange(10.0).repeat(2, 1)  # class 9 ranked first, class 0 last
     metrics = ClassificationMetrics([str(i) for i in range(10)], torch.device("cpu"))

@@ -18,7 +18,8 @@ from deepscope.data.scribbles import (
 )
 from deepscope.data.synthetic import nuclei_set
 from deepscope.errors import DataError
-from deepscope.tasks.pixel import labelled_indices
+from deepscope.safefile import read_state, write_state
+from deepscope.tasks.pixel import FORMAT, labelled_indices
 
 FAST = ["--filters", "gaussian", "ggm", "hessian", "structure", "--scales", "1", "2", "4", "--trees", "30"]
 
@@ -93,7 +94,7 @@ def test_class_names_may_skip_unlabelled_class_numbers(nuclei, tmp_path, capsys)
 def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, capsys):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["features_from_cache"] == 0 and metrics["features"] == 2 * 3 + 2 * 3 * 2
-    assert (trained / "classifier.pkl").is_file() and (trained / "config.yaml").is_file() and (trained / "report.html").is_file()
+    assert (trained / "classifier.safetensors").is_file() and (trained / "config.yaml").is_file() and (trained / "report.html").is_file()
     for i in range(3):  # predictions of the labelled images: class 2 (nuclei) where the truth has nuclei
         pred = tifffile.imread(trained / "predictions" / f"n{i}_classes.tif")
         assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / f"n{i}.tif") > 0) > 0.8
@@ -105,7 +106,7 @@ def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, cap
 
 
 def test_predict_new_images_tiled_equals_whole_and_gives_instances(trained, nuclei, tmp_path, capsys):
-    classifier, images = str(trained / "classifier.pkl"), str(nuclei / "test" / "images")
+    classifier, images = str(trained / "classifier.safetensors"), str(nuclei / "test" / "images")
     assert main(["pixel", "predict", classifier, images, "--out", str(tmp_path / "whole"), "--instances", "--seeds", "maxima", "--min-distance", "4", "--min-size", "10"]) == 0
     records = last_json(capsys)["outputs"]
     assert main(["pixel", "predict", classifier, images, "--out", str(tmp_path / "tiled"), "--tile", "40", "40"]) == 0
@@ -125,24 +126,26 @@ def test_predict_new_images_tiled_equals_whole_and_gives_instances(trained, nucl
 def test_predict_refuses_images_the_classifier_was_not_trained_for(trained, tmp_path, capsys):
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((32, 32, 3), np.uint8))
-    assert main(["pixel", "predict", str(trained / "classifier.pkl"), str(rgb), "--out", str(tmp_path / "o")]) == 2
+    assert main(["pixel", "predict", str(trained / "classifier.safetensors"), str(rgb), "--out", str(tmp_path / "o")]) == 2
     assert "rgb.tif: image has 3 channels but the model takes 1" in capsys.readouterr().err
     volume = tmp_path / "vol.tif"
     tifffile.imwrite(volume, np.zeros((8, 32, 32), np.uint8))
-    assert main(["pixel", "predict", str(trained / "classifier.pkl"), str(volume), "--out", str(tmp_path / "o")]) == 2
+    assert main(["pixel", "predict", str(trained / "classifier.safetensors"), str(volume), "--out", str(tmp_path / "o")]) == 2
     assert "vol.tif: 3D volume" in capsys.readouterr().err
 
 
 def test_classifier_whose_features_do_not_match_its_forest_is_refused(trained, nuclei, tmp_path, capsys):
-    state = pickle.loads((trained / "classifier.pkl").read_bytes())
+    state = read_state(trained / "classifier.safetensors", FORMAT)
     state["spec"]["filters"]["gaussian"] = [1.0]  # fewer features than the forest was fitted on
-    (tmp_path / "bad.pkl").write_bytes(pickle.dumps(state))
-    (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+    write_state(tmp_path / "bad.safetensors", state, FORMAT, "classifier")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a classifier")
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps({"format": FORMAT}))  # what deepscope 0.1 saved
     image = str(nuclei / "test" / "images" / "n0.tif")
-    for bad, message in (("bad.pkl", "does not match the forest"), ("junk.pkl", "not a readable pixel classifier")):
+    for bad, message in (("bad.safetensors", "does not match the forest"), ("junk.safetensors", "not a usable pixel classifier"),
+                         ("old.pkl", "is a pickle, which could run code when opened and is refused")):
         assert main(["pixel", "predict", str(tmp_path / bad), image, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
-        assert f"{bad}: " in err and message in err
+        assert f"{bad}: " in err and message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", ["shape", "orphan", "one_class", "float"])
@@ -177,7 +180,7 @@ def test_scribbles_command_samples_from_dense_instance_labels(nuclei, tmp_path, 
 
 
 def test_shallow_to_deep_trains_a_unet_on_forest_labels(trained, nuclei, tmp_path, capsys):
-    assert main(["pixel", "deep", str(trained / "classifier.pkl"), str(nuclei / "test" / "images"), str(nuclei / "train" / "images"),
+    assert main(["pixel", "deep", str(trained / "classifier.safetensors"), str(nuclei / "test" / "images"), str(nuclei / "train" / "images"),
                  "--out", str(tmp_path), "--epochs", "2", "--min-confidence", "0.8", "--device", "cpu",
                  "--set", "patch_shape=[64,64]", "--set", "patches_per_epoch=16", "--set", "model_args={features: 8, depth: 2}"]) == 0
     result = last_json(capsys)

@@ -11,6 +11,8 @@ import tifffile
 import zarr
 from PIL import Image
 
+from deepscope.cli import build_parser, resolve_pixel_config, resolve_train_config
+from deepscope.data.seg_dataset import find_items
 from deepscope.data.segmentation import (
     PatchSampler,
     check_pair,
@@ -19,7 +21,7 @@ from deepscope.data.segmentation import (
     percentile_normalize,
     read_volume,
 )
-from deepscope.errors import DataError
+from deepscope.errors import DataError, DeepscopeError
 
 
 def blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -88,6 +90,32 @@ def test_find_pairs_errors(tmp_path):
     (tmp_path / "empty" / "masks").mkdir()
     with pytest.raises(DataError, match="empty/images: no image files"):
         find_pairs(tmp_path / "empty")
+
+
+def test_find_pairs_with_masks_and_labels_takes_the_chosen_folder(tmp_path):
+    """A folder served by deepscope serve holds painted class labels in labels/ and proofread instances in masks/."""
+    root = write_pair_folder(tmp_path / "served", ["a", "b"])
+    (root / "labels").mkdir()
+    for stem in ("a", "b"):
+        tifffile.imwrite(root / "labels" / f"{stem}.tif", np.ones((8, 10), np.uint8))
+    with pytest.raises(DataError, match="served: both masks/ and labels/ found; choose the label folder with --labels masks or "
+                                        "--labels labels"):
+        find_pairs(root)
+    assert {label.parent.name for _, label in find_pairs(root, "labels")["all"]} == {"labels"}
+    assert {entry[3].parent.name for entry in find_items(root, "raw", "label", "masks")["all"]} == {"masks"}
+    with pytest.raises(DataError, match="served: no proofread/ folder next to images/"):
+        find_pairs(root, "proofread")
+
+
+def test_labels_flag_is_a_segment_setting_and_pixel_keeps_its_own():
+    parser = build_parser()
+    assert resolve_train_config(parser.parse_args(["train", "segment", "--data", "d", "--labels", "masks"])).labels == "masks"
+    assert resolve_train_config(parser.parse_args(["train", "segment", "--data", "d"])).labels is None
+    with pytest.raises(DeepscopeError, match=r"unknown setting\(s\) labels"):
+        resolve_train_config(parser.parse_args(["train", "classify", "--data", "d", "--labels", "masks"]))
+    assert parser.parse_args(["evaluate", "best.pt", "--data", "d", "--labels", "masks"]).labels == "masks"
+    pixel = parser.parse_args(["pixel", "train", "--images", "served", "--labels", "served/labels"])
+    assert resolve_pixel_config(pixel).labels == "served/labels"  # pixel's --labels is the label file or folder
 
 
 def test_find_pairs_unmatched_files(tmp_path):

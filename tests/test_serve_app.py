@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 import warnings
@@ -23,6 +24,7 @@ from conftest import rgba
 from deepscope.cli import build_parser, main
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.errors import DeepscopeError
+from deepscope.serve import labels as labels_module
 from deepscope.serve.app import LOOPBACK_NAMES, create_app, is_loopback, serve
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.http import visible_region
@@ -205,6 +207,50 @@ def test_bad_strokes_are_400_with_a_message(client: TestClient) -> None:
     assert client.get("/api/info?image=cells.png").json()["labels_version"] == 0  # nothing was applied
 
 
+def test_a_label_file_that_cannot_be_written_is_reported_and_written_later(client: TestClient, folder: Path,
+                                                                            full_disk) -> None:
+    assert post(client, "/api/stroke?image=cells.png", LEFT).status_code == 200
+    client.app.state.session.store.flush()
+    old = (folder / "labels" / "cells.tif").read_bytes()
+    disk = full_disk("cells.tif")
+    assert post(client, "/api/stroke?image=cells.png", RIGHT).status_code == 200  # acknowledged: it is journalled
+    with pytest.raises(DeepscopeError):
+        client.app.state.session.store.flush()
+    error = client.get("/api/status?image=cells.png").json()["labels_error"]
+    assert error == "labels/cells.tif: could not write label file (No space left on device); the previous label file is intact"
+    assert (folder / "labels" / "cells.tif").read_bytes() == old
+
+    disk.space_back()
+    assert post(client, "/api/undo?image=cells.png").json()["bbox"] is not None
+    assert post(client, "/api/redo?image=cells.png").status_code == 200
+    client.app.state.session.store.flush()
+    assert client.get("/api/status?image=cells.png").json()["labels_error"] is None
+    assert set(np.unique(read_sparse_labels(folder / "labels" / "cells.tif"))) == {0, 1, 2}
+
+
+def test_a_stroke_that_cannot_be_journalled_is_a_507(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    assert post(client, "/api/stroke?image=cells.png", LEFT).status_code == 200
+    client.app.state.session.store.flush()
+    monkeypatch.setattr(labels_module.os, "fsync", full)  # the journal's: the disk filled up
+    response = post(client, "/api/stroke?image=cells.png", RIGHT)
+    assert response.status_code == 507 and "could not record the change, so it was not made" in response.json()["error"]
+    monkeypatch.undo()
+    assert client.get("/api/info?image=cells.png").json()["labels_version"] == 1
+    assert post(client, "/api/stroke?image=cells.png", RIGHT).json()["labels_version"] == 2
+
+
+def test_a_stroke_whose_project_cannot_be_saved_is_refused_whole(client: TestClient, full_disk) -> None:
+    disk = full_disk("deepscope-project.yaml")  # the first stroke of an image records it in the project
+    response = post(client, "/api/stroke?image=cells.png", LEFT)
+    assert response.status_code == 507 and "could not write project file (No space left on device)" in response.json()["error"]
+    assert client.get("/api/info?image=cells.png").json()["labels_version"] == 0  # refused whole: not painted either
+    disk.space_back()
+    assert post(client, "/api/stroke?image=cells.png", LEFT).json()["labels_version"] == 1
+
+
 def test_project_classes_features_and_classifier(client: TestClient, folder: Path) -> None:
     project = client.get("/api/project").json()
     assert [c["value"] for c in project["classes"]] == [1, 2] and "gaussian" in project["filters"]
@@ -234,7 +280,7 @@ def test_project_classes_features_and_classifier(client: TestClient, folder: Pat
     for given in (folder, folder / PROJECT_FILE, Path(saved["path"])):
         out = folder.parent / f"out-{given.name}"
         assert main(["pixel", "predict", str(given), str(folder / "cells.png"), "--out", str(out)]) == 0
-    by_file, by_project = (tifffile.imread(folder.parent / f"out-{n}" / "cells_classes.tif") for n in ("pixel-classifier.pkl", "data"))
+    by_file, by_project = (tifffile.imread(folder.parent / f"out-{n}" / "cells_classes.tif") for n in ("pixel-classifier.safetensors", "data"))
     np.testing.assert_array_equal(by_project, by_file)
     assert (by_file[:, :40] == 1).mean() > 0.9 and (by_file[:, 56:] == 2).mean() > 0.9
 
@@ -254,6 +300,30 @@ def test_token_is_required_when_set(folder: Path) -> None:
         page = client.get("/?token=s3cret")
         assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
         assert client.get("/api/images").status_code == 200  # the cookie the page set
+
+
+def test_changes_under_a_token_need_the_page_origin_and_any_token_is_compared_safely(folder: Path) -> None:
+    with TestClient(create_app(folder, token="s3cret"), base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/?token=s3cret").status_code == 200  # the page sets the cookie
+        page = {"Origin": "http://127.0.0.1:8000"}
+        # with the cookie alone (a browser), a change must come from the page: another local site's page is refused
+        assert post(client, "/api/undo?image=cells.png").status_code == 403
+        assert post(client, "/api/undo?image=cells.png", headers={"Origin": "http://127.0.0.1:9999"}).status_code == 403
+        assert post(client, "/api/undo?image=cells.png", headers={"Origin": "null"}).status_code == 403
+        assert post(client, "/api/undo?image=cells.png", headers=page).status_code == 200
+        assert post(client, "/api/undo?image=cells.png", headers={"Referer": "http://127.0.0.1:8000/?x"}).status_code == 200
+        assert post(client, "/api/undo?image=cells.png", headers={"Referer": "http://evil.example/"}).status_code == 403
+        assert client.get("/api/info?image=cells.png").status_code == 200  # reading needs no Origin
+        client.cookies.clear()
+        # a script given the token may leave Origin out, but not send a foreign one
+        script = {"X-Deepscope-Token": "s3cret"}
+        assert post(client, "/api/undo?image=cells.png", headers=script).status_code == 200
+        assert post(client, "/api/undo?image=cells.png", headers={**script, "Origin": "http://evil.example"}).status_code == 403
+        # tokens of any characters are refused in constant time, not with a 500
+        for bad in ("sécret", "s3cret\u2028", "\U0001f512"):
+            assert client.get("/api/images", params={"token": bad}).status_code == 401
+            assert client.get("/api/images", headers={"X-Deepscope-Token": bad.encode()}).status_code == 401
+            assert client.get("/api/images", headers={"Cookie": f"deepscope_token={bad}".encode()}).status_code == 401
 
 
 def test_serve_requires_a_token_off_the_loopback(folder: Path) -> None:

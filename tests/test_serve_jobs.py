@@ -267,7 +267,7 @@ def test_pixel_deep_job_trains_from_the_live_forest(folder: Path) -> None:
     assert job["state"] == "done", job["error"]
     assert job["checkpoint"] == f"models/{job['id']}/unet/best.pt" and job["progress"] == 1.0
     assert len(job["history"]) == 1
-    assert (folder / ".deepscope" / "jobs" / job["id"] / "classifier.pkl").is_file()
+    assert (folder / ".deepscope" / "jobs" / job["id"] / "classifier.safetensors").is_file()
 
 
 @pytest.mark.slow

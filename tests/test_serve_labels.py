@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from deepscope.atomic import WriteError
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve import labels as labels_module
@@ -133,7 +136,7 @@ def test_a_reopened_store_replays_the_journal(tmp_path: Path, monkeypatch: pytes
     first.apply("cells.tif", Stroke([(30.0, 30.0), (30.0, 50.0)], 2.0, 2))
     first.undo("cells.tif")
     first.redo("cells.tif")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match="disk full"):
         first.close()
     monkeypatch.undo()
     journal = tmp_path / ".deepscope" / "journal" / "cells.jsonl"
@@ -149,6 +152,73 @@ def test_a_reopened_store_replays_the_journal(tmp_path: Path, monkeypatch: pytes
     assert third.labels("cells.tif")[50, 10] == 3 and third.labels("cells.tif")[30, 40] == 2
     assert np.array_equal(read_sparse_labels(folder.labels_path("cells.tif")), third.labels("cells.tif"))
     third.close()
+
+
+def test_a_full_disk_keeps_the_old_label_file_and_every_stroke(tmp_path: Path, full_disk,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A label file that cannot be written keeps its previous version, the failure is one line (log, API field,
+    flush), and once space is back the file catches up with every stroke acknowledged meanwhile."""
+    folder = folder_with(tmp_path)
+    store = LabelStore(folder)
+    first, second, third = (Stroke([(y, 10.0), (y, 50.0)], 2.0, label) for y, label in ((10.0, 1), (30.0, 2), (50.0, 1)))
+    store.apply("cells.tif", first)
+    store.flush()
+    path, journal = folder.labels_path("cells.tif"), tmp_path / ".deepscope" / "journal" / "cells.jsonl"
+    old = path.read_bytes()
+
+    disk = full_disk("cells.tif")
+    store.apply("cells.tif", second)  # acknowledged: journalled before the file is written
+    with caplog.at_level(logging.WARNING), pytest.raises(WriteError) as failure:
+        store.flush()
+    message = str(failure.value)
+    assert message.startswith(f"{path}: could not write label file (No space left on device)") and "\n" not in message
+    assert message.endswith("the previous label file is intact")
+    assert store.write_error("cells.tif") == message
+    assert [record.getMessage() for record in caplog.records] == [message]  # logged once, in one line
+    assert path.read_bytes() == old and not list(path.parent.glob(".*"))  # no half file, no temporary left
+    assert len(journal.read_bytes().splitlines()) == 1  # the second stroke waits in the journal
+    with pytest.raises(WriteError):
+        store.flush()  # tried again, and still failing: never reported as written
+    assert disk.failures == 2 and path.read_bytes() == old
+
+    disk.space_back()
+    store.apply("cells.tif", third)  # the next change writes the file again
+    store.flush()
+    assert store.write_error("cells.tif") is None and journal.read_bytes() == b""
+    expected = np.zeros((64, 64), np.uint8)
+    for stroke in (first, second, third):
+        box, mask = stroke.raster(expected.shape)
+        expected[box][mask] = stroke.label
+    assert np.array_equal(read_sparse_labels(path), expected)
+    store.close()
+
+
+class FullJournal:
+    """A journal file on a full disk: half of each entry is written, then ENOSPC."""
+
+    def __init__(self, journal) -> None:
+        self.journal = journal
+
+    def __getattr__(self, name: str):
+        return getattr(self.journal, name)
+
+    def write(self, data: bytes) -> int:
+        self.journal.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_change_that_cannot_be_journalled_is_refused_and_changes_nothing(store: LabelStore) -> None:
+    store.apply("cells.tif", Stroke([(10.0, 10.0)], 3.0, 1))
+    image = store._images["cells.tif"]
+    journal, before, size = image.journal, store.labels("cells.tif").copy(), image.journal_path.stat().st_size
+    image.journal = FullJournal(journal)
+    with pytest.raises(WriteError, match=r"cells\.jsonl: could not record the change, so it was not made \(No space"):
+        store.apply("cells.tif", Stroke([(40.0, 40.0)], 3.0, 2))
+    assert np.array_equal(store.labels("cells.tif"), before) and store.version("cells.tif") == 1
+    assert image.journal_path.stat().st_size == size  # the torn half entry was cut off
+    image.journal = journal  # space is back
+    store.apply("cells.tif", Stroke([(40.0, 40.0)], 3.0, 2))
+    assert store.version("cells.tif") == 2 and store.labels("cells.tif")[40, 40] == 2
 
 
 def test_labels_painted_elsewhere_are_read_and_checked(tmp_path: Path) -> None:

@@ -252,7 +252,7 @@ def test_the_saved_forest_predicts_the_same_with_pixel_predict(served: Live, tmp
     served.live.refit()
     served.live.predict("halves.tif", None)
     served.wait("halves.tif")
-    path = tmp_path / "out" / "classifier.pkl"
+    path = tmp_path / "out" / "classifier.safetensors"
     served.live.classifier().save(path)
     assert main(["pixel", "predict", str(path), str(served.folder.root / "halves.tif"), "--out", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0

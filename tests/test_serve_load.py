@@ -6,14 +6,12 @@ and each user's image gets predictions of the classes it painted. (Latency under
 from __future__ import annotations
 
 import concurrent.futures
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import numpy as np
 import tifffile
+from conftest import start_server
 
 from deepscope.serve.labels import Stroke
 
@@ -42,13 +40,8 @@ def strokes_of(user: int) -> list[dict]:
 def test_users_at_once_lose_nothing(tmp_path: Path) -> None:
     for user in range(USERS):
         tifffile.imwrite(tmp_path / f"user{user}.tif", user_image(user))
-    server = subprocess.Popen([sys.executable, "-m", "deepscope", "serve", str(tmp_path), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, url = start_server(tmp_path)
     try:
-        line = server.stdout.readline()
-        port = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert port, line + server.stdout.read()
-        url = f"http://127.0.0.1:{port.group(1)}"
 
         def label(user: int) -> list[dict]:
             """One user's session: every stroke followed by the overlay tile of the visible image; replies kept."""

@@ -28,7 +28,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     project = Project.load(folder)
     project.classes.append(LabelClass(7, "membrane", "#2ca02c"))
     project.features = {"gaussian": [1.0], "dog": [2.0, 4.0]}
-    project.normalize, project.classifier = None, "pixel-classifier.pkl"
+    project.normalize, project.classifier = None, "pixel-classifier.safetensors"
     project.save(folder)
     project.record(folder, "labelled", "images/a.png")
     project.record(folder, "models", "models/run1/best.pt")

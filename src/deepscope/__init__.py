@@ -1,3 +1,3 @@
 """deepscope: train, evaluate and apply deep learning models for vision and biomedical images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import time
@@ -17,13 +18,14 @@ from typing import Any
 
 import yaml
 
-from deepscope.config import from_dict, load_yaml
+from deepscope.atomic import write_text
+from deepscope.config import check_expansion, from_dict, load_yaml, yaml_problem
 from deepscope.data.readers import is_image_file
 from deepscope.data.segmentation import is_volume
 from deepscope.engine.checkpoint import checkpoint_task
 from deepscope.engine.distributed import pick_device, shutdown
 from deepscope.engine.precision import MODES
-from deepscope.errors import DataError, DeepscopeError
+from deepscope.errors import DataError, DeepscopeError, shown
 from deepscope.tasks import TASKS, get_task
 
 # flag name -> dotted config key
@@ -33,7 +35,7 @@ TRAIN_FLAGS = {
     "grad_clip": "optim.grad_clip", "device": "device", "amp": "amp", "seed": "seed", "max_minutes": "max_minutes",
     "early_stopping": "early_stopping", "resize": "resize", "loader": "loader", "val_fraction": "val_fraction",
     "method": "method", "images": "images", "annotations": "annotations", "init_from": "init_from",
-    "freeze_encoder": "freeze_encoder",
+    "freeze_encoder": "freeze_encoder", "labels": "labels",
 }
 
 
@@ -42,7 +44,7 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         values = values.setdefault(part, {})
         if not isinstance(values, dict):
-            raise DeepscopeError(f"setting {key!r}: {part!r} is a single value, not a group of settings")
+            raise DeepscopeError(f"setting {shown(key)}: {shown(part)} is a single value, not a group of settings")
     values[leaf] = value
 
 
@@ -57,10 +59,15 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
+    """``--set KEY=VALUE``, VALUE read as YAML (``safe_load``: a tag that would build a Python object is refused)."""
     if "=" not in text:
-        raise DeepscopeError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        raise DeepscopeError(f"--set {shown(text)}: expected KEY=VALUE, e.g. optim.lr=0.1")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise DeepscopeError(f"--set {shown(text)}: the value is not valid YAML ({yaml_problem(exc)})") from None
+    return key.strip(), check_expansion(value, f"--set {shown(text)}")
 
 
 def resolve_train_config(args: argparse.Namespace) -> Any:
@@ -70,9 +77,11 @@ def resolve_train_config(args: argparse.Namespace) -> Any:
         if not args.out:
             raise DeepscopeError("--resume needs --out DIR, the folder of the run to continue")
         saved = Path(args.out) / "config.yaml"
-        if not saved.is_file():
-            raise DeepscopeError(f"{saved}: nothing to resume, no config.yaml in {args.out}")
-        values = load_yaml(saved)
+        if saved.is_file():
+            values = load_yaml(saved)
+        elif not (args.data or args.config or getattr(args, "images", None)):  # killed before it saved its settings
+            raise DeepscopeError(f"{saved}: nothing to resume, no config.yaml in {args.out}; give the run's settings "
+                                 "(--data ...) to start it again")
     if args.config:
         merge(values, load_yaml(args.config))
     for assignment in args.set or []:
@@ -108,6 +117,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise DeepscopeError("--tta and --data-range apply to denoising checkpoints only")
     if task != "detect" and args.max_detections is not None:
         raise DeepscopeError("--max-detections applies to detection only")
+    if task != "segment" and args.labels is not None:
+        raise DeepscopeError("--labels applies to segmentation only")
     if (task == "ssl") != bool(args.probe) or (args.fractions and task != "ssl"):
         raise DeepscopeError("ssl checkpoints are evaluated with --probe knn|linear [--fractions ...]; --probe and --fractions apply to them only")
     if task == "ssl":
@@ -115,7 +126,9 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         result = evaluate_encoder(args.checkpoint, args.data, args.probe, args.fractions, device)
     elif task == "detect":
-        from deepscope.tasks.detect.apply import evaluate_checkpoint as evaluate_detector
+        from deepscope.tasks.detect.apply import (
+            evaluate_checkpoint as evaluate_detector,
+        )
 
         result = evaluate_detector(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
     elif task == "segment":
@@ -123,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             evaluate_checkpoint as evaluate_segmenter,
         )
 
-        result = evaluate_segmenter(args.checkpoint, args.data, args.split, device, args.save_pred)
+        result = evaluate_segmenter(args.checkpoint, args.data, args.split, device, args.save_pred, args.labels)
     elif task == "denoise":
         from deepscope.tasks.denoise_predict import (
             evaluate_checkpoint as evaluate_denoiser,
@@ -135,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         result = evaluate_checkpoint(args.checkpoint, args.data, args.split, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
-    out.write_text(json.dumps(result, indent=2))
+    write_text(out, json.dumps(result, indent=2), "evaluation")
     return {k: v for k, v in result.items() if k != "per_image"}
 
 
@@ -158,7 +171,7 @@ def evaluate_saved_results(args: argparse.Namespace) -> dict[str, Any]:
         from deepscope.metrics.denoise import evaluate_image_folders
 
         result = evaluate_image_folders(args.pred, args.truth, args.data_range)
-    Path(args.out or f"eval_{args.checkpoint}.json").write_text(json.dumps(result, indent=2))
+    write_text(Path(args.out or f"eval_{args.checkpoint}.json"), json.dumps(result, indent=2), "evaluation")
     return result
 
 
@@ -220,14 +233,13 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
     files = collect_inputs(args.inputs)
     names, probs = predict_files(args.checkpoint, files, device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "predicted", *[f"prob_{n}" for n in names]])
-        for f, p in zip(files, probs):
-            writer.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
-    return {"predictions": len(files), "out": str(out)}
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["file", "predicted", *[f"prob_{n}" for n in names]])
+    for f, p in zip(files, probs):
+        writer.writerow([str(f), names[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    write_text(Path(args.out), table.getvalue(), "prediction")
+    return {"predictions": len(files), "out": str(args.out)}
 
 
 def predict_detections(args: argparse.Namespace, device: Any) -> dict[str, Any]:
@@ -299,7 +311,7 @@ def cmd_pixel(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def classifier_file(given: str) -> Path:
-    """The classifier file named on the command line: a ``classifier.pkl``, or a ``deepscope serve`` project (its
+    """The classifier file named on the command line: a ``classifier.safetensors``, or a ``deepscope serve`` project (its
     folder or its project file), whose saved classifier is used."""
     from deepscope.serve.folder import ServedFolder
     from deepscope.serve.project import PROJECT_FILE, Project
@@ -308,7 +320,7 @@ def classifier_file(given: str) -> Path:
     if path.is_dir() or path.name == PROJECT_FILE:
         folder = path if path.is_dir() else path.parent
         if not (folder / PROJECT_FILE).is_file():
-            raise DataError(f"{folder}: no {PROJECT_FILE} here; give a classifier.pkl or a folder served by deepscope serve")
+            raise DataError(f"{folder}: no {PROJECT_FILE} here; give a classifier.safetensors or a folder served by deepscope serve")
         project = Project.load(ServedFolder(folder))
         if project.classifier is None:
             raise DataError(f"{folder / PROJECT_FILE}: no classifier saved yet; save one in the page (Classifier: save)")
@@ -364,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "ssl: class folders or .npz (labels only judge the features), a plain folder of images, or images/ (+ masks/)")
     train.add_argument("--images", help="detect: image folder of any layout, with --annotations")
     train.add_argument("--annotations", help="detect: COCO JSON file, or folder of VOC XML, YOLO txt or instance-label images")
+    train.add_argument("--labels", metavar="NAME", help="segment: the label folder beside images/ (masks, labels, ...), "
+                       "needed when both masks/ and labels/ are there")
     train.add_argument("--init-from", dest="init_from", help="start the model, or its encoder/backbone, from a local weights file "
                        "(a deepscope checkpoint, e.g. of train ssl, or a torchvision state dict); the log says which tensors were taken")
     train.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_true", default=None,
@@ -406,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_<segment|denoise>.json)")
     evaluate.add_argument("--save-pred", dest="save_pred", help="segmentation, denoising: folder for the predicted images")
+    evaluate.add_argument("--labels", metavar="NAME", help="segmentation: the label folder beside images/ (default: the "
+                          "checkpoint's choice, else the one of masks/ and labels/ there)")
     evaluate.add_argument("--max-detections", dest="max_detections", type=int,
                           help="detection: detections per image the metric counts (default 100, COCO's; raise it for crowded images)")
     evaluate.add_argument("--probe", nargs="+", choices=["knn", "linear"],
@@ -466,7 +482,7 @@ def add_pixel_parser(sub: Any) -> None:
     train.add_argument("--device", help="where features are computed: auto (default), cpu, cuda")
 
     predict = actions.add_parser("predict", help="probabilities, class maps (and instances) of new images, tile by tile")
-    predict.add_argument("classifier", help="classifier.pkl of a pixel train run, or a deepscope serve project (folder or its yaml)")
+    predict.add_argument("classifier", help="classifier.safetensors of a pixel train run, or a deepscope serve project (folder or its yaml)")
     predict.add_argument("inputs", nargs="+", help="image files or folders")
     predict.add_argument("--out", required=True, help="folder, .tif, .h5 or .zarr")
     predict.add_argument("--tile", type=int, nargs="+", help="tile size per axis (default: whole image when it fits in memory)")
@@ -492,7 +508,7 @@ def add_pixel_parser(sub: Any) -> None:
     scribbles.add_argument("--seed", type=int, default=0)
 
     deep = actions.add_parser("deep", help="label images with a forest, then train a semantic U-Net on those labels")
-    deep.add_argument("classifier", help="classifier.pkl of a pixel train run, or a deepscope serve project (folder or its yaml)")
+    deep.add_argument("classifier", help="classifier.safetensors of a pixel train run, or a deepscope serve project (folder or its yaml)")
     deep.add_argument("inputs", nargs="+", help="unlabelled image files or folders")
     deep.add_argument("--out", required=True, help="run folder: pseudo/ (images, masks) and unet/ (checkpoints, report)")
     deep.add_argument("--epochs", type=int)

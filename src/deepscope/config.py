@@ -8,6 +8,7 @@ unknown keys so that a typo in a YAML file is an error, not a silent default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from deepscope.errors import DeepscopeError
+from deepscope.atomic import atomic_write
+from deepscope.errors import DeepscopeError, plain, shown
 
 T = TypeVar("T")
+MAX_VALUES = 100_000  # values one settings document may hold with its YAML aliases expanded; real ones hold hundreds
 
 
 @dataclass
@@ -74,42 +77,116 @@ def _resolve_type(tp: Any) -> Any:
     return tp
 
 
+def _scalar(tp: type, value: Any) -> Any:
+    """``value`` as a ``tp`` (bool, int, float or str) setting, else ValueError or OverflowError.
+
+    YAML gives most values their type but reads 1e-3 as text, so numbers may come as text. Nothing else is converted:
+    a bool is true or false (not "no", which bool() makes True), an int has no fraction (2.5 epochs is a typo, not 2),
+    a float is not NaN, and text is a single value (str() of a list nested through YAML aliases would expand it).
+    """
+    if not isinstance(value, (bool, int, float, str)) or isinstance(value, bool) != (tp is bool):
+        raise ValueError(value)
+    if tp is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    converted = tp(value)
+    if tp is float and math.isnan(converted):
+        raise ValueError(value)
+    return converted
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """``value`` as a setting of type ``tp``: scalars as :func:`_scalar` says, lists and mappings item by item;
+    ValueError, TypeError or OverflowError when it does not fit (None included)."""
+    origin = typing.get_origin(tp)
+    if tp in (bool, int, float, str):
+        return _scalar(tp, value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        return type(value)(v if item is Any else _coerce(item, v) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        key_type, item = typing.get_args(tp) or (Any, Any)
+        return {k if key_type is Any else _coerce(key_type, k): v if item is Any else _coerce(item, v) for k, v in value.items()}
+    return value
+
+
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass ``cls`` from a nested dict, checking keys and simple types."""
+    """Build dataclass ``cls`` from a nested dict, checking keys and types (:func:`_coerce`); None (YAML null) only
+    where the type allows it, and for a group of settings, which then keeps its defaults."""
     if not isinstance(values, dict):
         raise DeepscopeError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(plain(key) for key in values if key not in names)
     if unknown:
         raise DeepscopeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         tp = _resolve_type(hints[key])
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = value if dataclasses.is_dataclass(value) else from_dict(tp, value or {}, f"{source}: {key}")
-        elif value is None or tp is Any or typing.get_origin(tp) is not None:
+            nested = {} if value is None else value
+            kwargs[key] = value if dataclasses.is_dataclass(value) else from_dict(tp, nested, f"{source}: {key}")
+        elif tp is Any or (value is None and tp is not hints[key]):  # Any, or null for X | None
             kwargs[key] = value
         else:
             try:
-                kwargs[key] = tp(value) if not isinstance(value, tp) else value
-            except (TypeError, ValueError):
-                raise DeepscopeError(f"{source}: setting {key}={value!r} is not a valid {tp.__name__}") from None
+                kwargs[key] = _coerce(tp, value)
+            except (TypeError, ValueError, OverflowError):
+                name = str(tp) if typing.get_origin(tp) else tp.__name__
+                raise DeepscopeError(f"{source}: setting {key}={shown(value)} is not a valid {name}") from None
     return cls(**kwargs)
 
 
+def yaml_problem(exc: Exception) -> str:
+    """What a YAML parser found wrong, on one short line: its full message quotes the text over several lines."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return ((getattr(exc, "problem", None) or str(exc)).splitlines() or [type(exc).__name__])[0][:200]
+
+
+def check_expansion(document: Any, source: str) -> Any:
+    """``document`` (as yaml.safe_load built it) unless its lists and mappings, each counted as often as YAML aliases
+    use it, hold more than MAX_VALUES values, or one holds itself. Loading shares what an alias names, but copying
+    the settings (``dataclasses.asdict``, writing config.yaml) expands every use, and nine lines of aliases make 9**9
+    values; one that holds itself never ends."""
+    counted: dict[int, int] = {}
+
+    def count(node: Any, inside: tuple[int, ...]) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        if id(node) in inside:
+            raise DeepscopeError(f"{source}: a YAML alias makes a list or mapping hold itself")
+        if id(node) not in counted:
+            children = node.values() if isinstance(node, dict) else node
+            counted[id(node)] = 1 + sum(count(child, (*inside, id(node))) for child in children)
+        return counted[id(node)]
+
+    if count(document, ()) > MAX_VALUES:
+        raise DeepscopeError(f"{source}: YAML aliases expand the settings to more than {MAX_VALUES} values")
+    return document
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear error for a missing or malformed file."""
+    """Read a YAML mapping (``safe_load``: tags that would build Python objects are refused; aliases may not expand
+    it beyond reason, see :func:`check_expansion`), with a clear error for a missing or malformed file; an empty file
+    is an empty mapping."""
     path = Path(path)
     if not path.is_file():
         raise DeepscopeError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DeepscopeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DeepscopeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise DeepscopeError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
+    if values is None:
+        return {}
     if not isinstance(values, dict):
         raise DeepscopeError(f"{path}: expected a mapping of settings at the top level")
-    return values
+    return check_expansion(values, str(path))
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -117,4 +194,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write the resolved config atomically: ``--resume`` reads it back, also after a kill mid-write."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False).encode()
+    atomic_write(Path(path), lambda handle: handle.write(text), "config file")

@@ -31,6 +31,7 @@ from deepscope.errors import DeepscopeError
 from deepscope.tiling import read_block
 
 SCALES = (0.3, 0.7, 1.0, 1.6, 3.5, 5.0, 10.0)
+MAX_SCALE = 100.0  # a kernel of radius 400 pixels; larger scales only exhaust memory
 FILTERS = ("gaussian", "log", "ggm", "dog", "structure", "hessian")
 DOG_RATIO = 0.66  # ilastik: difference of Gaussians at sigma and 0.66 sigma
 STRUCTURE_OUTER = 0.5  # ilastik: gradients at sigma, integrated at 0.5 sigma
@@ -63,8 +64,8 @@ class FeatureSpec:
         for name, scales in self.filters.items():
             if name not in FILTERS:
                 raise DeepscopeError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
-            if not scales or min(scales) <= 0:
-                raise DeepscopeError(f"filter {name!r} needs positive scales, got {list(scales)}")
+            if not scales or not all(0 < s <= MAX_SCALE for s in scales):
+                raise DeepscopeError(f"filter {name!r} needs positive scales of at most {MAX_SCALE:g}, got {list(scales)}")
 
     @classmethod
     def create(cls, filters: dict[str, Sequence[float]], ndim: int = 2, channels: int = 1) -> FeatureSpec:
@@ -84,8 +85,12 @@ class FeatureSpec:
         return {"filters": {k: list(v) for k, v in self.filters.items()}, "ndim": self.ndim, "channels": self.channels}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FeatureSpec:
-        return cls.create(values["filters"], int(values["ndim"]), int(values["channels"]))
+    def from_dict(cls, values: Any) -> FeatureSpec:
+        """The spec :meth:`to_dict` wrote, read back from a file: DeepscopeError naming what is malformed."""
+        try:
+            return cls.create(dict(values["filters"]), int(values["ndim"]), int(values["channels"]))
+        except (TypeError, KeyError, ValueError, OverflowError) as exc:
+            raise DeepscopeError(f"malformed feature spec ({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def per_scale(self, name: str) -> int:
         """Maps per scale of filter ``name``: one, or ``ndim`` eigenvalues."""

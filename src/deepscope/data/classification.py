@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from deepscope.data.readers import SPLITS, is_image_file, probe_image, read_image
+from deepscope.data.segmentation import read_npz
 from deepscope.errors import DataError
 
 
@@ -248,16 +249,14 @@ def load_folder(root: Path, resize: tuple[int, int] | None, lazy: bool | None) -
 
 def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
     """Arrays ``x_train``/``y_train`` (and ``x_test``/``y_test``, ``x_val``/``y_val``, ``class_names``)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-        arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    arrays = read_npz(path)
     if "x_train" not in arrays or "y_train" not in arrays:
         raise DataError(f"{path}: missing arrays x_train and/or y_train (found: {', '.join(sorted(arrays)) or 'none'})")
     num_classes = None
     names = None
     if "class_names" in arrays:
+        if arrays["class_names"].ndim != 1:
+            raise DataError(f"{path}: class_names has shape {arrays['class_names'].shape}; expected a list of names (K,)")
         names = [str(n) for n in arrays["class_names"]]
         num_classes = len(names)
     splits: dict[str, ImageSet] = {}
@@ -268,7 +267,11 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
             raise DataError(f"{path}: x_{split} has no labels y_{split}")
         splits[split] = npz_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"], resize)
     if num_classes is None:
+        labels = np.concatenate([data.labels for data in splits.values()])
         num_classes = int(splits["train"].labels.max()) + 1
+        if num_classes > len(labels):  # also keeps a stray label such as 10**12 from making a name per class
+            raise DataError(f"{path}: label {num_classes - 1} in y_train implies {num_classes} classes for {len(labels)} "
+                            "images; number the classes 0..K-1 or give class_names")
         names = [str(i) for i in range(num_classes)]
     for split, data in splits.items():
         bad = (data.labels < 0) | (data.labels >= num_classes)
@@ -286,8 +289,8 @@ def npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, resize: tupl
         raise DataError(f"{path}: x_{split} has dtype {x.dtype}; expected uint8 or uint16 images")
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise DataError(f"{path}: x_{split} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or 0 in x.shape:
+        raise DataError(f"{path}: x_{split} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3, no axis 0 long")
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: y_{split} has shape {y.shape}; expected ({len(x)},), one label per image")
     if not np.issubdtype(y.dtype, np.integer):

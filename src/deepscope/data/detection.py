@@ -15,22 +15,26 @@ than silently left out, since that usually means the JSON of another split or da
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from xml.etree import ElementTree
+from xml.etree.ElementTree import Element
 
+import defusedxml.ElementTree as SafeXML
 import numpy as np
 import pycocotools.mask as mask_utils
 import yaml
+from defusedxml import DefusedXmlException
 from scipy import ndimage
 
 from deepscope.data.det_types import DetData, DetItem
+from deepscope.data.label_checks import compact_ids
 from deepscope.data.readers import SPLITS, is_image_file, probe_image
 from deepscope.data.segmentation import read_volume
-from deepscope.errors import DataError
+from deepscope.errors import DataError, exception_line, plain, shown
 
 ANNOTATION_FOLDERS = ("Annotations", "annotations", "labels", "masks")  # beside images/, told apart by what they hold
 CLASS_LIST_FILES = ("classes.txt", "classes.names", "data.yaml")  # YOLO class lists, looked up in this order
@@ -112,39 +116,59 @@ def _partners(images: list[Path], files: list[Path], kind: str, required: bool) 
     return pairs
 
 
-def _few(names: Iterable[str], shown: int = 3) -> str:
-    """Up to ``shown`` names, and how many more: enough to find the culprits without a page-long line."""
+def _few(names: Iterable[str], limit: int = 3) -> str:
+    """Up to ``limit`` names, and how many more: enough to find the culprits without a page-long line."""
     names = list(names)
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _boxes(rows: list[list[float]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
 
+def _read_text(path: Path) -> str:
+    """A text annotation file (JSON, YOLO rows, a class list) as UTF-8; errors name the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exception_line(exc)})") from None
+
+
 # ---------------------------------------------------------------------------------------------------------- VOC XML
 
 
-def _parse_xml(path: Path) -> ElementTree.Element:
+def _parse_xml(path: Path) -> Element:
+    """VOC files come from anywhere: defusedxml refuses any DTD, so no entity is expanded (billion laughs, quadratic
+    blowup) and no external file or URL is read. VOC files need no DTD."""
     try:
-        return ElementTree.parse(path).getroot()
-    except ElementTree.ParseError as exc:
+        return SafeXML.parse(path, forbid_dtd=True).getroot()
+    except DefusedXmlException as exc:
+        raise DataError(f"{path}: XML with a DTD or entities is refused; VOC files need neither ({type(exc).__name__})") from None
+    except SafeXML.ParseError as exc:
         raise DataError(f"{path}: unparseable XML ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exception_line(exc)})") from None
 
 
-def _voc_text(element: ElementTree.Element, tag: str, where: str) -> str:
+def _voc_text(element: Element, tag: str, where: str) -> str:
     text = element.findtext(tag)
     if text is None or not text.strip():
         raise DataError(f"{where} has no <{tag}>")
     return text.strip()
 
 
-def _voc_number(element: ElementTree.Element, tag: str, where: str) -> float:
+def _voc_number(element: Element, tag: str, where: str) -> float:
+    """A finite number: NaN or inf would pass float() and fail later, as int() of a size or as a box."""
     text = _voc_text(element, tag, where)
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
-        raise DataError(f"{where}: <{tag}> is not a number ({text!r})") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise DataError(f"{where}: <{tag}> is not a finite number ({shown(text)})")
+    return number
 
 
 def _read_voc_file(image: Path, path: Path) -> _Annotated:
@@ -179,24 +203,82 @@ def _read_voc(images: list[Path], folder: Path) -> _Source:
 
 
 def _read_json(path: Path) -> Any:
+    text = _read_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
         raise DataError(f"{path}: unparseable JSON ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    except RecursionError:
+        raise DataError(f"{path}: unparseable JSON (nested too deeply)") from None
 
 
-def _checked_segmentation(segmentation: Any, where: str) -> Any:
-    """Refuse what pycocotools would misread: it takes a polygon of 4 numbers for a box and other shapes with a bare
-    ``Exception``, so the structure is checked when the file is read, not when a mask is first needed."""
+def is_number(value: Any) -> bool:
+    """A finite number, not a bool: JSON integers have no bound, and float() of one beyond 1e308 raises OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _coco_id(value: Any) -> int:
+    """An id as COCO writes it, an integer (or its digits); 1.5 or true would otherwise become id 1 of another entry.
+    Anything else raises TypeError, ValueError or OverflowError, which :func:`_read_coco` reports."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"id {value!r} is not an integer")
+    return int(value)
+
+
+def _string_runs(counts: str) -> np.ndarray | None:
+    """The run lengths that a compressed COCO RLE string encodes, or None when it is not one.
+
+    Decoded as pycocotools' ``rleFrString`` (maskApi.c) does: characters from 48 carry 5 bits each, least significant
+    first, bit 6 saying another follows and bit 5 of the last the sign; every run after the second is stored as the
+    difference to the run two before it.
+    """
+    codes = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48 if counts.isascii() else np.zeros(0)
+    if not codes.size or codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
+        return None
+    ends = np.flatnonzero((codes & 0x20) == 0)  # the last character of each number
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    digit = np.arange(codes.size) - np.repeat(starts, ends - starts + 1)
+    if digit.max() > 6:  # more than 35 bits: no run of an image is that long
+        return None
+    values = np.add.reduceat((codes & 0x1F) << (5 * digit), starts)
+    values -= np.where(codes[ends] & 0x10, 1 << (5 * (digit[ends] + 1)), 0)
+    values[1::2], values[2::2] = np.cumsum(values[1::2]), np.cumsum(values[2::2])
+    return values
+
+
+def _checked_polygons(polygons: list, where: str, height: int, width: int) -> None:
+    """pycocotools takes a polygon of 4 numbers for a box, other shapes with a bare ``Exception``, and rasterises a NaN
+    or huge coordinate until the memory runs out (as fuzzing found); polygons may overhang like boxes, by 1 px."""
+    for polygon in polygons:
+        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))):
+            raise DataError(f"{where}: polygons must be lists of at least 3 x, y pairs of finite numbers")
+        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        if xy.min() < -OUTSIDE_TOLERANCE or xy[:, 0].max() > width + OUTSIDE_TOLERANCE or xy[:, 1].max() > height + OUTSIDE_TOLERANCE:
+            raise DataError(f"{where}: a polygon point lies outside the {width}x{height} image by more than 1 px")
+
+
+def _checked_segmentation(segmentation: Any, where: str, height: int, width: int) -> Any:
+    """Refuse what pycocotools would misread or crash on, when the file is read rather than when a mask is first
+    needed: bad polygons (:func:`_checked_polygons`), an RLE of another size, and RLE counts that do not add up to
+    the image (negative ones raise OverflowError, too few leave the rest of the decoded mask uninitialised memory)."""
     if isinstance(segmentation, list):
-        if not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
-            raise DataError(f"{where}: polygons must be lists of at least 3 x, y pairs")
+        _checked_polygons(segmentation, where, height, width)
         return segmentation
-    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (list, str)) and "size" in segmentation:
-        return segmentation
-    raise DataError(f"{where}: segmentation is neither polygons nor an RLE dict with 'size' and 'counts'")
+    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (list, str)) and "size" in segmentation):
+        raise DataError(f"{where}: segmentation is neither polygons nor an RLE dict with 'size' and 'counts'")
+    size = segmentation["size"]
+    if not (isinstance(size, list) and [type(v) for v in size] == [int, int] and size == [height, width]):
+        raise DataError(f"{where}: mask size {shown(size)} (h, w) differs from the image's {[height, width]}")
+    counts = segmentation["counts"]
+    runs = _string_runs(counts) if isinstance(counts, str) else counts if all(type(c) is int for c in counts) else None
+    if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+        raise DataError(f"{where}: RLE counts are not run lengths adding up to the {height}x{width} pixels of the image")
+    return segmentation
 
 
 def _coco_rle(segmentation: Any, height: int, width: int) -> dict:
@@ -208,12 +290,9 @@ def _coco_rle(segmentation: Any, height: int, width: int) -> dict:
     return segmentation
 
 
-def _coco_masks(segmentations: list[Any], refs: list[str], height: int, width: int) -> Callable[[], np.ndarray]:
+def _coco_masks(segmentations: list[Any], height: int, width: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         rles = [_coco_rle(s, height, width) for s in segmentations]
-        for rle, where in zip(rles, refs):
-            if tuple(rle["size"]) != (height, width):
-                raise DataError(f"{where}: mask size {tuple(rle['size'])} (h, w) differs from the image's {(height, width)}")
         if not rles:
             return np.zeros((0, height, width), dtype=bool)
         return np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool)
@@ -227,15 +306,15 @@ def _coco_images(coco: dict, path: Path, images: list[Path]) -> dict[int, tuple[
     found: dict[int, tuple[Path, dict]] = {}
     listed: set[str] = set()
     for entry in coco["images"]:
-        name = PurePosixPath(str(entry["file_name"]).replace("\\", "/")).name
+        name, image_id = PurePosixPath(str(entry["file_name"]).replace("\\", "/")).name, _coco_id(entry["id"])
         if name not in on_disk:
-            raise DataError(f"{path}: image {entry['file_name']} (id {entry['id']}) not found in {images[0].parent}")
+            raise DataError(f"{path}: image {plain(entry['file_name'])} (id {image_id}) not found in {images[0].parent}")
         if name in listed:
             raise DataError(f"{path}: image {name} is listed twice")
-        if int(entry["id"]) in found:
-            raise DataError(f"{path}: image id {entry['id']} is used twice")
+        if image_id in found:
+            raise DataError(f"{path}: image id {image_id} is used twice")
         listed.add(name)
-        found[int(entry["id"])] = (on_disk[name], entry)
+        found[image_id] = (on_disk[name], entry)
     unlisted = sorted(set(on_disk) - listed)
     if unlisted:
         folder = images[0].parent
@@ -243,22 +322,36 @@ def _coco_images(coco: dict, path: Path, images: list[Path]) -> dict[int, tuple[
     return found
 
 
-def _read_coco_entries(coco: dict, path: Path, images: list[Path]) -> _Source:
-    categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
-    names = [categories[i] for i in sorted(categories)]
-    if len(set(names)) != len(names):
+def _coco_categories(coco: dict, path: Path) -> dict[int, str]:
+    """Category id -> name; a repeated id or name would merge two classes or drop one."""
+    categories: dict[int, str] = {}
+    for category in coco["categories"]:
+        category_id = _coco_id(category["id"])
+        if category_id in categories:
+            raise DataError(f"{path}: category id {category_id} is used twice")
+        categories[category_id] = str(category["name"])
+    if len(set(categories.values())) != len(categories):
         raise DataError(f"{path}: two categories share a name; classes are told apart by name")
+    return categories
+
+
+def _read_coco_entries(coco: dict, path: Path, images: list[Path]) -> _Source:
+    categories = _coco_categories(coco, path)
+    names = [categories[i] for i in sorted(categories)]
     by_id = _coco_images(coco, path, images)
     objects: dict[int, list[dict]] = {i: [] for i in by_id}
     annotations = coco.get("annotations", [])
     for ann in annotations:
-        if int(ann["image_id"]) not in objects:
-            raise DataError(f"{path}: annotation {ann.get('id')} has image_id {ann['image_id']}, which is not in 'images'")
-        if int(ann["category_id"]) not in categories:
-            raise DataError(f"{path}: annotation {ann.get('id')} has category_id {ann['category_id']}, not in 'categories'")
+        where = f"{path}: annotation {shown(ann.get('id'))}"
+        if _coco_id(ann["image_id"]) not in objects:
+            raise DataError(f"{where} has image_id {shown(ann['image_id'])}, which is not in 'images'")
+        if _coco_id(ann["category_id"]) not in categories:
+            raise DataError(f"{where} has category_id {shown(ann['category_id'])}, not in 'categories'")
         if not (isinstance(ann["bbox"], list) and len(ann["bbox"]) == 4):
-            raise DataError(f"{path}: annotation {ann.get('id')} bbox must be [x, y, width, height], got {ann['bbox']}")
-        objects[int(ann["image_id"])].append(ann)
+            raise DataError(f"{where} bbox must be [x, y, width, height], got {shown(ann['bbox'])}")
+        if "area" in ann and not (is_number(ann["area"]) and ann["area"] >= 0):
+            raise DataError(f"{where} area must be a number >= 0, got {shown(ann['area'])}")
+        objects[_coco_id(ann["image_id"])].append(ann)
     with_masks = bool(annotations) and all(ann.get("segmentation") for ann in annotations)
     with_area = all("area" in ann for ann in annotations)
     items = []
@@ -267,14 +360,15 @@ def _read_coco_entries(coco: dict, path: Path, images: list[Path]) -> _Source:
         if "width" in entry and "height" in entry:
             _check_size(path, image, (int(entry["width"]), int(entry["height"])), (width, height))
         anns = objects[image_id]
-        refs = [f"{path}: annotation {ann.get('id')} (image {image.name})" for ann in anns]
+        refs = [f"{path}: annotation {shown(ann.get('id'))} (image {image.name})" for ann in anns]
         boxes = _boxes([[x, y, x + w, y + h] for x, y, w, h in (map(float, ann["bbox"]) for ann in anns)])
-        segmentations = [_checked_segmentation(ann["segmentation"], ref) for ann, ref in zip(anns, refs)] if with_masks else []
+        segmentations = ([_checked_segmentation(ann["segmentation"], ref, height, width) for ann, ref in zip(anns, refs)]
+                         if with_masks else [])
         items.append(_Annotated(
-            image, width, height, boxes, [categories[int(ann["category_id"])] for ann in anns],
+            image, width, height, boxes, [categories[_coco_id(ann["category_id"])] for ann in anns],
             np.array([bool(ann.get("iscrowd", 0)) for ann in anns], dtype=bool), refs,
             area=np.array([float(ann["area"]) for ann in anns]) if with_area else None,
-            masks=_coco_masks(segmentations, refs, height, width) if with_masks else None,
+            masks=_coco_masks(segmentations, height, width) if with_masks else None,
             image_id=image_id,
         ))
     return _Source(path, items, names)
@@ -284,27 +378,33 @@ def _read_coco(images: list[Path], path: Path) -> _Source:
     coco = _read_json(path)
     if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("categories"), list)):
         raise DataError(f"{path}: not a COCO file (needs 'images' and 'categories' lists)")
+    for key in ("images", "categories", "annotations"):
+        entries = coco.get(key, [])
+        if not (isinstance(entries, list) and all(isinstance(entry, dict) for entry in entries)):
+            raise DataError(f"{path}: '{key}' must be a list of objects")
     try:
         return _read_coco_entries(coco, path, images)
     except KeyError as exc:
         raise DataError(f"{path}: a COCO entry lacks the key {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: malformed COCO entry ({type(exc).__name__}: {exc})") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int() of inf, float() of 10**400
+        raise DataError(f"{path}: malformed COCO entry ({exception_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------- YOLO txt
 
 
 def _yaml_names(path: Path) -> list[str]:
+    """The class names of a data.yaml. Each must be a single value: YAML aliases can nest a list a billion items deep
+    in a few lines, which str() would expand."""
     try:
-        names = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("names")
-    except (yaml.YAMLError, AttributeError) as exc:
+        names = (yaml.safe_load(_read_text(path)) or {}).get("names")
+    except (yaml.YAMLError, AttributeError, RecursionError) as exc:
         raise DataError(f"{path}: unparseable YAML with no 'names' mapping ({type(exc).__name__})") from None
-    if isinstance(names, dict) and sorted(names) == list(range(len(names))):
-        return [str(names[i]) for i in range(len(names))]
-    if isinstance(names, list) and names:
+    if isinstance(names, dict) and set(names) == set(range(len(names))):
+        names = [names[i] for i in range(len(names))]
+    if isinstance(names, list) and all(isinstance(n, (str, int, float)) for n in names):
         return [str(n) for n in names]
-    raise DataError(f"{path}: 'names' must be a list of class names or a mapping 0..K-1 -> name, got {names!r}")
+    raise DataError(f"{path}: 'names' must be a list of class names or a mapping 0..K-1 -> name, got {shown(names)}")
 
 
 def _yolo_class_list(folders: list[Path]) -> list[str] | None:
@@ -313,9 +413,10 @@ def _yolo_class_list(folders: list[Path]) -> list[str] | None:
         for file_name in CLASS_LIST_FILES:
             path = folder / file_name
             if path.is_file():
-                if path.suffix == ".yaml":
-                    return _yaml_names(path)
-                return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                names = _yaml_names(path) if path.suffix == ".yaml" else [n.strip() for n in _read_text(path).splitlines() if n.strip()]
+                if not names or len(set(names)) != len(names):
+                    raise DataError(f"{path}: class names must be distinct and at least one, got {shown(names)}")
+                return names
     return None
 
 
@@ -325,11 +426,11 @@ def _yolo_row(fields: list[str], where: str, classes: int) -> tuple[int, list[fl
     try:
         index, values = int(fields[0]), [float(v) for v in fields[1:]]
     except ValueError:
-        raise DataError(f"{where}: not numbers ({' '.join(fields)})") from None
+        raise DataError(f"{where}: not numbers ({shown(' '.join(fields))[1:-1]})") from None
     if not 0 <= index < classes:
-        raise DataError(f"{where}: class {index} is not in 0..{classes - 1} (the class list has {classes} names)")
+        raise DataError(f"{where}: class {shown(index)} is not in 0..{classes - 1} (the class list has {classes} names)")
     if not all(0.0 <= v <= 1.0 for v in values):
-        raise DataError(f"{where}: coordinates must be normalised to [0, 1], got {' '.join(fields[1:])}")
+        raise DataError(f"{where}: coordinates must be normalised to [0, 1], got {shown(' '.join(fields[1:]))[1:-1]}")
     return index, values
 
 
@@ -337,7 +438,7 @@ def _read_yolo_file(image: Path, path: Path | None, names: list[str]) -> _Annota
     """Rows ``class cx cy w h``, normalised by the image size; no file means no objects."""
     width, height = _image_size(image)
     rows, labels, refs = [], [], []
-    lines = path.read_text(encoding="utf-8").splitlines() if path is not None else []
+    lines = _read_text(path).splitlines() if path is not None else []
     for number, line in enumerate(lines, start=1):
         if line.strip():
             refs.append(f"{path}:{number}")
@@ -365,6 +466,8 @@ def _label_image(path: Path) -> np.ndarray:
     labels = read_volume(path)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: expected a 2D grey label image of integers, got shape {labels.shape} {labels.dtype}")
+    if labels.min() < 0:
+        raise DataError(f"{path}: label images hold ids >= 0 (0 is background), found {labels.min()}")
     return labels
 
 
@@ -374,10 +477,12 @@ def _read_mask_file(image: Path, path: Path, name: str) -> _Annotated:
     labels = _label_image(path)
     if labels.shape != (height, width):
         raise DataError(f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image {image} is {width}x{height}")
-    found = [(i + 1, s) for i, s in enumerate(ndimage.find_objects(labels)) if s is not None]
-    ids = np.array([i for i, _ in found], dtype=np.int64)
+    compact, original = compact_ids(labels)
+    found = [(i + 1, s) for i, s in enumerate(ndimage.find_objects(compact)) if s is not None]
+    index = np.array([i for i, _ in found], dtype=np.intp)
+    ids = original[index]
     rows = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for _, s in found]
-    area = np.bincount(labels.ravel())[ids].astype(np.float64) if len(ids) else np.zeros(0)
+    area = np.bincount(compact.ravel().astype(np.intp))[index].astype(np.float64) if len(index) else np.zeros(0)
     return _Annotated(
         image, width, height, _boxes(rows), [name] * len(ids), np.zeros(len(ids), dtype=bool),
         [f"{path}: label {i}" for i in ids], area=area, masks=lambda: _label_image(path) == ids[:, None, None],

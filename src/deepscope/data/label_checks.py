@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import relabel_sequential
 
 from deepscope.errors import DataError
 
@@ -40,6 +39,20 @@ def _enclosed_background(labels: np.ndarray) -> np.ndarray:
     return (regions > 0) & ~np.isin(regions, regions[border])
 
 
+def compact_ids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(``labels`` with ids renumbered 1..n, the original id of each new id with 0 for 0) for non-negative labels whose
+    ids may be sparse: ``find_objects`` and ``bincount`` allocate a slot per id up to the largest, which for an id such
+    as 2**32 - 1 is more memory than the machine has. Labels whose ids are at most their pixel count come back as they
+    are, for speed."""
+    largest = int(labels.max(initial=0))
+    if largest <= labels.size:
+        return labels, np.arange(largest + 1)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if ids[0] != 0:  # no background pixel: keep 0 free for it
+        ids, inverse = np.concatenate([np.zeros(1, ids.dtype), ids]), inverse + 1
+    return inverse.reshape(labels.shape), ids
+
+
 def label_warnings(labels: np.ndarray, name: str) -> list[str]:
     """One message per kind of problem in a 2D or 3D instance label image (0 is background), none when clean.
 
@@ -49,17 +62,16 @@ def label_warnings(labels: np.ndarray, name: str) -> list[str]:
     component. Both are properties of one object's mask, which scipy computes for one binary image at a time, so
     this loops over objects; each works on the object's bounding box from ``find_objects``, so the total work is
     about one pass over the image rather than one per object. Sparse ids (more than the pixel count) are made
-    sequential first so that ``find_objects`` does not allocate a slot per unused id; messages give the original ids.
+    sequential first (:func:`compact_ids`); messages give the original ids.
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim not in (2, 3):
         raise DataError(f"{name}: instance labels must be a 2D or 3D integer image, got {labels.dtype} of shape {labels.shape}")
-    if labels.size and labels.min() < 0:
+    if labels.size == 0:  # no objects, so nothing to warn about (and no border for the hole test to start from)
+        return []
+    if labels.min() < 0:
         raise DataError(f"{name}: instance labels must be >= 0, found {labels.min()}")
-    if labels.size and labels.max() > labels.size:
-        labels, _, original = relabel_sequential(labels)
-    else:
-        original = np.arange(int(labels.max(initial=0)) + 1)
+    labels, original = compact_ids(labels)
     enclosed = _enclosed_background(labels)
     full = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
     holes: list[int] = []

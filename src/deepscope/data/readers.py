@@ -6,17 +6,25 @@ is otherwise a needle in a haystack.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from deepscope.errors import DataError
+from deepscope.errors import DataError, exception_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 SPLITS = ("train", "val", "test")  # names of split folders, in this order
+# What the decoders raise for a malformed file: PIL raises OSError (UnidentifiedImageError), ValueError, SyntaxError (its
+# plugins' "broken file") or, for a header stating gigapixels, DecompressionBombError; tifffile, as fuzzing found, also
+# KeyError, TypeError, IndexError, ZeroDivisionError, struct.error and zlib.error from its parsing code, and MemoryError
+# for absurd sizes.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, TypeError, IndexError, ZeroDivisionError, MemoryError,
+                 struct.error, zlib.error, Image.DecompressionBombError, tifffile.TiffFileError)
 
 
 def is_image_file(path: Path) -> bool:
@@ -37,9 +45,14 @@ def read_image(path: str | Path) -> np.ndarray:
                 array = np.array(img)  # a writable copy: torch warns about read-only buffers
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+    except DECODE_ERRORS as exc:
+        raise unreadable(path, exc) from None
     return as_hwc(array, path)
+
+
+def unreadable(path: Path, exc: BaseException, what: str = "image") -> DataError:
+    """The error for a file a decoder failed on; the decoder's words say where it broke."""
+    return DataError(f"{path}: corrupt or unreadable {what} ({exception_line(exc)})")
 
 
 def probe_image(path: str | Path) -> tuple[int, int, int, np.dtype]:
@@ -56,8 +69,8 @@ def probe_image(path: str | Path) -> tuple[int, int, int, np.dtype]:
             dtype = np.dtype(np.uint16) if mode.startswith("I") else np.dtype(np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable image ({type(exc).__name__}: {exc})") from None
+    except DECODE_ERRORS as exc:
+        raise unreadable(path, exc) from None
     if dtype not in (np.uint8, np.uint16):
         raise DataError(f"{path}: unsupported pixel type {dtype}; expected 8- or 16-bit unsigned integers")
     if len(shape) == 2:

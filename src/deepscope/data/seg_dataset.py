@@ -141,12 +141,15 @@ class Normalized:
         return (np.asarray(self.image[key], dtype=np.float32) - self.offset) / self.scale
 
 
-def normalized(image: Any, ndim: int, low: float, high: float, invert: str = "never") -> Normalized:
+def normalized(image: Any, ndim: int, low: float, high: float, invert: str = "never", name: str = "image") -> Normalized:
     """``image`` normalized between its ``low`` and ``high`` percentiles per channel, inverted as ``invert`` says:
-    "never", "always", or "auto" (when the background is bright, see :func:`_bright_background`)."""
+    "never", "always", or "auto" (when the background is bright, see :func:`_bright_background`); ``name`` (the file)
+    is named when the values read are not all finite."""
     if invert not in INVERT_MODES:
         raise DeepscopeError(f"invert must be one of {', '.join(INVERT_MODES)}, got {invert!r}")
     samples = _samples(image, ndim)
+    if not np.isfinite(samples).all():  # NaN percentiles would make every normalized value NaN, and the loss with it
+        raise DataError(f"{name}: holds NaN or infinite values")
     p_low, p_high = _percentiles(samples, low, high)
     inverted = invert == "always" or (invert == "auto" and _bright_background(samples, p_low, p_high))
     return Normalized(image, ndim, p_low, p_high, inverted=inverted)
@@ -193,7 +196,7 @@ def input_view(image: Any, ndim: int, channels: int, name: str, normalize: Seque
         layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
         raise DataError(f"{name}: image of shape {shape} does not fit a {ndim}D model; expected {layout}")
     if normalize is not None:
-        image = normalized(image, ndim, *normalize, invert=invert)
+        image = normalized(image, ndim, *normalize, invert=invert, name=name)
     elif invert != "never":
         raise DeepscopeError(f"invert={invert!r} needs percentile normalization, but normalize is off")
     try:
@@ -231,11 +234,13 @@ def _containers(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_volume(p) and p.suffix.lower() in CONTAINER_SUFFIXES)
 
 
-def find_items(root: str | Path, raw_key: str, label_key: str) -> dict[str, list[tuple[str, Path, str | None, Path, str | None]]]:
+def find_items(root: str | Path, raw_key: str, label_key: str,
+               labels: str | None = None) -> dict[str, list[tuple[str, Path, str | None, Path, str | None]]]:
     """Per split, (name, image path, image key, label path, label key) for every pair under ``root``.
 
-    ``root`` is an ``images/`` + ``masks/``|``labels/`` folder (optionally in train/val/test), a folder of
-    NPZ/HDF5/zarr containers each holding ``raw_key`` and ``label_key`` (optionally in split folders), or one container.
+    ``root`` is an ``images/`` + ``masks/``|``labels/`` folder (optionally in train/val/test; ``labels`` names the label
+    folder, needed when both are there), a folder of NPZ/HDF5/zarr containers each holding ``raw_key`` and ``label_key``
+    (optionally in split folders), or one container.
     """
     root = Path(root)
     if not root.exists():
@@ -245,7 +250,7 @@ def find_items(root: str | Path, raw_key: str, label_key: str) -> dict[str, list
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
     folders = {s: root / s for s in split_dirs} or {"all": root}
     if all((folder / "images").is_dir() for folder in folders.values()):
-        return {split: [(img.stem, img, None, lab, None) for img, lab in pairs] for split, pairs in find_pairs(root).items()}
+        return {split: [(img.stem, img, None, lab, None) for img, lab in pairs] for split, pairs in find_pairs(root, labels).items()}
     found: dict[str, list[tuple[str, Path, str | None, Path, str | None]]] = {}
     for split, folder in folders.items():
         files = _containers(folder)
@@ -275,7 +280,7 @@ def load_items(
         label_name = f"{label_path}" + (f" [{label_key}]" if label_key else "")
         image_name = f"{image_path}" + (f" [{image_key}]" if image_key else "")
         check_pair(image, labels, image_name, label_name, dims, require_objects)
-        items.append(SegItem(name, image, labels, normalized(image, dims, low, high, invert), label_name))
+        items.append(SegItem(name, image, labels, normalized(image, dims, low, high, invert, image_name), label_name))
     return items
 
 

@@ -10,7 +10,9 @@ patches it needs; a volume larger than memory is never loaded whole.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,9 @@ import h5py
 import numpy as np
 import tifffile
 import zarr
+from numpy.lib.npyio import NpzFile
 
-from deepscope.data.readers import SPLITS, read_image
+from deepscope.data.readers import DECODE_ERRORS, SPLITS, read_image, unreadable
 from deepscope.errors import DataError
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -28,6 +31,13 @@ HDF5_SUFFIXES = {".h5", ".hdf5"}
 FILE_SUFFIXES = TIFF_SUFFIXES | PICTURE_SUFFIXES | HDF5_SUFFIXES | {".npz"}
 LABEL_FOLDERS = ("masks", "labels")
 MAX_COLOURS = 4  # a 3-axis array whose last axis is at most this long is a 2D colour image, otherwise a 3D volume
+# How np.load and zipfile report a malformed archive: OSError, ValueError (also for a pickled array, which is refused),
+# EOFError, BadZipFile, NotImplementedError (unknown compression), RuntimeError (encrypted member), zlib.error, and
+# MemoryError for a member whose header states an absurd shape.
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, MemoryError)
+# What h5py and zarr raise for a malformed file or metadata: zarr, as fuzzing found, TypeError, ValueError (its
+# MetadataValidationError too), KeyError, and OverflowError for a fill value too large for the dtype.
+VOLUME_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, NotImplementedError, MemoryError)
 
 
 def is_volume(path: Path) -> bool:
@@ -62,28 +72,43 @@ def match_by_stem(first_dir: Path, second_dir: Path, first_role: str, second_rol
     return [(first[stem], second[stem]) for stem in sorted(first)]
 
 
-def _pairs_in(folder: Path) -> list[tuple[Path, Path]]:
-    """(image, label) paths of ``folder/images`` and ``folder/masks`` (or ``labels``), sorted by name."""
-    images_dir = folder / "images"
-    if not images_dir.is_dir():
-        raise DataError(f"{folder}: no images/ folder (expected images/ and masks/ or labels/, maybe in train/, val/, test/)")
+def _label_dir(folder: Path, labels: str | None) -> Path:
+    """The label folder beside ``folder/images``: ``labels`` when given, else the one of masks/ and labels/ present.
+
+    Both are there in a folder served by ``deepscope serve`` (painted class labels in labels/, proofread instance
+    masks in masks/), so with both and no choice the error names the setting that chooses.
+    """
+    if labels is not None:
+        if not (folder / labels).is_dir():
+            raise DataError(f"{folder}: no {labels}/ folder next to images/ (the label folder chosen with --labels)")
+        return folder / labels
     label_dirs = [folder / name for name in LABEL_FOLDERS if (folder / name).is_dir()]
     if not label_dirs:
         raise DataError(f"{folder}: no masks/ or labels/ folder next to images/")
     if len(label_dirs) > 1:
-        raise DataError(f"{folder}: both masks/ and labels/ found; keep the one that holds the label images")
-    return match_by_stem(images_dir, label_dirs[0], "image", "label")
+        raise DataError(f"{folder}: both masks/ and labels/ found; choose the label folder with --labels masks or "
+                        "--labels labels (labels: in a config file)")
+    return label_dirs[0]
 
 
-def find_pairs(root: str | Path) -> dict[str, list[tuple[Path, Path]]]:
-    """(image, label) paths per split: ``root/{train,val,test}/images|masks`` if split folders exist, else "all"."""
+def _pairs_in(folder: Path, labels: str | None) -> list[tuple[Path, Path]]:
+    """(image, label) paths of ``folder/images`` and its label folder (see :func:`_label_dir`), sorted by name."""
+    images_dir = folder / "images"
+    if not images_dir.is_dir():
+        raise DataError(f"{folder}: no images/ folder (expected images/ and masks/ or labels/, maybe in train/, val/, test/)")
+    return match_by_stem(images_dir, _label_dir(folder, labels), "image", "label")
+
+
+def find_pairs(root: str | Path, labels: str | None = None) -> dict[str, list[tuple[Path, Path]]]:
+    """(image, label) paths per split: ``root/{train,val,test}/images|masks`` if split folders exist, else "all";
+    ``labels`` names the label folder (masks, labels or another) where the choice is not clear."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: folder not found")
     splits = [s for s in SPLITS if (root / s).is_dir()]
     if not splits:
-        return {"all": _pairs_in(root)}
-    return {split: _pairs_in(root / split) for split in splits}
+        return {"all": _pairs_in(root, labels)}
+    return {split: _pairs_in(root / split, labels) for split in splits}
 
 
 def _hdf5_datasets(file: h5py.File) -> list[str]:
@@ -112,6 +137,13 @@ def _select(path: Path, key: str | None, present: list[str], kind: str) -> str:
     return key
 
 
+def _checked_shape(volume: Any, path: Path) -> Any:
+    """``volume`` unless an axis is 0 long: an empty array is never an image, and later steps would fail on it obscurely."""
+    if 0 in volume.shape:
+        raise DataError(f"{path}: empty array of shape {tuple(volume.shape)}")
+    return volume
+
+
 def open_volume(path: str | Path, key: str | None = None) -> Any:
     """The HDF5 dataset or zarr array at ``key``, unread: slicing it reads only that region from disk.
 
@@ -125,31 +157,48 @@ def open_volume(path: str | Path, key: str | None = None) -> Any:
         try:
             file = h5py.File(path, "r")
         except OSError as exc:
-            raise DataError(f"{path}: corrupt or unreadable HDF5 file ({exc})") from None
+            raise unreadable(path, exc, "HDF5 file") from None
         try:
-            return file[_select(path, None if key is None else key.lstrip("/"), _hdf5_datasets(file), "dataset")]
+            return _checked_shape(file[_select(path, None if key is None else key.lstrip("/"), _hdf5_datasets(file), "dataset")], path)
         except DataError:
             file.close()
             raise
     if suffix == ".zarr":
         try:
             node = zarr.open(str(path), mode="r")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}: corrupt or unreadable zarr store ({type(exc).__name__}: {exc})") from None
-        if isinstance(node, zarr.Array):
-            if key is not None:
-                raise DataError(f"{path}: a single zarr array, not a group; it has no array {key!r}")
-            return node
-        return node[_select(path, key, _zarr_arrays(node), "array")]
+            if isinstance(node, zarr.Array):
+                if key is not None:
+                    raise DataError(f"{path}: a single zarr array, not a group; it has no array {key!r}")
+                return _checked_shape(node, path)
+            return _checked_shape(node[_select(path, key, _zarr_arrays(node), "array")], path)
+        except VOLUME_ERRORS as exc:
+            raise unreadable(path, exc, "zarr store") from None
     raise DataError(f"{path}: only HDF5 (.h5, .hdf5) and zarr (.zarr) volumes can be opened lazily")
 
 
-def _read_npz(path: Path, key: str | None) -> np.ndarray:
+def read_npz(path: Path, keys: Callable[[list[str]], list[str]] = list) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive that ``keys`` picks from the names it holds (all of them by default).
+
+    Never unpickled (``allow_pickle=False``): an object array in a file is refused, not run. A single .npy saved under
+    an .npz name, or a member that is not an .npy array, is refused too, where np.load would hand back something else.
+    """
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return archive[_select(path, key, list(archive.files), "array")]
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, NpzFile):
+            raise DataError(f"{path}: holds a single .npy array, not an .npz archive of named arrays")
+        with archive:
+            arrays = {key: archive[key] for key in keys(archive.files)}
+    except NPZ_ERRORS as exc:
+        raise unreadable(path, exc, "NPZ archive") from None
+    for key, array in arrays.items():
+        if not isinstance(array, np.ndarray):
+            raise DataError(f"{path}: {key!r} is not a NumPy array (.npy member)")
+    return arrays
+
+
+def _read_npz(path: Path, key: str | None) -> np.ndarray:
+    (array,) = read_npz(path, lambda present: [_select(path, key, present, "array")]).values()
+    return array
 
 
 def read_volume(path: str | Path, key: str | None = None) -> np.ndarray:
@@ -164,17 +213,17 @@ def read_volume(path: str | Path, key: str | None = None) -> np.ndarray:
         volume = open_volume(path, key)
         try:
             return np.asarray(volume[...])
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"{path}: corrupt data in {key or 'volume'} ({type(exc).__name__}: {exc})") from None
+        except VOLUME_ERRORS as exc:
+            raise unreadable(path, exc, f"data in {key or 'volume'}") from None
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".npz":
-        return _read_npz(path, key)
+        return _checked_shape(_read_npz(path, key), path)
     if suffix in TIFF_SUFFIXES:
         try:
-            return tifffile.imread(path)
-        except (OSError, ValueError, tifffile.TiffFileError) as exc:
-            raise DataError(f"{path}: corrupt or unreadable TIFF ({type(exc).__name__}: {exc})") from None
+            return _checked_shape(tifffile.imread(path), path)
+        except DECODE_ERRORS as exc:
+            raise unreadable(path, exc, "TIFF") from None
     if suffix in PICTURE_SUFFIXES:
         image = read_image(path)
         return image[:, :, 0] if image.shape[2] == 1 else image
@@ -219,6 +268,8 @@ def check_pair(
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{label_name}: labels must be integers, got {labels.dtype}")
+    if np.dtype(image.dtype).kind not in "biuf":
+        raise DataError(f"{image_name}: image values must be real numbers, got {image.dtype}")
     if require_objects and not _has_objects(labels):
         raise DataError(f"{label_name}: empty label image (no objects)")
     return tuple(labels.shape)

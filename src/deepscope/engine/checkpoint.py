@@ -1,67 +1,116 @@
-"""Checkpoints written atomically, loaded with checks, and the RNG state they carry.
+"""Checkpoints written atomically, loaded without running anything, and the RNG state they carry.
 
-A checkpoint is first written to a temporary file in the same folder and then renamed
-over the old one, so a run killed (or a disk filling up) while saving leaves the previous
-checkpoint intact.
+A checkpoint is a safetensors file (:mod:`deepscope.safefile`): tensors plus a JSON header, so opening one from
+someone else's folder cannot execute code, and its task can be read from the header alone. It is first written to a
+temporary file in the same folder and then renamed over the old one, so a run killed (or a disk filling up) while
+saving leaves the previous checkpoint intact.
+
+Checkpoints of earlier versions, and weight files of other tools (``.pt``/``.pth`` state dicts), are PyTorch pickles.
+They are opened with ``torch.load(weights_only=True)``, whose unpickler builds only tensors, plain values and the few
+numpy types an RNG state holds; a pickle asking for anything else (a class, a function) is refused with one line.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
+import re
 import shutil
 import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from deepscope.atomic import atomic_write
 from deepscope.errors import CheckpointError
+from deepscope.safefile import (
+    FORMAT_KEY,
+    is_safetensors,
+    read_metadata,
+    read_state,
+    read_tensors,
+    write_state,
+)
 
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint existed"
-        raise CheckpointError(f"{path}: could not write checkpoint ({exc.strerror or exc}); {kept}") from None
+FORMAT = "deepscope-checkpoint"
+_REBUILD_ARRAY = np.zeros(0).__reduce__()[0]  # numpy's array-rebuilding function, in whichever module this numpy keeps it
+# What ``np.random.get_state()`` pickles to: checkpoints of earlier versions hold one (written by numpy 1 or 2)
+NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _REBUILD_ARRAY,
+                 (_REBUILD_ARRAY, "numpy.core.multiarray._reconstruct"), (_REBUILD_ARRAY, "numpy._core.multiarray._reconstruct")]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Serialise ``state`` with ``torch.save`` to ``path`` atomically."""
-    atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    """Write ``state`` to ``path`` atomically; the header names the task, for listings that open nothing."""
+    task = state.get("config", {}).get("task")
+    write_state(Path(path), state, FORMAT, "checkpoint", {"task": str(task)} if task else None)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Atomically copy a finished checkpoint (e.g. last.pt to best.pt) without re-serialising."""
+    """Atomically copy a finished checkpoint (e.g. best.pt to last.pt) without re-serialising."""
     with open(src, "rb") as source:
-        atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
+        atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20), "checkpoint")
 
 
-def _read(path: Path, mmap: bool = False) -> Any:
-    """``torch.load`` onto the CPU with one-line errors; ``mmap`` leaves the tensors on disk until used."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def _unpickle_weights_only(path: Path) -> Any:
+    """A PyTorch pickle, built by ``torch.load``'s restricted unpickler: tensors and plain values only."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on an old pickle protocol says nothing to the user
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # torch's restricted unpickler did not refuse: the file is damaged
+            raise CheckpointError(f"{path}: not a readable checkpoint (a damaged PyTorch file)") from None
+        asked = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"Unsupported (?:global|class)[: ]+(\S+)", str(exc))
+        what = f"asks for {asked.group(1).rstrip('.,')}" if asked else "holds more than tensors and plain values"
+        raise CheckpointError(f"{path}: refused: the file is a pickle that {what}, which could run code when opened; "
+                              "deepscope opens checkpoints and weight files of tensors and plain values only") from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+
+
+def _check_pytorch_file(path: Path) -> None:
+    """ValueError unless the file starts as ``torch.save`` writes: a zip archive, or (before PyTorch 1.6) a pickle."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ValueError("neither a safetensors file nor a PyTorch file")
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A damaged file (ValueError) or one that cannot be read (OSError) as one CheckpointError line naming it."""
+    try:
+        yield
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_weights_file(path: Path) -> Any:
+    """What a checkpoint or weights file holds, opened safely: a deepscope checkpoint's state, a safetensors file's
+    tensors, or a PyTorch pickle of tensors and plain values (see the module docstring)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    with _reading(path):
+        if not is_safetensors(path):
+            _check_pytorch_file(path)
+            return _unpickle_weights_only(path)
+        if read_metadata(path).get(FORMAT_KEY) == FORMAT:
+            return read_state(path, FORMAT)
+        return read_tensors(path)
 
 
 def load_checkpoint(path: str | Path, task: str | None = None, model: str | None = None) -> dict[str, Any]:
     """Load a deepscope checkpoint onto the CPU, checking it belongs to ``task`` and ``model``."""
     path = Path(path)
-    state = _read(path)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    state = read_weights_file(path)
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: not a deepscope checkpoint (no model weights and config)")
     if task is not None and state["config"].get("task") != task:
         raise CheckpointError(f"{path}: checkpoint is for task {state['config'].get('task')!r}, not {task!r}")
@@ -70,10 +119,29 @@ def load_checkpoint(path: str | Path, task: str | None = None, model: str | None
     return state
 
 
-def checkpoint_task(path: str | Path) -> str:
-    """The task a checkpoint was trained for, read without loading its tensors (they are memory-mapped)."""
+def header_task(path: str | Path) -> str | None:
+    """The task a checkpoint was trained for, from its header alone (nothing is unpickled, no tensor is read); None
+    for a checkpoint of an earlier version, a pickle, whose task is known only once it is opened."""
     path = Path(path)
-    state = _read(path, mmap=True)
+    with _reading(path):
+        if not is_safetensors(path):
+            _check_pytorch_file(path)
+            return None
+        metadata = read_metadata(path)
+    if metadata.get(FORMAT_KEY) != FORMAT or not metadata.get("task"):
+        raise CheckpointError(f"{path}: not a deepscope checkpoint (no header naming its task)")
+    return metadata["task"]
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """The task a checkpoint was trained for: from its header, or (an earlier version's pickle) by opening it safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    task = header_task(path)
+    if task is not None:
+        return task
+    state = read_weights_file(path)
     try:
         return str(state["config"]["task"])
     except (TypeError, KeyError):
@@ -121,8 +189,6 @@ def _state_dict_of(value: Any, path: Path) -> dict[str, torch.Tensor]:
             if isinstance(value.get(key), dict):
                 value = value[key]
                 break
-    if isinstance(value, torch.nn.Module):
-        value = value.state_dict()
     tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)} if isinstance(value, dict) else {}
     if not tensors:
         raise CheckpointError(f"{path}: holds no weights (expected a deepscope checkpoint or a state dict of tensors)")
@@ -139,7 +205,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, freeze: bool = F
     ``freeze`` keeps every tensor taken from the file fixed (see :func:`freeze_tensors`).
     """
     path = Path(path)
-    source = _state_dict_of(_read(path), path)
+    source = _state_dict_of(read_weights_file(path), path)
     target = model.state_dict()
     best: tuple[int, str, str] = (0, "", "")
     for strip in SOURCE_PREFIXES:

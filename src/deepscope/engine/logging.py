@@ -27,11 +27,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from deepscope.engine.checkpoint import atomic_write
+from deepscope.atomic import atomic_write
 
 console = Console(stderr=True)
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 1.0  # the least time between two writes of the progress file within an epoch
+
+
+def per_second(value: float) -> str:
+    """A rate with the digits it needs: two significant ones below 10 (0.48, 3.5), whole numbers above (4,086)."""
+    if not math.isfinite(value) or value <= 0:
+        return "0"
+    if value >= 9.95:
+        return f"{value:,.0f}"
+    return f"{value:.{max(0, 1 - math.floor(math.log10(value)))}f}"
 
 
 def finite(value: Any) -> Any:
@@ -98,7 +107,7 @@ class RunLogger:
 
     def update(self, completed: int, loss: float, images_per_s: float, metric: str) -> None:
         if self.progress is not None:
-            stats = f"loss {loss:.4f}  {metric}  {images_per_s:,.0f} img/s"
+            stats = f"loss {loss:.4f}  {metric}  {per_second(images_per_s)} img/s"
             self.progress.update(self.task_id, completed=completed, stats=stats)
         self.status["loss"] = loss
         self.advance(completed)
@@ -133,7 +142,7 @@ class RunLogger:
             return
         self.status["elapsed_s"] = round(now - self.started, 3)
         text = json.dumps(finite(self.status)).encode()
-        atomic_write(self.progress_path, lambda handle: handle.write(text))
+        atomic_write(self.progress_path, lambda handle: handle.write(text), "progress file")
         self.written = now
 
     def scalars(self, values: dict[str, Any], step: int, prefix: str = "") -> None:

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from deepscope.atomic import write_text
+
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss curves (train and validation) and every other validation metric against epochs."""
@@ -118,5 +120,5 @@ def write_report(run_dir: Path, title: str, metrics: dict[str, Any], history: li
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     path = run_dir / "report.html"
-    path.write_text(page)
+    write_text(path, page, "report")
     return path

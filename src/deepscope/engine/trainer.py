@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepscope import __version__
+from deepscope.atomic import atomic_write
 from deepscope.config import save_yaml, to_dict
 from deepscope.engine.checkpoint import (
     copy_checkpoint,
@@ -36,11 +37,11 @@ from deepscope.engine.distributed import (
     barrier,
     init_distributed,
 )
-from deepscope.engine.logging import RunLogger
+from deepscope.engine.logging import RunLogger, per_second
 from deepscope.engine.optim import build_optimizer, build_scheduler
 from deepscope.engine.precision import Precision, resolve_precision
 from deepscope.engine.task import Batches, Task
-from deepscope.errors import CheckpointError, DeepscopeError, TrainingError
+from deepscope.errors import DeepscopeError, TrainingError
 from deepscope.models import count_parameters
 
 CHECK_EVERY_STEPS = 20  # how often (in steps) losses are checked and progress is drawn
@@ -52,10 +53,15 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     return int(bad[0]) if len(bad) else None
 
 
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left half written (``.last.pt.tmp-PID``): they are never read."""
+    for partial in run_dir.glob(".*.tmp-*"):
+        partial.unlink(missing_ok=True)
+
+
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(values, indent=2))
-    tmp.replace(path)
+    text = json.dumps(values, indent=2).encode()
+    atomic_write(path, lambda handle: handle.write(text), "metrics file")
 
 
 @dataclass
@@ -121,6 +127,8 @@ class Trainer:
         if not self.resume and self.last_path.exists():
             raise DeepscopeError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
         state = self._resume_state() if self.resume else None
+        if self.resume and dist.is_main:
+            remove_partial_writes(self.run_dir)
         precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
         seed_everything(cfg.seed)
         task.setup(device, dist)
@@ -161,13 +169,15 @@ class Trainer:
         if precision.warning:
             self.log.info(f"warning: {precision.warning}")
         if state is None:
+            if self.resume:
+                self.log.info(f"resuming: {self.run_dir} holds no checkpoint yet (the run stopped in its first epoch); starting from the beginning")
             return run, 0, 0
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         run.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        run.history, run.best = state["history"], state["best"]
+        run.history, run.best, run.val_metrics = state["history"], state["best"], state.get("val_metrics", {})
         start_epoch = state["epoch"] + 1 if state["epoch_complete"] else state["epoch"]
         skip_steps = 0 if state["epoch_complete"] else state["step"]
         self.log.info(f"resuming from {self.last_path} at epoch {start_epoch + 1}, step {skip_steps}")
@@ -249,7 +259,11 @@ class Trainer:
         return loss.detach().float()
 
     def _save(self, run: Run, epoch: int, step: int, complete: bool) -> None:
-        """Write ``last.pt`` (and ``best.pt`` when the monitored metric improved) from rank 0."""
+        """Write ``last.pt`` (and ``best.pt`` when the monitored metric improved) from rank 0.
+
+        ``best.pt`` is written before ``last.pt``: a run killed between the two resumes from the previous ``last.pt``
+        and trains the epoch again, which improves again and rewrites ``best.pt`` identically. The other order would
+        leave a ``last.pt`` whose record names an epoch as best that ``best.pt`` never received."""
         value = run.val_metrics.get(self.config.monitor)
         improved = self._improved(run.best, value)
         if improved:
@@ -266,14 +280,17 @@ class Trainer:
                 "epoch_complete": complete,
                 "history": run.history,
                 "best": run.best,
+                "val_metrics": run.val_metrics,
                 "config": to_dict(self.config),
                 "task_state": self.task.inference_state(),
                 "parameters": run.parameters,
                 "version": __version__,
             }
-            save_checkpoint(state, self.last_path)
             if improved:
-                copy_checkpoint(self.last_path, self.best_path)
+                save_checkpoint(state, self.best_path)
+                copy_checkpoint(self.best_path, self.last_path)
+            else:
+                save_checkpoint(state, self.last_path)
         barrier()
 
     def _finish(self, run: Run) -> dict[str, Any]:
@@ -306,9 +323,10 @@ class Trainer:
         self.log.finish(run.stop_reason)
         return summary
 
-    def _resume_state(self) -> dict[str, Any]:
+    def _resume_state(self) -> dict[str, Any] | None:
+        """The state in ``last.pt``; None when the run was stopped before it wrote one (it starts again)."""
         if not self.last_path.exists():
-            raise CheckpointError(f"{self.last_path}: nothing to resume, no checkpoint in {self.run_dir}")
+            return None
         return load_checkpoint(self.last_path, task=self.config.task, model=self.config.model)
 
     def _improved(self, best: dict[str, Any], value: float | None) -> bool:
@@ -326,5 +344,5 @@ class Trainer:
         parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
         shown = ("val_loss", f"val_{self.config.monitor}")
         parts += [f"{k} {record[k]:.4f}" for k in dict.fromkeys(shown) if k in record]
-        parts += [f"lr {record['lr']:.3g}", f"{record['images_per_s']:,.0f} img/s", f"{record['time_s']:.1f}s"]
+        parts += [f"lr {record['lr']:.3g}", f"{per_second(record['images_per_s'])} img/s", f"{record['time_s']:.1f}s"]
         return "  ".join(parts)

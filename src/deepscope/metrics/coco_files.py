@@ -10,7 +10,6 @@ prediction file are carried along but not scored).
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import torch
 
 from deepscope.data.det_types import DetData
-from deepscope.data.detection import coco_ground_truth, json_rles
-from deepscope.errors import DataError
+from deepscope.data.detection import coco_ground_truth, is_number, json_rles
+from deepscope.errors import DataError, exception_line, shown
 from deepscope.metrics.detection import DetectionScorer, binary_masks
 
 
@@ -44,36 +43,53 @@ class _CocoTruth:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read ({err})") from None
+        raise DataError(f"{path}: cannot be read ({exception_line(err)})") from None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# Entries are matched by these values (ids sorted and looked up, names compared): ids must be integers, names text.
+ID_KEYS = ("id", "image_id", "category_id")
+NAME_KEYS = ("file_name", "name")
+
+
+def _check_entry(source: Any, where: str, entry: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse, in one line naming the file, an entry that lacks a key or holds an unusable id, name, box or number."""
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise DataError(f"{source}: {where} has no '{missing[0]}'")
+    for key in ID_KEYS:
+        if key in entry and not (isinstance(entry[key], int) and not isinstance(entry[key], bool)):
+            raise DataError(f"{source}: {where} has {key} {shown(entry[key])}, expected an integer")
+    for key in NAME_KEYS:
+        if key in entry and not isinstance(entry[key], str):
+            raise DataError(f"{source}: {where} has {key} {shown(entry[key])}, expected text")
+    bbox = entry.get("bbox")
+    if "bbox" in keys and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
+        raise DataError(f"{source}: {where} has bbox {shown(bbox)}, expected 4 numbers [x, y, width, height]")
+    if "bbox" in keys and (bbox[2] < 0 or bbox[3] < 0):
+        raise DataError(f"{source}: {where} has a negative width or height in bbox {bbox}")
+    for key in ("score", "area"):
+        if (key in keys or key in entry) and not (is_number(entry[key]) and (key == "score" or entry[key] >= 0)):
+            raise DataError(f"{source}: {where} has {key} {shown(entry[key])}, expected a number")
+    if entry.get("iscrowd", 0) not in (0, 1):
+        raise DataError(f"{source}: {where} has iscrowd {shown(entry['iscrowd'])}, expected 0 or 1")
 
 
 def _check_entries(source: Any, what: str, entries: Any, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Refuse, in one line naming the file, a list of objects that lacks a key or holds an unusable box or score."""
+    """``entries`` when it is a list of objects that pass :func:`_check_entry`."""
     if not isinstance(entries, list):
         raise DataError(f"{source}: '{what}' must be a list, got {type(entries).__name__}")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise DataError(f"{source}: {what} {i} is not an object")
-        missing = [key for key in keys if key not in entry]
-        if missing:
-            raise DataError(f"{source}: {what} {i} has no '{missing[0]}'")
-        bbox = entry.get("bbox")
-        if "bbox" in keys and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            raise DataError(f"{source}: {what} {i} has bbox {bbox!r}, expected 4 numbers [x, y, width, height]")
-        if "bbox" in keys and (bbox[2] < 0 or bbox[3] < 0):
-            raise DataError(f"{source}: {what} {i} has a negative width or height in bbox {bbox}")
-        if "score" in keys and not _is_number(entry["score"]):
-            raise DataError(f"{source}: {what} {i} has score {entry['score']!r}, expected a number")
+        _check_entry(source, f"{what} {i}", entry, keys)
     return entries
 
 
@@ -89,8 +105,10 @@ def load_coco_predictions(path: str | Path) -> CocoPredictions:
     detections = _check_entries(path, "detection", data["annotations"], keys)
     images = _check_entries(path, "image", data.get("images", []), ("id",))
     categories = _check_entries(path, "category", data.get("categories", []), ("id",))
-    file_names = {im["id"]: im["file_name"] for im in images} if images and all("file_name" in im for im in images) else None
-    names = {c["id"]: c["name"] for c in categories} if categories and all("name" in c for c in categories) else None
+    file_names = (_unique_map(str(path), "image id", [(im["id"], im["file_name"]) for im in images])
+                  if images and all("file_name" in im for im in images) else None)
+    names = (_unique_map(str(path), "category id", [(c["id"], c["name"]) for c in categories])
+             if categories and all("name" in c for c in categories) else None)
     return CocoPredictions(path, detections, file_names, names)
 
 

@@ -8,7 +8,11 @@ read outside the folder; errors caused by the request are one-line JSON (``{"err
 Who may talk to the server: by default it listens on the loopback only, answers only requests whose ``Host`` names
 the loopback (a web page cannot reach it through DNS rebinding) and takes state changes only as JSON (a cross-site
 page cannot send JSON without a CORS preflight, which this server never grants). Any other address requires the
-random token printed in the start URL, sent as ``?token=``, ``X-Deepscope-Token`` or the cookie set by the page.
+random token printed in the start URL, sent as ``?token=``, ``X-Deepscope-Token`` or the cookie set by the page; a
+request changing state on the strength of the cookie alone must also come from the server's own page (its Origin, or
+Referer, names this host), since a browser sends the cookie with requests that other local pages make too.
+
+One server per folder (``claim.claim_folder``): a second one would overwrite the first one's label files.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import secrets
 import socket
 import threading
 from collections.abc import AsyncIterator, Collection, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from starlette.applications import Starlette
@@ -35,9 +40,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepscope.errors import DeepscopeError
+from deepscope.atomic import WriteError
+from deepscope.errors import DeepscopeError, one_line
 from deepscope.features import FILTERS, SCALES
 from deepscope.serve import jobs, models, proofread
+from deepscope.serve.claim import claim_folder
 from deepscope.serve.folder import (
     AccessError,
     ServedFolder,
@@ -71,8 +78,9 @@ from deepscope.serve.tiles import image_png as render_image_png
 STATIC = Path(__file__).with_name("static")
 TOKEN_COOKIE = "deepscope_token"
 TOKEN_HEADER = "x-deepscope-token"
-CLASSIFIER_FILE = "pixel-classifier.pkl"  # beside the images, where users look for it
+CLASSIFIER_FILE = "pixel-classifier.safetensors"  # beside the images, where users look for it
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})  # methods that may change state
 OVERLAYS = ("labels", "probabilities", "uncertainty", "classes")
 
 
@@ -95,6 +103,20 @@ def host_name(headers: Headers) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def same_origin(url: str | None, host: str) -> bool:
+    """Whether ``url`` (an Origin or Referer header) names ``host`` (the Host header: name and port)."""
+    try:
+        return bool(url) and bool(host) and urlsplit(url).netloc.lower() == host.lower()
+    except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 address)
+        return False
+
+
+def token_matches(offered: str | None, token: str) -> bool:
+    """Whether ``offered`` is ``token``, in constant time; compared as bytes, because ``compare_digest`` refuses
+    strings with non-ASCII characters (a request could send any)."""
+    return bool(offered) and secrets.compare_digest(offered.encode("utf-8", "surrogatepass"), token.encode())
+
+
 class Guard:
     """ASGI middleware deciding who may send requests: the token (when set), the Host header (when restricted to
     ``hosts``), same-origin browsers only, and JSON for every request that changes state (see the module docstring).
@@ -112,28 +134,36 @@ class Guard:
         if problem is not None:
             await JSONResponse({"error": problem[1]}, problem[0], headers=NO_STORE)(scope, receive, send)
             return
-        offered = QueryParams(scope.get("query_string", b"")).get("token")
-        if self.token and offered and secrets.compare_digest(offered, self.token):
+        if self.token and token_matches(QueryParams(scope.get("query_string", b"")).get("token"), self.token):
             send = self.setting_cookie(send)
         await self.app(scope, receive, send)
 
     def refusal(self, scope: Scope, headers: Headers) -> tuple[int, str] | None:
         """(status, message) when the request must not reach the routes, else None."""
+        host = headers.get("host", "")
         if self.hosts is not None and host_name(headers) not in self.hosts:
-            return 403, f"host {headers.get('host', '')!r} is not served; open the address printed at start"
+            return 403, f"host {host!r} is not served; open the address printed at start"
         origin = headers.get("origin")
-        if origin is not None and origin.split("://", 1)[-1] != headers.get("host"):
-            return 403, f"requests from {origin} are not allowed; open the page the server prints at start"
-        if self.token is not None and not self.carries_token(scope, headers):
-            return 401, "this server needs its token: open the address printed at start (with ?token=...)"
-        if scope["method"] in ("POST", "PUT") and headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if origin is not None and not same_origin(origin, host):
+            return 403, f"requests from {origin!r} are not allowed; open the page the server prints at start"
+        if self.token is not None:
+            credential = self.credential(scope, headers)
+            if credential is None:
+                return 401, "this server needs its token: open the address printed at start (with ?token=...)"
+            if credential == "cookie" and scope["method"] in CHANGING and \
+                    not same_origin(origin if origin is not None else headers.get("referer"), host):
+                return 403, "a change sent with the page's cookie must come from the page (no matching Origin or Referer)"
+        if scope["method"] in CHANGING and headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return 415, "send the request body as JSON (Content-Type: application/json)"
         return None
 
-    def carries_token(self, scope: Scope, headers: Headers) -> bool:
-        cookies = Request(scope).cookies
-        offered = [QueryParams(scope.get("query_string", b"")).get("token"), headers.get(TOKEN_HEADER), cookies.get(TOKEN_COOKIE)]
-        return any(value and secrets.compare_digest(value, self.token or "") for value in offered)
+    def credential(self, scope: Scope, headers: Headers) -> str | None:
+        """How the request proves it knows the token: "query" or "header" (a client given the token), "cookie" (a
+        browser that opened the page, or a page of another local site: see ``refusal``), or None."""
+        assert self.token is not None
+        offered = {"query": QueryParams(scope.get("query_string", b"")).get("token"), "header": headers.get(TOKEN_HEADER),
+                   "cookie": Request(scope).cookies.get(TOKEN_COOKIE)}
+        return next((how for how, value in offered.items() if token_matches(value, self.token)), None)
 
     def setting_cookie(self, send: Send) -> Send:
         cookie = f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
@@ -149,6 +179,16 @@ class Guard:
 def project_json(project: Project) -> dict[str, Any]:
     return {"classes": [asdict(c) for c in project.classes], "features": project.features, "normalize": project.normalize,
             "classifier": project.classifier, "filters": list(FILTERS), "scales": list(SCALES)}
+
+
+def classes_from_json(value: Any) -> list[LabelClass]:
+    """The classes of a project request, not yet checked (``Project.check`` does)."""
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        raise DeepscopeError("project classes: expected a list of {value, name, colour}")
+    try:
+        return [LabelClass(value=c["value"], name=c["name"], colour=c["colour"]) for c in value]
+    except KeyError as exc:
+        raise DeepscopeError(f"project classes: every class needs value, name and colour; {exc} is missing") from None
 
 
 class Session:
@@ -231,8 +271,12 @@ class Session:
         return {c.value: c.colour for c in self.project.classes}
 
     def status(self, params: QueryParams) -> dict[str, Any]:
+        """The live model's progress on the image, its labels' version, and why its label file could not be written
+        (``labels_error``, None when it could: the strokes are safe in the journal either way)."""
         image = self.image(params)
-        return {**self.live.status(image.name), "labels_version": self.store.version(image.name)}
+        error = self.store.write_error(image.name)
+        return {**self.live.status(image.name), "labels_version": self.store.version(image.name),
+                "labels_error": error and error.replace(f"{self.folder.root}/", "")}  # no server paths in the page
 
     # --- changing ------------------------------------------------------------------------------------------------
 
@@ -245,9 +289,9 @@ class Session:
                 stroke = Stroke.from_json(body, image.spatial)
                 if stroke.label and stroke.label not in self.colours():
                     raise DeepscopeError(f"label {stroke.label} is not a class of the project; add the class first")
+                if stroke.label:  # first: a project that cannot be saved refuses the stroke rather than answer
+                    self.project.record(self.folder, "labelled", image.name)  # an error for a stroke it made
                 changed = self.store.apply(image.name, stroke)
-                if stroke.label:
-                    self.project.record(self.folder, "labelled", image.name)
             else:
                 changed = self.store.undo(image.name) if action == "undo" else self.store.redo(image.name)
             if changed is not None:
@@ -279,31 +323,20 @@ class Session:
         with self.fitting:
             classes = self.project.classes
             if "classes" in body:
-                classes = self.checked_classes(body["classes"])
+                classes = classes_from_json(body["classes"])
             features = body.get("features", self.project.features)
             candidate = Project(classes=classes, features=features, normalize=self.project.normalize,
                                 classifier=self.project.classifier)
-            candidate.check(self.folder)
+            candidate.check(self.folder)  # every value of the request checked first, then how they relate
+            removed = sorted(set(self.colours()) - {c.value for c in classes})
+            if removed:  # their labels would be left without a class
+                raise DeepscopeError(f"project classes: class(es) {removed} cannot be removed, only renamed or recoloured")
             if features != self.project.features:
                 self.live.set_features(features)
                 self.fitted, self.model = 0, None  # the next prediction fits on the new features
             self.project.classes, self.project.features = candidate.classes, candidate.features
             self.project.save(self.folder)
         return project_json(self.project)
-
-    def checked_classes(self, value: Any) -> list[LabelClass]:
-        """Classes from JSON; existing classes may be renamed and recoloured but not removed (their labels would be
-        left without a class)."""
-        if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
-            raise DeepscopeError("project classes: expected a list of {value, name, colour}")
-        try:
-            classes = [LabelClass(value=c["value"], name=c["name"], colour=c["colour"]) for c in value]
-        except KeyError as exc:
-            raise DeepscopeError(f"project classes: every class needs value, name and colour; {exc} is missing") from None
-        removed = sorted(set(self.colours()) - {c.value for c in classes})
-        if removed:
-            raise DeepscopeError(f"project classes: class(es) {removed} cannot be removed, only renamed or recoloured")
-        return classes
 
     def save_classifier(self) -> dict[str, Any]:
         """Save the live forest where ``deepscope pixel predict`` can use it, and record it in the project."""
@@ -385,7 +418,7 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
 
     def error(status: int) -> Any:
         async def handler(request: Request, exc: Exception) -> Response:
-            return JSONResponse({"error": str(exc)}, status, headers=NO_STORE)
+            return JSONResponse({"error": one_line(str(exc))}, status, headers=NO_STORE)
         return handler
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -403,23 +436,16 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
 
     app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts)], lifespan=lifespan,
                     exception_handlers={AccessError: error(403), UnknownImageError: error(404), DeepscopeError: error(400),
+                                        WriteError: error(507),  # the disk is full: nothing wrong with the request
                                         HTTPException: http_error, Exception: internal_error},
                     max_body_size=max_body)
     app.state.session = session
     return app
 
 
-def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, open_token: bool | None = None) -> None:
-    """Run the app until Ctrl-C. ``open_token``: require a token (None: only when ``host`` is not the loopback, where
-    a token is always required; False there is refused)."""
-    import uvicorn
-
-    loopback = is_loopback(host)
-    if open_token is False and not loopback:
-        raise DeepscopeError(f"--host {host}: other machines can reach this address, so a token is required")
-    token = secrets.token_urlsafe(24) if (open_token or not loopback) else None
-    app = create_app(folder, token=token, hosts=None if token else LOOPBACK_NAMES | {host.strip("[]").lower()})
-    # bound here rather than by uvicorn: a busy port is a one-line error, and --port 0 prints the port it got
+def listening(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host``:``port``, bound here rather than by uvicorn: a busy port is a one-line error,
+    and ``--port 0`` can print the port it got."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -429,35 +455,52 @@ def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, o
         raise DeepscopeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                              "choose another --port") from None
     sock.listen(2048)  # before the address is printed: a client may connect at once (uvicorn accepts from the backlog)
-    port = sock.getsockname()[1]
-    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
-    print(f"deepscope serve: open http://{shown}:{port}/" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)", flush=True)
-    try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    except KeyboardInterrupt:
-        pass  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
+    return sock
+
+
+def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, open_token: bool | None = None) -> None:
+    """Run the app until Ctrl-C. ``open_token``: require a token (None: only when ``host`` is not the loopback, where
+    a token is always required; False there is refused). A folder another server holds is refused, naming it."""
+    import uvicorn
+
+    loopback = is_loopback(host)
+    if open_token is False and not loopback:
+        raise DeepscopeError(f"--host {host}: other machines can reach this address, so a token is required")
+    token = secrets.token_urlsafe(24) if (open_token or not loopback) else None
+    root = ServedFolder(folder).root
+    with claim_folder(root) as announce, closing(listening(host, port)) as sock:
+        shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
+        url = f"http://{shown}:{sock.getsockname()[1]}/"
+        announce(url)
+        app = create_app(root, token=token, hosts=None if token else LOOPBACK_NAMES | {host.strip("[]").lower()})
+        print(f"deepscope serve: open {url}" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)", flush=True)
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
 
 
 @contextmanager
 def background_server(app: Starlette) -> Iterator[str]:
     """``app`` (from ``create_app``) served on a free loopback port by a thread of this process, for notebooks,
-    scripts and tests that drive the page; yields its URL and shuts it down (labels written) on leaving."""
+    scripts and tests that drive the page; yields its URL and shuts it down (labels written) on leaving. Its folder
+    is claimed as ``serve`` claims it."""
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(400):
-            if server.started or not thread.is_alive():
-                break
-            thread.join(0.05)
-        if not server.started:
-            raise DeepscopeError("the server did not start")
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with claim_folder(app.state.session.folder.root) as announce, closing(listening("127.0.0.1", 0)) as sock:
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            for _ in range(400):
+                if server.started or not thread.is_alive():
+                    break
+                thread.join(0.05)
+            if not server.started:
+                raise DeepscopeError("the server did not start")
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+            announce(url)
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(30)

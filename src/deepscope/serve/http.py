@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
-from deepscope.errors import DeepscopeError
+from deepscope.errors import DeepscopeError, shown
 from deepscope.serve.folder import ServedImage
 from deepscope.serve.tiles import level_count
 
@@ -28,15 +29,16 @@ def param(params: QueryParams, key: str, default: str | None = None) -> str:
 
 
 def integer(value: Any, what: str) -> int:
-    """An integer from a query string or JSON value; DeepscopeError naming ``what`` otherwise."""
-    if isinstance(value, bool):
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}")
+    """An integer from a query string or JSON value (a JSON integer exactly, however large); DeepscopeError naming
+    ``what`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}") from None
-    if not number.is_integer():
-        raise DeepscopeError(f"{what}: expected an integer, got {value!r}")
+        number = float(value) if isinstance(value, str | float) else math.nan
+    except ValueError:
+        number = math.nan
+    if not number.is_integer():  # also NaN and infinity
+        raise DeepscopeError(f"{what}: expected an integer, got {shown(value)}")
     return int(number)
 
 
@@ -59,9 +61,9 @@ def parse_contrast(text: str | None, image: ServedImage) -> list[tuple[float, fl
     try:
         limits = [tuple(float(v) for v in pair.split(",")) for pair in text.split(";")]
     except ValueError:
-        raise DeepscopeError(f"contrast {text!r}: expected numbers as lo,hi;lo,hi") from None
+        raise DeepscopeError(f"contrast {shown(text)}: expected numbers as lo,hi;lo,hi") from None
     if len(limits) != image.channels or any(len(p) != 2 or not np.isfinite(p).all() or p[0] >= p[1] for p in limits):
-        raise DeepscopeError(f"contrast {text!r}: expected {image.channels} pair(s) lo,hi of finite numbers with lo < hi")
+        raise DeepscopeError(f"contrast {shown(text)}: expected {image.channels} pair(s) lo,hi of finite numbers with lo < hi")
     return [(lo, hi) for lo, hi in limits]
 
 
@@ -71,12 +73,12 @@ def visible_region(value: Any, image: ServedImage, level: Any = None) -> tuple[s
     if value is None:
         return None
     if not isinstance(value, list) or len(value) != 4:
-        raise DeepscopeError(f"visible {value!r}: expected [y0, y1, x0, x1]")
+        raise DeepscopeError(f"visible {shown(value)}: expected [y0, y1, x0, x1]")
     y0, y1, x0, x1 = (integer(v, "visible") for v in value)
     height, width = image.spatial[-2:]
     y0, y1, x0, x1 = max(0, y0), min(height, y1), max(0, x0), min(width, x1)
     if y0 >= y1 or x0 >= x1:
-        raise DeepscopeError(f"visible {value!r}: the region does not overlap the image ({height} x {width})")
+        raise DeepscopeError(f"visible {shown(value)}: the region does not overlap the image ({height} x {width})")
     level = 0 if level is None else integer(level, "level")
     if not 0 <= level < level_count((height, width)):
         raise DeepscopeError(f"level {level}: {image.name} has pyramid levels 0 to {level_count((height, width)) - 1}")
@@ -87,14 +89,22 @@ def png(data: bytes, headers: dict[str, str]) -> Response:
     return Response(data, media_type="image/png", headers=headers)
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 async def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object ({} when empty); the size limit is enforced by Starlette (413)."""
+    """The request's JSON object ({} when empty); the size limit is enforced by Starlette (413). Python's reader also
+    takes NaN and Infinity, which are not JSON and which no check downstream should have to expect; nesting too deep
+    for it and integers of thousands of digits are refused as well."""
     raw = await request.body()
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise DeepscopeError("request body: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, as is a too long integer
         raise DeepscopeError(f"request body: not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise DeepscopeError("request body: expected a JSON object")

@@ -5,7 +5,9 @@ A job is a ``deepscope`` command (``train segment`` on the painted class labels 
 group, so that cancelling it also stops any data-loading workers it started. Its output goes to
 ``FOLDER/.deepscope/jobs/<id>/log.txt`` and its run folder is ``FOLDER/models/<id>/``, where the models list finds the
 checkpoint. A subprocess rather than a thread: training holds the interpreter and the cores for minutes, a crash in it
-must not take the server down, and cancelling a process group is certain where stopping a thread is not.
+must not take the server down, and cancelling a process group is certain where stopping a thread is not. The
+command runs under :mod:`deepscope.serve.lifeline`, which stops the group when the server process is gone, so that
+no training outlives a server killed with ``kill -9`` either.
 
 The data a job trains on is staged when it is submitted, in ``FOLDER/.deepscope/jobs/<id>/data/``: links to the
 images (copies where links are not allowed) and copies of their label files, so it trains on the labels as they were
@@ -42,7 +44,9 @@ from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import STATE_DIR, ServedFolder
 from deepscope.serve.http import NO_STORE, integer, json_body, param
 from deepscope.serve.labels import LabelStore
+from deepscope.serve.lifeline import KILL_AFTER_S
 from deepscope.serve.project import Project
+from deepscope.tasks.pixel import CLASSIFIER_FILE
 from deepscope.tasks.segment.config import INSTANCE_TARGETS
 
 KINDS = {"segment": ("labels", "instances"), "pixel-deep": ("labels",)}  # kind -> the sources it trains on
@@ -58,7 +62,6 @@ MAX_EPOCHS = 100_000
 SETTING_GROUPS = ("model_args", "optim", "augment", "inference", "post", "patch_shape", "batch_size", "patches_per_epoch",
                   "val_fraction", "seed", "amp", "loss", "early_stopping", "normalize", "min_foreground", "eval_batch_size")
 SETTING_KEY = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
-KILL_AFTER_S = 5.0  # a cancelled job has this long to exit on SIGTERM before it is killed
 ERROR_LINES = 6  # log lines shown as a failed job's error
 LOG_TAIL_BYTES = 64 * 1024  # of the log returned by /api/jobs/log
 FINISHED = ("done", "failed", "cancelled")
@@ -338,7 +341,7 @@ class JobService:
     def _pixel_deep(self, job_dir: Path, out: Path, options: list[str]) -> list[str]:
         """``pixel deep``: the live forest (saved now, and copied so later labelling does not change this job) labels
         every served image and a semantic U-Net learns from it."""
-        classifier = job_dir / "classifier.pkl"
+        classifier = job_dir / CLASSIFIER_FILE
         shutil.copyfile(self.save_classifier(), classifier)  # DeepscopeError with fewer than two classes labelled
         images = [str(path) for _, path in self._served()]
         if not images:
@@ -367,8 +370,9 @@ class JobService:
                 continue
             job.started = time.time()
             try:
-                with open(job.log_path, "ab") as log:
-                    job.process = subprocess.Popen(job.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                with open(job.log_path, "ab") as log:  # stdin: the pipe whose end tells the lifeline the server is gone
+                    job.process = subprocess.Popen([sys.executable, "-m", "deepscope.serve.lifeline", *job.command],
+                                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                                    cwd=job.log_path.parent, start_new_session=True,
                                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
             except OSError as exc:
@@ -381,8 +385,9 @@ class JobService:
 
     def _watch(self, job: Job) -> None:
         """Wait for the job's process, record how it ended, and start the next job."""
-        assert job.process is not None
+        assert job.process is not None and job.process.stdin is not None
         code = job.process.wait()
+        job.process.stdin.close()
         with self._lock:
             job.ended = time.time()
             if job.cancelling:
@@ -392,7 +397,10 @@ class JobService:
                 job.state = "done"
                 best = job.run_dir / "best.pt"
                 if best.is_file():
-                    self.project.record(self.folder, "models", best.relative_to(self.folder.root).as_posix())
+                    try:
+                        self.project.record(self.folder, "models", best.relative_to(self.folder.root).as_posix())
+                    except DeepscopeError as exc:  # the model is there; only the project's list of them is behind
+                        job.error = f"trained, but not listed in the project: {exc}"
             else:
                 job.state = "failed"
                 lines = [line for line in log_tail(job.log_path, LOG_TAIL_BYTES).splitlines() if line.strip()]

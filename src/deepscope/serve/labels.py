@@ -6,7 +6,9 @@ rewrites ``FOLDER/labels/<stem>.tif`` atomically (temporary file beside it, fsyn
 write covering a whole burst of strokes, stores the number of the last journal entry the file holds in its TIFF
 description, and empties the journal once the file has caught up. On start the store loads the TIFF and replays the
 newer journal entries, so killing the server at any moment loses no acknowledged stroke and never leaves a half
-written label file (the temporary files are hidden, which ``deepscope pixel train`` skips).
+written label file (the temporary files are hidden, which ``deepscope pixel train`` skips). A label file that cannot
+be written (disk full) keeps its previous version and its journal, and is written again by the next change or flush
+(``writer.BackgroundWriter``); a change that cannot be journalled is refused (``WriteError``), not acknowledged.
 
 Journal entries are patches (a box and its new values, zlib-compressed) rather than stroke parameters: replaying
 them needs neither the rasteriser nor the in-memory undo history, and an undo is journalled like any other change.
@@ -31,8 +33,8 @@ import numpy as np
 import tifffile
 from skimage.draw import disk, polygon
 
+from deepscope.atomic import WriteError, atomic_write
 from deepscope.data.scribbles import MAX_CLASSES
-from deepscope.engine.checkpoint import atomic_write
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedImage
 from deepscope.serve.writer import BackgroundWriter
@@ -251,7 +253,10 @@ class LabelStore(BackgroundWriter):
         changed: dict[str, float] = {}
         for folder, pattern in ((self.folder.root / LABELS_DIR, "*.tif"), (self.folder.root / STATE_DIR / JOURNAL_DIR, "*.jsonl")):
             for path in folder.glob(pattern) if folder.is_dir() else ():
-                changed[path.stem] = max(changed.get(path.stem, 0.0), path.stat().st_mtime)
+                try:
+                    changed[path.stem] = max(changed.get(path.stem, 0.0), path.stat().st_mtime)
+                except FileNotFoundError:  # removed since listed: its labels were all erased
+                    continue
         return changed
 
     def apply(self, name: str, stroke: Stroke) -> Box:
@@ -274,11 +279,6 @@ class LabelStore(BackgroundWriter):
 
     def redo(self, name: str) -> Box | None:
         return self._step(name, forward=True)
-
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every label file holds its journal; raises the last write error (the journal still holds the
-        changes), or DeepscopeError after ``timeout`` seconds."""
-        super().flush(timeout)
 
     def close(self) -> None:
         """Write every label file, stop the writer and close the journals."""
@@ -314,11 +314,15 @@ class LabelStore(BackgroundWriter):
                     raise DataError(f"{journal_path}: line {number} does not fit the labels of {image.path}; move "
                                     "the journal away to discard it") from None
                 seq = entry["seq"]
-        journal_path.parent.mkdir(parents=True, exist_ok=True)
         created = not journal_path.exists()
-        journal = open(journal_path, "ab", buffering=0)  # noqa: SIM115 (open while the store is, closed by close())
-        if created:
-            _fsync_dir(journal_path.parent)
+        try:
+            journal_path.parent.mkdir(parents=True, exist_ok=True)
+            journal = open(journal_path, "ab", buffering=0)  # noqa: SIM115 (open while the store is, closed by close())
+            if created:
+                _fsync_dir(journal_path.parent)
+        except OSError as exc:
+            raise WriteError(f"{journal_path}: cannot open the journal, so {name} cannot be labelled "
+                             f"({exc.strerror or exc})") from None
         if entries:
             self._mark(name)
         return _Image(labels, seq, path, journal_path, journal, _counts(labels))
@@ -344,8 +348,8 @@ class LabelStore(BackgroundWriter):
             os.fsync(image.journal.fileno())
         except OSError as exc:
             image.journal.truncate(end)  # no torn line for the next entry to be appended to
-            raise DataError(f"{image.journal_path}: could not record the change, so it was not made "
-                            f"({exc.strerror or exc})") from None
+            raise WriteError(f"{image.journal_path}: could not record the change, so it was not made "
+                             f"({exc.strerror or exc})") from None
         image.counts -= _counts(image.labels[box])
         _patch(image.labels, box, data)
         image.counts += _counts(image.labels[box])
@@ -361,7 +365,6 @@ class LabelStore(BackgroundWriter):
         self._save(image.path, labels, seq)
 
     def _written(self, snapshot: tuple[_Image, np.ndarray, int], error: Exception | None) -> None:
-        super()._written(snapshot, error)
         image, _, seq = snapshot
         if error is None and image.seq == seq:  # caught up: the file holds every journal entry
             image.journal.truncate(0)
@@ -373,7 +376,7 @@ class LabelStore(BackgroundWriter):
             description = json.dumps({JOURNAL_KEY: seq})
             atomic_write(path, lambda handle: tifffile.imwrite(
                 handle, labels, photometric="minisblack", compression="zlib", compressionargs={"level": SAVE_LEVEL},
-                metadata=None, description=description))
+                metadata=None, description=description), "label file")
         else:
             path.unlink(missing_ok=True)
         if path.parent.exists():

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deepscope.data.seg_dataset import ChannelsFirst, input_view
-from deepscope.engine.checkpoint import checkpoint_task
+from deepscope.engine.checkpoint import checkpoint_task, header_task
 from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.postprocess.tiled import tiled_instances
@@ -314,12 +314,14 @@ class ModelService:
 
     @staticmethod
     def _task_of(path: Path, relative: str) -> tuple[str | None, str | None]:
-        """(task, None), or (task or None, why it cannot be opened here); its tensors stay on disk."""
+        """(task, None), or (task or None, why it cannot be opened here), read from the file's header alone: listing
+        a folder someone else filled must not unpickle anything. (None, None): a deepscope 0.1 checkpoint, a pickle,
+        whose task is known only once it is opened (safely, when the user asks)."""
         try:
-            task = checkpoint_task(path)
+            task = header_task(path)
         except CheckpointError as exc:
             return None, str(exc).replace(str(path), relative)  # no server paths in the page
-        return task, None if task in MODELS else f"task {task!r} cannot be shown here"
+        return task, None if task is None or task in MODELS else f"task {task!r} cannot be shown here"
 
     def open(self, path: str) -> dict[str, Any]:
         """Load the checkpoint at ``path`` (relative to the folder) on CUDA when present, else the CPU; it replaces

@@ -16,8 +16,8 @@ from pathlib import PurePosixPath
 
 import yaml
 
+from deepscope.atomic import atomic_write
 from deepscope.data.scribbles import MAX_CLASSES
-from deepscope.engine.checkpoint import atomic_write
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.features import FILTERS, FeatureSpec
 from deepscope.serve.folder import ServedFolder
@@ -50,7 +50,7 @@ class Project:
     classes: list[LabelClass] = field(default_factory=_default_classes)
     features: dict[str, list[float]] = field(default_factory=_default_features)  # filter -> scales
     normalize: list[float] | None = field(default_factory=lambda: [1.0, 99.8])  # percentiles to 0 and 1; None: raw
-    classifier: str | None = None  # path, relative to the folder, of the last saved classifier pickle
+    classifier: str | None = None  # path, relative to the folder, of the last saved classifier file
     labelled: list[str] = field(default_factory=list)  # images painted in the page (served names)
     models: list[str] = field(default_factory=list)  # checkpoints trained from the page, relative to the folder
 
@@ -107,7 +107,7 @@ class Project:
             return "features must map filter names to lists of scales"
         try:
             FeatureSpec.create(self.features)
-        except DeepscopeError as exc:
+        except (DeepscopeError, OverflowError) as exc:  # OverflowError: an integer scale beyond any float
             return f"features: {exc}"
         if self.normalize is not None and (
                 not isinstance(self.normalize, list) or len(self.normalize) != 2
@@ -127,7 +127,7 @@ class Project:
         with SAVING:
             self.check(folder)
             text = yaml.safe_dump(asdict(self), sort_keys=False).encode()
-            atomic_write(folder.root / PROJECT_FILE, lambda handle: handle.write(text))
+            atomic_write(folder.root / PROJECT_FILE, lambda handle: handle.write(text), "project file")
 
     def record(self, folder: ServedFolder, kind: str, path: str) -> None:
         """Add ``path`` to the ``kind`` list (``labelled`` images, trained ``models``) and save, when it is new."""

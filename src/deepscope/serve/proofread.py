@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deepscope.engine.checkpoint import atomic_write
+from deepscope.atomic import atomic_write
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import ServedFolder, ServedImage
 from deepscope.serve.http import NO_STORE, integer, json_body, param, png, slice_index
@@ -78,7 +78,6 @@ class _Mask:
     top: int  # no id above this is used (or was, before an undo): new objects get top + 1, ...
     version: int
     saved: int  # the version the file holds; equal to ``version`` when nothing is waiting to be written
-    error: str | None = None  # why the last write failed
     planes: dict[int, _Plane] = field(default_factory=dict)
 
 
@@ -162,7 +161,7 @@ def _save(path: Path, ids: np.ndarray) -> None:
     fits = not ids.size or int(ids.max()) <= np.iinfo(np.uint16).max
     stored = ids.astype(np.uint16) if fits else ids
     atomic_write(path, lambda handle: tifffile.imwrite(handle, stored, photometric="minisblack", compression="zlib",
-                                                        metadata=None))
+                                                        metadata=None), "mask")
 
 
 class InstanceEditor(BackgroundWriter):
@@ -294,15 +293,6 @@ class InstanceEditor(BackgroundWriter):
     def redo(self, name: str, z: Any = None) -> dict[str, Any]:
         return self._step(name, z, forward=True)
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until every mask file holds its live mask, trying again the writes that failed; raises the last
-        write error, or DeepscopeError after ``timeout`` seconds."""
-        with self._changed:
-            for name, mask in self._masks.items():
-                if mask.saved != mask.version:
-                    self._mark(name)
-        super().flush(timeout)
-
     # --- internals (called holding the lock) ---------------------------------------------------------------------
 
     def _mask(self, image: ServedImage) -> _Mask | None:
@@ -430,7 +420,7 @@ class InstanceEditor(BackgroundWriter):
             return {**reply, "version": None, "objects": None, "dirty": False, "error": None, "undo": 0, "redo": 0}
         plane = self._plane(mask, key)
         return {**reply, "version": mask.version, "objects": len(plane.boxes), "dirty": mask.saved != mask.version,
-                "error": mask.error, "undo": len(plane.done), "redo": len(plane.undone)}
+                "error": self.write_error(image.name), "undo": len(plane.done), "redo": len(plane.undone)}
 
     def _reply(self, image: ServedImage, mask: _Mask, key: int, box: Box | None,
                ids: list[int] | None) -> dict[str, Any]:
@@ -452,12 +442,9 @@ class InstanceEditor(BackgroundWriter):
         _save(mask.path, ids)
 
     def _written(self, snapshot: tuple[_Mask, np.ndarray, int], error: Exception | None) -> None:
-        super()._written(snapshot, error)
         mask, _, version = snapshot
         if error is None:
-            mask.saved, mask.error = max(mask.saved, version), None
-        else:
-            mask.error = str(error)
+            mask.saved = max(mask.saved, version)
 
 
 def routes(editor: InstanceEditor) -> list[Route]:

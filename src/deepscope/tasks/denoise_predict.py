@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 from torch import nn
 
+from deepscope.atomic import write_tiff
 from deepscope.blockio import Output, open_input
 from deepscope.config import from_dict
 from deepscope.data.denoise_dataset import DenoiseItem, find_denoise_files, load_split
@@ -162,7 +162,7 @@ def _write_tiff(path: Path, image: np.ndarray) -> None:
     layout = StoredLayout(np.empty(StoredLayout.stored_shape(image.shape[0], image.shape[1:]), np.float32), image.shape[0], image.ndim - 1)
     layout[(slice(None),) * image.ndim] = image
     colour = image.ndim == 3 and image.shape[0] in (3, 4)
-    tifffile.imwrite(path, layout.array, photometric="rgb" if colour else "minisblack")
+    write_tiff(path, layout.array, "prediction", photometric="rgb" if colour else "minisblack")
 
 
 def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device, save_dir: str | Path | None = None,
@@ -245,12 +245,9 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
             raise DataError(f"{source}: {exc}") from None
         file, dataset = output_path(Path(out), Path(source).stem, len(inputs) == 1)
         stored = StoredLayout.stored_shape(denoiser.channels, view.shape[1:])
-        output = Output(file, dataset, stored, np.float32, StoredLayout.stored_shape(denoiser.channels, denoiser.tile))
-        try:
-            with torch.no_grad():
-                denoiser(view, str(source), out=StoredLayout(output.array, denoiser.channels, ndim))
-        finally:
-            output.close()
+        with Output(file, dataset, stored, np.float32, StoredLayout.stored_shape(denoiser.channels, denoiser.tile)) as output, \
+                torch.no_grad():
+            denoiser(view, str(source), out=StoredLayout(output.array, denoiser.channels, ndim))
         records.append({"input": str(source), "denoised": f"{file}" + (f":{dataset}" if dataset else ""), "shape": list(view.shape)})
     return records
 

@@ -3,7 +3,9 @@ of sparse labels, probabilities for every pixel predicted tile by tile.
 
 Features of each training image are cached on disk (keyed by the file, its size and modification time, the feature
 spec and the normalization), so training again after new labels costs only reading the labelled pixels and fitting
-the forest. The fitted pipeline (feature spec, normalization, classes, forest and library versions) is one pickle.
+the forest. The fitted pipeline (feature spec, normalization, classes, forest and library versions) is one safetensors
+file (``classifier.safetensors``): the forest's node arrays plus a JSON header, checked before use, so a classifier
+received with someone's folder cannot run code or crash the process (:mod:`deepscope.models.forest`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import time
 import warnings
 from collections.abc import Sequence
@@ -25,19 +26,22 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 
 import deepscope
+from deepscope.atomic import write_text
 from deepscope.blockio import Output, open_input, output_paths
 from deepscope.config import save_yaml
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.data.seg_dataset import channel_count, input_view
 from deepscope.data.segmentation import check_pair, files_by_stem
-from deepscope.engine.checkpoint import atomic_write
 from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.features import FeatureSpec, compute_features, feature_tiles
+from deepscope.models.forest import forest_state, rebuild_forest
 from deepscope.postprocess.watershed import watershed_from_seeds
+from deepscope.safefile import is_safetensors, read_state, write_state
 from deepscope.tasks.pixel_config import PixelConfig
 
 FORMAT = "deepscope-pixel-classifier"
+CLASSIFIER_FILE = "classifier.safetensors"  # in a pixel train run's folder
 PREDICT_CHUNK = 1 << 18  # pixels per forest call: bounds the (pixels, features) copy sklearn needs
 
 
@@ -70,33 +74,42 @@ class PixelClassifier:
         return input_view(image, self.spec.ndim, self.spec.channels, name, self.normalize)
 
     def save(self, path: Path) -> None:
-        state = {"format": FORMAT, "spec": self.spec.to_dict(), "feature_names": self.spec.names(), "forest": self.forest,
+        state = {"spec": self.spec.to_dict(), "feature_names": self.spec.names(), "forest": forest_state(self.forest),
                  "normalize": self.normalize, "class_names": self.class_names, "versions": self.versions}
-        atomic_write(path, lambda handle: pickle.dump(state, handle, protocol=pickle.HIGHEST_PROTOCOL))
+        write_state(path, state, FORMAT, "classifier")
 
     @classmethod
     def load(cls, path: str | Path) -> PixelClassifier:
-        """Read a saved classifier (a pickle: load only files you trust) and check it fits its own feature spec."""
+        """Read a saved classifier (nothing in it can run code), check its forest and that it fits its feature spec."""
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: classifier file not found")
         try:
-            with open(path, "rb") as handle:
-                state = pickle.load(handle)
-        except Exception as exc:  # unpickling reports anything from EOFError to a missing scikit-learn class
-            raise CheckpointError(f"{path}: not a readable pixel classifier ({type(exc).__name__}: {exc}); "
-                                  f"this is scikit-learn {sklearn.__version__}") from None
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a deepscope pixel classifier")
-        spec = FeatureSpec.from_dict(state["spec"])
-        forest = state["forest"]
-        if spec.names() != state["feature_names"] or getattr(forest, "n_features_in_", None) != spec.count:
+            if not is_safetensors(path):
+                raise ValueError("it is not a safetensors file; a classifier.pkl of deepscope 0.1 is a pickle, "
+                                 "which could run code when opened and is refused: train it again with deepscope pixel train")
+            state = read_state(path, FORMAT)
+            if not isinstance(state, dict):
+                raise ValueError("it holds no classifier")
+            spec = FeatureSpec.from_dict(state.get("spec"))
+            forest = rebuild_forest(state.get("forest"))
+        except (ValueError, TypeError, KeyError, DeepscopeError) as exc:
+            raise CheckpointError(f"{path}: not a usable pixel classifier: {str(exc).splitlines()[0]}") from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if spec.names() != state.get("feature_names") or forest.n_features_in_ != spec.count:
             raise CheckpointError(f"{path}: the feature spec ({spec.count} features) does not match the forest, which "
-                                  f"was fitted on {getattr(forest, 'n_features_in_', '?')}; train the classifier again")
-        saved = state["versions"].get("scikit-learn")
-        if saved != sklearn.__version__:
-            warnings.warn(f"{path}: saved with scikit-learn {saved}, loaded with {sklearn.__version__}", stacklevel=2)
-        return cls(spec, forest, state["normalize"], state["class_names"], state["versions"])
+                                  f"was fitted on {forest.n_features_in_}; train the classifier again")
+        normalize, names, saved = state.get("normalize"), state.get("class_names"), state.get("versions")
+        if normalize is not None and not (isinstance(normalize, list) and all(isinstance(v, int | float) for v in normalize)):
+            raise CheckpointError(f"{path}: its normalisation is not a list of numbers")
+        if not (isinstance(names, list) and len(names) == len(forest.classes_) and all(isinstance(n, str) for n in names)):
+            raise CheckpointError(f"{path}: its class names do not match its {len(forest.classes_)} classes")
+        if not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
+            raise CheckpointError(f"{path}: its library versions are not readable")
+        if saved.get("scikit-learn") != sklearn.__version__:
+            warnings.warn(f"{path}: saved with scikit-learn {saved.get('scikit-learn')}, loaded with {sklearn.__version__}", stacklevel=2)
+        return cls(spec, forest, normalize, names, saved)
 
 
 def versions() -> dict[str, str]:
@@ -247,13 +260,13 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
             raise DeepscopeError(f"class_names lists {len(config.class_names)} names but labels go up to class {max(classes)}")
         names = [config.class_names[c - 1] for c in classes]
     classifier = PixelClassifier(spec, forest, config.normalize, names, versions())
-    classifier.save(out / "classifier.pkl")
+    classifier.save(out / CLASSIFIER_FILE)
     save_yaml(config, out / "config.yaml")
     metrics: dict[str, Any] = {
         "images": len(items), "features": spec.count, "labelled_pixels": int(len(y)),
         "labelled_per_class": {name: int(np.count_nonzero(y == c)) for name, c in zip(names, classes)},
         "feature_s": round(feature_s, 3), "features_from_cache": cached, "fit_s": round(fit_s, 3),
-        "oob_accuracy": round(float(forest.oob_score_), 4), "classifier": str(out / "classifier.pkl"),
+        "oob_accuracy": round(float(forest.oob_score_), 4), "classifier": str(out / CLASSIFIER_FILE),
     }
     predictions = []
     if config.predict:
@@ -267,7 +280,7 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
         metrics["predict_s"] = round(time.perf_counter() - start, 3)
     importance = dict(zip(spec.names(), forest.feature_importances_.tolist()))
     metrics["report"] = str(write_pixel_report(out, classifier, items, predictions, metrics, importance))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2), "metrics file")
     return metrics
 
 
@@ -280,9 +293,8 @@ def write_prediction(classifier: PixelClassifier, probs: np.ndarray, path: Path)
     """Probabilities and the class map of one image as ``<stem>_probabilities.tif`` and ``<stem>_classes.tif``."""
     (prob_path, _), (class_path, _) = output_paths(path.parent, path.stem, False, "classes")
     for target, values in ((prob_path, probs), (class_path, class_map(classifier, probs))):
-        output = Output(target, "", values.shape, values.dtype, values.shape)
-        output.array[...] = values
-        output.close()
+        with Output(target, "", values.shape, values.dtype, values.shape) as output:
+            output.array[...] = values
     return {"probabilities": str(prob_path), "classes": str(class_path), "probs": probs}
 
 
@@ -326,24 +338,21 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
         spatial = tuple(view.shape[1:])
         single = len(inputs) == 1
         (prob_path, prob_key), (class_path, class_key) = output_paths(out, Path(source).stem, single, "classes")
-        probs = Output(prob_path, prob_key, (len(classifier.classes), *spatial), np.float32, (1, *spatial))
-        classes = Output(class_path, class_key, spatial, np.uint8, spatial)
         start = time.perf_counter()
-        for region, features in feature_tiles(view, classifier.spec, tile, device):
-            p = classifier.probabilities(features)
-            probs.array[(slice(None),) + region] = p
-            classes.array[region] = class_map(classifier, p)
-        record = {"input": str(source), "shape": list(spatial), "seconds": round(time.perf_counter() - start, 3),
-                  "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
-                  "classes": f"{class_path}" + (f":{class_key}" if class_key else "")}
-        if instances is not None:
-            labels = instances_from(classifier, np.asarray(probs.array[...]), instances)
-            (_, _), (inst_path, inst_key) = output_paths(out, Path(source).stem, single, "instances")
-            written = Output(inst_path, inst_key, labels.shape, np.int32, spatial)
-            written.array[...] = labels
-            written.close()
-            record |= {"instances": f"{inst_path}" + (f":{inst_key}" if inst_key else ""), "objects": int(labels.max())}
-        probs.close()
-        classes.close()
+        with Output(prob_path, prob_key, (len(classifier.classes), *spatial), np.float32, (1, *spatial)) as probs, \
+                Output(class_path, class_key, spatial, np.uint8, spatial) as classes:
+            for region, features in feature_tiles(view, classifier.spec, tile, device):
+                p = classifier.probabilities(features)
+                probs.array[(slice(None),) + region] = p
+                classes.array[region] = class_map(classifier, p)
+            record = {"input": str(source), "shape": list(spatial), "seconds": round(time.perf_counter() - start, 3),
+                      "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
+                      "classes": f"{class_path}" + (f":{class_key}" if class_key else "")}
+            if instances is not None:
+                labels = instances_from(classifier, np.asarray(probs.array[...]), instances)
+                (_, _), (inst_path, inst_key) = output_paths(out, Path(source).stem, single, "instances")
+                with Output(inst_path, inst_key, labels.shape, np.int32, spatial) as written:
+                    written.array[...] = labels
+                record |= {"instances": f"{inst_path}" + (f":{inst_key}" if inst_key else ""), "objects": int(labels.max())}
         records.append(record)
     return records

@@ -493,7 +493,8 @@ async function pollLoop() {
         scheduleRender();
       }
       predicted = status.predicted;
-      if (status.model !== null) {
+      if (status.labels_error) say(`${status.labels_error}; your strokes are kept and saved once writing works again`, "error");
+      else if (status.model !== null) {
         const share = Math.round(100 * status.predicted);
         if (busy) say(`model ${status.model}: predicting the rest of the image (${share}%)`, "busy");
         else if (status.predicted === 0) say(`model ${status.model} was fitted on images with other channels or dimensions; label this image to fit one for images like it`);

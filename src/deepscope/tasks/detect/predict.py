@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms, box_iou
 
+from deepscope.atomic import write_text
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.metrics.coco_files import detections_to_coco
 from deepscope.models import eval_mode
@@ -192,14 +192,6 @@ def predict_items(detector: Detector, images: Iterable[tuple[str, np.ndarray]]) 
 # ---- files -------------------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _boxes(record: dict[str, Any]) -> Iterable[tuple[list[float], int, float]]:
     """(x1 y1 x2 y2, label, score) of each detection of a record."""
     found = record["detections"]
@@ -212,7 +204,7 @@ def write_coco(path: str | Path, records: Sequence[dict[str, Any]], class_names:
     path = Path(path)
     images = [{k: r[k] for k in ("id", "file_name", "width", "height")} for r in records]
     coco = detections_to_coco(images, class_names, [r["detections"] for r in records], masks_rle=True)
-    _write_atomic(path, json.dumps(coco))
+    write_text(path, json.dumps(coco), "prediction")
     return path
 
 
@@ -235,7 +227,7 @@ def write_voc_xml(folder: str | Path, records: Sequence[dict[str, Any]], class_n
             for key, value in zip(("xmin", "ymin", "xmax", "ymax"), (x1 + 1, y1 + 1, x2, y2)):
                 ET.SubElement(bndbox, key).text = f"{value:.2f}"
         ET.indent(root)
-        _write_atomic(folder / f"{Path(record['file_name']).stem}.xml", ET.tostring(root, encoding="unicode") + "\n")
+        write_text(folder / f"{Path(record['file_name']).stem}.xml", ET.tostring(root, encoding="unicode") + "\n", "prediction")
     return folder
 
 
@@ -251,5 +243,5 @@ def write_yolo_txt(folder: str | Path, records: Sequence[dict[str, Any]], scores
         for (x1, y1, x2, y2), label, score in _boxes(record):
             fields = [str(label - 1), *(f"{v:.6f}" for v in ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h))]
             lines.append(" ".join(fields + ([f"{score:.5f}"] if scores else [])))
-        _write_atomic(folder / f"{Path(record['file_name']).stem}.txt", "".join(line + "\n" for line in lines))
+        write_text(folder / f"{Path(record['file_name']).stem}.txt", "".join(line + "\n" for line in lines), "prediction")
     return folder

@@ -66,6 +66,7 @@ class SegmentConfig(TrainConfig):
     loss: str = "auto"  # dice | bce | dice_bce | ce | stardist | flows; auto: the target's own (dice_bce for the maps, ce for semantic)
     raw_key: str = "raw"  # image array in NPZ/HDF5/zarr containers
     label_key: str = "label"  # label array in NPZ/HDF5/zarr containers
+    labels: str | None = None  # label folder beside images/ (masks, labels, ...); None: the one there (--labels chooses)
     class_values: list[int] | None = None  # semantic: label value of each class, e.g. [0, 255]; None: labels are 0..K-1
     num_classes: int | None = None  # semantic without class_values; None: the largest training label + 1
     ignore_label: int | None = None  # semantic: label value excluded from loss and metrics

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 from torch import nn
 
+from deepscope.atomic import write_tiff
 from deepscope.blockio import Output, open_input, output_paths
 from deepscope.config import from_dict
 from deepscope.data.seg_dataset import (
@@ -156,11 +156,11 @@ def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] |
 
 
 def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device,
-                        save_dir: str | Path | None = None) -> dict[str, Any]:
+                        save_dir: str | Path | None = None, labels: str | None = None) -> dict[str, Any]:
     """Scores of a segmentation checkpoint on one split of a data set (all of it when it has no split folders);
-    ``save_dir`` receives the predicted labels."""
+    ``save_dir`` receives the predicted labels; ``labels`` names the label folder (default: the one trained on)."""
     predictor, cfg = load_predictor(path, device)
-    found = find_items(data_path, cfg.raw_key, cfg.label_key)
+    found = find_items(data_path, cfg.raw_key, cfg.label_key, cfg.labels if labels is None else labels)
     entries = found.get(split, found.get("all"))
     if entries is None:
         raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
@@ -177,7 +177,7 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
             record, _, pred = score_image(predictor, item, cfg.class_values, cfg.ignore_label)
             records.append(record)
             if out_dir:
-                tifffile.imwrite(out_dir / f"{item.name}.tif", pred, compression="zlib")
+                write_tiff(out_dir / f"{item.name}.tif", pred, "prediction", compression="zlib")
     class_names = [str(v) for v in cfg.class_values] if cfg.class_values else None
     return {"checkpoint": str(path), "data": str(data_path), "split": split, **summarize_records(records, cfg.target, class_names)}
 
@@ -199,19 +199,17 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
         image = open_input(source, key)
         view = input_view(image, len(predictor.tile), predictor.channels, str(source), cfg.normalize, invert=cfg.invert or "never")
         (prob_path, prob_key), (label_path, label_key) = output_paths(out, Path(source).stem, len(inputs) == 1, labels_name)
-        probs = Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile))
-        predictor.probabilities(view, out=probs.array)
-        record = {"input": str(source), "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""), "shape": list(view.shape)}
-        if instances or cfg.target == "semantic":
-            labels = Output(label_path, label_key, view.shape[1:], np.int32, predictor.tile)
-            if cfg.target == "semantic":
-                labels.array[...] = predictor.labels(np.asarray(probs.array[...]))
-            else:  # block by block with the prediction halo as context, so memory follows the block
-                tiled_instances(predictor.instances, probs.array, cfg.inference.instance_block, predictor.halo, out=labels.array)
-            result = labels.array
-            record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
-            if instances:
-                record["objects"] = len(np.unique(np.asarray(result[...]))) - 1
-        probs.close()
+        with Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile)) as probs:
+            predictor.probabilities(view, out=probs.array)
+            record = {"input": str(source), "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""), "shape": list(view.shape)}
+            if instances or cfg.target == "semantic":
+                with Output(label_path, label_key, view.shape[1:], np.int32, predictor.tile) as labels:
+                    if cfg.target == "semantic":
+                        labels.array[...] = predictor.labels(np.asarray(probs.array[...]))
+                    else:  # block by block with the prediction halo as context, so memory follows the block
+                        tiled_instances(predictor.instances, probs.array, cfg.inference.instance_block, predictor.halo, out=labels.array)
+                    record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
+                    if instances:
+                        record["objects"] = len(np.unique(np.asarray(labels.array[...]))) - 1
         records.append(record)
     return records

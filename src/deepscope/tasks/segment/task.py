@@ -120,7 +120,7 @@ class SegmentTask(Task):
         started = time.time()
         self.device, self.dist = device, dist
         semantic = cfg.target == "semantic"
-        found = find_items(cfg.data, cfg.raw_key, cfg.label_key)
+        found = find_items(cfg.data, cfg.raw_key, cfg.label_key, cfg.labels)
         splits = {s: load_items(entries, None, *cfg.normalize, require_objects=not semantic) for s, entries in found.items()}
         if "all" in splits:
             splits["train"] = splits.pop("all")

@@ -70,7 +70,7 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
             raise DataError("only one class is labelled in the training images: the linear probe needs at least two")
         scaler = StandardScaler().fit(train_x[idx])
         model = LogisticRegression(C=1.0, max_iter=1000).fit(scaler.transform(train_x[idx]), train_y[idx])
-        result[float(fraction)] = float((model.predict(scaler.transform(test_x)) == test_y).mean())
+        result[float(fraction)] = int((model.predict(scaler.transform(test_x)) == test_y).sum()) / len(test_y)
     return result
 
 
