@@ -57,6 +57,8 @@ def test_knn_chunked_equals_one_chunk() -> None:
     whole = knn_predict(queries, bank, labels, 4, k=20, chunk=50)
     assert torch.equal(knn_predict(queries, bank, labels, 4, k=20, chunk=7), whole)
     assert torch.equal(knn_predict(queries.double(), bank.double(), labels, 4, k=20, chunk=7), whole)  # cast to float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a run under bf16 autocast: still float32 votes
+        assert torch.equal(knn_predict(queries, bank, labels, 4, k=20, chunk=7), whole)
 
 
 def test_knn_temperature_decides_one_close_against_two_far() -> None:

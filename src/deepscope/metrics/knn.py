@@ -36,12 +36,13 @@ def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes:
     bank = F.normalize(bank.float(), dim=1)
     k = min(k, len(bank))
     predictions = []
-    for start in range(0, len(queries), chunk):
-        q = F.normalize(queries[start:start + chunk].float(), dim=1)
-        sims, idx = (q @ bank.T).topk(k, dim=1)
-        weights = ((sims - sims[:, :1]) / temperature).exp()
-        votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, bank_labels[idx], weights)
-        predictions.append(votes.argmax(1))
+    with torch.autocast(device.type, enabled=False):  # float32 similarities under a run's bf16 autocast: ties and votes
+        for start in range(0, len(queries), chunk):
+            q = F.normalize(queries[start:start + chunk].float(), dim=1)
+            sims, idx = (q @ bank.T).topk(k, dim=1)
+            weights = ((sims - sims[:, :1]) / temperature).exp()
+            votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, bank_labels[idx], weights)
+            predictions.append(votes.argmax(1))
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=device)
 
 
