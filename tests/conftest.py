@@ -122,6 +122,11 @@ def rgba(response) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.content)))
 
 
+def written_name(path: str | Path) -> str:
+    """The name of the file an atomic write of ``path`` (its temporary file, :func:`deepscope.atomic.temporary`) makes."""
+    return Path(path).name[1:].rsplit(".tmp-", 1)[0] if ".tmp-" in Path(path).name else Path(path).name
+
+
 class FullDisk:
     """Atomic writes (:func:`deepscope.atomic.atomic_write`) of files matching ``pattern`` fail as on a full disk:
     half their bytes reach the temporary file, then ENOSPC. ``space_back()`` lets writes succeed again."""
@@ -133,9 +138,7 @@ class FullDisk:
 
         def opener(path, mode="r", *args, **kwargs):
             handle = open(path, mode, *args, **kwargs)
-            # the temporary name is ".NAME.tmp-PID": match NAME against the pattern
-            name = Path(path).name.lstrip(".").rsplit(".tmp-", 1)[0]
-            if not (self.full and "w" in mode and fnmatch.fnmatch(name, pattern)):
+            if not (self.full and "w" in mode and fnmatch.fnmatch(written_name(path), pattern)):
                 return handle
             write = handle.write
 

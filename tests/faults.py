@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import written_name
+
 from deepscope import atomic
 from deepscope.cli import main
 from deepscope.engine.trainer import Trainer
@@ -50,7 +52,7 @@ def _arm(moment: tuple[str, float] | None, counts: dict[str, float]) -> None:
 
     def opener(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 (the atomic writer closes it)
-        if "w" not in mode or not fnmatch.fnmatch(Path(path).name.lstrip(".").rsplit(".tmp-", 1)[0], CHECKPOINTS):
+        if "w" not in mode or not fnmatch.fnmatch(written_name(path), CHECKPOINTS):
             return handle
         counts["checkpoint"] += 1
         if kind != "checkpoint" or counts["checkpoint"] != at:

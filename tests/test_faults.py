@@ -24,7 +24,7 @@ from test_segment_task import seg_args
 from test_ssl_task import TINY as SSL_TINY
 
 from deepscope import blockio
-from deepscope.atomic import WriteError
+from deepscope.atomic import WriteError, leftovers
 from deepscope.blockio import Output, open_input
 from deepscope.cli import main
 from deepscope.demo import write_digits_npz, write_nuclei, write_shapes
@@ -124,7 +124,7 @@ def assert_same_run(reference: Path, killed: Path) -> None:
     assert_same_weights(reference / "last.pt", killed / "last.pt")
     assert_same_weights(reference / "best.pt", killed / "best.pt")
     assert history(killed) == history(reference)
-    assert not list(killed.glob(".*.tmp-*")), "half-written files were left behind"
+    assert not leftovers(killed), "half-written files were left behind"
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -18,11 +18,23 @@ class WriteError(DeepscopeError):
     """A file could not be written; the previous version of it, if any, is intact."""
 
 
+def temporary(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: beside it (the rename must not cross file systems),
+    hidden (readers of the folder skip it), named by the writing process (two writers never share one)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def leftovers(folder: Path, name: str = "*") -> list[Path]:
+    """The temporary files (:func:`temporary`) of files named ``name`` in ``folder`` that writes killed before their
+    rename left behind: nothing reads them."""
+    return list(folder.glob(f".{name}.tmp-*"))
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], what: str = "file") -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``: a process killed, or a
     disk filling up, while writing leaves the previous file intact. Fails with one line naming ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary(path)
     try:
         with open(tmp, "wb") as handle:
             write(handle)

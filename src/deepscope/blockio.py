@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import zarr
 
-from deepscope.atomic import WriteError
+from deepscope.atomic import WriteError, temporary
 from deepscope.data.seg_dataset import LAZY_SUFFIXES, LazyVolume
 from deepscope.data.segmentation import HDF5_SUFFIXES, TIFF_SUFFIXES, read_volume
 from deepscope.errors import DataError
@@ -51,7 +51,7 @@ class Output:
         self.path, self.key = path, key
         self._file: Any = None
         self._partial = f"{key}.partial-{os.getpid()}"  # inside a container
-        self._tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # beside a TIFF
+        self._tmp = temporary(path)  # for a TIFF
         self._created = not path.exists()  # a container this output creates goes again if it ends up empty
         suffix = path.suffix.lower()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,9 +126,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         result = evaluate_encoder(args.checkpoint, args.data, args.probe, args.fractions, device)
     elif task == "detect":
-        from deepscope.tasks.detect.apply import (
-            evaluate_checkpoint as evaluate_detector,
-        )
+        from deepscope.tasks.detect.apply import evaluate_checkpoint as evaluate_detector
 
         result = evaluate_detector(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
     elif task == "segment":

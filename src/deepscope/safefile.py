@@ -112,27 +112,25 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 9 and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER and head[8:] == b"{"
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a safetensors file, without reading its tensors; ``ValueError`` if it is damaged."""
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The string metadata of a safetensors file and (unless ``tensors`` is False: a listing reads the header only)
+    its tensors, on the CPU; ``ValueError`` if it is damaged."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            found = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}  # noqa: SIM118 (not a mapping)
+            return dict(handle.metadata() or {}), found
     except Exception as exc:  # safetensors raises its own error type, or OSError, for damaged or truncated files
         raise ValueError(f"a damaged safetensors file ({str(exc).splitlines()[0][:120]})") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, on the CPU; ``ValueError`` if it is damaged."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-    except Exception as exc:
-        raise ValueError(f"a damaged safetensors file ({str(exc).splitlines()[0][:120]})") from None
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors; ``ValueError`` if it is damaged."""
+    return read_safetensors(path, tensors=False)[0]
 
 
-def read_state(path: Path, fmt: str) -> Any:
-    """The nested state written by :func:`write_state` with format ``fmt``; ``ValueError`` saying what is wrong."""
-    metadata = read_metadata(path)
+def decode_state(metadata: dict[str, str], tensors: dict[str, torch.Tensor], fmt: str) -> Any:
+    """The nested state a file of format ``fmt`` holds (see :func:`read_safetensors`); ``ValueError`` saying what is
+    wrong."""
     if metadata.get(FORMAT_KEY) != fmt or STATE_KEY not in metadata:
         raise ValueError(f"not a {fmt} file (its header says {metadata.get(FORMAT_KEY)!r})")
     try:
@@ -140,6 +138,11 @@ def read_state(path: Path, fmt: str) -> Any:
     except (ValueError, RecursionError):
         raise ValueError("its header's state is not valid JSON") from None
     try:
-        return _decode(skeleton, read_tensors(path))
+        return _decode(skeleton, tensors)
     except RecursionError:
         raise ValueError("its state is nested too deeply") from None
+
+
+def read_state(path: Path, fmt: str) -> Any:
+    """The nested state written by :func:`write_state` with format ``fmt``; ``ValueError`` saying what is wrong."""
+    return decode_state(*read_safetensors(path), fmt)

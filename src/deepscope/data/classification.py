@@ -267,10 +267,10 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
             raise DataError(f"{path}: x_{split} has no labels y_{split}")
         splits[split] = npz_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"], resize)
     if num_classes is None:
-        labels = np.concatenate([data.labels for data in splits.values()])
+        images = sum(len(data.labels) for data in splits.values())
         num_classes = int(splits["train"].labels.max()) + 1
-        if num_classes > len(labels):  # also keeps a stray label such as 10**12 from making a name per class
-            raise DataError(f"{path}: label {num_classes - 1} in y_train implies {num_classes} classes for {len(labels)} "
+        if num_classes > images:  # also keeps a stray label such as 10**12 from making a name per class
+            raise DataError(f"{path}: label {num_classes - 1} in y_train implies {num_classes} classes for {images} "
                             "images; number the classes 0..K-1 or give class_names")
         names = [str(i) for i in range(num_classes)]
     for split, data in splits.items():

@@ -202,7 +202,8 @@ def _read_voc(images: list[Path], folder: Path) -> _Source:
 # -------------------------------------------------------------------------------------------------------- COCO JSON
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file (COCO annotations or results) as UTF-8; every error, deep nesting included, names the file."""
     text = _read_text(path)
     try:
         return json.loads(text)
@@ -375,7 +376,7 @@ def _read_coco_entries(coco: dict, path: Path, images: list[Path]) -> _Source:
 
 
 def _read_coco(images: list[Path], path: Path) -> _Source:
-    coco = _read_json(path)
+    coco = read_json(path)
     if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("categories"), list)):
         raise DataError(f"{path}: not a COCO file (needs 'images' and 'categories' lists)")
     for key in ("images", "categories", "annotations"):

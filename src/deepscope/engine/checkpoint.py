@@ -30,10 +30,10 @@ from deepscope.atomic import atomic_write
 from deepscope.errors import CheckpointError
 from deepscope.safefile import (
     FORMAT_KEY,
+    decode_state,
     is_safetensors,
     read_metadata,
-    read_state,
-    read_tensors,
+    read_safetensors,
     write_state,
 )
 
@@ -101,9 +101,8 @@ def read_weights_file(path: Path) -> Any:
         if not is_safetensors(path):
             _check_pytorch_file(path)
             return _unpickle_weights_only(path)
-        if read_metadata(path).get(FORMAT_KEY) == FORMAT:
-            return read_state(path, FORMAT)
-        return read_tensors(path)
+        metadata, tensors = read_safetensors(path)
+        return decode_state(metadata, tensors, FORMAT) if metadata.get(FORMAT_KEY) == FORMAT else tensors
 
 
 def load_checkpoint(path: str | Path, task: str | None = None, model: str | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepscope import __version__
-from deepscope.atomic import atomic_write
+from deepscope.atomic import atomic_write, leftovers
 from deepscope.config import save_yaml, to_dict
 from deepscope.engine.checkpoint import (
     copy_checkpoint,
@@ -51,12 +51,6 @@ def first_nonfinite(values: torch.Tensor) -> int | None:
     """Index of the first NaN or infinite value, or None."""
     bad = (~torch.isfinite(values)).nonzero()
     return int(bad[0]) if len(bad) else None
-
-
-def remove_partial_writes(run_dir: Path) -> None:
-    """Delete the temporary files a killed run left half written (``.last.pt.tmp-PID``): they are never read."""
-    for partial in run_dir.glob(".*.tmp-*"):
-        partial.unlink(missing_ok=True)
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
@@ -128,7 +122,8 @@ class Trainer:
             raise DeepscopeError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
         state = self._resume_state() if self.resume else None
         if self.resume and dist.is_main:
-            remove_partial_writes(self.run_dir)
+            for partial in leftovers(self.run_dir):  # half written by the run that was killed
+                partial.unlink(missing_ok=True)
         precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
         seed_everything(cfg.seed)
         task.setup(device, dist)

@@ -9,7 +9,6 @@ prediction file are carried along but not scored).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any
 import torch
 
 from deepscope.data.det_types import DetData
-from deepscope.data.detection import coco_ground_truth, is_number, json_rles
-from deepscope.errors import DataError, exception_line, shown
+from deepscope.data.detection import coco_ground_truth, is_number, json_rles, read_json
+from deepscope.errors import DataError, shown
 from deepscope.metrics.detection import DetectionScorer, binary_masks
 
 
@@ -39,19 +38,6 @@ class _CocoTruth:
     images: list[dict[str, Any]]
     categories: list[dict[str, Any]]
     annotations: list[dict[str, Any]]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    except RecursionError:
-        raise DataError(f"{path}: not valid JSON (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read ({exception_line(err)})") from None
 
 
 # Entries are matched by these values (ids sorted and looked up, names compared): ids must be integers, names text.
@@ -96,7 +82,7 @@ def _check_entries(source: Any, what: str, entries: Any, keys: tuple[str, ...]) 
 def load_coco_predictions(path: str | Path) -> CocoPredictions:
     """Read a full COCO file with scored annotations, or a bare results list ``[{image_id, category_id, bbox, score}]``."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     keys = ("image_id", "category_id", "bbox", "score")
     if isinstance(data, list):
         return CocoPredictions(path, _check_entries(path, "detection", data, keys), None, None)
@@ -121,7 +107,7 @@ def _load_truth(truth: str | Path | DetData, split: str | None) -> _CocoTruth:
         coco = coco_ground_truth(truth.class_names, items)
         return _CocoTruth(source, coco["images"], coco["categories"], coco["annotations"])
     path = Path(truth)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
         raise DataError(f"{path}: expected a COCO file with 'images', 'annotations' and 'categories'")
     return _CocoTruth(

@@ -33,7 +33,7 @@ import numpy as np
 import tifffile
 from skimage.draw import disk, polygon
 
-from deepscope.atomic import WriteError, atomic_write
+from deepscope.atomic import WriteError, atomic_write, leftovers
 from deepscope.data.scribbles import MAX_CLASSES
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import LABELS_DIR, STATE_DIR, ServedFolder, ServedImage
@@ -301,7 +301,7 @@ class LabelStore(BackgroundWriter):
         into the file by the writer, which then empties it."""
         image = self.folder.open(name)
         path = self.folder.labels_path(name)
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a write that was killed
+        for stale in leftovers(path.parent, path.name):  # left by a write that was killed
             stale.unlink(missing_ok=True)
         labels, seq = _read_saved(path, image)
         journal_path = self.folder.root / STATE_DIR / JOURNAL_DIR / f"{path.stem}.jsonl"

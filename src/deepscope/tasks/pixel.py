@@ -26,7 +26,7 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 
 import deepscope
-from deepscope.atomic import write_text
+from deepscope.atomic import temporary, write_text
 from deepscope.blockio import Output, open_input, output_paths
 from deepscope.config import save_yaml
 from deepscope.data.scribbles import read_sparse_labels
@@ -140,7 +140,7 @@ class FeatureCache:
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)  # a damaged cache entry is recomputed
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary(path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(spec.count, *view.shape[1:]))
         compute_features(view, spec, tile, device, out=out)
         out.flush()

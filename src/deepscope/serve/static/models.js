@@ -137,9 +137,11 @@
       const list = $("models-list");
       list.replaceChildren();
       for (const entry of found) {
-        const item = element("li", { textContent: entry.path, title: entry.error || `${entry.task}, ${entry.modified}` });
+        // a deepscope 0.1 checkpoint is a pickle: its task is read only when it is opened (safely)
+        const task = entry.task ?? "older checkpoint, task known once opened";
+        const item = element("li", { textContent: entry.path, title: entry.error || `${task}, ${entry.modified}` });
         item.dataset.path = entry.path;
-        item.append(element("span", { className: "detail", textContent: entry.error || `${entry.task} · ${entry.modified.replace("T", " ")}` }));
+        item.append(element("span", { className: "detail", textContent: entry.error || `${task} · ${entry.modified.replace("T", " ")}` }));
         if (entry.error) item.classList.add("broken");
         else item.addEventListener("click", () => open(entry.path));
         item.classList.toggle("current", models.description !== null && models.description.path === entry.path);
