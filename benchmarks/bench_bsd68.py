@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 
-from deepscope.data.denoise_dataset import find_denoise_files, load_split
-from deepscope.data.noise import NoiseConfig
+from deepscope.data.denoise.dataset import find_denoise_files, load_split
+from deepscope.data.denoise.noise import NoiseConfig
 from deepscope.engine.precision import resolve_precision
 from deepscope.metrics.denoise import psnr, ssim
-from deepscope.tasks.denoise_predict import add_fixed_noise
+from deepscope.tasks.denoise.predict import add_fixed_noise
 
 SIGMA = 25.0
 VENV = CACHE / "careamics-venv"

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from deepscope.data.augment import AugmentConfig
-from deepscope.data.classification import ImageSet, channel_stats, load_classification
-from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
+from deepscope.data.classification.augment import AugmentConfig
+from deepscope.data.classification.dataset import ImageSet, channel_stats, load_classification
+from deepscope.data.classification.loaders import BatchSpec, DeviceLoader, torch_loader
 from deepscope.engine.precision import resolve_precision
 from deepscope.models import build_model
 

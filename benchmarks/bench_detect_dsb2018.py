@@ -126,7 +126,7 @@ def write_truth(path: Path, items: list[Any]) -> None:
 
 
 def truth_item(name: str, path: Path, image: np.ndarray, boxes: np.ndarray, image_id: int) -> Any:
-    from deepscope.data.det_types import DetItem
+    from deepscope.data.detection.types import DetItem
 
     return DetItem(name, path, image.shape[1], image.shape[0], boxes.astype(np.float32), np.ones(len(boxes), np.int64),
                    np.zeros(len(boxes), bool), image_id=image_id)
@@ -134,8 +134,8 @@ def truth_item(name: str, path: Path, image: np.ndarray, boxes: np.ndarray, imag
 
 def test_images(data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image, boxes) of every test image as it is, for the mosaic (masks are not needed: boxes are what is scored)."""
-    from deepscope.data.detection import load_detection_data
-    from deepscope.data.readers import read_image
+    from deepscope.data.detection.annotations import load_detection_data
+    from deepscope.data.io.images import read_image
 
     (items,) = load_detection_data(data / "test").splits.values()
     return [(read_image(item.path), item.boxes[~item.crowd]) for item in items]
@@ -267,7 +267,7 @@ def tiling(data: Path, run_dir: Path, mosaic_side: int) -> dict[str, Any]:
 
 def test_counts(data: Path) -> list[int]:
     """Nuclei per test image, counted from the instance masks (one box each)."""
-    from deepscope.data.detection import load_detection_data
+    from deepscope.data.detection.annotations import load_detection_data
 
     (items,) = load_detection_data(data / "test").splits.values()
     return [len(item.boxes) for item in items]

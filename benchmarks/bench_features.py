@@ -36,7 +36,7 @@ def test_image(ndim: int) -> np.ndarray:
 
 
 def deepscope_features(image: np.ndarray, full: bool = False) -> np.ndarray:
-    from deepscope.features import FeatureSpec, compute_features
+    from deepscope.tasks.pixel.features import FeatureSpec, compute_features
 
     spec = FeatureSpec.default(image.ndim) if full else FeatureSpec.from_selection(["gaussian", "ggm", "hessian"], SIGMAS, image.ndim)
     return compute_features(image[None], spec, device="cpu")
@@ -88,7 +88,7 @@ def one(method: str, ndim: int, repeats: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     check = {}
     if method == "deepscope" and ndim == 2:  # same maps as scipy's kernels, and tiles equal to the whole
-        from deepscope.features import FeatureSpec, compute_features
+        from deepscope.tasks.pixel.features import FeatureSpec, compute_features
 
         reference = scipy_features(image)
         check["max_abs_diff_vs_scipy"] = float(np.abs(result - reference).max())

@@ -24,9 +24,9 @@ from sklearn.ensemble import RandomForestClassifier
 from bench_isbi_em import prepare as prepare_isbi
 from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.scribbles import dense_classes, sample_scribbles
-from deepscope.tasks.pixel import predict_files as forest_predict
-from deepscope.tasks.pixel import train_pixel
-from deepscope.tasks.pixel_config import PixelConfig
+from deepscope.tasks.pixel.predict import predict_files as forest_predict
+from deepscope.tasks.pixel.train import train_pixel
+from deepscope.tasks.pixel.config import PixelConfig
 from deepscope.tasks.segment.predict import predict_files as unet_predict
 
 FRACTION = 0.001

@@ -89,7 +89,7 @@ def subset_npz(data: Path, n: int) -> Path:
 def labelled_npz(data: Path, fraction: float, val_fraction: float) -> Path:
     """The training images whose labels the linear probe at ``fraction`` uses (same split and seed as ``train ssl``
     and ``probe_encoder``), with all test images: what a supervised network of that label budget learns from."""
-    from deepscope.data.ssl_data import load_ssl_data
+    from deepscope.data.ssl.dataset import load_ssl_data
     from deepscope.tasks.ssl.probe import label_subset
 
     target = RUNS / f"{data.stem}-labels{fraction:g}.npz"
@@ -138,7 +138,7 @@ def run_ssl(method: str, data: Path, out: Path, args: argparse.Namespace) -> dic
 
 def lightly_command(data: Path, out: Path, args: argparse.Namespace) -> list[str]:
     """lightly_simclr.py with ``train ssl``'s defaults: the same views, temperature, head and optimizer."""
-    from deepscope.data.ssl_views import view_config
+    from deepscope.data.ssl.views import view_config
     from deepscope.tasks.ssl.config import SSLConfig
 
     cfg, views = SSLConfig(method="simclr"), view_config("natural", {})
@@ -217,7 +217,7 @@ METHOD_NAMES = {"simclr": "SimCLR", "vicreg": "VICReg", "lightly": "SimCLR (ligh
 
 def settings_text() -> str:
     """``train ssl``'s defaults that lightly's run copies, for the notes."""
-    from deepscope.data.ssl_views import view_config
+    from deepscope.data.ssl.views import view_config
     from deepscope.tasks.ssl.config import SSLConfig
 
     cfg, views = SSLConfig(method="simclr"), view_config("natural", {})

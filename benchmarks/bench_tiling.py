@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 import torch
-from deepscope.data.readers import read_image
+from deepscope.data.io.images import read_image
 from deepscope.models.unet import UNet
-from deepscope.tiling import predict_tiled
+from deepscope.inference.tiling import predict_tiled
 
 from common import SHARED, command_line, header, write_section
 

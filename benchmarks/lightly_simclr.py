@@ -80,7 +80,7 @@ def main() -> None:
     from lightly.transforms import SimCLRTransform
 
     from deepscope.config import OptimConfig
-    from deepscope.data.ssl_data import load_ssl_data, ssl_stats
+    from deepscope.data.ssl.dataset import load_ssl_data, ssl_stats
     from deepscope.engine.optim import build_optimizer, build_scheduler
     from deepscope.engine.precision import resolve_precision
     from deepscope.models.ssl import build_encoder

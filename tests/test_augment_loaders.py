@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deepscope.data.augment import AugmentConfig, cutout, random_crop, random_flip
-from deepscope.data.classification import ImageSet
-from deepscope.data.loaders import BatchSpec, DeviceLoader, torch_loader
+from deepscope.data.classification.augment import AugmentConfig, cutout, random_crop, random_flip
+from deepscope.data.classification.dataset import ImageSet
+from deepscope.data.classification.loaders import BatchSpec, DeviceLoader, torch_loader
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -13,7 +13,7 @@ from test_segment_bad_input import small_run
 
 from deepscope.atomic import WriteError
 from deepscope.cli import main
-from deepscope.demo import write_nuclei
+from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(class_tree, tmp_pa
     good = load_checkpoint(out / "last.pt")
     capsys.readouterr()
 
-    from deepscope.tasks.classify import ClassifyTask
+    from deepscope.tasks.classify.task import ClassifyTask
 
     original = ClassifyTask.loss
     calls = {"n": 0}

@@ -96,10 +96,11 @@ def test_demo_segment_finds_the_generated_nuclei(tmp_path, capsys):
 def test_streaming_from_disk_trains_like_memory(class_tree, tmp_path):
     import torch
 
-    from deepscope.data.classification import FileImageSet
-    from deepscope.data.loaders import ToDevice
+    from deepscope.data.classification.dataset import FileImageSet
+    from deepscope.data.classification.loaders import ToDevice
     from deepscope.engine.distributed import DistInfo
-    from deepscope.tasks.classify import ClassifyConfig, ClassifyTask
+    from deepscope.tasks.classify.config import ClassifyConfig
+    from deepscope.tasks.classify.task import ClassifyTask
 
     task = ClassifyTask(ClassifyConfig(data=str(class_tree), loader="dataloader"))
     task.setup(torch.device("cpu"), DistInfo())

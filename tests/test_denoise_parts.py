@@ -9,14 +9,14 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from deepscope.data.blind_spot import BlindSpotConfig, box_size, mask_pixels
-from deepscope.data.denoise_dataset import DenoiseItem, PatchBank
-from deepscope.data.noise import NoiseConfig, add_noise, noise_generator
+from deepscope.data.denoise.blind_spot import BlindSpotConfig, box_size, mask_pixels
+from deepscope.data.denoise.dataset import DenoiseItem, PatchBank
+from deepscope.data.denoise.noise import NoiseConfig, add_noise, noise_generator
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.denoise import masked_mse
 from deepscope.metrics.denoise import data_range_for, psnr, ssim
 from deepscope.models.unet import MaxBlurPool, UNet
-from deepscope.tiling import predict_tiled
+from deepscope.inference.tiling import predict_tiled
 
 
 def unique_batch(n: int = 2, c: int = 2, h: int = 40, w: int = 36) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 from torchvision.ops import box_area
 
 from deepscope.config import from_dict
-from deepscope.data.det_augment import DetAugmentConfig, augment_sample, mosaic
-from deepscope.data.det_batches import DetBatches, DetSample
+from deepscope.data.detection.augment import DetAugmentConfig, augment_sample, mosaic
+from deepscope.data.detection.batches import DetBatches, DetSample
 from deepscope.errors import DeepscopeError
 
 NO_AUGMENT = {"hflip": 0.0, "vflip": 0.0, "rot90": False, "scale_jitter": [1.0, 1.0], "crop": 0.0, "brightness": 0.0,

@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deepscope.data.det_types import DetData, DetItem
+from deepscope.data.detection.types import DetData, DetItem
 from deepscope.errors import DataError
 from deepscope.metrics.coco_files import detections_to_coco, load_coco_predictions, score_coco_files
 from deepscope.metrics.detection import DetectionScorer, best_f1_threshold

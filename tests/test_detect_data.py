@@ -16,9 +16,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from deepscope.data import detection
-from deepscope.data.detection import coco_ground_truth, load_detection_data
-from deepscope.data.readers import read_image
+from deepscope.data.detection import annotations as detection
+from deepscope.data.detection.annotations import coco_ground_truth, load_detection_data
+from deepscope.data.io.images import read_image
 from deepscope.errors import DataError
 
 # ------------------------------------------------------------------------------------------------- file writers

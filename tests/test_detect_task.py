@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from deepscope.cli import main
-from deepscope.demo import write_shapes
+from deepscope.demo.data import write_shapes
 from deepscope.engine.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
 from deepscope.errors import CheckpointError
 from deepscope.models.detection import build_detector

@@ -23,11 +23,11 @@ from test_detect_task import TINY as DETECT_TINY
 from test_segment_task import seg_args
 from test_ssl_task import TINY as SSL_TINY
 
-from deepscope import blockio
+from deepscope.inference import blockio
 from deepscope.atomic import WriteError, leftovers
-from deepscope.blockio import Output, open_input
+from deepscope.inference.blockio import Output, open_input
 from deepscope.cli import main
-from deepscope.demo import write_digits_npz, write_nuclei, write_shapes
+from deepscope.demo.data import write_digits_npz, write_nuclei, write_shapes
 from deepscope.engine.checkpoint import load_checkpoint
 
 KILLS = 3  # per task, each in the run resumed after the one before

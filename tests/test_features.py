@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from deepscope.errors import DeepscopeError
-from deepscope.features import FILTERS, FeatureSpec, auto_tile, compute_features, radius, symmetric_eigenvalues
+from deepscope.tasks.pixel.features import FILTERS, FeatureSpec, auto_tile, compute_features, radius, symmetric_eigenvalues
 
 SCALES = (0.7, 1.6, 3.5)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import fit_batch
 
-from deepscope.data.flows import batch_flow_target, batch_flows
+from deepscope.data.segmentation.flows import batch_flow_target, batch_flows
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.flows import FLOW_SCALE, flows_loss
 from deepscope.postprocess.flows import fill_holes, flow_instances, follow_flows

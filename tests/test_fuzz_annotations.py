@@ -37,8 +37,8 @@ from test_fuzz_readers import (
     scratch,
 )
 
-from deepscope.data.det_types import DetData
-from deepscope.data.detection import load_detection_data
+from deepscope.data.detection.types import DetData
+from deepscope.data.detection.annotations import load_detection_data
 from deepscope.errors import DataError
 from deepscope.metrics.coco_files import score_coco_files
 

@@ -29,11 +29,12 @@ from test_fuzz_readers import (
     scratch,
 )
 
-from deepscope.cli import build_parser, resolve_pixel_config, resolve_train_config
+from deepscope.cli import build_parser, resolve_train_config
+from deepscope.tasks.pixel.commands import resolve_pixel_config
 from deepscope.config import _resolve_type, to_dict
 from deepscope.errors import DeepscopeError
 from deepscope.tasks import TASKS, get_task
-from deepscope.tasks.pixel_config import PixelConfig
+from deepscope.tasks.pixel.config import PixelConfig
 
 CONFIGS = {**{task: get_task(task)[0] for task in sorted(TASKS)}, "pixel": PixelConfig}
 PARSER = build_parser()

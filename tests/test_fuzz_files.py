@@ -17,9 +17,9 @@ from sklearn.ensemble import RandomForestClassifier
 
 from deepscope.engine.checkpoint import header_task, load_checkpoint, save_checkpoint
 from deepscope.errors import CheckpointError
-from deepscope.features import FeatureSpec
+from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.safefile import FORMAT_KEY, STATE_KEY, read_state, state_bytes, write_state
-from deepscope.tasks.pixel import FORMAT, PixelClassifier, versions
+from deepscope.tasks.pixel.classifier import FORMAT, PixelClassifier, versions
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 NODE_FIELDS = ["left_child", "right_child", "feature", "threshold", "impurity", "n_node_samples", "weighted_n_node_samples"]

@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from deepscope.data.classification import FileImageSet, load_classification
-from deepscope.data.denoise_dataset import find_denoise_files, load_split
-from deepscope.data.label_checks import label_warnings
-from deepscope.data.readers import probe_image, read_image
+from deepscope.data.classification.dataset import FileImageSet, load_classification
+from deepscope.data.denoise.dataset import find_denoise_files, load_split
+from deepscope.data.segmentation.label_checks import label_warnings
+from deepscope.data.io.images import probe_image, read_image
 from deepscope.data.scribbles import read_sparse_labels
-from deepscope.data.seg_dataset import find_items, load_items
-from deepscope.data.segmentation import read_volume
+from deepscope.data.segmentation.dataset import find_items, load_items
+from deepscope.data.io.volumes import read_volume
 from deepscope.errors import DataError, DeepscopeError
 
 T = TypeVar("T")

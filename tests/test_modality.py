@@ -11,21 +11,11 @@ from PIL import Image
 from skimage.color import hed_from_rgb, rgb_from_hed
 from skimage.draw import disk
 
-from deepscope.data.label_checks import label_warnings
-from deepscope.data.seg_augment import SegAugmentConfig, augment_pair
-from deepscope.data.seg_dataset import (
-    Normalized,
-    PatchDataset,
-    SegItem,
-    balanced_weights,
-    find_items,
-    image_groups,
-    input_view,
-    load_items,
-    normalized,
-    percentiles,
-)
-from deepscope.data.segmentation import PatchSampler
+from deepscope.data.segmentation.label_checks import label_warnings
+from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
+from deepscope.data.io.views import Normalized, input_view, normalized, percentiles
+from deepscope.data.segmentation.dataset import PatchDataset, SegItem, balanced_weights, find_items, image_groups, load_items
+from deepscope.data.segmentation.pairs import PatchSampler
 from deepscope.errors import DataError, DeepscopeError
 
 OFF = {"flip": False, "rot90": False}

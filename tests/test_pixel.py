@@ -19,7 +19,8 @@ from deepscope.data.scribbles import (
 from deepscope.data.synthetic import nuclei_set
 from deepscope.errors import DataError
 from deepscope.safefile import read_state, write_state
-from deepscope.tasks.pixel import FORMAT, labelled_indices
+from deepscope.tasks.pixel.classifier import FORMAT
+from deepscope.tasks.pixel.labelled import labelled_indices
 
 FAST = ["--filters", "gaussian", "ggm", "hessian", "structure", "--scales", "1", "2", "4", "--trees", "30"]
 

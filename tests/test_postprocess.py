@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from deepscope.data.targets import boundaries, foreground
+from deepscope.data.segmentation.targets import boundaries, foreground
 from deepscope.errors import DataError
 from deepscope.metrics.instance import match_counts
 from deepscope.postprocess.watershed import (

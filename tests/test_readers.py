@@ -7,14 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from deepscope.data.classification import (
-    FileImageSet,
-    ImageSet,
-    channel_stats,
-    load_classification,
-    stratified_split,
-)
-from deepscope.data.readers import read_image
+from deepscope.data.classification.dataset import FileImageSet, ImageSet, channel_stats, load_classification, stratified_split
+from deepscope.data.io.images import read_image
 from deepscope.errors import DataError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepscope.data.seg_augment import EDGE_TOLERANCE, SegAugmentConfig, augment_pair
+from deepscope.data.segmentation.augment import EDGE_TOLERANCE, SegAugmentConfig, augment_pair
 from deepscope.errors import DeepscopeError
 
 OFF = {"flip": False, "rot90": False}

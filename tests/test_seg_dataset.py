@@ -10,25 +10,13 @@ import pytest
 import torch
 from skimage.segmentation import find_boundaries
 
-from deepscope.data.seg_dataset import (
-    ChannelsFirst,
-    LazyVolume,
-    Normalized,
-    PatchDataset,
-    PatchLoader,
-    SegItem,
-    percentiles,
-)
-from deepscope.data.targets import (
-    batch_boundaries,
-    batch_class_map,
-    batch_target,
-    distance_map,
-    foreground_and_boundaries,
-)
+from deepscope.data.io.views import ChannelsFirst, Normalized, percentiles
+from deepscope.data.io.volumes import LazyVolume
+from deepscope.data.segmentation.dataset import PatchDataset, PatchLoader, SegItem
+from deepscope.data.segmentation.targets import batch_boundaries, batch_class_map, batch_target, distance_map, foreground_and_boundaries
 from deepscope.errors import DataError
 from deepscope.metrics.semantic import confusion, confusion_scores
-from deepscope.tasks.geometry import halo_for
+from deepscope.inference.geometry import halo_for
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 17), (2, 9, 10, 11)])
@@ -69,7 +57,7 @@ def test_percentiles_and_normalized_reads_per_channel():
 
 
 def test_percentiles_of_a_large_volume_read_a_subset(monkeypatch):
-    import deepscope.data.seg_dataset as module
+    import deepscope.data.io.views as module
 
     monkeypatch.setattr(module, "PERCENTILE_SAMPLES", 1000)
     volume = np.arange(20 * 10 * 10, dtype=np.float32).reshape(20, 10, 10)

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from deepscope.cli import main
-from deepscope.demo import write_nuclei
+from deepscope.demo.data import write_nuclei
 
 
 def small_run(data: Path, out: Path, *extra: str) -> list[str]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from deepscope.data.seg_augment import SegAugmentConfig
+from deepscope.data.segmentation.augment import SegAugmentConfig
 from deepscope.metrics.instance import image_scores
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
@@ -114,7 +114,7 @@ def touching_maps(shape=(200, 260), seed=0) -> np.ndarray:
     labels = np.zeros(shape, np.int32)
     for i in range(1, 60):
         labels[disk(tuple(rng.integers(8, s - 8) for s in shape), rng.integers(4, 8), shape=shape)] = i
-    from deepscope.data.targets import foreground_and_boundaries
+    from deepscope.data.segmentation.targets import foreground_and_boundaries
     return foreground_and_boundaries(labels)
 
 

@@ -12,7 +12,7 @@ import tifffile
 import torch
 
 from deepscope.cli import main
-from deepscope.demo import write_nuclei
+from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.metrics.instance import image_scores
 

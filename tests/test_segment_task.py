@@ -17,7 +17,7 @@ import zarr
 from PIL import Image
 
 from deepscope.cli import main
-from deepscope.demo import write_nuclei
+from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.metrics.instance import evaluate_instances
 

@@ -29,7 +29,7 @@ from deepscope.serve.app import LOOPBACK_NAMES, create_app, is_loopback, serve
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.http import visible_region
 from deepscope.serve.project import PROJECT_FILE
-from deepscope.tasks.pixel import PixelClassifier
+from deepscope.tasks.pixel.classifier import PixelClassifier
 
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # the default colours of classes 1 and 2
 LEFT = {"points": [[32, 6], [32, 40]], "radius": 3, "label": 1}

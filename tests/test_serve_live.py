@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from deepscope.blockio import open_input
+from deepscope.inference.blockio import open_input
 from deepscope.cli import main
 from deepscope.errors import DeepscopeError
-from deepscope.features import compute_features
+from deepscope.tasks.pixel.features import compute_features
 from deepscope.serve import live as live_module
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.labels import LabelStore, Stroke

@@ -29,7 +29,7 @@ from conftest import pattern_images, rgba, write_tree
 
 from deepscope.cli import main
 from deepscope.data.synthetic import nuclei_image
-from deepscope.demo import write_nuclei, write_shapes
+from deepscope.demo.data import write_nuclei, write_shapes
 from deepscope.serve.app import create_app
 from deepscope.serve.folder import ServedFolder, ServedImage
 from deepscope.serve.models import PALETTE, Model, ModelService, Result

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.features import FeatureSpec
+from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.project import PROJECT_FILE, LabelClass, Project
 

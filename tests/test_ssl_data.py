@@ -10,8 +10,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from deepscope.data.segmentation import percentile_normalize
-from deepscope.data.ssl_data import SSLEvalBatches, SSLImages, SSLTrainBatches, load_ssl_data, ssl_stats
+from deepscope.data.io.views import percentile_normalize
+from deepscope.data.ssl.dataset import SSLEvalBatches, SSLImages, SSLTrainBatches, load_ssl_data, ssl_stats
 from deepscope.errors import DataError, DeepscopeError
 
 CPU = torch.device("cpu")
@@ -244,7 +244,7 @@ def test_ssl_stats() -> None:
 
 
 def test_train_batches_with_the_real_views_agree_across_ranks() -> None:
-    from deepscope.data.ssl_views import TwoViews, view_config
+    from deepscope.data.ssl.views import TwoViews, view_config
 
     data = SSLImages(torch.randn(8, 1, 12, 12).half(), np.full(8, -1, np.int64), [str(i) for i in range(8)], 1.0)
     args = (data, TwoViews(view_config("microscopy"), (8, 8)), 4, [0.0], [1.0], CPU)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from deepscope.cli import main
-from deepscope.demo import write_digits_npz, write_nuclei
+from deepscope.demo.data import write_digits_npz, write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.losses.ssl import nt_xent, vicreg
 from deepscope.models.ssl import SSLModel, build_encoder
@@ -200,7 +200,7 @@ def test_bad_input_is_one_clear_line(digits: Path, pretrained: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_demo_ssl_beats_the_random_encoder(tmp_path: Path) -> None:
-    from deepscope.demo import run_demo
+    from deepscope.demo.runs import run_demo
 
     result = run_demo("ssl", tmp_path / "demo")
     assert result["knn_accuracy"] > result["random_encoder_knn_accuracy"] + 0.05

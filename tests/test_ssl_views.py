@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepscope.data.ssl_views import TwoViews, _color_jitter, _crop_theta, view_config
+from deepscope.data.ssl.views import TwoViews, _color_jitter, _crop_theta, view_config
 from deepscope.errors import DeepscopeError
 
 ALL = slice(None)

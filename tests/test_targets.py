@@ -5,15 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepscope.data.targets import (
-    TARGETS,
-    boundaries,
-    distance_map,
-    foreground,
-    foreground_and_boundaries,
-    make_target,
-    semantic_target,
-)
+from deepscope.data.segmentation.targets import TARGETS, boundaries, distance_map, foreground, foreground_and_boundaries, make_target, semantic_target
 from deepscope.errors import DataError
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from deepscope.errors import DeepscopeError
 from deepscope.models.unet import UNet
-from deepscope.tiling import predict_tiled
+from deepscope.inference.tiling import predict_tiled
 
 CASES = {2: ((1, 70, 90), 32), 3: ((1, 20, 30, 30), 16)}  # shapes that are not multiples of the tile
 HALO = 4

@@ -21,6 +21,7 @@ from deepscope.atomic import atomic_write
 from deepscope.errors import DeepscopeError, plain, shown
 
 T = TypeVar("T")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # TrainConfig.amp; what each means: deepscope.engine.precision
 MAX_VALUES = 100_000  # values one settings document may hold with its YAML aliases expanded; real ones hold hundreds
 
 

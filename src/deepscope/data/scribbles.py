@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from skimage.draw import line_nd
 
-from deepscope.data.segmentation import read_volume
+from deepscope.data.io.volumes import read_volume
 from deepscope.errors import DataError
 
 MAX_CLASSES = 255  # class maps are written as uint8

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from deepscope.config import AMP_MODES
 from deepscope.errors import DeepscopeError
 
-MODES = ("auto", "off", "bf16", "fp16")
+MODES = AMP_MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -1,4 +1,4 @@
-"""Cellpose loss for (N, 1 + ndim, *spatial) logits against ``deepscope.data.flows.batch_flow_target`` targets.
+"""Cellpose loss for (N, 1 + ndim, *spatial) logits against ``deepscope.data.segmentation.flows.batch_flow_target`` targets.
 
 Scale convention: the network's flow channels predict ``FLOW_SCALE`` x the unit flow vectors of the target, as
 Cellpose trains them (its targets are multiplied by 5, so an MSE of order 1 weighs about as much as the BCE).

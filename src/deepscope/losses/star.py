@@ -1,6 +1,6 @@
 """Loss for star-convex polygon (StarDist) outputs: object probability plus distances to the edge along rays.
 
-Logits and targets are (N, 1 + n_rays, *spatial) as ``deepscope.data.star.batch_star_target`` builds them; the
+Logits and targets are (N, 1 + n_rays, *spatial) as ``deepscope.data.segmentation.star.batch_star_target`` builds them; the
 logits are cast to float32 first so sums over many pixels stay accurate under autocast. Self-contained:
 ``deepscope.losses.segmentation`` registers this loss, so it cannot import from there.
 """

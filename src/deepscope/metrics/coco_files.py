@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from deepscope.data.det_types import DetData
-from deepscope.data.detection import coco_ground_truth, is_number, json_rles, read_json
+from deepscope.data.detection.types import DetData
+from deepscope.data.detection.annotations import coco_ground_truth, is_number, json_rles, read_json
 from deepscope.errors import DataError, shown
 from deepscope.metrics.detection import DetectionScorer, binary_masks
 

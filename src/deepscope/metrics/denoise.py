@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from deepscope.data.segmentation import MAX_COLOURS, match_by_stem, read_volume
+from deepscope.data.io.volumes import MAX_COLOURS, match_by_stem, read_volume
 from deepscope.errors import DataError
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import skimage.metrics
 from scipy.optimize import linear_sum_assignment
 
-from deepscope.data.segmentation import match_by_stem, read_volume
+from deepscope.data.io.volumes import match_by_stem, read_volume
 from deepscope.errors import DataError
 
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))

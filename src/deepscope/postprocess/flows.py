@@ -18,7 +18,7 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 from torch import Tensor
 
-from deepscope.data.flows import batch_flows
+from deepscope.data.segmentation.flows import batch_flows
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.flows import FLOW_SCALE
 from deepscope.postprocess.watershed import size_filter

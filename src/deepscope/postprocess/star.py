@@ -1,7 +1,7 @@
 """From star-convex polygon (StarDist) predictions to instances: candidates, non-maximum suppression, rendering.
 
 The network predicts, per pixel, an object probability and the distances to the object's edge along the rays of
-``deepscope.data.star.ray_directions``. Every confident local maximum proposes the star-convex shape around it;
+``deepscope.data.segmentation.star.ray_directions``. Every confident local maximum proposes the star-convex shape around it;
 overlapping proposals are suppressed greedily, best first, and the survivors are painted into a label image. No
 library does non-maximum suppression of polygons (torchvision's ``nms`` takes boxes), so it is written here with
 tensor operations.
@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 from skimage.segmentation import relabel_sequential
 from torch import Tensor
 
-from deepscope.data.star import inside_star, ray_directions, star_extent, star_pixels
+from deepscope.data.segmentation.star import inside_star, ray_directions, star_extent, star_pixels
 from deepscope.errors import DataError
 from deepscope.postprocess.watershed import size_filter
 

@@ -1,6 +1,6 @@
 """From network output to instances: foreground (and boundary) probability maps, 2D (H, W) or 3D (D, H, W), to labels.
 
-The maps are the predictions of the ``deepscope.data.targets`` targets with the channel axis taken off. Objects are
+The maps are the predictions of the ``deepscope.data.segmentation.targets`` targets with the channel axis taken off. Objects are
 seeded where the network is sure (foreground without boundary, or distance maxima) and the seeds are grown back over
 the whole foreground by a watershed, so the boundary pixels cut away to separate objects are returned to them.
 """

@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepscope.atomic import WriteError
 from deepscope.errors import DeepscopeError, one_line
-from deepscope.features import FILTERS, SCALES
+from deepscope.tasks.pixel.features import FILTERS, SCALES
 from deepscope.serve import jobs, models, proofread
 from deepscope.serve.claim import claim_folder
 from deepscope.serve.folder import (

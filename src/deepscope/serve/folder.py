@@ -19,11 +19,11 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from deepscope.blockio import open_input
-from deepscope.data.denoise_dataset import guess_ndim
-from deepscope.data.readers import is_image_file, probe_image
-from deepscope.data.seg_dataset import channel_count
-from deepscope.data.segmentation import TIFF_SUFFIXES, spatial_shape
+from deepscope.inference.blockio import open_input
+from deepscope.data.denoise.dataset import guess_ndim
+from deepscope.data.io.images import is_image_file, probe_image
+from deepscope.data.io.views import channel_count
+from deepscope.data.io.volumes import TIFF_SUFFIXES, spatial_shape
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.tiles import Pyramid
 
@@ -85,7 +85,7 @@ def _probe(path: Path) -> tuple[list[int], np.dtype]:
 class ServedImage:
     """One image opened for viewing and labelling: its layout, raw planes, default contrast and tile pyramids.
 
-    TIFFs stored uncompressed are memory-mapped (``deepscope.blockio.open_input``), so a level-0 tile of a large
+    TIFFs stored uncompressed are memory-mapped (``deepscope.inference.blockio.open_input``), so a level-0 tile of a large
     image reads only its own region; other files are read whole.
     """
 

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from deepscope.data.scribbles import read_sparse_labels
-from deepscope.data.segmentation import read_volume
+from deepscope.data.io.volumes import read_volume
 from deepscope.engine.logging import PROGRESS_FILE
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import STATE_DIR, ServedFolder
@@ -46,7 +46,7 @@ from deepscope.serve.http import NO_STORE, integer, json_body, param
 from deepscope.serve.labels import LabelStore
 from deepscope.serve.lifeline import KILL_AFTER_S
 from deepscope.serve.project import Project
-from deepscope.tasks.pixel import CLASSIFIER_FILE
+from deepscope.tasks.pixel.classifier import CLASSIFIER_FILE
 from deepscope.tasks.segment.config import INSTANCE_TARGETS
 
 KINDS = {"segment": ("labels", "instances"), "pixel-deep": ("labels",)}  # kind -> the sources it trains on

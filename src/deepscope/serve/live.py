@@ -28,19 +28,16 @@ import numpy as np
 import torch
 from sklearn.ensemble import RandomForestClassifier
 
-from deepscope.blockio import open_input
-from deepscope.data.seg_dataset import input_view
+from deepscope.inference.blockio import open_input
+from deepscope.data.io.views import input_view
 from deepscope.errors import DeepscopeError
-from deepscope.features import FeatureSpec
+from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.serve.folder import STATE_DIR, ServedFolder, ServedImage
 from deepscope.serve.labels import LabelStore
 from deepscope.serve.project import Project
-from deepscope.tasks.pixel import (
-    FeatureCache,
-    PixelClassifier,
-    training_pixels,
-    versions,
-)
+from deepscope.tasks.pixel.classifier import PixelClassifier, versions
+from deepscope.tasks.pixel.labelled import training_pixels
+from deepscope.tasks.pixel.train import FeatureCache
 
 LIVE_TREES = 16  # a sixth of ilastik's 100: prediction time grows with the trees (module docstring)
 LIVE_DEPTH = 10  # and with their depth: unbounded trees grew 20-26 levels deep for no better accuracy

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deepscope.data.seg_dataset import ChannelsFirst, input_view
+from deepscope.data.io.views import ChannelsFirst, input_view
 from deepscope.engine.checkpoint import checkpoint_task, header_task
 from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
@@ -163,7 +163,7 @@ class SegmentModel(Model):
             instances = tiled_instances(predictor.instances, probs, cfg.inference.instance_block, predictor.halo)
             return Result(probabilities=as_uint8(probs[:1]), instances=instances,
                           summary=f"{int(instances.max())} objects", stack=stack)
-        from deepscope.tasks.pixel import InstanceSettings, instances_from
+        from deepscope.tasks.pixel.predict import InstanceSettings, instances_from
 
         classes = predictor.labels(probs)
         # ``instances_from`` reads only the classes a classifier predicts; here the model's class indices, so the
@@ -180,7 +180,7 @@ class DenoiseModel(Model):
     task = "denoise"
 
     def __init__(self, path: Path, relative: str, device: torch.device) -> None:
-        from deepscope.tasks.denoise_predict import load_denoiser
+        from deepscope.tasks.denoise.predict import load_denoiser
 
         self.denoiser, _ = load_denoiser(path, device)
         super().__init__(path, relative, len(self.denoiser.tile), self.denoiser.channels, [], device=str(device))
@@ -195,7 +195,7 @@ class ClassifyModel(Model):
     task = "classify"
 
     def __init__(self, path: Path, relative: str, device: torch.device) -> None:
-        from deepscope.tasks.classify import load_classifier
+        from deepscope.tasks.classify.predict import load_classifier
 
         _, config, info = load_classifier(path, device)  # checks the weights fit; predicting reads the file anew
         self.device = device
@@ -205,7 +205,7 @@ class ClassifyModel(Model):
 
     def run(self, image: ServedImage, z: int | None, progress: ProgressFn) -> Result:
         """The class probabilities of the image file, read, resized and normalised as ``deepscope predict`` does."""
-        from deepscope.tasks.classify import predict_files
+        from deepscope.tasks.classify.predict import predict_files
 
         if image.ndim == 3:
             raise DataError(f"{image.name} is a 3D stack; the classifier {self.relative} takes 2D pictures")

@@ -19,7 +19,7 @@ import yaml
 from deepscope.atomic import atomic_write
 from deepscope.data.scribbles import MAX_CLASSES
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.features import FILTERS, FeatureSpec
+from deepscope.tasks.pixel.features import FILTERS, FeatureSpec
 from deepscope.serve.folder import ServedFolder
 
 PROJECT_FILE = "deepscope-project.yaml"  # in the served folder

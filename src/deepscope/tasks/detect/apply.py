@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from deepscope.config import from_dict
-from deepscope.data.detection import load_detection_data
-from deepscope.data.readers import read_image
+from deepscope.data.detection.annotations import load_detection_data
+from deepscope.data.io.images import read_image
 from deepscope.engine.checkpoint import load_checkpoint, load_weights
 from deepscope.errors import DeepscopeError
 from deepscope.models.detection import build_detector

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepscope.config import OptimConfig, TrainConfig
-from deepscope.data.det_augment import DetAugmentConfig
+from deepscope.data.detection.augment import DetAugmentConfig
 from deepscope.errors import DeepscopeError
 from deepscope.tasks.detect.predict import DetInferenceConfig
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from deepscope.data.det_types import DetItem
-from deepscope.data.readers import read_image
+from deepscope.data.detection.types import DetItem
+from deepscope.data.io.images import read_image
 from deepscope.engine.report import table
 from deepscope.tasks.detect.draw import detection_gallery, plot_pr_curves
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepscope.data.det_batches import DetBatches, DetSample
-from deepscope.data.det_types import DetData, DetItem
-from deepscope.data.detection import load_detection_data
-from deepscope.data.readers import probe_image, read_image
+from deepscope.data.detection.batches import DetBatches, DetSample
+from deepscope.data.detection.types import DetData, DetItem
+from deepscope.data.detection.annotations import load_detection_data
+from deepscope.data.io.images import probe_image, read_image
 from deepscope.engine.distributed import DistInfo, gather_objects
-from deepscope.data.readers import split_validation
+from deepscope.data.io.splits import split_validation
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from deepscope.config import OptimConfig, TrainConfig
-from deepscope.data.seg_augment import SegAugmentConfig
+from deepscope.data.segmentation.augment import SegAugmentConfig
 from deepscope.errors import DeepscopeError
 from deepscope.postprocess.watershed import SEEDS
-from deepscope.tiling import BLENDS
+from deepscope.inference.tiling import BLENDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}
 VECTOR_TARGETS = ("stardist", "flows")  # probability plus distances or flow vectors, whose channels are not all sigmoid maps

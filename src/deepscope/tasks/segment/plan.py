@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from deepscope.data.seg_augment import SegAugmentConfig
-from deepscope.data.seg_dataset import SegItem
+from deepscope.data.segmentation.augment import SegAugmentConfig
+from deepscope.data.segmentation.dataset import SegItem
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig
 
 DEFAULT_BUDGET_MINUTES = 60.0  # planned for when no --max-minutes is given (training is then not stopped by the clock)

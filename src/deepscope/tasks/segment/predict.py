@@ -12,17 +12,13 @@ import torch
 from torch import nn
 
 from deepscope.atomic import write_tiff
-from deepscope.blockio import Output, open_input, output_paths
+from deepscope.inference.blockio import Output, open_input, output_paths
 from deepscope.config import from_dict
-from deepscope.data.seg_dataset import (
-    SegItem,
-    find_items,
-    input_view,
-    load_items,
-)
-from deepscope.data.targets import batch_class_map
+from deepscope.data.io.views import input_view
+from deepscope.data.segmentation.dataset import SegItem, find_items, load_items
+from deepscope.data.segmentation.targets import batch_class_map
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.inference import load_trained_model
+from deepscope.inference.loading import load_trained_model
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.models import build_unet
@@ -30,14 +26,14 @@ from deepscope.postprocess.flows import flow_instances
 from deepscope.postprocess.star import star_instances
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
-from deepscope.tasks.geometry import tile_and_halo
+from deepscope.inference.geometry import tile_and_halo
 from deepscope.tasks.segment.config import (
     VECTOR_TARGETS,
     InferenceConfig,
     PostConfig,
     SegmentConfig,
 )
-from deepscope.tiling import predict_tiled
+from deepscope.inference.tiling import predict_tiled
 
 # ---- prediction and scoring of whole images ---------------------------------------------------------------------
 

@@ -10,9 +10,7 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from deepscope.data.seg_dataset import (
-    SegItem,
-)
+from deepscope.data.segmentation.dataset import SegItem
 from deepscope.engine.report import display_rgb, image_grid, plot_lines, table
 from deepscope.metrics.instance import unmatched_ids
 from deepscope.tasks.segment.config import SegmentConfig

@@ -20,24 +20,15 @@ import torch
 from torch import nn
 
 from deepscope.config import save_yaml
-from deepscope.data.flows import batch_flow_target
-from deepscope.data.label_checks import label_warnings
-from deepscope.data.loaders import epoch_generator
-from deepscope.data.readers import split_validation
-from deepscope.data.seg_augment import SegAugmentConfig, augment_pair
-from deepscope.data.seg_dataset import (
-    Normalized,
-    PatchDataset,
-    PatchLoader,
-    SegItem,
-    balanced_weights,
-    common_channels,
-    find_items,
-    image_groups,
-    load_items,
-)
-from deepscope.data.star import batch_star_target, non_star_convex_fraction
-from deepscope.data.targets import batch_class_map, batch_target
+from deepscope.data.segmentation.flows import batch_flow_target
+from deepscope.data.segmentation.label_checks import label_warnings
+from deepscope.data.epochs import epoch_generator
+from deepscope.data.io.splits import split_validation
+from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
+from deepscope.data.io.views import Normalized
+from deepscope.data.segmentation.dataset import PatchDataset, PatchLoader, SegItem, balanced_weights, common_channels, find_items, image_groups, load_items
+from deepscope.data.segmentation.star import batch_star_target, non_star_convex_fraction
+from deepscope.data.segmentation.targets import batch_class_map, batch_target
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.precision import resolve_precision
@@ -47,7 +38,7 @@ from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
-from deepscope.tasks.geometry import halo_for, patch_shape_for
+from deepscope.inference.geometry import halo_for, patch_shape_for
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
 from deepscope.tasks.segment.plan import (
     Hardware,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from deepscope.data.seg_dataset import SegItem
+from deepscope.data.segmentation.dataset import SegItem
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.tasks.segment.config import PostConfig
 from deepscope.tasks.segment.predict import Predictor

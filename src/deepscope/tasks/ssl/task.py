@@ -14,20 +14,12 @@ import torch
 from torch import nn
 
 from deepscope.config import from_dict
-from deepscope.data.ssl_data import (
-    SSLData,
-    SSLEvalBatches,
-    SSLImages,
-    SSLTrainBatches,
-    load_ssl_data,
-    seeded_sample,
-    ssl_stats,
-)
-from deepscope.data.ssl_views import TwoViews, view_config
+from deepscope.data.ssl.dataset import SSLData, SSLEvalBatches, SSLImages, SSLTrainBatches, load_ssl_data, seeded_sample, ssl_stats
+from deepscope.data.ssl.views import TwoViews, view_config
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError
-from deepscope.inference import load_trained_model
+from deepscope.inference.loading import load_trained_model
 from deepscope.losses.ssl import nt_xent, vicreg
 from deepscope.metrics.knn import knn_accuracy
 from deepscope.models import eval_mode

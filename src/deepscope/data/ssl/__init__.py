@@ -1,0 +1,1 @@
+"""Self-supervised data: unlabelled image sets and the paired augmented views."""

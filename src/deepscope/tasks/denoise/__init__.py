@@ -1,0 +1,1 @@
+"""Denoising: Noise2Void, Noise2Noise and supervised noisy-to-clean U-Nets."""

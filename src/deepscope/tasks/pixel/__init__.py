@@ -1,0 +1,1 @@
+"""Shallow pixel classification from scribbles (filter features + random forest), and a U-Net trained from its labels."""
