@@ -14,13 +14,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.classification.augment import AugmentConfig
 from deepscope.data.classification.dataset import ImageSet, channel_stats, load_classification
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader, torch_loader
 from deepscope.engine.precision import resolve_precision
 from deepscope.models import build_model
-
-from common import CACHE, SHARED, command_line, header, write_section
 from prepare_cifar10 import prepare
 
 AUTO = resolve_precision("auto", torch.device("cpu"))  # what the trainer would run in here
@@ -70,7 +70,9 @@ def main() -> None:
     read_s = time.perf_counter() - start
     n_files = sum(len(s) for s in tree.splits.values())
     same = sorted(map(bytes, tree.splits["test"].images)) == sorted(map(bytes, arrays["x_test"]))
-    print(f"folder reader: {n_files} PNG files in {read_s:.1f} s, test images identical to the arrays: {same}", flush=True)
+    print(
+        f"folder reader: {n_files} PNG files in {read_s:.1f} s, test images identical to the arrays: {same}", flush=True
+    )
     data = ImageSet(arrays["x_train"], arrays["y_train"], [""] * len(arrays["y_train"]))
     mean, std = channel_stats(data)
     augment = AugmentConfig(crop_padding=4, flip=True, cutout=8)
@@ -91,26 +93,39 @@ def main() -> None:
         model = build_model(name, (3, 32, 32), 10, **kwargs).to(memory_format=torch.channels_last)
         figures = {"memory": images_per_second(model, DeviceLoader(data, spec, cpu), args.steps)}
         for workers in (0, 2):
-            figures[f"dataloader_w{workers}"] = images_per_second(model, torch_loader(data, spec, num_workers=workers), args.steps)
+            figures[f"dataloader_w{workers}"] = images_per_second(
+                model, torch_loader(data, spec, num_workers=workers), args.steps
+            )
         rows.append((name, figures))
         print(name, {k: round(v) for k, v in figures.items()}, flush=True)
-    lines = ["| model | in-memory images/s | DataLoader, 0 workers | ratio | DataLoader, 2 workers | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | in-memory images/s | DataLoader, 0 workers | ratio | DataLoader, 2 workers | ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, f in rows:
-        lines.append(f"| {name} | {f['memory']:,.0f} | {f['dataloader_w0']:,.0f} | {f['memory'] / f['dataloader_w0']:.1f}x | "
-                     f"{f['dataloader_w2']:,.0f} | {f['memory'] / f['dataloader_w2']:.1f}x |")
-    notes = (f"Folder reader at scale: `load_classification` read the class-folder tree of {n_files:,} CIFAR-10 PNG files "
-             f"(train/ and test/) in {read_s:.1f} s ({n_files / read_s:,.0f} files/s); the decoded test images are "
-             f"{'identical to' if same else 'NOT identical to'} the cached arrays. Streaming the training PNG files from disk "
-             f"(`--loader dataloader`, for folders larger than memory) delivered {stream_rate[0]:,.0f} images/s with 0 workers "
-             f"and {stream_rate[2]:,.0f} images/s with 2 workers, same augmentation.\n\n"
-             f"CIFAR-10 training set, batch {args.batch_size}, {args.steps} timed steps after 3 warm-up steps, SGD, "
-             f"{AUTO.name} (`--amp auto` on this CPU), "
-             "channels-last. Augmentation: reflect-pad-4 random crop, horizontal flip, 8x8 cutout, per image in both paths "
-             "(batched tensor ops in deepscope's device loader; torchvision.transforms.v2 per sample in the DataLoader). "
-             "Single run on a shared machine: figures move by ±20% between runs. The first row times the loaders with no model (100 batches). With a model, the ratio falls as the model's own "
-             "compute grows: on 2 CPU cores a conv net's forward/backward takes most of each step, so the data path "
-             "matters most for small models here, and on a GPU, where the model step is fast and a CPU-side loader starves it.")
-    write_section("data_path", "Data-path speed: in-memory loader against DataLoader", header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes)
+        lines.append(
+            f"| {name} | {f['memory']:,.0f} | {f['dataloader_w0']:,.0f} | {f['memory'] / f['dataloader_w0']:.1f}x | "
+            f"{f['dataloader_w2']:,.0f} | {f['memory'] / f['dataloader_w2']:.1f}x |"
+        )
+    notes = (
+        f"Folder reader at scale: `load_classification` read the class-folder tree of {n_files:,} CIFAR-10 PNG files "
+        f"(train/ and test/) in {read_s:.1f} s ({n_files / read_s:,.0f} files/s); the decoded test images are "
+        f"{'identical to' if same else 'NOT identical to'} the cached arrays. Streaming the training PNG files from disk "
+        f"(`--loader dataloader`, for folders larger than memory) delivered {stream_rate[0]:,.0f} images/s with 0 workers "
+        f"and {stream_rate[2]:,.0f} images/s with 2 workers, same augmentation.\n\n"
+        f"CIFAR-10 training set, batch {args.batch_size}, {args.steps} timed steps after 3 warm-up steps, SGD, "
+        f"{AUTO.name} (`--amp auto` on this CPU), "
+        "channels-last. Augmentation: reflect-pad-4 random crop, horizontal flip, 8x8 cutout, per image in both paths "
+        "(batched tensor ops in deepscope's device loader; torchvision.transforms.v2 per sample in the DataLoader). "
+        "Single run on a shared machine: figures move by ±20% between runs. The first row times the loaders with no model (100 batches). With a model, the ratio falls as the model's own "
+        "compute grows: on 2 CPU cores a conv net's forward/backward takes most of each step, so the data path "
+        "matters most for small models here, and on a GPU, where the model step is fast and a CPU-side loader starves it."
+    )
+    write_section(
+        "data_path",
+        "Data-path speed: in-memory loader against DataLoader",
+        header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes,
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from common import CACHE, SHARED, command_line, header, run, write_section
 
 MAX_DETECTIONS = 500  # the test set's most crowded image holds 329 nuclei
-TRAIN_SETTINGS = ["model_args.backbone=tiny", "model_args.fpn_channels=64", "image_size=0", "val_fraction=0",
-                  f"inference.max_detections={MAX_DETECTIONS}", "augment.scale_jitter=[0.75,1.33]", "augment.crop=0.5",
-                  "augment.vflip=0.5", "augment.rot90=true"]
-TEST_TILE, TEST_OVERLAP = 256, 64  # the test images (161 to 696 px a side) in up to 3 x 3 tiles; a 256 x 256 one is one tile
+TRAIN_SETTINGS = [
+    "model_args.backbone=tiny",
+    "model_args.fpn_channels=64",
+    "image_size=0",
+    "val_fraction=0",
+    f"inference.max_detections={MAX_DETECTIONS}",
+    "augment.scale_jitter=[0.75,1.33]",
+    "augment.crop=0.5",
+    "augment.vflip=0.5",
+    "augment.rot90=true",
+]
+TEST_TILE, TEST_OVERLAP = (
+    256,
+    64,
+)  # the test images (161 to 696 px a side) in up to 3 x 3 tiles; a 256 x 256 one is one tile
 MOSAIC_TILE, MOSAIC_OVERLAP = 512, 64
 WORK = CACHE / "dsb2018_detect"
 
@@ -51,7 +63,11 @@ def deepscope(*args: str) -> list[str]:
 
 def shown(cmd: list[str]) -> str:
     """A command as the table shows it: ``deepscope ...`` with paths relative to ``benchmarks/``."""
-    return shlex.join(["deepscope", *cmd[3:]]).replace(str(CACHE) + "/", ".cache/").replace(str(SHARED) + "/", "shared/data/")
+    return (
+        shlex.join(["deepscope", *cmd[3:]])
+        .replace(str(CACHE) + "/", ".cache/")
+        .replace(str(SHARED) + "/", "shared/data/")
+    )
 
 
 def read_json(path: Path) -> Any:
@@ -63,13 +79,34 @@ def read_json(path: Path) -> Any:
 
 def train_command(data: Path, out: Path, minutes: float, epochs: int) -> list[str]:
     sets = [*TRAIN_SETTINGS, f"epochs={epochs}"]
-    return deepscope("train", "detect", "--data", str(data), "--model", "centernet", "--max-minutes", f"{minutes:g}",
-                     "--out", str(out), *(arg for s in sets for arg in ("--set", s)))
+    return deepscope(
+        "train",
+        "detect",
+        "--data",
+        str(data),
+        "--model",
+        "centernet",
+        "--max-minutes",
+        f"{minutes:g}",
+        "--out",
+        str(out),
+        *(arg for s in sets for arg in ("--set", s)),
+    )
 
 
 def evaluate_command(checkpoint: Path, data: Path, max_detections: int, out: Path) -> list[str]:
-    return deepscope("evaluate", str(checkpoint), "--data", str(data), "--split", "test", "--max-detections", str(max_detections),
-                     "--out", str(out))
+    return deepscope(
+        "evaluate",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--split",
+        "test",
+        "--max-detections",
+        str(max_detections),
+        "--out",
+        str(out),
+    )
 
 
 def calibrate(data: Path, out: Path, minutes: float) -> float:
@@ -99,14 +136,24 @@ def train_and_score(data: Path, out: Path, minutes: float, epochs: int | None) -
     metrics = read_json(out / "metrics.json")
     scores = {}
     for limit in (MAX_DETECTIONS, 100):
-        run(evaluate_command(out / "best.pt", data, limit, out / f"test_maxdets{limit}.json"), out / f"evaluate{limit}.log")
+        run(
+            evaluate_command(out / "best.pt", data, limit, out / f"test_maxdets{limit}.json"),
+            out / f"evaluate{limit}.log",
+        )
         scores[str(limit)] = read_json(out / f"test_maxdets{limit}.json")
-    return {"minutes": minutes, "epochs_set": epochs, "epochs": metrics["epochs_completed"],
-            "train_min": metrics["train_time_s"] / 60, "calibrated_images_per_s": rate,
-            "images_per_s": metrics["history"][-1]["images_per_s"],
-            "precision": metrics["precision"]["dtype"], "train_images": train_images, "command": shown(command),
-            "evaluate": shown(evaluate_command(out / "best.pt", data, MAX_DETECTIONS, out / "test_maxdets500.json")),
-            "scores": scores}
+    return {
+        "minutes": minutes,
+        "epochs_set": epochs,
+        "epochs": metrics["epochs_completed"],
+        "train_min": metrics["train_time_s"] / 60,
+        "calibrated_images_per_s": rate,
+        "images_per_s": metrics["history"][-1]["images_per_s"],
+        "precision": metrics["precision"]["dtype"],
+        "train_images": train_images,
+        "command": shown(command),
+        "evaluate": shown(evaluate_command(out / "best.pt", data, MAX_DETECTIONS, out / "test_maxdets500.json")),
+        "scores": scores,
+    }
 
 
 # ---- part 2: the mosaic, whole and tiled prediction -----------------------------------------------------------------
@@ -128,8 +175,16 @@ def write_truth(path: Path, items: list[Any]) -> None:
 def truth_item(name: str, path: Path, image: np.ndarray, boxes: np.ndarray, image_id: int) -> Any:
     from deepscope.data.detection.types import DetItem
 
-    return DetItem(name, path, image.shape[1], image.shape[0], boxes.astype(np.float32), np.ones(len(boxes), np.int64),
-                   np.zeros(len(boxes), bool), image_id=image_id)
+    return DetItem(
+        name,
+        path,
+        image.shape[1],
+        image.shape[0],
+        boxes.astype(np.float32),
+        np.ones(len(boxes), np.int64),
+        np.zeros(len(boxes), bool),
+        image_id=image_id,
+    )
 
 
 def test_images(data: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -169,8 +224,10 @@ def build_mosaic(images: list[tuple[np.ndarray, np.ndarray]], side: int, folder:
     images are transposed (mirrored on the diagonal, boxes with them) and all are packed tallest first, so that images
     of about the same height share a row and the rows leave little black below their images (86% of 4096 x 4096
     filled, against 69% in file order)."""
-    images = [(image.transpose(1, 0, 2), boxes[:, [1, 0, 3, 2]]) if image.shape[0] > image.shape[1] else (image, boxes)
-              for image, boxes in images]
+    images = [
+        (image.transpose(1, 0, 2), boxes[:, [1, 0, 3, 2]]) if image.shape[0] > image.shape[1] else (image, boxes)
+        for image, boxes in images
+    ]
     images.sort(key=lambda pair: -pair[0].shape[0])
     placed = shelf_pack([image.shape[:2] for image, _ in images], side)
     mosaic = np.zeros((side, side, images[0][0].shape[2]), np.uint8)
@@ -183,8 +240,12 @@ def build_mosaic(images: list[tuple[np.ndarray, np.ndarray]], side: int, folder:
     write_png(path, mosaic)
     all_boxes = np.concatenate(boxes)
     write_truth(folder / "truth.json", [truth_item(path.name, path, mosaic, all_boxes, 1)])
-    return {"side": side, "images_placed": len(placed), "objects": len(all_boxes),
-            "filled": float(sum(images[i][0].shape[0] * images[i][0].shape[1] for i, _, _ in placed) / side**2)}
+    return {
+        "side": side,
+        "images_placed": len(placed),
+        "objects": len(all_boxes),
+        "filled": float(sum(images[i][0].shape[0] * images[i][0].shape[1] for i, _, _ in placed) / side**2),
+    }
 
 
 def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
@@ -201,18 +262,33 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
-def predict_command(checkpoint: Path, inputs: Path, out: Path, max_detections: int, tile: int | None, overlap: int) -> list[str]:
+def predict_command(
+    checkpoint: Path, inputs: Path, out: Path, max_detections: int, tile: int | None, overlap: int
+) -> list[str]:
     tiling = ["--tile", str(tile), str(tile), "--overlap", str(overlap)] if tile else []
-    return deepscope("predict", str(checkpoint), str(inputs), "--out", str(out), "--max-detections", str(max_detections), *tiling)
+    return deepscope(
+        "predict", str(checkpoint), str(inputs), "--out", str(out), "--max-detections", str(max_detections), *tiling
+    )
 
 
 def score_command(pred: Path, truth: Path, max_detections: int) -> list[str]:
-    return deepscope("evaluate", "detect", "--pred", str(pred), "--truth", str(truth), "--max-detections", str(max_detections),
-                     "--out", str(pred.with_name(pred.stem + "_scores.json")))
+    return deepscope(
+        "evaluate",
+        "detect",
+        "--pred",
+        str(pred),
+        "--truth",
+        str(truth),
+        "--max-detections",
+        str(max_detections),
+        "--out",
+        str(pred.with_name(pred.stem + "_scores.json")),
+    )
 
 
-def tiling_commands(checkpoint: Path, inputs: Path, truth: Path, folder: Path, tile: int, overlap: int,
-                    max_detections: int) -> dict[str, list[str]]:
+def tiling_commands(
+    checkpoint: Path, inputs: Path, truth: Path, folder: Path, tile: int, overlap: int, max_detections: int
+) -> dict[str, list[str]]:
     """Whole and tiled prediction of ``inputs`` by the same checkpoint, and their scoring against ``truth``."""
     commands = {}
     for mode, tiling in (("whole", None), ("tiled", tile)):
@@ -229,22 +305,43 @@ def whole_and_tiled(folder: Path, commands: dict[str, list[str]]) -> dict[str, A
         run(commands[f"{mode} score"], folder / f"{mode}_score.log")
         scores = read_json(folder / f"{mode}_scores.json")
         detections = len(read_json(folder / f"{mode}.json")["annotations"])
-        result[mode] = {"wall_s": wall, "peak_rss_mib": peak, "detections": detections, "scores": scores,
-                        "command": shown(commands[f"{mode} predict"])}
+        result[mode] = {
+            "wall_s": wall,
+            "peak_rss_mib": peak,
+            "detections": detections,
+            "scores": scores,
+            "command": shown(commands[f"{mode} predict"]),
+        }
     return result
 
 
-def tiling_plan(data: Path, run_dir: Path, mosaic_side: int, mosaic_limit: int) -> dict[str, tuple[Path, dict[str, list[str]]]]:
+def tiling_plan(
+    data: Path, run_dir: Path, mosaic_side: int, mosaic_limit: int
+) -> dict[str, tuple[Path, dict[str, list[str]]]]:
     """The folder (predictions and scores) and the commands of both comparisons: the test images are read and scored
     where they are, the mosaic and its truth are written into the folder."""
     checkpoint = run_dir / "best.pt"
     folder = run_dir / f"tiling-mosaic{mosaic_side}"
     test, mosaic = folder / "test", folder / "mosaic"
     return {
-        "test": (test, tiling_commands(checkpoint, data / "test" / "images", data / "test", test, TEST_TILE, TEST_OVERLAP,
-                                       MAX_DETECTIONS)),
-        "mosaic": (mosaic, tiling_commands(checkpoint, mosaic / f"mosaic{mosaic_side}.png", mosaic / "truth.json", mosaic,
-                                           MOSAIC_TILE, MOSAIC_OVERLAP, mosaic_limit)),
+        "test": (
+            test,
+            tiling_commands(
+                checkpoint, data / "test" / "images", data / "test", test, TEST_TILE, TEST_OVERLAP, MAX_DETECTIONS
+            ),
+        ),
+        "mosaic": (
+            mosaic,
+            tiling_commands(
+                checkpoint,
+                mosaic / f"mosaic{mosaic_side}.png",
+                mosaic / "truth.json",
+                mosaic,
+                MOSAIC_TILE,
+                MOSAIC_OVERLAP,
+                mosaic_limit,
+            ),
+        ),
     }
 
 
@@ -258,8 +355,11 @@ def tiling(data: Path, run_dir: Path, mosaic_side: int) -> dict[str, Any]:
     mosaic = build_mosaic(images, mosaic_side, mosaic_folder)
     limit = math.ceil(1.5 * mosaic["objects"] / 1000) * 1000  # above the mosaic's object count
     plan = tiling_plan(data, run_dir, mosaic_side, limit)
-    return {"run": run_dir.name, "mosaic": {**mosaic, "max_detections": limit, **whole_and_tiled(*plan["mosaic"])},
-            "test": {"images": len(images), "max_detections": MAX_DETECTIONS, **whole_and_tiled(*plan["test"])}}
+    return {
+        "run": run_dir.name,
+        "mosaic": {**mosaic, "max_detections": limit, **whole_and_tiled(*plan["mosaic"])},
+        "test": {"images": len(images), "max_detections": MAX_DETECTIONS, **whole_and_tiled(*plan["test"])},
+    }
 
 
 # ---- RESULTS.md ------------------------------------------------------------------------------------------------------
@@ -279,68 +379,95 @@ def scores_text(s: dict[str, Any]) -> str:
 
 def render_training(data: Path, benches: list[dict[str, Any]]) -> str:
     counts = test_counts(data)
-    rows = [f"| centernet (tiny, fpn 64) | native | {b['precision']} | {b['train_min']:.1f} | {b['epochs']} | "
-            f"{b['images_per_s']:.2f} | {limit} | {scores_text(b['scores'][limit])} | `{b['command']}` |"
-            for b in benches for limit in (str(MAX_DETECTIONS), "100")]
-    return "\n".join([
-        header(command_line()),
-        (f"Data: `{data.name}/train` ({benches[0]['train_images']} images, all used for training, no validation) "
-         f"and `{data.name}/test` ({len(counts)} images, {sum(counts):,} nuclei, {max(counts)} in the most crowded image, "
-         f"{sum(c > 100 for c in counts)} images over 100), every instance-mask label a box. CenterNet from random weights "
-         "at native scale (`image_size=0`: no resizing in training or prediction, a nucleus keeps its pixel size); scale "
-         "jitter 0.75-1.33, random crops, horizontal and vertical flips and quarter turns (microscopy has no up); epochs "
-         "set from a calibration run so the cosine schedule ends near the time limit. Box mAP of best.pt (the last "
-         "weights: no validation) on the test images as they are, by `deepscope evaluate --max-detections N` (COCO mAP; "
-         "N detections per image kept and counted): COCO's "
-         f"100 caps recall on the crowded images, {MAX_DETECTIONS} does not. Prediction runs in float32."),
-        "",
-        ("| model | size | precision | train min | epochs | images/s | max dets | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 "
-         "| command |"),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-    ])
+    rows = [
+        f"| centernet (tiny, fpn 64) | native | {b['precision']} | {b['train_min']:.1f} | {b['epochs']} | "
+        f"{b['images_per_s']:.2f} | {limit} | {scores_text(b['scores'][limit])} | `{b['command']}` |"
+        for b in benches
+        for limit in (str(MAX_DETECTIONS), "100")
+    ]
+    return "\n".join(
+        [
+            header(command_line()),
+            (
+                f"Data: `{data.name}/train` ({benches[0]['train_images']} images, all used for training, no validation) "
+                f"and `{data.name}/test` ({len(counts)} images, {sum(counts):,} nuclei, {max(counts)} in the most crowded image, "
+                f"{sum(c > 100 for c in counts)} images over 100), every instance-mask label a box. CenterNet from random weights "
+                "at native scale (`image_size=0`: no resizing in training or prediction, a nucleus keeps its pixel size); scale "
+                "jitter 0.75-1.33, random crops, horizontal and vertical flips and quarter turns (microscopy has no up); epochs "
+                "set from a calibration run so the cosine schedule ends near the time limit. Box mAP of best.pt (the last "
+                "weights: no validation) on the test images as they are, by `deepscope evaluate --max-detections N` (COCO mAP; "
+                "N detections per image kept and counted): COCO's "
+                f"100 caps recall on the crowded images, {MAX_DETECTIONS} does not. Prediction runs in float32."
+            ),
+            "",
+            (
+                "| model | size | precision | train min | epochs | images/s | max dets | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 "
+                "| command |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
 
 
 def tiling_row(what: str, mode: str, r: dict[str, Any], tile: str) -> str:
-    return (f"| {what} | {mode} | {tile} | {r['detections']:,} | {r['peak_rss_mib']:,.0f} | {r['wall_s']:.1f} | "
-            f"{scores_text(r['scores'])} | `{r['command']}` |")
+    return (
+        f"| {what} | {mode} | {tile} | {r['detections']:,} | {r['peak_rss_mib']:,.0f} | {r['wall_s']:.1f} | "
+        f"{scores_text(r['scores'])} | `{r['command']}` |"
+    )
 
 
 def render_tiling(benches: list[dict[str, Any]], trained: dict[str, dict[str, Any]]) -> str:
     rows, references = [], []
     for b in benches:
         if b["run"] in trained:
-            references.append(f"{b['run']} {scores_text(trained[b['run']]['scores'][str(MAX_DETECTIONS)]).replace(' |', ',')}")
+            references.append(
+                f"{b['run']} {scores_text(trained[b['run']]['scores'][str(MAX_DETECTIONS)]).replace(' |', ',')}"
+            )
         m, t = b["mosaic"], b["test"]
-        what = (f"{b['run']}: {m['side']}x{m['side']} mosaic of {m['images_placed']} test images ({m['filled']:.0%} filled), "
-                f"{m['objects']:,} nuclei, max dets {m['max_detections']:,}")
-        rows += [tiling_row(what, "whole", m["whole"], "-"),
-                 tiling_row(what, "tiled", m["tiled"], f"{MOSAIC_TILE}, overlap {MOSAIC_OVERLAP}")]
+        what = (
+            f"{b['run']}: {m['side']}x{m['side']} mosaic of {m['images_placed']} test images ({m['filled']:.0%} filled), "
+            f"{m['objects']:,} nuclei, max dets {m['max_detections']:,}"
+        )
+        rows += [
+            tiling_row(what, "whole", m["whole"], "-"),
+            tiling_row(what, "tiled", m["tiled"], f"{MOSAIC_TILE}, overlap {MOSAIC_OVERLAP}"),
+        ]
         what = f"{b['run']}: {t['images']} test images, max dets {t['max_detections']}"
-        rows += [tiling_row(what, "whole", t["whole"], "-"),
-                 tiling_row(what, "tiled", t["tiled"], f"{TEST_TILE}, overlap {TEST_OVERLAP}")]
-    reference = (f"For comparison, `deepscope evaluate` of the same checkpoints on the test split, max dets {MAX_DETECTIONS}, "
-                 f"mAP@[.5:.95], @0.5, @0.75: {'; '.join(references)}." if references else "")
-    return "\n".join([
-        header(command_line()),
-        ("The checkpoint of the training section above, predicting whole images and tiles. It works at native scale, so "
-         "a tile and the whole image are seen at the same scale and the same checkpoint predicts both; GroupNorm "
-         "normalises over a whole feature map, so a tile's statistics differ slightly from the whole image's and small "
-         "differences between the two are expected. The mosaic is packed from the original test images, not resized, in "
-         "rows (whole images, portrait ones transposed, tallest first and again in turn until the square is full, black "
-         "at the row ends; truth boxes moved with them, written as COCO JSON); the test images are predicted where they "
-         "are and scored against their instance masks (`--truth` the test folder). "
-         f"Tiles of {MOSAIC_TILE} px (mosaic) and {TEST_TILE} px (test images; "
-         "a side shorter than the tile is not cut). Each `deepscope predict` runs in its own process: peak RSS is that "
-         "process's (torch and the model included), wall time includes starting it and writing the JSON. Scores: "
-         "`deepscope evaluate detect --max-detections` with a limit above the object count."),
-        "",
-        "| input | prediction | tile | detections | peak RSS MiB | wall s | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 | command |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-        reference,
-    ])
+        rows += [
+            tiling_row(what, "whole", t["whole"], "-"),
+            tiling_row(what, "tiled", t["tiled"], f"{TEST_TILE}, overlap {TEST_OVERLAP}"),
+        ]
+    reference = (
+        f"For comparison, `deepscope evaluate` of the same checkpoints on the test split, max dets {MAX_DETECTIONS}, "
+        f"mAP@[.5:.95], @0.5, @0.75: {'; '.join(references)}."
+        if references
+        else ""
+    )
+    return "\n".join(
+        [
+            header(command_line()),
+            (
+                "The checkpoint of the training section above, predicting whole images and tiles. It works at native scale, so "
+                "a tile and the whole image are seen at the same scale and the same checkpoint predicts both; GroupNorm "
+                "normalises over a whole feature map, so a tile's statistics differ slightly from the whole image's and small "
+                "differences between the two are expected. The mosaic is packed from the original test images, not resized, in "
+                "rows (whole images, portrait ones transposed, tallest first and again in turn until the square is full, black "
+                "at the row ends; truth boxes moved with them, written as COCO JSON); the test images are predicted where they "
+                "are and scored against their instance masks (`--truth` the test folder). "
+                f"Tiles of {MOSAIC_TILE} px (mosaic) and {TEST_TILE} px (test images; "
+                "a side shorter than the tile is not cut). Each `deepscope predict` runs in its own process: peak RSS is that "
+                "process's (torch and the model included), wall time includes starting it and writing the JSON. Scores: "
+                "`deepscope evaluate detect --max-detections` with a limit above the object count."
+            ),
+            "",
+            "| input | prediction | tile | detections | peak RSS MiB | wall s | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 | command |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+            reference,
+        ]
+    )
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
@@ -351,25 +478,39 @@ def dry_run(data: Path, run_dir: Path, minutes: float, epochs: int | None, mosai
     if only != "tiling":
         if epochs is None:
             calibration = run_dir.parent / f"{run_dir.name}-calibration"
-            print(f"# calibration\n{shlex.join(train_command(data, calibration, max(0.05, min(1.0, minutes / 10)), 1000))}")
+            print(
+                f"# calibration\n{shlex.join(train_command(data, calibration, max(0.05, min(1.0, minutes / 10)), 1000))}"
+            )
         train = shlex.join(train_command(data, run_dir, minutes, epochs or 0))
         print(f"# train\n{train.replace('epochs=0', 'epochs=<calibrated>')}")
         for limit in (MAX_DETECTIONS, 100):
             scores = run_dir / f"test_maxdets{limit}.json"
-            print(f"# evaluate, max dets {limit}\n{shlex.join(evaluate_command(run_dir / 'best.pt', data, limit, scores))}")
+            print(
+                f"# evaluate, max dets {limit}\n{shlex.join(evaluate_command(run_dir / 'best.pt', data, limit, scores))}"
+            )
     if only != "train":
-        print(f"# tiling: the {mosaic_side} px mosaic of the original test images and its truth written into "
-              f"{run_dir / f'tiling-mosaic{mosaic_side}' / 'mosaic'}")
+        print(
+            f"# tiling: the {mosaic_side} px mosaic of the original test images and its truth written into "
+            f"{run_dir / f'tiling-mosaic{mosaic_side}' / 'mosaic'}"
+        )
         for name, (_, commands) in tiling_plan(data, run_dir, mosaic_side, 0).items():
             for step, cmd in commands.items():
-                print(f"# {name} {step}\n{shlex.join(cmd)}".replace("--max-detections 0", "--max-detections <1.5 x objects>"))
+                print(
+                    f"# {name} {step}\n{shlex.join(cmd)}".replace(
+                        "--max-detections 0", "--max-detections <1.5 x objects>"
+                    )
+                )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(SHARED / "dsb2018"), help="DSB2018 folder with train/ and test/ (images/ + masks/)")
+    parser.add_argument(
+        "--data", default=str(SHARED / "dsb2018"), help="DSB2018 folder with train/ and test/ (images/ + masks/)"
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall time")
-    parser.add_argument("--epochs", type=int, help="epochs to train (default: from a calibration run sized to --minutes)")
+    parser.add_argument(
+        "--epochs", type=int, help="epochs to train (default: from a calibration run sized to --minutes)"
+    )
     parser.add_argument("--mosaic", type=int, default=4096, help="side of the square mosaic of test images")
     parser.add_argument("--only", choices=["train", "tiling"])
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -379,8 +520,10 @@ def main() -> None:
     if args.dry_run:
         dry_run(data, run_dir, args.minutes, args.epochs, args.mosaic, args.only)
         return
-    steps = {"train": (run_dir / "bench.json", lambda: train_and_score(data, run_dir, args.minutes, args.epochs)),
-             "tiling": (run_dir / f"tiling-mosaic{args.mosaic}" / "bench.json", lambda: tiling(data, run_dir, args.mosaic))}
+    steps = {
+        "train": (run_dir / "bench.json", lambda: train_and_score(data, run_dir, args.minutes, args.epochs)),
+        "tiling": (run_dir / f"tiling-mosaic{args.mosaic}" / "bench.json", lambda: tiling(data, run_dir, args.mosaic)),
+    }
     for name, (done, step) in steps.items():
         if args.only not in (None, name):
             continue

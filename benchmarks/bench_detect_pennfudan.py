@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from common import CACHE, SHARED, command_line, header, run, write_section
 
 # model -> extra ``--set`` settings of ``deepscope train detect`` (the detectors' own defaults otherwise)
@@ -40,7 +41,9 @@ MODELS: dict[str, list[str]] = {
 }
 ULTRALYTICS = "ultralytics==8.4.190"
 SPLIT = CACHE / "pennfudan_split"
-YOLO_DATA = CACHE / "pennfudan_split_yolo"  # the same split in the Ultralytics layout, apart: deepscope sees only VOC files
+YOLO_DATA = (
+    CACHE / "pennfudan_split_yolo"
+)  # the same split in the Ultralytics layout, apart: deepscope sees only VOC files
 RUNS = CACHE / "pennfudan_runs"
 VENV = CACHE / "venv-ultralytics"
 # Ultralytics' settings and fonts live here instead of ~/.config. check_det_dataset() calls check_font("Arial.ttf") even
@@ -55,8 +58,16 @@ YOLO_BATCH = 16  # Ultralytics' default; it accumulates gradients to its nominal
 # validation between epochs (all the time budget trains; last.pt is the model scored); the final epoch is validated on
 # pf.yaml's val, the test images, which gives Ultralytics' own mAP beside deepscope's. time= (hours) is honoured at
 # optimizer steps, every 64 images with the gradient accumulation, so training overshoots by at most one such step.
-YOLO_TRAIN = {"model": "yolov8n.yaml", "pretrained": False, "amp": False, "plots": False, "val": False, "device": "cpu",
-              "workers": 0, "batch": YOLO_BATCH}
+YOLO_TRAIN = {
+    "model": "yolov8n.yaml",
+    "pretrained": False,
+    "amp": False,
+    "plots": False,
+    "val": False,
+    "device": "cpu",
+    "workers": 0,
+    "batch": YOLO_BATCH,
+}
 YOLO_PREDICT = {"conf": 0.001, "max_det": 100, "device": "cpu"}  # Ultralytics' own mAP settings
 YOLO_ENV = {"YOLO_OFFLINE": "true", "YOLO_AUTOINSTALL": "false", "YOLO_CONFIG_DIR": str(YOLO_CONFIG)}
 
@@ -88,7 +99,12 @@ def yolo_labels(shared: Path) -> dict[str, str]:
     for ann in coco["annotations"]:
         image = images[ann["image_id"]]
         x, y, w, h = ann["bbox"]
-        centre_size = ((x + w / 2) / image["width"], (y + h / 2) / image["height"], w / image["width"], h / image["height"])
+        centre_size = (
+            (x + w / 2) / image["width"],
+            (y + h / 2) / image["height"],
+            w / image["width"],
+            h / image["height"],
+        )
         lines[Path(image["file_name"]).name].append("0 " + " ".join(f"{v:.6f}" for v in centre_size))
     return {name: "".join(line + "\n" for line in found) for name, found in lines.items()}
 
@@ -125,8 +141,10 @@ def venv_python() -> Path:
 
 def venv_commands() -> list[list[str]]:
     """Making the Ultralytics environment: it sees the installed torch and torchvision, so pip keeps them."""
-    return [[sys.executable, "-m", "venv", "--system-site-packages", str(VENV)],
-            [str(venv_python()), "-m", "pip", "install", "--quiet", ULTRALYTICS]]
+    return [
+        [sys.executable, "-m", "venv", "--system-site-packages", str(VENV)],
+        [str(venv_python()), "-m", "pip", "install", "--quiet", ULTRALYTICS],
+    ]
 
 
 def ensure_venv() -> None:
@@ -139,11 +157,15 @@ def ensure_venv() -> None:
             subprocess.run(cmd, check=True)
     probe = "import torch, ultralytics; print(torch.__version__, torch.__file__, ultralytics.__version__)"
     env = {**os.environ, **YOLO_ENV}
-    lines = subprocess.run([str(venv_python()), "-c", probe], capture_output=True, text=True, check=True, env=env).stdout
+    lines = subprocess.run(
+        [str(venv_python()), "-c", probe], capture_output=True, text=True, check=True, env=env
+    ).stdout
     version, path, found = lines.splitlines()[-1].split()  # the last line: a first import prints a settings notice
     if version != torch.__version__ or Path(path).resolve().is_relative_to(VENV.resolve()):
-        raise SystemExit(f"{VENV}: torch {version} from {path} replaced the installed torch {torch.__version__}; "
-                         "remove the venv and install ultralytics with --no-deps and its other requirements")
+        raise SystemExit(
+            f"{VENV}: torch {version} from {path} replaced the installed torch {torch.__version__}; "
+            "remove the venv and install ultralytics with --no-deps and its other requirements"
+        )
     if f"ultralytics=={found}" != ULTRALYTICS:
         raise SystemExit(f"{VENV}: ultralytics {found} installed, the benchmark pins {ULTRALYTICS}")
     font = YOLO_CONFIG / "Ultralytics" / "Arial.ttf"
@@ -189,8 +211,15 @@ def yolo_worker(out: Path, minutes: float, imgsz: int, threads: int) -> None:
     # Ultralytics sets min(8, cores - 1) threads on the CPU (1 on a 2-core machine); give it what deepscope gets.
     torch_utils.NUM_THREADS = threads
     settings = {k: v for k, v in YOLO_TRAIN.items() if k != "model"}
-    metrics = YOLO(YOLO_TRAIN["model"]).train(data=str(YOLO_DATA / "pf.yaml"), imgsz=imgsz, time=minutes / 60,
-                                              project=str(out.parent), name=out.name, exist_ok=True, **settings)
+    metrics = YOLO(YOLO_TRAIN["model"]).train(
+        data=str(YOLO_DATA / "pf.yaml"),
+        imgsz=imgsz,
+        time=minutes / 60,
+        project=str(out.parent),
+        name=out.name,
+        exist_ok=True,
+        **settings,
+    )
     files = sorted((SPLIT / "test" / "images").glob("*.png"))
     results = YOLO(out / "weights" / "last.pt").predict(files, imgsz=imgsz, stream=True, verbose=False, **YOLO_PREDICT)
     images, annotations = [], []
@@ -199,11 +228,24 @@ def yolo_worker(out: Path, minutes: float, imgsz: int, threads: int) -> None:
         images.append({"id": image_id, "file_name": Path(result.path).name, "width": width, "height": height})
         boxes = result.boxes
         for (x1, y1, x2, y2), score, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cls) + 1, "score": score,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cls) + 1,
+                    "score": score,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     coco = {"images": images, "categories": [{"id": 1, "name": "person"}], "annotations": annotations}
     (out / "test_pred.json").write_text(json.dumps(coco))
-    summary = {"ultralytics_map": metrics.box.map, "ultralytics_map_50": metrics.box.map50, "network_attempts": attempts}
+    summary = {
+        "ultralytics_map": metrics.box.map,
+        "ultralytics_map_50": metrics.box.map50,
+        "network_attempts": attempts,
+    }
     (out / "yolo_summary.json").write_text(json.dumps(summary, indent=1))
 
 
@@ -217,23 +259,61 @@ def deepscope(*args: str) -> list[str]:
 def deepscope_commands(model: str, minutes: float, imgsz: int, out: Path) -> dict[str, list[str]]:
     # the same pixels as YOLO's letterbox (long side imgsz), all of train used for training, scored as YOLO is (conf 0.001)
     sets = [f"image_size={imgsz}", f"max_size={imgsz}", "val_fraction=0", *MODELS[model]]
-    train = deepscope("train", "detect", "--data", str(SPLIT), "--model", model.split("-")[0], "--max-minutes", f"{minutes:g}",
-                      "--out", str(out), *(arg for s in sets for arg in ("--set", s)))
-    predict = deepscope("predict", str(out / "best.pt"), str(SPLIT / "test" / "images"), "--out", str(out / "test_pred.json"),
-                        "--score-threshold", "0.001")
+    train = deepscope(
+        "train",
+        "detect",
+        "--data",
+        str(SPLIT),
+        "--model",
+        model.split("-")[0],
+        "--max-minutes",
+        f"{minutes:g}",
+        "--out",
+        str(out),
+        *(arg for s in sets for arg in ("--set", s)),
+    )
+    predict = deepscope(
+        "predict",
+        str(out / "best.pt"),
+        str(SPLIT / "test" / "images"),
+        "--out",
+        str(out / "test_pred.json"),
+        "--score-threshold",
+        "0.001",
+    )
     return {"train": train, "predict": predict, "evaluate": evaluate_command(out)}
 
 
 def evaluate_command(out: Path) -> list[str]:
     """deepscope's COCO scores of the run's detections (also the JSON on the last line of stdout)."""
-    return deepscope("evaluate", "detect", "--pred", str(out / "test_pred.json"), "--truth", str(SPLIT / "test"),
-                     "--out", str(out / "test_scores.json"))
+    return deepscope(
+        "evaluate",
+        "detect",
+        "--pred",
+        str(out / "test_pred.json"),
+        "--truth",
+        str(SPLIT / "test"),
+        "--out",
+        str(out / "test_scores.json"),
+    )
 
 
 def yolo_commands(minutes: float, imgsz: int, out: Path, threads: int) -> dict[str, list[str]]:
     env = [f"{k}={v}" for k, v in {**YOLO_ENV, "OMP_NUM_THREADS": threads}.items()]
-    worker = ["env", *env, str(venv_python()), str(Path(__file__).resolve()), "--yolo-worker", str(out),
-              "--minutes", f"{minutes:g}", "--imgsz", str(imgsz), "--threads", str(threads)]
+    worker = [
+        "env",
+        *env,
+        str(venv_python()),
+        str(Path(__file__).resolve()),
+        "--yolo-worker",
+        str(out),
+        "--minutes",
+        f"{minutes:g}",
+        "--imgsz",
+        str(imgsz),
+        "--threads",
+        str(threads),
+    ]
     return {"train + predict": worker, "evaluate": evaluate_command(out)}
 
 
@@ -248,9 +328,17 @@ def run_yolo(minutes: float, imgsz: int, out: Path, threads: int) -> dict[str, A
     summary = json.loads((out / "yolo_summary.json").read_text())
     with open(out / "results.csv") as handle:
         epochs = list(csv.DictReader(handle))  # one row per epoch; "time": seconds since training began, at its end
-    return {"tool": ULTRALYTICS.replace("==", " "), "model": "yolov8n", "imgsz": imgsz, "precision": "float32",
-            "threads": threads, "train_min": float(epochs[-1]["time"]) / 60, "epochs": len(epochs),
-            "command": yolo_cli(minutes, imgsz), **summary}
+    return {
+        "tool": ULTRALYTICS.replace("==", " "),
+        "model": "yolov8n",
+        "imgsz": imgsz,
+        "precision": "float32",
+        "threads": threads,
+        "train_min": float(epochs[-1]["time"]) / 60,
+        "epochs": len(epochs),
+        "command": yolo_cli(minutes, imgsz),
+        **summary,
+    }
 
 
 def run_deepscope(model: str, minutes: float, imgsz: int, out: Path, threads: int) -> dict[str, Any]:
@@ -258,9 +346,16 @@ def run_deepscope(model: str, minutes: float, imgsz: int, out: Path, threads: in
     run(commands["train"], out.parent / f"{out.name}.log")
     run(commands["predict"], out / "predict.log")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"tool": "deepscope", "model": model, "imgsz": imgsz, "precision": metrics["precision"]["dtype"], "threads": threads,
-            "train_min": metrics["train_time_s"] / 60, "epochs": metrics["epochs_completed"],
-            "command": shlex.join(["deepscope", *commands["train"][3:]]).replace(str(CACHE) + "/", ".cache/")}
+    return {
+        "tool": "deepscope",
+        "model": model,
+        "imgsz": imgsz,
+        "precision": metrics["precision"]["dtype"],
+        "threads": threads,
+        "train_min": metrics["train_time_s"] / 60,
+        "epochs": metrics["epochs_completed"],
+        "command": shlex.join(["deepscope", *commands["train"][3:]]).replace(str(CACHE) + "/", ".cache/"),
+    }
 
 
 # ---- table ----------------------------------------------------------------------------------------------------------
@@ -268,36 +363,47 @@ def run_deepscope(model: str, minutes: float, imgsz: int, out: Path, threads: in
 
 def row(bench: dict[str, Any]) -> str:
     s = bench["scores"]
-    return (f"| {bench['tool']} | {bench['model']} | {bench['imgsz']} | {bench['precision']} | {bench['threads']} | "
-            f"{bench['train_min']:.1f} | {bench['epochs']} | {s['map']:.3f} | {s['map_50']:.3f} | {s['map_75']:.3f} | "
-            f"`{bench['command']}` |")
+    return (
+        f"| {bench['tool']} | {bench['model']} | {bench['imgsz']} | {bench['precision']} | {bench['threads']} | "
+        f"{bench['train_min']:.1f} | {bench['epochs']} | {s['map']:.3f} | {s['map_50']:.3f} | {s['map_75']:.3f} | "
+        f"`{bench['command']}` |"
+    )
 
 
 def render(splits: dict[str, list[str]]) -> str:
     benches = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/bench.json"))]
-    yolo_checks = [f"{b['scores']['map']:.3f} vs Ultralytics' own {b['ultralytics_map']:.3f} ({b['train_min']:.0f} min run)"
-                   for b in benches if "ultralytics_map" in b]
+    yolo_checks = [
+        f"{b['scores']['map']:.3f} vs Ultralytics' own {b['ultralytics_map']:.3f} ({b['train_min']:.0f} min run)"
+        for b in benches
+        if "ultralytics_map" in b
+    ]
     blocked = sorted({a for b in benches for a in b.get("network_attempts", [])})
     lines = [
         header(command_line()),
-        (f"Split: the {sum(map(len, splits.values()))} shared Penn-Fudan images (of the original 170) sorted by name, "
-         f"permuted with numpy `default_rng(0)`; the first {len(splits['train'])} train, the other {len(splits['test'])} "
-         "test. Both tools train from random weights on the CPU for the same wall time and are scored on the test images "
-         "by the same metric, `deepscope evaluate detect` (COCO box mAP, 100 detections per image). Both train on all of "
-         "train without validation (deepscope `val_fraction=0`) and their last weights are scored, predicted at score "
-         "0.001 with at most 100 detections. Size: both scale the longer side to the size given (deepscope "
-         "`image_size` = `max_size`, YOLO's letterbox `imgsz`). Both run with "
-         "the same number of torch threads (Ultralytics alone would take cores - 1)."),
+        (
+            f"Split: the {sum(map(len, splits.values()))} shared Penn-Fudan images (of the original 170) sorted by name, "
+            f"permuted with numpy `default_rng(0)`; the first {len(splits['train'])} train, the other {len(splits['test'])} "
+            "test. Both tools train from random weights on the CPU for the same wall time and are scored on the test images "
+            "by the same metric, `deepscope evaluate detect` (COCO box mAP, 100 detections per image). Both train on all of "
+            "train without validation (deepscope `val_fraction=0`) and their last weights are scored, predicted at score "
+            "0.001 with at most 100 detections. Size: both scale the longer side to the size given (deepscope "
+            "`image_size` = `max_size`, YOLO's letterbox `imgsz`). Both run with "
+            "the same number of torch threads (Ultralytics alone would take cores - 1)."
+        ),
         "",
         "| tool | model | size | precision | threads | train min | epochs | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(row(b) for b in benches),
         "",
-        ("Published, not comparable (COCO-pretrained, another split: 120 train / 50 test of the 170): torchvision's detection "
-         "tutorial fine-tunes Mask R-CNN and reaches box AP 0.799 after 10 epochs (AP50 0.969)."),
+        (
+            "Published, not comparable (COCO-pretrained, another split: 120 train / 50 test of the 170): torchvision's detection "
+            "tutorial fine-tunes Mask R-CNN and reaches box AP 0.799 after 10 epochs (AP50 0.969)."
+        ),
     ]
     if yolo_checks:
-        lines.append(f"Metric check, YOLO's mAP@[.5:.95] by deepscope vs by Ultralytics' validator: {'; '.join(yolo_checks)}.")
+        lines.append(
+            f"Metric check, YOLO's mAP@[.5:.95] by deepscope vs by Ultralytics' validator: {'; '.join(yolo_checks)}."
+        )
     if blocked:
         lines.append(f"Network access Ultralytics attempted and the benchmark blocked: {', '.join(blocked)}.")
     return "\n".join(lines)
@@ -305,8 +411,11 @@ def render(splits: dict[str, list[str]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shared", default=str(SHARED / "pennfudan"),
-                        help="the Penn-Fudan folder (PNGImages/, Annotations_voc_xml/, annotations_coco.json)")
+    parser.add_argument(
+        "--shared",
+        default=str(SHARED / "pennfudan"),
+        help="the Penn-Fudan folder (PNGImages/, Annotations_voc_xml/, annotations_coco.json)",
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="training wall time per model")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -330,8 +439,11 @@ def main() -> None:
         if "yolov8n" in runs and not venv_python().exists():
             print("# Ultralytics environment\n" + "\n".join(shlex.join(cmd) for cmd in venv_commands()))
         for name, out in runs.items():
-            commands = yolo_commands(args.minutes, args.imgsz, out, threads) if name == "yolov8n" else deepscope_commands(
-                name, args.minutes, args.imgsz, out)
+            commands = (
+                yolo_commands(args.minutes, args.imgsz, out, threads)
+                if name == "yolov8n"
+                else deepscope_commands(name, args.minutes, args.imgsz, out)
+            )
             for step, cmd in commands.items():
                 print(f"# {name} {step}\n{shlex.join(cmd)}")
         print(f"# yolov8n equivalent: {yolo_cli(args.minutes, args.imgsz)}")
@@ -341,8 +453,11 @@ def main() -> None:
         if (out / "bench.json").exists():
             print(f"{out} is done, kept (delete it to redo)")
             continue
-        bench = run_yolo(args.minutes, args.imgsz, out, threads) if name == "yolov8n" else run_deepscope(
-            name, args.minutes, args.imgsz, out, threads)
+        bench = (
+            run_yolo(args.minutes, args.imgsz, out, threads)
+            if name == "yolov8n"
+            else run_deepscope(name, args.minutes, args.imgsz, out, threads)
+        )
         bench["scores"] = score(out)
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
     text = render(splits)

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 
+from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 from deepscope.metrics.instance import summarize
 from deepscope.tasks.segment.predict import evaluate_checkpoint
 
@@ -30,16 +30,24 @@ def subset_scores(test: dict, names: set[str]) -> dict:
 
 def row(run: str, label: str, report: dict, images: int) -> str:
     at = report["thresholds"]
-    return (f"| {run} | {label} | {images} | {at['0.5']['score']:.3f} | {at['0.5']['f1']:.3f} | {at['0.75']['score']:.3f} | "
-            f"{at['0.9']['score']:.3f} | {report['mean_score']:.3f} |")
+    return (
+        f"| {run} | {label} | {images} | {at['0.5']['score']:.3f} | {at['0.5']['f1']:.3f} | {at['0.75']['score']:.3f} | "
+        f"{at['0.9']['score']:.3f} | {report['mean_score']:.3f} |"
+    )
 
 
 def describe(out: Path, data: Path, fluo: set[str]) -> list[str]:
     metrics = json.loads((out / "metrics.json").read_text())
-    test = json.loads((out / "test_scores.json").read_text()) if (out / "test_scores.json").exists() else metrics["test"]
-    precision = metrics.get("precision", {}).get("dtype", "bf16")  # runs from before the precision was recorded ran bf16
-    name = (f"`{out.name}`: {metrics['parameters']:,} parameters, {metrics['epochs_completed']} epochs, "
-            f"{metrics['train_time_s'] / 60:.1f} min, {precision}")
+    test = (
+        json.loads((out / "test_scores.json").read_text()) if (out / "test_scores.json").exists() else metrics["test"]
+    )
+    precision = metrics.get("precision", {}).get(
+        "dtype", "bf16"
+    )  # runs from before the precision was recorded ran bf16
+    name = (
+        f"`{out.name}`: {metrics['parameters']:,} parameters, {metrics['epochs_completed']} epochs, "
+        f"{metrics['train_time_s'] / 60:.1f} min, {precision}"
+    )
     return [
         row(name, "all", test, test["images"]),
         row(name, "fluorescence only", subset_scores(test, fluo), len(fluo & {i["name"] for i in test["per_image"]})),
@@ -62,8 +70,21 @@ def main() -> None:
     elif not args.render_only:
         if (out / "last.pt").exists():
             raise SystemExit(f"{out} holds a previous run; remove it first")
-        cmd = [sys.executable, "-m", "deepscope", "train", "segment", "--config", args.recipe, "--data", str(data),
-               "--out", str(out), "--max-minutes", str(args.max_minutes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepscope",
+            "train",
+            "segment",
+            "--config",
+            args.recipe,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-minutes",
+            str(args.max_minutes),
+        ]
         run(cmd, out.with_suffix(".log"))
     with open(data / "test" / "index.csv") as handle:
         fluo = {r["image_id"] for r in csv.DictReader(handle) if r["modality"] == "fluorescence_gray"}

@@ -38,7 +38,11 @@ def test_image(ndim: int) -> np.ndarray:
 def deepscope_features(image: np.ndarray, full: bool = False) -> np.ndarray:
     from deepscope.tasks.pixel.features import FeatureSpec, compute_features
 
-    spec = FeatureSpec.default(image.ndim) if full else FeatureSpec.from_selection(["gaussian", "ggm", "hessian"], SIGMAS, image.ndim)
+    spec = (
+        FeatureSpec.default(image.ndim)
+        if full
+        else FeatureSpec.from_selection(["gaussian", "ggm", "hessian"], SIGMAS, image.ndim)
+    )
     return compute_features(image[None], spec, device="cpu")
 
 
@@ -56,8 +60,10 @@ def scipy_features(image: np.ndarray) -> np.ndarray:
     unit = [tuple(int(a == b) for b in range(nd)) for a in range(nd)]
     smooth, magnitude, eigen = [], [], []
     for sigma in SIGMAS:
+
         def g(order: tuple[int, ...]) -> np.ndarray:
-            return ndimage.gaussian_filter(image, sigma, order=order, mode="mirror")
+            return ndimage.gaussian_filter(image, sigma, order=order, mode="mirror")  # noqa: B023 (called in this iteration)
+
         smooth.append(g((0,) * nd))
         magnitude.append(np.sqrt(sum(g(u) ** 2 for u in unit)))
         hessian = np.empty(image.shape + (nd, nd), np.float32)
@@ -68,8 +74,12 @@ def scipy_features(image: np.ndarray) -> np.ndarray:
     return np.stack(smooth + magnitude + eigen)  # deepscope's order: filter by filter, then scale
 
 
-METHODS = {"deepscope": deepscope_features, "deepscope-full": lambda x: deepscope_features(x, full=True),
-           "skimage": skimage_features, "scipy": scipy_features}
+METHODS = {
+    "deepscope": deepscope_features,
+    "deepscope-full": lambda x: deepscope_features(x, full=True),
+    "skimage": skimage_features,
+    "scipy": scipy_features,
+}
 
 
 def one(method: str, ndim: int, repeats: int) -> None:
@@ -99,8 +109,12 @@ def one(method: str, ndim: int, repeats: int) -> None:
 
 
 def measure(method: str, ndim: int, repeats: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", method, "--ndim", str(ndim), "--repeats", str(repeats)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", method, "--ndim", str(ndim), "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if len(result["times"]) > 1:
         result["warm_s"] = statistics.median(result["times"][1:])
@@ -126,7 +140,9 @@ def main() -> None:
             warm_cell = "-"
             if "warm_s" in r:
                 warm_cell = f"{r['warm_s']:.2f} s" + (f" ({warm / r['warm_s']:.1f}x)" if warm else "")
-            rows.append(f"| {label} | {method} | {r['features']} | {first:.2f} s ({cold / first:.1f}x) | {warm_cell} | {r['peak_gb']:.2f} GB |")
+            rows.append(
+                f"| {label} | {method} | {r['features']} | {first:.2f} s ({cold / first:.1f}x) | {warm_cell} | {r['peak_gb']:.2f} GB |"
+            )
             checks.update({k: v for k, v in r.items() if k.startswith("max_abs")})
     lines = [
         header(command_line()),

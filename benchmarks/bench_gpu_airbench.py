@@ -30,8 +30,14 @@ def write_airbench_data(workdir) -> None:
     names = [str(n) for n in arrays["class_names"]]
     (workdir / "cifar10").mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        torch.save({"images": torch.from_numpy(arrays[f"x_{split}"]), "labels": torch.from_numpy(arrays[f"y_{split}"]),
-                    "classes": names}, workdir / "cifar10" / f"{split}.pt")
+        torch.save(
+            {
+                "images": torch.from_numpy(arrays[f"x_{split}"]),
+                "labels": torch.from_numpy(arrays[f"y_{split}"]),
+                "classes": names,
+            },
+            workdir / "cifar10" / f"{split}.pt",
+        )
 
 
 def airbench_run() -> tuple[float, float]:
@@ -65,19 +71,41 @@ def main() -> None:
     ours = []
     for i in range(args.runs):
         out = CACHE / "runs" / f"gpu_fastnet94_{i}"
-        cmd = [sys.executable, "-m", "deepscope", "train", "classify", "--config", str(HERE / "recipes" / "gpu_fastnet94.yaml"),
-               "--data", str(data), "--out", str(out), "--device", "cuda"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepscope",
+            "train",
+            "classify",
+            "--config",
+            str(HERE / "recipes" / "gpu_fastnet94.yaml"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+        ]
         run(cmd, out.with_suffix(".log"))
         metrics = json.loads((out / "metrics.json").read_text())
         ours.append((metrics["train_time_s"], metrics["test_accuracy"]))
     a_time, d_time = statistics.median(t for t, _ in air), statistics.median(t for t, _ in ours)
-    lines = ["| system | median seconds | test accuracies | ratio to airbench94 |", "|---|---:|---|---:|",
-             f"| airbench94 | {a_time:.1f} | {', '.join(f'{a:.2%}' for _, a in air)} | 1.00 |",
-             f"| deepscope `gpu_fastnet94` | {d_time:.1f} | {', '.join(f'{a:.2%}' for _, a in ours)} | {d_time / a_time:.2f} |"]
-    notes = ("airbench's seconds are wall time around `train94()` (whitening, training, no per-epoch evaluation) plus nothing "
-             "else; deepscope's are the engine's `train_time_s`, which also includes per-epoch validation and the final test "
-             "evaluation, so the comparison favours airbench. Goal: within 1.5x.")
-    write_section("gpu_airbench", "GPU: time to 94% on CIFAR-10 against airbench94", header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes)
+    lines = [
+        "| system | median seconds | test accuracies | ratio to airbench94 |",
+        "|---|---:|---|---:|",
+        f"| airbench94 | {a_time:.1f} | {', '.join(f'{a:.2%}' for _, a in air)} | 1.00 |",
+        f"| deepscope `gpu_fastnet94` | {d_time:.1f} | {', '.join(f'{a:.2%}' for _, a in ours)} | {d_time / a_time:.2f} |",
+    ]
+    notes = (
+        "airbench's seconds are wall time around `train94()` (whitening, training, no per-epoch evaluation) plus nothing "
+        "else; deepscope's are the engine's `train_time_s`, which also includes per-epoch validation and the final test "
+        "evaluation, so the comparison favours airbench. Goal: within 1.5x."
+    )
+    write_section(
+        "gpu_airbench",
+        "GPU: time to 94% on CIFAR-10 against airbench94",
+        header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes,
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from deepscope.metrics.semantic import confusion, confusion_scores
 from PIL import Image
 from skimage.feature import multiscale_basic_features
 from sklearn.ensemble import RandomForestClassifier
@@ -25,6 +24,7 @@ from common import (
     train_segment,
     write_section,
 )
+from deepscope.metrics.semantic import confusion, confusion_scores
 
 TEST = range(20, 25)
 
@@ -49,7 +49,10 @@ def read(root: Path, split: str, kind: str) -> list[np.ndarray]:
 
 def forest(root: Path) -> tuple[dict, float]:
     start = time.perf_counter()
-    features = lambda image: multiscale_basic_features(image, sigma_min=0.5, sigma_max=8, num_sigma=5)
+
+    def features(image: np.ndarray) -> np.ndarray:
+        return multiscale_basic_features(image, sigma_min=0.5, sigma_max=8, num_sigma=5)
+
     rng = np.random.default_rng(0)
     x, y = [], []
     for image, mask in zip(read(root, "train", "images"), read(root, "train", "masks")):
@@ -68,8 +71,10 @@ def forest(root: Path) -> tuple[dict, float]:
 
 def row(method: str, scores: dict, seconds: float) -> str:
     membrane, interior = scores["per_class"]["0"], scores["per_class"]["255"]
-    return (f"| {method} | {membrane['iou']:.3f} | {membrane['dice']:.3f} | {interior['iou']:.3f} | "
-            f"{scores['pixel_accuracy']:.3f} | {seconds:.0f} s |")
+    return (
+        f"| {method} | {membrane['iou']:.3f} | {membrane['dice']:.3f} | {interior['iou']:.3f} | "
+        f"{scores['pixel_accuracy']:.3f} | {seconds:.0f} s |"
+    )
 
 
 def main() -> None:
@@ -80,7 +85,11 @@ def main() -> None:
         header(command_line()),
         "| method | membrane IoU | membrane Dice | interior IoU | pixel accuracy | time |",
         "| --- | --- | --- | --- | --- | --- |",
-        row(f"2D U-Net ({metrics['parameters']:,} parameters, `recipes/isbi2012_unet.yaml`)", metrics["test"], metrics["wall_time_s"]),
+        row(
+            f"2D U-Net ({metrics['parameters']:,} parameters, `recipes/isbi2012_unet.yaml`)",
+            metrics["test"],
+            metrics["wall_time_s"],
+        ),
         row("filter bank + random forest (scikit-image, scikit-learn)", rf, rf_s),
         "",
         "Scored on slices 20-24 (trained on 00-19). U-Net time = training + test prediction on 2 CPU cores; forest time = "

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from common import CACHE, HERE, SHARED, command_line, header, write_section
-
 from deepscope.metrics.instance import evaluate_label_folders, summarize
 
 RUNS = CACHE / "nuclei"
@@ -46,25 +45,52 @@ def job(name: str, minutes: float, data: Path) -> tuple[list[str], Path]:
     """(command, run folder) of one row."""
     out = RUNS / f"{name}-{minutes:g}min"
     if name == "stardist-package":
-        return [str(ensure_venv()), str(HERE / "stardist_dsb.py"), "--data", str(data), "--out", str(out), "--minutes", str(minutes)], out
-    return [sys.executable, "-m", "deepscope", "train", "segment", "--data", str(data), "--out", str(out),
-            "--max-minutes", str(minutes), *TARGETS[name]], out
+        return [
+            str(ensure_venv()),
+            str(HERE / "stardist_dsb.py"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--minutes",
+            str(minutes),
+        ], out
+    return [
+        sys.executable,
+        "-m",
+        "deepscope",
+        "train",
+        "segment",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-minutes",
+        str(minutes),
+        *TARGETS[name],
+    ], out
 
 
 def run_jobs(names: list[str], minutes: float, data: Path, threads: int | None, parallel: int) -> None:
     """Run the rows not yet on disk, ``parallel`` at a time, each with ``threads`` CPU threads."""
     env = dict(os.environ)
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads),
-                   TF_NUM_INTEROP_THREADS="1")
+        env.update(
+            OMP_NUM_THREADS=str(threads),
+            MKL_NUM_THREADS=str(threads),
+            TF_NUM_INTRAOP_THREADS=str(threads),
+            TF_NUM_INTEROP_THREADS="1",
+        )
     pending = [(n, *job(n, minutes, data)) for n in names if not (job(n, minutes, data)[1] / "done.json").exists()]
     running: list[tuple[str, Path, subprocess.Popen, float]] = []
     while pending or running:
         while pending and len(running) < parallel:
             name, cmd, out = pending.pop(0)
             out.mkdir(parents=True, exist_ok=True)
-            log = open(out.with_suffix(".log"), "w")
-            running.append((name, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time()))
+            log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 (the child process writes it until it ends)
+            running.append(
+                (name, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+            )
         time.sleep(5)
         for entry in list(running):
             name, out, process, started = entry
@@ -77,8 +103,11 @@ def run_jobs(names: list[str], minutes: float, data: Path, threads: int | None, 
                 continue
             if name == "boundaries":
                 predict_newcomer(out, data)
-            (out / "done.json").write_text(json.dumps({"wall_s": time.time() - started, "threads": threads,
-                                                       "cpu_s": usage.ru_utime + usage.ru_stime}))
+            (out / "done.json").write_text(
+                json.dumps(
+                    {"wall_s": time.time() - started, "threads": threads, "cpu_s": usage.ru_utime + usage.ru_stime}
+                )
+            )
 
 
 def finish_run(out: Path) -> None:
@@ -101,9 +130,15 @@ def finish_run(out: Path) -> None:
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     last = load_checkpoint(out / "last.pt")
     history = last["history"]
-    summary = {"task": "segment", "parameters": last["parameters"], "epochs_completed": len(history),
-               "precision": resolve_precision(config.amp, torch.device("cpu")).summary(),
-               "train_time_s": history[-1].get("time_s", 0), "history": history, "refinished": True}
+    summary = {
+        "task": "segment",
+        "parameters": last["parameters"],
+        "epochs_completed": len(history),
+        "precision": resolve_precision(config.amp, torch.device("cpu")).summary(),
+        "train_time_s": history[-1].get("time_s", 0),
+        "history": history,
+        "refinished": True,
+    }
     summary.update(task.finish(model, out, history, summary))
     (out / "metrics.json").write_text(json.dumps(summary, default=str))
     task.write_report(out, history, summary)
@@ -112,8 +147,21 @@ def finish_run(out: Path) -> None:
 def predict_newcomer(out: Path, data: Path) -> None:
     """The newcomer's second command: ``deepscope predict --instances`` on the test images, scored from the files."""
     pred = out / "predict"
-    subprocess.run([sys.executable, "-m", "deepscope", "predict", str(out / "best.pt"), str(data / "test" / "images"),
-                    "--out", str(pred), "--instances"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepscope",
+            "predict",
+            str(out / "best.pt"),
+            str(data / "test" / "images"),
+            "--out",
+            str(pred),
+            "--instances",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     labels = pred / "labels"
     labels.mkdir(exist_ok=True)
     for path in pred.glob("*_instances.tif"):
@@ -135,8 +183,10 @@ def scores(name: str, out: Path, data: Path) -> dict | None:
 
 def row(label: str, report: dict, info: str) -> str:
     at = report["thresholds"]
-    return (f"| {label} | {at['0.5']['score']:.3f} | {report['mean_score']:.3f} | {report['kaggle_score']:.3f} | "
-            f"{report['pq']:.3f} | {info} |")
+    return (
+        f"| {label} | {at['0.5']['score']:.3f} | {report['mean_score']:.3f} | {report['kaggle_score']:.3f} | "
+        f"{report['pq']:.3f} | {info} |"
+    )
 
 
 def describe(out: Path, data: Path, fluo: set[str]) -> list[str]:
@@ -150,15 +200,19 @@ def describe(out: Path, data: Path, fluo: set[str]) -> list[str]:
         threads += f", {done['cpu_s'] / 60:.0f} CPU-min in {done['wall_s'] / 60:.0f} min"
     if name.startswith("stardist-package"):
         s = json.loads((out / "summary.json").read_text())
-        info = (f"StarDist2D, {s['parameters']:,} parameters, {s['epochs']} epochs x 100 steps, {s['train_s'] / 60:.1f} min training, "
-                f"float32, thresholds prob {s['thresholds']['prob']:.2f} nms {s['thresholds']['nms']:.2f}, {threads}")
+        info = (
+            f"StarDist2D, {s['parameters']:,} parameters, {s['epochs']} epochs x 100 steps, {s['train_s'] / 60:.1f} min training, "
+            f"float32, thresholds prob {s['thresholds']['prob']:.2f} nms {s['thresholds']['nms']:.2f}, {threads}"
+        )
     else:
         m = json.loads((out / "metrics.json").read_text())
         post = json.loads((out / "metrics.json").read_text()).get("post_tuning") or [{}]
         best = max(post, key=lambda t: t.get("mean_score", 0))
-        info = (f"{m['parameters']:,} parameters, {m['epochs_completed']} epochs, {m['train_time_s'] / 60:.1f} min training, "
-                f"{m['precision']['dtype']}, threshold {best.get('threshold', 0.5)}, {threads}"
-                + (", scored from `predict --instances` files" if (out / "predict_scores.json").exists() else ""))
+        info = (
+            f"{m['parameters']:,} parameters, {m['epochs_completed']} epochs, {m['train_time_s'] / 60:.1f} min training, "
+            f"{m['precision']['dtype']}, threshold {best.get('threshold', 0.5)}, {threads}"
+            + (", scored from `predict --instances` files" if (out / "predict_scores.json").exists() else "")
+        )
     subset = summarize([i for i in report["per_image"] if i["name"] in fluo])
     return [row(f"`{name}` all 50", report, info), row(f"`{name}` fluorescence 41", subset, "")]
 
@@ -167,8 +221,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(SHARED / "dsb2018"))
     parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--runs", nargs="+", default=["stardist-package", "stardist", "boundaries", "flows"],
-                        choices=["stardist-package", *TARGETS])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["stardist-package", "stardist", "boundaries", "flows"],
+        choices=["stardist-package", *TARGETS],
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per job (default: all)")
     parser.add_argument("--parallel", type=int, default=1, help="jobs at a time")
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from the runs on disk")
@@ -210,7 +268,9 @@ def main() -> None:
         "the tuned boundary recipe (section dsb2018 above: 0.458 at 15 min with both cores) and torch-em's 0.287 "
         "(peer-baselines.md, 15 min, both cores). StarDist paper (fluorescence split, GPU, converged): 0.864.",
     ]
-    write_section("nuclei", "DSB2018 nuclei: instance targets and the StarDist package at a fixed CPU budget", "\n".join(lines))
+    write_section(
+        "nuclei", "DSB2018 nuclei: instance targets and the StarDist package at a fixed CPU budget", "\n".join(lines)
+    )
     print("\n".join(lines))
 
 

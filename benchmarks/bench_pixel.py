@@ -24,9 +24,9 @@ from sklearn.ensemble import RandomForestClassifier
 from bench_isbi_em import prepare as prepare_isbi
 from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.scribbles import dense_classes, sample_scribbles
+from deepscope.tasks.pixel.config import PixelConfig
 from deepscope.tasks.pixel.predict import predict_files as forest_predict
 from deepscope.tasks.pixel.train import train_pixel
-from deepscope.tasks.pixel.config import PixelConfig
 from deepscope.tasks.segment.predict import predict_files as unet_predict
 
 FRACTION = 0.001
@@ -56,21 +56,28 @@ def iou(pred: list[np.ndarray], truth: list[np.ndarray]) -> float:
     return inter / union
 
 
-def deepscope_forest(images: Path, scribbles: Path, test: list[Path], run: Path, positive: int) -> tuple[list[np.ndarray], float, dict]:
+def deepscope_forest(
+    images: Path, scribbles: Path, test: list[Path], run: Path, positive: int
+) -> tuple[list[np.ndarray], float, dict]:
     start = time.perf_counter()
-    metrics = train_pixel(PixelConfig(images=str(images), labels=str(scribbles), out=str(run), cache="off", predict=False))
+    metrics = train_pixel(
+        PixelConfig(images=str(images), labels=str(scribbles), out=str(run), cache="off", predict=False)
+    )
     records = forest_predict(metrics["classifier"], test, run / "test", CPU)
     pred = [tifffile.imread(r["classes"]) == positive for r in records]
     return pred, time.perf_counter() - start, metrics
 
 
-def skimage_forest(images: list[Path], scribbles: Path, test: list[Path], positive: int) -> tuple[list[np.ndarray], float]:
+def skimage_forest(
+    images: list[Path], scribbles: Path, test: list[Path], positive: int
+) -> tuple[list[np.ndarray], float]:
     start = time.perf_counter()
 
     def features(path: Path) -> np.ndarray:
         image = read(path).astype(np.float32)
-        return multiscale_basic_features(image, sigma_min=0.5, sigma_max=16, num_sigma=7,
-                                         channel_axis=-1 if image.ndim == 3 else None)
+        return multiscale_basic_features(
+            image, sigma_min=0.5, sigma_max=16, num_sigma=7, channel_axis=-1 if image.ndim == 3 else None
+        )
 
     x, y = [], []
     for path in images:
@@ -97,15 +104,30 @@ def data_set(name: str) -> dict:
     if name == "isbi2012":
         root = prepare_isbi()
         train, test = root / "train", root / "test"
-        return {"train_images": train / "images", "train_masks": sorted((train / "masks").glob("*.png")),
-                "test": sorted((test / "images").glob("*.png")), "truth": [read(p) == 0 for p in sorted((test / "masks").glob("*.png"))],
-                "foreground": False, "positive": 1, "unet": CACHE / "isbi2012_run" / "best.pt", "unet_channel": 0,
-                "target": "membrane"}
+        return {
+            "train_images": train / "images",
+            "train_masks": sorted((train / "masks").glob("*.png")),
+            "test": sorted((test / "images").glob("*.png")),
+            "truth": [read(p) == 0 for p in sorted((test / "masks").glob("*.png"))],
+            "foreground": False,
+            "positive": 1,
+            "unet": CACHE / "isbi2012_run" / "best.pt",
+            "unet_channel": 0,
+            "target": "membrane",
+        }
     root = SHARED / "dsb2018"
     truth = [read(p) > 0 for p in sorted((root / "test" / "masks").glob("*"))]
-    return {"train_images": root / "train" / "images", "train_masks": sorted((root / "train" / "masks").glob("*")),
-            "test": sorted((root / "test" / "images").glob("*")), "truth": truth, "foreground": True, "positive": 2,
-            "unet": CACHE / "dsb2018" / "dsb2018_unet_long-35min" / "best.pt", "unet_channel": 0, "target": "nuclei"}
+    return {
+        "train_images": root / "train" / "images",
+        "train_masks": sorted((root / "train" / "masks").glob("*")),
+        "test": sorted((root / "test" / "images").glob("*")),
+        "truth": truth,
+        "foreground": True,
+        "positive": 2,
+        "unet": CACHE / "dsb2018" / "dsb2018_unet_long-35min" / "best.pt",
+        "unet_channel": 0,
+        "target": "nuclei",
+    }
 
 
 def main() -> None:
@@ -116,7 +138,9 @@ def main() -> None:
         scribbles = run / "scribbles"
         labelled = write_scribbles(data["train_masks"], scribbles, data["foreground"])
         train_images = sorted(p for p in Path(data["train_images"]).iterdir() if (scribbles / f"{p.stem}.tif").exists())
-        ours, ours_s, metrics = deepscope_forest(data["train_images"], scribbles, data["test"], run / "forest", data["positive"])
+        ours, ours_s, metrics = deepscope_forest(
+            data["train_images"], scribbles, data["test"], run / "forest", data["positive"]
+        )
         peer, peer_s = skimage_forest(train_images, scribbles, data["test"], data["positive"])
         net, net_s = unet(data["unet"], data["test"], run / "unet", data["unet_channel"])
         what = f"{title} ({data['target']} IoU, {len(data['test'])} test images; {labelled:,} scribbled pixels on {len(train_images)} training images)"

@@ -27,8 +27,22 @@ def mosaic(folder: str) -> np.ndarray:
 
 def train(root, run) -> tuple[dict, float]:
     start = time.perf_counter()
-    out = subprocess.run(["deepscope", "pixel", "train", "--images", str(root / "images"), "--labels", str(root / "labels"),
-                          "--out", str(run)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "deepscope",
+            "pixel",
+            "train",
+            "--images",
+            str(root / "images"),
+            "--labels",
+            str(root / "labels"),
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
@@ -43,11 +57,15 @@ def main() -> None:
         path.unlink()
     rows = []
     for step, (fraction, seed) in enumerate(((0.001, 0), (0.002, 1))):
-        tifffile.imwrite(root / "labels" / "mosaic.tif", sample_scribbles(classes, fraction, rng=np.random.default_rng(seed)))
+        tifffile.imwrite(
+            root / "labels" / "mosaic.tif", sample_scribbles(classes, fraction, rng=np.random.default_rng(seed))
+        )
         metrics, wall = train(root, run)
-        rows.append(f"| {'first run' if step == 0 else 'rerun, new strokes'} | {metrics['labelled_pixels']:,} | "
-                    f"{'cache' if metrics['features_from_cache'] else 'computed'}: {metrics['feature_s']:.2f} s | "
-                    f"{metrics['fit_s']:.2f} s | {metrics['predict_s']:.2f} s | {wall:.1f} s |")
+        rows.append(
+            f"| {'first run' if step == 0 else 'rerun, new strokes'} | {metrics['labelled_pixels']:,} | "
+            f"{'cache' if metrics['features_from_cache'] else 'computed'}: {metrics['feature_s']:.2f} s | "
+            f"{metrics['fit_s']:.2f} s | {metrics['predict_s']:.2f} s | {wall:.1f} s |"
+        )
     lines = [
         header(command_line()),
         "| run | labelled pixels | features (49, ilastik's set) | forest fit | predict 1024x1024 | whole command |",

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from deepscope.metrics.instance import evaluate_instances
-from deepscope.postprocess.watershed import watershed_from_seeds
 from scipy import ndimage
 from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import label
@@ -29,6 +27,8 @@ from common import (
     train_segment,
     write_section,
 )
+from deepscope.metrics.instance import evaluate_instances
+from deepscope.postprocess.watershed import watershed_from_seeds
 
 CROPS = {  # name: (file, axis, first index of the test part, recipe)
     "nuclei": ("nuclei_1135_mini.npz", 0, 64, "plantseg_nuclei.yaml"),
@@ -60,12 +60,18 @@ def classical(name: str, raw: np.ndarray) -> np.ndarray:
 
 
 def row(method: str, report: dict, seconds: float) -> str:
-    return (f"| {method} | {report['voi_split']:.3f} | {report['voi_merge']:.3f} | {report['arand']:.3f} | "
-            f"{report['thresholds']['0.5']['score']:.3f} | {seconds:.0f} s |")
+    return (
+        f"| {method} | {report['voi_split']:.3f} | {report['voi_merge']:.3f} | {report['arand']:.3f} | "
+        f"{report['thresholds']['0.5']['score']:.3f} | {seconds:.0f} s |"
+    )
 
 
 def main() -> None:
-    lines = [header(command_line()), "| crop / method | VOI split | VOI merge | adapted Rand error | score@0.5 | time |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        header(command_line()),
+        "| crop / method | VOI split | VOI merge | adapted Rand error | score@0.5 | time |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, (file, axis, cut, recipe) in CROPS.items():
         root, raw, truth = split_crop(name, SHARED / "plantseg3d" / file, axis, cut)
         start = time.perf_counter()
@@ -73,13 +79,22 @@ def main() -> None:
         base_s = time.perf_counter() - start
         metrics = train_segment(HERE / "recipes" / recipe, root, CACHE / "plantseg3d" / f"run_{root.name}")
         (CACHE / "plantseg3d" / f"{root.name}_metrics.json").write_text(json.dumps(metrics["test"]))
-        lines.append(row(f"{name}: 3D U-Net ({metrics['parameters']:,} parameters, `{recipe}`)", metrics["test"], metrics["wall_time_s"]))
+        lines.append(
+            row(
+                f"{name}: 3D U-Net ({metrics['parameters']:,} parameters, `{recipe}`)",
+                metrics["test"],
+                metrics["wall_time_s"],
+            )
+        )
         lines.append(row(f"{name}: classical (smoothing, Otsu, watershed)", base, base_s))
-    lines += ["", "Lower is better for VOI and adapted Rand error. U-Net time = training + test prediction on 2 CPU cores. "
-              "Test parts: nuclei z >= 64 of 100; ovule cells x >= 80 of 128. These crops are tiny (PlantSeg test resources), "
-              "so the figures are a check that the 3D path works, not a benchmark of 3D accuracy. The ovule recipe seeds the "
-              "watershed at distance maxima (min_distance 8) because, on this crop, components of the predicted cell interiors "
-              "merged cells through gaps in the predicted walls (VOI merge 3.87 with components seeds)."]
+    lines += [
+        "",
+        "Lower is better for VOI and adapted Rand error. U-Net time = training + test prediction on 2 CPU cores. "
+        "Test parts: nuclei z >= 64 of 100; ovule cells x >= 80 of 128. These crops are tiny (PlantSeg test resources), "
+        "so the figures are a check that the 3D path works, not a benchmark of 3D accuracy. The ovule recipe seeds the "
+        "watershed at distance maxima (min_distance 8) because, on this crop, components of the predicted cell interiors "
+        "merged cells through gaps in the predicted walls (VOI merge 3.87 with components seeds).",
+    ]
     write_section("plantseg3d", "3D instance segmentation (PlantSeg crops, CPU)", "\n".join(lines))
     print("\n".join(lines))
 

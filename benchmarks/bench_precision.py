@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import command_line, cpu_name, header, section_rows, write_section
 from torch import nn
 
+from common import command_line, cpu_name, header, section_rows, write_section
 from deepscope.engine.precision import Precision, cpu_description, resolve_precision
 from deepscope.losses.denoise import masked_mse
 from deepscope.models import build_model, build_unet
@@ -39,14 +39,19 @@ def denoise_unet() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Modul
 
 
 def fastnet() -> tuple[nn.Module, torch.optim.Optimizer, Callable[[nn.Module], torch.Tensor]]:
-    model = build_model("fastnet", (3, 32, 32), 10, widths=(64, 128, 256), stem=32).to(memory_format=torch.channels_last)
+    model = build_model("fastnet", (3, 32, 32), 10, widths=(64, 128, 256), stem=32).to(
+        memory_format=torch.channels_last
+    )
     x = torch.randn(512, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (512,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return model, optimizer, lambda m: nn.functional.cross_entropy(m(x).float(), y, label_smoothing=0.2)
 
 
-MODELS = {"denoise U-Net, default size (batch 64 of 64x64)": denoise_unet, "CIFAR-10 fast net (batch 512 of 32x32)": fastnet}
+MODELS = {
+    "denoise U-Net, default size (batch 64 of 64x64)": denoise_unet,
+    "CIFAR-10 fast net (batch 512 of 32x32)": fastnet,
+}
 
 
 def step_seconds(build: Callable, precision: Precision, steps: int, budget: float) -> float:
@@ -80,18 +85,29 @@ def main() -> None:
     for name, build in MODELS.items():
         fp32 = step_seconds(build, resolve_precision("off", CPU), args.steps, args.budget)
         bf16 = step_seconds(build, resolve_precision("bf16", CPU), args.steps, args.budget)
-        rows.append(f"| {processor} | {name} | {fp32:.2f} | {bf16:.2f} | {bf16 / fp32:.2f}x | {auto.name} | "
-                    f"{datetime.date.today().isoformat()} |")
+        rows.append(
+            f"| {processor} | {name} | {fp32:.2f} | {bf16:.2f} | {bf16 / fp32:.2f}x | {auto.name} | "
+            f"{datetime.date.today().isoformat()} |"
+        )
         print(rows[-1], flush=True)
     kept = [row for row in section_rows(SECTION) if not row.startswith(f"| {processor} |")]
-    table = ["| processor (capability) | model, one training step | float32 s | bf16 s | bf16 / float32 | auto picks | date |",
-             "|---|---|---:|---:|---:|---|---|", *kept, *rows]
-    notes = ("Forward, backward and optimizer update on random data, channels-last, on all cores of this machine; median "
-             "of the timed steps after one warm-up step. 'auto picks' is what `--amp auto` resolves to on this processor: "
-             "bf16 only where the CPU computes bf16 natively (AVX-512 BF16 or AMX), float32 where autocast would emulate it. "
-             "Rows of other processors are kept from earlier runs of this script.")
-    write_section(SECTION, "Training-step precision on CPU: float32 against bf16 autocast",
-                  header(command_line()) + "\n" + "\n".join(table) + "\n\n" + notes)
+    table = [
+        "| processor (capability) | model, one training step | float32 s | bf16 s | bf16 / float32 | auto picks | date |",
+        "|---|---|---:|---:|---:|---|---|",
+        *kept,
+        *rows,
+    ]
+    notes = (
+        "Forward, backward and optimizer update on random data, channels-last, on all cores of this machine; median "
+        "of the timed steps after one warm-up step. 'auto picks' is what `--amp auto` resolves to on this processor: "
+        "bf16 only where the CPU computes bf16 natively (AVX-512 BF16 or AMX), float32 where autocast would emulate it. "
+        "Rows of other processors are kept from earlier runs of this script."
+    )
+    write_section(
+        SECTION,
+        "Training-step precision on CPU: float32 against bf16 autocast",
+        header(command_line()) + "\n" + "\n".join(table) + "\n\n" + notes,
+    )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,24 @@ TESTS = HERE.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 # whole files of hostile-input tests, and the tests of others that inject faults
-HOSTILE = ["test_untrusted_files.py", "test_fuzz_files.py", "test_fuzz_readers.py", "test_fuzz_annotations.py",
-           "test_fuzz_config.py", "test_serve_fuzz.py", "test_serve_process.py", "test_faults.py",
-           "test_bad_input.py::test_full_disk_keeps_previous_checkpoint",
-           "test_bad_input.py::test_full_disk_during_training_is_a_clear_error",
-           "test_serve_labels.py::test_a_full_disk_keeps_the_old_label_file_and_every_stroke",
-           "test_serve_labels.py::test_a_change_that_cannot_be_journalled_is_refused_and_changes_nothing",
-           "test_serve_labels.py::test_kill_9_loses_no_acknowledged_stroke",
-           "test_serve_app.py::test_a_label_file_that_cannot_be_written_is_reported_and_written_later",
-           "test_serve_app.py::test_a_stroke_that_cannot_be_journalled_is_a_507",
-           "test_serve_app.py::test_changes_under_a_token_need_the_page_origin_and_any_token_is_compared_safely"]
+HOSTILE = [
+    "test_untrusted_files.py",
+    "test_fuzz_files.py",
+    "test_fuzz_readers.py",
+    "test_fuzz_annotations.py",
+    "test_fuzz_config.py",
+    "test_serve_fuzz.py",
+    "test_serve_process.py",
+    "test_faults.py",
+    "test_bad_input.py::test_full_disk_keeps_previous_checkpoint",
+    "test_bad_input.py::test_full_disk_during_training_is_a_clear_error",
+    "test_serve_labels.py::test_a_full_disk_keeps_the_old_label_file_and_every_stroke",
+    "test_serve_labels.py::test_a_change_that_cannot_be_journalled_is_refused_and_changes_nothing",
+    "test_serve_labels.py::test_kill_9_loses_no_acknowledged_stroke",
+    "test_serve_app.py::test_a_label_file_that_cannot_be_written_is_reported_and_written_later",
+    "test_serve_app.py::test_a_stroke_that_cannot_be_journalled_is_a_507",
+    "test_serve_app.py::test_changes_under_a_token_need_the_page_origin_and_any_token_is_compared_safely",
+]
 
 
 def kills() -> list[str]:
@@ -55,7 +63,9 @@ def kills() -> list[str]:
                 equal = "yes"
             except AssertionError as exc:
                 equal = f"**no**: {str(exc).splitlines()[0]}"
-        moments = ", ".join(f"{kind} {at:g}: {'killed' if code == -9 else 'finished first'}" for (kind, at), code in outcomes)
+        moments = ", ".join(
+            f"{kind} {at:g}: {'killed' if code == -9 else 'finished first'}" for (kind, at), code in outcomes
+        )
         rows.append(f"| {task} | {moments} | {sum(code == -9 for _, code in outcomes)} | {equal} |")
     return rows
 
@@ -63,8 +73,22 @@ def kills() -> list[str]:
 def hostile_tests(report: Path) -> tuple[list[str], str]:
     """One row per hostile-input test: its examples (hypothesis) and outcome; and pytest's summary line."""
     files = [f"tests/{name}" for name in HOSTILE]
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--hypothesis-show-statistics",
-                           f"--junitxml={report}", *files], capture_output=True, text=True, cwd=HERE.parent)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-show-statistics",
+            f"--junitxml={report}",
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE.parent,
+    )
     examples: dict[str, int] = {}
     for block in re.split(r"\n(?=\S+::\S+:\n)", done.stdout):
         name = re.match(r"(\S+::\S+):\n", block)
@@ -78,7 +102,9 @@ def hostile_tests(report: Path) -> tuple[list[str], str]:
             continue
         outcome = "fail" if case.find("failure") is not None or case.find("error") is not None else "pass"
         module = case.get("classname", "").rsplit(".", 1)[-1]
-        shown = examples.get(name, examples.get(name.split("[")[0], "inside the test (see above)" if module == "test_serve_fuzz" else 1))
+        shown = examples.get(
+            name, examples.get(name.split("[")[0], "inside the test (see above)" if module == "test_serve_fuzz" else 1)
+        )
         rows.append(f"| `{module}` | `{name}` | {shown} | {outcome} |")
     summary = next((line for line in reversed(done.stdout.splitlines()) if " passed" in line or " failed" in line), "")
     return rows, summary

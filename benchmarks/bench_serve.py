@@ -34,10 +34,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import tifffile
-from common import CACHE, SHARED, command_line, header, write_section
 from PIL import Image
 from scipy import ndimage
 
+from common import CACHE, SHARED, command_line, header, write_section
 from deepscope.data.scribbles import dense_classes
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.labels import LabelStore, Stroke
@@ -49,7 +49,10 @@ STROKE_LENGTH, RADIUS = 24, 2
 
 def mosaic(kind: str, side: int, first: int = 0) -> np.ndarray:
     """side x side grid of ISBI slices (``kind`` images or labels), cycling through the 25 shared slices."""
-    slices = [np.asarray(Image.open(SHARED / "isbi2012_em" / kind / f"{(first + i) % 25:02d}.png")) for i in range(side * side)]
+    slices = [
+        np.asarray(Image.open(SHARED / "isbi2012_em" / kind / f"{(first + i) % 25:02d}.png"))
+        for i in range(side * side)
+    ]
     return np.block([[slices[r * side + c] for c in range(side)] for r in range(side)])
 
 
@@ -57,8 +60,12 @@ class Server:
     """``deepscope serve FOLDER --port 0`` in its own process; its address is read from what it prints."""
 
     def __init__(self, folder: Path) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "deepscope", "serve", str(folder), "--port", "0"],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deepscope", "serve", str(folder), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = self.process.stdout.readline()
         match = re.search(r"http://\S+:(\d+)/", line)
         if not match:
@@ -99,8 +106,13 @@ class Painter:
         mask = self.inside[label - 1]
         for _ in range(100):
             n = 256
-            starts = np.stack([self.rng.integers(y0 + STROKE_LENGTH, y1 - STROKE_LENGTH, n),
-                               self.rng.integers(x0 + STROKE_LENGTH, x1 - STROKE_LENGTH, n)], 1)
+            starts = np.stack(
+                [
+                    self.rng.integers(y0 + STROKE_LENGTH, y1 - STROKE_LENGTH, n),
+                    self.rng.integers(x0 + STROKE_LENGTH, x1 - STROKE_LENGTH, n),
+                ],
+                1,
+            )
             angles = self.rng.uniform(0, 2 * np.pi, n)
             steps = np.arange(0, STROKE_LENGTH + 1, 2)
             ys = np.rint(starts[:, :1] + np.sin(angles)[:, None] * steps).astype(int)
@@ -108,21 +120,41 @@ class Painter:
             good = np.flatnonzero(mask[ys, xs].all(axis=1))
             if len(good):
                 i = good[0]
-                return {"points": [[int(ys[i, 0]), int(xs[i, 0])], [int(ys[i, -1]), int(xs[i, -1])]], "radius": RADIUS,
-                        "label": label}
+                return {
+                    "points": [[int(ys[i, 0]), int(xs[i, 0])], [int(ys[i, -1]), int(xs[i, -1])]],
+                    "radius": RADIUS,
+                    "label": label,
+                }
         raise SystemExit(f"no room for a stroke of class {label} in {region}")
 
 
-def overlay_tiles(client: httpx.Client, image: str, region: tuple[int, int, int, int], level: int, version: str,
-                  pool: concurrent.futures.Executor) -> None:
+def overlay_tiles(
+    client: httpx.Client,
+    image: str,
+    region: tuple[int, int, int, int],
+    level: int,
+    version: str,
+    pool: concurrent.futures.Executor,
+) -> None:
     """Fetch the probability overlay tiles that show ``region`` at ``level``, FETCHERS at a time."""
     span = TILE * 2**level
     y0, y1, x0, x1 = region
-    tiles = [(ty, tx) for ty in range(y0 // span, (y1 - 1) // span + 1) for tx in range(x0 // span, (x1 - 1) // span + 1)]
+    tiles = [
+        (ty, tx) for ty in range(y0 // span, (y1 - 1) // span + 1) for tx in range(x0 // span, (x1 - 1) // span + 1)
+    ]
 
     def get(tile: tuple[int, int]) -> None:
-        response = client.get("/api/overlay", params={"image": image, "kind": "probabilities", "level": level,
-                                                       "ty": tile[0], "tx": tile[1], "v": version})
+        response = client.get(
+            "/api/overlay",
+            params={
+                "image": image,
+                "kind": "probabilities",
+                "level": level,
+                "ty": tile[0],
+                "tx": tile[1],
+                "v": version,
+            },
+        )
         response.raise_for_status()
 
     list(pool.map(get, tiles))
@@ -137,11 +169,20 @@ def settle(client: httpx.Client, image: str) -> None:
         time.sleep(0.02)
 
 
-def stroke_latency(client: httpx.Client, image: str, stroke: dict, region: tuple[int, int, int, int], level: int,
-                   pool: concurrent.futures.Executor, whole: bool) -> tuple[float, float | None]:
+def stroke_latency(
+    client: httpx.Client,
+    image: str,
+    stroke: dict,
+    region: tuple[int, int, int, int],
+    level: int,
+    pool: concurrent.futures.Executor,
+    whole: bool,
+) -> tuple[float, float | None]:
     """(seconds to the visible overlay, seconds until the whole image is predicted or None)."""
     start = time.perf_counter()
-    response = client.post("/api/stroke", params={"image": image}, json={**stroke, "visible": list(region), "level": level})
+    response = client.post(
+        "/api/stroke", params={"image": image}, json={**stroke, "visible": list(region), "level": level}
+    )
     response.raise_for_status()
     reply = response.json()
     overlay_tiles(client, image, region, level, f"{reply['model']}.{reply['labels_version']}", pool)
@@ -174,20 +215,36 @@ def latency_rows(side: int, warm_strokes: int, colds: int) -> list[str]:
             painter = Painter(classes, seed=repeat)
             try:
                 with concurrent.futures.ThreadPoolExecutor(FETCHERS) as pool:
-                    server.client.post("/api/stroke", params={"image": "em.tif"},
-                                       json={**painter.stroke(1, region), "visible": list(region), "level": level}).raise_for_status()
-                    cold.append(stroke_latency(server.client, "em.tif", painter.stroke(2, region), region, level, pool, False)[0])
+                    server.client.post(
+                        "/api/stroke",
+                        params={"image": "em.tif"},
+                        json={**painter.stroke(1, region), "visible": list(region), "level": level},
+                    ).raise_for_status()
+                    cold.append(
+                        stroke_latency(server.client, "em.tif", painter.stroke(2, region), region, level, pool, False)[
+                            0
+                        ]
+                    )
                     settle(server.client, "em.tif")
                     if repeat == 0:
                         for i in range(warm_strokes):
-                            visible, done = stroke_latency(server.client, "em.tif", painter.stroke(1 + i % 2, region), region,
-                                                           level, pool, whole=True)
+                            visible, done = stroke_latency(
+                                server.client,
+                                "em.tif",
+                                painter.stroke(1 + i % 2, region),
+                                region,
+                                level,
+                                pool,
+                                whole=True,
+                            )
                             warm.append(visible)
                             whole.append(done)
             finally:
                 server.close()
-        rows.append(f"| {size}x{size} | {view} (level {level}) | {np.median(cold):.2f} ({colds}) | {percentiles(warm)} "
-                    f"({len(warm)}) | {percentiles(whole)} |")
+        rows.append(
+            f"| {size}x{size} | {view} (level {level}) | {np.median(cold):.2f} ({colds}) | {percentiles(warm)} "
+            f"({len(warm)}) | {percentiles(whole)} |"
+        )
     return rows
 
 
@@ -197,8 +254,17 @@ def cli_rerun(side: int) -> float:
     folder = CACHE / "serve" / f"latency{512 * side}"
     run = CACHE / "serve" / "cli-run"
     shutil.rmtree(run, ignore_errors=True)
-    command = ["deepscope", "pixel", "train", "--images", str(folder / "em.tif"), "--labels", str(folder / "labels"),
-               "--out", str(run)]
+    command = [
+        "deepscope",
+        "pixel",
+        "train",
+        "--images",
+        str(folder / "em.tif"),
+        "--labels",
+        str(folder / "labels"),
+        "--out",
+        str(run),
+    ]
     subprocess.run(command, capture_output=True, check=True)  # computes and caches the features
     start = time.perf_counter()
     subprocess.run(command, capture_output=True, check=True)
@@ -218,8 +284,10 @@ def load_rows(users: int, strokes: int) -> list[str]:
     def user(u: int) -> list[dict]:
         nonlocal failures
         done = []
-        with httpx.Client(base_url=server.url, timeout=600) as client, \
-                concurrent.futures.ThreadPoolExecutor(FETCHERS) as pool:
+        with (
+            httpx.Client(base_url=server.url, timeout=600) as client,
+            concurrent.futures.ThreadPoolExecutor(FETCHERS) as pool,
+        ):
             for i in range(strokes):
                 stroke = painters[u].stroke(1 + i % 2, region)
                 try:
@@ -241,8 +309,12 @@ def load_rows(users: int, strokes: int) -> list[str]:
         labels = tifffile.imread(folder / "labels" / f"user{u}.tif")
         lost += sum(labels[p[0], p[1]] != s["label"] for s in done for p in s["points"])
     warm = [seconds for i, seconds in latencies if i >= 2]  # a user's first two strokes compute its image's features
-    return [(f"| {users} users x {strokes} strokes, 1024x1024 each, 0.5 s between strokes | {percentiles(warm)} | "
-            f"{max(s for _, s in latencies):.2f} | {failures} | {lost} | {wall:.0f} s | {rss:,.0f} MB |")]
+    return [
+        (
+            f"| {users} users x {strokes} strokes, 1024x1024 each, 0.5 s between strokes | {percentiles(warm)} | "
+            f"{max(s for _, s in latencies):.2f} | {failures} | {lost} | {wall:.0f} s | {rss:,.0f} MB |"
+        )
+    ]
 
 
 def pan(server: Server, level: int) -> str:
@@ -252,16 +324,20 @@ def pan(server: Server, level: int) -> str:
     seen: set[tuple[int, int]] = set()
 
     def get(tile: tuple[int, int]) -> None:
-        server.client.get("/api/tile", params={"image": "em8192.tif", "level": level, "ty": tile[0],
-                                                "tx": tile[1]}).raise_for_status()
+        server.client.get(
+            "/api/tile", params={"image": "em8192.tif", "level": level, "ty": tile[0], "tx": tile[1]}
+        ).raise_for_status()
 
     fetched, start = 0, time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(FETCHERS) as pool:
         for step in range(40):
             y0, x0 = step * 100 * scale, step * 200 * scale
-            wanted = [(ty, tx) for ty in range(y0 // span, min(8192, y0 + 1080 * scale) // span + 1)
-                      for tx in range(x0 // span, min(8192, x0 + 1920 * scale) // span + 1)
-                      if ty * span < 8192 and tx * span < 8192 and (ty, tx) not in seen]
+            wanted = [
+                (ty, tx)
+                for ty in range(y0 // span, min(8192, y0 + 1080 * scale) // span + 1)
+                for tx in range(x0 // span, min(8192, x0 + 1920 * scale) // span + 1)
+                if ty * span < 8192 and tx * span < 8192 and (ty, tx) not in seen
+            ]
             seen.update(wanted)
             list(pool.map(get, wanted))
             fetched += len(wanted)
@@ -277,9 +353,13 @@ def tile_rows() -> list[str]:
         server = Server(folder)
         start = time.perf_counter()
         server.client.get("/api/info", params={"image": "em8192.tif"}).raise_for_status()
-        server.client.get("/api/tile", params={"image": "em8192.tif", "level": first_level, "ty": 0, "tx": 0}).raise_for_status()
+        server.client.get(
+            "/api/tile", params={"image": "em8192.tif", "level": first_level, "ty": 0, "tx": 0}
+        ).raise_for_status()
         first = time.perf_counter() - start
-        rows.append(f"| {name} | {first:.2f} s | {pan(server, 0)} | {pan(server, 2)} | {server.peak_rss_mb():,.0f} MB |")
+        rows.append(
+            f"| {name} | {first:.2f} s | {pan(server, 0)} | {pan(server, 2)} | {server.peak_rss_mb():,.0f} MB |"
+        )
         server.close()
     return rows
 
@@ -305,21 +385,33 @@ class SoakUser:
                 self.sent += 1
                 start, acknowledged = time.perf_counter(), False
                 try:
-                    reply = client.post("/api/stroke", params={"image": self.image}, json={**stroke, "visible": list(region)})
+                    reply = client.post(
+                        "/api/stroke", params={"image": self.image}, json={**stroke, "visible": list(region)}
+                    )
                     reply.raise_for_status()
                     self.acknowledged.append(stroke)
                     acknowledged = True
                     version = f"{reply.json()['model']}.{reply.json()['labels_version']}"
                     for ty in range(y // TILE, (y + 512) // TILE):
                         for tx in range(x // TILE, (x + 512) // TILE):
-                            client.get("/api/overlay", params={"image": self.image, "kind": "probabilities", "level": 0,
-                                                                "ty": ty, "tx": tx, "v": version}).raise_for_status()
+                            client.get(
+                                "/api/overlay",
+                                params={
+                                    "image": self.image,
+                                    "kind": "probabilities",
+                                    "level": 0,
+                                    "ty": ty,
+                                    "tx": tx,
+                                    "v": version,
+                                },
+                            ).raise_for_status()
                     self.stroke_s.append(time.perf_counter() - start)
                     level = int(self.rng.integers(0, 3))
                     for ty, tx in self.rng.integers(0, 1024 // (TILE * 2**level), (4, 2)):
                         tile = time.perf_counter()
-                        client.get("/api/tile", params={"image": self.image, "level": level, "ty": int(ty),
-                                                         "tx": int(tx)}).raise_for_status()
+                        client.get(
+                            "/api/tile", params={"image": self.image, "level": level, "ty": int(ty), "tx": int(tx)}
+                        ).raise_for_status()
                         self.tile_s.append(time.perf_counter() - tile)
                 except httpx.HTTPError:
                     if self.stop.is_set():  # the server was killed under this request
@@ -353,16 +445,20 @@ def soak_rows(users: int, seconds: float) -> tuple[list[str], int]:
     for u, user in enumerate(simulated):
         labels = store.labels(f"user{u}.tif")
         for stroke in user.acknowledged:
-            box, mask = Stroke([tuple(p) for p in stroke["points"]], stroke["radius"], stroke["label"]).raster(labels.shape)
+            box, mask = Stroke([tuple(p) for p in stroke["points"]], stroke["radius"], stroke["label"]).raster(
+                labels.shape
+            )
             lost += bool((labels[box][mask] != stroke["label"]).any())  # strokes of the other class never overlap
     store.close()
     strokes = [s for user in simulated for s in user.stroke_s[2:]]  # a user's first two strokes compute the features
     tiles = [s for user in simulated for s in user.tile_s]
     sent, acknowledged = sum(u.sent for u in simulated), sum(len(u.acknowledged) for u in simulated)
-    row = (f"| {users} users x {seconds:.0f} s, then kill -9 | {sent} / {acknowledged} / {lost} | "
-           f"{sum(u.unanswered for u in simulated)} | {sum(u.failed for u in simulated)} | {percentiles(strokes)} "
-           f"({len(strokes)}) | {1000 * np.percentile(tiles, 50):.0f} / {1000 * np.percentile(tiles, 95):.0f} ({len(tiles)}) | "
-           f"{rss:,.0f} MB |")
+    row = (
+        f"| {users} users x {seconds:.0f} s, then kill -9 | {sent} / {acknowledged} / {lost} | "
+        f"{sum(u.unanswered for u in simulated)} | {sum(u.failed for u in simulated)} | {percentiles(strokes)} "
+        f"({len(strokes)}) | {1000 * np.percentile(tiles, 50):.0f} / {1000 * np.percentile(tiles, 95):.0f} ({len(tiles)}) | "
+        f"{rss:,.0f} MB |"
+    )
     return [row], lost
 
 
@@ -371,20 +467,26 @@ def soak() -> None:
     seconds = 20.0 if "--quick" in sys.argv else 120.0
     load = os.getloadavg()[0]  # other work on the machine, which the figures share the cores with
     rows, lost = soak_rows(8, seconds)
-    text = "\n".join([
-        header(command_line()),
-        (f"8 simulated users on 127.0.0.1, each labelling their own 1024x1024 image (ISBI EM mosaic) for {seconds:.0f} s: "
-         "a stroke (radius 2, alternating classes) in a 512x512 region they look at, the 4 probability overlay "
-         "tiles of that region, then 4 image tiles at a random level (panning), 0.5 s between strokes. Server and "
-         f"users share the machine's {os.cpu_count()} cores (1-minute load average {load:.1f} when the run started). "
-         "At the end the server is killed with `kill -9` while requests are in flight; the label files and journals it "
-         "left are read back as a restarted server reads them, and every acknowledged stroke is looked up there pixel "
-         "by pixel.\n"),
-        ("| run | strokes sent / acknowledged / lost | strokes unanswered (in flight at the kill) | failed requests | stroke to "
-         "overlay p50 / p95 s (strokes) | image tile p50 / p95 ms (tiles) | server peak memory |"),
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        *rows,
-    ])
+    text = "\n".join(
+        [
+            header(command_line()),
+            (
+                f"8 simulated users on 127.0.0.1, each labelling their own 1024x1024 image (ISBI EM mosaic) for {seconds:.0f} s: "
+                "a stroke (radius 2, alternating classes) in a 512x512 region they look at, the 4 probability overlay "
+                "tiles of that region, then 4 image tiles at a random level (panning), 0.5 s between strokes. Server and "
+                f"users share the machine's {os.cpu_count()} cores (1-minute load average {load:.1f} when the run started). "
+                "At the end the server is killed with `kill -9` while requests are in flight; the label files and journals it "
+                "left are read back as a restarted server reads them, and every acknowledged stroke is looked up there pixel "
+                "by pixel.\n"
+            ),
+            (
+                "| run | strokes sent / acknowledged / lost | strokes unanswered (in flight at the kill) | failed requests | stroke to "
+                "overlay p50 / p95 s (strokes) | image tile p50 / p95 ms (tiles) | server peak memory |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
     print(text)
     if "--quick" not in sys.argv:
         write_section("serve-soak", "deepscope serve: 8 users for 2 minutes, then kill -9 (CPU)", text)
@@ -404,24 +506,36 @@ def main() -> None:
     tiles = tile_rows()
     lines = [
         header(command_line()),
-        (f"Server: `deepscope serve` (uvicorn, one process), client on the same machine; {os.cpu_count()} cores shared by "
-        "both. Seconds; p50 / p95 with the number of strokes in brackets.\n"),
-        ("| image | view | cold: first fit, features computed (runs) | warm: stroke to overlay p50 / p95 | warm: stroke to "
-        "whole image predicted p50 / p95 |"),
+        (
+            f"Server: `deepscope serve` (uvicorn, one process), client on the same machine; {os.cpu_count()} cores shared by "
+            "both. Seconds; p50 / p95 with the number of strokes in brackets.\n"
+        ),
+        (
+            "| image | view | cold: first fit, features computed (runs) | warm: stroke to overlay p50 / p95 | warm: stroke to "
+            "whole image predicted p50 / p95 |"
+        ),
         "| --- | --- | --- | --- | --- |",
         *latency,
-        (f"\nThe command-line loop on the 1024x1024 image (`deepscope pixel train` rerun with new strokes, features "
-        f"cached, its defaults of 49 features and 100 trees, predicts the whole image): **{rerun:.1f} s** per "
-        "iteration.\n"),
-        ("Several users at once (each user's first two strokes, which compute the features of their image, left out of "
-        "the percentiles; every acknowledged stroke checked in the label files after the server stopped):\n"),
+        (
+            f"\nThe command-line loop on the 1024x1024 image (`deepscope pixel train` rerun with new strokes, features "
+            f"cached, its defaults of 49 features and 100 trees, predicts the whole image): **{rerun:.1f} s** per "
+            "iteration.\n"
+        ),
+        (
+            "Several users at once (each user's first two strokes, which compute the features of their image, left out of "
+            "the percentiles; every acknowledged stroke checked in the label files after the server stopped):\n"
+        ),
         "| load | stroke to overlay p50 / p95 | slowest | failed requests | strokes lost | wall | server peak memory |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         *load,
-        ("\nTile serving, 8192x8192 uint8 TIFF (64 MB), fresh server each row; panning = 40 steps of 200 screen pixels "
-        "with a 1920x1080 view, new tiles only, 6 requests at a time:\n"),
-        ("| first view | time to first tile (image opened, pyramid levels pooled) | panning at level 0: tiles/s (tiles) | "
-        "panning at level 2: tiles/s (tiles) | server peak memory |"),
+        (
+            "\nTile serving, 8192x8192 uint8 TIFF (64 MB), fresh server each row; panning = 40 steps of 200 screen pixels "
+            "with a 1920x1080 view, new tiles only, 6 requests at a time:\n"
+        ),
+        (
+            "| first view | time to first tile (image opened, pyramid levels pooled) | panning at level 0: tiles/s (tiles) | "
+            "panning at level 2: tiles/s (tiles) | server peak memory |"
+        ),
         "| --- | --- | --- | --- | --- |",
         *tiles,
     ]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
 from bench_dsb2018 import describe
 from common import CACHE, HERE, SHARED, command_line, header, run, write_section
 
@@ -73,18 +74,45 @@ def pretrain(shared: Path, recipe: Path, out: Path, args: argparse.Namespace) ->
     """SimCLR on patches of every training image (labels unused), the encoder shaped by the recipe's ``model_args``."""
     model_args = yaml.safe_load(recipe.read_text()).get("model_args", {})
     sets = [f"patch_size={args.patch_size}", *(f"model_args.{k}={v}" for k, v in model_args.items()), *args.ssl_set]
-    cmd = deepscope("train", "ssl", "--method", "simclr", "--model", "unet", "--data", str(shared / "train"),
-                    "--max-minutes", f"{args.pretrain_minutes:g}", "--out", str(out), "--device", args.device,
-                    *(["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else []),
-                    *(["--batch-size", str(args.pretrain_batch_size)] if args.pretrain_batch_size else []),
-                    *(a for s in sets for a in ("--set", s)))
+    cmd = deepscope(
+        "train",
+        "ssl",
+        "--method",
+        "simclr",
+        "--model",
+        "unet",
+        "--data",
+        str(shared / "train"),
+        "--max-minutes",
+        f"{args.pretrain_minutes:g}",
+        "--out",
+        str(out),
+        "--device",
+        args.device,
+        *(["--epochs", str(args.pretrain_epochs)] if args.pretrain_epochs else []),
+        *(["--batch-size", str(args.pretrain_batch_size)] if args.pretrain_batch_size else []),
+        *(a for s in sets for a in ("--set", s)),
+    )
     train(cmd, out)
 
 
 def segment(data: Path, recipe: Path, out: Path, args: argparse.Namespace, init: Path | None) -> None:
-    cmd = deepscope("train", "segment", "--config", str(recipe), "--data", str(data), "--out", str(out),
-                    "--max-minutes", f"{args.minutes:g}", "--device", args.device,
-                    *(["--init-from", str(init)] if init else []), *(a for s in args.segment_set for a in ("--set", s)))
+    cmd = deepscope(
+        "train",
+        "segment",
+        "--config",
+        str(recipe),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-minutes",
+        f"{args.minutes:g}",
+        "--device",
+        args.device,
+        *(["--init-from", str(init)] if init else []),
+        *(a for s in args.segment_set for a in ("--set", s)),
+    )
     train(cmd, out)
 
 
@@ -96,9 +124,10 @@ def init_note(out: Path) -> str:
 
 def describe_pretraining(out: Path) -> str:
     metrics = json.loads((out / "metrics.json").read_text())
-    return (f"SimCLR pre-training, {metrics['epochs_completed']} epochs in {metrics['train_time_s'] / 60:.1f} min, "
-            f"{metrics['precision']['dtype']}, stopped by {metrics['stopped'] or 'end of schedule'}")
-
+    return (
+        f"SimCLR pre-training, {metrics['epochs_completed']} epochs in {metrics['train_time_s'] / 60:.1f} min, "
+        f"{metrics['precision']['dtype']}, stopped by {metrics['stopped'] or 'end of schedule'}"
+    )
 
 
 def gain(runs: dict[str, Path]) -> str:
@@ -108,9 +137,11 @@ def gain(runs: dict[str, Path]) -> str:
     test = {kind: json.loads((out / "metrics.json").read_text())["test"] for kind, out in runs.items()}
     at = {kind: t["thresholds"]["0.5"]["score"] for kind, t in test.items()}
     mean = {kind: t["mean_score"] for kind, t in test.items()}
-    return (f"Self-supervised encoder vs scratch (all test images): score@0.5 {at['ssl']:.3f} vs {at['scratch']:.3f} "
-            f"(**{at['ssl'] - at['scratch']:+.3f}**), mean score {mean['ssl']:.3f} vs {mean['scratch']:.3f} "
-            f"({mean['ssl'] - mean['scratch']:+.3f}).")
+    return (
+        f"Self-supervised encoder vs scratch (all test images): score@0.5 {at['ssl']:.3f} vs {at['scratch']:.3f} "
+        f"(**{at['ssl'] - at['scratch']:+.3f}**), mean score {mean['ssl']:.3f} vs {mean['scratch']:.3f} "
+        f"({mean['ssl'] - mean['scratch']:+.3f})."
+    )
 
 
 def main() -> None:
@@ -122,8 +153,13 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the labelled training images used")
     parser.add_argument("--patch-size", type=int, default=128, help="side of the pre-training patches")
     parser.add_argument("--ssl-set", action="append", default=[], metavar="KEY=VALUE", help="more --set for train ssl")
-    parser.add_argument("--segment-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="more --set for both segment runs (e.g. epochs=2, so the schedule ends within --minutes)")
+    parser.add_argument(
+        "--segment-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more --set for both segment runs (e.g. epochs=2, so the schedule ends within --minutes)",
+    )
     parser.add_argument("--recipe", default=str(HERE / "recipes" / "dsb2018_unet.yaml"))
     parser.add_argument("--data", default=str(SHARED / "dsb2018"))
     parser.add_argument("--device", default="auto")
@@ -131,8 +167,10 @@ def main() -> None:
     shared, recipe = Path(args.data), Path(args.recipe)
     subset, n_train, n_all = labelled_subset(shared, args.fraction)
     pre = RUNS / f"pretrain-simclr-{args.pretrain_minutes:g}min"
-    runs = {"scratch": RUNS / f"scratch-labels{args.fraction:g}-{args.minutes:g}min",
-            "ssl": RUNS / f"simclr{args.pretrain_minutes:g}min-labels{args.fraction:g}-{args.minutes:g}min"}
+    runs = {
+        "scratch": RUNS / f"scratch-labels{args.fraction:g}-{args.minutes:g}min",
+        "ssl": RUNS / f"simclr{args.pretrain_minutes:g}min-labels{args.fraction:g}-{args.minutes:g}min",
+    }
     if not (pre / "best.pt").exists():
         pretrain(shared, recipe, pre, args)
     for kind, out in runs.items():
@@ -145,12 +183,14 @@ def main() -> None:
     finished = sorted(p for p in RUNS.iterdir() if (p / "metrics.json").exists() and not p.name.startswith("pretrain-"))
     lines = [
         header(command_line()),
-        (f"Both U-Nets train with `{recipe.name}` (`deepscope train segment --config RECIPE --max-minutes M`) on the same "
-         f"{n_train} training images ({args.fraction:.0%} of `train/`, seeded, stratified by modality, 5% of them carved "
-         "for validation) and are scored on `test/` (50 images, 41 fluorescence) as in the DSB2018 section. "
-         "`simclr*` runs start with `--init-from` the encoder of `deepscope train ssl --method simclr --model unet` "
-         f"on {args.patch_size}x{args.patch_size} patches of all {n_all} `train/` images (no labels), same `model_args`; "
-         "`scratch*` runs start from random weights."),
+        (
+            f"Both U-Nets train with `{recipe.name}` (`deepscope train segment --config RECIPE --max-minutes M`) on the same "
+            f"{n_train} training images ({args.fraction:.0%} of `train/`, seeded, stratified by modality, 5% of them carved "
+            "for validation) and are scored on `test/` (50 images, 41 fluorescence) as in the DSB2018 section. "
+            "`simclr*` runs start with `--init-from` the encoder of `deepscope train ssl --method simclr --model unet` "
+            f"on {args.patch_size}x{args.patch_size} patches of all {n_all} `train/` images (no labels), same `model_args`; "
+            "`scratch*` runs start from random weights."
+        ),
         "",
         "| run | test images | n | score@0.5 | F1@0.5 | score@0.75 | score@0.9 | mean score 0.5-0.9 |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -164,8 +204,9 @@ def main() -> None:
         if folder.name.startswith("simclr"):
             lines.append(f"- `{folder.name}`: {init_note(folder)}")
     lines += ["", gain(runs)]
-    write_section("ssl_dsb2018", "DSB2018 with few labels: U-Net from scratch vs from a self-supervised encoder",
-                  "\n".join(lines))
+    write_section(
+        "ssl_dsb2018", "DSB2018 with few labels: U-Net from scratch vs from a self-supervised encoder", "\n".join(lines)
+    )
     print("\n".join(lines))
 
 

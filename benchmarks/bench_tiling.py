@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
-from deepscope.data.io.images import read_image
-from deepscope.models.unet import UNet
-from deepscope.inference.tiling import predict_tiled
 
 from common import SHARED, command_line, header, write_section
+from deepscope.data.io.images import read_image
+from deepscope.inference.tiling import predict_tiled
+from deepscope.models.unet import UNet
 
 OVERLAP, BATCH = 0.25, 4
 SETUPS = {  # dim -> (window, U-Net depth, features)
@@ -53,17 +53,33 @@ def run_method(method: str, dim: int, size: int) -> dict:
         if method == "monai":
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(torch.from_numpy(image)[None], window, BATCH, model, overlap=OVERLAP, mode="gaussian")
+            out = sliding_window_inference(
+                torch.from_numpy(image)[None], window, BATCH, model, overlap=OVERLAP, mode="gaussian"
+            )
             checksum = float(out.abs().mean())
         else:
             tile = tuple(int(w * (1 - OVERLAP)) for w in window)
             halo = tuple(int(w * OVERLAP / 2) for w in window)
-            out = predict_tiled(model, image, tile, halo, out_channels=2, blend=method.split("_", 1)[1], batch_size=BATCH,
-                                device=torch.device("cpu"))
+            out = predict_tiled(
+                model,
+                image,
+                tile,
+                halo,
+                out_channels=2,
+                blend=method.split("_", 1)[1],
+                batch_size=BATCH,
+                device=torch.device("cpu"),
+            )
             checksum = float(np.abs(out).mean())
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "seconds": seconds, "pixels_per_s": image[0].size / seconds, "peak_mb": peak_mb, "mean_abs": checksum}
+    return {
+        "method": method,
+        "seconds": seconds,
+        "pixels_per_s": image[0].size / seconds,
+        "peak_mb": peak_mb,
+        "mean_abs": checksum,
+    }
 
 
 def main() -> None:
@@ -91,15 +107,22 @@ def main() -> None:
     n_params = sum(p.numel() for p in UNet(1, 2, dim=args.dim, depth=depth, features=features).parameters())
     lines = ["| method | seconds | pixels/s | ratio to MONAI | peak process memory MB |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['seconds']:.1f} | {r['pixels_per_s']:,.0f} | {r['pixels_per_s'] / base:.2f} | {r['peak_mb']:,.0f} |")
-    notes = (f"{shape} image (ISBI 2012 EM slices repeated), deepscope's {args.dim}D U-Net (depth {depth}, {features} "
-             f"features, {n_params:,} parameters, random weights) for both, CPU, window {window}, overlap {OVERLAP} "
-             f"(deepscope: tile {tile} + halo {halo}), batch {BATCH}, each method in a fresh process (peak = max RSS, "
-             "including torch itself). MONAI's input and output live in memory; deepscope reads tiles from any array-like "
-             "and streams its output. Peer figures on this machine (peer-baselines.md, BasicUNet, other sizes): MONAI "
-             "156k px/s in 2D and 85.9k voxels/s in 3D, torch-em 229k px/s in 2D. Single runs: expect ±20% between runs.")
-    write_section(f"tiling_{args.dim}d", f"Tiled {args.dim}D prediction against MONAI (CPU)",
-                  header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes)
+        lines.append(
+            f"| {r['method']} | {r['seconds']:.1f} | {r['pixels_per_s']:,.0f} | {r['pixels_per_s'] / base:.2f} | {r['peak_mb']:,.0f} |"
+        )
+    notes = (
+        f"{shape} image (ISBI 2012 EM slices repeated), deepscope's {args.dim}D U-Net (depth {depth}, {features} "
+        f"features, {n_params:,} parameters, random weights) for both, CPU, window {window}, overlap {OVERLAP} "
+        f"(deepscope: tile {tile} + halo {halo}), batch {BATCH}, each method in a fresh process (peak = max RSS, "
+        "including torch itself). MONAI's input and output live in memory; deepscope reads tiles from any array-like "
+        "and streams its output. Peer figures on this machine (peer-baselines.md, BasicUNet, other sizes): MONAI "
+        "156k px/s in 2D and 85.9k voxels/s in 3D, torch-em 229k px/s in 2D. Single runs: expect ±20% between runs."
+    )
+    write_section(
+        f"tiling_{args.dim}d",
+        f"Tiled {args.dim}D prediction against MONAI (CPU)",
+        header(command_line()) + "\n" + "\n".join(lines) + "\n\n" + notes,
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,15 @@ def main() -> None:
     data = np.load(args.arrays)
     train = np.stack([data[k] for k in sorted(data.files) if k.startswith("train_noisy_")])
     test_keys = sorted(k for k in data.files if k.startswith("test_noisy_"))
-    config = create_n2v_config("bsd68", "array", "SYX", [64, 64], args.batch, num_epochs=args.steps // args.steps_per_epoch,
-                               num_steps=args.steps_per_epoch)
+    config = create_n2v_config(
+        "bsd68",
+        "array",
+        "SYX",
+        [64, 64],
+        args.batch,
+        num_epochs=args.steps // args.steps_per_epoch,
+        num_steps=args.steps_per_epoch,
+    )
     careamist = CAREamist(config, work_dir=args.workdir, enable_progress_bar=False)
     start = time.perf_counter()
     careamist.train(train_data=train)
@@ -38,7 +45,12 @@ def main() -> None:
     start = time.perf_counter()
     predictions, _ = careamist.predict([data[k] for k in test_keys], axes="YX", data_type="array", tile_size=(256, 256))
     predict_s = time.perf_counter() - start
-    np.savez(args.out, **{k.replace("noisy", "denoised"): np.asarray(p).reshape(data[k].shape) for k, p in zip(test_keys, predictions)})
+    np.savez(
+        args.out,
+        **{
+            k.replace("noisy", "denoised"): np.asarray(p).reshape(data[k].shape) for k, p in zip(test_keys, predictions)
+        },
+    )
     Path(args.workdir, "timing.json").write_text(json.dumps({"train_s": train_s, "predict_s": predict_s}))
 
 

@@ -36,8 +36,10 @@ def machine() -> str:
     """Processor, its vector capability and what ``--amp auto`` runs in on it, cores, GPU and versions."""
     auto = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu_name()} ({cpu_description()}), {os.cpu_count()} cores{gpu}, `--amp auto` runs {auto.name}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{cpu_name()} ({cpu_description()}), {os.cpu_count()} cores{gpu}, `--amp auto` runs {auto.name}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def header(command: str) -> str:
@@ -50,7 +52,11 @@ def command_line() -> str:
 
 def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name -->`` markers in RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the script named in it.\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nEach section is rewritten by the script named in it.\n"
+    )
     block = f"<!-- {name} -->\n## {title}\n\n{body.strip()}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
@@ -84,6 +90,19 @@ def train_segment(recipe: Path, data: Path, out: Path, *extra: str) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepscope", "train", "segment", "--config", str(recipe), "--data", str(data), "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepscope",
+        "train",
+        "segment",
+        "--config",
+        str(recipe),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *extra,
+    ]
     run(cmd, out.with_suffix(".log"))
     return json.loads((out / "metrics.json").read_text())

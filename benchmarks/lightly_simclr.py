@@ -44,13 +44,17 @@ class PilViews(Dataset):
 
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="what `deepscope train ssl --data` reads (an .npz, class folders)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="what `deepscope train ssl --data` reads (an .npz, class folders)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--width", type=int, required=True, help="ResNet-18 width (64: the standard network)")
     parser.add_argument("--epochs", type=int, required=True, help="length of the learning-rate schedule")
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--max-minutes", type=float, required=True)
-    parser.add_argument("--val-fraction", type=float, required=True, help="share of train/ that deepscope keeps for its kNN monitor")
+    parser.add_argument(
+        "--val-fraction", type=float, required=True, help="share of train/ that deepscope keeps for its kNN monitor"
+    )
     parser.add_argument("--temperature", type=float, required=True)
     parser.add_argument("--projector", type=int, nargs=2, required=True, metavar=("HIDDEN", "OUT"), help="head widths")
     parser.add_argument("--optimizer", default="sgd")
@@ -60,7 +64,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, required=True)
     parser.add_argument("--schedule", required=True)
     parser.add_argument("--warmup-fraction", type=float, required=True)
-    parser.add_argument("--crop-scale", type=float, required=True, help="smallest area fraction of the random resized crop")
+    parser.add_argument(
+        "--crop-scale", type=float, required=True, help="smallest area fraction of the random resized crop"
+    )
     parser.add_argument("--jitter", type=float, nargs=4, required=True, metavar=("B", "C", "S", "H"))
     parser.add_argument("--jitter-prob", type=float, required=True)
     parser.add_argument("--grey-prob", type=float, required=True)
@@ -94,19 +100,43 @@ def main() -> None:
     mean, std = ssl_stats(train, data.kind)
     images = train.images.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3) uint8 for PIL
     brightness, contrast, saturation, hue = args.jitter
-    transform = SimCLRTransform(input_size=images.shape[1], cj_prob=args.jitter_prob, cj_strength=1.0, cj_bright=brightness,
-                                cj_contrast=contrast, cj_sat=saturation, cj_hue=hue, min_scale=args.crop_scale,
-                                random_gray_scale=args.grey_prob, gaussian_blur=0.0, hf_prob=args.flip_prob,
-                                normalize={"mean": mean, "std": std})
-    loader = DataLoader(PilViews(images, transform), batch_size=args.batch_size, shuffle=True, drop_last=True,
-                        num_workers=args.num_workers, persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(args.seed))
+    transform = SimCLRTransform(
+        input_size=images.shape[1],
+        cj_prob=args.jitter_prob,
+        cj_strength=1.0,
+        cj_bright=brightness,
+        cj_contrast=contrast,
+        cj_sat=saturation,
+        cj_hue=hue,
+        min_scale=args.crop_scale,
+        random_gray_scale=args.grey_prob,
+        gaussian_blur=0.0,
+        hf_prob=args.flip_prob,
+        normalize={"mean": mean, "std": std},
+    )
+    loader = DataLoader(
+        PilViews(images, transform),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.num_workers,
+        persistent_workers=args.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     encoder = build_encoder("resnet18", tuple(train.images.shape[1:]), width=args.width)
     head = SimCLRProjectionHead(encoder.out_features, *args.projector)
     model = torch.nn.Sequential(encoder, head).to(device, memory_format=torch.channels_last)  # as train ssl runs it
     criterion = NTXentLoss(temperature=args.temperature)
-    optim = OptimConfig(name=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=bool(args.nesterov),
-                        weight_decay=args.weight_decay, schedule=args.schedule, warmup_fraction=args.warmup_fraction)
+    optim = OptimConfig(
+        name=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=bool(args.nesterov),
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_fraction=args.warmup_fraction,
+    )
     optimizer = build_optimizer(model, optim)
     scheduler, _ = build_scheduler(optimizer, optim, len(loader) * args.epochs)
     deadline = t_start + 60 * args.max_minutes
@@ -132,10 +162,20 @@ def main() -> None:
     loop_s = time.time() - t_loop
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(encoder.state_dict(), args.out / "encoder.pt")
-    summary = {"tool": f"lightly {lightly.__version__}", "train_images": len(images), "epochs_completed": epochs,
-               "epochs_seen": seen / len(images), "train_time_s": time.time() - t_start, "images_per_s": seen / max(loop_s, 1e-9),
-               "final_loss": loss.item(), "precision": precision.summary(), "num_workers": args.num_workers,
-               "threads": torch.get_num_threads(), "mean": mean, "std": std}
+    summary = {
+        "tool": f"lightly {lightly.__version__}",
+        "train_images": len(images),
+        "epochs_completed": epochs,
+        "epochs_seen": seen / len(images),
+        "train_time_s": time.time() - t_start,
+        "images_per_s": seen / max(loop_s, 1e-9),
+        "final_loss": loss.item(),
+        "precision": precision.summary(),
+        "num_workers": args.num_workers,
+        "threads": torch.get_num_threads(),
+        "mean": mean,
+        "std": std,
+    }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
 

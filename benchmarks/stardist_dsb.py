@@ -77,15 +77,20 @@ def main() -> None:
     _, images, masks = read_split(data / "train")
     rng = np.random.RandomState(args.seed)
     order = rng.permutation(len(images))
-    n_val = max(1, int(round(0.15 * len(order))))
+    n_val = max(1, round(0.15 * len(order)))
     val, train = order[:n_val], order[n_val:]
     config = Config2D(n_rays=32, grid=(2, 2), n_channel_in=1, use_gpu=False)
     model = StarDist2D(config, name="stardist", basedir=str(out))
     model.prepare_for_training()
     model.callbacks.append(TimeLimit(start + 60 * args.minutes))
-    history = model.train([images[i] for i in train], [masks[i] for i in train],
-                          validation_data=([images[i] for i in val], [masks[i] for i in val]),
-                          augmenter=augmenter, epochs=10_000, steps_per_epoch=100)
+    history = model.train(
+        [images[i] for i in train],
+        [masks[i] for i in train],
+        validation_data=([images[i] for i in val], [masks[i] for i in val]),
+        augmenter=augmenter,
+        epochs=10_000,
+        steps_per_epoch=100,
+    )
     train_s = time.time() - start
     model.load_weights("weights_best.h5")
     thresholds = model.optimize_thresholds([images[i] for i in val], [masks[i] for i in val])
@@ -95,9 +100,16 @@ def main() -> None:
         labels, _ = model.predict_instances(image)
         tifffile.imwrite(out / "pred" / f"{name}.tif", labels.astype(np.int32), compression="zlib")
     epochs = len(history.history["loss"])
-    summary = {"train_s": train_s, "epochs": epochs, "steps": epochs * 100, "thresholds": thresholds,
-               "train_images": len(train), "val_images": len(val), "parameters": int(model.keras_model.count_params()),
-               "total_s": time.time() - start}
+    summary = {
+        "train_s": train_s,
+        "epochs": epochs,
+        "steps": epochs * 100,
+        "thresholds": thresholds,
+        "train_images": len(train),
+        "val_images": len(val),
+        "parameters": int(model.keras_model.count_params()),
+        "total_s": time.time() - start,
+    }
     (out / "summary.json").write_text(json.dumps(summary))
     print(json.dumps(summary))
 

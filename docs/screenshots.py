@@ -31,11 +31,16 @@ from deepscope.serve.app import LOOPBACK_NAMES, background_server, create_app
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("DEEPSCOPE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 NUCLEI = "550450e4bff4036fd671decdc5d42fec23578198d6a2fd79179c4368b9d6da18"  # DSB2018 test, fluorescence, 264 nuclei
-READY = ("document.body.dataset.ready === '1' && document.body.dataset.pending === '0' && "
-         "document.body.dataset.busy === '0'")
+READY = (
+    "document.body.dataset.ready === '1' && document.body.dataset.pending === '0' && document.body.dataset.busy === '0'"
+)
 STROKES = [  # ISBI EM mosaic: (label, points); class 1 cell interior, class 2 membrane
-    (1, [[105, 230], [160, 262]]), (1, [[548, 610], [600, 640]]), (1, [[830, 130], [880, 160]]),
-    (2, [[300, 300], [300, 360]]), (2, [[700, 800], [740, 820]]), (2, [[150, 820], [200, 850]]),
+    (1, [[105, 230], [160, 262]]),
+    (1, [[548, 610], [600, 640]]),
+    (1, [[830, 130], [880, 160]]),
+    (2, [[300, 300], [300, 360]]),
+    (2, [[700, 800], [740, 820]]),
+    (2, [[150, 820], [200, 850]]),
 ]
 
 
@@ -52,8 +57,14 @@ def folder_with_data(root: Path, checkpoint: Path) -> Path:
 def chromium(profile: Path) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser") or ""
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1500,1000",
-                     "--force-device-scale-factor=1", f"--user-data-dir={profile}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1500,1000",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
@@ -62,8 +73,9 @@ def until(driver: webdriver.Chrome, condition: str, timeout: float = 300) -> Non
     WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: d.execute_script(f"return {condition}"))
 
 
-def shoot(driver: webdriver.Chrome, url: str, section: str, name: str, condition: str = READY,
-          hide: tuple[str, ...] = ()) -> None:
+def shoot(
+    driver: webdriver.Chrome, url: str, section: str, name: str, condition: str = READY, hide: tuple[str, ...] = ()
+) -> None:
     """Open ``url``, wait for ``condition``, untick the overlays ``hide``, show the panel ``section`` and save the
     page as docs/images/<name>."""
     driver.get(url)
@@ -88,31 +100,51 @@ def main() -> None:
         folder = Path(scratch) / "data"
         folder.mkdir()
         folder_with_data(folder, Path(args.checkpoint))
-        with background_server(create_app(folder, hosts=LOOPBACK_NAMES)) as url, httpx.Client(base_url=url, timeout=300) as api:
+        with (
+            background_server(create_app(folder, hosts=LOOPBACK_NAMES)) as url,
+            httpx.Client(base_url=url, timeout=300) as api,
+        ):
             driver = chromium(Path(scratch) / "profile")
             try:
-                classes = [{"value": 1, "name": "cell interior", "colour": "#1f77b4"},
-                           {"value": 2, "name": "membrane", "colour": "#ff7f0e"}]
+                classes = [
+                    {"value": 1, "name": "cell interior", "colour": "#1f77b4"},
+                    {"value": 2, "name": "membrane", "colour": "#ff7f0e"},
+                ]
                 api.put("/api/project", json={"classes": classes}).raise_for_status()
                 for label, points in STROKES:
-                    api.post("/api/stroke", params={"image": "em.tif"},
-                             json={"points": points, "radius": 4, "label": label}).raise_for_status()
+                    api.post(
+                        "/api/stroke", params={"image": "em.tif"}, json={"points": points, "radius": 4, "label": label}
+                    ).raise_for_status()
                 shoot(driver, url + "#em.tif", "classes", "serve-labelling.png")
 
                 api.post("/api/models/open", json={"path": "models/nuclei/best.pt"}).raise_for_status()
                 api.post("/api/models/predict", params={"image": "nuclei.png"}, json={}).raise_for_status()
                 while api.get("/api/models/status", params={"image": "nuclei.png"}).json()["state"] != "done":
                     time.sleep(0.5)
-                api.post("/api/instances/load", params={"image": "nuclei.png"}, json={"source": "model"}).raise_for_status()
-                shoot(driver, url + "#nuclei.png", "instances-section", "serve-proofreading.png",
-                      READY + " && document.body.dataset.instancesVersion !== ''",
-                      hide=("overlay-probabilities", "model-overlay-outlines"))  # the EM forest's; the editor's own
+                api.post(
+                    "/api/instances/load", params={"image": "nuclei.png"}, json={"source": "model"}
+                ).raise_for_status()
+                shoot(
+                    driver,
+                    url + "#nuclei.png",
+                    "instances-section",
+                    "serve-proofreading.png",
+                    READY + " && document.body.dataset.instancesVersion !== ''",
+                    hide=("overlay-probabilities", "model-overlay-outlines"),
+                )  # the EM forest's; the editor's own
 
-                api.post("/api/jobs", json={"kind": "segment", "source": "labels", "max_minutes": 1.5}).raise_for_status()
+                api.post(
+                    "/api/jobs", json={"kind": "segment", "source": "labels", "max_minutes": 1.5}
+                ).raise_for_status()
                 while api.get("/api/jobs").json()["jobs"][-1]["state"] in ("queued", "running"):
                     time.sleep(2)
-                shoot(driver, url + "#em.tif", "jobs-section", "serve-training.png",
-                      READY + " && document.body.dataset.jobState === 'done'")
+                shoot(
+                    driver,
+                    url + "#em.tif",
+                    "jobs-section",
+                    "serve-training.png",
+                    READY + " && document.body.dataset.jobState === 'done'",
+                )
             finally:
                 driver.quit()
 

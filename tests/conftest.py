@@ -22,7 +22,9 @@ SLOW_ENV = "DEEPSCOPE_SLOW_TESTS"
 
 # bf16 on a CPU that only emulates it is many times slower than float32: such paths are tested where they are native
 needs_native_bf16 = pytest.mark.skipif(
-    not cpu_native_bf16(), reason=f"this CPU ({cpu_description()}) only emulates bf16; bf16 paths are tested where it is native")
+    not cpu_native_bf16(),
+    reason=f"this CPU ({cpu_description()}) only emulates bf16; bf16 paths are tested where it is native",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -110,9 +112,31 @@ def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) 
 def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
     """A small, quick CPU training run through the CLI, in float32 (``--amp off``) on every processor, so figures
     compare exactly between runs, processes and ``evaluate``; a later ``--amp`` in ``extra`` wins."""
-    return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "3",
-            "--batch-size", "16", "--lr", "0.01", "--optimizer", "adamw", "--device", "cpu", "--amp", "off",
-            "--set", "model_args.widths=[8,16]", *extra]
+    return [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "cnn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.01",
+        "--optimizer",
+        "adamw",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--set",
+        "model_args.widths=[8,16]",
+        *extra,
+    ]
 
 
 def rgba(response) -> np.ndarray:
@@ -137,7 +161,7 @@ class FullDisk:
         self.full, self.failures = True, 0
 
         def opener(path, mode="r", *args, **kwargs):
-            handle = open(path, mode, *args, **kwargs)
+            handle = open(path, mode, *args, **kwargs)  # noqa: SIM115 (returned to the writer, which closes it)
             if not (self.full and "w" in mode and fnmatch.fnmatch(written_name(path), pattern)):
                 return handle
             write = handle.write
@@ -164,8 +188,12 @@ def full_disk(monkeypatch: pytest.MonkeyPatch):
 
 def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     """``deepscope serve FOLDER`` in its own process on a free port, and the address it printed (``http://...:N/``)."""
-    server = subprocess.Popen([sys.executable, "-m", "deepscope", "serve", str(folder), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deepscope", "serve", str(folder), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     line = server.stdout.readline()
     url = re.search(r"http://127\.0\.0\.1:\d+/", line)
     if not url:

@@ -21,15 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from conftest import written_name
-
 from deepscope import atomic
 from deepscope.cli import main
 from deepscope.engine.trainer import Trainer
 from deepscope.tasks import TASKS, get_task
 
 # imported once, by the server, not by each run: deepscope, every task, and what runs import on first use
-PRELOAD = sorted({"deepscope.cli", "deepscope.engine.trainer", "torch.utils.tensorboard", "torchmetrics", "sklearn.model_selection",
-                  "matplotlib.pyplot", *(get_task(name)[1].__module__ for name in TASKS)})
+PRELOAD = sorted(
+    {
+        "deepscope.cli",
+        "deepscope.engine.trainer",
+        "torch.utils.tensorboard",
+        "torchmetrics",
+        "sklearn.model_selection",
+        "matplotlib.pyplot",
+        *(get_task(name)[1].__module__ for name in TASKS),
+    }
+)
 CONTEXT = multiprocessing.get_context("forkserver")
 CONTEXT.set_forkserver_preload(PRELOAD)
 CHECKPOINTS = "*.pt"
@@ -86,11 +94,23 @@ def _run(argv: list[str], moment: tuple[str, float] | None, log: str, counts_fil
     os._exit(code)
 
 
-def run(argv: list[str], log: Path, moment: tuple[str, float] | None = None, counts_file: Path | None = None,
-        timeout: float = 300) -> int:
+def run(
+    argv: list[str],
+    log: Path,
+    moment: tuple[str, float] | None = None,
+    counts_file: Path | None = None,
+    timeout: float = 300,
+) -> int:
     """Run ``deepscope argv`` in a fresh process, killed at ``moment``; its exit code (-9: killed)."""
-    process = CONTEXT.Process(target=_run, args=(argv, moment if moment and moment[0] != "time" else None, str(log),
-                                                 str(counts_file) if counts_file else None))
+    process = CONTEXT.Process(
+        target=_run,
+        args=(
+            argv,
+            moment if moment and moment[0] != "time" else None,
+            str(log),
+            str(counts_file) if counts_file else None,
+        ),
+    )
     start = time.monotonic()
     process.start()
     if moment and moment[0] == "time":

@@ -69,7 +69,9 @@ def test_training_order_depends_on_seed_and_epoch_only():
     augment = AugmentConfig(crop_padding=1, flip=True, color_jitter=0.2, cutout=2)
 
     def epoch_batches(epoch: int) -> list[torch.Tensor]:
-        loader = DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, shuffle=True, augment=augment, seed=1), torch.device("cpu"))
+        loader = DeviceLoader(
+            data, BatchSpec(8, [0.5] * 3, [0.25] * 3, shuffle=True, augment=augment, seed=1), torch.device("cpu")
+        )
         loader.set_epoch(epoch)
         return [x for x, _ in loader]
 
@@ -81,10 +83,12 @@ def test_training_order_depends_on_seed_and_epoch_only():
 
 def test_ranks_split_the_global_batch():
     data = make_set(40)
-    kwargs = dict(shuffle=True, augment=AugmentConfig(), seed=2)
+    kwargs = {"shuffle": True, "augment": AugmentConfig(), "seed": 2}
     cpu = torch.device("cpu")
     single = list(DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, **kwargs), cpu))
-    ranks = [list(DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, rank=r, world=2, **kwargs), cpu)) for r in range(2)]
+    ranks = [
+        list(DeviceLoader(data, BatchSpec(8, [0.5] * 3, [0.25] * 3, rank=r, world=2, **kwargs), cpu)) for r in range(2)
+    ]
     for i, (x, y) in enumerate(single):
         torch.testing.assert_close(torch.cat([ranks[0][i][0], ranks[1][i][0]]), x)
         assert torch.equal(torch.cat([ranks[0][i][1], ranks[1][i][1]]), y)

@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import fast_args
 from PIL import Image
-from test_segment_bad_input import small_run
 
+from conftest import fast_args
 from deepscope.atomic import WriteError
 from deepscope.cli import main
 from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
+from test_segment_bad_input import small_run
 
 
 def error_line(capsys) -> str:
@@ -159,7 +159,9 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, full_disk):
 def test_full_disk_during_training_is_a_clear_error(class_tree, tmp_path, capsys, full_disk):
     full_disk("*.pt")
     assert train(class_tree, tmp_path, "--epochs", "1") == 2
-    assert "best.pt: could not write checkpoint (No space left on device); no earlier checkpoint existed" in error_line(capsys)
+    assert "best.pt: could not write checkpoint (No space left on device); no earlier checkpoint existed" in error_line(
+        capsys
+    )
 
 
 def test_bad_predict_inputs(class_tree, tmp_path, capsys):
@@ -187,10 +189,15 @@ def test_segment_folder_with_masks_and_labels_trains_and_evaluates_with_a_choice
     for split in ("train", "test"):
         shutil.copytree(data / split / "masks", data / split / "labels")
     assert main(small_run(data, tmp_path / "run")) == 2
-    assert "train: both masks/ and labels/ found; choose the label folder with --labels masks or --labels labels" in error_line(capsys)
+    assert (
+        "train: both masks/ and labels/ found; choose the label folder with --labels masks or --labels labels"
+        in error_line(capsys)
+    )
     assert main(small_run(data, tmp_path / "run", "--labels", "masks")) == 0
     best = str(tmp_path / "run" / "best.pt")
     assert main(["evaluate", best, "--data", str(data), "--device", "cpu"]) == 0  # the label folder trained on
     capsys.readouterr()
     assert main(["evaluate", best, "--data", str(data), "--device", "cpu", "--labels", "proofread"]) == 2
-    assert "data/train: no proofread/ folder next to images/ (the label folder chosen with --labels)" in error_line(capsys)
+    assert "data/train: no proofread/ folder next to images/ (the label folder chosen with --labels)" in error_line(
+        capsys
+    )

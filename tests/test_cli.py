@@ -7,8 +7,8 @@ import json
 
 import pytest
 import yaml
-from conftest import fast_args
 
+from conftest import fast_args
 from deepscope.cli import main
 
 
@@ -22,7 +22,9 @@ def test_train_evaluate_predict(class_tree, tmp_path, capsys):
     trained = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
 
-    assert main(["evaluate", str(out / "best.pt"), "--data", str(class_tree), "--split", "test", "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", str(out / "best.pt"), "--data", str(class_tree), "--split", "test", "--device", "cpu"]) == 0
+    )
     result = last_json(capsys)
     assert result["accuracy"] == pytest.approx(trained["test"]["accuracy"])
     assert result["num_samples"] == 30
@@ -43,9 +45,31 @@ def test_train_evaluate_predict(class_tree, tmp_path, capsys):
 
 def test_yaml_config_flags_override_and_resolved_config_saved(npz_data, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": "logreg", "epochs": 1, "optim": {"lr": 0.02, "name": "adamw"}, "augment": {"flip": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"model": "logreg", "epochs": 1, "optim": {"lr": 0.02, "name": "adamw"}, "augment": {"flip": False}}
+        )
+    )
     out = tmp_path / "run"
-    assert main(["train", "classify", "--data", str(npz_data), "--config", str(config), "--epochs", "2", "--out", str(out), "--batch-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(npz_data),
+                "--config",
+                str(config),
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "logreg" and saved["epochs"] == 2 and saved["optim"]["lr"] == 0.02
     assert saved["augment"]["flip"] is False and saved["task"] == "classify"
@@ -53,13 +77,39 @@ def test_yaml_config_flags_override_and_resolved_config_saved(npz_data, tmp_path
 
 def test_resume_with_a_config_file_keeps_other_saved_settings(npz_data, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "classify", "--data", str(npz_data), "--out", str(out), "--epochs", "1", "--batch-size", "16",
-                 "--optimizer", "adamw", "--lr", "0.02", "--model", "logreg"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(npz_data),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--optimizer",
+                "adamw",
+                "--lr",
+                "0.02",
+                "--model",
+                "logreg",
+            ]
+        )
+        == 0
+    )
     extra = tmp_path / "more.yaml"
     extra.write_text("epochs: 2\noptim: {weight_decay: 0.01}\n")
     assert main(["train", "classify", "--out", str(out), "--resume", "--config", str(extra)]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["epochs"] == 2 and saved["optim"] == {**saved["optim"], "name": "adamw", "lr": 0.02, "weight_decay": 0.01}
+    assert saved["epochs"] == 2 and saved["optim"] == {
+        **saved["optim"],
+        "name": "adamw",
+        "lr": 0.02,
+        "weight_decay": 0.01,
+    }
 
 
 def test_unknown_config_key_is_an_error(npz_data, tmp_path, capsys):
@@ -72,7 +122,10 @@ def test_unknown_config_key_is_an_error(npz_data, tmp_path, capsys):
 def test_unknown_amp_mode_from_yaml_is_an_error(npz_data, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("amp: bf32\n")
-    assert main(["train", "classify", "--data", str(npz_data), "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(["train", "classify", "--data", str(npz_data), "--config", str(config), "--out", str(tmp_path / "run")])
+        == 2
+    )
     assert "unknown amp mode 'bf32'; choose auto, off, bf16, fp16" in capsys.readouterr().err
 
 

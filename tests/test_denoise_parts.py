@@ -13,10 +13,10 @@ from deepscope.data.denoise.blind_spot import BlindSpotConfig, box_size, mask_pi
 from deepscope.data.denoise.dataset import DenoiseItem, PatchBank
 from deepscope.data.denoise.noise import NoiseConfig, add_noise, noise_generator
 from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference.tiling import predict_tiled
 from deepscope.losses.denoise import masked_mse
 from deepscope.metrics.denoise import data_range_for, psnr, ssim
 from deepscope.models.unet import MaxBlurPool, UNet
-from deepscope.inference.tiling import predict_tiled
 
 
 def unique_batch(n: int = 2, c: int = 2, h: int = 40, w: int = 36) -> torch.Tensor:
@@ -41,15 +41,21 @@ def test_uniform_blind_spot_replaces_masked_pixels_by_a_neighbour_within_the_rad
         si, sj = divmod(rest, w)
         assert (src_n, src_c) == (n, c)  # from the same image and channel
         # a mirrored neighbour: within the radius after reflection at the border, never the pixel itself
-        near = {(ri, rj) for di, dj in itertools.product(range(-2, 3), repeat=2) if (di, dj) != (0, 0)
-                for ri in [abs(i + di) if i + di < h else 2 * (h - 1) - (i + di)]
-                for rj in [abs(j + dj) if j + dj < w else 2 * (w - 1) - (j + dj)]}
+        near = {
+            (ri, rj)
+            for di, dj in itertools.product(range(-2, 3), repeat=2)
+            if (di, dj) != (0, 0)
+            for ri in [abs(i + di) if i + di < h else 2 * (h - 1) - (i + di)]
+            for rj in [abs(j + dj) if j + dj < w else 2 * (w - 1) - (j + dj)]
+        }
         assert (si, sj) in near and (si, sj) != (i, j)
 
 
 def test_median_blind_spot_uses_the_median_of_the_neighbourhood_without_the_centre():
     x = torch.rand(1, 1, 30, 30, generator=torch.Generator().manual_seed(3))
-    masked, mask = mask_pixels(x, BlindSpotConfig(ratio=0.01, radius=1, replace="median"), torch.Generator().manual_seed(1))
+    masked, mask = mask_pixels(
+        x, BlindSpotConfig(ratio=0.01, radius=1, replace="median"), torch.Generator().manual_seed(1)
+    )
     padded = np.pad(x[0, 0].numpy(), 1, mode="reflect")
     for _, _, i, j in mask.nonzero().tolist():
         window = padded[i : i + 3, j : j + 3].ravel()
@@ -87,7 +93,9 @@ def test_gaussian_noise_is_not_clipped_unless_asked():
     clean = torch.full((200, 200), 5.0)
     noisy = add_noise(clean, NoiseConfig(kind="gaussian", sigma=25), torch.Generator().manual_seed(0))
     assert float(noisy.std()) == pytest.approx(25, rel=0.02) and float(noisy.min()) < 0
-    clipped = add_noise(clean, NoiseConfig(kind="gaussian", sigma=25, clip=True), torch.Generator().manual_seed(0), clip_to=255)
+    clipped = add_noise(
+        clean, NoiseConfig(kind="gaussian", sigma=25, clip=True), torch.Generator().manual_seed(0), clip_to=255
+    )
     assert float(clipped.min()) == 0 and torch.equal(clipped, noisy.clamp(0, 255))
 
 
@@ -110,7 +118,7 @@ def test_fixed_noise_depends_only_on_seed_split_and_index():
 def test_patch_bank_cuts_the_same_window_from_every_role():
     items = []
     for k, shape in enumerate([(20, 30), (20, 30), (25, 18)]):
-        noisy = (np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape) + 1000 * k)
+        noisy = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape) + 1000 * k
         items.append(DenoiseItem(f"im{k}", {"noisy": noisy, "clean": -noisy}, np.dtype(np.float32)))
     bank = PatchBank(items, ["noisy", "clean"], (8, 6), torch.device("cpu"))
     crops = bank.sample(64, torch.Generator().manual_seed(0))
@@ -139,7 +147,9 @@ def test_ssim_is_one_for_identical_images_and_matches_scikit_image():
     a = rng.random((40, 50)) * 255
     b = a + rng.normal(0, 20, a.shape)
     assert ssim(a, a, 255) == pytest.approx(1.0)
-    expected = structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    expected = structural_similarity(
+        a, b, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
     assert ssim(a, b, 255) == pytest.approx(expected)
     assert 0 < ssim(rng.random((5, 30, 30)), rng.random((5, 30, 30)), 1.0) < 0.2  # a thin stack shrinks the window
 
@@ -186,4 +196,6 @@ def test_rotation_tta_averages_all_eight_views():
     with torch.no_grad():
         symmetric.weight.copy_(torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).view(1, 1, 3, 3))
     plain = predict_tiled(symmetric, image, 64, 0, 1, blend="none")
-    np.testing.assert_allclose(predict_tiled(symmetric, image, 64, 0, 1, blend="none", flip_tta=True, rotate_tta=True), plain, atol=1e-5)
+    np.testing.assert_allclose(
+        predict_tiled(symmetric, image, 64, 0, 1, blend="none", flip_tta=True, rotate_tta=True), plain, atol=1e-5
+    )

@@ -47,7 +47,9 @@ def write_noisy_pairs(root: Path, sigma: float = 20, size: int = 64) -> Path:
         for i, image in enumerate(smooth_images(n, (size, size), seed)):
             Image.fromarray(image).save(root / split / "clean" / f"im{i}.png")
             for folder in ("noisy", "noisy2"):
-                tifffile.imwrite(root / split / folder / f"im{i}.tif", (image + rng.normal(0, sigma, image.shape)).astype(np.float32))
+                tifffile.imwrite(
+                    root / split / folder / f"im{i}.tif", (image + rng.normal(0, sigma, image.shape)).astype(np.float32)
+                )
     return root
 
 
@@ -55,9 +57,34 @@ def dn_args(data: Path, out: Path | None, method: str, *extra: str, epochs: int 
     """A small, quick CPU denoising run through the CLI, in float32 on every processor (scores compare with ``evaluate``);
     ``out`` None: no --out, the caller adds it."""
     where = ["--out", str(out)] if out is not None else []
-    return ["train", "denoise", "--data", str(data), *where, "--method", method, "--epochs", str(epochs),
-            "--batch-size", "16", "--device", "cpu", "--amp", "off", "--lr", "0.004", "--set", "model_args={features: 8, depth: 2}",
-            "--set", "patch_shape=[32, 32]", "--set", "patches_per_epoch=320", "--set", "val_fraction=0.2", *extra]
+    return [
+        "train",
+        "denoise",
+        "--data",
+        str(data),
+        *where,
+        "--method",
+        method,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--lr",
+        "0.004",
+        "--set",
+        "model_args={features: 8, depth: 2}",
+        "--set",
+        "patch_shape=[32, 32]",
+        "--set",
+        "patches_per_epoch=320",
+        "--set",
+        "val_fraction=0.2",
+        *extra,
+    ]
 
 
 def last_json(capsys) -> dict:
@@ -79,7 +106,21 @@ def clean_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def n2v_run(clean_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "n2v"
-    assert main(dn_args(clean_data, out, "n2v", "--set", "noise={kind: gaussian, sigma: 25}", "--set", "blind_spot.ratio=0.03", epochs=8)) == 0
+    assert (
+        main(
+            dn_args(
+                clean_data,
+                out,
+                "n2v",
+                "--set",
+                "noise={kind: gaussian, sigma: 25}",
+                "--set",
+                "blind_spot.ratio=0.03",
+                epochs=8,
+            )
+        )
+        == 0
+    )
     return out
 
 
@@ -96,17 +137,65 @@ def test_noise2void_learns_from_noisy_images_alone(n2v_run):
 
 def test_evaluate_checkpoint_agrees_with_scoring_its_saved_results(n2v_run, clean_data, tmp_path, capsys):
     preds = tmp_path / "preds"
-    assert main(["evaluate", str(n2v_run / "best.pt"), "--data", str(clean_data), "--split", "test", "--save-pred", str(preds),
-                 "--out", str(tmp_path / "e1.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(n2v_run / "best.pt"),
+                "--data",
+                str(clean_data),
+                "--split",
+                "test",
+                "--save-pred",
+                str(preds),
+                "--out",
+                str(tmp_path / "e1.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     from_model = last_json(capsys)
-    assert main(["evaluate", "denoise", "--pred", str(preds), "--truth", str(clean_data / "test" / "clean"), "--out", str(tmp_path / "e2.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "denoise",
+                "--pred",
+                str(preds),
+                "--truth",
+                str(clean_data / "test" / "clean"),
+                "--out",
+                str(tmp_path / "e2.json"),
+            ]
+        )
+        == 0
+    )
     from_files = last_json(capsys)
     assert from_files["psnr"] == pytest.approx(from_model["psnr"], abs=1e-6)
     assert from_files["ssim"] == pytest.approx(from_model["ssim"], abs=1e-6)
     assert [r["name"] for r in from_files["per_image"]] == ["im0", "im1"] and from_files["data_range"] == 255.0
     metrics = json.loads((n2v_run / "metrics.json").read_text())
-    assert from_model["psnr"] == pytest.approx(metrics["test_psnr"], abs=0.05)  # training scored the same noisy test images
-    assert main(["evaluate", str(n2v_run / "best.pt"), "--data", str(clean_data), "--tta", "--out", str(tmp_path / "e3.json"), "--device", "cpu"]) == 0
+    assert from_model["psnr"] == pytest.approx(
+        metrics["test_psnr"], abs=0.05
+    )  # training scored the same noisy test images
+    assert (
+        main(
+            [
+                "evaluate",
+                str(n2v_run / "best.pt"),
+                "--data",
+                str(clean_data),
+                "--tta",
+                "--out",
+                str(tmp_path / "e3.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert last_json(capsys)["tta"] is True
 
 
@@ -114,18 +203,68 @@ def test_predict_tiles_match_the_whole_image_and_write_every_format(n2v_run, cle
     big = tmp_path / "big.png"
     Image.fromarray(smooth_images(1, (200, 200), 5)[0]).save(big)
     whole, tiled = tmp_path / "whole.tif", tmp_path / "tiled.tif"
-    assert main(["predict", str(n2v_run / "best.pt"), str(big), "--out", str(whole), "--tile", "256", "--device", "cpu"]) == 0
-    assert main(["predict", str(n2v_run / "best.pt"), str(big), "--out", str(tiled), "--tile", "96", "--halo", "48", "--device", "cpu"]) == 0
+    assert (
+        main(["predict", str(n2v_run / "best.pt"), str(big), "--out", str(whole), "--tile", "256", "--device", "cpu"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(n2v_run / "best.pt"),
+                str(big),
+                "--out",
+                str(tiled),
+                "--tile",
+                "96",
+                "--halo",
+                "48",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     a, b = tifffile.imread(whole), tifffile.imread(tiled)
     assert a.shape == (200, 200) and a.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=0.01)  # halo // 2 covers the receptive field: tiling changes nothing
     source = clean_data / "test" / "clean" / "im0.png"
-    assert main(["predict", str(n2v_run / "best.pt"), str(source), "--out", str(tmp_path / "out.h5"), "--tta", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(n2v_run / "best.pt"),
+                str(source),
+                "--out",
+                str(tmp_path / "out.h5"),
+                "--tta",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with h5py.File(tmp_path / "out.h5") as f:
         assert f["denoised"].shape == (64, 64)
     capsys.readouterr()
-    assert main(["predict", str(n2v_run / "best.pt"), str(clean_data / "test" / "clean"), "--out", str(tmp_path / "folder"), "--device", "cpu"]) == 0
-    assert last_json(capsys)["predictions"] == 2 and sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["im0.tif", "im1.tif"]
+    assert (
+        main(
+            [
+                "predict",
+                str(n2v_run / "best.pt"),
+                str(clean_data / "test" / "clean"),
+                "--out",
+                str(tmp_path / "folder"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert last_json(capsys)["predictions"] == 2 and sorted(p.name for p in (tmp_path / "folder").iterdir()) == [
+        "im0.tif",
+        "im1.tif",
+    ]
 
 
 def test_noise2noise_learns_from_pairs_of_noisy_acquisitions(tmp_path):
@@ -150,18 +289,51 @@ def test_volumes_train_n2v2_without_clean_images_and_predict_in_3d(tmp_path, cap
     rng = np.random.default_rng(0)
     (tmp_path / "vol" / "noisy").mkdir(parents=True)
     for i, volume in enumerate(smooth_images(3, (16, 32, 32), 0)):
-        tifffile.imwrite(tmp_path / "vol" / "noisy" / f"v{i}.tif", (volume + rng.normal(0, 20, volume.shape)).astype(np.float32))
+        tifffile.imwrite(
+            tmp_path / "vol" / "noisy" / f"v{i}.tif", (volume + rng.normal(0, 20, volume.shape)).astype(np.float32)
+        )
     out = tmp_path / "run3d"
-    n2v2 = ("--set", "model_args={features: 8, depth: 2, blurpool: true, top_skip: false}", "--set", "blind_spot.replace=median")
-    args = dn_args(tmp_path / "vol", out, "n2v", "--set", "patch_shape=[8, 16, 16]", "--set", "inference.tile=[16, 32, 32]",
-                   "--set", "val_fraction=0.34", *n2v2, epochs=2)
+    n2v2 = (
+        "--set",
+        "model_args={features: 8, depth: 2, blurpool: true, top_skip: false}",
+        "--set",
+        "blind_spot.replace=median",
+    )
+    args = dn_args(
+        tmp_path / "vol",
+        out,
+        "n2v",
+        "--set",
+        "patch_shape=[8, 16, 16]",
+        "--set",
+        "inference.tile=[16, 32, 32]",
+        "--set",
+        "val_fraction=0.34",
+        *n2v2,
+        epochs=2,
+    )
     assert main(args) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
-    assert "val_loss" in history[-1] and "val_psnr" not in history[-1]  # no clean images: the validation loss is monitored
+    assert (
+        "val_loss" in history[-1] and "val_psnr" not in history[-1]
+    )  # no clean images: the validation loss is monitored
     assert "monitor: loss" in (out / "config.yaml").read_text()
     assert load_checkpoint(out / "best.pt")["task_state"]["model_settings"]["blurpool"] is True
     capsys.readouterr()
-    assert main(["predict", str(out / "best.pt"), str(tmp_path / "vol" / "noisy" / "v0.tif"), "--out", str(tmp_path / "v0.zarr"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(out / "best.pt"),
+                str(tmp_path / "vol" / "noisy" / "v0.tif"),
+                "--out",
+                str(tmp_path / "v0.zarr"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     import zarr
 
     assert zarr.open_group(str(tmp_path / "v0.zarr"), mode="r")["denoised"].shape == (16, 32, 32)
@@ -175,16 +347,62 @@ def test_colour_images_with_fresh_noise_keep_their_layout(tmp_path):
             rgb = np.stack(smooth_images(3, (48, 48), int(rng.integers(100))), axis=-1)
             Image.fromarray(rgb).save(tmp_path / "rgb" / split / "clean" / f"c{i}.png")
     out = tmp_path / "rgbrun"
-    assert main(dn_args(tmp_path / "rgb", out, "n2n", "--set", "noise={kind: gaussian, sigma: 25, fresh: true}", epochs=3)) == 0
+    assert (
+        main(dn_args(tmp_path / "rgb", out, "n2n", "--set", "noise={kind: gaussian, sigma: 25, fresh: true}", epochs=3))
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_psnr"] > metrics["test_psnr_input"]
     assert load_checkpoint(out / "best.pt")["task_state"]["channels"] == 3
-    assert main(["predict", str(out / "best.pt"), str(tmp_path / "rgb" / "test" / "clean" / "c0.png"), "--out", str(tmp_path / "c0.tif"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(out / "best.pt"),
+                str(tmp_path / "rgb" / "test" / "clean" / "c0.png"),
+                "--out",
+                str(tmp_path / "c0.tif"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(tmp_path / "c0.tif").shape == (48, 48, 3)
     # saved evaluation results keep the same layout, so they score against the clean PNGs
     preds = tmp_path / "preds"
-    assert main(["evaluate", str(out / "best.pt"), "--data", str(tmp_path / "rgb"), "--save-pred", str(preds), "--out", str(tmp_path / "e1.json"), "--device", "cpu"]) == 0
-    assert main(["evaluate", "denoise", "--pred", str(preds), "--truth", str(tmp_path / "rgb" / "test" / "clean"), "--out", str(tmp_path / "e2.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "best.pt"),
+                "--data",
+                str(tmp_path / "rgb"),
+                "--save-pred",
+                str(preds),
+                "--out",
+                str(tmp_path / "e1.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "denoise",
+                "--pred",
+                str(preds),
+                "--truth",
+                str(tmp_path / "rgb" / "test" / "clean"),
+                "--out",
+                str(tmp_path / "e2.json"),
+            ]
+        )
+        == 0
+    )
     scored = [json.loads((tmp_path / name).read_text()) for name in ("e1.json", "e2.json")]
     assert scored[1]["psnr"] == pytest.approx(scored[0]["psnr"], abs=1e-6)
 
@@ -238,18 +456,57 @@ def test_predicting_an_image_with_nans_names_it(n2v_run, tmp_path, capsys):
     image = np.full((40, 40), 100, np.float32)
     image[5, 5] = np.nan
     tifffile.imwrite(tmp_path / "holes.tif", image)
-    err = run_error(["predict", str(n2v_run / "best.pt"), str(tmp_path / "holes.tif"), "--out", str(tmp_path / "o.tif"), "--device", "cpu"], capsys)
+    err = run_error(
+        [
+            "predict",
+            str(n2v_run / "best.pt"),
+            str(tmp_path / "holes.tif"),
+            "--out",
+            str(tmp_path / "o.tif"),
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert "holes.tif" in err and "NaN" in err
 
 
 def test_a_data_range_that_does_not_fit_the_images_is_refused(tmp_path, capsys):
     data = write_clean(tmp_path / "c", n_train=1, n_test=1)
     truth = data / "test" / "clean"
-    err = run_error(["evaluate", "denoise", "--pred", str(truth), "--truth", str(truth), "--data-range", "1000", "--out", str(tmp_path / "e.json")], capsys)
+    err = run_error(
+        [
+            "evaluate",
+            "denoise",
+            "--pred",
+            str(truth),
+            "--truth",
+            str(truth),
+            "--data-range",
+            "1000",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+        capsys,
+    )
     assert "im0.png" in err and "does not match its dtype uint8" in err
     (tmp_path / "f").mkdir()
     tifffile.imwrite(tmp_path / "f" / "a.tif", np.linspace(0, 255, 64 * 64, dtype=np.float32).reshape(64, 64))
-    err = run_error(["evaluate", "denoise", "--pred", str(tmp_path / "f"), "--truth", str(tmp_path / "f"), "--data-range", "1", "--out", str(tmp_path / "e.json")], capsys)
+    err = run_error(
+        [
+            "evaluate",
+            "denoise",
+            "--pred",
+            str(tmp_path / "f"),
+            "--truth",
+            str(tmp_path / "f"),
+            "--data-range",
+            "1",
+            "--out",
+            str(tmp_path / "e.json"),
+        ],
+        capsys,
+    )
     assert "a.tif" in err and "wider than the data range 1" in err
 
 
@@ -259,7 +516,21 @@ def test_evaluate_denoise_scores_saved_images_against_hand_computed_psnr(tmp_pat
     truth = np.tile(np.arange(32, dtype=np.uint8) * 4, (32, 1))
     Image.fromarray(truth).save(tmp_path / "truth" / "a.png")
     tifffile.imwrite(tmp_path / "pred" / "a.tif", truth.astype(np.float32) + 3)
-    assert main(["evaluate", "denoise", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"), "--out", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "denoise",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--truth",
+                str(tmp_path / "truth"),
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert result["psnr"] == pytest.approx(20 * np.log10(255 / 3)) and result["per_image"][0]["name"] == "a"
     assert 0 < result["ssim"] <= 1 and json.loads((tmp_path / "e.json").read_text())["images"] == 1
@@ -284,11 +555,32 @@ def test_two_gloo_processes_train_and_score_every_validation_image_once(clean_da
     import subprocess
     import sys
 
-    args = dn_args(clean_data, tmp_path / "ddp", "n2v", "--set", "noise={kind: gaussian, sigma: 25}", "--set", "val_fraction=0.5", epochs=1)
+    args = dn_args(
+        clean_data,
+        tmp_path / "ddp",
+        "n2v",
+        "--set",
+        "noise={kind: gaussian, sigma: 25}",
+        "--set",
+        "val_fraction=0.5",
+        epochs=1,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527", "-m", "deepscope"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29527",
+        "-m",
+        "deepscope",
+    ]
     done = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["val"]["images"] == 3
-    assert sorted(r["name"] for r in metrics["val"]["per_image"]) == sorted(set(r["name"] for r in metrics["val"]["per_image"]))
+    assert sorted(r["name"] for r in metrics["val"]["per_image"]) == sorted(
+        {r["name"] for r in metrics["val"]["per_image"]}
+    )

@@ -12,8 +12,17 @@ from deepscope.data.detection.augment import DetAugmentConfig, augment_sample, m
 from deepscope.data.detection.batches import DetBatches, DetSample
 from deepscope.errors import DeepscopeError
 
-NO_AUGMENT = {"hflip": 0.0, "vflip": 0.0, "rot90": False, "scale_jitter": [1.0, 1.0], "crop": 0.0, "brightness": 0.0,
-              "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+NO_AUGMENT = {
+    "hflip": 0.0,
+    "vflip": 0.0,
+    "rot90": False,
+    "scale_jitter": [1.0, 1.0],
+    "crop": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+    "hue": 0.0,
+}
 CPU = torch.device("cpu")
 
 
@@ -46,8 +55,13 @@ def coordinate_image(height: int, width: int) -> torch.Tensor:
 
 def sample(height: int = 8, width: int = 12) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     boxes = torch.tensor([[1.0, 2.0, 4.0, 5.0], [6.0, 0.0, 12.0, 3.0]])
-    target = {"boxes": boxes, "labels": torch.tensor([1, 2]), "iscrowd": torch.tensor([False, True]),
-              "masks": box_masks(boxes, height, width), "image_id": 7}
+    target = {
+        "boxes": boxes,
+        "labels": torch.tensor([1, 2]),
+        "iscrowd": torch.tensor([False, True]),
+        "masks": box_masks(boxes, height, width),
+        "image_id": 7,
+    }
     return coordinate_image(height, width), target
 
 
@@ -72,7 +86,11 @@ def test_flips_and_turns_move_boxes_masks_and_pixels_together() -> None:
     torch.testing.assert_close(flipped["boxes"], torch.tensor([[8.0, 2.0, 11.0, 5.0], [0.0, 0.0, 6.0, 3.0]]))
     torch.testing.assert_close(out, image.flip(-1))
     torch.testing.assert_close(mask_boxes(flipped["masks"]), flipped["boxes"])
-    assert flipped["labels"].tolist() == [1, 2] and flipped["iscrowd"].tolist() == [False, True] and flipped["image_id"] == 7
+    assert (
+        flipped["labels"].tolist() == [1, 2]
+        and flipped["iscrowd"].tolist() == [False, True]
+        and flipped["image_id"] == 7
+    )
     _, flipped = augment_sample(image, target, only(vflip=1.0), generator())
     torch.testing.assert_close(flipped["boxes"], torch.tensor([[1.0, 3.0, 4.0, 6.0], [6.0, 5.0, 12.0, 8.0]]))
     torch.testing.assert_close(mask_boxes(flipped["masks"]), flipped["boxes"])
@@ -93,7 +111,11 @@ def test_quarter_turns_of_square_images_keep_boxes_on_their_pixels() -> None:
         torch.testing.assert_close(mask_boxes(turned["masks"]), turned["boxes"])
         x1, y1, x2, y2 = turned["boxes"][0].long().tolist()
         corners = out[:2, y1:y2, x1:x2] * 256  # the turned box still covers the original pixels x 1..3, y 2..4
-        assert set(corners[0].unique().tolist()) == {1.0, 2.0, 3.0} and set(corners[1].unique().tolist()) == {2.0, 3.0, 4.0}
+        assert set(corners[0].unique().tolist()) == {1.0, 2.0, 3.0} and set(corners[1].unique().tolist()) == {
+            2.0,
+            3.0,
+            4.0,
+        }
         shapes.add(tuple(turned["boxes"][0].tolist()))
     assert len(shapes) == 4
 
@@ -119,8 +141,15 @@ def test_crop_clips_cut_boxes_and_drops_hidden_ones_with_their_labels_and_masks(
         left, top = round(out[0, 0, 0].item() * 256), round(out[1, 0, 0].item() * 256)
         height, width = out.shape[-2:]
         shifted = target["boxes"] - torch.tensor([left, top, left, top])
-        clip = torch.stack([shifted[:, 0].clamp(0, width), shifted[:, 1].clamp(0, height),
-                            shifted[:, 2].clamp(0, width), shifted[:, 3].clamp(0, height)], 1)
+        clip = torch.stack(
+            [
+                shifted[:, 0].clamp(0, width),
+                shifted[:, 1].clamp(0, height),
+                shifted[:, 2].clamp(0, width),
+                shifted[:, 3].clamp(0, height),
+            ],
+            1,
+        )
         visible = box_area(clip) / box_area(target["boxes"])
         kept = visible >= 0.3
         torch.testing.assert_close(cropped["boxes"], clip[kept])
@@ -135,20 +164,32 @@ def test_crop_clips_cut_boxes_and_drops_hidden_ones_with_their_labels_and_masks(
 @pytest.mark.parametrize("channels", [1, 2, 3])
 def test_every_box_stays_valid_under_random_augmentation(channels: int) -> None:
     rng = np.random.default_rng(channels)
-    config = DetAugmentConfig(vflip=0.5, rot90=True, crop=0.7, crop_min=0.2, scale_jitter=[0.3, 1.7], min_visible=0.0,
-                              brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1)
+    config = DetAugmentConfig(
+        vflip=0.5,
+        rot90=True,
+        crop=0.7,
+        crop_min=0.2,
+        scale_jitter=[0.3, 1.7],
+        min_visible=0.0,
+        brightness=0.5,
+        contrast=0.5,
+        saturation=0.5,
+        hue=0.1,
+    )
     gen = generator(channels)
     for _ in range(40):
         height, width = (int(v) for v in rng.integers(3, 40, 2))
         n = int(rng.integers(0, 6))
         xy = rng.uniform(0, 1, (n, 2, 2)) * [width, height]
-        boxes = torch.tensor(np.concatenate([xy.min(1), xy.max(1) + 0.05], 1).clip(0, [width, height, width, height]),
-                             dtype=torch.float32)
+        boxes = torch.tensor(
+            np.concatenate([xy.min(1), xy.max(1) + 0.05], 1).clip(0, [width, height, width, height]),
+            dtype=torch.float32,
+        )
         target = {"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64), "masks": box_masks(boxes, height, width)}
         image = torch.rand(channels, height, width, generator=gen)
         out, augmented = augment_sample(image, target, config, gen)
         assert_valid(out, augmented)
-        assert out.shape[0] == channels and 0 <= out.min() and out.max() <= 1
+        assert out.shape[0] == channels and out.min() >= 0 and out.max() <= 1
         assert (out.shape[-2] > out.shape[-1]) == (height > width)  # orientation kept for aspect-grouped batches
 
 
@@ -168,8 +209,12 @@ def test_mosaic_puts_each_image_and_its_boxes_in_its_quadrant() -> None:
     for k in range(4):
         height, width = (10, 14) if k % 2 else (14, 10)
         boxes = torch.tensor([[0.0, 0.0, float(width), float(height)]])
-        samples.append((torch.full((1, height, width), (k + 1) / 8), {"boxes": boxes, "labels": torch.tensor([k + 1]),
-                                                                       "masks": box_masks(boxes, height, width)}))
+        samples.append(
+            (
+                torch.full((1, height, width), (k + 1) / 8),
+                {"boxes": boxes, "labels": torch.tensor([k + 1]), "masks": box_masks(boxes, height, width)},
+            )
+        )
     for seed in range(5):
         out, target = mosaic(samples, (24, 32), generator(seed), min_visible=0.0)
         assert out.shape == (1, 24, 32)
@@ -177,8 +222,10 @@ def test_mosaic_puts_each_image_and_its_boxes_in_its_quadrant() -> None:
         assert target["labels"].tolist() == [1, 2, 3, 4]
         _, _, cx, cy = target["boxes"][0].tolist()
         assert 8 <= cx <= 24 and 6 <= cy <= 18
-        torch.testing.assert_close(target["boxes"], torch.tensor(
-            [[0, 0, cx, cy], [cx, 0, 32, cy], [0, cy, cx, 24], [cx, cy, 32, 24]], dtype=torch.float32))
+        torch.testing.assert_close(
+            target["boxes"],
+            torch.tensor([[0, 0, cx, cy], [cx, 0, 32, cy], [0, cy, cx, 24], [cx, cy, 32, 24]], dtype=torch.float32),
+        )
         for k, (x1, y1, x2, y2) in enumerate(target["boxes"].long().tolist()):
             torch.testing.assert_close(out[0, y1:y2, x1:x2], torch.full((y2 - y1, x2 - x1), (k + 1) / 8))
             assert target["masks"][k].sum() == (x2 - x1) * (y2 - y1)
@@ -230,7 +277,9 @@ def test_batches_shard_the_epoch_over_ranks_with_equal_lengths() -> None:
 
 def test_batches_replay_an_epoch_exactly_and_reshuffle_the_next() -> None:
     shapes = [(16, 20), (20, 16), (16, 16), (18, 24), (24, 18), (16, 16), (20, 20), (17, 23)]
-    loader = DetBatches(det_samples(shapes), 3, CPU, seed=1, augment=DetAugmentConfig(rot90=True, vflip=0.5, mosaic=0.5))
+    loader = DetBatches(
+        det_samples(shapes), 3, CPU, seed=1, augment=DetAugmentConfig(rot90=True, vflip=0.5, mosaic=0.5)
+    )
     assert len(loader) == 3  # 6 landscape (square included) + 2 portrait
     loader.set_epoch(2)
     first, again = list(loader), list(loader)
@@ -245,16 +294,17 @@ def test_batches_replay_an_epoch_exactly_and_reshuffle_the_next() -> None:
         assert len({img.shape[-2] > img.shape[-1] for img in images}) == 1
         for image, target in zip(images, targets):
             assert_valid(image, target)
-            assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+            assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
     assert [len(b[0]) for b in first] != [len(b[0]) for b in other] or any(
-        not torch.equal(a, b) or a.shape != b.shape for x, y in zip(first, other) for a, b in zip(x[0], y[0]))
+        not torch.equal(a, b) or a.shape != b.shape for x, y in zip(first, other) for a, b in zip(x[0], y[0])
+    )
 
 
 def test_batches_scale_uint16_by_its_maximum_and_keep_empty_images() -> None:
     samples = det_samples([(6, 6)] * 3, np.uint16)
     samples[0].image[:] = 65535
     loader = DetBatches(samples, 4, CPU, seed=0, group_aspect=False)
-    (images, targets), = list(loader)
+    ((images, targets),) = list(loader)
     assert len(images) == 3
     for image, target in zip(images, targets):
         if target["image_id"] == 0:

@@ -25,8 +25,18 @@ from deepscope.models.detection.detr import (
 )
 
 TINY_CENTERNET = {"backbone": "tiny", "fpn_channels": 16}
-TINY_DETR = {"backbone": "tiny", "fpn_channels": 16, "hidden_dim": 32, "heads": 4, "enc_layers": 1, "dec_layers": 2,
-             "dim_feedforward": 64, "num_queries": 12, "max_detections": 12, "dropout": 0.0}
+TINY_DETR = {
+    "backbone": "tiny",
+    "fpn_channels": 16,
+    "hidden_dim": 32,
+    "heads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": 12,
+    "max_detections": 12,
+    "dropout": 0.0,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +64,9 @@ def squares_image(count: int, size: int = 96, seed: int = 0) -> tuple[torch.Tens
     return image, boxes
 
 
-def dense_maps(boxes: torch.Tensor, labels: torch.Tensor, classes: int, map_size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+def dense_maps(
+    boxes: torch.Tensor, labels: torch.Tensor, classes: int, map_size: tuple[int, int]
+) -> tuple[torch.Tensor, ...]:
     """Rendered targets as the heads' (1, C, H, W) outputs: heatmap, and size and offset written at the centres."""
     targets = render_targets(boxes, labels, classes, map_size)
     size, offset = torch.zeros(2, map_size[0] * map_size[1]), torch.zeros(2, map_size[0] * map_size[1])
@@ -67,7 +79,9 @@ def test_render_targets_known_answer() -> None:
     small = render_targets(torch.tensor([[9.0, 13.0, 23.0, 21.0]]), torch.tensor([2]), 2, (8, 10))
     assert small.heatmap[1, 4, 4] == 1 and small.heatmap.sum() == 1 and small.heatmap[0].sum() == 0
     assert small.index.tolist() == [4 * 10 + 4]
-    assert torch.allclose(small.size, torch.tensor([[3.5, 2.0]])) and torch.allclose(small.offset, torch.tensor([[0.0, 0.25]]))
+    assert torch.allclose(small.size, torch.tensor([[3.5, 2.0]])) and torch.allclose(
+        small.offset, torch.tensor([[0.0, 0.25]])
+    )
     # a 40-px square is 10 map pixels: CornerNet's radius 2.73 -> 2, sigma (2 * 2 + 1) / 6
     assert gaussian_radius(torch.tensor(10.0), torch.tensor(10.0)).item() == pytest.approx((-28 + math.sqrt(1120)) / 2)
     big = render_targets(torch.tensor([[20.0, 20.0, 60.0, 60.0]]), torch.tensor([1]), 1, (16, 16))
@@ -80,8 +94,13 @@ def test_render_targets_known_answer() -> None:
 
 
 def test_crowd_boxes_are_ignored_not_targets() -> None:
-    rendered = render_targets(torch.tensor([[0.0, 0.0, 8.0, 8.0], [16.0, 16.0, 24.0, 28.0]]), torch.tensor([1, 1]), 1, (8, 8),
-                              crowd=torch.tensor([False, True]))
+    rendered = render_targets(
+        torch.tensor([[0.0, 0.0, 8.0, 8.0], [16.0, 16.0, 24.0, 28.0]]),
+        torch.tensor([1, 1]),
+        1,
+        (8, 8),
+        crowd=torch.tensor([False, True]),
+    )
     assert rendered.heatmap.sum() == 1 and len(rendered.index) == 1
     assert rendered.ignore.sum() == 2 * 3 and rendered.ignore[4:7, 4:6].all()
     # ignored background costs nothing: one centre at logit 0 leaves only -(1 - 0.5)^2 log 0.5
@@ -152,7 +171,9 @@ def test_hungarian_match_known_answer() -> None:
 def test_set_losses_vanish_for_perfect_boxes() -> None:
     boxes = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.9, 0.9], [0.7, 0.6, 0.1, 0.3]]])
     losses = set_losses(torch.zeros(1, 3, 3), boxes, [{"labels": torch.tensor([2, 1]), "boxes": boxes[0, [2, 0]]}])
-    assert losses["loss_bbox"].item() == pytest.approx(0, abs=1e-6) and losses["loss_giou"].item() == pytest.approx(0, abs=1e-4)
+    assert losses["loss_bbox"].item() == pytest.approx(0, abs=1e-6) and losses["loss_giou"].item() == pytest.approx(
+        0, abs=1e-4
+    )
     # uniform logits: every query's cross-entropy is log 3, whatever its weight
     assert losses["loss_ce"].item() == pytest.approx(math.log(3))
 
@@ -161,7 +182,9 @@ def test_sine_encoding_ignores_padding() -> None:
     padding = torch.zeros(1, 4, 6, dtype=torch.bool)
     padded = torch.ones(1, 6, 8, dtype=torch.bool)
     padded[:, :4, :6] = False
-    assert torch.allclose(sine_position_encoding(padded, 16)[..., :4, :6], sine_position_encoding(padding, 16), atol=1e-5)
+    assert torch.allclose(
+        sine_position_encoding(padded, 16)[..., :4, :6], sine_position_encoding(padding, 16), atol=1e-5
+    )
 
 
 def test_detr_loss_falls_and_boxes_lie_in_the_image() -> None:
@@ -191,8 +214,10 @@ def test_detr_loss_falls_and_boxes_lie_in_the_image() -> None:
 def test_two_sizes_and_an_empty_image(build, settings) -> None:
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 80), torch.rand(3, 96, 64)]
-    targets = [{"boxes": torch.tensor([[4.0, 6.0, 20.0, 30.0], [40.0, 30.0, 60.0, 50.0]]), "labels": torch.tensor([1, 2])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 20.0, 30.0], [40.0, 30.0, 60.0, 50.0]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+    ]
     model = build(2, **settings, min_size=64, max_size=128)
     losses = model(images, targets)
     assert all(torch.isfinite(value) for value in losses.values())
@@ -202,4 +227,8 @@ def test_two_sizes_and_an_empty_image(build, settings) -> None:
     assert len(found) == 2
     for result, image in zip(found, images):
         height, width = image.shape[-2:]
-        assert (result["boxes"][:, 2] <= width).all() and (result["boxes"][:, 3] <= height).all() and (result["boxes"] >= 0).all()
+        assert (
+            (result["boxes"][:, 2] <= width).all()
+            and (result["boxes"][:, 3] <= height).all()
+            and (result["boxes"] >= 0).all()
+        )

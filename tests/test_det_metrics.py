@@ -21,8 +21,20 @@ from deepscope.metrics.coco_files import detections_to_coco, load_coco_predictio
 from deepscope.metrics.detection import DetectionScorer, best_f1_threshold
 
 CLASSES = ["nucleus", "cell", "debris"]
-STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
-         "mar_small", "mar_medium", "mar_large"]  # COCOeval.stats order
+STATS = [
+    "map",
+    "map_50",
+    "map_75",
+    "map_small",
+    "map_medium",
+    "map_large",
+    "mar_1",
+    "mar_10",
+    "mar_100",
+    "mar_small",
+    "mar_medium",
+    "mar_large",
+]  # COCOeval.stats order
 
 
 def _boxes(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> np.ndarray:
@@ -44,8 +56,13 @@ def scene() -> tuple[list[dict], list[dict]]:
     rng = np.random.default_rng(7)
     preds, targets = [], []
     for n_truth, n_pred in [(0, 0), (6, 9), (0, 5), (8, 0), (20, 30), (150, 200), (12, 15)]:
-        truth = np.concatenate([_boxes(rng, n_truth // 3, (4, 12)), _boxes(rng, n_truth // 3, (40, 60)),
-                                _boxes(rng, n_truth - 2 * (n_truth // 3), (110, 150))])
+        truth = np.concatenate(
+            [
+                _boxes(rng, n_truth // 3, (4, 12)),
+                _boxes(rng, n_truth // 3, (40, 60)),
+                _boxes(rng, n_truth - 2 * (n_truth // 3), (110, 150)),
+            ]
+        )
         labels = np.ones(n_truth, np.int64) if n_truth == 150 else rng.integers(1, 4, n_truth)
         crowd = rng.random(n_truth) < 0.1
         box_area = (truth[:, 2] - truth[:, 0]) * (truth[:, 3] - truth[:, 1])
@@ -57,10 +74,21 @@ def scene() -> tuple[list[dict], list[dict]]:
             pred_labels[relabel] = rng.integers(1, 4, relabel.sum())
         else:
             boxes, pred_labels = _boxes(rng, n_pred, (10, 50)), rng.integers(1, 4, n_pred)
-        targets.append({"boxes": torch.tensor(truth).reshape(-1, 4), "labels": torch.tensor(labels),
-                        "iscrowd": torch.tensor(crowd), "area": torch.tensor(area)})
-        preds.append({"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.tensor(pred_labels),
-                      "scores": torch.tensor(rng.random(n_pred), dtype=torch.float32)})
+        targets.append(
+            {
+                "boxes": torch.tensor(truth).reshape(-1, 4),
+                "labels": torch.tensor(labels),
+                "iscrowd": torch.tensor(crowd),
+                "area": torch.tensor(area),
+            }
+        )
+        preds.append(
+            {
+                "boxes": torch.tensor(boxes).reshape(-1, 4),
+                "labels": torch.tensor(pred_labels),
+                "scores": torch.tensor(rng.random(n_pred), dtype=torch.float32),
+            }
+        )
     return preds, targets
 
 
@@ -68,22 +96,33 @@ def _to_coco(preds: list[dict], targets: list[dict], masks: bool = False) -> tup
     """The same data as pycocotools' own inputs: a ground-truth dataset and a results list."""
     images, annotations, results = [], [], []
     for i, (pred, target) in enumerate(zip(preds, targets)):
-        images.append({"id": i + 1, "width": 64 if masks else 800, "height": 64 if masks else 800, "file_name": f"im{i}.png"})
+        images.append(
+            {"id": i + 1, "width": 64 if masks else 800, "height": 64 if masks else 800, "file_name": f"im{i}.png"}
+        )
         truth_objects = zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist())
         for k, (box, label, crowd) in enumerate(truth_objects):
-            ann = {"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, "iscrowd": int(crowd),
-                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": i + 1,
+                "category_id": label,
+                "iscrowd": int(crowd),
+                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+            }
             if masks:  # COCO's area is the mask's
                 ann["segmentation"] = mask_utils.encode(np.asfortranarray(target["masks"][k].numpy().astype(np.uint8)))
                 ann["area"] = float(target["masks"][k].sum())
             else:
                 ann["area"] = float(target["area"][k])
             annotations.append(ann)
-        for k, (box, label, score) in enumerate(zip(pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist())):
+        for k, (box, label, score) in enumerate(
+            zip(pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist())
+        ):
             bbox = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
             res = {"image_id": i + 1, "category_id": label, "score": score, "bbox": bbox}
             if masks:
-                res["segmentation"] = mask_utils.encode(np.asfortranarray(pred["masks"][k, 0].numpy() >= 0.5).astype(np.uint8))
+                res["segmentation"] = mask_utils.encode(
+                    np.asfortranarray(pred["masks"][k, 0].numpy() >= 0.5).astype(np.uint8)
+                )
             results.append(res)
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(CLASSES)]
     return {"images": images, "annotations": annotations, "categories": categories}, results
@@ -155,12 +194,22 @@ def _mask_scene() -> tuple[list[dict], list[dict]]:
         out = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
         if scores is None:  # no area: the scorer takes it from the masks
             return {**out, "iscrowd": torch.tensor([i in crowd for i in range(len(discs))], dtype=torch.bool)}
-        return {**out, "scores": torch.tensor(scores), "masks": masks[:, None].float() * 0.9}  # model-style probabilities
+        return {
+            **out,
+            "scores": torch.tensor(scores),
+            "masks": masks[:, None].float() * 0.9,
+        }  # model-style probabilities
 
-    targets = [item([(16, 16, 8), (44, 40, 12), (10, 50, 3)], [1, 2, 1], None, crowd=(2,)), item([], [], None),
-               item([(30, 30, 20), (8, 8, 4)], [1, 1], None)]
-    preds = [item([(17, 16, 8), (40, 40, 12), (10, 50, 3), (50, 10, 5)], [1, 2, 1, 1], [0.9, 0.8, 0.7, 0.6]),
-             item([(20, 20, 6)], [2], [0.95]), item([(31, 29, 18), (50, 50, 6)], [1, 1], [0.85, 0.4])]
+    targets = [
+        item([(16, 16, 8), (44, 40, 12), (10, 50, 3)], [1, 2, 1], None, crowd=(2,)),
+        item([], [], None),
+        item([(30, 30, 20), (8, 8, 4)], [1, 1], None),
+    ]
+    preds = [
+        item([(17, 16, 8), (40, 40, 12), (10, 50, 3), (50, 10, 5)], [1, 2, 1, 1], [0.9, 0.8, 0.7, 0.6]),
+        item([(20, 20, 6)], [2], [0.95]),
+        item([(31, 29, 18), (50, 50, 6)], [1, 1], [0.85, 0.4]),
+    ]
     return preds, targets
 
 
@@ -183,12 +232,16 @@ def test_empty_and_undefined_come_out_as_none() -> None:
     assert nothing["map"] is None and nothing["mar_100"] is None and nothing["per_class"] == dict.fromkeys(CLASSES)
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     only_false_positives = DetectionScorer(CLASSES)
-    only_false_positives.update([{"boxes": box, "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}],
-                                [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
+    only_false_positives.update(
+        [{"boxes": box, "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}],
+        [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
+    )
     assert only_false_positives.compute(curves=True)["map"] is None
     missed = DetectionScorer(CLASSES)
-    missed.update([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}],
-                  [{"boxes": box, "labels": torch.tensor([2])}])
+    missed.update(
+        [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}],
+        [{"boxes": box, "labels": torch.tensor([2])}],
+    )
     result = missed.compute(curves=True)
     assert result["map"] == 0.0 and result["map_small"] == 0.0 and result["map_large"] is None
     assert result["per_class"] == {"nucleus": None, "cell": 0.0, "debris": None}
@@ -199,8 +252,11 @@ def test_empty_and_undefined_come_out_as_none() -> None:
 def test_voc_ap_known_answers() -> None:
     """IoU 0.45 and 0.7 hits: both count at 0.4, one at 0.5 (AP 51 of 101 recall levels at precision 0.5), none at 0.75."""
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0]]), "labels": torch.tensor([1, 1])}
-    pred = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 4.5], [50.0, 50.0, 60.0, 57.0]]), "scores": torch.tensor([0.9, 0.8]),
-            "labels": torch.tensor([1, 1])}
+    pred = {
+        "boxes": torch.tensor([[0.0, 0.0, 10.0, 4.5], [50.0, 50.0, 60.0, 57.0]]),
+        "scores": torch.tensor([0.9, 0.8]),
+        "labels": torch.tensor([1, 1]),
+    }
     scorer = DetectionScorer(["nucleus"])
     scorer.update([pred], [target])
     result = scorer.compute()
@@ -211,12 +267,16 @@ def test_voc_ap_known_answers() -> None:
 
 def test_best_f1_threshold_known_answer() -> None:
     """Four objects; by score TP, TP, FP, TP, FP: F1 peaks at 0.75 when keeping scores >= 0.6."""
-    truth = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0], [60.0, 0.0, 70.0, 10.0]])
+    truth = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0], [60.0, 0.0, 70.0, 10.0]]
+    )
     pred = torch.cat([truth[:3], torch.tensor([[0.0, 40.0, 10.0, 50.0], [20.0, 40.0, 30.0, 50.0]])])
     scorer = DetectionScorer(["nucleus"])
     scores = torch.tensor([0.9, 0.8, 0.6, 0.7, 0.3])
-    scorer.update([{"boxes": pred, "scores": scores, "labels": torch.ones(5, dtype=torch.int64)}],
-                  [{"boxes": truth, "labels": torch.ones(4, dtype=torch.int64)}])
+    scorer.update(
+        [{"boxes": pred, "scores": scores, "labels": torch.ones(5, dtype=torch.int64)}],
+        [{"boxes": truth, "labels": torch.ones(4, dtype=torch.int64)}],
+    )
     result = scorer.compute(curves=True)
     assert best_f1_threshold(result["pr"]["nucleus"]) == pytest.approx((0.6, 0.75, 0.75, 0.75))
     assert result["best_f1"]["nucleus"]["threshold"] == pytest.approx(0.6)
@@ -240,10 +300,15 @@ def files(scene, tmp_path_factory) -> dict[str, Path]:
     written["categories"] = [{"id": renamed[c["id"]], "name": c["name"]} for c in written["categories"]]
     for ann in written["annotations"]:
         ann["category_id"] = renamed[ann["category_id"]]
-    plain = [{k: a[k] for k in ("image_id", "category_id", "bbox", "score")}
-             for a in detections_to_coco(truth["images"], CLASSES, preds)["annotations"]]
-    return {"truth": _write(folder / "truth.json", truth), "written": _write(folder / "pred.json", written),
-            "plain": _write(folder / "plain.json", plain)}
+    plain = [
+        {k: a[k] for k in ("image_id", "category_id", "bbox", "score")}
+        for a in detections_to_coco(truth["images"], CLASSES, preds)["annotations"]
+    ]
+    return {
+        "truth": _write(folder / "truth.json", truth),
+        "written": _write(folder / "pred.json", written),
+        "plain": _write(folder / "plain.json", plain),
+    }
 
 
 def test_score_coco_files_matches_by_file_name_and_equals_pycocotools(files) -> None:
@@ -260,10 +325,20 @@ def test_score_coco_files_matches_by_file_name_and_equals_pycocotools(files) -> 
 def test_score_coco_files_against_folder_data(files, scene) -> None:
     truth = json.loads(files["truth"].read_text())
     _, targets = scene
-    items = [DetItem(name=im["file_name"], path=Path("/data") / im["file_name"], width=800, height=800,
-                     boxes=t["boxes"].numpy(), labels=t["labels"].numpy(), crowd=t["iscrowd"].numpy(),
-                     image_id=im["id"] + 50, area=t["area"].numpy())
-             for im, t in zip(truth["images"], targets)]
+    items = [
+        DetItem(
+            name=im["file_name"],
+            path=Path("/data") / im["file_name"],
+            width=800,
+            height=800,
+            boxes=t["boxes"].numpy(),
+            labels=t["labels"].numpy(),
+            crowd=t["iscrowd"].numpy(),
+            image_id=im["id"] + 50,
+            area=t["area"].numpy(),
+        )
+        for im, t in zip(truth["images"], targets)
+    ]
     data = DetData(class_names=CLASSES, splits={"val": items})
     assert score_coco_files(files["written"], data, split="val") == score_coco_files(files["written"], files["truth"])
 
@@ -306,5 +381,11 @@ def test_written_file_loads_in_pycocotools_as_dataset_and_results(tmp_path: Path
         gt.dataset = truth
         gt.createIndex()
         results = gt.loadRes(written["annotations"])
-    assert len(results.anns) == 7 and np.array_equal(results.annToMask(results.anns[2]), preds[0]["masks"][1, 0].numpy() > 0.5)
-    assert load_coco_predictions(_write(tmp_path / "p.json", written)).file_names == {1: "im0.png", 2: "im1.png", 3: "im2.png"}
+    assert len(results.anns) == 7 and np.array_equal(
+        results.annToMask(results.anns[2]), preds[0]["masks"][1, 0].numpy() > 0.5
+    )
+    assert load_coco_predictions(_write(tmp_path / "p.json", written)).file_names == {
+        1: "im0.png",
+        2: "im1.png",
+        3: "im2.png",
+    }

@@ -16,7 +16,12 @@ from deepscope.models.detection import build_detector, detector_names, predicts_
 from deepscope.models.detection.backbones import BACKBONES, build_backbone, group_norm
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
-SMALL = {"backbone": "tiny", "fpn_channels": 16, "min_size": 96, "max_size": 128}  # 96x128 and 112x96 images stay unresized
+SMALL = {
+    "backbone": "tiny",
+    "fpn_channels": 16,
+    "min_size": 96,
+    "max_size": 128,
+}  # 96x128 and 112x96 images stay unresized
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +127,9 @@ def test_retinanet_overfits_one_image() -> None:
     torch.manual_seed(0)
     boxes, labels = torch.tensor([[5.0, 7, 27, 24], [33, 29, 60, 60], [13, 40, 29, 59]]), torch.tensor([1, 2, 1])
     image = painted_image(boxes, labels, (64, 64))
-    model = build_detector("retinanet", 2, backbone="tiny", fpn_channels=16, min_size=64, max_size=64, extra_p6p7=False).train()
+    model = build_detector(
+        "retinanet", 2, backbone="tiny", fpn_channels=16, min_size=64, max_size=64, extra_p6p7=False
+    ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(50):
@@ -146,8 +153,16 @@ def test_max_detections_lifts_the_cap_of_100_and_label_0_never_comes_out() -> No
     image = [torch.rand(3, 128, 128)]
     counts = {}
     for cap in (100, 300):
-        model = build_detector("retinanet", 1, backbone="tiny", fpn_channels=16, min_size=128, max_size=128, score_thresh=0.0,
-                               max_detections=cap).eval()
+        model = build_detector(
+            "retinanet",
+            1,
+            backbone="tiny",
+            fpn_channels=16,
+            min_size=128,
+            max_size=128,
+            score_thresh=0.0,
+            max_detections=cap,
+        ).eval()
         with torch.no_grad():
             detection = model(image)[0]
         assert (detection["labels"] == 1).all()
@@ -173,8 +188,12 @@ def test_registry_names_and_errors() -> None:
         build_detector("yolo", 2)
     with pytest.raises(DeepscopeError, match="'fcos' has no argument.*depth.*it takes .*backbone"):
         build_detector("fcos", 2, depth=3)
-    for bad, problem in (({"backbone": "resnet99"}, "resnet99"), ({"norm": "layer"}, "layer"), ({"min_size": 900}, "min_size"),
-                         ({"strides": [8, 64]}, "strides")):
+    for bad, problem in (
+        ({"backbone": "resnet99"}, "resnet99"),
+        ({"norm": "layer"}, "layer"),
+        ({"min_size": 900}, "min_size"),
+        ({"strides": [8, 64]}, "strides"),
+    ):
         with pytest.raises(DeepscopeError, match=problem):
             build_detector("retinanet", 2, **bad)
     with pytest.raises(DeepscopeError, match="num_classes"):

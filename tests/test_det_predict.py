@@ -55,12 +55,18 @@ class SquareFinder(nn.Module):
             components, count = ndimage.label(values > 0.5)
             slices = ndimage.find_objects(components)
             value = torch.tensor([float(values[s].max()) for s in slices], dtype=torch.float32)
-            outputs.append({
-                "boxes": torch.tensor([[x.start, y.start, x.stop, y.stop] for y, x in slices], dtype=torch.float32).reshape(-1, 4),
-                "scores": 0.9 * value,
-                "labels": torch.where(value > 0.9, 2, 1).long(),
-                "masks": torch.from_numpy(components[None] == np.arange(1, count + 1)[:, None, None]).float()[:, None],
-            })
+            outputs.append(
+                {
+                    "boxes": torch.tensor(
+                        [[x.start, y.start, x.stop, y.stop] for y, x in slices], dtype=torch.float32
+                    ).reshape(-1, 4),
+                    "scores": 0.9 * value,
+                    "labels": torch.where(value > 0.9, 2, 1).long(),
+                    "masks": torch.from_numpy(components[None] == np.arange(1, count + 1)[:, None, None]).float()[
+                        :, None
+                    ],
+                }
+            )
         return outputs
 
 
@@ -84,10 +90,14 @@ def by_position(found: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[order] for k, v in found.items()}
 
 
-def detect(image: np.ndarray, masks: bool = False, batch_size: int = 4, **settings) -> tuple[dict[str, np.ndarray], SquareFinder]:
+def detect(
+    image: np.ndarray, masks: bool = False, batch_size: int = 4, **settings
+) -> tuple[dict[str, np.ndarray], SquareFinder]:
     model = SquareFinder()
     settings = {"max_detections": 1000, **settings}
-    return Detector(model, DetInferenceConfig(**settings), torch.device("cpu"), masks=masks, batch_size=batch_size)(image), model
+    return Detector(model, DetInferenceConfig(**settings), torch.device("cpu"), masks=masks, batch_size=batch_size)(
+        image
+    ), model
 
 
 def test_whole_image_finds_every_square_once() -> None:
@@ -100,7 +110,9 @@ def test_whole_image_finds_every_square_once() -> None:
     np.testing.assert_allclose(found["scores"], np.where(labels == 2, 0.9, 0.9 * 200 / 255), rtol=1e-6)
 
 
-@pytest.mark.parametrize("tile, overlap", [((64, 96), 16), ((59, 59), 14), ((40, 70), 12), ((HEIGHT, 80), 24), ((50, 500), 30)])
+@pytest.mark.parametrize(
+    "tile, overlap", [((64, 96), 16), ((59, 59), 14), ((40, 70), 12), ((HEIGHT, 80), 24), ((50, 500), 30)]
+)
 @pytest.mark.parametrize("merge", ["nms", "wbf"])
 def test_tiled_equals_whole_image(tile: tuple[int, int], overlap: int, merge: str) -> None:
     """Tiles that do ((59, 59): 149 = 59 + 2 * 45) and do not fit the image evenly, one axis untiled, and overlaps
@@ -169,7 +181,11 @@ def test_weighted_box_fusion_known_answer() -> None:
     np.testing.assert_allclose(fused.numpy(), [[0.25, 0.25, 10.25, 10.25], [50, 50, 60, 60], [0, 0, 10, 10]], rtol=1e-6)
     np.testing.assert_allclose(fused_scores.numpy(), [0.6, 0.5, 0.4], rtol=1e-6)
     keep, kept, kept_scores = merge_detections(boxes, scores, labels, 0.5, "nms")
-    assert keep.tolist() == [0, 2, 3] and kept[0].tolist() == [0, 0, 10, 10] and kept_scores.tolist() == pytest.approx([0.9, 0.5, 0.4])
+    assert (
+        keep.tolist() == [0, 2, 3]
+        and kept[0].tolist() == [0, 0, 10, 10]
+        and kept_scores.tolist() == pytest.approx([0.9, 0.5, 0.4])
+    )
 
 
 def test_settings_from_yaml_values_and_bad_settings() -> None:
@@ -249,18 +265,29 @@ def coloured_pixels(path: Path, colour: str) -> int:
 def test_drawings_show_truth_and_predictions(tmp_path: Path) -> None:
     image = np.zeros((120, 160, 1), np.uint8)
     truth = {"boxes": np.array([[10, 10, 60, 60]], np.float32), "labels": np.array([1])}
-    pred = {"boxes": np.array([[80, 40, 150, 110], [0, 0, 5, 5]], np.float32), "scores": np.array([0.8, 0.1], np.float32),
-            "labels": np.array([2, 1])}
+    pred = {
+        "boxes": np.array([[80, 40, 150, 110], [0, 0, 5, 5]], np.float32),
+        "scores": np.array([0.8, 0.1], np.float32),
+        "labels": np.array([2, 1]),
+    }
     draw_detections(image, truth, pred, CLASSES, tmp_path / "one.png", score_threshold=0.3)
-    assert coloured_pixels(tmp_path / "one.png", "green") > 200 and coloured_pixels(tmp_path / "one.png", "magenta") > 200
-    draw_detections(image, None, {k: v[1:] for k, v in pred.items()}, CLASSES, tmp_path / "none.png", score_threshold=0.3)
+    assert (
+        coloured_pixels(tmp_path / "one.png", "green") > 200 and coloured_pixels(tmp_path / "one.png", "magenta") > 200
+    )
+    draw_detections(
+        image, None, {k: v[1:] for k, v in pred.items()}, CLASSES, tmp_path / "none.png", score_threshold=0.3
+    )
     assert coloured_pixels(tmp_path / "none.png", "magenta") == 0  # below the threshold: not drawn
 
 
 def test_gallery_of_large_images_stays_small(tmp_path: Path) -> None:
     big = np.random.default_rng(0).integers(0, 4000, (3000, 2000, 1), dtype=np.uint16)
-    pred = {"boxes": np.array([[100, 100, 900, 700]], np.float32), "scores": np.array([0.9]), "labels": np.array([1]),
-            "masks": np.zeros((1, 3000, 2000), bool)}
+    pred = {
+        "boxes": np.array([[100, 100, 900, 700]], np.float32),
+        "scores": np.array([0.9]),
+        "labels": np.array([1]),
+        "masks": np.zeros((1, 3000, 2000), bool),
+    }
     items = [(f"{i}.tif", big, None, pred, f"image {i}") for i in range(5)]
     detection_gallery(items, tmp_path / "gallery.png", CLASSES)
     width, height = Image.open(tmp_path / "gallery.png").size

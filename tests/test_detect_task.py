@@ -20,8 +20,20 @@ from deepscope.errors import CheckpointError
 from deepscope.models.detection import build_detector
 from deepscope.tasks.detect.apply import load_detector
 
-TINY = ["--model", "centernet", "--batch-size", "4", "--amp", "off", "--set", "image_size=0",
-        "--set", "model_args={backbone: tiny, fpn_channels: 16}", "--set", "augment.crop=0"]
+TINY = [
+    "--model",
+    "centernet",
+    "--batch-size",
+    "4",
+    "--amp",
+    "off",
+    "--set",
+    "image_size=0",
+    "--set",
+    "model_args={backbone: tiny, fpn_channels: 16}",
+    "--set",
+    "augment.crop=0",
+]
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -65,8 +77,9 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(shapes: Path, tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_evaluate_predict_and_score_saved_detections_agree(trained: Path, shapes: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_predict_and_score_saved_detections_agree(
+    trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     capsys.readouterr()
     assert main(["evaluate", str(trained / "best.pt"), "--data", str(shapes), "--split", "test"]) == 0
     scores = last_json(capsys)
@@ -77,27 +90,70 @@ def test_evaluate_predict_and_score_saved_detections_agree(trained: Path, shapes
     assert {i["file_name"] for i in coco["images"]} == {p.name for p in (shapes / "test" / "images").iterdir()}
     assert all(len(a["bbox"]) == 4 and 0 <= a["score"] <= 1 for a in coco["annotations"])
     for truth in (shapes / "test", shapes / "test" / "annotations.json"):  # a data folder or a COCO file
-        assert main(["evaluate", "detect", "--pred", str(pred), "--truth", str(truth), "--out", str(tmp_path / "s.json")]) == 0
+        assert (
+            main(["evaluate", "detect", "--pred", str(pred), "--truth", str(truth), "--out", str(tmp_path / "s.json")])
+            == 0
+        )
         saved = last_json(capsys)
         assert saved["map"] == pytest.approx(scores["map"]) and saved["map_50"] == pytest.approx(scores["map_50"])
         assert saved["max_detections"] == 100 and "per_class" in saved
 
 
-def test_predict_writes_voc_yolo_pictures_and_tiles(trained: Path, shapes: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_writes_voc_yolo_pictures_and_tiles(
+    trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = shapes / "test" / "images"
-    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "voc"), "--format", "voc", "--draw"]) == 0
-    assert len(list((tmp_path / "voc").glob("*.xml"))) == 6 and (tmp_path / "voc" / "pictures" / "detections.png").is_file()
-    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "yolo"), "--format", "yolo"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "best.pt"),
+                str(images),
+                "--out",
+                str(tmp_path / "voc"),
+                "--format",
+                "voc",
+                "--draw",
+            ]
+        )
+        == 0
+    )
+    assert (
+        len(list((tmp_path / "voc").glob("*.xml"))) == 6
+        and (tmp_path / "voc" / "pictures" / "detections.png").is_file()
+    )
+    assert (
+        main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "yolo"), "--format", "yolo"])
+        == 0
+    )
     assert len(list((tmp_path / "yolo").glob("*.txt"))) == 6
-    assert main(["predict", str(trained / "best.pt"), str(images), "--out", str(tmp_path / "t.json"), "--tile", "48", "--overlap", "24"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "best.pt"),
+                str(images),
+                "--out",
+                str(tmp_path / "t.json"),
+                "--tile",
+                "48",
+                "--overlap",
+                "24",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["settings"]["tile"] == [48, 48]
 
 
-def test_bad_flags_and_checkpoints_fail_in_one_line(trained: Path, shapes: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_and_checkpoints_fail_in_one_line(
+    trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = str(trained / "best.pt")
-    assert main(["predict", ckpt, str(shapes / "test" / "images"), "--out", str(tmp_path / "x.json"), "--format", "voc"]) == 2
+    assert (
+        main(["predict", ckpt, str(shapes / "test" / "images"), "--out", str(tmp_path / "x.json"), "--format", "voc"])
+        == 2
+    )
     assert "folder" in capsys.readouterr().err
     assert main(["predict", ckpt, str(shapes / "test" / "images"), "--out", str(tmp_path / "x"), "--halo", "8"]) == 2
     assert "--halo" in capsys.readouterr().err
@@ -105,8 +161,24 @@ def test_bad_flags_and_checkpoints_fail_in_one_line(trained: Path, shapes: Path,
     save_checkpoint({"model": {}, "config": {"task": "segment"}}, other)
     with pytest.raises(CheckpointError, match="segment"):
         load_detector(other, torch.device("cpu"))
-    assert main(["train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(tmp_path / "r"), *TINY,
-                 "--init-from", str(other)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "detect",
+                "--data",
+                str(shapes),
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                *TINY,
+                "--init-from",
+                str(other),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(other) in err
 
@@ -128,11 +200,28 @@ def test_init_from_a_torchvision_resnet_fits_the_backbone_or_names_what_does_not
         load_init_weights(model, wrong)
 
 
-def test_a_whole_detector_checkpoint_initialises_a_new_run(trained: Path, shapes: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_whole_detector_checkpoint_initialises_a_new_run(
+    trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "fine"
-    assert main(["train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY,
-                 "--init-from", str(trained / "best.pt")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "detect",
+                "--data",
+                str(shapes),
+                "--epochs",
+                "1",
+                "--out",
+                str(out),
+                *TINY,
+                "--init-from",
+                str(trained / "best.pt"),
+            ]
+        )
+        == 0
+    )
     log = (out / "train.log").read_text()
     assert "initialised" in log and "of " in log
     state = load_checkpoint(out / "last.pt")
@@ -140,15 +229,31 @@ def test_a_whole_detector_checkpoint_initialises_a_new_run(trained: Path, shapes
     assert np.isfinite(json.loads((out / "metrics.json").read_text())["history"][0]["train_loss"])
 
 
-def test_two_gloo_processes_train_and_score_every_test_image_once(shapes: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_gloo_processes_train_and_score_every_test_image_once(
+    shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Under DDP each process predicts its share of the test images; the gathered score equals one process scoring
     them all with the same weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "-m", "deepscope"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29531",
+        "-m",
+        "deepscope",
+    ]
     out = tmp_path / "ddp"
-    run = subprocess.run([*launcher, "train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*launcher, "train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fast_args, needs_native_bf16, pattern_images
 
+from conftest import fast_args, needs_native_bf16, pattern_images
 from deepscope.cli import main
 from deepscope.config import OptimConfig
 from deepscope.engine import logging as run_logging
@@ -41,7 +41,16 @@ def test_training_learns_and_writes_run_folder(class_tree, tmp_path, capsys):
     assert main(fast_args(class_tree, out, "--epochs", "4")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["test_accuracy"] >= 0.9
-    for name in ["config.yaml", "metrics.json", "last.pt", "best.pt", "report.html", "train.log", "curves.png", "confusion.png"]:
+    for name in [
+        "config.yaml",
+        "metrics.json",
+        "last.pt",
+        "best.pt",
+        "report.html",
+        "train.log",
+        "curves.png",
+        "confusion.png",
+    ]:
         assert (out / name).is_file(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((out / "metrics.json").read_text())
@@ -64,8 +73,24 @@ def test_training_learns_and_writes_run_folder(class_tree, tmp_path, capsys):
 
 
 def test_gradient_clipping_bounds_each_update(class_tree, tmp_path):
-    common = ["--model", "logreg", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.5", "--schedule", "none",
-              "--set", "optim.momentum=0", "--set", "optim.weight_decay=0", "--set", "model_args={}"]
+    common = [
+        "--model",
+        "logreg",
+        "--epochs",
+        "1",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--schedule",
+        "none",
+        "--set",
+        "optim.momentum=0",
+        "--set",
+        "optim.weight_decay=0",
+        "--set",
+        "model_args={}",
+    ]
     assert main(fast_args(class_tree, tmp_path / "free", *common)) == 0
     assert main(fast_args(class_tree, tmp_path / "clipped", *common, "--grad-clip", "1e-6")) == 0
     torch.manual_seed(0)  # the trainer seeds with --seed 0 before building the model
@@ -87,8 +112,28 @@ def big_npz(tmp_path: Path) -> Path:
 
 
 def resume_args(data: Path, out: Path, amp: str = "off") -> list[str]:
-    return ["train", "classify", "--data", str(data), "--out", str(out), "--model", "cnn", "--epochs", "4",
-            "--batch-size", "32", "--device", "cpu", "--amp", amp, "--set", "model_args.widths=[16,32]", "--set", "augment.cutout=4"]
+    return [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "cnn",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--amp",
+        amp,
+        "--set",
+        "model_args.widths=[16,32]",
+        "--set",
+        "augment.cutout=4",
+    ]
 
 
 def test_max_minutes_stops_cleanly_and_resume_finishes(tmp_path):
@@ -108,7 +153,10 @@ def test_max_minutes_stops_cleanly_and_resume_finishes(tmp_path):
 
 def test_early_stopping_without_improvement(class_tree, tmp_path):
     out = tmp_path / "early"
-    assert main(fast_args(class_tree, out, "--epochs", "10", "--lr", "0", "--early-stopping", "2", "--schedule", "none")) == 0
+    assert (
+        main(fast_args(class_tree, out, "--epochs", "10", "--lr", "0", "--early-stopping", "2", "--schedule", "none"))
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped"] == "early_stopping"
     assert metrics["epochs_completed"] == 3 and metrics["best_epoch"] == 1
@@ -170,7 +218,12 @@ def test_cpu_probe_agrees_with_the_instruction_set():
 def test_emulated_bf16_runs_and_warns_once_in_one_line(class_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
     out = tmp_path / "emulated"
-    assert main(fast_args(class_tree, out, "--amp", "bf16", "--model", "logreg", "--set", "model_args={}", "--epochs", "1")) == 0
+    assert (
+        main(
+            fast_args(class_tree, out, "--amp", "bf16", "--model", "logreg", "--set", "model_args={}", "--epochs", "1")
+        )
+        == 0
+    )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: --amp bf16") and "no native bf16" in warnings[0]
     assert warnings[0].endswith("use --amp auto")
@@ -194,9 +247,28 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     x, y = pattern_images(64, size=8, seed=0)
     data = tmp_path / "ddp.npz"
     np.savez(data, x_train=x, y_train=y)
-    args = ["train", "classify", "--data", str(data), "--model", "mlp", "--epochs", "2", "--batch-size", "32",
-            "--device", "cpu", "--amp", "off", "--val-fraction", "0.25", "--set", "model_args={hidden: [32], dropout: 0.0, batchnorm: false}",
-            "--set", "augment.color_jitter=0.3"]
+    args = [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--model",
+        "mlp",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--val-fraction",
+        "0.25",
+        "--set",
+        "model_args={hidden: [32], dropout: 0.0, batchnorm: false}",
+        "--set",
+        "augment.color_jitter=0.3",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes below
     try:
@@ -204,8 +276,20 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "deepscope"]
-    double = subprocess.run(launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "deepscope",
+    ]
+    double = subprocess.run(
+        launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
     for key in one:
@@ -244,15 +328,23 @@ def test_progress_file_is_written_at_most_once_a_second_and_says_failed(tmp_path
     assert writes[3]["elapsed_s"] == 1.0
 
 
-
 def test_rates_show_the_digits_they_need():
-    assert [run_logging.per_second(v) for v in (0.48, 0.0123, 3.52, 12.3, 4086.2, 0.0)] == ["0.48", "0.012", "3.5", "12", "4,086", "0"]
+    assert [run_logging.per_second(v) for v in (0.48, 0.0123, 3.52, 12.3, 4086.2, 0.0)] == [
+        "0.48",
+        "0.012",
+        "3.5",
+        "12",
+        "4,086",
+        "0",
+    ]
 
 
 def test_log_lines_are_not_wrapped_when_not_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "40")
     log = run_logging.RunLogger(tmp_path / "run")
-    message = "run written to " + "/".join(["a_long_folder_name"] * 12) + " (report.html, metrics.json, last.pt, best.pt)"
+    message = (
+        "run written to " + "/".join(["a_long_folder_name"] * 12) + " (report.html, metrics.json, last.pt, best.pt)"
+    )
     log.info(message)
     log.start_epoch(0, 1, 10)
     log.update(5, 0.25, 0.48, "val_accuracy 0.5000")  # the progress bar is for terminals only

@@ -16,19 +16,19 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+
 from conftest import needs_native_bf16, pattern_images
+from deepscope.atomic import WriteError, leftovers
+from deepscope.cli import main
+from deepscope.demo.data import write_digits_npz, write_nuclei, write_shapes
+from deepscope.engine.checkpoint import load_checkpoint
+from deepscope.inference import blockio
+from deepscope.inference.blockio import Output, open_input
 from faults import run
 from test_denoise_task import dn_args, write_clean
 from test_detect_task import TINY as DETECT_TINY
 from test_segment_task import seg_args
 from test_ssl_task import TINY as SSL_TINY
-
-from deepscope.inference import blockio
-from deepscope.atomic import WriteError, leftovers
-from deepscope.inference.blockio import Output, open_input
-from deepscope.cli import main
-from deepscope.demo.data import write_digits_npz, write_nuclei, write_shapes
-from deepscope.engine.checkpoint import load_checkpoint
 
 KILLS = 3  # per task, each in the run resumed after the one before
 TIMING = ("time_s", "images_per_s")  # history fields that differ between any two runs
@@ -37,8 +37,26 @@ TIMING = ("time_s", "images_per_s")  # history fields that differ between any tw
 def classify_run(root: Path) -> list[str]:
     x, y = pattern_images(60, size=16, seed=0)
     np.savez(root / "data.npz", x_train=x, y_train=y, x_test=x[:30], y_test=y[:30])
-    return ["train", "classify", "--data", str(root / "data.npz"), "--model", "cnn", "--epochs", "3", "--batch-size", "32",
-            "--device", "cpu", "--amp", "off", "--set", "model_args.widths=[8,16]", "--set", "augment.cutout=4"]
+    return [
+        "train",
+        "classify",
+        "--data",
+        str(root / "data.npz"),
+        "--model",
+        "cnn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--set",
+        "model_args.widths=[8,16]",
+        "--set",
+        "augment.cutout=4",
+    ]
 
 
 def segment_run(root: Path) -> list[str]:
@@ -53,13 +71,27 @@ def detect_run(root: Path) -> list[str]:
 
 def denoise_run(root: Path) -> list[str]:
     data = write_clean(root / "clean", n_train=4, n_test=1)
-    return dn_args(data, None, "n2v", "--set", "noise={kind: gaussian, sigma: 25}", "--set", "patches_per_epoch=96", epochs=3)
+    return dn_args(
+        data, None, "n2v", "--set", "noise={kind: gaussian, sigma: 25}", "--set", "patches_per_epoch=96", epochs=3
+    )
 
 
 def ssl_run(root: Path) -> list[str]:
     digits = np.load(write_digits_npz(root / "digits.npz"))
     np.savez(root / "small.npz", x_train=digits["x_train"][:128], y_train=digits["y_train"][:128])
-    return ["train", "ssl", "--data", str(root / "small.npz"), "--epochs", "3", "--device", "cpu", "--val-fraction", "0", *SSL_TINY]
+    return [
+        "train",
+        "ssl",
+        "--data",
+        str(root / "small.npz"),
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--val-fraction",
+        "0",
+        *SSL_TINY,
+    ]
 
 
 def classify_bf16_run(root: Path) -> list[str]:
@@ -67,13 +99,21 @@ def classify_bf16_run(root: Path) -> list[str]:
 
 
 RUNS: dict[str, Callable[[Path], list[str]]] = {
-    "classify": classify_run, "classify-bf16": classify_bf16_run, "segment": segment_run, "detect": detect_run,
-    "denoise": denoise_run, "ssl": ssl_run}
+    "classify": classify_run,
+    "classify-bf16": classify_bf16_run,
+    "segment": segment_run,
+    "detect": detect_run,
+    "denoise": denoise_run,
+    "ssl": ssl_run,
+}
 TASKS = [pytest.param(task, marks=needs_native_bf16) if task.endswith("bf16") else task for task in RUNS]
 
 
 def history(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING} for record in json.loads((run_dir / "metrics.json").read_text())["history"]]
+    return [
+        {k: v for k, v in record.items() if k not in TIMING}
+        for record in json.loads((run_dir / "metrics.json").read_text())["history"]
+    ]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -108,13 +148,17 @@ def kill_and_resume(task: str, root: Path) -> tuple[list[tuple[tuple[str, float]
         # a moment within what the resumed run has left to do: a step, a checkpoint write, or a time (the first kill
         # lands for certain; once every step is done, only a time can fall in what is left: testing, the report)
         left = remaining(killed, counts["step"], epochs)
-        kind = rng.choice(["step", "checkpoint"] if not outcomes else ["step", "checkpoint", "time"] if left else ["time"])
+        kind = rng.choice(
+            ["step", "checkpoint"] if not outcomes else ["step", "checkpoint", "time"] if left else ["time"]
+        )
         if kind == "time":
             moment = (kind, round(rng.uniform(0.1, 0.9) * max(left, 0.1) * counts["seconds"], 3))
         else:  # every epoch left writes at least one checkpoint (last.pt)
             moment = (kind, rng.randint(1, max(1, round(left * (counts["step"] if kind == "step" else epochs)))))
         # the newcomer's way: the same command again with --resume (it also starts a run killed before its first checkpoint)
-        outcomes.append((moment, run([*argv, "--out", str(killed), "--resume"], root / f"killed-{len(outcomes)}.log", moment)))
+        outcomes.append(
+            (moment, run([*argv, "--out", str(killed), "--resume"], root / f"killed-{len(outcomes)}.log", moment))
+        )
     assert run([*argv, "--out", str(killed), "--resume"], root / "finish.log") == 0, (root / "finish.log").read_text()
     return outcomes, reference, killed
 
@@ -144,10 +188,14 @@ def test_a_prediction_that_fails_half_way_leaves_the_previous_one(tmp_path: Path
     key = "" if name.endswith(".tif") else "probabilities"
     with Output(path, key, (8, 8), np.float32, (8, 8)) as first:
         first.array[...] = 1.0
-    with pytest.raises(WriteError, match=r"could not write output \(No space left on device\); the previous one is intact"):
-        with Output(path, key, (8, 8), np.float32, (8, 8)) as second:
-            second.array[:4] = 2.0
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with (
+        pytest.raises(
+            WriteError, match=r"could not write output \(No space left on device\); the previous one is intact"
+        ),
+        Output(path, key, (8, 8), np.float32, (8, 8)) as second,
+    ):
+        second.array[:4] = 2.0
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert np.array_equal(np.asarray(open_input(path, key or None)[...]), np.ones((8, 8), np.float32))
     with Output(path, key, (8, 8), np.float32, (8, 8)) as third:  # space is back: the new prediction replaces it
         third.array[...] = 3.0
@@ -158,7 +206,9 @@ def test_a_prediction_that_fails_half_way_leaves_the_previous_one(tmp_path: Path
             assert list(file) == ["probabilities"]
 
 
-def test_full_disk_while_predicting_is_one_line_and_keeps_the_previous_files(tmp_path: Path, monkeypatch, capsys, full_disk) -> None:
+def test_full_disk_while_predicting_is_one_line_and_keeps_the_previous_files(
+    tmp_path: Path, monkeypatch, capsys, full_disk
+) -> None:
     images, labels, run = tmp_path / "images", tmp_path / "labels", tmp_path / "run"
     images.mkdir()
     labels.mkdir()
@@ -167,8 +217,28 @@ def test_full_disk_while_predicting_is_one_line_and_keeps_the_previous_files(tmp
     scribbles = np.zeros((32, 32), np.uint8)
     scribbles[2:6, 2:20], scribbles[20:24, 4:28] = 1, 2
     tifffile.imwrite(labels / "a.tif", scribbles)
-    assert main(["pixel", "train", "--images", str(images), "--labels", str(labels), "--out", str(run), "--no-predict",
-                 "--filters", "gaussian", "--scales", "1", "--trees", "4"]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(images),
+                "--labels",
+                str(labels),
+                "--out",
+                str(run),
+                "--no-predict",
+                "--filters",
+                "gaussian",
+                "--scales",
+                "1",
+                "--trees",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "pred"
     predict = ["pixel", "predict", str(run / "classifier.safetensors"), str(images / "a.tif"), "--out", str(out)]
     assert main(predict) == 0
@@ -181,7 +251,10 @@ def test_full_disk_while_predicting_is_one_line_and_keeps_the_previous_files(tmp
     monkeypatch.setattr(blockio.os, "posix_fallocate", no_space)  # a memory-mapped TIFF reserves its space first
     assert main(predict) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a_probabilities.tif: cannot write output (No space left on device); the previous one is intact" in err[0]
+    assert (
+        len(err) == 1
+        and "a_probabilities.tif: cannot write output (No space left on device); the previous one is intact" in err[0]
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
 
@@ -191,6 +264,8 @@ def test_full_disk_while_predicting_is_one_line_and_keeps_the_previous_files(tmp
     scores.write_text("{}")
     full_disk("*.json")
     assert main(["evaluate", "segment", "--pred", str(maps), "--truth", str(maps), "--out", str(scores)]) == 2
-    assert "scores.json: could not write evaluation (No space left on device); the previous evaluation is intact" in \
-        capsys.readouterr().err
+    assert (
+        "scores.json: could not write evaluation (No space left on device); the previous evaluation is intact"
+        in capsys.readouterr().err
+    )
     assert scores.read_text() == "{}"

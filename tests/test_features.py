@@ -9,7 +9,14 @@ import torch
 from scipy import ndimage
 
 from deepscope.errors import DeepscopeError
-from deepscope.tasks.pixel.features import FILTERS, FeatureSpec, auto_tile, compute_features, radius, symmetric_eigenvalues
+from deepscope.tasks.pixel.features import (
+    FILTERS,
+    FeatureSpec,
+    auto_tile,
+    compute_features,
+    radius,
+    symmetric_eigenvalues,
+)
 
 SCALES = (0.7, 1.6, 3.5)
 
@@ -59,7 +66,10 @@ def test_every_filter_matches_scipy_gaussian_derivatives(ndim):
                 got = features[names.index(label)]
                 # the structure tensor smooths gradient products: at the border, scipy mirrors the products while we
                 # mirror the image (a gradient changes sign when mirrored), so only the interior is the same
-                inner = tuple(slice(radius(sigma) + 2, -radius(sigma) - 2) if name == "structure" else slice(None) for _ in range(ndim))
+                inner = tuple(
+                    slice(radius(sigma) + 2, -radius(sigma) - 2) if name == "structure" else slice(None)
+                    for _ in range(ndim)
+                )
                 scale = np.abs(expected).max()
                 assert np.abs(got[inner] - expected[inner]).max() <= 1e-4 * scale + 1e-7, label
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fit_batch
 
+from conftest import fit_batch
 from deepscope.data.segmentation.flows import batch_flow_target, batch_flows
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.flows import FLOW_SCALE, flows_loss

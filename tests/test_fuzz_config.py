@@ -18,6 +18,13 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+
+from deepscope.cli import build_parser, resolve_train_config
+from deepscope.config import _resolve_type, to_dict
+from deepscope.errors import DeepscopeError
+from deepscope.tasks import TASKS, get_task
+from deepscope.tasks.pixel.commands import resolve_pixel_config
+from deepscope.tasks.pixel.config import PixelConfig
 from test_fuzz_readers import (
     BOMB,
     FUZZ,
@@ -29,23 +36,47 @@ from test_fuzz_readers import (
     scratch,
 )
 
-from deepscope.cli import build_parser, resolve_train_config
-from deepscope.tasks.pixel.commands import resolve_pixel_config
-from deepscope.config import _resolve_type, to_dict
-from deepscope.errors import DeepscopeError
-from deepscope.tasks import TASKS, get_task
-from deepscope.tasks.pixel.config import PixelConfig
-
 CONFIGS = {**{task: get_task(task)[0] for task in sorted(TASKS)}, "pixel": PixelConfig}
 PARSER = build_parser()
 HOSTILE_YAML = [
-    "- a\n- b\n", "42\n", "just text\n", "...\n", "data: *undefined\n", "data: [1\n", "data: !!binary aGk=\n",
-    "data: !!python/object/apply:os.mkdir [pwned]\n", "data: !!python/name:os.system\n", "epochs: !!float nan\n",
-    f"model_args: {BOMB}\n", f"model_args: {BOMB}\ndata: *i\n", f"model_args: {BOMB}\nepochs: *i\n", "model_args: &a {x: *a}\n",
-    "model_args: " + "[" * 3000 + "]" * 3000 + "\n", "data: \x00\n", "\tdata: x\n", "data: a\ndata: b\n",
+    "- a\n- b\n",
+    "42\n",
+    "just text\n",
+    "...\n",
+    "data: *undefined\n",
+    "data: [1\n",
+    "data: !!binary aGk=\n",
+    "data: !!python/object/apply:os.mkdir [pwned]\n",
+    "data: !!python/name:os.system\n",
+    "epochs: !!float nan\n",
+    f"model_args: {BOMB}\n",
+    f"model_args: {BOMB}\ndata: *i\n",
+    f"model_args: {BOMB}\nepochs: *i\n",
+    "model_args: &a {x: *a}\n",
+    "model_args: " + "[" * 3000 + "]" * 3000 + "\n",
+    "data: \x00\n",
+    "\tdata: x\n",
+    "data: a\ndata: b\n",
 ]
-YAML_VALUES = ["", "null", "[1", "{a: 1", "'", "*undefined", "&a [*a]", "!!python/object/apply:os.mkdir [pwned]",
-               "1e400", ".nan", "-.inf", "0x10", "2001-12-14", "!!set {a, b}", "[" * 3000, "{x: [1, {y: 2}]}", "yes"]
+YAML_VALUES = [
+    "",
+    "null",
+    "[1",
+    "{a: 1",
+    "'",
+    "*undefined",
+    "&a [*a]",
+    "!!python/object/apply:os.mkdir [pwned]",
+    "1e400",
+    ".nan",
+    "-.inf",
+    "0x10",
+    "2001-12-14",
+    "!!set {a, b}",
+    "[" * 3000,
+    "{x: [1, {y: 2}]}",
+    "yes",
+]
 
 
 def setting_keys(cls: type, prefix: str = "") -> list[str]:
@@ -146,9 +177,16 @@ def test_config_files_with_junk_and_hostile_yaml(made: tuple[str, bytes]) -> Non
 def assignments(draw: st.DrawFn) -> tuple[str, list[str]]:
     """A task and ``--set`` assignments: known or junk keys, valid, junk or malformed YAML values, or no ``=``."""
     task = draw(st.sampled_from(sorted(CONFIGS)))
-    keys = st.one_of(st.sampled_from(setting_keys(CONFIGS[task])), st.sampled_from(["", ".", "a..b", "optim.lr.x", "名前", "x" * 300]))
-    values = st.one_of(st.sampled_from(YAML_VALUES), JUNK.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()))
-    made = draw(st.lists(st.one_of(st.tuples(keys, values).map("=".join), st.sampled_from(NASTY_TEXT)), min_size=1, max_size=3))
+    keys = st.one_of(
+        st.sampled_from(setting_keys(CONFIGS[task])),
+        st.sampled_from(["", ".", "a..b", "optim.lr.x", "名前", "x" * 300]),
+    )
+    values = st.one_of(
+        st.sampled_from(YAML_VALUES), JUNK.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
+    )
+    made = draw(
+        st.lists(st.one_of(st.tuples(keys, values).map("=".join), st.sampled_from(NASTY_TEXT)), min_size=1, max_size=3)
+    )
     return task, made
 
 
@@ -158,7 +196,13 @@ def test_set_values_with_junk(made: tuple[str, list[str]]) -> None:
     task, sets = made
     with scratch() as folder:
         data = "images=data" if task == "pixel" else "data=data"
-        named = ["--set", "command line", "setting", *leaf_names(task), *(n for a in sets for n in names_in(a.partition("=")[2]))]
+        named = [
+            "--set",
+            "command line",
+            "setting",
+            *leaf_names(task),
+            *(n for a in sets for n in names_in(a.partition("=")[2])),
+        ]
         refused_or_read(lambda: resolve(task, None, [data, *sets]), folder, *named)
 
 
@@ -174,8 +218,16 @@ def test_python_tags_are_refused_not_run(tmp_path: Path, monkeypatch: pytest.Mon
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("text", [f"model_args: {BOMB}", f"model_args: {BOMB}\ndata: *i", f"model_args: {BOMB}\nepochs: *i",
-                                  "model_args: &a {x: *a}"], ids=["in-a-mapping", "as-text", "as-a-number", "holding-itself"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"model_args: {BOMB}",
+        f"model_args: {BOMB}\ndata: *i",
+        f"model_args: {BOMB}\nepochs: *i",
+        "model_args: &a {x: *a}",
+    ],
+    ids=["in-a-mapping", "as-text", "as-a-number", "holding-itself"],
+)
 def test_yaml_alias_bombs_are_refused_without_expanding(tmp_path: Path, text: str) -> None:
     """Nine shared lists hold 9**9 items once expanded, by str() of a value, a message quoting it, or the copy of the
     settings that training saves; a list that holds itself never ends. Each is refused while it is still shared."""

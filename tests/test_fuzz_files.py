@@ -17,12 +17,22 @@ from sklearn.ensemble import RandomForestClassifier
 
 from deepscope.engine.checkpoint import header_task, load_checkpoint, save_checkpoint
 from deepscope.errors import CheckpointError
-from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.safefile import FORMAT_KEY, STATE_KEY, read_state, state_bytes, write_state
 from deepscope.tasks.pixel.classifier import FORMAT, PixelClassifier, versions
+from deepscope.tasks.pixel.features import FeatureSpec
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-NODE_FIELDS = ["left_child", "right_child", "feature", "threshold", "impurity", "n_node_samples", "weighted_n_node_samples"]
+FUZZ = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+NODE_FIELDS = [
+    "left_child",
+    "right_child",
+    "feature",
+    "threshold",
+    "impurity",
+    "n_node_samples",
+    "weighted_n_node_samples",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +58,14 @@ def one_line_naming(exc: BaseException, path: Path) -> None:
 def test_crafted_forests_are_refused_or_predict_safely(classifier_state, tmp_path, data):
     state = json.loads(json.dumps({k: v for k, v in classifier_state.items() if k != "forest"}))
     forest = classifier_state["forest"]
-    trees = [{"max_features": t["max_features"], "values": t["values"].copy(), "nodes": {k: v.copy() for k, v in t["nodes"].items()}}
-             for t in forest["trees"]]
+    trees = [
+        {
+            "max_features": t["max_features"],
+            "values": t["values"].copy(),
+            "nodes": {k: v.copy() for k, v in t["nodes"].items()},
+        }
+        for t in forest["trees"]
+    ]
     state["forest"] = {**forest, "trees": trees, "classes": forest["classes"].copy()}
     for _ in range(data.draw(st.integers(1, 4))):
         tree = trees[data.draw(st.integers(0, len(trees) - 1))]
@@ -57,14 +73,23 @@ def test_crafted_forests_are_refused_or_predict_safely(classifier_state, tmp_pat
         if field in NODE_FIELDS:
             array = tree["nodes"][field]
             at = data.draw(st.integers(0, len(array) - 1))
-            array[at] = data.draw(st.sampled_from([-3, -2, -1, 0, 1, len(array) - 1, len(array), 2**62, 7]) if array.dtype.kind == "i"
-                                  else st.floats(allow_nan=True, allow_infinity=True, width=64))
+            array[at] = data.draw(
+                st.sampled_from([-3, -2, -1, 0, 1, len(array) - 1, len(array), 2**62, 7])
+                if array.dtype.kind == "i"
+                else st.floats(allow_nan=True, allow_infinity=True, width=64)
+            )
         elif field == "values":
-            tree["values"] = data.draw(st.sampled_from([tree["values"][:-1], -tree["values"], tree["values"] * np.nan, tree["values"][:, :, :2]]))
+            tree["values"] = data.draw(
+                st.sampled_from(
+                    [tree["values"][:-1], -tree["values"], tree["values"] * np.nan, tree["values"][:, :, :2]]
+                )
+            )
         elif field == "max_features":
             tree["max_features"] = data.draw(st.sampled_from([0, -1, 99, "3", None, 2.5]))
         elif field == "classes":
-            state["forest"]["classes"] = data.draw(st.sampled_from([np.array([1, 1, 2]), np.array([1.5, 2, 3]), np.array([1]), np.zeros((3, 1), int)]))
+            state["forest"]["classes"] = data.draw(
+                st.sampled_from([np.array([1, 1, 2]), np.array([1.5, 2, 3]), np.array([1]), np.zeros((3, 1), int)])
+            )
         else:
             state["forest"]["n_features"] = data.draw(st.sampled_from([0, 2, 4, 2**40, "3", None]))
     path = tmp_path / "crafted.safetensors"
@@ -81,8 +106,15 @@ def test_crafted_forests_are_refused_or_predict_safely(classifier_state, tmp_pat
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    save_checkpoint({"model": {"w": torch.arange(6.0).view(2, 3)}, "config": {"task": "classify", "model": "cnn"},
-                     "history": [{"epoch": 1, "loss": 0.5}], "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}}}, path)
+    save_checkpoint(
+        {
+            "model": {"w": torch.arange(6.0).view(2, 3)},
+            "config": {"task": "classify", "model": "cnn"},
+            "history": [{"epoch": 1, "loss": 0.5}],
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}},
+        },
+        path,
+    )
     return path.read_bytes()
 
 
@@ -102,20 +134,38 @@ def test_damaged_checkpoints_are_refused_in_one_line(checkpoint_bytes, tmp_path,
             one_line_naming(exc, path)
 
 
-SKELETON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                            st.sampled_from(["__tensor__", "__ndarray__", "__tuple__", "__items__", "model", "config", "x"]),
-                            inner, max_size=3), max_leaves=12)
+SKELETON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["__tensor__", "__ndarray__", "__tuple__", "__items__", "model", "config", "x"]),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=12,
+)
 
 
-@given(skeleton=SKELETON, header=st.dictionaries(st.sampled_from([FORMAT_KEY, STATE_KEY, "task"]), st.text(max_size=30), max_size=3))
+@given(
+    skeleton=SKELETON,
+    header=st.dictionaries(st.sampled_from([FORMAT_KEY, STATE_KEY, "task"]), st.text(max_size=30), max_size=3),
+)
 @FUZZ
 def test_crafted_headers_are_refused_in_one_line(tmp_path, skeleton, header):
     """A header holding any JSON (tags pointing nowhere, tags with other keys, items that are not pairs) or any text."""
     path = tmp_path / "crafted.pt"
     data = bytearray(state_bytes({"w": torch.ones(2)}, "deepscope-checkpoint", {"task": "classify"}))
     size = struct.unpack("<Q", data[:8])[0]
-    metadata = {"__metadata__": {"format": "deepscope-checkpoint", "task": "classify", STATE_KEY: json.dumps(skeleton), **header}}
+    metadata = {
+        "__metadata__": {
+            "format": "deepscope-checkpoint",
+            "task": "classify",
+            STATE_KEY: json.dumps(skeleton),
+            **header,
+        }
+    }
     tensors = json.loads(data[8 : 8 + size])
     tensors.pop("__metadata__")
     text = json.dumps({**metadata, **tensors}).encode()

@@ -34,18 +34,25 @@ from PIL import Image
 
 from deepscope.data.classification.dataset import FileImageSet, load_classification
 from deepscope.data.denoise.dataset import find_denoise_files, load_split
-from deepscope.data.segmentation.label_checks import label_warnings
 from deepscope.data.io.images import probe_image, read_image
+from deepscope.data.io.volumes import read_volume
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.data.segmentation.dataset import find_items, load_items
-from deepscope.data.io.volumes import read_volume
+from deepscope.data.segmentation.label_checks import label_warnings
 from deepscope.errors import DataError, DeepscopeError
 
 T = TypeVar("T")
 
-FUZZ = settings(max_examples=80, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-MAX_MESSAGE = 600  # characters an error line may hold besides the paths it names: enough to explain, too few to echo a file
+FUZZ = settings(
+    max_examples=80,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+MAX_MESSAGE = (
+    600  # characters an error line may hold besides the paths it names: enough to explain, too few to echo a file
+)
 
 # ---------------------------------------------------------------------------------------------------- the contract
 
@@ -97,15 +104,31 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header states ``width`` x ``height`` grey pixels but whose data holds a few bytes."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 8)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 8))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def tiff_header(width: int, height: int) -> bytes:
     """A little-endian TIFF of one deflated 8-bit strip stating ``width`` x ``height`` pixels, holding 64 bytes."""
-    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 8), (277, 3, 1),
-            (278, 4, height), (279, 4, 64)]
-    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, 1, value, 0)
-                       for tag, kind, value in tags)
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 8),
+        (262, 3, 1),
+        (273, 4, 8),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, 64),
+    ]
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, 1, value) if kind == 4 else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        for tag, kind, value in tags
+    )
     return b"II*\0" + struct.pack("<I", 72) + b"\0" * 64 + struct.pack("<H", len(tags)) + entries + b"\0" * 4
 
 
@@ -188,8 +211,19 @@ def mutate(data: bytes, draw: st.DrawFn) -> bytes:
     return bytes(out)
 
 
-DTYPES = [np.uint8, np.uint16, np.int8, np.int32, np.int64, np.uint64, np.float16, np.float32, np.float64, np.bool_,
-          np.complex64]
+DTYPES = [
+    np.uint8,
+    np.uint16,
+    np.int8,
+    np.int32,
+    np.int64,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.bool_,
+    np.complex64,
+]
 
 
 def any_array(max_dims: int = 4) -> st.SearchStrategy[np.ndarray]:
@@ -220,19 +254,60 @@ def image_file(draw: st.DrawFn) -> bytes:
 # ----------------------------------------------------------------------------------------------------- junk values
 
 # text that parsers of numbers, names and markup trip on
-NASTY_TEXT = ["", " ", "nan", "NaN", "inf", "-inf", "1e400", "-5", "0", "1.5", "99999999999999999999999999", "١٢",
-              "a\nb", "tab\there", "\u2028", "名前", "x" * 5000, "<x>", "&amp;", "0x10", "1_0", "+3", "None", "true"]
+NASTY_TEXT = [
+    "",
+    " ",
+    "nan",
+    "NaN",
+    "inf",
+    "-inf",
+    "1e400",
+    "-5",
+    "0",
+    "1.5",
+    "99999999999999999999999999",
+    "١٢",
+    "a\nb",
+    "tab\there",
+    "\u2028",
+    "名前",
+    "x" * 5000,
+    "<x>",
+    "&amp;",
+    "0x10",
+    "1_0",
+    "+3",
+    "None",
+    "true",
+]
 # values a JSON field may hold instead of the right one
 JUNK = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.sampled_from([10**400, -(10**400)]),
-              st.text(max_size=8), st.sampled_from(NASTY_TEXT)),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["id", "name", "bbox", "x", ""]), inner, max_size=3),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(),
+        st.sampled_from([10**400, -(10**400)]),
+        st.text(max_size=8),
+        st.sampled_from(NASTY_TEXT),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["id", "name", "bbox", "x", ""]), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 
 
 # a YAML flow mapping of lists a..i, each holding the one before nine times: *i is a list of 9**9 items
-BOMB = "{" + ", ".join([f"a: &a [{', '.join('x' * 9)}]"] + [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]) + "}"
+BOMB = (
+    "{"
+    + ", ".join(
+        [f"a: &a [{', '.join('x' * 9)}]"]
+        + [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    )
+    + "}"
+)
 
 
 def edit_json(doc: Any, draw: st.DrawFn) -> Any:
@@ -301,7 +376,9 @@ def test_pickled_arrays_are_never_unpickled(tmp_path: Path) -> None:
     pickle.loads(pickle.dumps(Marker(str(tmp_path / "probe"))))
     assert (tmp_path / "probe").exists()  # the payload works: unpickling it writes a file
     np.savez(tmp_path / "volume.npz", raw=payload)
-    np.savez(tmp_path / "classes.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.array([0, 1]), class_names=payload)
+    np.savez(
+        tmp_path / "classes.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.array([0, 1]), class_names=payload
+    )
     with pytest.raises(DataError, match="volume.npz: .*allow_pickle"):
         read_volume(tmp_path / "volume.npz")
     with pytest.raises(DataError, match="classes.npz: .*allow_pickle"):
@@ -323,18 +400,24 @@ def almost_valid_pair(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
 
 
 @FUZZ
-@given(almost_valid_pair(), st.sampled_from([*PICTURES, "npz", "h5"]), st.sampled_from(["png", "tif", "npz", "h5"]),
-       st.booleans())
-def test_segmentation_pairs_of_any_dtype_and_shape(pair: tuple[np.ndarray, np.ndarray], image_fmt: str, label_fmt: str,
-                                                   semantic: bool) -> None:
+@given(
+    almost_valid_pair(),
+    st.sampled_from([*PICTURES, "npz", "h5"]),
+    st.sampled_from(["png", "tif", "npz", "h5"]),
+    st.booleans(),
+)
+def test_segmentation_pairs_of_any_dtype_and_shape(
+    pair: tuple[np.ndarray, np.ndarray], image_fmt: str, label_fmt: str, semantic: bool
+) -> None:
     image, labels = pair
     with scratch() as folder:
         for sub, array, fmt in (("images", image, image_fmt), ("masks", labels, label_fmt)):
             (folder / sub).mkdir()
             (folder / sub / f"a.{fmt}").write_bytes(encode(array, fmt))
         entries = refused_or_read(lambda: find_items(folder, "raw", "label"), folder, str(folder))
-        items = entries and refused_or_read(lambda: load_items(entries["all"], None, 1.0, 99.8, not semantic), folder,
-                                            str(folder))
+        items = entries and refused_or_read(
+            lambda: load_items(entries["all"], None, 1.0, 99.8, not semantic), folder, str(folder)
+        )
         for item in items or []:
             assert np.issubdtype(item.labels.dtype, np.integer) and 0 not in item.labels.shape
             assert np.isfinite(item.image[(slice(None),) * item.image.ndim]).all()
@@ -368,7 +451,9 @@ ZARR_JUNK = [None, -1, 2**70, "x" * 300, [], {}, [3, "a"], "object", {"name": "n
 
 @FUZZ
 @given(container(), st.data())
-def test_containers_with_missing_keys_and_junk_metadata(made: tuple[str, dict[str, np.ndarray]], data: st.DataObject) -> None:
+def test_containers_with_missing_keys_and_junk_metadata(
+    made: tuple[str, dict[str, np.ndarray]], data: st.DataObject
+) -> None:
     fmt, arrays = made
     with scratch() as folder:
         path = folder / f"cells.{fmt}"
@@ -376,8 +461,9 @@ def test_containers_with_missing_keys_and_junk_metadata(made: tuple[str, dict[st
         if fmt == "zarr" and data.draw(st.booleans()):  # junk in one array's metadata, or random bytes for it
             meta = max(path.rglob("zarr.json"))
             doc = json.loads(meta.read_text())
-            doc[data.draw(st.sampled_from(["shape", "data_type", "codecs", "chunk_grid", "fill_value", "node_type"]))] = (
-                data.draw(st.sampled_from(ZARR_JUNK)))
+            doc[
+                data.draw(st.sampled_from(["shape", "data_type", "codecs", "chunk_grid", "fill_value", "node_type"]))
+            ] = data.draw(st.sampled_from(ZARR_JUNK))
             meta.write_bytes(data.draw(st.sampled_from([json.dumps(doc).encode(), data.draw(st.binary(max_size=40))])))
         entries = refused_or_read(lambda: find_items(path, "raw", "label"), folder, str(path))
         items = entries and refused_or_read(lambda: load_items(entries["all"], None, 1.0, 99.8), folder, str(path))
@@ -386,7 +472,9 @@ def test_containers_with_missing_keys_and_junk_metadata(made: tuple[str, dict[st
             assert np.isfinite(item.image[(slice(None),) * item.image.ndim]).all()
 
 
-@pytest.mark.parametrize("field", ["shape", "data_type", "codecs", "chunk_grid", "fill_value", "node_type", "zarr_format"])
+@pytest.mark.parametrize(
+    "field", ["shape", "data_type", "codecs", "chunk_grid", "fill_value", "node_type", "zarr_format"]
+)
 def test_zarr_arrays_with_junk_metadata(tmp_path: Path, field: str) -> None:
     """Every junk value in every field: a fill value of 2**70 raised OverflowError, which no fuzzed example had drawn."""
     path = tmp_path / "cells.zarr"
@@ -413,9 +501,13 @@ def test_denoising_pairs_of_any_dtype_and_shape(noisy: np.ndarray, clean: np.nda
 
 
 @FUZZ
-@given(st.one_of(any_array(), hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=3, max_side=6),
-                                         elements=st.integers(0, 3))),
-       st.sampled_from(["tif", "npz", "h5"]))
+@given(
+    st.one_of(
+        any_array(),
+        hnp.arrays(np.uint8, hnp.array_shapes(min_dims=2, max_dims=3, max_side=6), elements=st.integers(0, 3)),
+    ),
+    st.sampled_from(["tif", "npz", "h5"]),
+)
 def test_sparse_label_files_of_any_dtype_and_shape(labels: np.ndarray, fmt: str) -> None:
     with scratch() as folder:
         path = folder / f"labels.{fmt}"
@@ -425,8 +517,16 @@ def test_sparse_label_files_of_any_dtype_and_shape(labels: np.ndarray, fmt: str)
 
 
 @settings(FUZZ, max_examples=160)  # in memory: cheap
-@given(st.one_of(any_array(), hnp.arrays(np.uint64, hnp.array_shapes(min_dims=2, max_dims=3, max_side=6),
-                                         elements=st.sampled_from([0, 1, 2, 2**63 + 5, 2**64 - 1]))))
+@given(
+    st.one_of(
+        any_array(),
+        hnp.arrays(
+            np.uint64,
+            hnp.array_shapes(min_dims=2, max_dims=3, max_side=6),
+            elements=st.sampled_from([0, 1, 2, 2**63 + 5, 2**64 - 1]),
+        ),
+    )
+)
 def test_label_checks_of_any_dtype_shape_and_ids(labels: np.ndarray) -> None:
     with scratch() as folder:
         found = refused_or_read(lambda: label_warnings(labels, "cells.tif"), folder, "cells.tif")
@@ -438,15 +538,22 @@ def test_label_checks_of_any_dtype_shape_and_ids(labels: np.ndarray) -> None:
 def npz_data_set(draw: st.DrawFn) -> dict[str, np.ndarray]:
     """x_train/y_train (maybe x_test/y_test, class_names) that would load, with some arrays of any dtype and shape."""
     n = draw(st.integers(2, 6))
-    arrays = {"x_train": draw(hnp.arrays(np.uint8, (n, 4, 4))),
-              "y_train": draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, 2)))}
+    arrays = {
+        "x_train": draw(hnp.arrays(np.uint8, (n, 4, 4))),
+        "y_train": draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, 2))),
+    }
     if draw(st.booleans()):
         arrays.update(x_test=arrays["x_train"][:2], y_test=arrays["y_train"][:2])
     if draw(st.booleans()):
         arrays["class_names"] = np.array(["a", "b", "c"])
     for key in draw(st.lists(st.sampled_from(["x_train", "y_train", "x_test", "y_test", "class_names"]), max_size=2)):
-        arrays[key] = draw(st.one_of(any_array(), hnp.arrays(np.int64, (n,), elements=st.sampled_from([-1, 0, 1, 10**12])),
-                                     hnp.arrays(hnp.unicode_string_dtypes(), hnp.array_shapes(min_dims=0, max_dims=2))))
+        arrays[key] = draw(
+            st.one_of(
+                any_array(),
+                hnp.arrays(np.int64, (n,), elements=st.sampled_from([-1, 0, 1, 10**12])),
+                hnp.arrays(hnp.unicode_string_dtypes(), hnp.array_shapes(min_dims=0, max_dims=2)),
+            )
+        )
     return arrays
 
 
@@ -457,8 +564,10 @@ def test_classification_npz_of_any_dtype_and_shape(arrays: dict[str, np.ndarray]
         path = folder / "data.npz"
         np.savez(path, **arrays)
         data = refused_or_read(lambda: load_classification(path), folder, str(path))
-        for split in (data.splits.values() if data else []):
-            assert split.images.dtype in (np.uint8, np.uint16) and split.images.ndim == 4 and 0 not in split.images.shape
+        for split in data.splits.values() if data else []:
+            assert (
+                split.images.dtype in (np.uint8, np.uint16) and split.images.ndim == 4 and 0 not in split.images.shape
+            )
             assert split.labels.min() >= 0 and split.labels.max() < len(data.class_names)
 
 

@@ -98,12 +98,25 @@ def test_evaluate_instances_sums_counts_over_images():
     single[1:4, 1:4] = 5
     report = evaluate_instances([("hand", truth, pred), ("single", single, single)])
     assert json.loads(json.dumps(report)) == report
-    assert list(report) == ["thresholds", "mean_score", "voi_split", "voi_merge", "arand", "kaggle_score", "pq", "sq", "rq", "per_image"]
+    assert list(report) == [
+        "thresholds",
+        "mean_score",
+        "voi_split",
+        "voi_merge",
+        "arand",
+        "kaggle_score",
+        "pq",
+        "sq",
+        "rq",
+        "per_image",
+    ]
     keys = ["0.5", "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9"]
     assert list(report["thresholds"]) == keys and len(THRESHOLDS) == 9
     # summed at 0.5: tp 2 + 1, fp 1 + 0, fn 1 + 0 -> score 3/5; averaging the per-image scores would give (0.5 + 1) / 2
     at_half = report["thresholds"]["0.5"]
-    assert at_half == pytest.approx({"tp": 3, "fp": 1, "fn": 1, "precision": 0.75, "recall": 0.75, "f1": 0.75, "score": 0.6})
+    assert at_half == pytest.approx(
+        {"tp": 3, "fp": 1, "fn": 1, "precision": 0.75, "recall": 0.75, "f1": 0.75, "score": 0.6}
+    )
     assert report["thresholds"]["0.7"]["score"] == pytest.approx(2 / 6)
     assert report["mean_score"] == pytest.approx(np.mean([report["thresholds"][k]["score"] for k in keys]))
     assert report["mean_score"] == pytest.approx((3 * 0.6 + 6 * 2 / 6) / 9)
@@ -141,7 +154,11 @@ def test_voi_and_arand_match_skimage():
 @pytest.mark.parametrize(
     ("truth", "pred", "message"),
     [
-        (np.zeros((4, 4), int), np.zeros((4, 5), int), r"img7: truth has shape \(4, 4\) but prediction has shape \(4, 5\)"),
+        (
+            np.zeros((4, 4), int),
+            np.zeros((4, 5), int),
+            r"img7: truth has shape \(4, 4\) but prediction has shape \(4, 5\)",
+        ),
         (np.zeros((4, 4), int), np.zeros((4, 4), np.float32), "img7: labels must be integers, got float32"),
         (np.zeros((4, 4), bool), np.zeros((4, 4), int), "img7: labels must be integers, got bool"),
         (np.zeros((4, 4), int), np.full((4, 4), -1), "img7: labels must not be negative"),
@@ -207,8 +224,8 @@ def shifted_squares() -> tuple[np.ndarray, np.ndarray]:
     truth = np.zeros((12, 60), dtype=np.uint16)
     pred = np.zeros_like(truth)
     for k in range(4):
-        truth[1:11, 15 * k:15 * k + 10] = k + 1
-        pred[1:11, 15 * k + k:15 * k + k + 10] = 10 + k
+        truth[1:11, 15 * k : 15 * k + 10] = k + 1
+        pred[1:11, 15 * k + k : 15 * k + k + 10] = 10 + k
     return truth, pred
 
 
@@ -232,7 +249,11 @@ def test_kaggle_and_panoptic_need_iou_above_the_threshold():
     # match_counts accepts IoU >= 0.6 (StarDist), Kaggle only IoU > 0.6: 2 matches at 0.5 and 0.55, then 1
     assert record["thresholds"]["0.6"]["tp"] == 2
     assert record["kaggle"] == pytest.approx((2 * 2 / 4 + 8 * 1 / 5) / 10)
-    assert record["sq"] == pytest.approx(0.8) and record["rq"] == pytest.approx(2 / 3) and record["pq"] == pytest.approx(0.8 * 2 / 3)
+    assert (
+        record["sq"] == pytest.approx(0.8)
+        and record["rq"] == pytest.approx(2 / 3)
+        and record["pq"] == pytest.approx(0.8 * 2 / 3)
+    )
     # IoU exactly 0.5 (a 2x4 truth, its left half predicted) is a match for score@0.5, not for PQ or Kaggle
     half_truth = np.zeros((2, 4), dtype=np.uint8)
     half_truth[:] = 1
@@ -262,7 +283,7 @@ def test_kaggle_is_a_mean_over_images_and_panoptic_quality_is_pooled():
     single[1:4, 1:4] = 1
     crowd = np.zeros((20, 40), dtype=np.int32)
     for i in range(20):
-        crowd[(i // 10) * 10 + 1:(i // 10) * 10 + 8, (i % 10) * 4:(i % 10) * 4 + 3] = i + 1
+        crowd[(i // 10) * 10 + 1 : (i // 10) * 10 + 8, (i % 10) * 4 : (i % 10) * 4 + 3] = i + 1
     report = evaluate_instances([("single", single, single), ("crowd", crowd, np.zeros_like(crowd))])
     assert [r["kaggle"] for r in report["per_image"]] == [1.0, 0.0]
     assert report["kaggle_score"] == 0.5  # every image weighs the same

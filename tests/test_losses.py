@@ -74,7 +74,9 @@ def test_bce_matches_torch_and_survives_full_mask():
     torch.manual_seed(0)
     logits, target = torch.randn(2, 3, 5, 5), (torch.rand(2, 3, 5, 5) > 0.3).float()
     assert bce_loss(logits, target) == pytest.approx(float(F.binary_cross_entropy_with_logits(logits, target)))
-    expected = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor([1.0, 2.0, 5.0]).view(3, 1, 1))
+    expected = F.binary_cross_entropy_with_logits(
+        logits, target, pos_weight=torch.tensor([1.0, 2.0, 5.0]).view(3, 1, 1)
+    )
     assert bce_loss(logits, target, pos_weight=[1.0, 2.0, 5.0]) == pytest.approx(float(expected))
     logits.requires_grad_(True)
     loss = bce_loss(logits, target, torch.zeros(2, 1, 5, 5))

@@ -11,10 +11,17 @@ from PIL import Image
 from skimage.color import hed_from_rgb, rgb_from_hed
 from skimage.draw import disk
 
-from deepscope.data.segmentation.label_checks import label_warnings
-from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
 from deepscope.data.io.views import Normalized, input_view, normalized, percentiles
-from deepscope.data.segmentation.dataset import PatchDataset, SegItem, balanced_weights, find_items, image_groups, load_items
+from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
+from deepscope.data.segmentation.dataset import (
+    PatchDataset,
+    SegItem,
+    balanced_weights,
+    find_items,
+    image_groups,
+    load_items,
+)
+from deepscope.data.segmentation.label_checks import label_warnings
 from deepscope.data.segmentation.pairs import PatchSampler
 from deepscope.errors import DataError, DeepscopeError
 
@@ -25,7 +32,9 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def nuclei(shape: tuple[int, int] = (32, 40), background: int = 20, nucleus: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def nuclei(
+    shape: tuple[int, int] = (32, 40), background: int = 20, nucleus: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """A grey uint8 image of three discs (about 20% of the pixels) and their instance labels."""
     labels = np.zeros(shape, np.uint16)
     for i, centre in enumerate([(8, 8), (20, 24), (10, 30)], start=1):
@@ -74,7 +83,10 @@ def test_load_items_and_input_view_thread_invert(tmp_path):
         Image.fromarray(image).save(tmp_path / "train" / "images" / f"{name}.png")
         tifffile.imwrite(tmp_path / "train" / "masks" / f"{name}.tif", labels)
     entries = find_items(tmp_path, "raw", "label")["train"]
-    assert {i.name: i.inverted for i in load_items(entries, None, 1, 99.8, invert="auto")} == {"brightfield": True, "fluo": False}
+    assert {i.name: i.inverted for i in load_items(entries, None, 1, 99.8, invert="auto")} == {
+        "brightfield": True,
+        "fluo": False,
+    }
     assert not any(i.inverted for i in load_items(entries, None, 1, 99.8))  # default: as before
 
     image, _ = nuclei(background=220, nucleus=60)
@@ -191,7 +203,9 @@ def test_intensity_options_compose_with_scale_jitter():
     moved, labels, mask = augment_pair(image, target, SegAugmentConfig(**geometry), gen(5))
     out, labels2, mask2 = augment_pair(image, target, SegAugmentConfig(**geometry, invert=1.0), gen(5))
     assert torch.equal(out, 1 - moved) and torch.equal(labels, labels2) and torch.equal(mask, mask2)
-    everything = augment_pair(image, target, SegAugmentConfig(**geometry, **MODALITY, gamma=0.2, noise_std=0.02), gen(5))
+    everything = augment_pair(
+        image, target, SegAugmentConfig(**geometry, **MODALITY, gamma=0.2, noise_std=0.02), gen(5)
+    )
     assert torch.equal(everything[1], labels) and torch.isfinite(everything[0]).all()
 
 
@@ -261,7 +275,10 @@ def test_auto_groups_by_colour_and_background():
     bright, _ = nuclei(background=220, nucleus=60)
     tinted = np.stack([bright, bright // 2, bright // 3], -1)
     grey_as_rgb = np.repeat(dark[..., None], 3, -1)
-    items = [item(x, labels, invert="auto") for x in (dark, bright, tinted, grey_as_rgb, np.stack([dark, dark // 2, dark], -1))]
+    items = [
+        item(x, labels, invert="auto")
+        for x in (dark, bright, tinted, grey_as_rgb, np.stack([dark, dark // 2, dark], -1))
+    ]
     assert image_groups(items, "auto") == ["grey-dark", "grey-bright", "colour-bright", "grey-dark", "colour-dark"]
 
 

@@ -40,15 +40,32 @@ def nuclei(tmp_path_factory):
         for i, (image, labels) in enumerate(pairs):
             tifffile.imwrite(root / split / "images" / f"n{i}.tif", image)
             tifffile.imwrite(root / split / "truth" / f"n{i}.tif", labels)
-            tifffile.imwrite(root / split / "scribbles" / f"n{i}.tif", sample_scribbles(dense_classes(labels, foreground=True), 0.005, rng=rng))
+            tifffile.imwrite(
+                root / split / "scribbles" / f"n{i}.tif",
+                sample_scribbles(dense_classes(labels, foreground=True), 0.005, rng=rng),
+            )
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(nuclei, tmp_path_factory):
     out = tmp_path_factory.mktemp("pixel-run")
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(nuclei / "train" / "scribbles"),
-                 "--out", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(nuclei / "train" / "scribbles"),
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -83,24 +100,77 @@ def test_class_names_may_skip_unlabelled_class_numbers(nuclei, tmp_path, capsys)
     labels = tmp_path / "labels"
     labels.mkdir()
     for path in (nuclei / "train" / "scribbles").glob("*.tif"):  # classes 1 and 3: class 2 never painted
-        tifffile.imwrite(labels / path.name, np.where(tifffile.imread(path) == 2, 3, tifffile.imread(path)).astype(np.uint8))
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(labels),
-                 "--out", str(tmp_path / "run"), "--no-predict", *FAST]) == 0
+        tifffile.imwrite(
+            labels / path.name, np.where(tifffile.imread(path) == 2, 3, tifffile.imread(path)).astype(np.uint8)
+        )
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-predict",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert "oob_accuracy" in last_json(capsys)
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(labels),
-                 "--out", str(tmp_path / "run"), "--no-predict", "--set", "class_names=[bg, nucleus]", *FAST]) == 2
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "run"),
+                "--no-predict",
+                "--set",
+                "class_names=[bg, nucleus]",
+                *FAST,
+            ]
+        )
+        == 2
+    )
     assert "class_names lists 2 names but labels go up to class 3" in capsys.readouterr().err
 
 
 def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, capsys):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["features_from_cache"] == 0 and metrics["features"] == 2 * 3 + 2 * 3 * 2
-    assert (trained / "classifier.safetensors").is_file() and (trained / "config.yaml").is_file() and (trained / "report.html").is_file()
+    assert (
+        (trained / "classifier.safetensors").is_file()
+        and (trained / "config.yaml").is_file()
+        and (trained / "report.html").is_file()
+    )
     for i in range(3):  # predictions of the labelled images: class 2 (nuclei) where the truth has nuclei
         pred = tifffile.imread(trained / "predictions" / f"n{i}_classes.tif")
         assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / f"n{i}.tif") > 0) > 0.8
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(nuclei / "train" / "scribbles"),
-                 "--out", str(trained), "--no-predict", *FAST]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(nuclei / "train" / "scribbles"),
+                "--out",
+                str(trained),
+                "--no-predict",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     again = last_json(capsys)
     assert again["features_from_cache"] == 3 and again["labelled_pixels"] == metrics["labelled_pixels"]
     assert again["oob_accuracy"] == metrics["oob_accuracy"]  # same pixels, same seed: the same forest
@@ -108,7 +178,26 @@ def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, cap
 
 def test_predict_new_images_tiled_equals_whole_and_gives_instances(trained, nuclei, tmp_path, capsys):
     classifier, images = str(trained / "classifier.safetensors"), str(nuclei / "test" / "images")
-    assert main(["pixel", "predict", classifier, images, "--out", str(tmp_path / "whole"), "--instances", "--seeds", "maxima", "--min-distance", "4", "--min-size", "10"]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "predict",
+                classifier,
+                images,
+                "--out",
+                str(tmp_path / "whole"),
+                "--instances",
+                "--seeds",
+                "maxima",
+                "--min-distance",
+                "4",
+                "--min-size",
+                "10",
+            ]
+        )
+        == 0
+    )
     records = last_json(capsys)["outputs"]
     assert main(["pixel", "predict", classifier, images, "--out", str(tmp_path / "tiled"), "--tile", "40", "40"]) == 0
     for i in range(2):
@@ -127,11 +216,16 @@ def test_predict_new_images_tiled_equals_whole_and_gives_instances(trained, nucl
 def test_predict_refuses_images_the_classifier_was_not_trained_for(trained, tmp_path, capsys):
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((32, 32, 3), np.uint8))
-    assert main(["pixel", "predict", str(trained / "classifier.safetensors"), str(rgb), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["pixel", "predict", str(trained / "classifier.safetensors"), str(rgb), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "rgb.tif: image has 3 channels but the model takes 1" in capsys.readouterr().err
     volume = tmp_path / "vol.tif"
     tifffile.imwrite(volume, np.zeros((8, 32, 32), np.uint8))
-    assert main(["pixel", "predict", str(trained / "classifier.safetensors"), str(volume), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["pixel", "predict", str(trained / "classifier.safetensors"), str(volume), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "vol.tif: 3D volume" in capsys.readouterr().err
 
 
@@ -142,8 +236,11 @@ def test_classifier_whose_features_do_not_match_its_forest_is_refused(trained, n
     (tmp_path / "junk.safetensors").write_bytes(b"not a classifier")
     (tmp_path / "old.pkl").write_bytes(pickle.dumps({"format": FORMAT}))  # what deepscope 0.1 saved
     image = str(nuclei / "test" / "images" / "n0.tif")
-    for bad, message in (("bad.safetensors", "does not match the forest"), ("junk.safetensors", "not a usable pixel classifier"),
-                         ("old.pkl", "is a pickle, which could run code when opened and is refused")):
+    for bad, message in (
+        ("bad.safetensors", "does not match the forest"),
+        ("junk.safetensors", "not a usable pixel classifier"),
+        ("old.pkl", "is a pickle, which could run code when opened and is refused"),
+    ):
         assert main(["pixel", "predict", str(tmp_path / bad), image, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert f"{bad}: " in err and message in err and len(err.strip().splitlines()) == 1
@@ -165,14 +262,41 @@ def test_train_refuses_bad_labels_naming_the_file(nuclei, tmp_path, capsys, case
     else:
         tifffile.imwrite(labels / "n0.tif", np.ones((96, 96), np.float32))
         expected = "n0.tif: labels must be integers"
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(labels),
-                 "--out", str(tmp_path / "run"), *FAST]) == 2
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(labels),
+                "--out",
+                str(tmp_path / "run"),
+                *FAST,
+            ]
+        )
+        == 2
+    )
     assert expected in capsys.readouterr().err
 
 
 def test_scribbles_command_samples_from_dense_instance_labels(nuclei, tmp_path, capsys):
-    assert main(["pixel", "scribbles", str(nuclei / "test" / "truth"), "--out", str(tmp_path), "--foreground",
-                 "--fraction", "0.002"]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "scribbles",
+                str(nuclei / "test" / "truth"),
+                "--out",
+                str(tmp_path),
+                "--foreground",
+                "--fraction",
+                "0.002",
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert result["files"] == 2 and abs(result["fraction"] - 0.002) < 0.0005
     sparse = tifffile.imread(tmp_path / "n0.tif")
@@ -181,16 +305,49 @@ def test_scribbles_command_samples_from_dense_instance_labels(nuclei, tmp_path, 
 
 
 def test_shallow_to_deep_trains_a_unet_on_forest_labels(trained, nuclei, tmp_path, capsys):
-    assert main(["pixel", "deep", str(trained / "classifier.safetensors"), str(nuclei / "test" / "images"), str(nuclei / "train" / "images"),
-                 "--out", str(tmp_path), "--epochs", "2", "--min-confidence", "0.8", "--device", "cpu",
-                 "--set", "patch_shape=[64,64]", "--set", "patches_per_epoch=16", "--set", "model_args={features: 8, depth: 2}"]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "deep",
+                str(trained / "classifier.safetensors"),
+                str(nuclei / "test" / "images"),
+                str(nuclei / "train" / "images"),
+                "--out",
+                str(tmp_path),
+                "--epochs",
+                "2",
+                "--min-confidence",
+                "0.8",
+                "--device",
+                "cpu",
+                "--set",
+                "patch_shape=[64,64]",
+                "--set",
+                "patches_per_epoch=16",
+                "--set",
+                "model_args={features: 8, depth: 2}",
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert result["pseudo_labelled_images"] == 5 and 0 < result["ignored_fraction"] < 0.5
     mask = tifffile.imread(tmp_path / "pseudo" / "masks" / "n0.tif")
     assert set(np.unique(mask)) <= {0, 1, 255}
     assert (tmp_path / "unet" / "best.pt").is_file()
-    assert main(["predict", str(tmp_path / "unet" / "best.pt"), str(nuclei / "test" / "images" / "n1.tif"),
-                 "--out", str(tmp_path / "unet-pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "unet" / "best.pt"),
+                str(nuclei / "test" / "images" / "n1.tif"),
+                "--out",
+                str(tmp_path / "unet-pred"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_demo_pixel_counts_the_coins(tmp_path, capsys):
@@ -203,8 +360,24 @@ def test_demo_pixel_counts_the_coins(tmp_path, capsys):
 @pytest.mark.parametrize("setting", ["cache=off", "cache='off'"])  # YAML reads a bare off as false
 def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_path, capsys, monkeypatch, setting):
     monkeypatch.chdir(tmp_path)
-    assert main(["pixel", "train", "--images", str(nuclei / "train" / "images"), "--labels", str(nuclei / "train" / "scribbles"),
-                 "--out", str(tmp_path), "--set", setting, *FAST]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "train",
+                "--images",
+                str(nuclei / "train" / "images"),
+                "--labels",
+                str(nuclei / "train" / "scribbles"),
+                "--out",
+                str(tmp_path),
+                "--set",
+                setting,
+                *FAST,
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert result["features_from_cache"] == 0 and not list(tmp_path.rglob("*.npy"))  # no cache anywhere, cwd included
     pred = tifffile.imread(tmp_path / "predictions" / "n0_classes.tif")
@@ -213,8 +386,13 @@ def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_pa
 
 def test_labelled_indices_are_the_nonzero_pixels() -> None:
     rng = np.random.default_rng(0)
-    for shape, dtype in (((64, 64), np.uint8), ((13, 7), np.uint8), ((3, 5, 9), np.uint8), ((1,), np.uint8),
-                         ((20, 30), np.uint16)):
+    for shape, dtype in (
+        ((64, 64), np.uint8),
+        ((13, 7), np.uint8),
+        ((3, 5, 9), np.uint8),
+        ((1,), np.uint8),
+        ((20, 30), np.uint16),
+    ):
         labels = np.zeros(shape, dtype)
         painted = rng.random(shape) < 0.05
         labels[painted] = rng.integers(1, 5, int(painted.sum()))

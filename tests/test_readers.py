@@ -7,7 +7,13 @@ import pytest
 import tifffile
 from PIL import Image
 
-from deepscope.data.classification.dataset import FileImageSet, ImageSet, channel_stats, load_classification, stratified_split
+from deepscope.data.classification.dataset import (
+    FileImageSet,
+    ImageSet,
+    channel_stats,
+    load_classification,
+    stratified_split,
+)
 from deepscope.data.io.images import read_image
 from deepscope.errors import DataError
 
@@ -70,7 +76,7 @@ def test_stratified_split_keeps_proportions(npz_data):
     a, b = stratified_split(train, 0.25, seed=3)
     assert len(b) == 30 and len(a) == 90
     assert np.bincount(b.labels).tolist() == [10, 10, 10]
-    a2, b2 = stratified_split(train, 0.25, seed=3)
+    _a2, b2 = stratified_split(train, 0.25, seed=3)
     assert b.sources == b2.sources  # seeded
     assert not set(a.sources) & set(b.sources)
 

@@ -13,10 +13,16 @@ from skimage.segmentation import find_boundaries
 from deepscope.data.io.views import ChannelsFirst, Normalized, percentiles
 from deepscope.data.io.volumes import LazyVolume
 from deepscope.data.segmentation.dataset import PatchDataset, PatchLoader, SegItem
-from deepscope.data.segmentation.targets import batch_boundaries, batch_class_map, batch_target, distance_map, foreground_and_boundaries
+from deepscope.data.segmentation.targets import (
+    batch_boundaries,
+    batch_class_map,
+    batch_target,
+    distance_map,
+    foreground_and_boundaries,
+)
 from deepscope.errors import DataError
-from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.inference.geometry import halo_for
+from deepscope.metrics.semantic import confusion, confusion_scores
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 17), (2, 9, 10, 11)])
@@ -84,7 +90,9 @@ def _item(image, labels, ndim):
 def test_patch_dataset_is_a_function_of_seed_epoch_and_index():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, (40, 40))
-    data = PatchDataset([_item(rng.integers(0, 255, (40, 40)).astype(np.uint8), labels, 2)], (16, 16), 8, channels=1, seed=3)
+    data = PatchDataset(
+        [_item(rng.integers(0, 255, (40, 40)).astype(np.uint8), labels, 2)], (16, 16), 8, channels=1, seed=3
+    )
     first = data[5]
     assert all(torch.equal(a, b) for a, b in zip(first, data[5]))
     data.epoch = 1

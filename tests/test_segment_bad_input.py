@@ -14,8 +14,27 @@ from deepscope.demo.data import write_nuclei
 
 
 def small_run(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "segment", "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "2", "--device", "cpu",
-            "--set", "model_args={features: 4, depth: 2}", "--set", "patch_shape=[32, 32]", "--set", "patches_per_epoch=4", *extra]
+    return [
+        "train",
+        "segment",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--set",
+        "model_args={features: 4, depth: 2}",
+        "--set",
+        "patch_shape=[32, 32]",
+        "--set",
+        "patches_per_epoch=4",
+        *extra,
+    ]
 
 
 def error_of(capsys, argv: list[str]) -> str:
@@ -80,14 +99,29 @@ def test_missing_hdf5_key_in_training_and_prediction(tmp_path, capsys, checkpoin
         f["raw"], f["label"] = np.zeros((32, 32), np.uint8), blob()
     message = error_of(capsys, small_run(folder, tmp_path / "out", "--set", "raw_key=image"))
     assert "a.h5" in message and "no dataset 'image' (found: label, raw)" in message
-    message = error_of(capsys, ["predict", str(checkpoint), str(folder / "a.h5"), "--key", "volume", "--out", str(tmp_path / "p.h5"), "--device", "cpu"])
+    message = error_of(
+        capsys,
+        [
+            "predict",
+            str(checkpoint),
+            str(folder / "a.h5"),
+            "--key",
+            "volume",
+            "--out",
+            str(tmp_path / "p.h5"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert "a.h5" in message and "no dataset 'volume'" in message
 
 
 def test_3d_volume_given_to_a_2d_model(tmp_path, capsys, checkpoint):
     volume = tmp_path / "stack.tif"
     tifffile.imwrite(volume, np.zeros((16, 32, 32), np.uint8))
-    message = error_of(capsys, ["predict", str(checkpoint), str(volume), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    message = error_of(
+        capsys, ["predict", str(checkpoint), str(volume), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert "stack.tif" in message and "3D volume (16, 32, 32) given to a 2D model" in message
 
 
@@ -104,17 +138,37 @@ def test_3d_labels_for_a_2d_patch_shape(tmp_path, capsys):
 def test_tile_smaller_than_twice_the_halo(tmp_path, capsys, checkpoint):
     image = tmp_path / "im.tif"
     tifffile.imwrite(image, np.zeros((40, 40), np.uint8))
-    message = error_of(capsys, ["predict", str(checkpoint), str(image), "--out", str(tmp_path / "o"), "--tile", "16", "--halo", "12", "--device", "cpu"])
+    message = error_of(
+        capsys,
+        [
+            "predict",
+            str(checkpoint),
+            str(image),
+            "--out",
+            str(tmp_path / "o"),
+            "--tile",
+            "16",
+            "--halo",
+            "12",
+            "--device",
+            "cpu",
+        ],
+    )
     assert "tile (16, 16) must be at least twice the halo (12, 12)" in message
 
 
 def test_wrong_channel_count_for_the_model(tmp_path, capsys, checkpoint):
     image = tmp_path / "rgba.tif"
     tifffile.imwrite(image, np.zeros((40, 40, 4), np.uint8))
-    message = error_of(capsys, ["predict", str(checkpoint), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    message = error_of(
+        capsys, ["predict", str(checkpoint), str(image), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    )
     assert "rgba.tif" in message and "4 channels but the model takes 1" in message
 
 
 def test_missing_input_file(tmp_path, capsys, checkpoint):
-    message = error_of(capsys, ["predict", str(checkpoint), str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    message = error_of(
+        capsys,
+        ["predict", str(checkpoint), str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o"), "--device", "cpu"],
+    )
     assert "missing.tif: file not found" in message

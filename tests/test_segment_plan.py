@@ -30,6 +30,7 @@ def timer(calls: list | None = None, step_s: float = 2.0, pixel_s: float = 1e-5)
         if calls is not None:
             calls.append((patch, dict(args), batch))
         return step_s, pixel_s
+
     return measure
 
 
@@ -49,8 +50,14 @@ def test_architecture_follows_object_size_and_image_size():
     assert receptive_field(depth) >= 90 and receptive_field(depth - 1) < 90  # smallest depth seeing 3x the p90 diameter
     assert plan.settings["patch_shape"] == [256, 256]
     assert plan.settings["model_args.features"] == 16 and plan.settings["batch_size"] == 8
-    small = make_plan(SegmentConfig(data="x", max_minutes=20), fp(diameters=(3, 5, 8), smallest=(52, 300)),
-                      Hardware("cuda", "bf16"), 0.0, timer(), 1e7)
+    small = make_plan(
+        SegmentConfig(data="x", max_minutes=20),
+        fp(diameters=(3, 5, 8), smallest=(52, 300)),
+        Hardware("cuda", "bf16"),
+        0.0,
+        timer(),
+        1e7,
+    )
     assert small.settings["patch_shape"] == [48, 64]  # 8 diameters is 64; capped by the smallest image, divisible by 8
     assert small.settings["model_args.depth"] == 3 and small.settings["model_args.features"] == 32
     assert small.settings["batch_size"] == 16
@@ -67,16 +74,28 @@ def test_schedule_fills_the_budget_with_measured_times():
     budget = 20 * 60 - 30.0
     assert 0.8 * budget < used <= budget
     assert epochs * val_s <= 0.15 * budget + 1e-6
-    doubled = make_plan(SegmentConfig(data="x", max_minutes=40), fp(), Hardware("cpu", "float32"), 30.0, timer(step_s=2.0), 4e7)
+    doubled = make_plan(
+        SegmentConfig(data="x", max_minutes=40), fp(), Hardware("cpu", "float32"), 30.0, timer(step_s=2.0), 4e7
+    )
     assert doubled.settings["epochs"] * doubled.settings["patches_per_epoch"] > 1.8 * epochs * patches
 
 
 def test_explicit_settings_are_kept_and_not_timed():
     calls: list = []
     augment = SegAugmentConfig(flip=False)
-    cfg = SegmentConfig(data="x", epochs=3, patches_per_epoch=64, batch_size=2, patch_shape=[64, 64], val_fraction=0.3,
-                        model_args={"features": 8, "depth": 2, "norm": "instance"}, invert="never", balance="none",
-                        augment=augment, dist_scale=4.0)
+    cfg = SegmentConfig(
+        data="x",
+        epochs=3,
+        patches_per_epoch=64,
+        batch_size=2,
+        patch_shape=[64, 64],
+        val_fraction=0.3,
+        model_args={"features": 8, "depth": 2, "norm": "instance"},
+        invert="never",
+        balance="none",
+        augment=augment,
+        dist_scale=4.0,
+    )
     plan = make_plan(cfg, fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
     assert plan.settings == {} and calls == []
     assert any(r.startswith("data:") for r in plan.reasons)
@@ -88,9 +107,18 @@ def test_appearance_mix_plans_inversion_balance_and_stain_augmentation():
     assert plan.settings["invert"] == "auto" and plan.settings["balance"] == "auto"
     augment = plan.settings["augment"]
     assert augment.colour_jitter > 0 and augment.hed_jitter == 0  # inverted H&E is not transmitted light
-    kept = make_plan(SegmentConfig(data="x", max_minutes=20, invert="never"), mixed, Hardware("cpu", "float32"), 0.0, timer(), 1e7)
+    kept = make_plan(
+        SegmentConfig(data="x", max_minutes=20, invert="never"), mixed, Hardware("cpu", "float32"), 0.0, timer(), 1e7
+    )
     assert "invert" not in kept.settings and kept.settings["augment"].hed_jitter > 0
-    uniform = make_plan(SegmentConfig(data="x", max_minutes=20), fp(diameters=(18, 20, 22)), Hardware("cpu", "float32"), 0.0, timer(), 1e7)
+    uniform = make_plan(
+        SegmentConfig(data="x", max_minutes=20),
+        fp(diameters=(18, 20, 22)),
+        Hardware("cpu", "float32"),
+        0.0,
+        timer(),
+        1e7,
+    )
     assert uniform.settings["invert"] == "never" and uniform.settings["balance"] == "none"
     assert uniform.settings["augment"].affine_scale == 0 and uniform.settings["augment"].colour_jitter == 0
 
@@ -99,7 +127,9 @@ def test_given_epochs_without_a_budget_keep_one_pass_over_the_images():
     calls: list = []
     plan = make_plan(SegmentConfig(data="x", epochs=2), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
     assert "patches_per_epoch" not in plan.settings and "epochs" not in plan.settings and calls == []
-    budgeted = make_plan(SegmentConfig(data="x", epochs=2, max_minutes=5), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
+    budgeted = make_plan(
+        SegmentConfig(data="x", epochs=2, max_minutes=5), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7
+    )
     assert "patches_per_epoch" in budgeted.settings and len(calls) == 1
 
 
@@ -115,6 +145,7 @@ def touching_maps(shape=(200, 260), seed=0) -> np.ndarray:
     for i in range(1, 60):
         labels[disk(tuple(rng.integers(8, s - 8) for s in shape), rng.integers(4, 8), shape=shape)] = i
     from deepscope.data.segmentation.targets import foreground_and_boundaries
+
     return foreground_and_boundaries(labels)
 
 

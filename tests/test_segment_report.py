@@ -25,9 +25,9 @@ def squares(shifts: list[int | None], size: int = 8) -> tuple[np.ndarray, np.nda
     truth = np.zeros((size + 2, 12 * len(shifts)), dtype=np.int32)
     pred = np.zeros_like(truth)
     for i, shift in enumerate(shifts):
-        truth[1:size + 1, 12 * i:12 * i + size] = i + 1
+        truth[1 : size + 1, 12 * i : 12 * i + size] = i + 1
         if shift is not None:
-            pred[1:size + 1, 12 * i + shift:12 * i + shift + size] = i + 1
+            pred[1 : size + 1, 12 * i + shift : 12 * i + shift + size] = i + 1
     return truth, pred
 
 
@@ -51,7 +51,17 @@ def test_per_image_section_lists_every_image_worst_first_with_added_columns():
     heading, body = per_image_section(per_image)
     assert heading == "Per image (worst first)"
     header = re.findall(r"<th>(.*?)</th>", body)
-    assert header == ["image", "modality", "objects true", "objects predicted", "score@0.5", "Kaggle", "PQ", "VOI merge", "VOI split"]
+    assert header == [
+        "image",
+        "modality",
+        "objects true",
+        "objects predicted",
+        "score@0.5",
+        "Kaggle",
+        "PQ",
+        "VOI merge",
+        "VOI split",
+    ]
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(<td>.*?)</tr>", body)]
     assert [row[0] for row in rows] == ["none", "half", "shifted", "perfect"]
     # half: 2 true objects, 1 predicted, score 1/2, Kaggle 1/2, PQ = SQ 1 * RQ 1 / (1 + 1/2)
@@ -95,7 +105,11 @@ def test_draw_overlays_adds_the_error_panel_and_the_score(monkeypatch, tmp_path)
     record = image_scores("img", truth, pred)
     monkeypatch.setattr(report, "score_image", lambda *args: (record, np.zeros((2,) + truth.shape), pred))
     drawn = {}
-    monkeypatch.setattr(report, "image_grid", lambda panels, captions, path, columns: drawn.update(panels=panels, captions=captions, columns=columns))
+    monkeypatch.setattr(
+        report,
+        "image_grid",
+        lambda panels, captions, path, columns: drawn.update(panels=panels, captions=captions, columns=columns),
+    )
     config = SimpleNamespace(target="foreground_boundaries", class_values=None, ignore_label=None)
     report.draw_overlays(SimpleNamespace(channels=1), [item], config, tmp_path / "overlays.png")
     assert drawn["columns"] == 5 and len(drawn["panels"]) == 5
@@ -111,11 +125,19 @@ def test_draw_overlays_marks_the_errors_of_the_volume_on_the_middle_slice(monkey
     pred = np.zeros_like(truth)
     pred[2] = truth[2]
     item = SimpleNamespace(name="vol", labels=truth, channels_first=lambda channels: np.zeros((1,) + truth.shape))
-    monkeypatch.setattr(report, "score_image", lambda *args: (image_scores("vol", truth, pred), np.zeros((1,) + truth.shape), pred))
+    monkeypatch.setattr(
+        report, "score_image", lambda *args: (image_scores("vol", truth, pred), np.zeros((1,) + truth.shape), pred)
+    )
     drawn = {}
-    monkeypatch.setattr(report, "image_grid", lambda panels, captions, path, columns: drawn.update(panels=panels, captions=captions))
-    report.draw_overlays(SimpleNamespace(channels=1), [item], SimpleNamespace(target="foreground", class_values=None, ignore_label=None),
-                         tmp_path / "overlays.png")
+    monkeypatch.setattr(
+        report, "image_grid", lambda panels, captions, path, columns: drawn.update(panels=panels, captions=captions)
+    )
+    report.draw_overlays(
+        SimpleNamespace(channels=1),
+        [item],
+        SimpleNamespace(target="foreground", class_values=None, ignore_label=None),
+        tmp_path / "overlays.png",
+    )
     assert drawn["captions"][-1] == "score@0.5 0.00 (1 FN, 1 FP)"
     np.testing.assert_array_equal(drawn["panels"][-1][3, 3], SPURIOUS)
     np.testing.assert_array_equal(drawn["panels"][-1][1, 3], MISSED)

@@ -18,9 +18,35 @@ from deepscope.metrics.instance import image_scores
 
 
 def args(data: Path, out: Path, target: str, epochs: int, *extra: str) -> list[str]:
-    return ["train", "segment", "--data", str(data), "--out", str(out), "--set", f"target={target}", "--epochs", str(epochs),
-            "--batch-size", "8", "--device", "cpu", "--amp", "off", "--lr", "0.005", "--set", "model_args={features: 8, depth: 3}",
-            "--set", "patch_shape=[64, 64]", "--set", "patches_per_epoch=96", "--set", "val_fraction=0.2", *extra]
+    return [
+        "train",
+        "segment",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--set",
+        f"target={target}",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--lr",
+        "0.005",
+        "--set",
+        "model_args={features: 8, depth: 3}",
+        "--set",
+        "patch_shape=[64, 64]",
+        "--set",
+        "patches_per_epoch=96",
+        "--set",
+        "val_fraction=0.2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +81,21 @@ def test_predict_instances_by_blocks_match_the_trainers_scores(flows_run, nuclei
     """instance_block 40 is smaller than the 96-pixel test images, so predict merges blocks; the objects must be those
     the trainer scored on whole images."""
     images = sorted((nuclei / "test" / "images").glob("*.tif"))
-    assert main(["predict", str(flows_run / "best.pt"), *map(str, images), "--out", str(tmp_path / "pred"), "--instances",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(flows_run / "best.pt"),
+                *map(str, images),
+                "--out",
+                str(tmp_path / "pred"),
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     per_image = {r["name"]: r for r in json.loads((flows_run / "metrics.json").read_text())["test"]["per_image"]}
     for image in images:
         pred = tifffile.imread(tmp_path / "pred" / f"{image.stem}_instances.tif")
@@ -68,7 +107,21 @@ def test_predict_instances_by_blocks_match_the_trainers_scores(flows_run, nuclei
 
 def test_vector_targets_refuse_flip_tta(flows_run, nuclei, tmp_path, capsys):
     image = sorted((nuclei / "test" / "images").glob("*.tif"))[0]
-    assert main(["predict", str(flows_run / "best.pt"), str(image), "--out", str(tmp_path / "p"), "--tta", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(flows_run / "best.pt"),
+                str(image),
+                "--out",
+                str(tmp_path / "p"),
+                "--tta",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "flipping would also have to turn" in capsys.readouterr().err
 
 

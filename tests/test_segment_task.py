@@ -26,9 +26,32 @@ def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list
     """A small, quick CPU segmentation run through the CLI (``out`` None: no --out, the caller adds it), in float32 on
     every processor (scores compare with ``evaluate`` and between processes)."""
     where = ["--out", str(out)] if out is not None else []
-    return ["train", "segment", "--data", str(data), *where, "--epochs", str(epochs), "--batch-size", "8",
-            "--device", "cpu", "--amp", "off", "--lr", "0.005", "--set", "model_args={features: 8, depth: 3}", "--set", "patch_shape=[64, 64]",
-            "--set", "patches_per_epoch=64", "--set", "val_fraction=0.2", *extra]
+    return [
+        "train",
+        "segment",
+        "--data",
+        str(data),
+        *where,
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--lr",
+        "0.005",
+        "--set",
+        "model_args={features: 8, depth: 3}",
+        "--set",
+        "patch_shape=[64, 64]",
+        "--set",
+        "patches_per_epoch=64",
+        "--set",
+        "val_fraction=0.2",
+        *extra,
+    ]
 
 
 def last_json(capsys) -> dict:
@@ -61,13 +84,46 @@ def test_training_learns_instances_and_writes_the_run(trained):
 
 def test_evaluate_checkpoint_matches_scoring_its_saved_predictions(trained, nuclei, tmp_path, capsys):
     preds = tmp_path / "pred"
-    assert main(["evaluate", str(trained / "best.pt"), "--data", str(nuclei), "--split", "test", "--save-pred", str(preds),
-                 "--out", str(tmp_path / "eval.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained / "best.pt"),
+                "--data",
+                str(nuclei),
+                "--split",
+                "test",
+                "--save-pred",
+                str(preds),
+                "--out",
+                str(tmp_path / "eval.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     direct = last_json(capsys)
-    assert main(["evaluate", "segment", "--pred", str(preds), "--truth", str(nuclei / "test" / "masks"), "--out", str(tmp_path / "e2.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "segment",
+                "--pred",
+                str(preds),
+                "--truth",
+                str(nuclei / "test" / "masks"),
+                "--out",
+                str(tmp_path / "e2.json"),
+            ]
+        )
+        == 0
+    )
     saved = last_json(capsys)
     assert direct["thresholds"] == saved["thresholds"]
-    assert direct["thresholds"]["0.5"]["score"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test"]["thresholds"]["0.5"]["score"])
+    assert direct["thresholds"]["0.5"]["score"] == pytest.approx(
+        json.loads((trained / "metrics.json").read_text())["test"]["thresholds"]["0.5"]["score"]
+    )
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".zarr", ".tif"])
@@ -78,8 +134,25 @@ def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tm
     source = tmp_path / "big.tif"
     tifffile.imwrite(source, image)
     out = tmp_path / f"pred{suffix}"
-    assert main(["predict", str(trained / "best.pt"), str(source), "--out", str(out), "--tile", "48", "--halo", "8",
-                 "--instances", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "best.pt"),
+                str(source),
+                "--out",
+                str(out),
+                "--tile",
+                "48",
+                "--halo",
+                "8",
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     if suffix == ".h5":
         with h5py.File(out) as f:
             probs, labels = f["probabilities"][...], f["instances"][...]
@@ -89,11 +162,28 @@ def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tm
     else:
         probs, labels = tifffile.imread(out), tifffile.imread(tmp_path / "pred_instances.tif")
     assert probs.shape == (2, 160, 160) and labels.shape == (160, 160)
-    assert 0 <= probs.min() and probs.max() <= 1
+    assert probs.min() >= 0 and probs.max() <= 1
     # one tile for the whole image gives the same instances: tile borders neither cut nor merge objects
     whole = tmp_path / "whole.h5"
-    assert main(["predict", str(trained / "best.pt"), str(source), "--out", str(whole), "--tile", "160", "--halo", "16",
-                 "--instances", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(trained / "best.pt"),
+                str(source),
+                "--out",
+                str(whole),
+                "--tile",
+                "160",
+                "--halo",
+                "16",
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with h5py.File(whole) as f:
         untiled = f["instances"][...]
     agreement = evaluate_instances([("tiled", untiled, labels)])["thresholds"]["0.5"]["score"]
@@ -104,7 +194,12 @@ def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tm
 
 def test_predict_folder_of_images_to_folder(trained, nuclei, tmp_path, capsys):
     out = tmp_path / "preds"
-    assert main(["predict", str(trained / "best.pt"), str(nuclei / "test" / "images"), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            ["predict", str(trained / "best.pt"), str(nuclei / "test" / "images"), "--out", str(out), "--device", "cpu"]
+        )
+        == 0
+    )
     result = last_json(capsys)
     assert result["predictions"] == 4
     assert sorted(p.name for p in out.iterdir())[:1] == ["000_probabilities.tif"]
@@ -113,9 +208,31 @@ def test_predict_folder_of_images_to_folder(trained, nuclei, tmp_path, capsys):
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(nuclei, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(seg_args(nuclei, straight, "--set", "augment.affine_degrees=10", "--set", "augment.noise_std=0.05", epochs=2)) == 0
+    assert (
+        main(
+            seg_args(
+                nuclei, straight, "--set", "augment.affine_degrees=10", "--set", "augment.noise_std=0.05", epochs=2
+            )
+        )
+        == 0
+    )
     # a wall-time limit stops the run part-way through the first epoch; resuming finishes it
-    assert main(seg_args(nuclei, split, "--set", "augment.affine_degrees=10", "--set", "augment.noise_std=0.05", "--max-minutes", "0.002", epochs=2)) == 0
+    assert (
+        main(
+            seg_args(
+                nuclei,
+                split,
+                "--set",
+                "augment.affine_degrees=10",
+                "--set",
+                "augment.noise_std=0.05",
+                "--max-minutes",
+                "0.002",
+                epochs=2,
+            )
+        )
+        == 0
+    )
     first = load_checkpoint(split / "last.pt")
     assert (first["epoch"], first["epoch_complete"]) == (0, False)
     assert main(["train", "segment", "--out", str(split), "--resume", "--max-minutes", "60"]) == 0
@@ -154,9 +271,28 @@ def test_lazy_hdf5_volumes_train_a_3d_model(tmp_path):
         with h5py.File(folder / f"v{i}.h5", "w") as f:
             f["raw"], f["label"] = raw, label
     out = tmp_path / "run3d"
-    args = ["train", "segment", "--data", str(folder), "--out", str(out), "--epochs", "2", "--batch-size", "2", "--device", "cpu",
-            "--set", "model_args={features: 4, depth: 2, pool: [1, 2, 2]}", "--set", "patch_shape=[8, 32, 32]",
-            "--set", "patches_per_epoch=8", "--set", "val_fraction=0.34"]
+    args = [
+        "train",
+        "segment",
+        "--data",
+        str(folder),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--set",
+        "model_args={features: 4, depth: 2, pool: [1, 2, 2]}",
+        "--set",
+        "patch_shape=[8, 32, 32]",
+        "--set",
+        "patches_per_epoch=8",
+        "--set",
+        "val_fraction=0.34",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["val"]["voi_split"]) and metrics["val"]["images"] == 1
@@ -171,9 +307,30 @@ def test_plantseg_nuclei_volume_end_to_end(shared_data, tmp_path):
         (tmp_path / "vol" / split).mkdir(parents=True)
         np.savez(tmp_path / "vol" / split / "nuclei.npz", raw=volume["raw"][part], label=volume["label"][part])
     out = tmp_path / "run"
-    args = ["train", "segment", "--data", str(tmp_path / "vol"), "--out", str(out), "--epochs", "3", "--batch-size", "2",
-            "--device", "cpu", "--lr", "0.005", "--set", "model_args={features: 8, depth: 2}", "--set", "patch_shape=[32, 48, 48]",
-            "--set", "patches_per_epoch=16", "--set", "val_fraction=0"]
+    args = [
+        "train",
+        "segment",
+        "--data",
+        str(tmp_path / "vol"),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--lr",
+        "0.005",
+        "--set",
+        "model_args={features: 8, depth: 2}",
+        "--set",
+        "patch_shape=[32, 48, 48]",
+        "--set",
+        "patches_per_epoch=16",
+        "--set",
+        "val_fraction=0",
+    ]
     assert main(args) == 0
     test = json.loads((out / "metrics.json").read_text())["test"]
     assert test["dice"] > 0.5 and test["arand"] < 0.9
@@ -183,16 +340,42 @@ def test_plantseg_nuclei_volume_end_to_end(shared_data, tmp_path):
 def test_two_gloo_processes_match_one_process(nuclei, tmp_path):
     """Patches depend only on their global index, so two processes with half batches make the same steps as one
     (BCE is a per-pixel mean and GroupNorm is per sample, so averaging the halves' gradients is exact)."""
-    args = seg_args(nuclei, None, "--set", "loss=bce", "--set", "model_args={features: 8, depth: 2, norm: group}",
-                    "--set", "augment={flip: false, rot90: false}", epochs=2)
+    args = seg_args(
+        nuclei,
+        None,
+        "--set",
+        "loss=bce",
+        "--set",
+        "model_args={features: 8, depth: 2, norm: group}",
+        "--set",
+        "augment={flip: false, rot90: false}",
+        epochs=2,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "deepscope"]
-    single = subprocess.run(cli + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        cli + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518", "-m", "deepscope"]
-    double = subprocess.run(launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29518",
+        "-m",
+        "deepscope",
+    ]
+    double = subprocess.run(
+        launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert double.returncode == 0, double.stderr[-3000:]
-    one, two = load_checkpoint(tmp_path / "one" / "last.pt")["model"], load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    one, two = (
+        load_checkpoint(tmp_path / "one" / "last.pt")["model"],
+        load_checkpoint(tmp_path / "two" / "last.pt")["model"],
+    )
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
     m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))

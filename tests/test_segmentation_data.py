@@ -12,12 +12,12 @@ import zarr
 from PIL import Image
 
 from deepscope.cli import build_parser, resolve_train_config
-from deepscope.tasks.pixel.commands import resolve_pixel_config
-from deepscope.data.segmentation.dataset import find_items
 from deepscope.data.io.views import percentile_normalize
 from deepscope.data.io.volumes import open_volume, read_volume
+from deepscope.data.segmentation.dataset import find_items
 from deepscope.data.segmentation.pairs import PatchSampler, check_pair, find_pairs
-from deepscope.errors import DataError, DeepscopeError
+from deepscope.errors import DataError
+from deepscope.tasks.pixel.commands import resolve_pixel_config
 
 
 def blobs(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -94,8 +94,10 @@ def test_find_pairs_with_masks_and_labels_takes_the_chosen_folder(tmp_path):
     (root / "labels").mkdir()
     for stem in ("a", "b"):
         tifffile.imwrite(root / "labels" / f"{stem}.tif", np.ones((8, 10), np.uint8))
-    with pytest.raises(DataError, match="served: both masks/ and labels/ found; choose the label folder with --labels masks or "
-                                        "--labels labels"):
+    with pytest.raises(
+        DataError,
+        match="served: both masks/ and labels/ found; choose the label folder with --labels masks or --labels labels",
+    ):
         find_pairs(root)
     assert {label.parent.name for _, label in find_pairs(root, "labels")["all"]} == {"labels"}
     assert {entry[3].parent.name for entry in find_items(root, "raw", "label", "masks")["all"]} == {"masks"}
@@ -105,7 +107,10 @@ def test_find_pairs_with_masks_and_labels_takes_the_chosen_folder(tmp_path):
 
 def test_labels_flag_is_a_segment_setting_and_pixel_keeps_its_own():
     parser = build_parser()
-    assert resolve_train_config(parser.parse_args(["train", "segment", "--data", "d", "--labels", "masks"])).labels == "masks"
+    assert (
+        resolve_train_config(parser.parse_args(["train", "segment", "--data", "d", "--labels", "masks"])).labels
+        == "masks"
+    )
     assert resolve_train_config(parser.parse_args(["train", "segment", "--data", "d"])).labels is None
     with pytest.raises(SystemExit):  # train classify has no --labels flag
         parser.parse_args(["train", "classify", "--data", "d", "--labels", "masks"])
@@ -241,7 +246,9 @@ class ReadSpy:
         return out
 
 
-def expected_corners(seed: int, n: int, shapes: list[tuple[int, ...]], patch: tuple[int, ...]) -> list[tuple[int, list[int]]]:
+def expected_corners(
+    seed: int, n: int, shapes: list[tuple[int, ...]], patch: tuple[int, ...]
+) -> list[tuple[int, list[int]]]:
     """Replays the sampler's documented draws: a pair weighted by size, then a corner per axis."""
     rng = np.random.default_rng(seed)
     sizes = np.array([np.prod(s, dtype=np.float64) for s in shapes])
@@ -256,7 +263,9 @@ def test_patch_sampler_on_hdf5_matches_numpy_slices(tmp_path):
     raw, label, h5, zr = write_volumes(tmp_path)
     patch = (2, 8, 5)  # anisotropic
     for path in (h5, zr):
-        sampler = PatchSampler([(open_volume(path, "raw"), open_volume(path, "label"))], patch, rng=np.random.default_rng(3))
+        sampler = PatchSampler(
+            [(open_volume(path, "raw"), open_volume(path, "label"))], patch, rng=np.random.default_rng(3)
+        )
         for _, corner in expected_corners(3, 5, [label.shape], patch):
             region = tuple(slice(c, c + p) for c, p in zip(corner, patch))
             image_patch, label_patch = sampler.sample()
@@ -297,13 +306,21 @@ def test_patch_sampler_rejects_low_foreground():
 def test_patch_sampler_gives_up_after_max_tries():
     labels = np.zeros((64, 64), dtype=np.uint16)
     labels[0, 0] = 1  # one pixel: never 10% of a 32x32 patch
-    sampler = PatchSampler([(np.zeros((64, 64)), labels)], (32, 32), min_foreground=0.1, max_tries=50,
-                           rng=np.random.default_rng(0), names=["cells_03.tif"])
+    sampler = PatchSampler(
+        [(np.zeros((64, 64)), labels)],
+        (32, 32),
+        min_foreground=0.1,
+        max_tries=50,
+        rng=np.random.default_rng(0),
+        names=["cells_03.tif"],
+    )
     message = r"no patch of shape \(32, 32\) with at least 10% foreground found in cells_03\.tif after 50 tries"
     with pytest.raises(DataError, match=message):
         sampler.sample()
 
 
 def test_patch_sampler_patch_too_large():
-    with pytest.raises(DataError, match=r"cells\.tif: patch shape \(4, 64, 64\) is larger than the image \(8, 32, 80\)"):
+    with pytest.raises(
+        DataError, match=r"cells\.tif: patch shape \(4, 64, 64\) is larger than the image \(8, 32, 80\)"
+    ):
         PatchSampler([(np.zeros((8, 32, 80)), blobs((8, 32, 80)))], (4, 64, 64), names=["cells.tif"])

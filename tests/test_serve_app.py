@@ -20,7 +20,6 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test cl
     from starlette.testclient import TestClient
 
 from conftest import rgba
-
 from deepscope.cli import build_parser, main
 from deepscope.data.scribbles import read_sparse_labels
 from deepscope.errors import DeepscopeError
@@ -114,8 +113,14 @@ def test_tiles_show_the_pixels_at_the_asked_contrast(client: TestClient, folder:
     assert coarse.shape == (130, 75, 3)
     stack = rgba(client.get("/api/tile?image=stack.tif&level=0&ty=0&tx=0&z=4&contrast=0,255"))
     assert stack.shape == (40, 50, 3)
-    for bad in ("level=1&ty=0&tx=0", "level=0&ty=1&tx=0", "level=0&ty=0&tx=0&contrast=9,1",
-                "level=0&ty=0&tx=0&contrast=0,1;0,1", "level=x&ty=0&tx=0", "level=0&ty=0"):
+    for bad in (
+        "level=1&ty=0&tx=0",
+        "level=0&ty=1&tx=0",
+        "level=0&ty=0&tx=0&contrast=9,1",
+        "level=0&ty=0&tx=0&contrast=0,1;0,1",
+        "level=x&ty=0&tx=0",
+        "level=0&ty=0",
+    ):
         response = client.get(f"/api/tile?image=cells.png&{bad}")
         assert response.status_code == 400 and response.json()["error"], bad
     assert client.get("/api/tile?image=stack.tif&level=0&ty=0&tx=0&z=5").status_code == 400
@@ -195,20 +200,27 @@ def test_predict_and_stack_strokes(client: TestClient, folder: Path) -> None:
 
 
 def test_bad_strokes_are_400_with_a_message(client: TestClient) -> None:
-    cases = [({**LEFT, "label": 7}, "not a class"), ({"radius": 3, "label": 1}, "points"),
-             ({**LEFT, "points": [[500, 500]]}, "beyond"), ({**LEFT, "radius": "big"}, "radius")]
+    cases = [
+        ({**LEFT, "label": 7}, "not a class"),
+        ({"radius": 3, "label": 1}, "points"),
+        ({**LEFT, "points": [[500, 500]]}, "beyond"),
+        ({**LEFT, "radius": "big"}, "radius"),
+    ]
     for body, words in cases:
         response = post(client, "/api/stroke?image=cells.png", body)
         assert response.status_code == 400 and words in response.json()["error"], body
-    response = client.post("/api/stroke?image=cells.png", content=b"{not json", headers={"Content-Type": "application/json"})
+    response = client.post(
+        "/api/stroke?image=cells.png", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 400 and "JSON" in response.json()["error"]
     response = client.post("/api/stroke?image=cells.png", json=[1, 2])
     assert response.status_code == 400
     assert client.get("/api/info?image=cells.png").json()["labels_version"] == 0  # nothing was applied
 
 
-def test_a_label_file_that_cannot_be_written_is_reported_and_written_later(client: TestClient, folder: Path,
-                                                                            full_disk) -> None:
+def test_a_label_file_that_cannot_be_written_is_reported_and_written_later(
+    client: TestClient, folder: Path, full_disk
+) -> None:
     assert post(client, "/api/stroke?image=cells.png", LEFT).status_code == 200
     client.app.state.session.store.flush()
     old = (folder / "labels" / "cells.tif").read_bytes()
@@ -217,7 +229,10 @@ def test_a_label_file_that_cannot_be_written_is_reported_and_written_later(clien
     with pytest.raises(DeepscopeError):
         client.app.state.session.store.flush()
     error = client.get("/api/status?image=cells.png").json()["labels_error"]
-    assert error == "labels/cells.tif: could not write label file (No space left on device); the previous label file is intact"
+    assert (
+        error
+        == "labels/cells.tif: could not write label file (No space left on device); the previous label file is intact"
+    )
     assert (folder / "labels" / "cells.tif").read_bytes() == old
 
     disk.space_back()
@@ -245,7 +260,10 @@ def test_a_stroke_that_cannot_be_journalled_is_a_507(client: TestClient, monkeyp
 def test_a_stroke_whose_project_cannot_be_saved_is_refused_whole(client: TestClient, full_disk) -> None:
     disk = full_disk("deepscope-project.yaml")  # the first stroke of an image records it in the project
     response = post(client, "/api/stroke?image=cells.png", LEFT)
-    assert response.status_code == 507 and "could not write project file (No space left on device)" in response.json()["error"]
+    assert (
+        response.status_code == 507
+        and "could not write project file (No space left on device)" in response.json()["error"]
+    )
     assert client.get("/api/info?image=cells.png").json()["labels_version"] == 0  # refused whole: not painted either
     disk.space_back()
     assert post(client, "/api/stroke?image=cells.png", LEFT).json()["labels_version"] == 1
@@ -254,14 +272,24 @@ def test_a_stroke_whose_project_cannot_be_saved_is_refused_whole(client: TestCli
 def test_project_classes_features_and_classifier(client: TestClient, folder: Path) -> None:
     project = client.get("/api/project").json()
     assert [c["value"] for c in project["classes"]] == [1, 2] and "gaussian" in project["filters"]
-    classes = [{**project["classes"][0], "name": "cytoplasm"}, {**project["classes"][1], "colour": "#00ff00"},
-               {"value": 3, "name": "nucleus", "colour": "#ff0000"}]
+    classes = [
+        {**project["classes"][0], "name": "cytoplasm"},
+        {**project["classes"][1], "colour": "#00ff00"},
+        {"value": 3, "name": "nucleus", "colour": "#ff0000"},
+    ]
     updated = client.put("/api/project", json={"classes": classes}).json()
     assert [(c["value"], c["name"], c["colour"]) for c in updated["classes"]] == [
-        (1, "cytoplasm", "#1f77b4"), (2, "foreground", "#00ff00"), (3, "nucleus", "#ff0000")]
+        (1, "cytoplasm", "#1f77b4"),
+        (2, "foreground", "#00ff00"),
+        (3, "nucleus", "#ff0000"),
+    ]
     assert "nucleus" in (folder / PROJECT_FILE).read_text()
-    for body, words in (({"classes": classes[:2]}, "cannot be removed"), ({"classes": [{**classes[0], "colour": "red"}, *classes[1:]]}, "colour"),
-                        ({"features": {"sharpen": [1.0]}}, "sharpen"), ({"colour": 1}, "unknown")):
+    for body, words in (
+        ({"classes": classes[:2]}, "cannot be removed"),
+        ({"classes": [{**classes[0], "colour": "red"}, *classes[1:]]}, "colour"),
+        ({"features": {"sharpen": [1.0]}}, "sharpen"),
+        ({"colour": 1}, "unknown"),
+    ):
         response = client.put("/api/project", json=body)
         assert response.status_code == 400 and words in response.json()["error"], body
 
@@ -280,7 +308,10 @@ def test_project_classes_features_and_classifier(client: TestClient, folder: Pat
     for given in (folder, folder / PROJECT_FILE, Path(saved["path"])):
         out = folder.parent / f"out-{given.name}"
         assert main(["pixel", "predict", str(given), str(folder / "cells.png"), "--out", str(out)]) == 0
-    by_file, by_project = (tifffile.imread(folder.parent / f"out-{n}" / "cells_classes.tif") for n in ("pixel-classifier.safetensors", "data"))
+    by_file, by_project = (
+        tifffile.imread(folder.parent / f"out-{n}" / "cells_classes.tif")
+        for n in ("pixel-classifier.safetensors", "data")
+    )
     np.testing.assert_array_equal(by_project, by_file)
     assert (by_file[:, :40] == 1).mean() > 0.9 and (by_file[:, 56:] == 2).mean() > 0.9
 
@@ -311,14 +342,20 @@ def test_changes_under_a_token_need_the_page_origin_and_any_token_is_compared_sa
         assert post(client, "/api/undo?image=cells.png", headers={"Origin": "http://127.0.0.1:9999"}).status_code == 403
         assert post(client, "/api/undo?image=cells.png", headers={"Origin": "null"}).status_code == 403
         assert post(client, "/api/undo?image=cells.png", headers=page).status_code == 200
-        assert post(client, "/api/undo?image=cells.png", headers={"Referer": "http://127.0.0.1:8000/?x"}).status_code == 200
+        assert (
+            post(client, "/api/undo?image=cells.png", headers={"Referer": "http://127.0.0.1:8000/?x"}).status_code
+            == 200
+        )
         assert post(client, "/api/undo?image=cells.png", headers={"Referer": "http://evil.example/"}).status_code == 403
         assert client.get("/api/info?image=cells.png").status_code == 200  # reading needs no Origin
         client.cookies.clear()
         # a script given the token may leave Origin out, but not send a foreign one
         script = {"X-Deepscope-Token": "s3cret"}
         assert post(client, "/api/undo?image=cells.png", headers=script).status_code == 200
-        assert post(client, "/api/undo?image=cells.png", headers={**script, "Origin": "http://evil.example"}).status_code == 403
+        assert (
+            post(client, "/api/undo?image=cells.png", headers={**script, "Origin": "http://evil.example"}).status_code
+            == 403
+        )
         # tokens of any characters are refused in constant time, not with a 500
         for bad in ("sécret", "s3cret\u2028", "\U0001f512"):
             assert client.get("/api/images", params={"token": bad}).status_code == 401

@@ -31,10 +31,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                                reason="Chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="Chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)",
+)
 HEIGHT, WIDTH = 120, 180
-READY = "document.body.dataset.ready === '1' && document.body.dataset.pending === '0' && document.body.dataset.busy === '0'"
+READY = (
+    "document.body.dataset.ready === '1' && document.body.dataset.pending === '0' && document.body.dataset.busy === '0'"
+)
 
 
 @pytest.fixture
@@ -54,9 +58,18 @@ def server(tmp_path: Path) -> Iterator[str]:
 def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                     "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,800",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(argument)
     try:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -74,7 +87,9 @@ def wait(driver: webdriver.Chrome, *conditions: str, timeout: float = 60) -> Non
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
     except TimeoutException:
-        state = driver.execute_script("return [JSON.stringify(document.body.dataset), document.getElementById('status').textContent]")
+        state = driver.execute_script(
+            "return [JSON.stringify(document.body.dataset), document.getElementById('status').textContent]"
+        )
         raise AssertionError(f"page never reached {script!r}: {state}") from None
 
 
@@ -92,12 +107,18 @@ def paint(driver: webdriver.Chrome, points: list[tuple[float, float]]) -> None:
 
 def pixels(driver: webdriver.Chrome, layer: str, points: list[tuple[float, float]]) -> np.ndarray:
     """(N, 4) RGBA of a layer canvas at image points (y, x)."""
-    return np.array(driver.execute_script("""
+    return np.array(
+        driver.execute_script(
+            """
         const ctx = document.getElementById('layer-' + arguments[0]).getContext('2d');
         return arguments[1].map(([y, x]) => {
             const [cx, cy] = deepscope.toCanvas(y, x);
             return Array.from(ctx.getImageData(cx, cy, 1, 1).data);
-        });""", layer, [list(p) for p in points]))
+        });""",
+            layer,
+            [list(p) for p in points],
+        )
+    )
 
 
 def rgb(colour: str) -> list[int]:

@@ -34,9 +34,22 @@ def served(tmp_path):
     return ServedFolder(root)
 
 
-@pytest.mark.parametrize("relative", ["../x", "../secret.png", "/etc/passwd", "a/../../x", "labels/../../secret.png",
-                                      ".deepscope", ".deepscope/journal/a.jsonl", "./.deepscope/hidden.tif",
-                                      "a\0.png", "..\\secret.png", ".DeepScope/hidden.tif"])
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "../x",
+        "../secret.png",
+        "/etc/passwd",
+        "a/../../x",
+        "labels/../../secret.png",
+        ".deepscope",
+        ".deepscope/journal/a.jsonl",
+        "./.deepscope/hidden.tif",
+        "a\0.png",
+        "..\\secret.png",
+        ".DeepScope/hidden.tif",
+    ],
+)
 def test_resolve_refuses_traversal_and_state(served, relative):
     with pytest.raises(AccessError):
         served.resolve(relative)
@@ -83,7 +96,14 @@ def test_listing_of_the_folder_itself(served):
     tifffile.imwrite(root / "five_d.tif", np.zeros((2, 2, 3, 8, 8), np.uint8), photometric="minisblack")
 
     entries = served.images()
-    assert [e.name for e in entries] == ["a.png", "broken.png", "colour.png", "five_d.tif", "stack.tif", "truncated.png"]
+    assert [e.name for e in entries] == [
+        "a.png",
+        "broken.png",
+        "colour.png",
+        "five_d.tif",
+        "stack.tif",
+        "truncated.png",
+    ]
     by_name = {e.name: e for e in entries}
     assert by_name["a.png"] == ImageEntry("a.png", [6, 8], None)
     assert by_name["colour.png"] == ImageEntry("colour.png", [4, 5, 3], None)
@@ -132,15 +152,18 @@ def write(path, array):
 ramp = np.arange(4 * 5 * 6 * 7).reshape(4, 5, 6, 7)
 
 
-@pytest.mark.parametrize("file, stored, ndim, spatial, channels, z, expected", [
-    ("grey8.png", ramp[0, 0].astype(np.uint8), 2, (6, 7), 1, None, ramp[0, 0][None]),
-    ("grey16.png", (ramp[0, 0] * 1000).astype(np.uint16), 2, (6, 7), 1, 0, (ramp[0, 0] * 1000)[None]),
-    ("rgb.png", ramp[0, :3].transpose(1, 2, 0).astype(np.uint8), 2, (6, 7), 3, None, ramp[0, :3]),
-    ("two.tif", ramp[0, :2].transpose(1, 2, 0).astype(np.uint16), 2, (6, 7), 2, None, ramp[0, :2]),
-    ("float.tif", ramp[0, 0].astype(np.float32) / 7, 2, (6, 7), 1, None, ramp[0, 0][None] / 7),
-    ("stack.tif", ramp[0].astype(np.uint16), 3, (5, 6, 7), 1, 3, ramp[0, 3][None]),
-    ("channels_stack.tif", ramp.astype(np.uint16), 3, (5, 6, 7), 4, 2, ramp[:, 2]),
-])
+@pytest.mark.parametrize(
+    "file, stored, ndim, spatial, channels, z, expected",
+    [
+        ("grey8.png", ramp[0, 0].astype(np.uint8), 2, (6, 7), 1, None, ramp[0, 0][None]),
+        ("grey16.png", (ramp[0, 0] * 1000).astype(np.uint16), 2, (6, 7), 1, 0, (ramp[0, 0] * 1000)[None]),
+        ("rgb.png", ramp[0, :3].transpose(1, 2, 0).astype(np.uint8), 2, (6, 7), 3, None, ramp[0, :3]),
+        ("two.tif", ramp[0, :2].transpose(1, 2, 0).astype(np.uint16), 2, (6, 7), 2, None, ramp[0, :2]),
+        ("float.tif", ramp[0, 0].astype(np.float32) / 7, 2, (6, 7), 1, None, ramp[0, 0][None] / 7),
+        ("stack.tif", ramp[0].astype(np.uint16), 3, (5, 6, 7), 1, 3, ramp[0, 3][None]),
+        ("channels_stack.tif", ramp.astype(np.uint16), 3, (5, 6, 7), 4, 2, ramp[:, 2]),
+    ],
+)
 def test_images_are_read_with_the_project_layouts(tmp_path, file, stored, ndim, spatial, channels, z, expected):
     write(tmp_path / file, stored)
     image = ServedFolder(tmp_path).open(file)
@@ -167,8 +190,9 @@ def test_contrast_ignores_non_finite_values(tmp_path):
     values[1, :5] = np.inf
     tifffile.imwrite(tmp_path / "f.tif", values)
     finite = values[np.isfinite(values)]
-    np.testing.assert_allclose(ServedFolder(tmp_path).open("f.tif").contrast(),
-                               [tuple(np.percentile(finite, [1, 99.8]))], rtol=1e-5)
+    np.testing.assert_allclose(
+        ServedFolder(tmp_path).open("f.tif").contrast(), [tuple(np.percentile(finite, [1, 99.8]))], rtol=1e-5
+    )
 
 
 def test_contrast_of_a_large_image_reads_a_subsample(tmp_path):
@@ -177,7 +201,7 @@ def test_contrast_of_a_large_image_reads_a_subsample(tmp_path):
     image = ServedFolder(tmp_path).open("big.tif")
     tracemalloc.start()
     try:
-        (low, high), = image.contrast()
+        ((low, high),) = image.contrast()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

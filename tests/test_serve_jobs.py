@@ -110,7 +110,9 @@ def test_segment_job_trains_on_sparse_labels_and_its_checkpoint_predicts(folder:
         reply = post(client, "/api/jobs", {"kind": "segment", "epochs": 1, "max_minutes": 2, "settings": SMALL})
         assert reply.status_code == 200, reply.text
         started = reply.json()
-        assert started["kind"] == "segment" and started["source"] == "labels" and started["state"] in ("queued", "running")
+        assert (
+            started["kind"] == "segment" and started["source"] == "labels" and started["state"] in ("queued", "running")
+        )
         job = finished(client, started["id"])
         log = client.get(f"/api/jobs/log?id={started['id']}").json()["log"]
     assert job["state"] == "done", job["error"]
@@ -160,7 +162,9 @@ def test_queue_cancel_failure_and_shutdown(folder: Path) -> None:
         assert gone(first["pid"])
 
         failed = finished(client, second["id"])  # started once the first was cancelled
-        assert failed["state"] == "failed" and failed["checkpoint"] is None and failed["started"] >= reply.json()["ended"]
+        assert (
+            failed["state"] == "failed" and failed["checkpoint"] is None and failed["started"] >= reply.json()["ended"]
+        )
         assert "error: model 'unet' has no argument(s) nonsense" in failed["error"]
         running = wait_for(client, fourth["id"], lambda job: job["state"] != "queued", "started")
         assert running["state"] == "running"
@@ -171,29 +175,32 @@ def test_queue_cancel_failure_and_shutdown(folder: Path) -> None:
     assert not list((folder / "models").glob("*/metrics.json"))
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"kind": "classify"}, "job kind 'classify': expected one of segment, pixel-deep"),
-    ({}, "job kind None"),
-    ({"kind": ["segment"]}, "job kind ['segment']"),
-    ({"kind": "segment", "source": ["labels"]}, "job source ['labels']"),
-    ({"kind": "segment", "source": "boxes"}, "job source 'boxes'"),
-    ({"kind": "pixel-deep", "source": "instances"}, "a pixel-deep job trains on labels"),
-    ({"kind": "segment", "max_minutes": 0}, "max_minutes: expected a number of minutes above 0"),
-    ({"kind": "segment", "max_minutes": -1}, "max_minutes"),
-    ({"kind": "segment", "max_minutes": "5"}, "max_minutes"),
-    ({"kind": "segment", "max_minutes": True}, "max_minutes"),
-    ({"kind": "segment", "max_minutes": 1e9}, "max_minutes"),
-    ({"kind": "segment", "epochs": 0}, "epochs: expected 1 to"),
-    ({"kind": "segment", "epochs": 1.5}, "epochs: expected an integer"),
-    ({"kind": "segment", "target": "flows"}, "target 'flows': only instance jobs take a target"),
-    ({"kind": "segment", "source": "instances", "target": "cubes"}, "target 'cubes'"),
-    ({"kind": "segment", "speed": "fast"}, "job: unknown setting(s) speed"),
-    ({"kind": "segment", "settings": [1]}, "settings: expected an object"),
-    ({"kind": "segment", "settings": {"out": "/tmp/elsewhere"}}, "settings: 'out' cannot be set for a job"),
-    ({"kind": "segment", "settings": {"init_from": "../secret.pt"}}, "settings: 'init_from' cannot be set"),
-    ({"kind": "segment", "settings": {"data": "/"}}, "settings: 'data' cannot be set"),
-    ({"kind": "segment", "settings": {"model_args.x=1 --out": 1}}, "cannot be set for a job"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"kind": "classify"}, "job kind 'classify': expected one of segment, pixel-deep"),
+        ({}, "job kind None"),
+        ({"kind": ["segment"]}, "job kind ['segment']"),
+        ({"kind": "segment", "source": ["labels"]}, "job source ['labels']"),
+        ({"kind": "segment", "source": "boxes"}, "job source 'boxes'"),
+        ({"kind": "pixel-deep", "source": "instances"}, "a pixel-deep job trains on labels"),
+        ({"kind": "segment", "max_minutes": 0}, "max_minutes: expected a number of minutes above 0"),
+        ({"kind": "segment", "max_minutes": -1}, "max_minutes"),
+        ({"kind": "segment", "max_minutes": "5"}, "max_minutes"),
+        ({"kind": "segment", "max_minutes": True}, "max_minutes"),
+        ({"kind": "segment", "max_minutes": 1e9}, "max_minutes"),
+        ({"kind": "segment", "epochs": 0}, "epochs: expected 1 to"),
+        ({"kind": "segment", "epochs": 1.5}, "epochs: expected an integer"),
+        ({"kind": "segment", "target": "flows"}, "target 'flows': only instance jobs take a target"),
+        ({"kind": "segment", "source": "instances", "target": "cubes"}, "target 'cubes'"),
+        ({"kind": "segment", "speed": "fast"}, "job: unknown setting(s) speed"),
+        ({"kind": "segment", "settings": [1]}, "settings: expected an object"),
+        ({"kind": "segment", "settings": {"out": "/tmp/elsewhere"}}, "settings: 'out' cannot be set for a job"),
+        ({"kind": "segment", "settings": {"init_from": "../secret.pt"}}, "settings: 'init_from' cannot be set"),
+        ({"kind": "segment", "settings": {"data": "/"}}, "settings: 'data' cannot be set"),
+        ({"kind": "segment", "settings": {"model_args.x=1 --out": 1}}, "cannot be set for a job"),
+    ],
+)
 def test_bad_requests_are_refused_in_one_line(folder: Path, body: dict, message: str) -> None:
     with TestClient(create_app(folder)) as client:
         reply = post(client, "/api/jobs", body)
@@ -254,7 +261,9 @@ def test_queued_job_runs_after_the_first(folder: Path) -> None:
         one, two = finished(client, first["id"]), finished(client, second["id"])
     assert one["state"] == two["state"] == "done", (one["error"], two["error"])
     assert two["started"] >= one["ended"]
-    assert (folder / "models" / first["id"] / "best.pt").is_file() and (folder / "models" / second["id"] / "best.pt").is_file()
+    assert (folder / "models" / first["id"] / "best.pt").is_file() and (
+        folder / "models" / second["id"] / "best.pt"
+    ).is_file()
 
 
 @pytest.mark.slow

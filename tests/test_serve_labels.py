@@ -154,13 +154,16 @@ def test_a_reopened_store_replays_the_journal(tmp_path: Path, monkeypatch: pytes
     third.close()
 
 
-def test_a_full_disk_keeps_the_old_label_file_and_every_stroke(tmp_path: Path, full_disk,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_disk_keeps_the_old_label_file_and_every_stroke(
+    tmp_path: Path, full_disk, caplog: pytest.LogCaptureFixture
+) -> None:
     """A label file that cannot be written keeps its previous version, the failure is one line (log, API field,
     flush), and once space is back the file catches up with every stroke acknowledged meanwhile."""
     folder = folder_with(tmp_path)
     store = LabelStore(folder)
-    first, second, third = (Stroke([(y, 10.0), (y, 50.0)], 2.0, label) for y, label in ((10.0, 1), (30.0, 2), (50.0, 1)))
+    first, second, third = (
+        Stroke([(y, 10.0), (y, 50.0)], 2.0, label) for y, label in ((10.0, 1), (30.0, 2), (50.0, 1))
+    )
     store.apply("cells.tif", first)
     store.flush()
     path, journal = folder.labels_path("cells.tif"), tmp_path / ".deepscope" / "journal" / "cells.jsonl"
@@ -235,7 +238,9 @@ def test_labels_painted_elsewhere_are_read_and_checked(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"labels/cells.tif: label values 0\.\.300"):
         LabelStore(folder).labels("cells.tif")
     tifffile.imwrite(tmp_path / "labels" / "cells.tif", np.ones((64, 32), np.uint8))
-    with pytest.raises(DataError, match=r"labels/cells.tif: label image of shape \(64, 32\) does not match .*/cells.tif"):
+    with pytest.raises(
+        DataError, match=r"labels/cells.tif: label image of shape \(64, 32\) does not match .*/cells.tif"
+    ):
         LabelStore(folder).labels("cells.tif")
 
 
@@ -250,20 +255,23 @@ def test_strokes_on_a_3d_stack_paint_one_slice(tmp_path: Path) -> None:
     assert np.array_equal(read_sparse_labels(folder.labels_path("stack.tif")), labels)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"points": [[1, 2]] * 10001}, "1..10000"),
-    ({"points": []}, "1..10000"),
-    ({"points": [[1, "2"]]}, "pairs of finite numbers"),
-    ({"points": [[1, 10**400]]}, "pairs of finite numbers"),
-    ({"points": [[1, float("nan")]]}, "pairs of finite numbers"),
-    ({"points": [[-9.0, 5.0]]}, "beyond"),
-    ({"points": [[5.0, 70.0]]}, "beyond"),
-    ({"label": 256}, "label"),
-    ({"label": True}, "label"),
-    ({"radius": 0.2}, "radius"),
-    ({"radius": "3"}, "radius"),
-    ({"z": 1}, "slice"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"points": [[1, 2]] * 10001}, "1..10000"),
+        ({"points": []}, "1..10000"),
+        ({"points": [[1, "2"]]}, "pairs of finite numbers"),
+        ({"points": [[1, 10**400]]}, "pairs of finite numbers"),
+        ({"points": [[1, float("nan")]]}, "pairs of finite numbers"),
+        ({"points": [[-9.0, 5.0]]}, "beyond"),
+        ({"points": [[5.0, 70.0]]}, "beyond"),
+        ({"label": 256}, "label"),
+        ({"label": True}, "label"),
+        ({"radius": 0.2}, "radius"),
+        ({"radius": "3"}, "radius"),
+        ({"z": 1}, "slice"),
+    ],
+)
 def test_bad_strokes_are_refused(change: dict, message: str) -> None:
     data = {"points": [[5.0, 5.0], [6.0, 9.5]], "radius": 3, "label": 1, "visible": [0, 64, 0, 64], **change}
     with pytest.raises(DeepscopeError, match=message):
@@ -336,7 +344,9 @@ def test_kill_9_loses_no_acknowledged_stroke(tmp_path: Path) -> None:
         present = [False] * (done + 1)
         if saved.exists():
             on_disk = read_sparse_labels(saved)
-            present = [on_disk[10 + 20 * (i // 100), 10 + 20 * (i % 100)] == kill_stroke(i).label for i in range(done + 1)]
+            present = [
+                on_disk[10 + 20 * (i // 100), 10 + 20 * (i % 100)] == kill_stroke(i).label for i in range(done + 1)
+            ]
             assert np.array_equal(on_disk, expected_labels(sum(present)))
         assert present == sorted(present, reverse=True)
 

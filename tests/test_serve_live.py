@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import tifffile
 
-from deepscope.inference.blockio import open_input
 from deepscope.cli import main
 from deepscope.errors import DeepscopeError
-from deepscope.tasks.pixel.features import compute_features
+from deepscope.inference.blockio import open_input
 from deepscope.serve import live as live_module
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.labels import LabelStore, Stroke
 from deepscope.serve.live import LiveClassifier
 from deepscope.serve.project import Project
+from deepscope.tasks.pixel.features import compute_features
 
 SHAPE = (48, 96)  # left half dark, right half bright
 LIGHT = {"gaussian": [1.0, 3.5], "ggm": [1.6]}  # fewer features than the default live set: faster tests
@@ -228,8 +228,9 @@ def test_a_slice_of_a_stack_is_predicted_with_3d_features(tmp_path: Path, open_l
         live.live.predict("stack.tif", None, z=5)
 
 
-def test_the_forest_fits_the_kind_of_the_most_recently_labelled_image(tmp_path: Path,
-                                                                      open_live: Callable[..., Live]) -> None:
+def test_the_forest_fits_the_kind_of_the_most_recently_labelled_image(
+    tmp_path: Path, open_live: Callable[..., Live]
+) -> None:
     tifffile.imwrite(tmp_path / "grey.tif", two_regions(SHAPE))
     tifffile.imwrite(tmp_path / "colour.tif", np.stack([two_regions(SHAPE, seed)[:, ::-1] for seed in range(3)], -1))
     live = open_live({"gaussian": [1.0]})
@@ -254,7 +255,20 @@ def test_the_saved_forest_predicts_the_same_with_pixel_predict(served: Live, tmp
     served.wait("halves.tif")
     path = tmp_path / "out" / "classifier.safetensors"
     served.live.classifier().save(path)
-    assert main(["pixel", "predict", str(path), str(served.folder.root / "halves.tif"), "--out", str(tmp_path / "out"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "pixel",
+                "predict",
+                str(path),
+                str(served.folder.root / "halves.tif"),
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     predicted = tifffile.imread(tmp_path / "out" / "halves_probabilities.tif")
     assert_quantised(served.live.probabilities("halves.tif"), predicted)

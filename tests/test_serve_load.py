@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import tifffile
-from conftest import start_server
 
+from conftest import start_server
 from deepscope.serve.labels import Stroke
 
 USERS, STROKES = 4, 6
@@ -49,11 +49,14 @@ def test_users_at_once_lose_nothing(tmp_path: Path) -> None:
             replies = []
             with httpx.Client(base_url=url, timeout=120) as client:
                 for stroke in strokes_of(user):
-                    reply = client.post("/api/stroke", params={"image": image},
-                                        json={**stroke, "visible": [0, SHAPE[0], 0, SHAPE[1]]})
+                    reply = client.post(
+                        "/api/stroke", params={"image": image}, json={**stroke, "visible": [0, SHAPE[0], 0, SHAPE[1]]}
+                    )
                     assert reply.status_code == 200, reply.text
                     replies.append(reply.json())
-                    tile = client.get("/api/overlay", params={"image": image, "kind": "classes", "level": 0, "ty": 0, "tx": 0})
+                    tile = client.get(
+                        "/api/overlay", params={"image": image, "kind": "classes", "level": 0, "ty": 0, "tx": 0}
+                    )
                     assert tile.status_code == 200 and tile.headers["content-type"] == "image/png", tile.text
                 status = client.get("/api/status", params={"image": image}).json()
             assert status["classes"] == [1, 2]
@@ -66,7 +69,9 @@ def test_users_at_once_lose_nothing(tmp_path: Path) -> None:
         assert server.wait(60) in (0, -15), server.stdout.read()
 
     for user, answers in enumerate(replies):
-        assert [a["labels_version"] for a in answers] == list(range(1, STROKES + 1))  # each stroke acknowledged in order
+        assert [a["labels_version"] for a in answers] == list(
+            range(1, STROKES + 1)
+        )  # each stroke acknowledged in order
         expected = np.zeros(SHAPE, np.uint8)
         for stroke in strokes_of(user):
             box, mask = Stroke([tuple(p) for p in stroke["points"]], stroke["radius"], stroke["label"]).raster(SHAPE)

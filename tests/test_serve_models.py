@@ -26,7 +26,6 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test cl
     from starlette.testclient import TestClient
 
 from conftest import pattern_images, rgba, write_tree
-
 from deepscope.cli import main
 from deepscope.data.synthetic import nuclei_image
 from deepscope.demo.data import write_nuclei, write_shapes
@@ -48,8 +47,24 @@ except pytest.skip.Exception:
     CHROMIUM = CHROMEDRIVER = None
 
 SEG, SEM, DENOISE = "models/seg/best.pt", "models/sem/best.pt", "models/dn/best.pt"
-TINY = ["--batch-size", "8", "--device", "cpu", "--amp", "off", "--lr", "0.005", "--set", "model_args={features: 8, depth: 2}",
-        "--set", "patch_shape=[32, 32]", "--set", "patches_per_epoch=64", "--set", "val_fraction=0.25"]
+TINY = [
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--amp",
+    "off",
+    "--lr",
+    "0.005",
+    "--set",
+    "model_args={features: 8, depth: 2}",
+    "--set",
+    "patch_shape=[32, 32]",
+    "--set",
+    "patches_per_epoch=64",
+    "--set",
+    "val_fraction=0.25",
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +85,46 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             if split == "train":
                 shutil.copy(path, noisy / path.name)
     assert main(["train", "segment", "--data", str(nuclei), "--out", str(root / "seg"), "--epochs", "4", *TINY]) == 0
-    assert main(["train", "segment", "--data", str(semantic), "--out", str(root / "sem"), "--epochs", "3", *TINY,
-                 "--set", "target=semantic", "--set", "class_values=[0, 1]"]) == 0
-    assert main(["train", "denoise", "--data", str(root / "noisy"), "--out", str(root / "dn"), "--epochs", "1",
-                 "--method", "n2v", "--set", "noise={kind: none}", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "segment",
+                "--data",
+                str(semantic),
+                "--out",
+                str(root / "sem"),
+                "--epochs",
+                "3",
+                *TINY,
+                "--set",
+                "target=semantic",
+                "--set",
+                "class_values=[0, 1]",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "denoise",
+                "--data",
+                str(root / "noisy"),
+                "--out",
+                str(root / "dn"),
+                "--epochs",
+                "1",
+                "--method",
+                "n2v",
+                "--set",
+                "noise={kind: none}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -130,7 +181,11 @@ def predicted(client: TestClient, checkpoint: str, image: str = "cells.tif") -> 
 
 
 def tile(client: TestClient, kind: str, **extra: str) -> np.ndarray:
-    return rgba(client.get("/api/models/overlay", params={"image": "cells.tif", "kind": kind, "level": 0, "ty": 0, "tx": 0, **extra}))
+    return rgba(
+        client.get(
+            "/api/models/overlay", params={"image": "cells.tif", "kind": kind, "level": 0, "ty": 0, "tx": 0, **extra}
+        )
+    )
 
 
 def test_listing_shows_checkpoints_newest_first_with_task_or_error(client: TestClient, folder: Path) -> None:
@@ -143,18 +198,44 @@ def test_listing_shows_checkpoints_newest_first_with_task_or_error(client: TestC
     for age, path in enumerate([SEM, DENOISE, "broken.pt", SEG]):
         os.utime(folder / path, (1e9 - age * 100, 1e9 - age * 100))
     listed = client.get("/api/models").json()
-    assert [(e["path"], e["task"]) for e in listed] == [(SEM, "segment"), (DENOISE, "denoise"), ("broken.pt", None), (SEG, "segment")]
+    assert [(e["path"], e["task"]) for e in listed] == [
+        (SEM, "segment"),
+        (DENOISE, "denoise"),
+        ("broken.pt", None),
+        (SEG, "segment"),
+    ]
     assert [e["error"] is None for e in listed] == [True, True, False, True]
     assert listed[2]["error"].startswith("broken.pt: not a readable checkpoint")
 
 
 def test_instances_and_probabilities_equal_deepscope_predict(client: TestClient, folder: Path, tmp_path: Path) -> None:
     status, seen = predicted(client, SEG)
-    assert status["description"] == {"path": SEG, "task": "segment", "ndim": 2, "channels": 1, "classes": ["object"],
-                                      "target": "foreground_boundaries", "device": "cpu"}
+    assert status["description"] == {
+        "path": SEG,
+        "task": "segment",
+        "ndim": 2,
+        "channels": 1,
+        "classes": ["object"],
+        "target": "foreground_boundaries",
+        "device": "cpu",
+    }
     assert seen == sorted(seen) and seen[-1] == 1.0  # monotone, and complete when done
     out = tmp_path / "predicted"
-    assert main(["predict", str(folder / SEG), str(folder / "cells.tif"), "--out", str(out), "--instances", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(folder / SEG),
+                str(folder / "cells.tif"),
+                "--out",
+                str(out),
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     expected = tifffile.imread(out / "cells_instances.tif")
     instances = service(client).instances("cells.tif")
     assert expected.max() > 3 and status["summary"] == f"{expected.max()} objects"
@@ -162,7 +243,9 @@ def test_instances_and_probabilities_equal_deepscope_predict(client: TestClient,
     probability = np.rint(tifffile.imread(out / "cells_probabilities.tif")[0] * 255)
     np.testing.assert_array_equal(service(client).result("cells.tif").probabilities[0], probability)
     # the tiles: outlines opaque on the objects' inner borders only; the probability as the overlay's opacity
-    np.testing.assert_array_equal(tile(client, "outlines")[..., 3] > 0, find_boundaries(expected, mode="inner", background=0))
+    np.testing.assert_array_equal(
+        tile(client, "outlines")[..., 3] > 0, find_boundaries(expected, mode="inner", background=0)
+    )
     np.testing.assert_array_equal(tile(client, "probabilities")[..., 3], probability)
 
 
@@ -192,9 +275,24 @@ def test_a_2d_model_predicts_the_viewed_slice_of_a_stack(client: TestClient, fol
     assert client.post("/api/models/open", json={"path": SEG}).status_code == 200
     assert client.post("/api/models/predict", params={"image": "stack.tif", "z": 1}, json={}).json()["z"] == 1
     assert finished(client, "stack.tif")[0]["state"] == "done"
-    assert main(["predict", str(folder / SEG), str(tmp_path / "plane.tif"), "--out", str(tmp_path / "out"), "--instances",
-                 "--device", "cpu"]) == 0
-    np.testing.assert_array_equal(service(client).instances("stack.tif", 1), tifffile.imread(tmp_path / "out" / "plane_instances.tif"))
+    assert (
+        main(
+            [
+                "predict",
+                str(folder / SEG),
+                str(tmp_path / "plane.tif"),
+                "--out",
+                str(tmp_path / "out"),
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(
+        service(client).instances("stack.tif", 1), tifffile.imread(tmp_path / "out" / "plane_instances.tif")
+    )
     assert service(client).instances("stack.tif", 0) is None
     assert client.get("/api/models/status", params={"image": "stack.tif", "z": 0}).json()["computed"] is False
 
@@ -202,7 +300,9 @@ def test_a_2d_model_predicts_the_viewed_slice_of_a_stack(client: TestClient, fol
 def test_denoised_image_equals_deepscope_predict(client: TestClient, folder: Path, tmp_path: Path) -> None:
     predicted(client, DENOISE)
     out = tmp_path / "denoised"
-    assert main(["predict", str(folder / DENOISE), str(folder / "cells.tif"), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(["predict", str(folder / DENOISE), str(folder / "cells.tif"), "--out", str(out), "--device", "cpu"]) == 0
+    )
     expected = tifffile.imread(out / "cells.tif")
     denoised = service(client).result("cells.tif").denoised
     np.testing.assert_array_equal(denoised[0], expected)
@@ -223,8 +323,15 @@ def test_bad_requests_are_one_line_errors(client: TestClient, folder: Path) -> N
     assert "no model is open" in error(client.get("/api/models/overlay", params=overlay), 400)
     assert client.get("/api/models/status", params={"image": "cells.tif"}).json()["state"] == "idle"
     (folder / "broken.pt").write_bytes(b"junk")
-    for path, status in (("../x.pt", 403), ("/etc/x.pt", 403), (".deepscope/x.pt", 403), ("missing.pt", 400),
-                         ("cells.tif", 400), ("broken.pt", 400), (None, 400)):
+    for path, status in (
+        ("../x.pt", 403),
+        ("/etc/x.pt", 403),
+        (".deepscope/x.pt", 403),
+        ("missing.pt", 400),
+        ("cells.tif", 400),
+        ("broken.pt", 400),
+        (None, 400),
+    ):
         assert str(folder) not in error(client.post("/api/models/open", json={"path": path}), status)  # no server paths
     assert client.post("/api/models/open", json={"path": SEG}).status_code == 200
     assert "expected one of" in error(client.get("/api/models/overlay", params={**overlay, "kind": "nope"}), 400)
@@ -245,12 +352,61 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pictures")
     x, y = pattern_images(4, size=12)
     write_tree(root / "classes" / "train", x, y, ["alpha", "beta", "gamma"])
-    assert main(["train", "classify", "--data", str(root / "classes"), "--out", str(root / "cls"), "--model", "cnn",
-                 "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--amp", "off", "--set", "model_args.widths=[8,16]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(root / "classes"),
+                "--out",
+                str(root / "cls"),
+                "--model",
+                "cnn",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+                "--amp",
+                "off",
+                "--set",
+                "model_args.widths=[8,16]",
+            ]
+        )
+        == 0
+    )
     shapes = write_shapes(root / "shapes", train=4, test=1, size=48)
-    assert main(["train", "detect", "--data", str(shapes), "--out", str(root / "det"), "--epochs", "1", "--device", "cpu",
-                 "--model", "centernet", "--batch-size", "4", "--amp", "off", "--set", "image_size=0",
-                 "--set", "model_args={backbone: tiny, fpn_channels: 16}", "--set", "augment.crop=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "detect",
+                "--data",
+                str(shapes),
+                "--out",
+                str(root / "det"),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--model",
+                "centernet",
+                "--batch-size",
+                "4",
+                "--amp",
+                "off",
+                "--set",
+                "image_size=0",
+                "--set",
+                "model_args={backbone: tiny, fpn_channels: 16}",
+                "--set",
+                "augment.crop=0",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -261,29 +417,61 @@ def test_classifier_and_detector_answer_as_deepscope_predict(pictures: Path, tmp
     shutil.copy(pictures / "shapes" / "test" / "images" / "0000.png", folder / "shapes.png")
     for name in ("cls", "det"):
         shutil.copy(pictures / name / "best.pt", folder / "models" / f"{name}.pt")
-    assert main(["predict", str(folder / "models/cls.pt"), str(folder / "picture.png"), "--out", str(tmp_path / "p.csv"),
-                 "--device", "cpu"]) == 0
-    assert main(["predict", str(folder / "models/det.pt"), str(folder / "shapes.png"), "--out", str(tmp_path / "d.json"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(folder / "models/cls.pt"),
+                str(folder / "picture.png"),
+                "--out",
+                str(tmp_path / "p.csv"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(folder / "models/det.pt"),
+                str(folder / "shapes.png"),
+                "--out",
+                str(tmp_path / "d.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with TestClient(create_app(folder)) as client:
         status, _ = predicted(client, "models/cls.pt", "picture.png")
         row = next(csv.DictReader((tmp_path / "p.csv").open()))
         assert status["scores"][0]["class"] == row["predicted"]  # most probable first
         assert {s["class"]: round(s["probability"], 6) for s in status["scores"]} == pytest.approx(
-            {name: float(row[f"prob_{name}"]) for name in ("alpha", "beta", "gamma")}, abs=1e-6)
+            {name: float(row[f"prob_{name}"]) for name in ("alpha", "beta", "gamma")}, abs=1e-6
+        )
         client.post("/api/models/predict", params={"image": "shapes.png"}, json={})
         failed, _ = finished(client, "shapes.png")
-        assert failed["error"] == "shapes.png: images are 48x48 but the model expects 12x12 (it was trained without --resize)"
+        assert (
+            failed["error"]
+            == "shapes.png: images are 48x48 but the model expects 12x12 (it was trained without --resize)"
+        )
 
         status, _ = predicted(client, "models/det.pt", "shapes.png")
         coco = json.loads((tmp_path / "d.json").read_text())
         names = {c["id"]: c["name"] for c in coco["categories"]}
-        expected = [[a["bbox"][1], a["bbox"][0], a["bbox"][1] + a["bbox"][3], a["bbox"][0] + a["bbox"][2], a["score"]]
-                    for a in coco["annotations"]]
+        expected = [
+            [a["bbox"][1], a["bbox"][0], a["bbox"][1] + a["bbox"][3], a["bbox"][0] + a["bbox"][2], a["score"]]
+            for a in coco["annotations"]
+        ]
         boxes = client.get("/api/models/boxes", params={"image": "shapes.png"}).json()
         assert len(boxes) == len(expected) > 0 and status["boxes"] == len(boxes)
         assert [b["class"] for b in boxes] == [names[a["category_id"]] for a in coco["annotations"]]
-        np.testing.assert_allclose([[b["y0"], b["x0"], b["y1"], b["x1"], b["score"]] for b in boxes], expected, atol=0.011)
+        np.testing.assert_allclose(
+            [[b["y0"], b["x0"], b["y1"], b["x1"], b["score"]] for b in boxes], expected, atol=0.011
+        )
 
 
 class Blocking(Model):
@@ -320,6 +508,7 @@ def test_one_prediction_at_a_time_and_a_newer_request_cancels(tmp_path: Path) ->
         while not condition():
             assert time.monotonic() < deadline
             time.sleep(0.005)
+
     try:
         models.predict("a.tif")
         until(lambda: fake.started == ["a.tif"])
@@ -340,12 +529,29 @@ def test_page_opens_a_checkpoint_predicts_and_draws_outlines(server: str, browse
     folder = tmp_path / "data"  # what the browser test's server serves; files added now are listed at once
     tifffile.imwrite(folder / "nuclei.tif", nuclei(96))
     add_checkpoints(runs, folder)
-    assert main(["predict", str(folder / SEG), str(folder / "nuclei.tif"), "--out", str(tmp_path / "out"), "--instances",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(folder / SEG),
+                str(folder / "nuclei.tif"),
+                "--out",
+                str(tmp_path / "out"),
+                "--instances",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     border = find_boundaries(tifffile.imread(tmp_path / "out" / "nuclei_instances.tif"), mode="inner", background=0)
     browser.get(server + "#nuclei.tif")
-    wait(browser, "document.body.dataset.image === 'nuclei.tif'", READY,
-         "document.querySelector('#models-list li') !== null")
+    wait(
+        browser,
+        "document.body.dataset.image === 'nuclei.tif'",
+        READY,
+        "document.querySelector('#models-list li') !== null",
+    )
     browser.execute_script("document.querySelector(`#models-list li[data-path='${arguments[0]}']`).click()", SEG)
     wait(browser, f"document.body.dataset.modelPath === '{SEG}'", READY)
     browser.find_element("id", "model-predict").click()

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import tifffile
 import uvicorn
-from conftest import start_server
 from PIL import Image
-from test_serve_jobs import SMALL, sparse_labels, two_regions
 
+from conftest import start_server
 from deepscope.cli import main
 from deepscope.serve.app import serve
 from deepscope.serve.claim import INFO_FILE, FolderServedError, claim_folder
 from deepscope.serve.folder import STATE_DIR
+from test_serve_jobs import SMALL, sparse_labels, two_regions
 
 LIFELINE = [sys.executable, "-m", "deepscope.serve.lifeline"]
 
@@ -52,7 +52,11 @@ def wait_until(condition, what: str, limit: float = 30) -> None:
 def test_a_job_survives_the_thread_that_started_it_and_dies_with_its_server() -> None:
     """A stand-in server (plain Python) starts a job from a thread that then ends, as the real one does from worker
     threads; the job, and the process it started, live on until the server is killed with SIGKILL."""
-    server = subprocess.Popen([sys.executable, "-c", f"""
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import subprocess, sys, threading, time
 jobs = []
 starter = threading.Thread(target=lambda: jobs.append(subprocess.Popen(
@@ -61,7 +65,11 @@ starter.start()
 starter.join()
 print(jobs[0].pid, flush=True)
 time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         job = int(server.stdout.readline())
         wait_until(lambda: len(group(job)) >= 3, "saw the job and its two sleeps")  # the lifeline, (sh,) two sleeps
@@ -83,8 +91,9 @@ def test_lifeline_passes_the_exit_status_on(command: list[str], status: int) -> 
         job.stdin.close()
 
 
-def test_a_second_server_is_refused_and_a_stale_address_file_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_second_server_is_refused_and_a_stale_address_file_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     served: list[int] = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.append(sockets[0].getsockname()[1]))
     info = tmp_path / STATE_DIR / INFO_FILE
@@ -93,8 +102,10 @@ def test_a_second_server_is_refused_and_a_stale_address_file_is_not(tmp_path: Pa
         assert "is already served by another deepscope serve that is starting" in capsys.readouterr().err
         announce("http://127.0.0.1:8123/")
         assert main(["serve", str(tmp_path), "--port", "0"]) == 2
-        assert capsys.readouterr().err == (f"error: {tmp_path} is already served by http://127.0.0.1:8123/ (pid {os.getpid()}); "
-                                           "open that address, or stop that server first\n")
+        assert capsys.readouterr().err == (
+            f"error: {tmp_path} is already served by http://127.0.0.1:8123/ (pid {os.getpid()}); "
+            "open that address, or stop that server first\n"
+        )
     assert not served and not info.exists()  # removed when the holder stopped
 
     info.write_text('{"url": "http://127.0.0.1:1/", "pid": 99999999}')  # left by a server killed with -9
@@ -102,7 +113,9 @@ def test_a_second_server_is_refused_and_a_stale_address_file_is_not(tmp_path: Pa
     assert f"open http://127.0.0.1:{served[0]}/" in capsys.readouterr().out and not info.exists()
 
 
-def test_kill_9_of_the_server_stops_its_job_and_frees_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_9_of_the_server_stops_its_job_and_frees_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     (tmp_path / "labels").mkdir()
     for name in ("a", "b"):
@@ -110,8 +123,11 @@ def test_kill_9_of_the_server_stops_its_job_and_frees_the_folder(tmp_path: Path,
         tifffile.imwrite(tmp_path / "labels" / f"{name}.tif", sparse_labels())
     server, url = start_server(tmp_path)
     try:
-        job = httpx.post(f"{url}api/jobs", json={"kind": "segment", "epochs": 100000, "max_minutes": 600,
-                                                          "settings": SMALL}, timeout=60).json()
+        job = httpx.post(
+            f"{url}api/jobs",
+            json={"kind": "segment", "epochs": 100000, "max_minutes": 600, "settings": SMALL},
+            timeout=60,
+        ).json()
         assert job["state"] == "running", job
         wait_until(lambda: len(group(job["pid"])) >= 2, "saw the training process")  # the lifeline and the training
 

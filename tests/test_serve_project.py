@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.serve.folder import ServedFolder
 from deepscope.serve.project import PROJECT_FILE, LabelClass, Project
+from deepscope.tasks.pixel.features import FeatureSpec
 
 
 def test_defaults_when_the_file_is_missing(tmp_path: Path) -> None:
@@ -35,7 +35,10 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     project.record(folder, "labelled", "images/a.png")  # once only
     assert Project.load(folder) == project and project.labelled == ["images/a.png"]
     assert yaml.safe_load((tmp_path / PROJECT_FILE).read_text())["classes"][2] == {
-        "value": 7, "name": "membrane", "colour": "#2ca02c"}
+        "value": 7,
+        "name": "membrane",
+        "colour": "#2ca02c",
+    }
     assert [p.name for p in tmp_path.iterdir()] == [PROJECT_FILE]  # no temporary file left
     assert project.class_by_value(7).name == "membrane"
     with pytest.raises(DeepscopeError, match="label 3 is not a class"):
@@ -48,24 +51,29 @@ def test_a_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
     assert project.classes == [LabelClass(1, "cell", "#000000")] and project.features == Project().features
 
 
-@pytest.mark.parametrize("text, message", [
-    ("classes: [\n", "not a readable YAML file"),
-    ("- 1\n- 2\n", "expected a mapping"),
-    ("colours: []\n", "unknown setting"),
-    ("classes:\n- {value: 1, name: a}\n", "classes must be a list of"),
-    ("classes:\n- {value: 1, name: a, colour: '#ff0000'}\n- {value: 1, name: b, colour: '#00ff00'}\n",
-     "duplicate class values"),
-    ("classes:\n- {value: 1, name: a, colour: red}\n", "colour 'red' is not #rrggbb"),
-    ("classes:\n- {value: 256, name: a, colour: '#ff0000'}\n", "class value 256"),
-    ("classes: []\n", "at least one class"),
-    ("features: {sobel: [1.0]}\n", "unknown filter 'sobel'"),
-    ("features: {gaussian: [-1.0]}\n", "positive scales"),
-    ("normalize: [99, 1]\n", "normalize"),
-    ("classifier: /etc/passwd\n", "classifier must be a path inside the folder"),
-    ("classifier: ../x.pkl\n", "classifier must be a path inside the folder"),
-    ("labelled: [../a.png]\n", "labelled must be a list of paths inside the folder"),
-    ("models: /tmp/best.pt\n", "models must be a list of paths inside the folder"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("classes: [\n", "not a readable YAML file"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("colours: []\n", "unknown setting"),
+        ("classes:\n- {value: 1, name: a}\n", "classes must be a list of"),
+        (
+            "classes:\n- {value: 1, name: a, colour: '#ff0000'}\n- {value: 1, name: b, colour: '#00ff00'}\n",
+            "duplicate class values",
+        ),
+        ("classes:\n- {value: 1, name: a, colour: red}\n", "colour 'red' is not #rrggbb"),
+        ("classes:\n- {value: 256, name: a, colour: '#ff0000'}\n", "class value 256"),
+        ("classes: []\n", "at least one class"),
+        ("features: {sobel: [1.0]}\n", "unknown filter 'sobel'"),
+        ("features: {gaussian: [-1.0]}\n", "positive scales"),
+        ("normalize: [99, 1]\n", "normalize"),
+        ("classifier: /etc/passwd\n", "classifier must be a path inside the folder"),
+        ("classifier: ../x.pkl\n", "classifier must be a path inside the folder"),
+        ("labelled: [../a.png]\n", "labelled must be a list of paths inside the folder"),
+        ("models: /tmp/best.pt\n", "models must be a list of paths inside the folder"),
+    ],
+)
 def test_bad_project_files_name_the_file(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / PROJECT_FILE).write_text(text)
     with pytest.raises(DataError, match=message) as error:

@@ -23,7 +23,6 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test cl
     from starlette.testclient import TestClient
 
 from conftest import rgba
-
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve import proofread
 from deepscope.serve.app import LOOPBACK_NAMES, background_server, create_app
@@ -146,9 +145,11 @@ def test_a_stroke_that_does_not_cut_is_refused_and_changes_nothing(editor: Insta
 def test_undo_and_redo_are_bit_exact(editor: InstanceEditor) -> None:
     loaded(editor)
     states = [editor.instances("cells.tif")]
-    for edit in (lambda: editor.split("cells.tif", None, [[27, 28], [37, 28]], 1.5),
-                 lambda: editor.merge("cells.tif", None, [8, 8], [8, 25]),
-                 lambda: editor.delete("cells.tif", None, list(LEFT))):
+    for edit in (
+        lambda: editor.split("cells.tif", None, [[27, 28], [37, 28]], 1.5),
+        lambda: editor.merge("cells.tif", None, [8, 8], [8, 25]),
+        lambda: editor.delete("cells.tif", None, list(LEFT)),
+    ):
         reply = edit()
         states.append(editor.instances("cells.tif"))
         assert reply["objects"] == count(states[-1])
@@ -190,8 +191,9 @@ def test_saved_mask_equals_the_live_one_in_the_smallest_dtype(editor: InstanceEd
     assert not list((folder / "masks").glob(".*"))  # no temporary file left
 
 
-def test_a_failed_write_leaves_the_old_file_intact(editor: InstanceEditor, folder: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_leaves_the_old_file_intact(
+    editor: InstanceEditor, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loaded(editor)
     editor.flush()
     path = folder / "masks" / "cells.tif"
@@ -228,8 +230,10 @@ def test_reopening_loads_the_saved_mask_and_checks_its_shape(folder: Path) -> No
         assert second.load("cells.tif", None, "saved")["objects"] == 2
 
     tifffile.imwrite(folder / "masks" / "cells.tif", np.zeros((10, 10), np.uint16))
-    with closing(InstanceEditor(ServedFolder(folder), FakeModels({}))) as third, \
-            pytest.raises(DataError, match=r"masks/cells\.tif: mask of shape \(10, 10\) does not match .*cells\.tif"):
+    with (
+        closing(InstanceEditor(ServedFolder(folder), FakeModels({}))) as third,
+        pytest.raises(DataError, match=r"masks/cells\.tif: mask of shape \(10, 10\) does not match .*cells\.tif"),
+    ):
         third.status("cells.tif")
 
 
@@ -296,43 +300,59 @@ def edit_through_routes(client: TestClient) -> None:
     selected = rgba(client.get("/api/instances/overlay?image=cells.tif&level=0&ty=0&tx=0&selected=2"))
     assert list(selected[9, 25]) == [*rgb(SELECTED_FILL[0]), SELECTED_FILL[1]] and selected[32, 12, 3] == 0
 
-    reply = client.post("/api/instances/split?image=cells.tif", json={"points": [[27, 22], [37, 22]], "radius": 1}).json()
+    reply = client.post(
+        "/api/instances/split?image=cells.tif", json={"points": [[27, 22], [37, 22]], "radius": 1}
+    ).json()
     assert reply["ids"] == [3, 4] and reply["objects"] == 3
     assert client.post("/api/instances/undo?image=cells.tif", json={}).json()["objects"] == 2
     client.app.state.session.instances.models = FakeModels({("cells.tif", None): known_instances()})
     assert client.post("/api/instances/load?image=cells.tif", json={"source": "model"}).json()["objects"] == 3
-    assert client.post("/api/instances/merge?image=cells.tif", json={"points": [[8, 8], [32, 44]]}).json()["objects"] == 2
+    assert (
+        client.post("/api/instances/merge?image=cells.tif", json={"points": [[8, 8], [32, 44]]}).json()["objects"] == 2
+    )
 
 
-@pytest.mark.parametrize(("method", "path", "body", "code", "fragment"), [
-    ("post", "delete?image=cells.tif", {"point": [100, 5]}, 400, "outside the 48x64 image"),
-    ("post", "delete?image=cells.tif", {"point": [0, 0]}, 400, "is background"),
-    ("post", "delete?image=cells.tif", {}, 400, "expected [y, x] pixel indices"),
-    ("post", "delete?image=cells.tif", {"point": [1.5, 2]}, 400, "expected an integer"),
-    ("post", "merge?image=cells.tif", {"points": [[8, 8]]}, 400, "list of 2 [y, x] points"),
-    ("post", "merge?image=cells.tif", {"points": [[8, 8], [9, 9]]}, 400, "both points are on object 1"),
-    ("post", "split?image=cells.tif", {"points": "across", "radius": 1}, 400, "'points' must be a list"),
-    ("post", "split?image=cells.tif", {"points": [[27, 22], [37, 22]]}, 400, "radius must be a finite number"),
-    ("post", "split?image=cells.tif", {"points": [[27, 22], ["a", 22]], "radius": 1}, 400, "pairs of finite numbers"),
-    ("post", "load?image=cells.tif", {"source": "disk"}, 400, "source must be one of model, saved"),
-    ("post", "load?image=cells.tif", {"source": "model"}, 400, "no instances predicted yet"),
-    ("post", "delete?image=cells.tif&z=2", {"point": [8, 8]}, 400, "2D image"),
-    ("post", "delete?image=stack.tif", {"point": [8, 8]}, 400, "no instances loaded"),
-    ("post", "delete?image=../secret.png", {"point": [8, 8]}, 403, "'..' is not allowed"),
-    ("post", "undo?image=.deepscope/x.tif", {}, 403, "state folder"),
-    ("post", "delete?image=nope.tif", {"point": [8, 8]}, 404, "not an image of the served folder"),
-    ("post", "delete", {"point": [8, 8]}, 400, "'image' is missing"),
-    ("get", "status?image=cells.tif&y=3", None, 400, "'x' is missing"),
-    ("get", "status?image=/etc/passwd", None, 403, "absolute paths"),
-    ("get", "overlay?image=cells.tif&level=5&ty=0&tx=0", None, 400, "level 5 is out of range"),
-    ("get", "overlay?image=cells.tif&level=0&ty=0&tx=0&selected=x", None, 400, "selected: expected an integer"),
-    ("get", "overlay?image=stack.tif&z=1&level=0&ty=0&tx=0", None, 400, "no instances loaded"),
-])
-def test_bad_requests_get_one_line_errors(client: TestClient, method: str, path: str, body: dict | None, code: int,
-                                          fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code", "fragment"),
+    [
+        ("post", "delete?image=cells.tif", {"point": [100, 5]}, 400, "outside the 48x64 image"),
+        ("post", "delete?image=cells.tif", {"point": [0, 0]}, 400, "is background"),
+        ("post", "delete?image=cells.tif", {}, 400, "expected [y, x] pixel indices"),
+        ("post", "delete?image=cells.tif", {"point": [1.5, 2]}, 400, "expected an integer"),
+        ("post", "merge?image=cells.tif", {"points": [[8, 8]]}, 400, "list of 2 [y, x] points"),
+        ("post", "merge?image=cells.tif", {"points": [[8, 8], [9, 9]]}, 400, "both points are on object 1"),
+        ("post", "split?image=cells.tif", {"points": "across", "radius": 1}, 400, "'points' must be a list"),
+        ("post", "split?image=cells.tif", {"points": [[27, 22], [37, 22]]}, 400, "radius must be a finite number"),
+        (
+            "post",
+            "split?image=cells.tif",
+            {"points": [[27, 22], ["a", 22]], "radius": 1},
+            400,
+            "pairs of finite numbers",
+        ),
+        ("post", "load?image=cells.tif", {"source": "disk"}, 400, "source must be one of model, saved"),
+        ("post", "load?image=cells.tif", {"source": "model"}, 400, "no instances predicted yet"),
+        ("post", "delete?image=cells.tif&z=2", {"point": [8, 8]}, 400, "2D image"),
+        ("post", "delete?image=stack.tif", {"point": [8, 8]}, 400, "no instances loaded"),
+        ("post", "delete?image=../secret.png", {"point": [8, 8]}, 403, "'..' is not allowed"),
+        ("post", "undo?image=.deepscope/x.tif", {}, 403, "state folder"),
+        ("post", "delete?image=nope.tif", {"point": [8, 8]}, 404, "not an image of the served folder"),
+        ("post", "delete", {"point": [8, 8]}, 400, "'image' is missing"),
+        ("get", "status?image=cells.tif&y=3", None, 400, "'x' is missing"),
+        ("get", "status?image=/etc/passwd", None, 403, "absolute paths"),
+        ("get", "overlay?image=cells.tif&level=5&ty=0&tx=0", None, 400, "level 5 is out of range"),
+        ("get", "overlay?image=cells.tif&level=0&ty=0&tx=0&selected=x", None, 400, "selected: expected an integer"),
+        ("get", "overlay?image=stack.tif&z=1&level=0&ty=0&tx=0", None, 400, "no instances loaded"),
+    ],
+)
+def test_bad_requests_get_one_line_errors(
+    client: TestClient, method: str, path: str, body: dict | None, code: int, fragment: str
+) -> None:
     client.app.state.session.instances.models = FakeModels({})
     version = client.get("/api/instances/status?image=cells.tif").json()["version"]
-    response = client.post(f"/api/instances/{path}", json=body) if method == "post" else client.get(f"/api/instances/{path}")
+    response = (
+        client.post(f"/api/instances/{path}", json=body) if method == "post" else client.get(f"/api/instances/{path}")
+    )
     assert response.status_code == code, response.text
     error = response.json()["error"]
     assert fragment in error and "\n" not in error
@@ -368,8 +388,10 @@ def page_server(tmp_path: Path) -> Iterator[tuple[str, InstanceEditor, Path]]:
         yield url, app.state.session.instances, folder
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="selenium, Chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="selenium, Chromium or chromedriver not found (Debian: apt-get install chromium chromium-driver)",
+)
 def test_page_deletes_an_object_of_the_saved_mask(page_server: tuple[str, InstanceEditor, Path], browser) -> None:
     url, editor, folder = page_server
     browser.get(url)

@@ -30,8 +30,10 @@ def decoded(png: bytes, mode: str) -> np.ndarray:
         return np.array(img)
 
 
-@pytest.mark.parametrize("shape, levels", [((1000, 600), 3), ((8192, 8192), 6), ((256, 256), 1), ((257, 10), 2),
-                                           ((1, 1), 1), ((300, 2000), 4)])
+@pytest.mark.parametrize(
+    "shape, levels",
+    [((1000, 600), 3), ((8192, 8192), 6), ((256, 256), 1), ((257, 10), 2), ((1, 1), 1), ((300, 2000), 4)],
+)
 def test_level_count(shape, levels):
     assert level_count(shape) == levels
 
@@ -163,12 +165,17 @@ def test_outlines_only_on_instance_borders():
     instances[1:5, 1:4] = 1
     instances[1:5, 4:7] = 2
     pixels = decoded(outlines_png(instances, "#00ffff"), "RGBA")
-    expected = np.array([[0, 0, 0, 0, 0, 0, 0, 0],
-                         [0, 1, 1, 1, 1, 1, 1, 0],
-                         [0, 1, 0, 1, 1, 0, 1, 0],
-                         [0, 1, 0, 1, 1, 0, 1, 0],
-                         [0, 1, 1, 1, 1, 1, 1, 0],
-                         [0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    expected = np.array(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1, 0],
+            [0, 1, 0, 1, 1, 0, 1, 0],
+            [0, 1, 0, 1, 1, 0, 1, 0],
+            [0, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        bool,
+    )
     np.testing.assert_array_equal(pixels[..., 3] == 255, expected)
     np.testing.assert_array_equal(pixels[..., 3][~expected], 0)
     np.testing.assert_array_equal(pixels[expected][:, :3], [[0, 255, 255]] * expected.sum())

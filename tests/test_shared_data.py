@@ -7,15 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_tree
 from PIL import Image
 
+from conftest import write_tree
 from deepscope.cli import main
 
 
 def decode_subset(pack, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     buf, off = pack[f"{split}_jpeg"], pack[f"{split}_offsets"]
-    images = [np.asarray(Image.open(io.BytesIO(buf[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(count)]
+    images = [
+        np.asarray(Image.open(io.BytesIO(buf[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(count)
+    ]
     return np.stack(images), pack[f"y_{split}"][:count].astype(np.int64)
 
 
@@ -27,8 +29,26 @@ def test_cifar10_subset_trains_well_above_chance(shared_data, tmp_path, capsys):
         x, y = decode_subset(pack, split, count)
         write_tree(tmp_path / "cifar" / split, x, y, names)
     out = tmp_path / "run"
-    args = ["train", "classify", "--data", str(tmp_path / "cifar"), "--model", "cnn", "--epochs", "4", "--batch-size", "64",
-            "--optimizer", "adamw", "--lr", "0.003", "--device", "cpu", "--out", str(out)]
+    args = [
+        "train",
+        "classify",
+        "--data",
+        str(tmp_path / "cifar"),
+        "--model",
+        "cnn",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "64",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["num_samples"] == 1000
@@ -46,9 +66,30 @@ def test_noise2void_on_train400_denoises_bsd68(shared_data, tmp_path):
         (data / split).mkdir(parents=True)
         (data / split / "clean").symlink_to(shared_data / "bsd_denoise" / folder)
     out = tmp_path / "n2v"
-    args = ["train", "denoise", "--method", "n2v", "--data", str(data), "--out", str(out), "--epochs", "12", "--batch-size", "16",
-            "--lr", "0.004", "--device", "cpu", "--set", "patches_per_epoch=1024", "--set", "model_args.features=16",
-            "--set", "noise={kind: gaussian, sigma: 25}"]
+    args = [
+        "train",
+        "denoise",
+        "--method",
+        "n2v",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "12",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.004",
+        "--device",
+        "cpu",
+        "--set",
+        "patches_per_epoch=1024",
+        "--set",
+        "model_args.features=16",
+        "--set",
+        "noise={kind: gaussian, sigma: 25}",
+    ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["images"] == 68

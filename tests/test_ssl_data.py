@@ -80,7 +80,9 @@ def test_images_folder_grid_patches_cover_each_image(tmp_path: Path) -> None:
     train = data.splits["train"]
     assert (data.kind, data.channels) == ("microscopy", 1)
     assert train.images.shape == (12 + 4, 1, 16, 16) and train.images.dtype == torch.float16 and train.scale == 1.0
-    assert corners(train)[:12] == [(y, x) for y in (0, 16, 24) for x in (0, 16, 32, 34)]  # last row/column shifted inward
+    assert corners(train)[:12] == [
+        (y, x) for y in (0, 16, 24) for x in (0, 16, 32, 34)
+    ]  # last row/column shifted inward
     expected = percentile_normalize(a, 1.0, 99.8)[24:40, 34:50]
     np.testing.assert_allclose(train.images[11, 0].float().numpy(), expected, atol=2e-3)
     capped = load_ssl_data(tmp_path, patch_size=16, val_fraction=0, max_patches=5, seed=1).splits["train"]
@@ -138,7 +140,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
     (tmp_path / "empty").mkdir()
     cases["no images"] = (tmp_path / "empty", {}, "empty")
     save(tmp_path / "small" / "images" / "tiny.png", rng_image(0, (20, 30)))
-    cases["too small"] = (tmp_path / "small", {"patch_size": 32}, "tiny.png: image is 20x30, smaller than the 32x32 crop")
+    cases["too small"] = (
+        tmp_path / "small",
+        {"patch_size": 32},
+        "tiny.png: image is 20x30, smaller than the 32x32 crop",
+    )
     save(tmp_path / "nomask" / "images" / "a.png", rng_image(0, (20, 30)))
     cases["no masks"] = (tmp_path / "nomask", {"patch_size": 8, "crops": "objects"}, "nomask")
     save(tmp_path / "badmask" / "images" / "a.png", rng_image(0, (20, 30)))
@@ -153,7 +159,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, dict, str]]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["missing", "no images", "too small", "no masks", "mask size", "corrupt", "mixed sizes"])
+@pytest.mark.parametrize(
+    "case", ["missing", "no images", "too small", "no masks", "mask size", "corrupt", "mixed sizes"]
+)
 def test_bad_input_names_the_file(tmp_path: Path, case: str) -> None:
     path, kwargs, named = _bad_inputs(tmp_path)[case]
     with pytest.raises(DataError) as info:
@@ -167,7 +175,9 @@ def test_bad_input_names_the_file(tmp_path: Path, case: str) -> None:
 class StandInViews:
     """Deterministic two views whose randomness is drawn for the global batch and sliced, as TwoViews does."""
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator, n: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, generator: torch.Generator, n: int, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         shift = torch.rand(n, generator=generator)[rows].view(-1, 1, 1, 1)
         return x + shift, x.flip(-1)
 
@@ -228,7 +238,7 @@ def test_eval_batches_cover_every_image_once_across_ranks() -> None:
 def test_eval_batches_centre_crop_to_the_view_size() -> None:
     data = ssl_images(2)
     data.images[:, :, 1:3, 1:3] = 200
-    (x, _), = SSLEvalBatches(data, 4, [0.0, 0.0], [1.0, 1.0], CPU, size=(2, 2))
+    ((x, _),) = SSLEvalBatches(data, 4, [0.0, 0.0], [1.0, 1.0], CPU, size=(2, 2))
     assert x.shape == (2, 2, 2, 2) and torch.all(x * 255 == 200)
     with pytest.raises(DataError, match="smaller than the 8x8 views"):
         SSLEvalBatches(data, 4, [0.0, 0.0], [1.0, 1.0], CPU, size=(8, 8))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -21,7 +20,9 @@ METHODS = ("simclr", "vicreg")
 def batch_and_model() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     torch.manual_seed(0)
     v1, v2 = torch.randn(BATCH, FEATURES), torch.randn(BATCH, FEATURES)
-    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 5))  # no batch norm: its statistics are per process
+    model = nn.Sequential(
+        nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 5)
+    )  # no batch norm: its statistics are per process
     return v1, v2, model
 
 

@@ -116,9 +116,17 @@ def test_linear_probe_without_labels_raises() -> None:
 
 
 def test_probe_rows_name_the_fractions() -> None:
-    rows = probe_rows({"self-supervised": {0.01: 0.5, 0.1: 0.6, 1.0: 0.7}, "random init": {0.01: 0.2, 0.1: 0.3, 1.0: 0.4}},
-                      knn={"self-supervised": 0.65, "random init": 0.3})
-    assert rows[0] == {"encoder": "self-supervised", "linear 1%": 0.5, "linear 10%": 0.6, "linear 100%": 0.7, "kNN": 0.65}
+    rows = probe_rows(
+        {"self-supervised": {0.01: 0.5, 0.1: 0.6, 1.0: 0.7}, "random init": {0.01: 0.2, 0.1: 0.3, 1.0: 0.4}},
+        knn={"self-supervised": 0.65, "random init": 0.3},
+    )
+    assert rows[0] == {
+        "encoder": "self-supervised",
+        "linear 1%": 0.5,
+        "linear 10%": 0.6,
+        "linear 100%": 0.7,
+        "kNN": 0.65,
+    }
     assert rows[1]["encoder"] == "random init" and "kNN" not in probe_rows({"a": {1.0: 0.1}})[0]
 
 
@@ -138,16 +146,41 @@ def test_pictures_and_report_are_written(tmp_path) -> None:
     features = (np.eye(64)[labels + 1] * 5 + rng.normal(size=(60, 64))).astype(np.float32)
     embedding_map(features, labels, ["a", "b", "c"], tmp_path / "embedding.png", max_points=40)
     images = rng.random((60, 8, 8, 3)).astype(np.float32)
-    neighbour_grid(images, features, (images * 255).astype(np.uint8), features, tmp_path / "neighbours.png", queries=3,
-                   neighbours=4, same_set=True)
+    neighbour_grid(
+        images,
+        features,
+        (images * 255).astype(np.uint8),
+        features,
+        tmp_path / "neighbours.png",
+        queries=3,
+        neighbours=4,
+        same_set=True,
+    )
     for name in ("embedding.png", "neighbours.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     rows = probe_rows({"self-supervised": {0.1: 0.8, 1.0: 0.9}}, knn={"self-supervised": 0.85})
-    history = [{"epoch": 1, "train_loss": 2.0, "val_knn_accuracy": 0.5}, {"epoch": 2, "train_loss": 1.5, "val_knn_accuracy": 0.6}]
-    path = write_ssl_report(tmp_path, "ssl run", {"knn_accuracy": 0.85}, history, rows,
-                            {"embedding": "embedding.png", "neighbours": "neighbours.png"})
+    history = [
+        {"epoch": 1, "train_loss": 2.0, "val_knn_accuracy": 0.5},
+        {"epoch": 2, "train_loss": 1.5, "val_knn_accuracy": 0.6},
+    ]
+    path = write_ssl_report(
+        tmp_path,
+        "ssl run",
+        {"knn_accuracy": 0.85},
+        history,
+        rows,
+        {"embedding": "embedding.png", "neighbours": "neighbours.png"},
+    )
     page = path.read_text()
     assert path == tmp_path / "report.html"
-    for text in ("Linear and kNN probes", "linear 10%", "0.8500", "pre-projection", "<img src='embedding.png'",
-                 "<img src='neighbours.png'", "Nearest neighbours", "curves.png"):
+    for text in (
+        "Linear and kNN probes",
+        "linear 10%",
+        "0.8500",
+        "pre-projection",
+        "<img src='embedding.png'",
+        "<img src='neighbours.png'",
+        "Nearest neighbours",
+        "curves.png",
+    ):
         assert text in page

@@ -31,8 +31,26 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ssl") / "run"
-    assert main(["train", "ssl", "--data", str(digits), "--epochs", "6", "--out", str(out), *TINY,
-                 "--set", "view_settings={crop_scale: [0.3, 1.0]}", "--set", "probe_fractions=[0.1, 1]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "ssl",
+                "--data",
+                str(digits),
+                "--epochs",
+                "6",
+                "--out",
+                str(out),
+                *TINY,
+                "--set",
+                "view_settings={crop_scale: [0.3, 1.0]}",
+                "--set",
+                "probe_fractions=[0.1, 1]",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -40,7 +58,9 @@ def few_labels(digits: Path, path: Path, per_class: int) -> Path:
     """The digits with ``per_class`` training images of each class, and all test images."""
     data = np.load(digits)
     keep = np.concatenate([np.flatnonzero(data["y_train"] == c)[:per_class] for c in range(10)])
-    np.savez(path, x_train=data["x_train"][keep], y_train=data["y_train"][keep], x_test=data["x_test"], y_test=data["y_test"])
+    np.savez(
+        path, x_train=data["x_train"][keep], y_train=data["y_train"][keep], x_test=data["x_test"], y_test=data["y_test"]
+    )
     return path
 
 
@@ -60,8 +80,25 @@ def test_training_monitors_knn_probes_against_a_random_encoder_and_reports(pretr
 
 
 def test_evaluate_probes_a_checkpoint(pretrained: Path, digits: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", str(pretrained / "best.pt"), "--data", str(digits), "--probe", "knn", "linear",
-                 "--fractions", "0.1", "1", "--out", str(pretrained / "eval.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(pretrained / "best.pt"),
+                "--data",
+                str(digits),
+                "--probe",
+                "knn",
+                "linear",
+                "--fractions",
+                "0.1",
+                "1",
+                "--out",
+                str(pretrained / "eval.json"),
+            ]
+        )
+        == 0
+    )
     result = last_json(capsys)
     trained = json.loads((pretrained / "metrics.json").read_text())
     assert result["knn_accuracy"] == pytest.approx(trained["knn_accuracy"], abs=1e-6)
@@ -75,18 +112,41 @@ def test_resume_replays_the_same_run(digits: Path, tmp_path: Path) -> None:
     np.savez(small, x_train=train["x_train"][:180], y_train=train["y_train"][:180])  # no test split, no probes: quick
     args = ["train", "ssl", "--data", str(small), *TINY, "--val-fraction", "0"]
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
-    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0  # stops after step 1
+    assert (
+        main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0
+    )  # stops after step 1
     assert main(["train", "ssl", "--out", str(tmp_path / "split"), "--resume", "--max-minutes", "10"]) == 0
     one, two = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "split"))
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
 
 
-def test_a_pretrained_encoder_learns_faster_on_few_labels(pretrained: Path, digits: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_pretrained_encoder_learns_faster_on_few_labels(
+    pretrained: Path, digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = few_labels(digits, tmp_path / "few.npz", 5)
-    args = ["train", "classify", "--data", str(data), "--model", "resnet18", "--set", "model_args.width=8", "--epochs", "3",
-            "--batch-size", "10", "--amp", "off", "--val-fraction", "0", "--set", "augment.crop_padding=0", "--set", "augment.flip=false"]
+    args = [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--set",
+        "model_args.width=8",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "10",
+        "--amp",
+        "off",
+        "--val-fraction",
+        "0",
+        "--set",
+        "augment.crop_padding=0",
+        "--set",
+        "augment.flip=false",
+    ]
     assert main([*args, "--out", str(tmp_path / "scratch")]) == 0
     scratch = last_json(capsys)
     assert main([*args, "--out", str(tmp_path / "ssl"), "--init-from", str(pretrained / "best.pt")]) == 0
@@ -99,14 +159,41 @@ def test_a_pretrained_encoder_learns_faster_on_few_labels(pretrained: Path, digi
 def test_freeze_encoder_trains_only_the_new_head(pretrained: Path, digits: Path, tmp_path: Path) -> None:
     data = few_labels(digits, tmp_path / "few.npz", 5)
     out = tmp_path / "probe"
-    assert main(["train", "classify", "--data", str(data), "--model", "resnet18", "--set", "model_args.width=8", "--epochs", "1",
-                 "--batch-size", "10", "--amp", "off", "--val-fraction", "0", "--out", str(out),
-                 "--init-from", str(pretrained / "best.pt"), "--freeze-encoder"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "classify",
+                "--data",
+                str(data),
+                "--model",
+                "resnet18",
+                "--set",
+                "model_args.width=8",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "10",
+                "--amp",
+                "off",
+                "--val-fraction",
+                "0",
+                "--out",
+                str(out),
+                "--init-from",
+                str(pretrained / "best.pt"),
+                "--freeze-encoder",
+            ]
+        )
+        == 0
+    )
     encoder = load_checkpoint(pretrained / "best.pt")["model"]
     probe = load_checkpoint(out / "last.pt")["model"]
     for key in ("conv1.weight", "bn1.running_mean", "layer4.1.bn2.running_var", "layer2.0.downsample.0.weight"):
         torch.testing.assert_close(probe[key], encoder[f"encoder.{key}"], rtol=0, atol=0)
-    assert "120 frozen" not in (out / "train.log").read_text()  # parameters only: 60 tensors, running statistics are buffers
+    assert (
+        "120 frozen" not in (out / "train.log").read_text()
+    )  # parameters only: 60 tensors, running statistics are buffers
     assert "60 frozen" in (out / "train.log").read_text()
     assert json.loads((out / "metrics.json").read_text())["parameters"] == 64 * 10 + 10
 
@@ -114,12 +201,56 @@ def test_freeze_encoder_trains_only_the_new_head(pretrained: Path, digits: Path,
 def test_unet_encoder_pretrained_on_unlabelled_patches_starts_a_segmenter(tmp_path: Path) -> None:
     data = write_nuclei(tmp_path / "nuclei", train=6, test=2, size=64)
     unet = ["--set", "model_args={depth: 2, features: 4}"]
-    assert main(["train", "ssl", "--data", str(data), "--model", "unet", *unet, "--epochs", "1", "--batch-size", "8",
-                 "--set", "patch_size=32", "--amp", "off", "--out", str(tmp_path / "ssl")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "ssl",
+                "--data",
+                str(data),
+                "--model",
+                "unet",
+                *unet,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--set",
+                "patch_size=32",
+                "--amp",
+                "off",
+                "--out",
+                str(tmp_path / "ssl"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "ssl" / "metrics.json").read_text())
     assert "val_loss" in metrics["history"][0] and "knn_accuracy" not in metrics  # no labels: the loss is monitored
-    assert main(["train", "segment", "--data", str(data), *unet, "--epochs", "1", "--batch-size", "4", "--amp", "off",
-                 "--set", "patch_shape=[32, 32]", "--init-from", str(tmp_path / "ssl" / "best.pt"), "--out", str(tmp_path / "seg")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "segment",
+                "--data",
+                str(data),
+                *unet,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--amp",
+                "off",
+                "--set",
+                "patch_shape=[32, 32]",
+                "--init-from",
+                str(tmp_path / "ssl" / "best.pt"),
+                "--out",
+                str(tmp_path / "seg"),
+            ]
+        )
+        == 0
+    )
     assert "mapping encoder.*" in (tmp_path / "seg" / "train.log").read_text()
 
 
@@ -142,9 +273,13 @@ def test_nt_xent_matches_a_direct_implementation() -> None:
 def test_vicreg_terms() -> None:
     z = torch.randn(256, 8)
     z = (z - z.mean(0)) / z.std(0)
-    assert float(vicreg(z, z, covariance=0.0)) == pytest.approx(0.0, abs=1e-3)  # equal, unit-variance views: nothing to pay
+    assert float(vicreg(z, z, covariance=0.0)) == pytest.approx(
+        0.0, abs=1e-3
+    )  # equal, unit-variance views: nothing to pay
     constant = torch.zeros(16, 8)
-    assert float(vicreg(constant, constant, covariance=0.0)) == pytest.approx(25 * (1 - 1e-2), rel=1e-3)  # collapse costs
+    assert float(vicreg(constant, constant, covariance=0.0)) == pytest.approx(
+        25 * (1 - 1e-2), rel=1e-3
+    )  # collapse costs
 
 
 @pytest.mark.parametrize("method", ["simclr", "vicreg"])
@@ -171,31 +306,63 @@ def test_loss_halves_when_fitting_fixed_views(method: str) -> None:
 # ---- bad input ----------------------------------------------------------------------------------------------------------
 
 
-def test_bad_input_is_one_clear_line(digits: Path, pretrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_clear_line(
+    digits: Path, pretrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def error(args: list[str]) -> str:
         assert main(args) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ")
         return lines[0]
 
-    assert "at least 2 images per process" in error(["train", "ssl", "--data", str(digits), *TINY, "--batch-size", "1",
-                                                     "--out", str(tmp_path / "b1")])
+    assert "at least 2 images per process" in error(
+        ["train", "ssl", "--data", str(digits), *TINY, "--batch-size", "1", "--out", str(tmp_path / "b1")]
+    )
     folder = tmp_path / "plain"
     folder.mkdir()
     from PIL import Image
 
     for i in range(3):
         Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(folder / f"{i}.png")
-    message = error(["train", "ssl", "--data", str(folder), *TINY, "--set", "patch_size=32", "--out", str(tmp_path / "small")])
+    message = error(
+        ["train", "ssl", "--data", str(folder), *TINY, "--set", "patch_size=32", "--out", str(tmp_path / "small")]
+    )
     assert "20x30" in message and "0.png" in message
     message = error(["evaluate", str(pretrained / "best.pt"), "--data", str(folder), "--probe", "knn"])
     assert str(folder) in message and "labelled" in message
-    message = error(["train", "classify", "--data", str(digits), "--model", "resnet18", "--set", "model_args.width=16",
-                     "--epochs", "1", "--out", str(tmp_path / "wide"), "--init-from", str(pretrained / "best.pt")])
+    message = error(
+        [
+            "train",
+            "classify",
+            "--data",
+            str(digits),
+            "--model",
+            "resnet18",
+            "--set",
+            "model_args.width=16",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "wide"),
+            "--init-from",
+            str(pretrained / "best.pt"),
+        ]
+    )
     assert "best.pt" in message and "different shape" in message
     assert "--probe" in error(["evaluate", str(pretrained / "best.pt"), "--data", str(digits)])
-    assert "--init-from" in error(["train", "classify", "--data", str(digits), "--epochs", "1", "--out", str(tmp_path / "frozen"),
-                                   "--freeze-encoder"])
+    assert "--init-from" in error(
+        [
+            "train",
+            "classify",
+            "--data",
+            str(digits),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "frozen"),
+            "--freeze-encoder",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -216,7 +383,9 @@ def test_an_ssl_checkpoint_starts_a_detector_backbone(tmp_path: Path) -> None:
 
     ssl = SSLModel(build_encoder("resnet18", (3, 96, 96)), [32, 16])
     torch.save({"model": ssl.state_dict()}, tmp_path / "ssl.pt")
-    detector = build_detector("fcos", 2, 3, backbone="resnet18", norm="batch", fpn_channels=32, min_size=64, max_size=64)
+    detector = build_detector(
+        "fcos", 2, 3, backbone="resnet18", norm="batch", fpn_channels=32, min_size=64, max_size=64
+    )
     message = load_init_weights(detector, tmp_path / "ssl.pt")
     assert "mapping encoder.* onto backbone.body.*" in message
     body = detector.backbone.body.state_dict()

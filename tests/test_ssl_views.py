@@ -54,7 +54,9 @@ def test_crop_of_a_half_black_image_matches_its_box():
 
 
 def test_crop_boxes_stay_inside_the_image():
-    cfg = view_config("natural", {**OFF, "crop_scale": [0.08, 1.0], "crop_ratio": [0.2, 5.0], "flip": True, "rot90": True})
+    cfg = view_config(
+        "natural", {**OFF, "crop_scale": [0.08, 1.0], "crop_ratio": [0.2, 5.0], "flip": True, "rot90": True}
+    )
     theta = _crop_theta(cfg, (16, 24), gen(), 500, ALL, torch.device("cpu"))
     corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     assert (torch.einsum("bij,kj->bki", theta, corners).abs() <= 1 + 1e-6).all()
@@ -64,7 +66,14 @@ def test_crop_boxes_stay_inside_the_image():
 
 
 def test_rows_slices_agree_with_the_whole_batch():
-    everything = {"blur_p": 0.5, "solarize_p": 0.5, "intensity": [0.8, 1.2], "intensity_p": 0.5, "noise": 0.05, "noise_p": 0.5}
+    everything = {
+        "blur_p": 0.5,
+        "solarize_p": 0.5,
+        "intensity": [0.8, 1.2],
+        "intensity_p": 0.5,
+        "noise": 0.05,
+        "noise_p": 0.5,
+    }
     maker = views((12, 12), **everything)
     x = torch.rand(8, 3, 16, 16)
     whole = maker(x, gen(7), 8, ALL)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fit_batch
 from skimage.draw import disk, ellipse
 
-from deepscope.data.segmentation.star import NON_STAR_CONVEX_IOU, batch_star_distances, batch_star_target, non_star_convex_fraction, object_probability, ray_directions, star_reconstruction
+from conftest import fit_batch
+from deepscope.data.segmentation.star import (
+    NON_STAR_CONVEX_IOU,
+    batch_star_distances,
+    batch_star_target,
+    non_star_convex_fraction,
+    object_probability,
+    ray_directions,
+    star_reconstruction,
+)
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.losses.star import stardist_loss
 from deepscope.metrics.instance import overlap_table

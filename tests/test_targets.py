@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepscope.data.segmentation.targets import TARGETS, boundaries, distance_map, foreground, foreground_and_boundaries, make_target, semantic_target
+from deepscope.data.segmentation.targets import (
+    TARGETS,
+    boundaries,
+    distance_map,
+    foreground,
+    foreground_and_boundaries,
+    make_target,
+    semantic_target,
+)
 from deepscope.errors import DataError
 
 
@@ -105,7 +113,10 @@ def test_3d_cube():
     [
         (np.zeros((4, 4), np.float32), "cells_01.tif: labels must be integers, got float32"),
         (np.zeros((4, 4), bool), "cells_01.tif: labels must be integers, got bool"),
-        (np.zeros((2, 2, 4, 4), int), r"cells_01.tif: labels must be 2D \(H, W\) or 3D \(D, H, W\), got shape \(2, 2, 4, 4\)"),
+        (
+            np.zeros((2, 2, 4, 4), int),
+            r"cells_01.tif: labels must be 2D \(H, W\) or 3D \(D, H, W\), got shape \(2, 2, 4, 4\)",
+        ),
         (np.zeros(4, int), r"cells_01.tif: .*got shape \(4,\)"),
         (np.full((4, 4), -1), "cells_01.tif: instance labels must not be negative, got -1"),
     ],

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from deepscope.errors import DeepscopeError
-from deepscope.models.unet import UNet
 from deepscope.inference.tiling import predict_tiled
+from deepscope.models.unet import UNet
 
 CASES = {2: ((1, 70, 90), 32), 3: ((1, 20, 30, 30), 16)}  # shapes that are not multiples of the tile
 HALO = 4
@@ -87,15 +87,25 @@ def test_model_sees_only_tiles_in_batches() -> None:
     assert sum(s[0] for s in model.shapes) == 3 * 3  # ceil(70/32) * ceil(90/32) tiles, each once
 
 
-
 @pytest.mark.parametrize("blend", ["none", "gaussian"])
 def test_progress_counts_every_window_once(blend: str) -> None:
     x = image((1, 70, 90))
     model, seen = Recorder(pointwise_net(2)), []
-    predict_tiled(model, x, 32, HALO, 2, blend=blend, batch_size=2, device="cpu", progress=lambda done, total: seen.append((done, total)))
+    predict_tiled(
+        model,
+        x,
+        32,
+        HALO,
+        2,
+        blend=blend,
+        batch_size=2,
+        device="cpu",
+        progress=lambda done, total: seen.append((done, total)),
+    )
     calls = [0] + [s[0] for s in model.shapes]  # the windows of each model call, as the callback should count them
     assert seen == [(sum(calls[: i + 1]), 9) for i in range(1, len(calls))]
     assert seen[-1] == (9, 9)  # 3 x 3 windows, counted up one batch at a time
+
 
 class LoggedArray:
     """An array that logs every read and write with its slices, standing in for an on-disk dataset."""
@@ -121,7 +131,9 @@ def test_reads_are_windows_and_writes_stream(blend: str) -> None:
     reads = [i for op, i in log if op == "read"]
     assert all(s.stop - s.start <= 16 + 2 * HALO for i in reads for s in i[1:])
     writes = [n for n, (op, _) in enumerate(log) if op == "write"]
-    assert writes[0] < max(n for n, (op, _) in enumerate(log) if op == "read")  # output leaves before the input is all read
+    assert writes[0] < max(
+        n for n, (op, _) in enumerate(log) if op == "read"
+    )  # output leaves before the input is all read
     np.testing.assert_allclose(out.data, untiled(pointwise_net(2), x), atol=1e-5)
 
 
@@ -140,7 +152,9 @@ def test_memmap_input_and_output(tmp_path: Path) -> None:
 def test_flip_tta(blend: str) -> None:
     x = image((1, 70, 90), seed=4)
     plain = predict_tiled(pointwise_net(2), x, 32, HALO, 2, blend=blend, device="cpu")
-    np.testing.assert_allclose(predict_tiled(pointwise_net(2), x, 32, HALO, 2, blend=blend, flip_tta=True), plain, atol=1e-5)
+    np.testing.assert_allclose(
+        predict_tiled(pointwise_net(2), x, 32, HALO, 2, blend=blend, flip_tta=True), plain, atol=1e-5
+    )
     model = conv_net(2)
     tta = predict_tiled(model, x, 32, HALO, 2, blend=blend, device="cpu", flip_tta=True)
     assert np.abs(tta - predict_tiled(model, x, 32, HALO, 2, blend=blend, device="cpu")).max() > 1e-3
@@ -160,7 +174,9 @@ def test_image_smaller_than_a_tile(dim: int) -> None:
 def test_model_divisor_pads_windows_for_a_unet() -> None:
     unet = Recorder(UNet(1, 2, depth=2, features=4, norm="none"))
     for shape in [(1, 70, 90), (1, 10, 13)]:  # clipped last tiles; an image smaller than a tile (window 18x21 -> 20x24)
-        got = predict_tiled(unet, image(shape), 24, HALO, 2, blend="linear", device="cpu", model_divisor=unet.inner.divisor)
+        got = predict_tiled(
+            unet, image(shape), 24, HALO, 2, blend="linear", device="cpu", model_divisor=unet.inner.divisor
+        )
         assert got.shape == (2,) + shape[1:] and np.isfinite(got).all()
     assert {s[2:] for s in unet.shapes} == {(32, 32), (20, 24)}
 
@@ -173,8 +189,14 @@ def test_model_divisor_pads_windows_for_a_unet() -> None:
         ({"halo": (4,)}, "halo must give 2 sizes"),
         ({"out": np.zeros((2, 70, 91), np.float32)}, r"out must have shape \(2, 70, 90\)"),
         ({"blend": "median"}, "unknown blend 'median'"),
-        ({"model_divisor": 16}, r"window tile \+ 2 \* halo \(40, 40\) must be divisible by the model divisor \(16, 16\)"),
-        ({"image": np.zeros((70, 90), np.float32)}, r"image must be \(C, H, W\) or \(C, D, H, W\), got shape \(70, 90\)"),
+        (
+            {"model_divisor": 16},
+            r"window tile \+ 2 \* halo \(40, 40\) must be divisible by the model divisor \(16, 16\)",
+        ),
+        (
+            {"image": np.zeros((70, 90), np.float32)},
+            r"image must be \(C, H, W\) or \(C, D, H, W\), got shape \(70, 90\)",
+        ),
     ],
 )
 def test_bad_arguments_are_explained(kwargs: dict, message: str) -> None:
@@ -200,10 +222,15 @@ class TileIndex(nn.Module):
 def test_blend_weights(blend: str) -> None:
     # windows of tile 32 + halo 4 start at -4 and 28; each is weighted over the tile grown by halo // 2 = 2 (length 36),
     # so window 0 owns [0, 30), both share [30, 34) and window 1 owns [34, 56), despite the windows overlapping on [28, 36)
-    got = predict_tiled(TileIndex(), np.zeros((1, 8, 56), np.float32), (8, 32), (0, 4), 1, blend=blend, batch_size=1)[0, 0]
+    got = predict_tiled(TileIndex(), np.zeros((1, 8, 56), np.float32), (8, 32), (0, 4), 1, blend=blend, batch_size=1)[
+        0, 0
+    ]
     x = np.arange(36) - 17.5
     profile = np.exp(-0.5 * (x / 4.5) ** 2) if blend == "gaussian" else 1 - np.abs(x) / 18.5
-    w0, w1 = profile[32:], profile[:4]  # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
+    w0, w1 = (
+        profile[32:],
+        profile[:4],
+    )  # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
     np.testing.assert_allclose(got[30:34], w1 / (w0 + w1), atol=1e-6)
     assert (got[:30] == 0).all() and (got[34:] == 1).all()
 
@@ -219,7 +246,11 @@ def test_peak_memory_does_not_grow_with_the_volume(tmp_path: Path, blend: str) -
     for depth in (64, 512):
         path = tmp_path / f"volume_{depth}_{blend}.h5"
         with h5py.File(path, "w") as f:
-            f.create_dataset("raw", data=np.random.default_rng(0).random((1, depth, 96, 96), dtype=np.float32), chunks=(1, 16, 96, 96))
+            f.create_dataset(
+                "raw",
+                data=np.random.default_rng(0).random((1, depth, 96, 96), dtype=np.float32),
+                chunks=(1, 16, 96, 96),
+            )
             f.create_dataset("out", shape=(2, depth, 96, 96), dtype="float32", chunks=(1, 16, 96, 96))
         with h5py.File(path, "r+") as f:
             tracemalloc.start()

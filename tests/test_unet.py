@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_batch
 
+from conftest import fit_batch
 from deepscope.errors import DeepscopeError
 from deepscope.models import count_parameters
 from deepscope.models.unet import UNet
@@ -22,7 +22,10 @@ def test_output_keeps_spatial_shape(dim, shape, features, norm, upsample):
 
 def test_group_norm_groups_divide_channels():
     model = UNet(1, 1, depth=1, features=12, norm="group")  # 12 and 24 channels: largest divisors <= 8 are 6 and 8
-    assert {(m.num_channels, m.num_groups) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {(12, 6), (24, 8)}
+    assert {(m.num_channels, m.num_groups) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)} == {
+        (12, 6),
+        (24, 8),
+    }
 
 
 def test_anisotropic_pool_leaves_z_alone():
@@ -46,8 +49,14 @@ def test_wrong_input_explained():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"dim": 1}, "dim"), ({"depth": 0}, "depth"), ({"norm": "layer"}, "normalization"),
-     ({"upsample": "nearest"}, "upsampling"), ({"final_activation": "tanh"}, "activation"), ({"pool": (2, 2, 2)}, "pool")],
+    [
+        ({"dim": 1}, "dim"),
+        ({"depth": 0}, "depth"),
+        ({"norm": "layer"}, "normalization"),
+        ({"upsample": "nearest"}, "upsampling"),
+        ({"final_activation": "tanh"}, "activation"),
+        ({"pool": (2, 2, 2)}, "pool"),
+    ],
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -80,7 +89,9 @@ def test_overfits_disk_mask():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     radius = ((yy - 13) ** 2 + (xx - 18) ** 2).sqrt()[None, None]
     mask = (radius < 8).float()
-    image = ((radius - 8).abs() < 1).float()  # only the outline: filling the disk needs spatial context, not a threshold
+    image = (
+        (radius - 8).abs() < 1
+    ).float()  # only the outline: filling the disk needs spatial context, not a threshold
     assert ((image > 0.5).float() == mask).float().mean() < 0.9
     model = UNet(1, 1, depth=2, features=8)
     fit_batch(model, image, mask, F.binary_cross_entropy_with_logits, steps=100, lr=1e-2, optimizer=torch.optim.Adam)

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fast_args
 from PIL import Image
 
+from conftest import fast_args
 from deepscope.cli import main
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 
 pytest.importorskip("starlette.testclient")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from deepscope.serve.app import create_app  # noqa: E402
+from deepscope.serve.app import create_app
 
 
 class Planted:
@@ -39,8 +39,12 @@ def planted(tmp_path: Path) -> dict[str, Path]:
     carrying the payload; and the marker file the payload would create."""
     marker = tmp_path / "code-ran"
     state = {"model": {"w": torch.zeros(1)}, "config": {"task": "classify", "model": "cnn"}, "payload": Planted(marker)}
-    files = {"marker": marker, "zip": tmp_path / "models" / "best.pt", "pickle": tmp_path / "models" / "old.pt",
-             "classifier": tmp_path / "classifier.pkl"}
+    files = {
+        "marker": marker,
+        "zip": tmp_path / "models" / "best.pt",
+        "pickle": tmp_path / "models" / "old.pt",
+        "classifier": tmp_path / "classifier.pkl",
+    }
     files["zip"].parent.mkdir()
     torch.save(state, files["zip"])
     files["pickle"].write_bytes(pickle.dumps(state))
@@ -55,12 +59,16 @@ def refused(capsys: pytest.CaptureFixture[str], path: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["zip", "pickle"])
-def test_evaluate_predict_init_from_and_resume_never_run_a_planted_checkpoint(planted, class_tree, tmp_path, capsys, kind):
+def test_evaluate_predict_init_from_and_resume_never_run_a_planted_checkpoint(
+    planted, class_tree, tmp_path, capsys, kind
+):
     evil, marker = planted[kind], planted["marker"]
     image = next((class_tree / "test").rglob("*.png"))
-    commands = [["evaluate", str(evil), "--data", str(class_tree)],
-                ["predict", str(evil), str(image), "--out", str(tmp_path / "p.csv")],
-                fast_args(class_tree, tmp_path / "init", "--epochs", "1", "--init-from", str(evil))]
+    commands = [
+        ["evaluate", str(evil), "--data", str(class_tree)],
+        ["predict", str(evil), str(image), "--out", str(tmp_path / "p.csv")],
+        fast_args(class_tree, tmp_path / "init", "--epochs", "1", "--init-from", str(evil)),
+    ]
     for command in commands:
         assert main(command) == 2
         assert "refused: the file is a pickle that" in refused(capsys, evil)
@@ -98,10 +106,20 @@ def test_serve_lists_checkpoints_without_unpickling_and_refuses_to_open_a_plante
 
 
 def test_checkpoints_are_safetensors_whose_state_round_trips_exactly(tmp_path):
-    state = {"model": {"w": torch.randn(3, 2), "n": torch.tensor(7)}, "config": {"task": "classify", "sizes": (1, 2)},
-             "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"betas": (0.9, 0.99), "params": [0]}]},
-             "rng": {"numpy": ("MT19937", np.arange(624, dtype=np.uint32), 3, 0, 0.0), "python": (3, tuple(range(625)), None)},
-             "history": [{"loss": float("nan"), "lr": 0.1 + 0.2}], "best": {"value": None}}
+    state = {
+        "model": {"w": torch.randn(3, 2), "n": torch.tensor(7)},
+        "config": {"task": "classify", "sizes": (1, 2)},
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.ones(2)}},
+            "param_groups": [{"betas": (0.9, 0.99), "params": [0]}],
+        },
+        "rng": {
+            "numpy": ("MT19937", np.arange(624, dtype=np.uint32), 3, 0, 0.0),
+            "python": (3, tuple(range(625)), None),
+        },
+        "history": [{"loss": float("nan"), "lr": 0.1 + 0.2}],
+        "best": {"value": None},
+    }
     path = tmp_path / "last.pt"
     save_checkpoint(state, path)
     assert path.read_bytes()[8:9] == b"{"  # a JSON header: a safetensors file, not a pickle
@@ -116,8 +134,11 @@ def test_checkpoints_are_safetensors_whose_state_round_trips_exactly(tmp_path):
 
 def test_a_checkpoint_of_an_earlier_version_still_loads(tmp_path):
     """deepscope 0.1 wrote torch.save pickles holding numpy's RNG state: tensors, plain values and numpy arrays only."""
-    state = {"model": {"w": torch.ones(2)}, "config": {"task": "classify", "model": "cnn"},
-             "rng": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+    state = {
+        "model": {"w": torch.ones(2)},
+        "config": {"task": "classify", "model": "cnn"},
+        "rng": {"numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+    }
     torch.save(state, tmp_path / "old.pt")
     back = load_checkpoint(tmp_path / "old.pt", task="classify")
     assert back["model"]["w"].equal(torch.ones(2)) and np.array_equal(back["rng"]["numpy"][1], state["rng"]["numpy"][1])

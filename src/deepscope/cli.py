@@ -19,14 +19,18 @@ from typing import Any
 from deepscope import __version__
 from deepscope.errors import DeepscopeError
 from deepscope.tasks import TASKS, get_task, task_commands
-from deepscope.tasks.options import TRAIN_OPTIONS, Option, Result, TaskCommands, option, resolve_config, setting
+from deepscope.tasks.options import TRAIN_OPTIONS, Option, Result, TaskCommands, resolve_config, setting
 
 SAVED_RESULTS = ("segment", "denoise", "detect")  # evaluate TASK --pred --truth
 
 
 def train_options(commands: TaskCommands) -> tuple[Option, ...]:
-    return (setting("--data", help=commands.data_help), setting("--model", help=commands.model_help),
-            *commands.train_options, *TRAIN_OPTIONS)
+    return (
+        setting("--data", help=commands.data_help),
+        setting("--model", help=commands.model_help),
+        *commands.train_options,
+        *TRAIN_OPTIONS,
+    )
 
 
 def resolve_train_config(args: argparse.Namespace) -> Any:
@@ -52,8 +56,10 @@ def refuse_foreign_flags(args: argparse.Namespace, owners: dict[str, list[str]],
     for dest, tasks in owners.items():
         if task not in tasks and getattr(args, dest, None) not in (None, False):
             flag = "--" + dest.replace("_", "-")
-            raise DeepscopeError(f"{flag} applies to {listed(tasks)} checkpoints only; {args.checkpoint} is a "
-                                 f"{task} checkpoint (deepscope {command} --help lists each task's flags)")
+            raise DeepscopeError(
+                f"{flag} applies to {listed(tasks)} checkpoints only; {args.checkpoint} is a "
+                f"{task} checkpoint (deepscope {command} --help lists each task's flags)"
+            )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> Result:
@@ -62,7 +68,9 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
     if args.data is None:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     if args.pred or args.truth:
-        raise DeepscopeError("--pred and --truth score saved results: deepscope evaluate segment|denoise|detect --pred P --truth T")
+        raise DeepscopeError(
+            "--pred and --truth score saved results: deepscope evaluate segment|denoise|detect --pred P --truth T"
+        )
     from deepscope.engine.checkpoint import checkpoint_task
     from deepscope.engine.distributed import pick_device
 
@@ -102,8 +110,10 @@ def cmd_predict(args: argparse.Namespace) -> Result:
     refuse_foreign_flags(args, args.owners, task, "predict")
     commands = task_commands(task)
     if commands.predict is None:
-        raise DeepscopeError(f"{args.checkpoint}: a {task} checkpoint has nothing to predict; evaluate it, or train a "
-                             "task from it with --init-from")
+        raise DeepscopeError(
+            f"{args.checkpoint}: a {task} checkpoint has nothing to predict; evaluate it, or train a "
+            "task from it with --init-from"
+        )
     return commands.predict(args, device)
 
 
@@ -117,8 +127,9 @@ def add_task_options(parser: argparse.ArgumentParser, declared: dict[str, tuple[
         for opt in options:
             same = {k: v for k, v in opt.settings.items() if k != "help"}
             if opt.dest in first:
-                assert same == {k: v for k, v in first[opt.dest].settings.items() if k != "help"}, \
+                assert same == {k: v for k, v in first[opt.dest].settings.items() if k != "help"}, (
                     f"{task} declares {opt.flags} unlike {owners[opt.dest]}"
+                )
             first.setdefault(opt.dest, opt)
             helps.setdefault(opt.dest, {}).setdefault(opt.settings.get("help", ""), []).append(task)
             owners.setdefault(opt.dest, []).append(task)
@@ -128,19 +139,28 @@ def add_task_options(parser: argparse.ArgumentParser, declared: dict[str, tuple[
         if key not in groups:
             groups[key] = parser.add_argument_group(f"{listed(key)} checkpoints")
         texts = helps[dest]
-        help = next(iter(texts)) if len(texts) == 1 else "; ".join(f"{', '.join(ts)}: {text}" for text, ts in texts.items())
+        help = (
+            next(iter(texts))
+            if len(texts) == 1
+            else "; ".join(f"{', '.join(ts)}: {text}" for text, ts in texts.items())
+        )
         opt.add_to(groups[key], help=help)
     return owners
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepscope", description="Train, evaluate and apply deep learning models for images.")
+    parser = argparse.ArgumentParser(
+        prog="deepscope", description="Train, evaluate and apply deep learning models for images."
+    )
     parser.add_argument("--version", action="version", version=f"deepscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {name: task_commands(name) for name in sorted(TASKS)}
 
-    train = sub.add_parser("train", help="train a model", description="Train a model; deepscope train TASK --help lists "
-                           "the flags of one task.")
+    train = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model; deepscope train TASK --help lists the flags of one task.",
+    )
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK")
     for name, declared in commands.items():
         task = tasks.add_parser(name, help=declared.summary, description=f"Train: {declared.summary}.")
@@ -149,23 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
         task.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
-    evaluate.add_argument("checkpoint", help="checkpoint file, or 'segment' / 'denoise' / 'detect' to score saved results (--pred, --truth)")
+    evaluate.add_argument(
+        "checkpoint",
+        help="checkpoint file, or 'segment' / 'denoise' / 'detect' to score saved results (--pred, --truth)",
+    )
     evaluate.add_argument("--data", help="data set to score the checkpoint on")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_<segment|denoise|detect>.json)")
+    evaluate.add_argument(
+        "--out", help="JSON file (default: eval_<split>.json beside the checkpoint; eval_<segment|denoise|detect>.json)"
+    )
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--pred", help="with 'segment' / 'denoise': folder of predicted label / denoised images; 'detect': COCO JSON")
-    evaluate.add_argument("--truth", help="with 'segment' / 'denoise': folder of true label / clean images, matched to --pred by file name; "
-                          "'detect': COCO JSON, or a data folder (any annotation format), images matched by file name")
+    evaluate.add_argument(
+        "--pred", help="with 'segment' / 'denoise': folder of predicted label / denoised images; 'detect': COCO JSON"
+    )
+    evaluate.add_argument(
+        "--truth",
+        help="with 'segment' / 'denoise': folder of true label / clean images, matched to --pred by file name; "
+        "'detect': COCO JSON, or a data folder (any annotation format), images matched by file name",
+    )
     owners = add_task_options(evaluate, {name: c.evaluate_options for name, c in commands.items()})
     evaluate.set_defaults(func=cmd_evaluate, owners=owners)
 
-    predict = sub.add_parser("predict", help="apply a trained model: classes into a CSV file, segmentations, denoised images "
-                             "or detections into files")
+    predict = sub.add_parser(
+        "predict",
+        help="apply a trained model: classes into a CSV file, segmentations, denoised images or detections into files",
+    )
     predict.add_argument("checkpoint")
-    predict.add_argument("inputs", nargs="+", help="image files or folders (segmentation, denoising: also TIFF/HDF5/zarr volumes)")
-    predict.add_argument("--out", required=True, help="CSV file (classify); folder, .tif, .h5 or .zarr (segment, denoise); "
-                         "COCO JSON file or folder (detect)")
+    predict.add_argument(
+        "inputs", nargs="+", help="image files or folders (segmentation, denoising: also TIFF/HDF5/zarr volumes)"
+    )
+    predict.add_argument(
+        "--out",
+        required=True,
+        help="CSV file (classify); folder, .tif, .h5 or .zarr (segment, denoise); COCO JSON file or folder (detect)",
+    )
     predict.add_argument("--device", default="auto")
     owners = add_task_options(predict, {name: c.predict_options for name, c in commands.items() if c.predict})
     predict.set_defaults(func=cmd_predict, owners=owners)

@@ -66,7 +66,9 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard_images: int = 16
     init_from: str | None = None  # start the model (or its encoder/backbone) from the weights of this local file
-    freeze_encoder: bool = False  # with init_from: train only what the file did not provide (a linear probe on a classifier)
+    freeze_encoder: bool = (
+        False  # with init_from: train only what the file did not provide (a linear probe on a classifier)
+    )
 
 
 def _resolve_type(tp: Any) -> Any:
@@ -110,7 +112,10 @@ def _coerce(tp: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise TypeError(value)
         key_type, item = typing.get_args(tp) or (Any, Any)
-        return {k if key_type is Any else _coerce(key_type, k): v if item is Any else _coerce(item, v) for k, v in value.items()}
+        return {
+            k if key_type is Any else _coerce(key_type, k): v if item is Any else _coerce(item, v)
+            for k, v in value.items()
+        }
     return value
 
 

@@ -59,7 +59,9 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         if not all(k is None or isinstance(k, str | int | float) for k in value):
             raise TypeError(f"{path or 'state'}: a mapping's keys must be strings or numbers")
         return {ITEMS: [[k, _encode(v, f"{path}/{k}", tensors)] for k, v in value.items()]}
-    raise TypeError(f"{path or 'state'}: a {type(value).__name__} cannot be stored (only tensors, arrays and plain values)")
+    raise TypeError(
+        f"{path or 'state'}: a {type(value).__name__} cannot be stored (only tensors, arrays and plain values)"
+    )
 
 
 def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -50,7 +50,9 @@ def dense_classes(dense: np.ndarray, class_values: Sequence[int] | None = None, 
         return np.where(dense > 0, 2, 1).astype(np.uint8)
     values = np.unique(dense) if class_values is None else np.asarray(class_values)
     if len(values) > MAX_CLASSES:
-        raise DataError(f"ground truth has {len(values)} values; pass class values or use foreground for instance labels")
+        raise DataError(
+            f"ground truth has {len(values)} values; pass class values or use foreground for instance labels"
+        )
     classes = np.zeros(dense.shape, np.uint8)
     for i, value in enumerate(values):
         classes[dense == value] = i + 1

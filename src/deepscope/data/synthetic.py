@@ -12,7 +12,9 @@ from skimage.draw import ellipse
 from skimage.segmentation import find_boundaries
 
 
-def nuclei_image(size: int = 128, seed: int = 0, density: tuple[float, float] = (10, 22), radius: tuple[float, float] = (5.0, 11.0)) -> tuple[np.ndarray, np.ndarray]:
+def nuclei_image(
+    size: int = 128, seed: int = 0, density: tuple[float, float] = (10, 22), radius: tuple[float, float] = (5.0, 11.0)
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 (size, size) image, uint16 labels 1..n); ``density`` bounds the number of nuclei per 128x128 pixels."""
     rng = np.random.default_rng(seed)
     low = max(1, round(density[0] * size * size / 128**2))
@@ -24,7 +26,9 @@ def nuclei_image(size: int = 128, seed: int = 0, density: tuple[float, float] = 
         if len(brightness) > wanted:
             break
         r = rng.uniform(*radius, size=2)
-        rows, cols = ellipse(rng.uniform(0, size), rng.uniform(0, size), r[0], r[1], shape=labels.shape, rotation=rng.uniform(0, np.pi))
+        rows, cols = ellipse(
+            rng.uniform(0, size), rng.uniform(0, size), r[0], r[1], shape=labels.shape, rotation=rng.uniform(0, np.pi)
+        )
         if rows.size < 10 or np.count_nonzero(labels[rows, cols]) > 0.15 * rows.size:
             continue
         free = labels[rows, cols] == 0
@@ -46,8 +50,9 @@ def nuclei_set(n: int, size: int = 128, seed: int = 0) -> list[tuple[np.ndarray,
 SHAPES = ("square", "disc", "triangle")
 
 
-def shapes_image(size: int = 128, seed: int = 0, count: tuple[int, int] = (1, 6),
-                 extent: tuple[int, int] = (14, 40)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shapes_image(
+    size: int = 128, seed: int = 0, count: tuple[int, int] = (1, 6), extent: tuple[int, int] = (14, 40)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 (size, size, 3) image, (N, 4) float32 boxes x1 y1 x2 y2, (N,) int64 classes 1..3 of ``SHAPES``).
 
     Filled squares, discs and triangles of random colour and size on a noisy, shaded background, overlapping each
@@ -75,10 +80,16 @@ def shapes_image(size: int = 128, seed: int = 0, count: tuple[int, int] = (1, 6)
         elif kind == 1:
             rows, cols = disk((y0 + side / 2 - 0.5, x0 + side / 2 - 0.5), side / 2, shape=(size, size))
         else:
-            rows, cols = polygon([y0 + side - 1, y0 + side - 1, y0], [x0, x0 + side - 1, x0 + (side - 1) / 2], shape=(size, size))
+            rows, cols = polygon(
+                [y0 + side - 1, y0 + side - 1, y0], [x0, x0 + side - 1, x0 + (side - 1) / 2], shape=(size, size)
+            )
         colour = rng.uniform(140, 255, 3) * rng.permutation([1.0, rng.uniform(0.2, 1), rng.uniform(0.2, 1)])
         image[rows, cols] = colour + rng.normal(0, 12, (len(rows), 3))
         taken[y0 : y0 + side, x0 : x0 + side] = True
         boxes.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
         labels.append(kind + 1)
-    return (np.clip(image, 0, 255).astype(np.uint8), np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64))
+    return (
+        np.clip(image, 0, 255).astype(np.uint8),
+        np.array(boxes, np.float32).reshape(-1, 4),
+        np.array(labels, np.int64),
+    )

@@ -20,9 +20,18 @@ def write_digits_npz(path: Path, seed: int = 0) -> Path:
     """scikit-learn digits as uint8 images (values 0..16 scaled to 0..255), 80/20 stratified split."""
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    x_train, x_test, y_train, y_test = train_test_split(images, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=np.array([str(i) for i in range(10)]))
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+        class_names=np.array([str(i) for i in range(10)]),
+    )
     return path
 
 
@@ -55,12 +64,33 @@ def write_photos(root: Path) -> Path:
 # brush strokes (row0, col0, row1, col1) on scikit-image's coins, as a user would paint them: background along the
 # gaps between the rows of coins and the borders, a short stroke across 16 of the 24 coins
 COIN_STROKES = {
-    1: [(6, 5, 6, 378), (86, 5, 86, 378), (152, 5, 152, 378), (222, 5, 222, 378), (298, 5, 298, 378), (5, 4, 298, 4),
-        (5, 380, 298, 380)],
-    2: [(258, 25, 258, 60), (258, 160, 258, 192), (190, 330, 190, 362), (45, 255, 45, 280), (125, 320, 125, 345),
-        (190, 120, 190, 140), (120, 30, 120, 50), (55, 40, 55, 60), (55, 150, 55, 170), (50, 325, 50, 350),
-        (118, 95, 118, 112), (118, 240, 118, 258), (188, 40, 188, 58), (188, 190, 188, 208), (262, 95, 262, 120),
-        (262, 300, 262, 322)],
+    1: [
+        (6, 5, 6, 378),
+        (86, 5, 86, 378),
+        (152, 5, 152, 378),
+        (222, 5, 222, 378),
+        (298, 5, 298, 378),
+        (5, 4, 298, 4),
+        (5, 380, 298, 380),
+    ],
+    2: [
+        (258, 25, 258, 60),
+        (258, 160, 258, 192),
+        (190, 330, 190, 362),
+        (45, 255, 45, 280),
+        (125, 320, 125, 345),
+        (190, 120, 190, 140),
+        (120, 30, 120, 50),
+        (55, 40, 55, 60),
+        (55, 150, 55, 170),
+        (50, 325, 50, 350),
+        (118, 95, 118, 112),
+        (118, 240, 118, 258),
+        (188, 40, 188, 58),
+        (188, 190, 188, 208),
+        (262, 95, 262, 120),
+        (262, 300, 262, 322),
+    ],
 }
 COINS = 24
 
@@ -93,8 +123,16 @@ def write_shapes(root: Path, train: int = 160, test: int = 24, size: int = 128) 
             Image.fromarray(image).save(root / split / "images" / name)
             images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
             for (x1, y1, x2, y2), label in zip(boxes.tolist(), labels.tolist()):
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, "iscrowd": 0,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": label,
+                        "iscrowd": 0,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                    }
+                )
         categories = [{"id": i + 1, "name": name} for i, name in enumerate(SHAPES)]
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (root / split / "annotations.json").write_text(json.dumps(coco))

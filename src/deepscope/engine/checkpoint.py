@@ -38,10 +38,18 @@ from deepscope.safefile import (
 )
 
 FORMAT = "deepscope-checkpoint"
-_REBUILD_ARRAY = np.zeros(0).__reduce__()[0]  # numpy's array-rebuilding function, in whichever module this numpy keeps it
+_REBUILD_ARRAY = np.zeros(0).__reduce__()[
+    0
+]  # numpy's array-rebuilding function, in whichever module this numpy keeps it
 # What ``np.random.get_state()`` pickles to: checkpoints of earlier versions hold one (written by numpy 1 or 2)
-NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _REBUILD_ARRAY,
-                 (_REBUILD_ARRAY, "numpy.core.multiarray._reconstruct"), (_REBUILD_ARRAY, "numpy._core.multiarray._reconstruct")]
+NUMPY_GLOBALS = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    _REBUILD_ARRAY,
+    (_REBUILD_ARRAY, "numpy.core.multiarray._reconstruct"),
+    (_REBUILD_ARRAY, "numpy._core.multiarray._reconstruct"),
+]
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -60,15 +68,21 @@ def _unpickle_weights_only(path: Path) -> Any:
     """A PyTorch pickle, built by ``torch.load``'s restricted unpickler: tensors and plain values only."""
     try:
         with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's note on an old pickle protocol says nothing to the user
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # torch's note on an old pickle protocol says nothing to the user
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):  # torch's restricted unpickler did not refuse: the file is damaged
+        if "Weights only load failed" not in str(
+            exc
+        ):  # torch's restricted unpickler did not refuse: the file is damaged
             raise CheckpointError(f"{path}: not a readable checkpoint (a damaged PyTorch file)") from None
         asked = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"Unsupported (?:global|class)[: ]+(\S+)", str(exc))
         what = f"asks for {asked.group(1).rstrip('.,')}" if asked else "holds more than tensors and plain values"
-        raise CheckpointError(f"{path}: refused: the file is a pickle that {what}, which could run code when opened; "
-                              "deepscope opens checkpoints and weight files of tensors and plain values only") from None
+        raise CheckpointError(
+            f"{path}: refused: the file is a pickle that {what}, which could run code when opened; "
+            "deepscope opens checkpoints and weight files of tensors and plain values only"
+        ) from None
     except Exception as exc:  # torch raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
 
@@ -208,28 +222,46 @@ def load_init_weights(model: torch.nn.Module, path: str | Path, freeze: bool = F
     target = model.state_dict()
     best: tuple[int, str, str] = (0, "", "")
     for strip in SOURCE_PREFIXES:
-        keys = [k[len(strip):] for k in source if k.startswith(strip)]
+        keys = [k[len(strip) :] for k in source if k.startswith(strip)]
         for add in TARGET_PREFIXES:
             hits = sum(add + k in target for k in keys)
             best = max(best, (hits, strip, add))
     hits, strip, add = best
     if not hits:
-        raise CheckpointError(f"{path}: no weight name fits the model (file keys like {next(iter(source))!r}, model keys like {next(iter(target))!r})")
-    mapped = {add + k[len(strip):]: v for k, v in source.items() if k.startswith(strip)}
-    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in mapped.items() if k in target and v.shape != target[k].shape]
-    stats = [k for k in mapped if k not in target and k.rsplit(".", 1)[-1] in ("running_mean", "running_var") and k.rsplit(".", 1)[0] + ".weight" in target]
+        raise CheckpointError(
+            f"{path}: no weight name fits the model (file keys like {next(iter(source))!r}, model keys like {next(iter(target))!r})"
+        )
+    mapped = {add + k[len(strip) :]: v for k, v in source.items() if k.startswith(strip)}
+    wrong_shape = [
+        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in mapped.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    stats = [
+        k
+        for k in mapped
+        if k not in target
+        and k.rsplit(".", 1)[-1] in ("running_mean", "running_var")
+        and k.rsplit(".", 1)[0] + ".weight" in target
+    ]
     if wrong_shape or stats:
         problems = [f"{len(wrong_shape)} of different shape ({', '.join(wrong_shape[:4])})"] if wrong_shape else []
         if stats:
-            problems.append(f"batch-norm statistics for {len(stats)} layers the model normalises otherwise (e.g. {stats[0]}; "
-                            "build the model with the same norm, e.g. model_args.norm=batch)")
+            problems.append(
+                f"batch-norm statistics for {len(stats)} layers the model normalises otherwise (e.g. {stats[0]}; "
+                "build the model with the same norm, e.g. model_args.norm=batch)"
+            )
         raise CheckpointError(f"{path}: weights do not fit the model: {'; '.join(problems)}")
     taken = {k: v for k, v in mapped.items() if k in target}
     left_out = [k for k in mapped if k not in target]
     model.load_state_dict(taken, strict=False)
     where = f"mapping {strip or '(top level)'}* onto {add or '(top level)'}*" if strip != add else "by name"
     left_out += [k for k in source if not k.startswith(strip)]  # e.g. a self-supervised run's projection head
-    skipped = f"; left out {len(left_out)} with no counterpart ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''})" if left_out else ""
+    skipped = (
+        f"; left out {len(left_out)} with no counterpart ({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''})"
+        if left_out
+        else ""
+    )
     frozen = f"; {freeze_tensors(model, set(taken), path)} frozen" if freeze else ""
     return f"initialised {len(taken)} of {len(target)} tensors from {path} {where}{skipped}{frozen}"
 
@@ -242,7 +274,9 @@ def freeze_tensors(model: torch.nn.Module, names: set[str], path: Path) -> int:
     for name in names & set(params):
         params[name].requires_grad_(False)
     if not any(p.requires_grad for p in params.values()):
-        raise CheckpointError(f"{path}: it provides every weight of the model, so --freeze-encoder would leave nothing to train")
+        raise CheckpointError(
+            f"{path}: it provides every weight of the model, so --freeze-encoder would leave nothing to train"
+        )
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):

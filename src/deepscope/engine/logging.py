@@ -64,8 +64,17 @@ class RunLogger:
         self.task_id = None
         self.started = time.time()
         self.written = -math.inf  # when the progress file was last written
-        self.status: dict[str, Any] = {"state": "running", "epoch": 0, "epochs": 0, "step": 0, "steps": 0, "loss": None,
-                                       "elapsed_s": 0.0, "history": [], "stopped": None}
+        self.status: dict[str, Any] = {
+            "state": "running",
+            "epoch": 0,
+            "epochs": 0,
+            "step": 0,
+            "steps": 0,
+            "loss": None,
+            "elapsed_s": 0.0,
+            "history": [],
+            "stopped": None,
+        }
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter

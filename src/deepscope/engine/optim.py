@@ -23,7 +23,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise DeepscopeError(f"unknown optimizer {cfg.name!r}; choose sgd or adamw")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, mode: str = "max") -> tuple[object | None, str]:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, mode: str = "max"
+) -> tuple[object | None, str]:
     """Return (scheduler, when) where ``when`` is 'step', 'epoch' (plateau, given the metric) or 'never'."""
     total_steps = max(1, total_steps)
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
@@ -41,7 +43,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
     if cfg.schedule == "plateau":
         return (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience),
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            ),
             "epoch",
         )
     if cfg.schedule == "none":

@@ -105,6 +105,8 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     native = cpu_native_bf16() if mode == "bf16" else cpu_native_fp16()
     if native:
         return Precision(mode, DTYPES[mode], f"{mode} as asked; the CPU ({cpu}) computes it natively")
-    warning = (f"--amp {mode}: this CPU ({cpu}) has no native {mode}, so autocast emulates it and training runs "
-               f"many times slower than float32; use --amp auto")
+    warning = (
+        f"--amp {mode}: this CPU ({cpu}) has no native {mode}, so autocast emulates it and training runs "
+        f"many times slower than float32; use --amp auto"
+    )
     return Precision(mode, DTYPES[mode], f"{mode} as asked, emulated on this CPU ({cpu})", warning)

@@ -24,8 +24,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_step(model: nn.Module, batches: Iterable[Any], loss: Callable[[nn.Module, Any], torch.Tensor],
-                     precision: Precision, device: torch.device) -> float:
+def seconds_per_step(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    precision: Precision,
+    device: torch.device,
+) -> float:
     """Median seconds of one training step over ``batches`` (at least two), the first left out as warm-up (first
     calls allocate memory and pick kernels).
 

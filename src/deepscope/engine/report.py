@@ -52,7 +52,9 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions):
-        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(
+            image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest"
+        )
         ax.set_title(caption, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -82,7 +84,9 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
     ax.set_yticklabels(names, fontsize=8)
     if len(names) <= 20:
         for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black")
+            ax.text(
+                j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -102,7 +106,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(run_dir: Path, title: str, metrics: dict[str, Any], history: list[dict[str, Any]], sections: list[tuple[str, str]]) -> Path:
+def write_report(
+    run_dir: Path, title: str, metrics: dict[str, Any], history: list[dict[str, Any]], sections: list[tuple[str, str]]
+) -> Path:
     """Write ``report.html``: a summary, the curves, then each (heading, HTML) section."""
     if history:
         plot_curves(history, run_dir / "curves.png")
@@ -116,7 +122,12 @@ def write_report(run_dir: Path, title: str, metrics: dict[str, Any], history: li
         parts += ["<h2>Training curves</h2>", '<img src="curves.png" alt="training curves">']
     for heading, body in sections:
         parts += [f"<h2>{html.escape(heading)}</h2>", body]
-    parts += ["<h2>History</h2>", table(history), "<h2>Metrics (JSON)</h2>", f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>"]
+    parts += [
+        "<h2>History</h2>",
+        table(history),
+        "<h2>Metrics (JSON)</h2>",
+        f"<pre>{html.escape(json.dumps(summary, indent=1))}</pre>",
+    ]
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     path = run_dir / "report.html"

@@ -54,7 +54,9 @@ class Task(ABC):
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.notes: list[str] = []  # lines for the run log from setup and model building (e.g. which weights were loaded)
+        self.notes: list[
+            str
+        ] = []  # lines for the run log from setup and model building (e.g. which weights were loaded)
 
     @abstractmethod
     def setup(self, device: torch.device, dist: DistInfo) -> None:
@@ -88,7 +90,9 @@ class Task(ABC):
         """A few images of a training batch in [0, 1] (N, C, H, W) for TensorBoard; empty to skip."""
         return torch.empty(0)
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         """Called on every rank after training with the best weights loaded; returns extra metrics (test)."""
         return {}
 

@@ -119,7 +119,9 @@ class Trainer:
         cfg, task = self.config, self.task
         t_start = time.time()
         if not self.resume and self.last_path.exists():
-            raise DeepscopeError(f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out")
+            raise DeepscopeError(
+                f"{self.run_dir}: already holds a run (last.pt); pass --resume to continue it or choose another --out"
+            )
         state = self._resume_state() if self.resume else None
         if self.resume and dist.is_main:
             for partial in leftovers(self.run_dir):  # half written by the run that was killed
@@ -149,12 +151,30 @@ class Trainer:
             raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=task.find_unused_parameters) if dist.enabled else model
+        net = (
+            DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=task.find_unused_parameters,
+            )
+            if dist.enabled
+            else model
+        )
         run = Run(
-            train=train, val=task.val_batches(), model=model, net=net, optimizer=optimizer, scheduler=scheduler, sched_when=sched_when,
-            scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16), precision=precision,
-            device=device, dist=dist, parameters=count_parameters(model), steps=steps, t_start=t_start,
+            train=train,
+            val=task.val_batches(),
+            model=model,
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            sched_when=sched_when,
+            scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16),
+            precision=precision,
+            device=device,
+            dist=dist,
+            parameters=count_parameters(model),
+            steps=steps,
+            t_start=t_start,
             deadline=t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf,
         )
         self.log.info(f"{cfg.task}: model {cfg.model} with {run.parameters:,} parameters on {device} x{dist.world}")
@@ -165,7 +185,9 @@ class Trainer:
             self.log.info(f"warning: {precision.warning}")
         if state is None:
             if self.resume:
-                self.log.info(f"resuming: {self.run_dir} holds no checkpoint yet (the run stopped in its first epoch); starting from the beginning")
+                self.log.info(
+                    f"resuming: {self.run_dir} holds no checkpoint yet (the run stopped in its first epoch); starting from the beginning"
+                )
             return run, 0, 0
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -202,7 +224,11 @@ class Trainer:
             nonfinite, late = all_reduce_max([float(bad is not None), float(late)], run.device)
             if nonfinite:
                 where = f"step {checked + bad + 1}" if bad is not None else f"step {step + 1} (on another process)"
-                kept = f"last good checkpoint: {self.last_path}" if self.last_path.exists() else "no checkpoint was written yet"
+                kept = (
+                    f"last good checkpoint: {self.last_path}"
+                    if self.last_path.exists()
+                    else "no checkpoint was written yet"
+                )
                 raise TrainingError(f"non-finite loss at epoch {epoch + 1}, {where}; training stopped, {kept}")
             checked = step + 1
             rate = seen * run.dist.world / max(1e-9, time.time() - t_epoch)

@@ -58,14 +58,27 @@ class Output:
         try:
             if suffix in HDF5_SUFFIXES:
                 self._file = h5py.File(path, "a")
-                self.array: Any = self._file.create_dataset(self._partial, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                                            compression="gzip", compression_opts=1)
+                self.array: Any = self._file.create_dataset(
+                    self._partial,
+                    shape=tuple(shape),
+                    dtype=dtype,
+                    chunks=chunks,
+                    compression="gzip",
+                    compression_opts=1,
+                )
             elif suffix == ".zarr":
                 group = zarr.open_group(str(path), mode="a")
-                self.array = group.create_array(self._partial, shape=tuple(shape), dtype=dtype, chunks=chunks, overwrite=True)
+                self.array = group.create_array(
+                    self._partial, shape=tuple(shape), dtype=dtype, chunks=chunks, overwrite=True
+                )
             elif suffix in TIFF_SUFFIXES:
-                colour = len(shape) == 3 and shape[-1] in (3, 4)  # (H, W, RGB[A]); anything else is stored as grey planes
-                self.array = tifffile.memmap(self._tmp, shape=tuple(shape), dtype=dtype, photometric="rgb" if colour else "minisblack")
+                colour = len(shape) == 3 and shape[-1] in (
+                    3,
+                    4,
+                )  # (H, W, RGB[A]); anything else is stored as grey planes
+                self.array = tifffile.memmap(
+                    self._tmp, shape=tuple(shape), dtype=dtype, photometric="rgb" if colour else "minisblack"
+                )
                 with open(self._tmp, "r+b") as handle:
                     os.posix_fallocate(handle.fileno(), 0, os.path.getsize(self._tmp))
             else:
@@ -81,7 +94,9 @@ class Output:
         if kind is not None:
             self.discard()
             if isinstance(error, OSError):
-                raise WriteError(f"{self.path}: could not write output ({error.strerror or error}); {self._kept()}") from None
+                raise WriteError(
+                    f"{self.path}: could not write output ({error.strerror or error}); {self._kept()}"
+                ) from None
             return
         try:
             self.commit()
@@ -128,7 +143,9 @@ class Output:
             self._tmp.unlink(missing_ok=True)
 
 
-def output_paths(out: str | Path, stem: str, single: bool, labels_name: str) -> tuple[tuple[Path, str], tuple[Path, str]]:
+def output_paths(
+    out: str | Path, stem: str, single: bool, labels_name: str
+) -> tuple[tuple[Path, str], tuple[Path, str]]:
     """Where probabilities and labels go: datasets ``probabilities`` and ``labels_name`` in a container, a TIFF and
     its ``_<labels_name>.tif`` sibling, or ``<stem>_probabilities.tif`` and ``<stem>_<labels_name>.tif`` in a folder."""
     out = Path(out)

@@ -17,10 +17,14 @@ ModelBuilder = Callable[[dict[str, Any], dict[str, Any]], nn.Module]
 
 
 def build_classifier(config: dict[str, Any], info: dict[str, Any]) -> nn.Module:
-    return build_model(config["model"], tuple(info["in_shape"]), len(info["class_names"]), **config.get("model_args", {}))
+    return build_model(
+        config["model"], tuple(info["in_shape"]), len(info["class_names"]), **config.get("model_args", {})
+    )
 
 
-def load_trained_model(path: str | Path, task: str, device: torch.device, build: ModelBuilder = build_classifier) -> tuple[nn.Module, dict[str, Any]]:
+def load_trained_model(
+    path: str | Path, task: str, device: torch.device, build: ModelBuilder = build_classifier
+) -> tuple[nn.Module, dict[str, Any]]:
     """The model in a checkpoint, in eval mode on ``device``, with the checkpoint's contents.
 
     ``build(config, task_state)`` rebuilds the untrained network from the saved config and inference state.

@@ -76,7 +76,9 @@ def _window_weight(blend: str, window: tuple[int, ...], tile: tuple[int, ...], h
     return weight.astype(np.float32)
 
 
-def _placement(tile: Ranges, grow: Sequence[int], halo: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[tuple, tuple]:
+def _placement(
+    tile: Ranges, grow: Sequence[int], halo: tuple[int, ...], spatial: tuple[int, ...]
+) -> tuple[tuple, tuple]:
     """Where a tile's prediction goes: the tile grown by ``grow`` and clipped to the image, as image slices and as the
     matching slices of the window (which starts ``halo`` before the tile)."""
     dst, src = [], []
@@ -89,7 +91,11 @@ def _placement(tile: Ranges, grow: Sequence[int], halo: tuple[int, ...], spatial
 
 @torch.no_grad()
 def _predict(
-    model: nn.Module, blocks: list[np.ndarray], device: torch.device, views: list[tuple[tuple[int, ...], bool]], channels: int
+    model: nn.Module,
+    blocks: list[np.ndarray],
+    device: torch.device,
+    views: list[tuple[tuple[int, ...], bool]],
+    channels: int,
 ) -> np.ndarray:
     """The model's float32 output for a batch of windows, averaged over the views (flipped axes, whether the last two
     axes are swapped), each prediction turned back before it is added."""
@@ -99,8 +105,10 @@ def _predict(
         seen = x.flip(dims).transpose(-1, -2) if swap else x.flip(dims)
         y = model(seen)
         if tuple(y.shape) != (x.shape[0], channels) + tuple(seen.shape[2:]):
-            raise DeepscopeError(f"model returned shape {tuple(y.shape)} for a tile batch of shape {tuple(x.shape)}; "
-                                 f"expected {channels} channel(s) and the same spatial size")
+            raise DeepscopeError(
+                f"model returned shape {tuple(y.shape)} for a tile batch of shape {tuple(x.shape)}; "
+                f"expected {channels} channel(s) and the same spatial size"
+            )
         total = total + (y.transpose(-1, -2) if swap else y).flip(dims).float()
     return (total / len(views)).cpu().numpy()
 
@@ -123,15 +131,15 @@ def predict_tiled(
 ) -> Any:
     """``model`` applied to ``image`` (C, *spatial), 2 or 3 spatial axes, tile by tile; returns ``out``.
 
-    ``out`` (out_channels, *spatial) is filled by slice assignment, or allocated as a numpy array of ``dtype``. Windows
-    of ``tile + 2 * halo`` go to the model ``batch_size`` at a time on ``device`` (default CUDA if available, else CPU;
-    the model is moved there and is in eval mode meanwhile). ``flip_tta`` averages over flips of every subset of spatial axes;
-``rotate_tta`` also over those views with the last two axes swapped (with the flips: all 8 rotations and mirrorings
-of a 2D window).
-    ``model_divisor`` is what the model needs each window side divisible by (a U-Net's ``divisor``); windows on axes
-    shorter than a tile are shrunk to the image plus halo, rounded up to it. ``blend`` is explained in the module doc.
-    ``progress(done, total)`` is called after each batch with the number of windows predicted so far, so a caller can
-    show how far it is (and stop it by raising).
+        ``out`` (out_channels, *spatial) is filled by slice assignment, or allocated as a numpy array of ``dtype``. Windows
+        of ``tile + 2 * halo`` go to the model ``batch_size`` at a time on ``device`` (default CUDA if available, else CPU;
+        the model is moved there and is in eval mode meanwhile). ``flip_tta`` averages over flips of every subset of spatial axes;
+    ``rotate_tta`` also over those views with the last two axes swapped (with the flips: all 8 rotations and mirrorings
+    of a 2D window).
+        ``model_divisor`` is what the model needs each window side divisible by (a U-Net's ``divisor``); windows on axes
+        shorter than a tile are shrunk to the image plus halo, rounded up to it. ``blend`` is explained in the module doc.
+        ``progress(done, total)`` is called after each batch with the number of windows predicted so far, so a caller can
+        show how far it is (and stop it by raising).
     """
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) not in (3, 4):
@@ -152,7 +160,9 @@ of a 2D window).
     if out is None:
         out = np.empty(expected, dtype)
     elif tuple(out.shape) != expected:
-        raise DeepscopeError(f"out must have shape {expected} (out_channels, *image spatial shape), got {tuple(out.shape)}")
+        raise DeepscopeError(
+            f"out must have shape {expected} (out_channels, *image spatial shape), got {tuple(out.shape)}"
+        )
 
     tile = tuple(min(t, n) for t, n in zip(tile, spatial))  # one tile covers an axis shorter than a tile
     window = tuple(-(-(t + 2 * h) // d) * d for t, h, d in zip(tile, halo, divisor))  # last tiles are mirrored up to it
@@ -192,6 +202,8 @@ of a 2D window).
                 if progress is not None:
                     progress(predicted, windows)
             if weight is not None:
-                done = grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]  # no later tile reaches above
+                done = (
+                    grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]
+                )  # no later tile reaches above
                 out[:, lo:done] = (acc[:-1, : done - lo] / acc[-1:, : done - lo]).astype(dtype, copy=False)
     return out

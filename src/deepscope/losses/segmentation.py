@@ -50,7 +50,10 @@ def dice_loss(
 
 
 def bce_loss(
-    logits: Tensor, target: Tensor, mask: Tensor | None = None, pos_weight: float | Sequence[float] | Tensor | None = None
+    logits: Tensor,
+    target: Tensor,
+    mask: Tensor | None = None,
+    pos_weight: float | Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Binary cross-entropy with logits, averaged over the unmasked elements; a fully masked batch gives 0, not NaN.
 
@@ -59,7 +62,11 @@ def bce_loss(
     """
     logits = logits.float()
     _check_same_shape(target, logits)
-    weight = None if pos_weight is None else _per_channel(pos_weight, logits, "pos_weight").view(-1, *[1] * (logits.ndim - 2))
+    weight = (
+        None
+        if pos_weight is None
+        else _per_channel(pos_weight, logits, "pos_weight").view(-1, *[1] * (logits.ndim - 2))
+    )
     losses = F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=weight, reduction="none")
     if mask is None:
         return losses.mean()
@@ -117,7 +124,9 @@ def build_loss(name: str, **kwargs: Any) -> LossFn:
     allowed = set(inspect.signature(fn).parameters) - {"logits", "target", "mask"}
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise DeepscopeError(f"loss {name!r} has no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}")
+        raise DeepscopeError(
+            f"loss {name!r} has no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}"
+        )
 
     def loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         return fn(logits, target, mask=mask, **kwargs)
@@ -146,7 +155,9 @@ def _check_class_map(target: Tensor, logits: Tensor, ignore_index: int | None = 
         bad &= target != ignore_index
     if bad.any():
         label = int(target[bad][0])
-        raise DeepscopeError(f"class map has label {label} but logits have {classes} channels (labels 0..{classes - 1})")
+        raise DeepscopeError(
+            f"class map has label {label} but logits have {classes} channels (labels 0..{classes - 1})"
+        )
 
 
 def _one_hot(target: Tensor, logits: Tensor) -> Tensor:

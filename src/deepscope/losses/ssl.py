@@ -38,7 +38,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     process's 2b anchors of the cross-entropy of cosine similarities / ``temperature``.
     """
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-    world, rank = world_rank()
+    _world, rank = world_rank()
     b = len(z1)
     keys = torch.cat([gather(z1), gather(z2)])  # (2N, d): all first views, then all second views
     n = len(keys) // 2
@@ -50,7 +50,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, partner)
 
 
-def vicreg(z1: torch.Tensor, z2: torch.Tensor, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0) -> torch.Tensor:
+def vicreg(
+    z1: torch.Tensor, z2: torch.Tensor, invariance: float = 25.0, variance: float = 25.0, covariance: float = 1.0
+) -> torch.Tensor:
     """VICReg (Bardes et al. 2022): views agree (MSE), each dimension keeps a standard deviation of at least 1 over the
     batch (hinge), and dimensions are decorrelated (squared off-diagonal covariance / d). No negatives and no momentum
     encoder: the variance term alone keeps embeddings from collapsing to a constant."""

@@ -24,8 +24,10 @@ def stardist_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, di
     """
     logits = logits.float()
     if logits.ndim < 3 or logits.shape[1] < 2 or target.shape != logits.shape:
-        raise DeepscopeError(f"stardist loss needs logits and target (N, 1 + n_rays, *spatial) of one shape, got "
-                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        raise DeepscopeError(
+            f"stardist loss needs logits and target (N, 1 + n_rays, *spatial) of one shape, got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
     pixels = (logits.shape[0], 1, *logits.shape[2:])
     if mask is not None and tuple(mask.shape) != pixels:
         raise DeepscopeError(f"stardist loss mask shape {tuple(mask.shape)} must be {pixels}")

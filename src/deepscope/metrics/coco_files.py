@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from deepscope.data.detection.types import DetData
 from deepscope.data.detection.annotations import coco_ground_truth, is_number, json_rles, read_json
+from deepscope.data.detection.types import DetData
 from deepscope.errors import DataError, shown
 from deepscope.metrics.detection import DetectionScorer, binary_masks
 
@@ -91,10 +91,16 @@ def load_coco_predictions(path: str | Path) -> CocoPredictions:
     detections = _check_entries(path, "detection", data["annotations"], keys)
     images = _check_entries(path, "image", data.get("images", []), ("id",))
     categories = _check_entries(path, "category", data.get("categories", []), ("id",))
-    file_names = (_unique_map(str(path), "image id", [(im["id"], im["file_name"]) for im in images])
-                  if images and all("file_name" in im for im in images) else None)
-    names = (_unique_map(str(path), "category id", [(c["id"], c["name"]) for c in categories])
-             if categories and all("name" in c for c in categories) else None)
+    file_names = (
+        _unique_map(str(path), "image id", [(im["id"], im["file_name"]) for im in images])
+        if images and all("file_name" in im for im in images)
+        else None
+    )
+    names = (
+        _unique_map(str(path), "category id", [(c["id"], c["name"]) for c in categories])
+        if categories and all("name" in c for c in categories)
+        else None
+    )
     return CocoPredictions(path, detections, file_names, names)
 
 

@@ -25,9 +25,13 @@ def data_range_for(truth: np.ndarray, dtype: np.dtype, given: float | None, name
         if given <= 0:
             raise DataError(f"data range must be positive, got {given:g}")
         if np.issubdtype(dtype, np.integer) and given > np.iinfo(dtype).max - np.iinfo(dtype).min:
-            raise DataError(f"{name}: data range {given:g} does not match its dtype {dtype} (values span at most {np.iinfo(dtype).max - np.iinfo(dtype).min})")
+            raise DataError(
+                f"{name}: data range {given:g} does not match its dtype {dtype} (values span at most {np.iinfo(dtype).max - np.iinfo(dtype).min})"
+            )
         if high - low > given * (1 + 1e-6):
-            raise DataError(f"{name}: values span {low:g}..{high:g}, wider than the data range {given:g}; is the range for another scale?")
+            raise DataError(
+                f"{name}: values span {low:g}..{high:g}, wider than the data range {given:g}; is the range for another scale?"
+            )
         return float(given)
     if np.issubdtype(dtype, np.integer):
         return float(np.iinfo(dtype).max - np.iinfo(dtype).min)
@@ -39,7 +43,9 @@ def data_range_for(truth: np.ndarray, dtype: np.dtype, given: float | None, name
 def psnr(truth: np.ndarray, pred: np.ndarray, data_range: float) -> float:
     from skimage.metrics import peak_signal_noise_ratio
 
-    return float(peak_signal_noise_ratio(np.asarray(truth, np.float64), np.asarray(pred, np.float64), data_range=data_range))
+    return float(
+        peak_signal_noise_ratio(np.asarray(truth, np.float64), np.asarray(pred, np.float64), data_range=data_range)
+    )
 
 
 def ssim(truth: np.ndarray, pred: np.ndarray, data_range: float, channel_axis: int | None = None) -> float:
@@ -52,16 +58,33 @@ def ssim(truth: np.ndarray, pred: np.ndarray, data_range: float, channel_axis: i
     if smallest < 3:
         raise DataError(f"SSIM needs images of at least 3 pixels per axis, got shape {truth.shape}")
     window = None if smallest >= 11 else smallest - (1 - smallest % 2)  # the Gaussian window, shrunk for thin stacks
-    return float(structural_similarity(truth, pred, data_range=data_range, channel_axis=channel_axis, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False, win_size=window))
+    return float(
+        structural_similarity(
+            truth,
+            pred,
+            data_range=data_range,
+            channel_axis=channel_axis,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            win_size=window,
+        )
+    )
 
 
-def image_scores(name: str, truth: np.ndarray, pred: np.ndarray, data_range: float, channel_axis: int | None = None) -> dict[str, Any]:
+def image_scores(
+    name: str, truth: np.ndarray, pred: np.ndarray, data_range: float, channel_axis: int | None = None
+) -> dict[str, Any]:
     if truth.shape != pred.shape:
         raise DataError(f"{name}: prediction shape {pred.shape} does not match the clean image {truth.shape}")
     if not np.isfinite(pred).all():
         raise DataError(f"{name}: prediction holds NaN or infinite values")
-    return {"name": name, "psnr": psnr(truth, pred, data_range), "ssim": ssim(truth, pred, data_range, channel_axis), "data_range": data_range}
+    return {
+        "name": name,
+        "psnr": psnr(truth, pred, data_range),
+        "ssim": ssim(truth, pred, data_range, channel_axis),
+        "data_range": data_range,
+    }
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -69,10 +92,17 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     keys = [k for k, v in records[0].items() if isinstance(v, float) and k != "data_range"] if records else []
     means = {k: float(np.mean([r[k] for r in records])) for k in keys}
     ranges = sorted({r["data_range"] for r in records})
-    return {**means, "data_range": ranges[0] if len(ranges) == 1 else "per image", "images": len(records), "per_image": records}
+    return {
+        **means,
+        "data_range": ranges[0] if len(ranges) == 1 else "per image",
+        "images": len(records),
+        "per_image": records,
+    }
 
 
-def evaluate_image_folders(pred_dir: str | Path, truth_dir: str | Path, data_range: float | None = None) -> dict[str, Any]:
+def evaluate_image_folders(
+    pred_dir: str | Path, truth_dir: str | Path, data_range: float | None = None
+) -> dict[str, Any]:
     """PSNR/SSIM of saved results against clean images matched by file name (no model needed)."""
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
     for folder in (pred_dir, truth_dir):

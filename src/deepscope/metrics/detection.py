@@ -20,7 +20,9 @@ from deepscope.errors import DeepscopeError
 # COCOeval's own float64 grids. torchmetrics' defaults are float32 copies (0.55 becomes 0.550000011...), which moves
 # matches that sit exactly on a threshold and recall levels such as 0.29 = 29/100: its mAP then differs from
 # pycocotools' in the third decimal.
-COCO_IOUS: tuple[float, ...] = tuple(np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist())
+COCO_IOUS: tuple[float, ...] = tuple(
+    np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
+)
 RECALL_LEVELS: tuple[float, ...] = tuple(np.linspace(0.0, 1.0, int(np.round(1.0 / 0.01)) + 1, endpoint=True).tolist())
 AREAS = ("all", "small", "medium", "large")  # COCOeval's area ranges, in the order of its arrays
 STANDARD_MAX_DETECTIONS = 100
@@ -84,7 +86,9 @@ class DetectionScorer:
         from torchmetrics.detection import MeanAveragePrecision
 
         if max_detections <= 10:
-            raise DeepscopeError(f"max_detections must be above 10 (COCO also reports recall at 1 and 10), got {max_detections}")
+            raise DeepscopeError(
+                f"max_detections must be above 10 (COCO also reports recall at 1 and 10), got {max_detections}"
+            )
         self.class_names = list(class_names)
         self.max_detections = max_detections
         self.masks = masks
@@ -131,7 +135,10 @@ class DetectionScorer:
         labels = torch.as_tensor(item["labels"], dtype=torch.int64, device=self.device)
         if len(labels) and (labels.min() < 1 or labels.max() > len(self.class_names)):
             raise ValueError(f"labels must be in 1..{len(self.class_names)}, got {labels.min()}..{labels.max()}")
-        out = {"boxes": torch.as_tensor(item["boxes"], dtype=torch.float64, device=self.device).reshape(-1, 4), "labels": labels}
+        out = {
+            "boxes": torch.as_tensor(item["boxes"], dtype=torch.float64, device=self.device).reshape(-1, 4),
+            "labels": labels,
+        }
         if self.masks:
             if item.get("masks") is None:
                 raise ValueError("masks=True needs masks in every prediction and target")
@@ -139,7 +146,9 @@ class DetectionScorer:
         if not is_truth:
             out["scores"] = torch.as_tensor(item["scores"], dtype=torch.float64, device=self.device)
             return out
-        out["iscrowd"] = torch.as_tensor(item.get("iscrowd", torch.zeros(len(labels))), dtype=torch.int64, device=self.device)
+        out["iscrowd"] = torch.as_tensor(
+            item.get("iscrowd", torch.zeros(len(labels))), dtype=torch.int64, device=self.device
+        )
         if item.get("area") is not None:
             out["area"] = torch.as_tensor(item["area"], dtype=torch.float64, device=self.device)
         elif self.masks:
@@ -149,7 +158,10 @@ class DetectionScorer:
     def compute(self, curves: bool = False) -> dict[str, Any]:
         values = self._main.compute()  # on every process alike: torchmetrics gathers the detections of all of them
         main = self._summary(values, "bbox_" if self.masks else "", self.ious)
-        result: dict[str, Any] = {**self._coco_numbers(main, self.max_detections), "max_detections": self.max_detections}
+        result: dict[str, Any] = {
+            **self._coco_numbers(main, self.max_detections),
+            "max_detections": self.max_detections,
+        }
         coco = main["coco"]
         result["per_class"] = {
             name: _mean_valid(main["precision"][coco, :, k, 0, -1]) if k is not None else None

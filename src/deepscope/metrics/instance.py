@@ -40,7 +40,9 @@ def check_labels(truth: np.ndarray, pred: np.ndarray, name: str = "") -> None:
             raise DataError(f"{prefix}labels must not be negative, the {role} has {labels.min()}")
 
 
-def _sparse_overlaps(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _sparse_overlaps(
+    truth: np.ndarray, pred: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """IoU of every overlapping (truth, pred) pair as (rows, cols, ious), plus the object ids.
 
     Only pixels where both labels are foreground can contribute, so the pair codes are built from those alone;
@@ -52,7 +54,12 @@ def _sparse_overlaps(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, n
     truth_ids, truth_area = np.unique(truth, return_counts=True)
     pred_ids, pred_area = np.unique(pred, return_counts=True)
     truth_fg, pred_fg = truth_ids > 0, pred_ids > 0
-    truth_ids, truth_area, pred_ids, pred_area = truth_ids[truth_fg], truth_area[truth_fg], pred_ids[pred_fg], pred_area[pred_fg]
+    truth_ids, truth_area, pred_ids, pred_area = (
+        truth_ids[truth_fg],
+        truth_area[truth_fg],
+        pred_ids[pred_fg],
+        pred_area[pred_fg],
+    )
     both = (truth > 0) & (pred > 0)
     rows = np.searchsorted(truth_ids, truth[both]).astype(np.int64)
     cols = np.searchsorted(pred_ids, pred[both]).astype(np.int64)
@@ -91,8 +98,9 @@ def _max_matching(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.concatenate([np.flatnonzero(alone), assigned[assigned >= 0]])
 
 
-def _counts(rows: np.ndarray, cols: np.ndarray, ious: np.ndarray, n_truth: int, n_pred: int,
-            thresholds: Sequence[float]) -> dict[float, tuple[int, int, int]]:
+def _counts(
+    rows: np.ndarray, cols: np.ndarray, ious: np.ndarray, n_truth: int, n_pred: int, thresholds: Sequence[float]
+) -> dict[float, tuple[int, int, int]]:
     """``match_counts`` from overlaps already computed, so ``image_scores`` passes over the pixels once."""
     counts = {}
     for threshold in thresholds:
@@ -161,7 +169,13 @@ def _panoptic_record(ious: np.ndarray, n_truth: int, n_pred: int) -> dict[str, f
     matched = ious[ious > 0.5]
     tp = len(matched)
     iou_sum = float(matched.sum())
-    return {**panoptic(iou_sum, tp, n_pred - tp, n_truth - tp), "pq_iou_sum": iou_sum, "pq_tp": tp, "pq_fp": n_pred - tp, "pq_fn": n_truth - tp}
+    return {
+        **panoptic(iou_sum, tp, n_pred - tp, n_truth - tp),
+        "pq_iou_sum": iou_sum,
+        "pq_tp": tp,
+        "pq_fp": n_pred - tp,
+        "pq_fn": n_truth - tp,
+    }
 
 
 def variation_of_information(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -192,7 +206,9 @@ def _threshold_report(counts: dict[float, tuple[int, int, int]]) -> dict[str, di
     return {f"{t:g}": {"tp": tp, "fp": fp, "fn": fn, **scores(tp, fp, fn)} for t, (tp, fp, fn) in counts.items()}
 
 
-def image_scores(name: str, truth: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+def image_scores(
+    name: str, truth: np.ndarray, pred: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
+) -> dict[str, Any]:
     """Matching counts and scores at every threshold, VOI, adapted Rand error, Kaggle score and PQ of one image.
 
     The matching scores all come from one overlap table, the costly pass over the pixels.
@@ -202,8 +218,15 @@ def image_scores(name: str, truth: np.ndarray, pred: np.ndarray, thresholds: Seq
     n_truth, n_pred = len(truth_ids), len(pred_ids)
     split, merge = variation_of_information(truth, pred)
     report = _threshold_report(_counts(rows, cols, ious, n_truth, n_pred, thresholds))
-    return {"name": str(name), "thresholds": report, "voi_split": split, "voi_merge": merge, "arand": adapted_rand(truth, pred),
-            "kaggle": _kaggle(ious, n_truth, n_pred), **_panoptic_record(ious, n_truth, n_pred)}
+    return {
+        "name": str(name),
+        "thresholds": report,
+        "voi_split": split,
+        "voi_merge": merge,
+        "arand": adapted_rand(truth, pred),
+        "kaggle": _kaggle(ious, n_truth, n_pred),
+        **_panoptic_record(ious, n_truth, n_pred),
+    }
 
 
 def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -217,7 +240,10 @@ def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if not per_image:
         raise DataError("no images to evaluate")
     keys = list(per_image[0]["thresholds"])
-    totals = {float(k): tuple(int(sum(image["thresholds"][k][c] for image in per_image)) for c in ("tp", "fp", "fn")) for k in keys}
+    totals = {
+        float(k): tuple(int(sum(image["thresholds"][k][c] for image in per_image)) for c in ("tp", "fp", "fn"))
+        for k in keys
+    }
     summed = _threshold_report(totals)
     return {
         "thresholds": summed,
@@ -238,7 +264,9 @@ def evaluate_instances(
     return summarize([image_scores(name, truth, pred, thresholds) for name, truth, pred in pairs])
 
 
-def evaluate_label_folders(pred_dir: str | Path, truth_dir: str | Path, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+def evaluate_label_folders(
+    pred_dir: str | Path, truth_dir: str | Path, thresholds: Sequence[float] = THRESHOLDS
+) -> dict[str, Any]:
     """Score saved label images against the truth, files matched by name, so any tool's results can be compared.
 
     Images are read one pair at a time, so the folders may hold more than fits in memory.

@@ -20,8 +20,15 @@ from torch import Tensor
 from deepscope.errors import DataError
 
 
-def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 200, temperature: float = 0.1,
-                chunk: int = 1024) -> Tensor:
+def knn_predict(
+    queries: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> Tensor:
     """Predicted class (int64, on the queries' device) of each query by the weighted vote of its ``k`` nearest bank features.
 
     Bank entries labelled -1 (no label) do not vote. Queries are taken ``chunk`` at a time so memory stays at
@@ -38,7 +45,7 @@ def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes:
     predictions = []
     with torch.autocast(device.type, enabled=False):  # float32 similarities under a run's bf16 autocast: ties and votes
         for start in range(0, len(queries), chunk):
-            q = F.normalize(queries[start:start + chunk].float(), dim=1)
+            q = F.normalize(queries[start : start + chunk].float(), dim=1)
             sims, idx = (q @ bank.T).topk(k, dim=1)
             weights = ((sims - sims[:, :1]) / temperature).exp()
             votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, bank_labels[idx], weights)
@@ -46,11 +53,20 @@ def knn_predict(queries: Tensor, bank: Tensor, bank_labels: Tensor, num_classes:
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.int64, device=device)
 
 
-def knn_accuracy(queries: Tensor, query_labels: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 200,
-                 temperature: float = 0.1) -> float:
+def knn_accuracy(
+    queries: Tensor,
+    query_labels: Tensor,
+    bank: Tensor,
+    bank_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> float:
     """Fraction of the labelled queries (label >= 0) that :func:`knn_predict` classifies correctly."""
     labelled = query_labels >= 0
     if not bool(labelled.any()):
         raise DataError("kNN: no labelled query features (all labels are -1)")
     predicted = knn_predict(queries[labelled.to(queries.device)], bank, bank_labels, num_classes, k, temperature)
-    return int((predicted == query_labels[labelled].to(predicted.device)).sum()) / len(predicted)  # exact: a ratio of counts
+    return int((predicted == query_labels[labelled].to(predicted.device)).sum()) / len(
+        predicted
+    )  # exact: a ratio of counts

@@ -50,7 +50,9 @@ class MLP(nn.Module):
 
 
 def conv_block(c_in: int, c_out: int, norm: str = "batch") -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_nd(norm, c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), norm_nd(norm, c_out), nn.ReLU(inplace=True)
+    )
 
 
 class SmallCNN(nn.Module):
@@ -118,7 +120,9 @@ class FastNet(nn.Module):
     ) -> None:
         super().__init__()
         size = min(in_shape[1:])
-        self.stem = nn.Sequential(nn.Conv2d(in_shape[0], stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.GELU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_shape[0], stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.GELU()
+        )
         blocks, c = [], stem
         for width in widths:
             blocks.append(FastBlock(c, width, pool=size >= 2))

@@ -28,10 +28,19 @@ def forest_state(forest: RandomForestClassifier) -> dict[str, Any]:
     for estimator in forest.estimators_:
         state = estimator.tree_.__getstate__()
         nodes = state["nodes"]
-        trees.append({"max_features": int(estimator.max_features_),
-                      "nodes": {name: np.ascontiguousarray(nodes[name]) for name in nodes.dtype.names},
-                      "values": np.ascontiguousarray(state["values"])})
-    return {"params": params, "classes": np.asarray(forest.classes_), "n_features": int(forest.n_features_in_), "trees": trees}
+        trees.append(
+            {
+                "max_features": int(estimator.max_features_),
+                "nodes": {name: np.ascontiguousarray(nodes[name]) for name in nodes.dtype.names},
+                "values": np.ascontiguousarray(state["values"]),
+            }
+        )
+    return {
+        "params": params,
+        "classes": np.asarray(forest.classes_),
+        "n_features": int(forest.n_features_in_),
+        "trees": trees,
+    }
 
 
 def _node_dtype() -> np.dtype:
@@ -41,7 +50,11 @@ def _node_dtype() -> np.dtype:
 
 def _array(value: Any, what: str, dtype: Any, shape: tuple[int | None, ...]) -> np.ndarray:
     """``value`` as an array of ``dtype`` whose shape matches ``shape`` (None: any length); ValueError otherwise."""
-    if not isinstance(value, np.ndarray) or value.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, value.shape)):
+    if (
+        not isinstance(value, np.ndarray)
+        or value.ndim != len(shape)
+        or any(s is not None and s != n for s, n in zip(shape, value.shape))
+    ):
         raise ValueError(f"{what} is not an array of shape {shape}")
     if not np.can_cast(value.dtype, dtype, casting="same_kind"):
         raise ValueError(f"{what} holds {value.dtype}, expected {np.dtype(dtype)}")
@@ -69,7 +82,9 @@ def _checked_tree(tree: Any, n_features: int, n_classes: int, index: int) -> tup
         raise ValueError(f"{what} has no node arrays")
     dtype = _node_dtype()
     if set(tree["nodes"]) != set(dtype.names):
-        raise ValueError(f"{what} has node fields {sorted(tree['nodes'])}; this scikit-learn's trees have {list(dtype.names)}")
+        raise ValueError(
+            f"{what} has node fields {sorted(tree['nodes'])}; this scikit-learn's trees have {list(dtype.names)}"
+        )
     count = len(tree["nodes"]["left_child"]) if isinstance(tree["nodes"]["left_child"], np.ndarray) else 0
     if not 1 <= count <= MAX_NODES:
         raise ValueError(f"{what} has {count} nodes")
@@ -80,9 +95,16 @@ def _checked_tree(tree: Any, n_features: int, n_classes: int, index: int) -> tup
     if not np.array_equal(leaf, right == TREE_LEAF):
         raise ValueError(f"{what} has a node with one child")
     split = ~leaf
-    if np.any((left[split] <= index_of[split]) | (right[split] <= index_of[split]) | (left[split] >= count) | (right[split] >= count)):
+    if np.any(
+        (left[split] <= index_of[split])
+        | (right[split] <= index_of[split])
+        | (left[split] >= count)
+        | (right[split] >= count)
+    ):
         raise ValueError(f"{what} has a child index outside the tree or before its parent")
-    if np.any((feature[split] < 0) | (feature[split] >= n_features)) or not np.all(np.isfinite(fields["threshold"][split])):
+    if np.any((feature[split] < 0) | (feature[split] >= n_features)) or not np.all(
+        np.isfinite(fields["threshold"][split])
+    ):
         raise ValueError(f"{what} splits on a feature that does not exist or at a threshold that is not a number")
     if "missing_go_to_left" in fields and np.any(fields["missing_go_to_left"] > 1):
         raise ValueError(f"{what} has a missing-value direction other than left or right")
@@ -96,7 +118,9 @@ def _checked_tree(tree: Any, n_features: int, n_classes: int, index: int) -> tup
     for name, array in fields.items():
         nodes[name] = array
     built = Tree(n_features, np.array([n_classes], dtype=np.intp), 1)
-    built.__setstate__({"max_depth": _depth(left, right), "node_count": count, "nodes": nodes, "values": np.ascontiguousarray(values)})
+    built.__setstate__(
+        {"max_depth": _depth(left, right), "node_count": count, "nodes": nodes, "values": np.ascontiguousarray(values)}
+    )
     return built, max_features
 
 
@@ -109,13 +133,21 @@ def rebuild_forest(state: Any) -> RandomForestClassifier:
     if not isinstance(n_features, int) or not 1 <= n_features <= 1 << 20:
         raise ValueError(f"it has {n_features!r} features")
     classes = state.get("classes")
-    if not isinstance(classes, np.ndarray) or classes.ndim != 1 or classes.dtype.kind not in "iu" or len(classes) < 2 \
-            or len(np.unique(classes)) != len(classes):
+    if (
+        not isinstance(classes, np.ndarray)
+        or classes.ndim != 1
+        or classes.dtype.kind not in "iu"
+        or len(classes) < 2
+        or len(np.unique(classes)) != len(classes)
+    ):
         raise ValueError("its classes are not distinct integer labels")
     defaults = RandomForestClassifier().get_params()
     given = state.get("params") if isinstance(state.get("params"), dict) else {}
-    params = {k: v for k, v in given.items()
-              if k in defaults and k != "verbose" and (v is None or isinstance(v, bool | int | float | str))}
+    params = {
+        k: v
+        for k, v in given.items()
+        if k in defaults and k != "verbose" and (v is None or isinstance(v, bool | int | float | str))
+    }
     forest = RandomForestClassifier(**{**params, "n_estimators": len(state["trees"])})
     try:
         forest._validate_params()  # scikit-learn's own check of each setting's type and range
@@ -124,11 +156,18 @@ def rebuild_forest(state: Any) -> RandomForestClassifier:
     estimators = []
     for index, tree in enumerate(state["trees"]):
         built, max_features = _checked_tree(tree, n_features, len(classes), index)
-        estimator = DecisionTreeClassifier(**{k: v for k, v in forest.get_params().items() if k in DecisionTreeClassifier().get_params()})
+        estimator = DecisionTreeClassifier(
+            **{k: v for k, v in forest.get_params().items() if k in DecisionTreeClassifier().get_params()}
+        )
         estimator.tree_, estimator.max_features_ = built, max_features
         estimator.n_features_in_, estimator.n_outputs_ = n_features, 1
         estimator.classes_, estimator.n_classes_ = np.arange(len(classes), dtype=np.float64), np.int64(len(classes))
         estimators.append(estimator)
     forest.estimators_, forest.estimator_ = estimators, DecisionTreeClassifier()
-    forest.classes_, forest.n_classes_, forest.n_outputs_, forest.n_features_in_ = classes.copy(), len(classes), 1, n_features
+    forest.classes_, forest.n_classes_, forest.n_outputs_, forest.n_features_in_ = (
+        classes.copy(),
+        len(classes),
+        1,
+        n_features,
+    )
     return forest

@@ -27,12 +27,16 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def construct_model(name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]) -> nn.Module:
+def construct_model(
+    name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]
+) -> nn.Module:
     """``factory(*args, **kwargs)`` with unknown keyword names and invalid values reported as one-line errors."""
     allowed = set(inspect.signature(factory).parameters) - positional
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise DeepscopeError(f"model {name!r} has no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed)) or 'none'}")
+        raise DeepscopeError(
+            f"model {name!r} has no argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(allowed)) or 'none'}"
+        )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     try:
         return factory(*args, **kwargs)
@@ -49,7 +53,16 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int, **k
 
 def build_unet(in_channels: int, out_channels: int, dim: int, **kwargs: Any) -> UNet:
     """A 2D or 3D U-Net; ``kwargs`` are UNet's settings (depth, features, norm, upsample, pool)."""
-    return cast(UNet, construct_model("unet", UNet, (in_channels, out_channels, dim), {"in_channels", "out_channels", "dim", "final_activation"}, kwargs))
+    return cast(
+        UNet,
+        construct_model(
+            "unet",
+            UNet,
+            (in_channels, out_channels, dim),
+            {"in_channels", "out_channels", "dim", "final_activation"},
+            kwargs,
+        ),
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

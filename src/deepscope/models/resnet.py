@@ -17,15 +17,20 @@ SMALL_IMAGE = 64  # images up to this side get the CIFAR stem: 3x3 stride-1 conv
 class ResNet(nn.Module):
     """ResNet of BasicBlocks; ``num_classes`` 0 returns the pooled features (N, 8 * width) instead of logits."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+    def __init__(
+        self, in_shape: tuple[int, int, int], num_classes: int, width: int = 64, blocks: tuple[int, ...] = (2, 2, 2, 2)
+    ) -> None:
         super().__init__()
         from torchvision.models.resnet import BasicBlock  # imported here: torchvision costs seconds of CLI start-up
 
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
         small = min(in_shape[1:]) <= SMALL_IMAGE
-        self.conv1 = (nn.Conv2d(in_shape[0], width, 3, stride=1, padding=1, bias=False) if small
-                      else nn.Conv2d(in_shape[0], width, 7, stride=2, padding=3, bias=False))
+        self.conv1 = (
+            nn.Conv2d(in_shape[0], width, 3, stride=1, padding=1, bias=False)
+            if small
+            else nn.Conv2d(in_shape[0], width, 7, stride=2, padding=3, bias=False)
+        )
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, stride=2, padding=1)

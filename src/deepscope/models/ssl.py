@@ -24,9 +24,19 @@ ENCODERS = ("resnet18", "unet")
 class UNetEncoder(nn.Module):
     """The contracting half of :class:`UNet` (same modules, same names), globally pooled after the bottleneck."""
 
-    def __init__(self, in_channels: int, dim: int = 2, depth: int = 4, features: int = 32, norm: str = "batch",
-                 pool: tuple[int, ...] | None = None, blurpool: bool = False, upsample: str = "transpose",
-                 residual: bool = False, top_skip: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int = 2,
+        depth: int = 4,
+        features: int = 32,
+        norm: str = "batch",
+        pool: tuple[int, ...] | None = None,
+        blurpool: bool = False,
+        upsample: str = "transpose",
+        residual: bool = False,
+        top_skip: bool = True,
+    ) -> None:
         """``upsample``, ``residual`` and ``top_skip`` shape only the decoder; they are accepted (and unused) so that the
         ``model_args`` of a ``train segment`` run serve the pretraining of its encoder unchanged."""
         super().__init__()
@@ -49,8 +59,10 @@ def build_encoder(name: str, in_shape: tuple[int, int, int], **model_args: Any) 
     if name == "unet":
         encoder = construct_model(name, UNetEncoder, (in_shape[0],), {"in_channels"}, model_args)
         if any(size % d for size, d in zip(in_shape[1:], encoder.divisor)):
-            raise DeepscopeError(f"image size {tuple(in_shape[1:])} must be divisible by {encoder.divisor} for a U-Net encoder "
-                                 "of this depth; choose another --set patch_size or model_args.depth")
+            raise DeepscopeError(
+                f"image size {tuple(in_shape[1:])} must be divisible by {encoder.divisor} for a U-Net encoder "
+                "of this depth; choose another --set patch_size or model_args.depth"
+            )
         return encoder
     raise DeepscopeError(f"unknown encoder {name!r} for ssl; choose {' or '.join(ENCODERS)}")
 

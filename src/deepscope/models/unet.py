@@ -94,24 +94,36 @@ class UNet(nn.Module):
         if len(pool) != dim or min(pool) < 1:
             raise ValueError(f"pool must give {dim} positive factors (one per spatial axis), got {pool}")
         if residual and in_channels != out_channels:
-            raise ValueError(f"residual needs as many output as input channels, got {in_channels} in and {out_channels} out")
+            raise ValueError(
+                f"residual needs as many output as input channels, got {in_channels} in and {out_channels} out"
+            )
         self.in_channels, self.dim, self.depth, self.pool = in_channels, dim, depth, pool
         self.residual, self.top_skip = residual, top_skip
         widths = [features * 2**level for level in range(depth + 1)]
-        self.encoder = nn.ModuleList(double_conv(c_in, c, dim, norm) for c_in, c in zip([in_channels] + widths, widths[:-1]))
-        self.downsample = MaxBlurPool(pool) if blurpool else (nn.MaxPool2d if dim == 2 else nn.MaxPool3d)(pool, stride=pool)
+        self.encoder = nn.ModuleList(
+            double_conv(c_in, c, dim, norm) for c_in, c in zip([in_channels] + widths, widths[:-1])
+        )
+        self.downsample = (
+            MaxBlurPool(pool) if blurpool else (nn.MaxPool2d if dim == 2 else nn.MaxPool3d)(pool, stride=pool)
+        )
         self.bottleneck = double_conv(widths[-2], widths[-1], dim, norm)
         self.upsamplers = nn.ModuleList(self._up(c * 2, c, upsample) for c in reversed(widths[:-1]))
         skip_factor = [2] * (depth - 1) + [2 if top_skip else 1]
-        self.decoder = nn.ModuleList(double_conv(c * k, c, dim, norm) for c, k in zip(reversed(widths[:-1]), skip_factor))
+        self.decoder = nn.ModuleList(
+            double_conv(c * k, c, dim, norm) for c, k in zip(reversed(widths[:-1]), skip_factor)
+        )
         self.head = (nn.Conv2d if dim == 2 else nn.Conv3d)(features, out_channels, 1)
         self.activation = {None: nn.Identity(), "sigmoid": nn.Sigmoid(), "softmax": nn.Softmax(dim=1)}[final_activation]
 
     def _up(self, c_in: int, c_out: int, mode: str) -> nn.Module:
         """Undo one pooling step and halve the channels, by a learned or a fixed interpolation."""
         if mode == "transpose":
-            return (nn.ConvTranspose2d if self.dim == 2 else nn.ConvTranspose3d)(c_in, c_out, self.pool, stride=self.pool)
-        interp = nn.Upsample(scale_factor=self.pool, mode="bilinear" if self.dim == 2 else "trilinear", align_corners=False)
+            return (nn.ConvTranspose2d if self.dim == 2 else nn.ConvTranspose3d)(
+                c_in, c_out, self.pool, stride=self.pool
+            )
+        interp = nn.Upsample(
+            scale_factor=self.pool, mode="bilinear" if self.dim == 2 else "trilinear", align_corners=False
+        )
         return nn.Sequential(interp, (nn.Conv2d if self.dim == 2 else nn.Conv3d)(c_in, c_out, 1))
 
     @property

@@ -36,8 +36,10 @@ def _maps(
     device = torch.device(device) if device is not None else prob_t.device
     prob_t, dist_t = prob_t.to(device=device, dtype=torch.float32), dist_t.to(device=device, dtype=torch.float32)
     if prob_t.ndim not in (2, 3) or dist_t.ndim != prob_t.ndim + 1 or dist_t.shape[1:] != prob_t.shape:
-        raise DataError(f"star instances need prob (*spatial) in 2D or 3D and dist (n_rays, *spatial), got "
-                        f"{tuple(prob_t.shape)} and {tuple(dist_t.shape)}")
+        raise DataError(
+            f"star instances need prob (*spatial) in 2D or 3D and dist (n_rays, *spatial), got "
+            f"{tuple(prob_t.shape)} and {tuple(dist_t.shape)}"
+        )
     return prob_t, dist_t
 
 

@@ -32,12 +32,15 @@ def centres(labels: np.ndarray) -> np.ndarray:
         return np.stack([np.bincount(flat, weights=c, minlength=len(count)) / count for c in coords], axis=1)
 
 
-def _kept(local: np.ndarray, window: tuple[slice, ...], core: tuple[slice, ...], spatial: tuple[int, ...],
-          taken: np.ndarray) -> np.ndarray:
+def _kept(
+    local: np.ndarray, window: tuple[slice, ...], core: tuple[slice, ...], spatial: tuple[int, ...], taken: np.ndarray
+) -> np.ndarray:
     """Ids of ``local`` (labels of ``window``) this block keeps: centre in its core, not cut by an inner window edge,
     and not mostly on pixels (``taken``) that earlier blocks have pasted."""
     centre = centres(local) + np.array([w.start for w in window])
-    keep = np.all([(centre[:, a] >= core[a].start) & (centre[:, a] < core[a].stop) for a in range(len(spatial))], axis=0)
+    keep = np.all(
+        [(centre[:, a] >= core[a].start) & (centre[:, a] < core[a].stop) for a in range(len(spatial))], axis=0
+    )
     keep[0] = False
     for axis, w in enumerate(window):
         for face, inner in ((0, w.start > 0), (-1, w.stop < spatial[axis])):
@@ -49,8 +52,13 @@ def _kept(local: np.ndarray, window: tuple[slice, ...], core: tuple[slice, ...],
     return np.flatnonzero(keep)
 
 
-def tiled_instances(segment: Callable[[np.ndarray], np.ndarray], maps: Any, block: int | Sequence[int], halo: int | Sequence[int],
-                    out: Any = None) -> Any:
+def tiled_instances(
+    segment: Callable[[np.ndarray], np.ndarray],
+    maps: Any,
+    block: int | Sequence[int],
+    halo: int | Sequence[int],
+    out: Any = None,
+) -> Any:
     """Labels (int32, ids from 1 up in block order) of ``maps`` (C, *spatial), computed by ``segment`` (maps of a
     window to its labels) on blocks of ``block`` with ``halo`` of context; ``out`` (*spatial) is written by slices.
 

@@ -24,7 +24,9 @@ def _maps(foreground: np.ndarray, boundaries: np.ndarray | None) -> tuple[np.nda
     boundaries = None if boundaries is None else np.asarray(boundaries)
     other = foreground.shape if boundaries is None else boundaries.shape
     if foreground.ndim not in (2, 3) or other != foreground.shape:
-        raise DataError(f"foreground and boundaries must be 2D or 3D maps of one shape, got {foreground.shape} and {other}")
+        raise DataError(
+            f"foreground and boundaries must be 2D or 3D maps of one shape, got {foreground.shape} and {other}"
+        )
     return foreground, boundaries
 
 
@@ -68,7 +70,9 @@ def watershed_from_seeds(
         markers = label(interior, connectivity=full if boundaries is None else 1)
     else:
         peaks = np.zeros_like(mask)
-        peaks[tuple(peak_local_max(distance, min_distance=min_distance, labels=interior, exclude_border=False).T)] = True
+        peaks[tuple(peak_local_max(distance, min_distance=min_distance, labels=interior, exclude_border=False).T)] = (
+            True
+        )
         markers = label(peaks, connectivity=full)  # touching peaks of one plateau are one seed
     relief = boundaries if boundaries is not None else -distance
     grown = watershed(relief, markers, connectivity=full, mask=mask)

@@ -17,6 +17,7 @@ One server per folder (``claim.claim_folder``): a second one would overwrite the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import secrets
 import socket
@@ -42,7 +43,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deepscope.atomic import WriteError
 from deepscope.errors import DeepscopeError, one_line
-from deepscope.tasks.pixel.features import FILTERS, SCALES
 from deepscope.serve import jobs, models, proofread
 from deepscope.serve.claim import claim_folder
 from deepscope.serve.folder import (
@@ -74,6 +74,7 @@ from deepscope.serve.tiles import (
     uncertainty_png,
 )
 from deepscope.serve.tiles import image_png as render_image_png
+from deepscope.tasks.pixel.features import FILTERS, SCALES
 
 STATIC = Path(__file__).with_name("static")
 TOKEN_COOKIE = "deepscope_token"
@@ -150,9 +151,15 @@ class Guard:
             credential = self.credential(scope, headers)
             if credential is None:
                 return 401, "this server needs its token: open the address printed at start (with ?token=...)"
-            if credential == "cookie" and scope["method"] in CHANGING and \
-                    not same_origin(origin if origin is not None else headers.get("referer"), host):
-                return 403, "a change sent with the page's cookie must come from the page (no matching Origin or Referer)"
+            if (
+                credential == "cookie"
+                and scope["method"] in CHANGING
+                and not same_origin(origin if origin is not None else headers.get("referer"), host)
+            ):
+                return (
+                    403,
+                    "a change sent with the page's cookie must come from the page (no matching Origin or Referer)",
+                )
         if scope["method"] in CHANGING and headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return 415, "send the request body as JSON (Content-Type: application/json)"
         return None
@@ -161,8 +168,11 @@ class Guard:
         """How the request proves it knows the token: "query" or "header" (a client given the token), "cookie" (a
         browser that opened the page, or a page of another local site: see ``refusal``), or None."""
         assert self.token is not None
-        offered = {"query": QueryParams(scope.get("query_string", b"")).get("token"), "header": headers.get(TOKEN_HEADER),
-                   "cookie": Request(scope).cookies.get(TOKEN_COOKIE)}
+        offered = {
+            "query": QueryParams(scope.get("query_string", b"")).get("token"),
+            "header": headers.get(TOKEN_HEADER),
+            "cookie": Request(scope).cookies.get(TOKEN_COOKIE),
+        }
         return next((how for how, value in offered.items() if token_matches(value, self.token)), None)
 
     def setting_cookie(self, send: Send) -> Send:
@@ -177,8 +187,14 @@ class Guard:
 
 
 def project_json(project: Project) -> dict[str, Any]:
-    return {"classes": [asdict(c) for c in project.classes], "features": project.features, "normalize": project.normalize,
-            "classifier": project.classifier, "filters": list(FILTERS), "scales": list(SCALES)}
+    return {
+        "classes": [asdict(c) for c in project.classes],
+        "features": project.features,
+        "normalize": project.normalize,
+        "classifier": project.classifier,
+        "filters": list(FILTERS),
+        "scales": list(SCALES),
+    }
 
 
 def classes_from_json(value: Any) -> list[LabelClass]:
@@ -215,8 +231,14 @@ class Session:
     def close(self) -> None:
         """Stop every part, each even when an earlier one failed (a failed save must not skip writing the labels)."""
         with ExitStack() as stack:
-            for close in (self.store.close, self.store.flush, self.live.close, self.models.close, self.instances.close,
-                          self.jobs.close):
+            for close in (
+                self.store.close,
+                self.store.flush,
+                self.live.close,
+                self.models.close,
+                self.instances.close,
+                self.jobs.close,
+            ):
                 stack.callback(close)  # run last-in first-out: jobs first, the labels last
 
     def image(self, params: QueryParams) -> ServedImage:
@@ -229,10 +251,18 @@ class Session:
 
     def info(self, params: QueryParams) -> dict[str, Any]:
         image = self.image(params)
-        return {"name": image.name, "spatial": list(image.spatial), "channels": image.channels, "ndim": image.ndim,
-                "dtype": image.dtype, "levels": level_count(image.spatial[-2:]), "tile": TILE,
-                "contrast": [list(pair) for pair in image.contrast()], "labels_version": self.store.version(image.name),
-                "model": self.model}
+        return {
+            "name": image.name,
+            "spatial": list(image.spatial),
+            "channels": image.channels,
+            "ndim": image.ndim,
+            "dtype": image.dtype,
+            "levels": level_count(image.spatial[-2:]),
+            "tile": TILE,
+            "contrast": [list(pair) for pair in image.contrast()],
+            "labels_version": self.store.version(image.name),
+            "model": self.model,
+        }
 
     def tile(self, params: QueryParams) -> bytes:
         image = self.image(params)
@@ -275,8 +305,11 @@ class Session:
         (``labels_error``, None when it could: the strokes are safe in the journal either way)."""
         image = self.image(params)
         error = self.store.write_error(image.name)
-        return {**self.live.status(image.name), "labels_version": self.store.version(image.name),
-                "labels_error": error and error.replace(f"{self.folder.root}/", "")}  # no server paths in the page
+        return {
+            **self.live.status(image.name),
+            "labels_version": self.store.version(image.name),
+            "labels_error": error and error.replace(f"{self.folder.root}/", ""),
+        }  # no server paths in the page
 
     # --- changing ------------------------------------------------------------------------------------------------
 
@@ -319,18 +352,23 @@ class Session:
         """New class names and colours, added classes, and a new feature selection (the next prediction refits)."""
         unknown = set(body) - {"classes", "features"}
         if unknown:
-            raise DeepscopeError(f"project: unknown setting(s) {', '.join(sorted(unknown))}; expected classes, features")
+            raise DeepscopeError(
+                f"project: unknown setting(s) {', '.join(sorted(unknown))}; expected classes, features"
+            )
         with self.fitting:
             classes = self.project.classes
             if "classes" in body:
                 classes = classes_from_json(body["classes"])
             features = body.get("features", self.project.features)
-            candidate = Project(classes=classes, features=features, normalize=self.project.normalize,
-                                classifier=self.project.classifier)
+            candidate = Project(
+                classes=classes, features=features, normalize=self.project.normalize, classifier=self.project.classifier
+            )
             candidate.check(self.folder)  # every value of the request checked first, then how they relate
             removed = sorted(set(self.colours()) - {c.value for c in classes})
             if removed:  # their labels would be left without a class
-                raise DeepscopeError(f"project classes: class(es) {removed} cannot be removed, only renamed or recoloured")
+                raise DeepscopeError(
+                    f"project classes: class(es) {removed} cannot be removed, only renamed or recoloured"
+                )
             if features != self.project.features:
                 self.live.set_features(features)
                 self.fitted, self.model = 0, None  # the next prediction fits on the new features
@@ -355,8 +393,9 @@ class Session:
         return Path(self.save_classifier()["path"])
 
 
-def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 << 20,
-               hosts: Collection[str] | None = None) -> Starlette:
+def create_app(
+    folder: str | Path, token: str | None = None, max_body: int = 1 << 20, hosts: Collection[str] | None = None
+) -> Starlette:
     """The app serving ``folder``; ``token`` is required of every request when given, and ``hosts`` (Host header
     names) restricts who may be talked to when given (``serve`` passes the loopback names)."""
     session = Session(folder)
@@ -364,15 +403,20 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
     def reading(method: Any, headers: dict[str, str] | None = None) -> Any:
         """A GET route answering ``method(params)``, JSON or (with ``headers``) PNG bytes. Starlette runs plain
         functions in worker threads, so tiles keep coming while another is encoded or a refit runs."""
+
         def endpoint(request: Request) -> Response:
             result = method(request.query_params)
             return png(result, headers) if headers else JSONResponse(result, headers=NO_STORE)
+
         return endpoint
 
     def changing(action: str) -> Any:
         async def endpoint(request: Request) -> Response:
             body = await json_body(request)
-            return JSONResponse(await run_in_threadpool(session.change, request.query_params, action, body), headers=NO_STORE)
+            return JSONResponse(
+                await run_in_threadpool(session.change, request.query_params, action, body), headers=NO_STORE
+            )
+
         return endpoint
 
     async def predict(request: Request) -> Response:
@@ -384,6 +428,7 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
         def run() -> dict[str, Any]:
             image = session.image(params)
             return session.predict_visible(image, *session.viewed(image, body))
+
         return JSONResponse(await run_in_threadpool(run), headers=NO_STORE)
 
     async def put_project(request: Request) -> Response:
@@ -419,6 +464,7 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
     def error(status: int) -> Any:
         async def handler(request: Request, exc: Exception) -> Response:
             return JSONResponse({"error": one_line(str(exc))}, status, headers=NO_STORE)
+
         return handler
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -434,11 +480,20 @@ def create_app(folder: str | Path, token: str | None = None, max_body: int = 1 <
         yield
         await run_in_threadpool(session.close)
 
-    app = Starlette(routes=routes, middleware=[Middleware(Guard, token=token, hosts=hosts)], lifespan=lifespan,
-                    exception_handlers={AccessError: error(403), UnknownImageError: error(404), DeepscopeError: error(400),
-                                        WriteError: error(507),  # the disk is full: nothing wrong with the request
-                                        HTTPException: http_error, Exception: internal_error},
-                    max_body_size=max_body)
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(Guard, token=token, hosts=hosts)],
+        lifespan=lifespan,
+        exception_handlers={
+            AccessError: error(403),
+            UnknownImageError: error(404),
+            DeepscopeError: error(400),
+            WriteError: error(507),  # the disk is full: nothing wrong with the request
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+        max_body_size=max_body,
+    )
     app.state.session = session
     return app
 
@@ -452,8 +507,9 @@ def listening(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise DeepscopeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
-                             "choose another --port") from None
+        raise DeepscopeError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); choose another --port"
+        ) from None
     sock.listen(2048)  # before the address is printed: a client may connect at once (uvicorn accepts from the backlog)
     return sock
 
@@ -474,10 +530,10 @@ def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, o
         announce(url)
         app = create_app(root, token=token, hosts=None if token else LOOPBACK_NAMES | {host.strip("[]").lower()})
         print(f"deepscope serve: open {url}" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)", flush=True)
-        try:
+        with contextlib.suppress(
+            KeyboardInterrupt
+        ):  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
             uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-        except KeyboardInterrupt:
-            pass  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
 
 
 @contextmanager

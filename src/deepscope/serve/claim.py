@@ -49,14 +49,16 @@ def claim_folder(root: Path) -> Iterator[Callable[[str], None]]:
         state.mkdir(exist_ok=True)
         handle = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by the jobs' processes
     except OSError as exc:
-        raise DeepscopeError(f"{state}: cannot create the server's state folder ({exc.strerror or exc}); "
-                             "serve a folder you can write to") from None
+        raise DeepscopeError(
+            f"{state}: cannot create the server's state folder ({exc.strerror or exc}); serve a folder you can write to"
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderServedError(f"{root} is already served by {holder(root)}; open that address, or stop that "
-                                    "server first") from None
+            raise FolderServedError(
+                f"{root} is already served by {holder(root)}; open that address, or stop that server first"
+            ) from None
         info = state / INFO_FILE
 
         def announce(url: str) -> None:

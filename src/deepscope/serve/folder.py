@@ -19,12 +19,12 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from deepscope.inference.blockio import open_input
 from deepscope.data.denoise.dataset import guess_ndim
 from deepscope.data.io.images import is_image_file, probe_image
 from deepscope.data.io.views import channel_count
 from deepscope.data.io.volumes import TIFF_SUFFIXES, spatial_shape
 from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference.blockio import open_input
 from deepscope.serve.tiles import Pyramid
 
 LABELS_DIR = "labels"
@@ -56,8 +56,10 @@ def _layout(shape: tuple[int, ...], dtype: np.dtype, path: Path) -> tuple[int, i
     are 2D, (Z, Y, X) and (C, Z, Y, X) are 3D; DataError naming the file for anything else."""
     ndim = guess_ndim(shape, None)
     if len(shape) not in (ndim, ndim + 1) or min(shape, default=0) < 1:
-        raise DataError(f"{path}: cannot show an array of shape {tuple(shape)}; expected (Y, X), (Y, X, C), "
-                        "(Z, Y, X) or (C, Z, Y, X)")
+        raise DataError(
+            f"{path}: cannot show an array of shape {tuple(shape)}; expected (Y, X), (Y, X, C), "
+            "(Z, Y, X) or (C, Z, Y, X)"
+        )
     if dtype.kind not in "biuf":
         raise DataError(f"{path}: unsupported pixel type {dtype}")
     return ndim, channel_count(shape, ndim), tuple(int(s) for s in spatial_shape(shape, ndim))
@@ -132,8 +134,9 @@ class ServedImage:
                 with warnings.catch_warnings():  # an all-NaN channel warns, then gets the fallback below
                     warnings.simplefilter("ignore", RuntimeWarning)
                     limits = np.nanpercentile(samples, CONTRAST_PERCENTILES, axis=1).T
-                self._contrast = [(float(lo), float(hi)) if np.isfinite([lo, hi]).all() else (0.0, 1.0)
-                                  for lo, hi in limits]
+                self._contrast = [
+                    (float(lo), float(hi)) if np.isfinite([lo, hi]).all() else (0.0, 1.0) for lo, hi in limits
+                ]
             return list(self._contrast)
 
     def pyramid(self, z: int | None = None) -> Pyramid:

@@ -63,7 +63,9 @@ def parse_contrast(text: str | None, image: ServedImage) -> list[tuple[float, fl
     except ValueError:
         raise DeepscopeError(f"contrast {shown(text)}: expected numbers as lo,hi;lo,hi") from None
     if len(limits) != image.channels or any(len(p) != 2 or not np.isfinite(p).all() or p[0] >= p[1] for p in limits):
-        raise DeepscopeError(f"contrast {shown(text)}: expected {image.channels} pair(s) lo,hi of finite numbers with lo < hi")
+        raise DeepscopeError(
+            f"contrast {shown(text)}: expected {image.channels} pair(s) lo,hi of finite numbers with lo < hi"
+        )
     return [(lo, hi) for lo, hi in limits]
 
 

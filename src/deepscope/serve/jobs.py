@@ -17,6 +17,7 @@ two would only share the same cores. Progress comes from the run's ``progress.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,8 +38,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from deepscope.data.scribbles import read_sparse_labels
 from deepscope.data.io.volumes import read_volume
+from deepscope.data.scribbles import read_sparse_labels
 from deepscope.engine.logging import PROGRESS_FILE
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.serve.folder import STATE_DIR, ServedFolder
@@ -59,8 +60,24 @@ MAX_MINUTES = 7 * 24 * 60.0
 MAX_EPOCHS = 100_000
 # request settings passed on as --set KEY=VALUE: model, optimisation and augmentation only; never a path setting
 # (data, out, init_from, ...), which could lead a job outside the served folder
-SETTING_GROUPS = ("model_args", "optim", "augment", "inference", "post", "patch_shape", "batch_size", "patches_per_epoch",
-                  "val_fraction", "seed", "amp", "loss", "early_stopping", "normalize", "min_foreground", "eval_batch_size")
+SETTING_GROUPS = (
+    "model_args",
+    "optim",
+    "augment",
+    "inference",
+    "post",
+    "patch_shape",
+    "batch_size",
+    "patches_per_epoch",
+    "val_fraction",
+    "seed",
+    "amp",
+    "loss",
+    "early_stopping",
+    "normalize",
+    "min_foreground",
+    "eval_batch_size",
+)
 SETTING_KEY = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*")
 ERROR_LINES = 6  # log lines shown as a failed job's error
 LOG_TAIL_BYTES = 64 * 1024  # of the log returned by /api/jobs/log
@@ -99,7 +116,9 @@ def minutes(value: Any) -> float:
     if value is None:
         return DEFAULT_MINUTES
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_MINUTES:
-        raise DeepscopeError(f"max_minutes: expected a number of minutes above 0 and at most {MAX_MINUTES:g}, got {value!r}")
+        raise DeepscopeError(
+            f"max_minutes: expected a number of minutes above 0 and at most {MAX_MINUTES:g}, got {value!r}"
+        )
     return float(value)
 
 
@@ -109,12 +128,14 @@ def setting_args(settings: Any) -> list[str]:
     if settings is None:
         return []
     if not isinstance(settings, dict):
-        raise DeepscopeError("settings: expected an object of setting names and values, e.g. {\"patch_shape\": [64, 64]}")
+        raise DeepscopeError('settings: expected an object of setting names and values, e.g. {"patch_shape": [64, 64]}')
     args = []
     for key, value in settings.items():
         if not SETTING_KEY.fullmatch(key) or key.split(".")[0] not in SETTING_GROUPS:
-            raise DeepscopeError(f"settings: {key!r} cannot be set for a job; allowed are {', '.join(SETTING_GROUPS)} "
-                                 "and their parts (e.g. model_args.features)")
+            raise DeepscopeError(
+                f"settings: {key!r} cannot be set for a job; allowed are {', '.join(SETTING_GROUPS)} "
+                "and their parts (e.g. model_args.features)"
+            )
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
 
@@ -162,17 +183,16 @@ def log_tail(path: Path, size: int) -> str:
 
 def signal_group(process: subprocess.Popen, signum: int) -> None:
     """Send ``signum`` to the job's process group (the job and the workers it started); gone already is fine."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class JobService:
     """The training jobs of one served folder, queued and run one at a time; see the module docstring."""
 
-    def __init__(self, folder: ServedFolder, project: Project, store: LabelStore,
-                 save_classifier: Callable[[], Path]) -> None:
+    def __init__(
+        self, folder: ServedFolder, project: Project, store: LabelStore, save_classifier: Callable[[], Path]
+    ) -> None:
         self.folder, self.project, self.store, self.save_classifier = folder, project, store, save_classifier
         self._jobs: dict[str, Job] = {}  # in order of submission
         self._lock = threading.Lock()
@@ -184,7 +204,9 @@ class JobService:
         """Check a job request, stage its data and queue it; DeepscopeError (400) naming what is wrong or missing."""
         unknown = sorted(set(request) - set(FIELDS))
         if unknown:
-            raise DeepscopeError(f"job: unknown setting(s) {', '.join(map(str, unknown))}; expected {', '.join(FIELDS)}")
+            raise DeepscopeError(
+                f"job: unknown setting(s) {', '.join(map(str, unknown))}; expected {', '.join(FIELDS)}"
+            )
         kind, source = request.get("kind"), request.get("source", "labels")
         if not isinstance(kind, str) or kind not in KINDS:
             raise DeepscopeError(f"job kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -196,8 +218,12 @@ class JobService:
             raise DeepscopeError(f"epochs: expected 1 to {MAX_EPOCHS}, got {epochs!r}")
         target = request.get("target")
         if target is not None and (source != "instances" or target not in INSTANCE_TARGETS):
-            raise DeepscopeError(f"target {target!r}: only instance jobs take a target, one of {', '.join(INSTANCE_TARGETS)}")
-        options = (["--epochs", str(integer(epochs, "epochs"))] if epochs is not None else []) + setting_args(request.get("settings"))
+            raise DeepscopeError(
+                f"target {target!r}: only instance jobs take a target, one of {', '.join(INSTANCE_TARGETS)}"
+            )
+        options = (["--epochs", str(integer(epochs, "epochs"))] if epochs is not None else []) + setting_args(
+            request.get("settings")
+        )
         job_id, job_dir = self._reserve(kind)
         try:
             out = self.folder.root / MODELS_DIR / job_id
@@ -209,11 +235,17 @@ class JobService:
                 if source == "labels":
                     command, run_dir, metric = self._segment_labels(job_dir, out, options), out, "val_mean_iou"
                 else:
-                    command, run_dir, metric = self._segment_instances(job_dir, out, options, target), out, "val_mean_score"
+                    command, run_dir, metric = (
+                        self._segment_instances(job_dir, out, options, target),
+                        out,
+                        "val_mean_score",
+                    )
             with self._lock:
                 if self._closed:
                     raise DeepscopeError("the server is shutting down; no new jobs")
-                job = self._jobs[job_id] = Job(job_id, kind, source, command, run_dir, job_dir / "log.txt", max_minutes, metric)
+                job = self._jobs[job_id] = Job(
+                    job_id, kind, source, command, run_dir, job_dir / "log.txt", max_minutes, metric
+                )
                 self._start_next()
                 return self._describe(job)
         except BaseException:
@@ -287,7 +319,11 @@ class JobService:
 
     def _served(self) -> list[tuple[str, Path]]:
         """(file name, path) of every readable served image."""
-        return [(Path(entry.name).name, self.folder.resolve(entry.name)) for entry in self.folder.images() if entry.error is None]
+        return [
+            (Path(entry.name).name, self.folder.resolve(entry.name))
+            for entry in self.folder.images()
+            if entry.error is None
+        ]
 
     @staticmethod
     def _stage(data: Path, pairs: list[tuple[str, Path, Path]], label_dir: str) -> None:
@@ -320,8 +356,20 @@ class JobService:
         missing = sorted(present - set(values))
         if missing:
             raise DataError(f"{self.folder.root / 'labels'}: label value(s) {missing} are not classes of the project")
-        return [*self._deepscope("train", "segment"), "--data", str(data), "--out", str(out), *options,
-                "--set", "target=semantic", "--set", "ignore_label=0", "--set", f"class_values={json.dumps(values)}"]
+        return [
+            *self._deepscope("train", "segment"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *options,
+            "--set",
+            "target=semantic",
+            "--set",
+            "ignore_label=0",
+            "--set",
+            f"class_values={json.dumps(values)}",
+        ]
 
     def _segment_instances(self, job_dir: Path, out: Path, options: list[str], target: str | None) -> list[str]:
         """``train segment`` of an instance U-Net (planned defaults, or ``target``) on the corrected instance masks
@@ -332,8 +380,10 @@ class JobService:
             if mask.is_file() and read_volume(mask).any():
                 pairs.append((name, path, mask))
         if not pairs:
-            raise DeepscopeError(f"nothing to train on: no instance masks with objects in {MASKS_DIR}/; "
-                                 "proofread a model's instances and save them first")
+            raise DeepscopeError(
+                f"nothing to train on: no instance masks with objects in {MASKS_DIR}/; "
+                "proofread a model's instances and save them first"
+            )
         self._stage(job_dir / "data", pairs, "masks")
         command = [*self._deepscope("train", "segment"), "--data", str(job_dir / "data"), "--out", str(out), *options]
         return command + (["--set", f"target={target}"] if target else [])
@@ -371,10 +421,15 @@ class JobService:
             job.started = time.time()
             try:
                 with open(job.log_path, "ab") as log:  # stdin: the pipe whose end tells the lifeline the server is gone
-                    job.process = subprocess.Popen([sys.executable, "-m", "deepscope.serve.lifeline", *job.command],
-                                                   stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                                   cwd=job.log_path.parent, start_new_session=True,
-                                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    job.process = subprocess.Popen(
+                        [sys.executable, "-m", "deepscope.serve.lifeline", *job.command],
+                        stdin=subprocess.PIPE,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=job.log_path.parent,
+                        start_new_session=True,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
             except OSError as exc:
                 job.state, job.ended, job.error = "failed", time.time(), f"could not start: {exc.strerror or exc}"
                 continue
@@ -413,15 +468,27 @@ class JobService:
         progress = job.final if job.final is not None else read_progress(job.run_dir / PROGRESS_FILE)
         best = job.run_dir / "best.pt"
         return {
-            "id": job.id, "kind": job.kind, "source": job.source, "state": job.state,
+            "id": job.id,
+            "kind": job.kind,
+            "source": job.source,
+            "state": job.state,
             "progress": 1.0 if job.state == "done" else fraction(progress, job.max_minutes),
-            "epoch": progress.get("epoch", 0), "epochs": progress.get("epochs"), "step": progress.get("step", 0),
-            "steps": progress.get("steps"), "loss": progress.get("loss"), "history": progress.get("history", []),
-            "metric": job.metric, "max_minutes": job.max_minutes,
+            "epoch": progress.get("epoch", 0),
+            "epochs": progress.get("epochs"),
+            "step": progress.get("step", 0),
+            "steps": progress.get("steps"),
+            "loss": progress.get("loss"),
+            "history": progress.get("history", []),
+            "metric": job.metric,
+            "max_minutes": job.max_minutes,
             "checkpoint": best.relative_to(self.folder.root).as_posix()
-            if job.state in ("done", "cancelled") and best.is_file() else None,
-            "error": job.error, "pid": job.process.pid if job.process is not None else None,
-            "created": job.created, "started": job.started, "ended": job.ended,
+            if job.state in ("done", "cancelled") and best.is_file()
+            else None,
+            "error": job.error,
+            "pid": job.process.pid if job.process is not None else None,
+            "created": job.created,
+            "started": job.started,
+            "ended": job.ended,
         }
 
 
@@ -445,7 +512,7 @@ def routes(service: JobService) -> list[Route]:
     async def cancel(request: Request) -> Response:
         job_id = (await json_body(request)).get("id")
         if not isinstance(job_id, str) or not job_id:
-            raise DeepscopeError(f"cancel: expected {{\"id\": job id}}, got id {job_id!r}")
+            raise DeepscopeError(f'cancel: expected {{"id": job id}}, got id {job_id!r}')
         return await run_in_threadpool(known, lambda: service.cancel(job_id))
 
     def log(request: Request) -> Response:

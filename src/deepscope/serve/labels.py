@@ -180,10 +180,14 @@ def _read_saved(path: Path, image: ServedImage) -> tuple[np.ndarray, int]:
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise DataError(f"{path}: corrupt or unreadable label image ({type(exc).__name__}: {exc})") from None
     if array.shape != tuple(image.spatial):
-        raise DataError(f"{path}: label image of shape {array.shape} does not match {image.path} "
-                        f"({'x'.join(map(str, image.spatial))})")
+        raise DataError(
+            f"{path}: label image of shape {array.shape} does not match {image.path} "
+            f"({'x'.join(map(str, image.spatial))})"
+        )
     if array.dtype != bool and not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"{path}: labels must be integers (0 = unlabelled, 1..{MAX_CLASSES} = classes), got {array.dtype}")
+        raise DataError(
+            f"{path}: labels must be integers (0 = unlabelled, 1..{MAX_CLASSES} = classes), got {array.dtype}"
+        )
     if array.size and (array.min() < 0 or array.max() > MAX_CLASSES):
         raise DataError(f"{path}: label values {array.min()}..{array.max()} outside 0..{MAX_CLASSES}")
     try:
@@ -207,8 +211,13 @@ def _read_journal(path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(data[:end].splitlines(), 1):
         try:
             entry = json.loads(line)
-            entries.append({"seq": int(entry["seq"]), "box": tuple(slice(int(a), int(b)) for a, b in entry["box"]),
-                            "data": base64.b64decode(entry["data"], validate=True)})
+            entries.append(
+                {
+                    "seq": int(entry["seq"]),
+                    "box": tuple(slice(int(a), int(b)) for a, b in entry["box"]),
+                    "data": base64.b64decode(entry["data"], validate=True),
+                }
+            )
         except (ValueError, TypeError, KeyError, binascii.Error):
             raise DataError(f"{path}: line {number} is not a journal entry; move the file away to discard it") from None
     return entries
@@ -251,7 +260,10 @@ class LabelStore(BackgroundWriter):
         """Image stem -> latest modification time of its label file or its journal, for every image that has either:
         the images that may hold labels, including ones painted in another program or not yet written out."""
         changed: dict[str, float] = {}
-        for folder, pattern in ((self.folder.root / LABELS_DIR, "*.tif"), (self.folder.root / STATE_DIR / JOURNAL_DIR, "*.jsonl")):
+        for folder, pattern in (
+            (self.folder.root / LABELS_DIR, "*.tif"),
+            (self.folder.root / STATE_DIR / JOURNAL_DIR, "*.jsonl"),
+        ):
             for path in folder.glob(pattern) if folder.is_dir() else ():
                 try:
                     changed[path.stem] = max(changed.get(path.stem, 0.0), path.stat().st_mtime)
@@ -311,8 +323,10 @@ class LabelStore(BackgroundWriter):
                 try:
                     _patch(labels, entry["box"], entry["data"])
                 except (ValueError, zlib.error):
-                    raise DataError(f"{journal_path}: line {number} does not fit the labels of {image.path}; move "
-                                    "the journal away to discard it") from None
+                    raise DataError(
+                        f"{journal_path}: line {number} does not fit the labels of {image.path}; move "
+                        "the journal away to discard it"
+                    ) from None
                 seq = entry["seq"]
         created = not journal_path.exists()
         try:
@@ -321,8 +335,9 @@ class LabelStore(BackgroundWriter):
             if created:
                 _fsync_dir(journal_path.parent)
         except OSError as exc:
-            raise WriteError(f"{journal_path}: cannot open the journal, so {name} cannot be labelled "
-                             f"({exc.strerror or exc})") from None
+            raise WriteError(
+                f"{journal_path}: cannot open the journal, so {name} cannot be labelled ({exc.strerror or exc})"
+            ) from None
         if entries:
             self._mark(name)
         return _Image(labels, seq, path, journal_path, journal, _counts(labels))
@@ -348,8 +363,9 @@ class LabelStore(BackgroundWriter):
             os.fsync(image.journal.fileno())
         except OSError as exc:
             image.journal.truncate(end)  # no torn line for the next entry to be appended to
-            raise WriteError(f"{image.journal_path}: could not record the change, so it was not made "
-                             f"({exc.strerror or exc})") from None
+            raise WriteError(
+                f"{image.journal_path}: could not record the change, so it was not made ({exc.strerror or exc})"
+            ) from None
         image.counts -= _counts(image.labels[box])
         _patch(image.labels, box, data)
         image.counts += _counts(image.labels[box])
@@ -374,9 +390,19 @@ class LabelStore(BackgroundWriter):
         """Replace the label file atomically with ``labels`` (or remove it when nothing is labelled)."""
         if labels.any():
             description = json.dumps({JOURNAL_KEY: seq})
-            atomic_write(path, lambda handle: tifffile.imwrite(
-                handle, labels, photometric="minisblack", compression="zlib", compressionargs={"level": SAVE_LEVEL},
-                metadata=None, description=description), "label file")
+            atomic_write(
+                path,
+                lambda handle: tifffile.imwrite(
+                    handle,
+                    labels,
+                    photometric="minisblack",
+                    compression="zlib",
+                    compressionargs={"level": SAVE_LEVEL},
+                    metadata=None,
+                    description=description,
+                ),
+                "label file",
+            )
         else:
             path.unlink(missing_ok=True)
         if path.parent.exists():

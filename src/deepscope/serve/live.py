@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from sklearn.ensemble import RandomForestClassifier
 
-from deepscope.inference.blockio import open_input
 from deepscope.data.io.views import input_view
 from deepscope.errors import DeepscopeError
-from deepscope.tasks.pixel.features import FeatureSpec
+from deepscope.inference.blockio import open_input
 from deepscope.serve.folder import STATE_DIR, ServedFolder, ServedImage
 from deepscope.serve.labels import LabelStore
 from deepscope.serve.project import Project
 from deepscope.tasks.pixel.classifier import PixelClassifier, versions
+from deepscope.tasks.pixel.features import FeatureSpec
 from deepscope.tasks.pixel.labelled import training_pixels
 from deepscope.tasks.pixel.train import FeatureCache
 
@@ -78,10 +78,13 @@ def _to_uint8(probs: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(probs) * 255).astype(np.uint8)
 
 
-def _blocks(box: tuple[slice, slice], centre: tuple[float, float] | None = None, side: int = BLOCK) -> list[tuple[slice, slice]]:
+def _blocks(
+    box: tuple[slice, slice], centre: tuple[float, float] | None = None, side: int = BLOCK
+) -> list[tuple[slice, slice]]:
     """``box`` cut into pieces of at most side x side of its (possibly strided) pixels, nearest ``centre`` first."""
-    ys, xs = ([slice(a, min(a + side * s.step, s.stop), s.step) for a in range(s.start, s.stop, side * s.step)]
-              for s in box)
+    ys, xs = (
+        [slice(a, min(a + side * s.step, s.stop), s.step) for a in range(s.start, s.stop, side * s.step)] for s in box
+    )
     pieces = [(y, x) for y in ys for x in xs]
     if centre is not None:
         pieces.sort(key=lambda p: sum(((s.start + s.stop) / 2 - c) ** 2 for s, c in zip(p, centre)))
@@ -113,8 +116,9 @@ class LiveClassifier:
     the most recently labelled image. Images of another kind are not predicted until one of them is labelled.
     """
 
-    def __init__(self, folder: ServedFolder, store: LabelStore, project: Project, cache: Path | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, folder: ServedFolder, store: LabelStore, project: Project, cache: Path | None = None, device: str = "cpu"
+    ) -> None:
         self.folder, self.store, self.project = folder, store, project
         self.cache = FeatureCache(folder.root / STATE_DIR / FEATURES_DIR if cache is None else Path(cache))
         self.device = torch.device(device)
@@ -176,11 +180,17 @@ class LiveClassifier:
                 spec, spec_id = self._spec(kind), self._spec_id
             pairs = [self._labelled_pixels(name) for name in names]
             x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-            forest = RandomForestClassifier(LIVE_TREES, max_depth=LIVE_DEPTH, max_samples=min(len(y), LIVE_SAMPLES),
-                                            n_jobs=-1, random_state=0).fit(x, y)
+            forest = RandomForestClassifier(
+                LIVE_TREES, max_depth=LIVE_DEPTH, max_samples=min(len(y), LIVE_SAMPLES), n_jobs=-1, random_state=0
+            ).fit(x, y)
             known = {c.value: c.name for c in self.project.classes}
-            model = PixelClassifier(spec, forest, self.project.normalize,
-                                    [known.get(int(c), f"class {c}") for c in forest.classes_], versions())
+            model = PixelClassifier(
+                spec,
+                forest,
+                self.project.normalize,
+                [known.get(int(c), f"class {c}") for c in forest.classes_],
+                versions(),
+            )
             with self._lock:
                 if spec_id != self._spec_id:  # set_features ran meanwhile: this fit used the old features
                     return None
@@ -241,11 +251,16 @@ class LiveClassifier:
             model = self._model
             plane = self._planes.get((name, self._viewed.get(name, 0)))
             current = model is not None and plane is not None and plane.version == self._version
-            busy = any(job is not None and job.name == name and job.generation == self._generation
-                       for job in (self._job, self._running))
-            return {"model": self._version if model is not None else None,
-                    "classes": [] if model is None else model.classes,
-                    "predicted": float(plane.done.mean()) if current else 0.0, "busy": busy}
+            busy = any(
+                job is not None and job.name == name and job.generation == self._generation
+                for job in (self._job, self._running)
+            )
+            return {
+                "model": self._version if model is not None else None,
+                "classes": [] if model is None else model.classes,
+                "predicted": float(plane.done.mean()) if current else 0.0,
+                "busy": busy,
+            }
 
     def classes(self) -> list[int]:
         """The label value of each probability channel of the current model ([] without one). Overlay tiles ask this
@@ -355,8 +370,9 @@ class LiveClassifier:
             plane.version = version
         return plane
 
-    def _predict_missing(self, name: str, z: int, version: int, model: PixelClassifier, features: np.ndarray,
-                         box: tuple[slice, slice]) -> None:
+    def _predict_missing(
+        self, name: str, z: int, version: int, model: PixelClassifier, features: np.ndarray, box: tuple[slice, slice]
+    ) -> None:
         """Predict the pixels of ``box`` that model ``version`` has not predicted yet, and store them unless a newer
         model replaced it meanwhile."""
         with self._lock:

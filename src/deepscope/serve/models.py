@@ -61,7 +61,17 @@ from deepscope.serve.tiles import (
 log = logging.getLogger(__name__)
 
 KINDS = ("probabilities", "classes", "outlines", "denoised")
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")  # app.js's
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+)  # app.js's
 PROBABILITY_COLOUR = "#ff00ff"  # an instance model's object probability
 MAX_LOOKED_AT = 2000  # files and folders looked at when listing checkpoints: a huge folder must not stall the page
 MAX_DEPTH = 6
@@ -103,8 +113,12 @@ class Result:
 
     def plane(self, kind: str, z: int | None) -> np.ndarray | None:
         """The (..., Y, X) array of an overlay ``kind`` at slice ``z`` (None: not computed)."""
-        array = {"probabilities": self.probabilities, "classes": self.classes, "outlines": self.instances,
-                 "denoised": self.denoised}[kind]
+        array = {
+            "probabilities": self.probabilities,
+            "classes": self.classes,
+            "outlines": self.instances,
+            "denoised": self.denoised,
+        }[kind]
         if array is None or not self.stack or z is None:
             return array
         return array[..., z, :, :]
@@ -117,19 +131,26 @@ class Model(ABC):
 
     task = ""
 
-    def __init__(self, path: Path, relative: str, ndim: int, channels: int, classes: list[str],
-                 **details: Any) -> None:
+    def __init__(self, path: Path, relative: str, ndim: int, channels: int, classes: list[str], **details: Any) -> None:
         self.path, self.relative, self.ndim, self.channels = path, relative, ndim, channels
-        self.description = {"path": relative, "task": self.task, "ndim": ndim, "channels": channels, "classes": classes,
-                            "target": None, **details}
+        self.description = {
+            "path": relative,
+            "task": self.task,
+            "ndim": ndim,
+            "channels": channels,
+            "classes": classes,
+            "target": None,
+            **details,
+        }
 
     def check(self, image: ServedImage) -> None:
         """DataError when the image cannot go to this model (before queueing it: a one-line message naming both)."""
         if self.ndim == 3 and image.ndim == 2:
             raise DataError(f"{image.name} is a 2D image but the model {self.relative} is 3D")
         if image.channels not in (1, self.channels):
-            raise DataError(f"{image.name} has {image.channels} channel(s) but the model {self.relative} takes "
-                            f"{self.channels}")
+            raise DataError(
+                f"{image.name} has {image.channels} channel(s) but the model {self.relative} takes {self.channels}"
+            )
 
     def block(self, image: ServedImage, z: int | None) -> np.ndarray:
         """The image as the model reads it, in the stored layout: the whole stack for a 3D model, else slice ``z``."""
@@ -150,19 +171,31 @@ class SegmentModel(Model):
         semantic = self.config.target == "semantic"
         count = self.predictor.out_channels
         classes = [str(v) for v in (self.config.class_values or range(count))] if semantic else ["object"]
-        super().__init__(path, relative, len(self.predictor.tile), self.predictor.channels, classes,
-                         target=self.config.target, device=str(device))
+        super().__init__(
+            path,
+            relative,
+            len(self.predictor.tile),
+            self.predictor.channels,
+            classes,
+            target=self.config.target,
+            device=str(device),
+        )
 
     def run(self, image: ServedImage, z: int | None, progress: ProgressFn) -> Result:
         predictor, cfg = self.predictor, self.config
-        view = input_view(self.block(image, z), self.ndim, predictor.channels, image.name, cfg.normalize,
-                          invert=cfg.invert or "never")
+        view = input_view(
+            self.block(image, z), self.ndim, predictor.channels, image.name, cfg.normalize, invert=cfg.invert or "never"
+        )
         probs = predictor.probabilities(view, progress=progress)
         stack = self.ndim == 3
         if cfg.target != "semantic":  # as ``predict --instances`` finds them: block by block beyond instance_block
             instances = tiled_instances(predictor.instances, probs, cfg.inference.instance_block, predictor.halo)
-            return Result(probabilities=as_uint8(probs[:1]), instances=instances,
-                          summary=f"{int(instances.max())} objects", stack=stack)
+            return Result(
+                probabilities=as_uint8(probs[:1]),
+                instances=instances,
+                summary=f"{int(instances.max())} objects",
+                stack=stack,
+            )
         from deepscope.tasks.pixel.predict import InstanceSettings, instances_from
 
         classes = predictor.labels(probs)
@@ -172,8 +205,13 @@ class SegmentModel(Model):
         shares = np.bincount(classes.ravel(), minlength=len(probs)) / classes.size
         names = self.description["classes"]
         top = ", ".join(f"{names[k]} {shares[k]:.0%}" for k in np.argsort(-shares)[:3])
-        return Result(probabilities=as_uint8(probs), classes=classes.astype(np.min_scalar_type(len(probs) - 1)),
-                      instances=instances, summary=f"{int(instances.max())} objects; pixels: {top}", stack=stack)
+        return Result(
+            probabilities=as_uint8(probs),
+            classes=classes.astype(np.min_scalar_type(len(probs) - 1)),
+            instances=instances,
+            summary=f"{int(instances.max())} objects; pixels: {top}",
+            stack=stack,
+        )
 
 
 class DenoiseModel(Model):
@@ -200,8 +238,15 @@ class ClassifyModel(Model):
         _, config, info = load_classifier(path, device)  # checks the weights fit; predicting reads the file anew
         self.device = device
         size = config.resize or info["in_shape"][1:]
-        super().__init__(path, relative, 2, int(info["in_shape"][0]), list(info["class_names"]),
-                         input=f"{size[0]}x{size[1]}" + (" (resized)" if config.resize else ""), device=str(device))
+        super().__init__(
+            path,
+            relative,
+            2,
+            int(info["in_shape"][0]),
+            list(info["class_names"]),
+            input=f"{size[0]}x{size[1]}" + (" (resized)" if config.resize else ""),
+            device=str(device),
+        )
 
     def run(self, image: ServedImage, z: int | None, progress: ProgressFn) -> Result:
         """The class probabilities of the image file, read, resized and normalised as ``deepscope predict`` does."""
@@ -232,8 +277,17 @@ class DetectModel(Model):
         plane = as_channels(np.moveaxis(image.raw(z), 0, -1), self.channels, image.name)
         found = self.detector(plane)
         names = self.description["classes"]
-        boxes = [{"y0": float(b[1]), "x0": float(b[0]), "y1": float(b[3]), "x1": float(b[2]), "score": float(s),
-                  "class": names[int(k) - 1]} for b, s, k in zip(found["boxes"], found["scores"], found["labels"])]
+        boxes = [
+            {
+                "y0": float(b[1]),
+                "x0": float(b[0]),
+                "y1": float(b[3]),
+                "x1": float(b[2]),
+                "score": float(s),
+                "class": names[int(k) - 1],
+            }
+            for b, s, k in zip(found["boxes"], found["scores"], found["labels"])
+        ]
         confident = sum(b["score"] >= 0.5 for b in boxes)
         return Result(boxes=boxes, summary=f"{len(boxes)} boxes, {confident} scoring at least 0.5")
 
@@ -262,7 +316,9 @@ class Job:
 
     def scrubbed(self, message: str) -> str:
         """An error's first line with the folder's names for the server's paths of the image and the model."""
-        message = message.replace(str(self.image.path), self.image.name).replace(str(self.model.path), self.model.relative)
+        message = message.replace(str(self.image.path), self.image.name).replace(
+            str(self.model.path), self.model.relative
+        )
         return message.splitlines()[0] if message else "prediction failed"
 
 
@@ -290,7 +346,9 @@ class ModelService:
         found, looked = [], 0
         for top, dirs, files in os.walk(self.folder.root):
             depth = len(Path(top).relative_to(self.folder.root).parts)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.casefold() != STATE_DIR and depth < MAX_DEPTH)
+            dirs[:] = sorted(
+                d for d in dirs if not d.startswith(".") and d.casefold() != STATE_DIR and depth < MAX_DEPTH
+            )
             looked += len(dirs) + len(files)
             found += [Path(top) / name for name in sorted(files) if name.endswith(".pt") and not name.startswith(".")]
             if looked > MAX_LOOKED_AT:
@@ -306,9 +364,19 @@ class ModelService:
             key = (str(path), stat.st_mtime_ns, stat.st_size)
             known[key] = self._tasks.get(key) or self._task_of(path, relative)
             task, error = known[key]
-            listed.append((-stat.st_mtime_ns, relative, {
-                "path": relative, "task": task, "error": error, "size": stat.st_size,
-                "modified": datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(timespec="seconds")}))
+            listed.append(
+                (
+                    -stat.st_mtime_ns,
+                    relative,
+                    {
+                        "path": relative,
+                        "task": task,
+                        "error": error,
+                        "size": stat.st_size,
+                        "modified": datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(timespec="seconds"),
+                    },
+                )
+            )
         self._tasks = known  # read once per version of a file; files gone or changed are forgotten
         return [entry for *_, entry in sorted(listed, key=lambda item: item[:2])]
 
@@ -443,11 +511,17 @@ class ModelService:
         with self._lock:
             model, job = self.model, self._jobs.get(name)
             reply: dict[str, Any] = {
-                "image": name, "model": model.relative if model else None, "task": model.task if model else None,
-                "description": model.description if model else None, "state": job.state if job else "idle",
-                "progress": round(job.progress, 4) if job else 0.0, "error": job.error if job else None,
-                "summary": job.summary if job else None, "z": job.z if job else None,
-                "computed": result is not None, "version": self.version,
+                "image": name,
+                "model": model.relative if model else None,
+                "task": model.task if model else None,
+                "description": model.description if model else None,
+                "state": job.state if job else "idle",
+                "progress": round(job.progress, 4) if job else 0.0,
+                "error": job.error if job else None,
+                "summary": job.summary if job else None,
+                "z": job.z if job else None,
+                "computed": result is not None,
+                "version": self.version,
             }
         if result is not None:
             reply["scores"] = result.scores
@@ -470,8 +544,9 @@ class ModelService:
         result = self.result(name, job.z if job else None)
         return [] if result is None or result.boxes is None else result.boxes
 
-    def overlay(self, name: str, z: int | None, kind: str, level: int, ty: int, tx: int,
-                contrast: str | None = None) -> tuple[bytes, bool]:
+    def overlay(
+        self, name: str, z: int | None, kind: str, level: int, ty: int, tx: int, contrast: str | None = None
+    ) -> tuple[bytes, bool]:
         """(PNG of one overlay tile, whether it shows a result); a result not computed yet is a transparent tile."""
         if kind not in KINDS:
             raise DeepscopeError(f"overlay kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -485,10 +560,14 @@ class ModelService:
             return labels_png(np.zeros((y1 - y0, x1 - x0), np.uint8), {}), False
         region = overlay_region(array, level, ty, tx)
         if kind == "probabilities":
-            colours = [PALETTE[k % len(PALETTE)] for k in range(len(region))] if len(region) > 1 else [PROBABILITY_COLOUR]
+            colours = (
+                [PALETTE[k % len(PALETTE)] for k in range(len(region))] if len(region) > 1 else [PROBABILITY_COLOUR]
+            )
             return probabilities_png(region, colours), True
         if kind == "classes":
-            return labels_png(region, {k: PALETTE[k % len(PALETTE)] for k in range(1, int(region.max(initial=0)) + 1)}), True
+            return labels_png(
+                region, {k: PALETTE[k % len(PALETTE)] for k in range(1, int(region.max(initial=0)) + 1)}
+            ), True
         if kind == "outlines":
             return outlines_png(region), True
         limits = parse_contrast(contrast, image)
@@ -531,8 +610,9 @@ def routes(service: ModelService) -> list[Route]:
     def overlay(request: Request) -> Response:
         params = request.query_params
         level, ty, tx = (integer(param(params, key), key) for key in ("level", "ty", "tx"))
-        data, shown = service.overlay(param(params, "image"), _z(params), param(params, "kind"), level, ty, tx,
-                                      params.get("contrast"))
+        data, shown = service.overlay(
+            param(params, "image"), _z(params), param(params, "kind"), level, ty, tx, params.get("contrast")
+        )
         return png(data, TILE_CACHE if shown else NO_STORE)
 
     def boxes(request: Request) -> Response:

@@ -19,8 +19,8 @@ import yaml
 from deepscope.atomic import atomic_write
 from deepscope.data.scribbles import MAX_CLASSES
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.tasks.pixel.features import FILTERS, FeatureSpec
 from deepscope.serve.folder import ServedFolder
+from deepscope.tasks.pixel.features import FILTERS, FeatureSpec
 
 PROJECT_FILE = "deepscope-project.yaml"  # in the served folder
 COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -70,14 +70,19 @@ class Project:
         if unknown:
             raise DataError(f"{path}: unknown setting(s) {', '.join(map(str, unknown))}")
         classes = values.get("classes", [])
-        if not isinstance(classes, list) or not all(isinstance(c, dict) and set(c) == {"value", "name", "colour"}
-                                                    for c in classes):
+        if not isinstance(classes, list) or not all(
+            isinstance(c, dict) and set(c) == {"value", "name", "colour"} for c in classes
+        ):
             raise DataError(f"{path}: classes must be a list of {{value, name, colour}}")
         defaults = cls()
-        project = cls(classes=[LabelClass(**c) for c in classes] if "classes" in values else defaults.classes,
-                      features=values.get("features", defaults.features),
-                      normalize=values.get("normalize", defaults.normalize), classifier=values.get("classifier"),
-                      labelled=values.get("labelled", []), models=values.get("models", []))
+        project = cls(
+            classes=[LabelClass(**c) for c in classes] if "classes" in values else defaults.classes,
+            features=values.get("features", defaults.features),
+            normalize=values.get("normalize", defaults.normalize),
+            classifier=values.get("classifier"),
+            labelled=values.get("labelled", []),
+            models=values.get("models", []),
+        )
         project.check(folder)
         return project
 
@@ -101,18 +106,25 @@ class Project:
         values = [c.value for c in self.classes]
         if len(set(values)) < len(values):
             return f"duplicate class values in {values}"
-        if not isinstance(self.features, dict) or not self.features or not all(
+        if (
+            not isinstance(self.features, dict)
+            or not self.features
+            or not all(
                 isinstance(v, list) and all(isinstance(s, int | float) and not isinstance(s, bool) for s in v)
-                for v in self.features.values()):
+                for v in self.features.values()
+            )
+        ):
             return "features must map filter names to lists of scales"
         try:
             FeatureSpec.create(self.features)
         except (DeepscopeError, OverflowError) as exc:  # OverflowError: an integer scale beyond any float
             return f"features: {exc}"
         if self.normalize is not None and (
-                not isinstance(self.normalize, list) or len(self.normalize) != 2
-                or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in self.normalize)
-                or not 0 <= self.normalize[0] < self.normalize[1] <= 100):
+            not isinstance(self.normalize, list)
+            or len(self.normalize) != 2
+            or not all(isinstance(p, int | float) and not isinstance(p, bool) for p in self.normalize)
+            or not 0 <= self.normalize[0] < self.normalize[1] <= 100
+        ):
             return f"normalize must be two percentiles low < high in [0, 100], or null, got {self.normalize!r}"
         if self.classifier is not None and not _inside(self.classifier):
             return f"classifier must be a path inside the folder, got {self.classifier!r}"
@@ -141,10 +153,16 @@ class Project:
         for label_class in self.classes:
             if label_class.value == value:
                 return label_class
-        raise DeepscopeError(f"label {value} is not a class of the project; classes are "
-                             f"{', '.join(str(c.value) for c in self.classes)}")
+        raise DeepscopeError(
+            f"label {value} is not a class of the project; classes are {', '.join(str(c.value) for c in self.classes)}"
+        )
 
 
 def _inside(path: object) -> bool:
     """Whether ``path`` is a relative path that stays inside the folder."""
-    return isinstance(path, str) and bool(path) and not PurePosixPath(path).is_absolute() and ".." not in PurePosixPath(path).parts
+    return (
+        isinstance(path, str)
+        and bool(path)
+        and not PurePosixPath(path).is_absolute()
+        and ".." not in PurePosixPath(path).parts
+    )

@@ -94,8 +94,11 @@ def _extents(region: np.ndarray, ids: np.ndarray, origin: tuple[int, int] = (0, 
         compact = np.where(ids[position] == region, position + 1, 0)
         pairs = zip(ids, ndimage.find_objects(compact, max_label=len(ids)))
     oy, ox = origin
-    return {int(i): (slice(b[0].start + oy, b[0].stop + oy), slice(b[1].start + ox, b[1].stop + ox))
-            for i, b in pairs if b is not None}
+    return {
+        int(i): (slice(b[0].start + oy, b[0].stop + oy), slice(b[1].start + ox, b[1].stop + ox))
+        for i, b in pairs
+        if b is not None
+    }
 
 
 def _index(plane: np.ndarray, top: int) -> dict[int, Box]:
@@ -115,8 +118,9 @@ def _crop(values: np.ndarray, box: Box, into: Box) -> np.ndarray:
     low = [max(s.start, t.start) for s, t in zip(box, into)]
     high = [min(s.stop, t.stop) for s, t in zip(box, into)]
     if all(lo < hi for lo, hi in zip(low, high)):
-        out[tuple(slice(lo - t.start, hi - t.start) for lo, hi, t in zip(low, high, into))] = \
-            values[tuple(slice(lo - s.start, hi - s.start) for lo, hi, s in zip(low, high, box))]
+        out[tuple(slice(lo - t.start, hi - t.start) for lo, hi, t in zip(low, high, into))] = values[
+            tuple(slice(lo - s.start, hi - s.start) for lo, hi, s in zip(low, high, box))
+        ]
     return out
 
 
@@ -151,8 +155,9 @@ def _read_mask(path: Path, image: ServedImage) -> np.ndarray:
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise DataError(f"{path}: corrupt or unreadable mask ({type(exc).__name__}: {exc})") from None
     if array.shape != tuple(image.spatial):
-        raise DataError(f"{path}: mask of shape {array.shape} does not match {image.path} "
-                        f"({'x'.join(map(str, image.spatial))})")
+        raise DataError(
+            f"{path}: mask of shape {array.shape} does not match {image.path} ({'x'.join(map(str, image.spatial))})"
+        )
     return _checked_ids(array, str(path))
 
 
@@ -160,8 +165,11 @@ def _save(path: Path, ids: np.ndarray) -> None:
     """Replace the mask file atomically: uint16 when the largest id fits, else uint32."""
     fits = not ids.size or int(ids.max()) <= np.iinfo(np.uint16).max
     stored = ids.astype(np.uint16) if fits else ids
-    atomic_write(path, lambda handle: tifffile.imwrite(handle, stored, photometric="minisblack", compression="zlib",
-                                                        metadata=None), "mask")
+    atomic_write(
+        path,
+        lambda handle: tifffile.imwrite(handle, stored, photometric="minisblack", compression="zlib", metadata=None),
+        "mask",
+    )
 
 
 class InstanceEditor(BackgroundWriter):
@@ -204,8 +212,9 @@ class InstanceEditor(BackgroundWriter):
         """Outlines PNG of one tile; the ``selected`` object (picked for a merge) is also filled."""
         image = self.folder.open(name)
         with self._changed:
-            region = np.array(overlay_region(self._plane_ids(self._loaded(image), slice_index(image, z) or 0),
-                                             level, ty, tx))
+            region = np.array(
+                overlay_region(self._plane_ids(self._loaded(image), slice_index(image, z) or 0), level, ty, tx)
+            )
         return outlines_png(region, selected=selected)
 
     # --- changing ------------------------------------------------------------------------------------------------
@@ -221,11 +230,15 @@ class InstanceEditor(BackgroundWriter):
             return self._reload(image, zi or 0)
         predicted = self.models.instances(name, zi)
         if predicted is None:
-            raise DeepscopeError(f"{name}: no instances predicted yet; open a segment model and predict this image first")
+            raise DeepscopeError(
+                f"{name}: no instances predicted yet; open a segment model and predict this image first"
+            )
         predicted = np.asarray(predicted)
         if predicted.shape != tuple(image.spatial[-2:]):
-            raise DeepscopeError(f"{name}: the model's instances of shape {predicted.shape} do not match the image plane "
-                                 f"({'x'.join(map(str, image.spatial[-2:]))})")
+            raise DeepscopeError(
+                f"{name}: the model's instances of shape {predicted.shape} do not match the image plane "
+                f"({'x'.join(map(str, image.spatial[-2:]))})"
+            )
         after = _checked_ids(predicted, f"{name}: the model's instances")
         with self._changed:
             mask = self._mask(image) or self._new_mask(image)
@@ -260,8 +273,9 @@ class InstanceEditor(BackgroundWriter):
         join the nearest piece, so the object's pixels stay the same, only their ids change."""
         with self._changed:
             image, mask, key = self._editing(name, z)
-            stroke = Stroke.from_json({"points": points, "radius": radius, "label": 0, "z": slice_index(image, z)},
-                                      image.spatial)
+            stroke = Stroke.from_json(
+                {"points": points, "radius": radius, "label": 0, "z": slice_index(image, z)}, image.spatial
+            )
             drawn_box, drawn = stroke.raster(image.spatial)
             drawn_box, drawn = drawn_box[-2:], drawn.reshape(drawn.shape[-2:])
             plane = self._plane_ids(mask, key)
@@ -276,8 +290,9 @@ class InstanceEditor(BackgroundWriter):
             cut = _crop(drawn, drawn_box, box) & whole
             pieces, count = ndimage.label(whole & ~cut, CONNECTED)
             if count <= ndimage.label(whole, CONNECTED)[1]:
-                raise DeepscopeError(f"split: the stroke does not cut object {target} in two; draw it across the whole "
-                                     "object")
+                raise DeepscopeError(
+                    f"split: the stroke does not cut object {target} in two; draw it across the whole object"
+                )
             order = np.argsort(-np.bincount(pieces.ravel())[1:], kind="stable")  # largest piece first
             new_ids = np.zeros(count + 1, np.uint32)
             new_ids[order + 1] = [target, *range(mask.top + 1, mask.top + count)]
@@ -311,8 +326,10 @@ class InstanceEditor(BackgroundWriter):
         return mask
 
     def _not_loaded(self, image: ServedImage) -> DeepscopeError:
-        return DeepscopeError(f"{image.name}: no instances loaded and no saved mask {MASKS_DIR}/"
-                              f"{self.mask_path(image.name).name}; load them from a segment model first")
+        return DeepscopeError(
+            f"{image.name}: no instances loaded and no saved mask {MASKS_DIR}/"
+            f"{self.mask_path(image.name).name}; load them from a segment model first"
+        )
 
     def _editing(self, name: str, z: Any) -> tuple[ServedImage, _Mask, int]:
         image = self.folder.open(name)
@@ -333,8 +350,9 @@ class InstanceEditor(BackgroundWriter):
 
     def _new_mask(self, image: ServedImage) -> _Mask:
         version = self._next_version()
-        return self._keep(_Mask(image.name, np.zeros(image.spatial, np.uint32), self.mask_path(image.name), 0,
-                                version, version))
+        return self._keep(
+            _Mask(image.name, np.zeros(image.spatial, np.uint32), self.mask_path(image.name), 0, version, version)
+        )
 
     def _keep(self, mask: _Mask) -> _Mask:
         """Keep ``mask`` in memory, dropping the least recently used masks that are saved beyond OPEN_MASKS."""
@@ -373,8 +391,9 @@ class InstanceEditor(BackgroundWriter):
             raise DeepscopeError(f"point ({y}, {x}) is background, not an object")
         return target
 
-    def _commit(self, image: ServedImage, mask: _Mask, key: int, box: Box, after: np.ndarray,
-                ids: list[int] | None) -> dict[str, Any]:
+    def _commit(
+        self, image: ServedImage, mask: _Mask, key: int, box: Box, after: np.ndarray, ids: list[int] | None
+    ) -> dict[str, Any]:
         """Make an edit of the objects ``ids`` (None: replace the whole plane): apply it, record it for undo
         (dropping what was undone) and reply."""
         before = self._plane_ids(mask, key)[box].copy()
@@ -414,16 +433,29 @@ class InstanceEditor(BackgroundWriter):
 
     def _status(self, image: ServedImage, mask: _Mask | None, key: int) -> dict[str, Any]:
         path = self.mask_path(image.name)
-        reply: dict[str, Any] = {"image": image.name, "z": key if image.ndim == 3 else None, "loaded": mask is not None,
-                                 "saved": f"{MASKS_DIR}/{path.name}", "exists": path.exists()}
+        reply: dict[str, Any] = {
+            "image": image.name,
+            "z": key if image.ndim == 3 else None,
+            "loaded": mask is not None,
+            "saved": f"{MASKS_DIR}/{path.name}",
+            "exists": path.exists(),
+        }
         if mask is None:
             return {**reply, "version": None, "objects": None, "dirty": False, "error": None, "undo": 0, "redo": 0}
         plane = self._plane(mask, key)
-        return {**reply, "version": mask.version, "objects": len(plane.boxes), "dirty": mask.saved != mask.version,
-                "error": self.write_error(image.name), "undo": len(plane.done), "redo": len(plane.undone)}
+        return {
+            **reply,
+            "version": mask.version,
+            "objects": len(plane.boxes),
+            "dirty": mask.saved != mask.version,
+            "error": self.write_error(image.name),
+            "undo": len(plane.done),
+            "redo": len(plane.undone),
+        }
 
-    def _reply(self, image: ServedImage, mask: _Mask, key: int, box: Box | None,
-               ids: list[int] | None) -> dict[str, Any]:
+    def _reply(
+        self, image: ServedImage, mask: _Mask, key: int, box: Box | None, ids: list[int] | None
+    ) -> dict[str, Any]:
         """The status after an edit, its box (with the slice for a stack, as the labels' replies) and the objects
         it changed (None: all of the plane's)."""
         spans = None if box is None else [[s.start, s.stop] for s in box]
@@ -470,6 +502,7 @@ def routes(editor: InstanceEditor) -> list[Route]:
             body, params = await json_body(request), request.query_params
             reply = await run_in_threadpool(edits[action], param(params, "image"), params.get("z"), body)
             return JSONResponse(reply, headers=NO_STORE)
+
         return endpoint
 
     def point(params: QueryParams) -> list[str] | None:
@@ -483,8 +516,17 @@ def routes(editor: InstanceEditor) -> list[Route]:
         params = request.query_params
         level, ty, tx = (integer(param(params, key), key) for key in ("level", "ty", "tx"))
         selected = params.get("selected")
-        return png(editor.overlay(param(params, "image"), params.get("z"), level, ty, tx,
-                                  integer(selected, "selected") if selected else None), NO_STORE)
+        return png(
+            editor.overlay(
+                param(params, "image"),
+                params.get("z"),
+                level,
+                ty,
+                tx,
+                integer(selected, "selected") if selected else None,
+            ),
+            NO_STORE,
+        )
 
     return [
         Route("/api/instances/status", status),

@@ -146,7 +146,11 @@ def image_png(values: np.ndarray, contrast: list[tuple[float, float]], colours: 
         rgb_values = np.repeat(stretched, 3, axis=0) if channels == 1 else stretched
         pixels = np.moveaxis(rgb_values, 0, -1) * 255
     else:
-        chosen = colours if colours is not None else [DEFAULT_CHANNEL_COLOURS[c % len(DEFAULT_CHANNEL_COLOURS)] for c in range(channels)]
+        chosen = (
+            colours
+            if colours is not None
+            else [DEFAULT_CHANNEL_COLOURS[c % len(DEFAULT_CHANNEL_COLOURS)] for c in range(channels)]
+        )
         if len(chosen) != channels:
             raise DeepscopeError(f"{len(chosen)} channel colours given for an image of {channels} channels")
         tints = np.stack([rgb(c) for c in chosen]).astype(np.float32)  # (C, 3)
@@ -190,8 +194,12 @@ def uncertainty_png(uncertainty: np.ndarray, colour: str = UNCERTAINTY_COLOUR) -
     return _png(pixels)
 
 
-def outlines_png(instances: np.ndarray, colour: str = OUTLINE_COLOUR, selected: int | None = None,
-                 fill: tuple[str, int] = SELECTED_FILL) -> bytes:
+def outlines_png(
+    instances: np.ndarray,
+    colour: str = OUTLINE_COLOUR,
+    selected: int | None = None,
+    fill: tuple[str, int] = SELECTED_FILL,
+) -> bytes:
     """RGBA PNG of the borders of an (h, w) instance map: opaque on the object pixels that touch another object or
     the background, transparent elsewhere; the inside of object ``selected`` (when given) is ``fill`` (colour,
     alpha)."""

@@ -89,7 +89,7 @@ class BackgroundWriter(ABC):
             error = None
             try:
                 self._write(snapshot)
-            except Exception as exc:  # noqa: BLE001 (the writer must outlive any failure; flush() reports it)
+            except Exception as exc:
                 error = exc
             with self._changed:
                 self._writing = False

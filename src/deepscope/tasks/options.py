@@ -89,10 +89,17 @@ TRAIN_OPTIONS = (
     setting("--out", help="run folder for checkpoints, logs and report"),
     CONFIG,
     option("--resume", action="store_true", help="continue the run in --out from last.pt"),
-    setting("--init-from", help="start the model, or its encoder/backbone, from a local weights file (a deepscope "
-            "checkpoint, e.g. of train ssl, or a torchvision state dict); the log says which tensors were taken"),
-    setting("--freeze-encoder", action="store_true", default=None,
-            help="with --init-from: keep the loaded weights fixed and train only the rest (a linear probe on a classifier)"),
+    setting(
+        "--init-from",
+        help="start the model, or its encoder/backbone, from a local weights file (a deepscope "
+        "checkpoint, e.g. of train ssl, or a torchvision state dict); the log says which tensors were taken",
+    ),
+    setting(
+        "--freeze-encoder",
+        action="store_true",
+        default=None,
+        help="with --init-from: keep the loaded weights fixed and train only the rest (a linear probe on a classifier)",
+    ),
     setting("--batch-size", type=int),
     setting("--lr", key="optim.lr", type=float),
     setting("--optimizer", key="optim.name", choices=["sgd", "adamw"]),
@@ -100,8 +107,11 @@ TRAIN_OPTIONS = (
     setting("--weight-decay", key="optim.weight_decay", type=float),
     setting("--grad-clip", key="optim.grad_clip", type=float),
     setting("--device", help="auto (default), cpu, cuda, cuda:N"),
-    setting("--amp", choices=AMP_MODES,
-            help="mixed precision (auto: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively, else float32)"),
+    setting(
+        "--amp",
+        choices=AMP_MODES,
+        help="mixed precision (auto: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively, else float32)",
+    ),
     setting("--seed", type=int),
     setting("--max-minutes", type=float, help="stop cleanly after this wall time"),
     setting("--early-stopping", type=int, metavar="EPOCHS"),
@@ -161,8 +171,10 @@ def resolve_config(config_cls: type, args: argparse.Namespace, options: tuple[Op
         if saved.is_file():
             values = load_yaml(saved)
         elif not (args.data or args.config or getattr(args, "images", None)):  # killed before it saved its settings
-            raise DeepscopeError(f"{saved}: nothing to resume, no config.yaml in {args.out}; give the run's settings "
-                                 "(--data ...) to start it again")
+            raise DeepscopeError(
+                f"{saved}: nothing to resume, no config.yaml in {args.out}; give the run's settings "
+                "(--data ...) to start it again"
+            )
     settings_from(args, values)
     for opt in options:
         value = getattr(args, opt.dest, None)

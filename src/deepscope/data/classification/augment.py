@@ -73,7 +73,7 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator, n
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator, n: int, rows: slice) -> torch.Tensor:
     """Zero a ``size`` x ``size`` square centred at a random pixel of each image."""
-    b, _, h, w = x.shape
+    _b, _, h, w = x.shape
     cy = draw_randint(h, generator, n, rows, x.device)[:, None]
     cx = draw_randint(w, generator, n, rows, x.device)[:, None]
     ys = torch.arange(h, device=x.device)[None]
@@ -106,7 +106,9 @@ class BatchAugment:
         return x
 
 
-def torchvision_pipeline(config: AugmentConfig | None, mean: list[float], std: list[float], size: tuple[int, int]) -> v2.Compose:
+def torchvision_pipeline(
+    config: AugmentConfig | None, mean: list[float], std: list[float], size: tuple[int, int]
+) -> v2.Compose:
     """The same augmentation, per image, for the torch DataLoader path (CHW uint8/uint16 tensor in).
 
     torchvision is imported here, not with the module: importing it costs seconds of start-up on a slow CPU (it

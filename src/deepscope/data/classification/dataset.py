@@ -84,7 +84,9 @@ class FileImageSet:
         if self.resize is not None:
             image = resize_image(image, self.resize)
         if image.shape[:2] != self.shape[:2]:
-            raise DataError(f"{self.paths[i]}: image is {image.shape[0]}x{image.shape[1]}, expected {self.shape[0]}x{self.shape[1]}")
+            raise DataError(
+                f"{self.paths[i]}: image is {image.shape[0]}x{image.shape[1]}, expected {self.shape[0]}x{self.shape[1]}"
+            )
         return conform(image, self.shape[2], self.dtype)
 
 
@@ -221,7 +223,7 @@ def too_large_for_memory(root: Path, resize: tuple[int, int] | None) -> bool:
     files = [p for p in root.rglob("*") if is_image_file(p)]
     if not files:
         return False
-    h, w, c, dtype = probe_image(files[0])
+    h, w, _c, dtype = probe_image(files[0])
     if resize is not None:
         h, w = resize
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -257,7 +259,9 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
     names = None
     if "class_names" in arrays:
         if arrays["class_names"].ndim != 1:
-            raise DataError(f"{path}: class_names has shape {arrays['class_names'].shape}; expected a list of names (K,)")
+            raise DataError(
+                f"{path}: class_names has shape {arrays['class_names'].shape}; expected a list of names (K,)"
+            )
         names = [str(n) for n in arrays["class_names"]]
         num_classes = len(names)
     splits: dict[str, ImageSet] = {}
@@ -271,8 +275,10 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
         images = sum(len(data.labels) for data in splits.values())
         num_classes = int(splits["train"].labels.max()) + 1
         if num_classes > images:  # also keeps a stray label such as 10**12 from making a name per class
-            raise DataError(f"{path}: label {num_classes - 1} in y_train implies {num_classes} classes for {images} "
-                            "images; number the classes 0..K-1 or give class_names")
+            raise DataError(
+                f"{path}: label {num_classes - 1} in y_train implies {num_classes} classes for {images} "
+                "images; number the classes 0..K-1 or give class_names"
+            )
         names = [str(i) for i in range(num_classes)]
     for split, data in splits.items():
         bad = (data.labels < 0) | (data.labels >= num_classes)
@@ -291,7 +297,9 @@ def npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, resize: tupl
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or 0 in x.shape:
-        raise DataError(f"{path}: x_{split} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3, no axis 0 long")
+        raise DataError(
+            f"{path}: x_{split} has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C = 1 or 3, no axis 0 long"
+        )
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{path}: y_{split} has shape {y.shape}; expected ({len(x)},), one label per image")
     if not np.issubdtype(y.dtype, np.integer):
@@ -302,7 +310,9 @@ def npz_split(path: Path, split: str, x: np.ndarray, y: np.ndarray, resize: tupl
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), sources)
 
 
-def load_classification(path: str | Path, resize: tuple[int, int] | None = None, lazy: bool | None = False) -> ClassificationData:
+def load_classification(
+    path: str | Path, resize: tuple[int, int] | None = None, lazy: bool | None = False
+) -> ClassificationData:
     """Load a class-folder tree or an ``.npz`` file, checking it can be trained on.
 
     ``lazy`` applies to folders (see :func:`load_folder`); an ``.npz`` archive is always read whole.
@@ -316,7 +326,9 @@ def load_classification(path: str | Path, resize: tuple[int, int] | None = None,
         data = load_folder(path, resize, lazy)
     first = next(iter(data.splits.values()))
     if len(np.unique(first.labels)) < 2:
-        raise DataError(f"{path}: only one class ({data.class_names[int(first.labels[0])]}) found; classification needs at least two")
+        raise DataError(
+            f"{path}: only one class ({data.class_names[int(first.labels[0])]}) found; classification needs at least two"
+        )
     shapes = {name: s.shape for name, s in data.splits.items()}
     if len(set(shapes.values())) > 1:
         raise DataError(f"{path}: splits have different image shapes {shapes}; pass --resize H W")
@@ -331,7 +343,7 @@ def stratified_split(data: AnyImageSet, val_fraction: float, seed: int) -> tuple
 
     index = np.arange(len(data))
     n_classes = len(np.unique(data.labels))
-    n_val = max(n_classes, int(round(val_fraction * len(data))))
+    n_val = max(n_classes, round(val_fraction * len(data)))
     if n_val >= len(data) - n_classes + 1:
         raise DataError(f"{len(data)} images are too few for a validation split of {val_fraction:.0%}")
     counts = np.bincount(data.labels)

@@ -42,7 +42,9 @@ class BatchSpec:
 
     def __post_init__(self) -> None:
         if self.batch_size % self.world:
-            raise DeepscopeError(f"batch size {self.batch_size} must be divisible by the number of processes ({self.world})")
+            raise DeepscopeError(
+                f"batch size {self.batch_size} must be divisible by the number of processes ({self.world})"
+            )
 
 
 class DeviceLoader:
@@ -51,7 +53,9 @@ class DeviceLoader:
     def __init__(self, data: ImageSet, spec: BatchSpec, device: torch.device, channels_last: bool = True) -> None:
         self.device = device
         # kept NHWC as read (on the CPU this shares the numpy array's memory); batches are permuted after slicing
-        self.images = torch.from_numpy(data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images).to(device)
+        self.images = torch.from_numpy(
+            data.images.astype(np.int32) if data.images.dtype == np.uint16 else data.images
+        ).to(device)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.scale = data.scale
         self.mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
@@ -62,7 +66,9 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.epoch = 0
         if spec.shuffle and len(data) < spec.batch_size:
-            raise DeepscopeError(f"{len(data)} training images are fewer than one batch of {spec.batch_size}; lower --batch-size")
+            raise DeepscopeError(
+                f"{len(data)} training images are fewer than one batch of {spec.batch_size}; lower --batch-size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -132,8 +138,14 @@ def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0, pin_m
     ``pin_memory`` (for a CUDA device) lets :class:`ToDevice` copy batches asynchronously.
     """
     size = data.shape[:2]
-    dataset = TransformDataset(data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size))
-    sampler = DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle) if spec.world > 1 else None
+    dataset = TransformDataset(
+        data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size)
+    )
+    sampler = (
+        DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle)
+        if spec.world > 1
+        else None
+    )
     loader = DataLoader(
         dataset,
         batch_size=spec.batch_size // spec.world,

@@ -83,7 +83,9 @@ def mask_pixels(x: Tensor, config: BlindSpotConfig, generator: torch.Generator) 
         source = _flat([_reflect(p + pick[..., i], s) for i, (p, s) in enumerate(zip(coords, spatial))], spatial)
         replacement = values.gather(2, source.reshape(n, c, -1))
     else:
-        around = [_flat([_reflect(p + o[i], s) for i, (p, s) in enumerate(zip(coords, spatial))], spatial) for o in offsets]
+        around = [
+            _flat([_reflect(p + o[i], s) for i, (p, s) in enumerate(zip(coords, spatial))], spatial) for o in offsets
+        ]
         stacked = torch.stack([values.gather(2, a.reshape(n, c, -1)) for a in around], dim=-1)
         replacement = stacked.median(dim=-1).values
     mask = torch.zeros_like(values).scatter_(2, flat, 1.0)

@@ -92,7 +92,7 @@ def _role_files(folder: Path, synthetic: bool) -> dict[str, dict[str, Path]]:
     first_role, first = next(iter(roles.items()))
     for role, files in roles.items():
         for stem in sorted(set(first) ^ set(files)):
-            where, missing = (first_role, role) if stem in first else (role, first_role)
+            _where, missing = (first_role, role) if stem in first else (role, first_role)
             path = (first if stem in first else files)[stem]
             raise DataError(f"{path} has no {missing} partner in {folder / missing} (files are matched by name)")
     return roles
@@ -133,7 +133,9 @@ def load_split(files: dict[str, dict[str, Path]], key: str | None, ndim: int | N
         items.append(DenoiseItem(name, images, np.dtype(dtypes.get("clean", next(iter(dtypes.values()))))))
     dims = {len(item.spatial) for item in items}
     if len(dims) > 1:
-        raise DataError(f"{', '.join(str(p) for p in next(iter(files.values())).values())}: 2D and 3D images mixed in one data set")
+        raise DataError(
+            f"{', '.join(str(p) for p in next(iter(files.values())).values())}: 2D and 3D images mixed in one data set"
+        )
     return items
 
 
@@ -141,7 +143,9 @@ class PatchBank:
     """Training images on the device, grouped by shape into stacks; a batch of random crops is cut from all roles at
     the same places by index arithmetic (one gather per shape group, no loop over samples)."""
 
-    def __init__(self, items: Sequence[DenoiseItem], roles: Sequence[str], patch_shape: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self, items: Sequence[DenoiseItem], roles: Sequence[str], patch_shape: Sequence[int], device: torch.device
+    ) -> None:
         self.patch = tuple(int(p) for p in patch_shape)
         self.roles, self.device = list(roles), device
         groups: dict[tuple[int, ...], list[DenoiseItem]] = {}
@@ -150,7 +154,10 @@ class PatchBank:
                 raise DataError(f"{item.name}: image {item.spatial} is smaller than the patch shape {self.patch}")
             groups.setdefault(item.spatial, []).append(item)
         self.shapes = list(groups)
-        self.stacks = [{r: torch.from_numpy(np.stack([i.images[r] for i in g])).to(device) for r in self.roles} for g in groups.values()]
+        self.stacks = [
+            {r: torch.from_numpy(np.stack([i.images[r] for i in g])).to(device) for r in self.roles}
+            for g in groups.values()
+        ]
         pixels = torch.tensor([len(g) * float(np.prod(s)) for s, g in groups.items()])
         self.weights = pixels / pixels.sum()
 
@@ -165,7 +172,10 @@ class PatchBank:
                 continue
             count = next(iter(stack.values())).shape[0]
             index = torch.randint(count, (n,), generator=generator, device=gen_device).to(self.device)
-            corners = [torch.randint(s - p + 1, (n,), generator=generator, device=gen_device).to(self.device) for s, p in zip(shape, self.patch)]
+            corners = [
+                torch.randint(s - p + 1, (n,), generator=generator, device=gen_device).to(self.device)
+                for s, p in zip(shape, self.patch)
+            ]
             k = len(self.patch)
             axes = []
             for a, (c, p) in enumerate(zip(corners, self.patch)):

@@ -84,7 +84,9 @@ def _images_in(folder: Path) -> list[Path]:
     stems: dict[str, Path] = {}
     for path in images:
         if path.stem in stems:
-            raise DataError(f"{path}: same name as {stems[path.stem].name}; annotations are matched by name, so keep only one")
+            raise DataError(
+                f"{path}: same name as {stems[path.stem].name}; annotations are matched by name, so keep only one"
+            )
         stems[path.stem] = path
     return images
 
@@ -107,7 +109,9 @@ def _partners(images: list[Path], files: list[Path], kind: str, required: bool) 
     for image in images:
         file = by_stem.get(image.stem) or by_stem.get(image.stem + MASK_SUFFIX)
         if file is None and required:
-            raise DataError(f"{image}: no {kind} file named {image.stem}.* or {image.stem}{MASK_SUFFIX}.* (matched by name)")
+            raise DataError(
+                f"{image}: no {kind} file named {image.stem}.* or {image.stem}{MASK_SUFFIX}.* (matched by name)"
+            )
         pairs.append((image, file))
         used.add(file)
     unused = [f for f in files if f not in used]
@@ -146,7 +150,9 @@ def _parse_xml(path: Path) -> Element:
     try:
         return SafeXML.parse(path, forbid_dtd=True).getroot()
     except DefusedXmlException as exc:
-        raise DataError(f"{path}: XML with a DTD or entities is refused; VOC files need neither ({type(exc).__name__})") from None
+        raise DataError(
+            f"{path}: XML with a DTD or entities is refused; VOC files need neither ({type(exc).__name__})"
+        ) from None
     except SafeXML.ParseError as exc:
         raise DataError(f"{path}: unparseable XML ({exc})") from None
     except OSError as exc:
@@ -177,7 +183,9 @@ def _read_voc_file(image: Path, path: Path) -> _Annotated:
     root = _parse_xml(path)
     width, height = _image_size(image)
     has_size = root.find("size") is not None
-    stated = tuple(int(_voc_number(root, f"size/{tag}", str(path))) for tag in ("width", "height")) if has_size else None
+    stated = (
+        tuple(int(_voc_number(root, f"size/{tag}", str(path))) for tag in ("width", "height")) if has_size else None
+    )
     if stated is not None and stated != (0, 0):  # some tools write 0 when they do not know the size
         _check_size(path, image, stated, (width, height))
     rows, names, crowd, refs = [], [], [], []
@@ -257,10 +265,16 @@ def _checked_polygons(polygons: list, where: str, height: int, width: int) -> No
     """pycocotools takes a polygon of 4 numbers for a box, other shapes with a bare ``Exception``, and rasterises a NaN
     or huge coordinate until the memory runs out (as fuzzing found); polygons may overhang like boxes, by 1 px."""
     for polygon in polygons:
-        if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))):
+        if not (
+            isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0 and all(map(is_number, polygon))
+        ):
             raise DataError(f"{where}: polygons must be lists of at least 3 x, y pairs of finite numbers")
         xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        if xy.min() < -OUTSIDE_TOLERANCE or xy[:, 0].max() > width + OUTSIDE_TOLERANCE or xy[:, 1].max() > height + OUTSIDE_TOLERANCE:
+        if (
+            xy.min() < -OUTSIDE_TOLERANCE
+            or xy[:, 0].max() > width + OUTSIDE_TOLERANCE
+            or xy[:, 1].max() > height + OUTSIDE_TOLERANCE
+        ):
             raise DataError(f"{where}: a polygon point lies outside the {width}x{height} image by more than 1 px")
 
 
@@ -271,7 +285,11 @@ def _checked_segmentation(segmentation: Any, where: str, height: int, width: int
     if isinstance(segmentation, list):
         _checked_polygons(segmentation, where, height, width)
         return segmentation
-    if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (list, str)) and "size" in segmentation):
+    if not (
+        isinstance(segmentation, dict)
+        and isinstance(segmentation.get("counts"), (list, str))
+        and "size" in segmentation
+    ):
         raise DataError(f"{where}: segmentation is neither polygons nor an RLE dict with 'size' and 'counts'")
     size = segmentation["size"]
     if not (isinstance(size, list) and [type(v) for v in size] == [int, int] and size == [height, width]):
@@ -279,7 +297,9 @@ def _checked_segmentation(segmentation: Any, where: str, height: int, width: int
     counts = segmentation["counts"]
     runs = _string_runs(counts) if isinstance(counts, str) else counts if all(type(c) is int for c in counts) else None
     if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
-        raise DataError(f"{where}: RLE counts are not run lengths adding up to the {height}x{width} pixels of the image")
+        raise DataError(
+            f"{where}: RLE counts are not run lengths adding up to the {height}x{width} pixels of the image"
+        )
     return segmentation
 
 
@@ -310,7 +330,9 @@ def _coco_images(coco: dict, path: Path, images: list[Path]) -> dict[int, tuple[
     for entry in coco["images"]:
         name, image_id = PurePosixPath(str(entry["file_name"]).replace("\\", "/")).name, _coco_id(entry["id"])
         if name not in on_disk:
-            raise DataError(f"{path}: image {plain(entry['file_name'])} (id {image_id}) not found in {images[0].parent}")
+            raise DataError(
+                f"{path}: image {plain(entry['file_name'])} (id {image_id}) not found in {images[0].parent}"
+            )
         if name in listed:
             raise DataError(f"{path}: image {name} is listed twice")
         if image_id in found:
@@ -320,7 +342,9 @@ def _coco_images(coco: dict, path: Path, images: list[Path]) -> dict[int, tuple[
     unlisted = sorted(set(on_disk) - listed)
     if unlisted:
         folder = images[0].parent
-        raise DataError(f"{folder}: images not listed in {path}: {_few(unlisted)}; give the matching JSON or remove them")
+        raise DataError(
+            f"{folder}: images not listed in {path}: {_few(unlisted)}; give the matching JSON or remove them"
+        )
     return found
 
 
@@ -364,21 +388,33 @@ def _read_coco_entries(coco: dict, path: Path, images: list[Path]) -> _Source:
         anns = objects[image_id]
         refs = [f"{path}: annotation {shown(ann.get('id'))} (image {image.name})" for ann in anns]
         boxes = _boxes([[x, y, x + w, y + h] for x, y, w, h in (map(float, ann["bbox"]) for ann in anns)])
-        segmentations = ([_checked_segmentation(ann["segmentation"], ref, height, width) for ann, ref in zip(anns, refs)]
-                         if with_masks else [])
-        items.append(_Annotated(
-            image, width, height, boxes, [categories[_coco_id(ann["category_id"])] for ann in anns],
-            np.array([bool(ann.get("iscrowd", 0)) for ann in anns], dtype=bool), refs,
-            area=np.array([float(ann["area"]) for ann in anns]) if with_area else None,
-            masks=_coco_masks(segmentations, height, width) if with_masks else None,
-            image_id=image_id,
-        ))
+        segmentations = (
+            [_checked_segmentation(ann["segmentation"], ref, height, width) for ann, ref in zip(anns, refs)]
+            if with_masks
+            else []
+        )
+        items.append(
+            _Annotated(
+                image,
+                width,
+                height,
+                boxes,
+                [categories[_coco_id(ann["category_id"])] for ann in anns],
+                np.array([bool(ann.get("iscrowd", 0)) for ann in anns], dtype=bool),
+                refs,
+                area=np.array([float(ann["area"]) for ann in anns]) if with_area else None,
+                masks=_coco_masks(segmentations, height, width) if with_masks else None,
+                image_id=image_id,
+            )
+        )
     return _Source(path, items, names)
 
 
 def _read_coco(images: list[Path], path: Path) -> _Source:
     coco = read_json(path)
-    if not (isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("categories"), list)):
+    if not (
+        isinstance(coco, dict) and isinstance(coco.get("images"), list) and isinstance(coco.get("categories"), list)
+    ):
         raise DataError(f"{path}: not a COCO file (needs 'images' and 'categories' lists)")
     for key in ("images", "categories", "annotations"):
         entries = coco.get(key, [])
@@ -415,7 +451,11 @@ def _yolo_class_list(folders: list[Path]) -> list[str] | None:
         for file_name in CLASS_LIST_FILES:
             path = folder / file_name
             if path.is_file():
-                names = _yaml_names(path) if path.suffix == ".yaml" else [n.strip() for n in _read_text(path).splitlines() if n.strip()]
+                names = (
+                    _yaml_names(path)
+                    if path.suffix == ".yaml"
+                    else [n.strip() for n in _read_text(path).splitlines() if n.strip()]
+                )
                 if not names or len(set(names)) != len(names):
                     raise DataError(f"{path}: class names must be distinct and at least one, got {shown(names)}")
                 return names
@@ -430,7 +470,9 @@ def _yolo_row(fields: list[str], where: str, classes: int) -> tuple[int, list[fl
     except ValueError:
         raise DataError(f"{where}: not numbers ({shown(' '.join(fields))[1:-1]})") from None
     if not 0 <= index < classes:
-        raise DataError(f"{where}: class {shown(index)} is not in 0..{classes - 1} (the class list has {classes} names)")
+        raise DataError(
+            f"{where}: class {shown(index)} is not in 0..{classes - 1} (the class list has {classes} names)"
+        )
     if not all(0.0 <= v <= 1.0 for v in values):
         raise DataError(f"{where}: coordinates must be normalised to [0, 1], got {shown(' '.join(fields[1:]))[1:-1]}")
     return index, values
@@ -457,7 +499,9 @@ def _read_yolo(images: list[Path], folder: Path, class_names: list[str] | None, 
             f"{folder}: YOLO labels hold class numbers only; put {', '.join(CLASS_LIST_FILES)} beside them or give class names"
         )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".txt" and p.name not in CLASS_LIST_FILES)
-    items = [_read_yolo_file(image, txt, names) for image, txt in _partners(images, files, "YOLO label", required=False)]
+    items = [
+        _read_yolo_file(image, txt, names) for image, txt in _partners(images, files, "YOLO label", required=False)
+    ]
     return _Source(folder, items, names)
 
 
@@ -478,7 +522,9 @@ def _read_mask_file(image: Path, path: Path, name: str) -> _Annotated:
     width, height = _image_size(image)
     labels = _label_image(path)
     if labels.shape != (height, width):
-        raise DataError(f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image {image} is {width}x{height}")
+        raise DataError(
+            f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image {image} is {width}x{height}"
+        )
     compact, original = compact_ids(labels)
     found = [(i + 1, s) for i, s in enumerate(ndimage.find_objects(compact)) if s is not None]
     index = np.array([i for i, _ in found], dtype=np.intp)
@@ -486,14 +532,23 @@ def _read_mask_file(image: Path, path: Path, name: str) -> _Annotated:
     rows = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for _, s in found]
     area = np.bincount(compact.ravel().astype(np.intp))[index].astype(np.float64) if len(index) else np.zeros(0)
     return _Annotated(
-        image, width, height, _boxes(rows), [name] * len(ids), np.zeros(len(ids), dtype=bool),
-        [f"{path}: label {i}" for i in ids], area=area, masks=lambda: _label_image(path) == ids[:, None, None],
+        image,
+        width,
+        height,
+        _boxes(rows),
+        [name] * len(ids),
+        np.zeros(len(ids), dtype=bool),
+        [f"{path}: label {i}" for i in ids],
+        area=area,
+        masks=lambda: _label_image(path) == ids[:, None, None],
     )
 
 
 def _read_masks(images: list[Path], folder: Path, class_names: list[str] | None) -> _Source:
     if class_names is not None and len(class_names) != 1:
-        raise DataError(f"{folder}: instance-label images hold one class, but {len(class_names)} class names were given")
+        raise DataError(
+            f"{folder}: instance-label images hold one class, but {len(class_names)} class names were given"
+        )
     name = class_names[0] if class_names else MASK_CLASS
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     items = [_read_mask_file(image, mask, name) for image, mask in _partners(images, files, "mask", required=True)]
@@ -530,14 +585,18 @@ def _source_in(folder: Path) -> tuple[str, Path]:
     found = [_kind_of_folder(folder / name) for name in ANNOTATION_FOLDERS if (folder / name).is_dir()]
     found += [("coco", p) for p in sorted(folder.glob("*.json"))]
     if not found:
-        raise DataError(f"{folder}: no annotations beside images/ (Annotations/ with VOC XML, a COCO .json, labels/, masks/)")
+        raise DataError(
+            f"{folder}: no annotations beside images/ (Annotations/ with VOC XML, a COCO .json, labels/, masks/)"
+        )
     if len(found) > 1:
         listed = ", ".join(f"{p.name} ({kind})" for kind, p in found)
         raise DataError(f"{folder}: several annotation sources ({listed}); choose one with --images and --annotations")
     return found[0]
 
 
-def _read_source(images_dir: Path, kind: str, path: Path, class_names: list[str] | None, list_folders: list[Path]) -> _Source:
+def _read_source(
+    images_dir: Path, kind: str, path: Path, class_names: list[str] | None, list_folders: list[Path]
+) -> _Source:
     images = _images_in(images_dir)
     if kind == "voc":
         return _read_voc(images, path)
@@ -559,14 +618,18 @@ def _sources(
             raise DataError(f"{data}: data folder not found")
         folders = {split: data / split for split in SPLITS if (data / split).is_dir()} or {"all": data}
         return {
-            split: _read_source(folder / "images", *_source_in(folder), class_names, list(dict.fromkeys([folder, data])))
+            split: _read_source(
+                folder / "images", *_source_in(folder), class_names, list(dict.fromkeys([folder, data]))
+            )
             for split, folder in folders.items()
         }
     if images is None or annotations is None:
         raise DataError("give a data folder, or both images and annotations")
     if annotations.is_file():
         if annotations.suffix.lower() != ".json":
-            raise DataError(f"{annotations}: an annotation file must be COCO JSON; give a folder for VOC, YOLO or masks")
+            raise DataError(
+                f"{annotations}: an annotation file must be COCO JSON; give a folder for VOC, YOLO or masks"
+            )
         kind, path = "coco", annotations
     elif annotations.is_dir():
         kind, path = _kind_of_folder(annotations)
@@ -638,9 +701,16 @@ def _kept_masks(masks: Callable[[], np.ndarray] | None, keep: np.ndarray) -> Cal
 def _det_item(item: _Annotated, label_of: dict[str, int], image_id: int) -> DetItem:
     boxes, keep = _checked_boxes(item)
     return DetItem(
-        name=item.image.name, path=item.image, width=item.width, height=item.height, boxes=boxes[keep],
-        labels=np.array([label_of[n] for n in item.names], dtype=np.int64)[keep], crowd=item.crowd[keep],
-        masks=_kept_masks(item.masks, keep), image_id=image_id, area=None if item.area is None else item.area[keep],
+        name=item.image.name,
+        path=item.image,
+        width=item.width,
+        height=item.height,
+        boxes=boxes[keep],
+        labels=np.array([label_of[n] for n in item.names], dtype=np.int64)[keep],
+        crowd=item.crowd[keep],
+        masks=_kept_masks(item.masks, keep),
+        image_id=image_id,
+        area=None if item.area is None else item.area[keep],
     )
 
 
@@ -668,7 +738,9 @@ def load_detection_data(
             running += 1
             splits[split].append(_det_item(item, label_of, running if item.image_id is None else item.image_id))
     if DROPPED_BOXES:
-        warnings.warn(f"{len(DROPPED_BOXES)} boxes dropped for zero width or height, e.g. {DROPPED_BOXES[0]}", stacklevel=2)
+        warnings.warn(
+            f"{len(DROPPED_BOXES)} boxes dropped for zero width or height, e.g. {DROPPED_BOXES[0]}", stacklevel=2
+        )
     return DetData(names, splits)
 
 
@@ -684,14 +756,20 @@ def coco_ground_truth(class_names: list[str], items: Sequence[DetItem], masks: b
     COCO does for boxes; with ``masks`` also each object's mask as RLE."""
     images, annotations = [], []
     for item in items:
-        images.append({"id": int(item.image_id), "file_name": item.name, "width": int(item.width), "height": int(item.height)})
+        images.append(
+            {"id": int(item.image_id), "file_name": item.name, "width": int(item.width), "height": int(item.height)}
+        )
         rles = json_rles(item.masks()) if masks and item.has_masks else None
         sizes = item.boxes[:, 2:] - item.boxes[:, :2]
         areas = item.area if item.area is not None else sizes[:, 0] * sizes[:, 1]
         for k, (box, size) in enumerate(zip(item.boxes.tolist(), sizes.tolist())):
             annotation = {
-                "id": len(annotations) + 1, "image_id": int(item.image_id), "category_id": int(item.labels[k]),
-                "bbox": [box[0], box[1], size[0], size[1]], "area": float(areas[k]), "iscrowd": int(item.crowd[k]),
+                "id": len(annotations) + 1,
+                "image_id": int(item.image_id),
+                "category_id": int(item.labels[k]),
+                "bbox": [box[0], box[1], size[0], size[1]],
+                "area": float(areas[k]),
+                "iscrowd": int(item.crowd[k]),
             }
             if rles is not None:
                 annotation["segmentation"] = rles[k]

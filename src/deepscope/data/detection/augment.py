@@ -54,17 +54,23 @@ class DetAugmentConfig:
     def __post_init__(self) -> None:
         for name in ("hflip", "vflip", "crop", "min_visible", "mosaic"):
             if not 0 <= getattr(self, name) <= 1:
-                raise DeepscopeError(f"augmentation {name} is a probability or fraction in [0, 1], got {getattr(self, name)}")
+                raise DeepscopeError(
+                    f"augmentation {name} is a probability or fraction in [0, 1], got {getattr(self, name)}"
+                )
         for name in ("brightness", "contrast", "saturation", "hue"):
             if getattr(self, name) < 0:
                 raise DeepscopeError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
         if self.hue > 0.5:
-            raise DeepscopeError(f"augmentation hue must be at most 0.5 (half a turn of the colour wheel), got {self.hue}")
+            raise DeepscopeError(
+                f"augmentation hue must be at most 0.5 (half a turn of the colour wheel), got {self.hue}"
+            )
         if not 0 < self.crop_min <= 1:
             raise DeepscopeError(f"augmentation crop_min must be in (0, 1], got {self.crop_min}")
         jitter = list(self.scale_jitter)
         if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1]:
-            raise DeepscopeError(f"augmentation scale_jitter must be [low, high] with 0 < low <= high, got {self.scale_jitter}")
+            raise DeepscopeError(
+                f"augmentation scale_jitter must be [low, high] with 0 < low <= high, got {self.scale_jitter}"
+            )
         self.scale_jitter = [float(v) for v in jitter]
 
 
@@ -92,8 +98,10 @@ class _Scene:
         if target.get("masks") is not None:
             objects["masks"] = torch.as_tensor(target["masks"], device=image.device).to(torch.uint8)
             if objects["masks"].shape != (n, *image.shape[-2:]):
-                raise DeepscopeError(f"masks of shape {tuple(objects['masks'].shape)} do not match {n} boxes on an image "
-                                     f"of size {tuple(image.shape[-2:])}")
+                raise DeepscopeError(
+                    f"masks of shape {tuple(objects['masks'].shape)} do not match {n} boxes on an image "
+                    f"of size {tuple(image.shape[-2:])}"
+                )
         for key, value in objects.items():
             if len(value) != n:
                 raise DeepscopeError(f"target has {n} boxes but {len(value)} {key}")
@@ -194,8 +202,11 @@ def augment_sample(
         height, width = size
     if crop < config.crop:
         fraction = 1 - config.crop_min
-        size_h, size_w = _oriented(max(1, round(height * (config.crop_min + crop_h * fraction))),
-                                   max(1, round(width * (config.crop_min + crop_w * fraction))), portrait)
+        size_h, size_w = _oriented(
+            max(1, round(height * (config.crop_min + crop_h * fraction))),
+            max(1, round(width * (config.crop_min + crop_w * fraction))),
+            portrait,
+        )
         top, left = int(crop_top * (height - size_h + 1)), int(crop_left * (width - size_w + 1))
         scene.crop(top, left, size_h, size_w, config.min_visible)
     if hflip < config.hflip:

@@ -60,8 +60,17 @@ class DetBatches:
     pass unchanged (as float in [0, 1]); normalisation is left to the models.
     """
 
-    def __init__(self, samples: Sequence[DetSample], batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
-                 seed: int = 0, augment: DetAugmentConfig | None = None, group_aspect: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[DetSample],
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        augment: DetAugmentConfig | None = None,
+        group_aspect: bool = True,
+    ) -> None:
         if not samples:
             raise DeepscopeError("no training images")
         if batch_size < 1:
@@ -85,7 +94,9 @@ class DetBatches:
 
         Batches are ordered by their first image's place in the shuffled order, so neither orientation comes first.
         """
-        order = torch.randperm(len(self.samples), generator=_seeded(torch.device("cpu"), self.seed, self.epoch)).tolist()
+        order = torch.randperm(
+            len(self.samples), generator=_seeded(torch.device("cpu"), self.seed, self.epoch)
+        ).tolist()
         batches = []
         for group in sorted(set(self.groups)):
             members = [i for i in order if self.groups[i] == group]
@@ -111,8 +122,9 @@ class DetBatches:
             draw, *others = torch.rand(4, generator=generator, device=generator.device).tolist()
             if draw < self.augment.mosaic:
                 parts = [(image, target)] + [self._load(int(u * len(self.samples))) for u in others]
-                image, target = mosaic(parts, (int(image.shape[-2]), int(image.shape[-1])), generator,
-                                       self.augment.min_visible)
+                image, target = mosaic(
+                    parts, (int(image.shape[-2]), int(image.shape[-1])), generator, self.augment.min_visible
+                )
         return augment_sample(image, target, self.augment, generator)
 
     def __iter__(self) -> Iterator[tuple[list[Tensor], list[dict[str, Any]]]]:

@@ -21,8 +21,20 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # plugins' "broken file") or, for a header stating gigapixels, DecompressionBombError; tifffile, as fuzzing found, also
 # KeyError, TypeError, IndexError, ZeroDivisionError, struct.error and zlib.error from its parsing code, and MemoryError
 # for absurd sizes.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, KeyError, TypeError, IndexError, ZeroDivisionError, MemoryError,
-                 struct.error, zlib.error, Image.DecompressionBombError, tifffile.TiffFileError)
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    KeyError,
+    TypeError,
+    IndexError,
+    ZeroDivisionError,
+    MemoryError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    tifffile.TiffFileError,
+)
 
 
 def is_image_file(path: Path) -> bool:

@@ -31,6 +31,7 @@ def percentile_normalize(
     p_low, p_high = np.percentile(x, [low, high], axis=axes, keepdims=True).astype(np.float32)
     return (x - p_low) / (p_high - p_low + np.float32(eps))
 
+
 PERCENTILE_SAMPLES = 2**22  # values read to estimate an image's percentiles; a strided subset of larger volumes
 NORMALIZE_EPS = 1e-6  # added to the percentile range so a constant image (or channel) normalizes to 0, not inf
 INVERT_MODES = ("never", "always", "auto")
@@ -94,7 +95,7 @@ def _is_colour(samples: np.ndarray) -> bool:
 
 
 def appearance(stored: Any, ndim: int, low: np.ndarray, high: np.ndarray) -> str:
-    """"grey-dark", "grey-bright", "colour-dark" or "colour-bright": channels equal or not, and the background rule of
+    """ "grey-dark", "grey-bright", "colour-dark" or "colour-bright": channels equal or not, and the background rule of
     :func:`_bright_background` on the stored image with its percentiles ``low``, ``high``, whether or not normalization
     inverted it."""
     samples = _samples(stored, ndim)
@@ -111,8 +112,15 @@ class Normalized:
     tiling do) keeps every axis, so the per-channel scale broadcasts on the same axis of the block as of the image.
     """
 
-    def __init__(self, image: Any, ndim: int, low: np.ndarray, high: np.ndarray, eps: float = NORMALIZE_EPS,
-                 inverted: bool = False) -> None:
+    def __init__(
+        self,
+        image: Any,
+        ndim: int,
+        low: np.ndarray,
+        high: np.ndarray,
+        eps: float = NORMALIZE_EPS,
+        inverted: bool = False,
+    ) -> None:
         self.image, self.shape, self.ndim = image, tuple(image.shape), len(image.shape)
         self.low, self.high, self.inverted = np.asarray(low, np.float32), np.asarray(high, np.float32), bool(inverted)
         axis = channel_axis(self.shape, ndim)
@@ -127,7 +135,9 @@ class Normalized:
         return (np.asarray(self.image[key], dtype=np.float32) - self.offset) / self.scale
 
 
-def normalized(image: Any, ndim: int, low: float, high: float, invert: str = "never", name: str = "image") -> Normalized:
+def normalized(
+    image: Any, ndim: int, low: float, high: float, invert: str = "never", name: str = "image"
+) -> Normalized:
     """``image`` normalized between its ``low`` and ``high`` percentiles per channel, inverted as ``invert`` says:
     "never", "always", or "auto" (when the background is bright, see :func:`_bright_background`); ``name`` (the file)
     is named when the values read are not all finite."""
@@ -168,8 +178,9 @@ class ChannelsFirst:
         return block[key[0]]
 
 
-def input_view(image: Any, ndim: int, channels: int, name: str, normalize: Sequence[float] | None,
-               invert: str = "never") -> Any:
+def input_view(
+    image: Any, ndim: int, channels: int, name: str, normalize: Sequence[float] | None, invert: str = "never"
+) -> Any:
     """A stored image checked against a ``ndim``-D model of ``channels`` input channels, as a (C, *spatial) view,
     percentile-normalized per channel (and inverted as ``invert`` says, see :func:`normalized`) unless ``normalize``
     is None; errors name the file."""

@@ -32,7 +32,16 @@ MAX_COLOURS = 4  # a 3-axis array whose last axis is at most this long is a 2D c
 # How np.load and zipfile report a malformed archive: OSError, ValueError (also for a pickled array, which is refused),
 # EOFError, BadZipFile, NotImplementedError (unknown compression), RuntimeError (encrypted member), zlib.error, and
 # MemoryError for a member whose header states an absurd shape.
-NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError, zlib.error, MemoryError)
+NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    NotImplementedError,
+    RuntimeError,
+    zlib.error,
+    MemoryError,
+)
 # What h5py and zarr raise for a malformed file or metadata: zarr, as fuzzing found, TypeError, ValueError (its
 # MetadataValidationError too), KeyError, and OverflowError for a fill value too large for the dtype.
 VOLUME_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, NotImplementedError, MemoryError)
@@ -51,7 +60,9 @@ def files_by_stem(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(p for p in folder.iterdir() if is_volume(p)):
         if path.stem in found:
-            raise DataError(f"{path}: same name as {found[path.stem].name}; pairs are matched by name, so keep only one")
+            raise DataError(
+                f"{path}: same name as {found[path.stem].name}; pairs are matched by name, so keep only one"
+            )
         found[path.stem] = path
     return found
 
@@ -118,7 +129,9 @@ def open_volume(path: str | Path, key: str | None = None) -> Any:
         except OSError as exc:
             raise unreadable(path, exc, "HDF5 file") from None
         try:
-            return _checked_shape(file[_select(path, None if key is None else key.lstrip("/"), _hdf5_datasets(file), "dataset")], path)
+            return _checked_shape(
+                file[_select(path, None if key is None else key.lstrip("/"), _hdf5_datasets(file), "dataset")], path
+            )
         except DataError:
             file.close()
             raise
@@ -186,7 +199,9 @@ def read_volume(path: str | Path, key: str | None = None) -> np.ndarray:
     if suffix in PICTURE_SUFFIXES:
         image = read_image(path)
         return image[:, :, 0] if image.shape[2] == 1 else image
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; expected TIFF, PNG, JPEG, BMP, NPZ, HDF5 or zarr")
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(none)'}; expected TIFF, PNG, JPEG, BMP, NPZ, HDF5 or zarr"
+    )
 
 
 def spatial_shape(image_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -195,6 +210,8 @@ def spatial_shape(image_shape: Sequence[int], ndim: int) -> tuple[int, ...]:
     if len(shape) == ndim:
         return shape
     return shape[:-1] if ndim == 2 else shape[1:]
+
+
 LAZY_SUFFIXES = HDF5_SUFFIXES | {".zarr"}
 CONTAINER_SUFFIXES = LAZY_SUFFIXES | {".npz"}
 

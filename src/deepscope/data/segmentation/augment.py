@@ -51,14 +51,26 @@ class SegAugmentConfig:
     invert: float = 0.0  # probability of replacing a sample by 1 - x (bright background <-> dark background)
 
     def __post_init__(self) -> None:
-        names = ("affine_degrees", "affine_scale", "elastic_sigma", "elastic_alpha", "noise_std", "gamma", "blur_sigma",
-                 "hed_jitter", "colour_jitter", "invert")
+        names = (
+            "affine_degrees",
+            "affine_scale",
+            "elastic_sigma",
+            "elastic_alpha",
+            "noise_std",
+            "gamma",
+            "blur_sigma",
+            "hed_jitter",
+            "colour_jitter",
+            "invert",
+        )
         for name in names:
             if getattr(self, name) < 0:
                 raise DeepscopeError(f"augmentation {name} must be >= 0, got {getattr(self, name)}")
         for name, meaning in (("affine_scale", "scales"), ("hed_jitter", "stain scales"), ("colour_jitter", "factors")):
             if getattr(self, name) >= 1:
-                raise DeepscopeError(f"augmentation {name} must be below 1 ({meaning} in [1 - s, 1 + s]), got {getattr(self, name)}")
+                raise DeepscopeError(
+                    f"augmentation {name} must be below 1 ({meaning} in [1 - s, 1 + s]), got {getattr(self, name)}"
+                )
         if self.invert > 1:
             raise DeepscopeError(f"augmentation invert is a probability, at most 1, got {self.invert}")
 
@@ -126,7 +138,9 @@ def _blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     return out.view(n, c, *spatial)
 
 
-def _affine(config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device) -> Tensor:
+def _affine(
+    config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device
+) -> Tensor:
     """``affine_grid`` matrices (N, nd, nd + 1): rotation in (H, W) and isotropic scale, both about the centre.
 
     The rotation is built in pixel units and then expressed in normalized coordinates, so that it stays a rotation
@@ -145,7 +159,9 @@ def _affine(config: SegAugmentConfig, generator: torch.Generator, n: int, spatia
     return theta
 
 
-def _elastic(config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device) -> Tensor:
+def _elastic(
+    config: SegAugmentConfig, generator: torch.Generator, n: int, spatial: list[int], device: torch.device
+) -> Tensor:
     """Smooth random displacements (N, *spatial, nd) in normalized grid units, about ``elastic_alpha`` pixels RMS per axis.
 
     Smoothing white noise with a normalized Gaussian divides its standard deviation by sqrt(sum of squared kernel
@@ -186,7 +202,9 @@ def _resample(image: Tensor, target: Tensor, mask: Tensor, grid: Tensor) -> tupl
     image = F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
     pixels = _source_pixels(grid, spatial)
     if target.is_floating_point():
-        target = F.grid_sample(target, grid.to(target.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+        target = F.grid_sample(
+            target, grid.to(target.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+        )
     else:
         target = _nearest(target, pixels)
     sizes = torch.tensor(spatial, dtype=pixels.dtype, device=pixels.device)
@@ -272,7 +290,9 @@ def augment_pair(
     if config.flip:
         for axis in range(2, image.ndim):
             flip = _uniform(generator, n, device) < 0.5
-            image, target_c, mask_c = (torch.where(_rows(flip, x.ndim), x.flip(axis), x) for x in (image, target_c, mask_c))
+            image, target_c, mask_c = (
+                torch.where(_rows(flip, x.ndim), x.flip(axis), x) for x in (image, target_c, mask_c)
+            )
     if config.rot90 and spatial[-1] == spatial[-2]:
         turns = torch.randint(4, (n,), generator=generator, device=generator.device).to(device)
         image, target_c, mask_c = (_rot90(x, turns) for x in (image, target_c, mask_c))

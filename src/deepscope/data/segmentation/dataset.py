@@ -53,8 +53,9 @@ def _containers(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_volume(p) and p.suffix.lower() in CONTAINER_SUFFIXES)
 
 
-def find_items(root: str | Path, raw_key: str, label_key: str,
-               labels: str | None = None) -> dict[str, list[tuple[str, Path, str | None, Path, str | None]]]:
+def find_items(
+    root: str | Path, raw_key: str, label_key: str, labels: str | None = None
+) -> dict[str, list[tuple[str, Path, str | None, Path, str | None]]]:
     """Per split, (name, image path, image key, label path, label key) for every pair under ``root``.
 
     ``root`` is an ``images/`` + ``masks/``|``labels/`` folder (optionally in train/val/test; ``labels`` names the label
@@ -69,7 +70,10 @@ def find_items(root: str | Path, raw_key: str, label_key: str,
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
     folders = {s: root / s for s in split_dirs} or {"all": root}
     if all((folder / "images").is_dir() for folder in folders.values()):
-        return {split: [(img.stem, img, None, lab, None) for img, lab in pairs] for split, pairs in find_pairs(root, labels).items()}
+        return {
+            split: [(img.stem, img, None, lab, None) for img, lab in pairs]
+            for split, pairs in find_pairs(root, labels).items()
+        }
     found: dict[str, list[tuple[str, Path, str | None, Path, str | None]]] = {}
     for split, folder in folders.items():
         files = _containers(folder)
@@ -122,14 +126,18 @@ def _index_column(root: Path, column: str) -> tuple[dict[str, str], str]:
     """image_id -> value of ``column`` from every index.csv under ``root``, and the files' names for messages."""
     files = _index_files(root)
     if not files:
-        raise DataError(f"{root / 'index.csv'}: not found (nor in {', '.join(SPLITS)}/); it must hold columns image_id and {column}")
+        raise DataError(
+            f"{root / 'index.csv'}: not found (nor in {', '.join(SPLITS)}/); it must hold columns image_id and {column}"
+        )
     values: dict[str, str] = {}
     for file in files:
         with open(file, newline="") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in ("image_id", column) if c not in (reader.fieldnames or [])]
             if missing:
-                raise DataError(f"{file}: no column {' or '.join(missing)} (columns: {', '.join(reader.fieldnames or [])})")
+                raise DataError(
+                    f"{file}: no column {' or '.join(missing)} (columns: {', '.join(reader.fieldnames or [])})"
+                )
             values.update((row["image_id"], row[column]) for row in reader)
     return values, ", ".join(str(f) for f in files)
 
@@ -173,10 +181,23 @@ class PatchDataset(Dataset):
     """``length`` random patches per epoch; patch ``i`` of epoch ``e`` depends only on (seed, e, i), so it is the
     same in any DataLoader worker and when a run resumes mid-epoch."""
 
-    def __init__(self, items: Sequence[SegItem], patch_shape: Sequence[int], length: int, channels: int,
-                 min_foreground: float = 0.0, seed: int = 0, weights: Sequence[float] | None = None) -> None:
-        self.sampler = PatchSampler([(item.image, item.labels) for item in items], patch_shape, min_foreground,
-                                    names=[item.name for item in items], weights=weights)
+    def __init__(
+        self,
+        items: Sequence[SegItem],
+        patch_shape: Sequence[int],
+        length: int,
+        channels: int,
+        min_foreground: float = 0.0,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        self.sampler = PatchSampler(
+            [(item.image, item.labels) for item in items],
+            patch_shape,
+            min_foreground,
+            names=[item.name for item in items],
+            weights=weights,
+        )
         self.length, self.channels, self.seed, self.epoch = length, channels, seed, 0
 
     def __len__(self) -> int:
@@ -192,11 +213,24 @@ class PatchDataset(Dataset):
 class PatchLoader:
     """Batches of (image, labels) patches on the device for one process: its share of the epoch's patch indices."""
 
-    def __init__(self, dataset: PatchDataset, batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: PatchDataset,
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+    ) -> None:
         self.dataset, self.device = dataset, device
-        self.loader = DataLoader(dataset, batch_size, sampler=range(rank, len(dataset), world), num_workers=num_workers,
-                                 drop_last=True, pin_memory=device.type == "cuda")
+        self.loader = DataLoader(
+            dataset,
+            batch_size,
+            sampler=range(rank, len(dataset), world),
+            num_workers=num_workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+        )
 
     def __len__(self) -> int:
         return len(self.loader)

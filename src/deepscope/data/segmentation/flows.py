@@ -21,7 +21,9 @@ from torch import Tensor
 
 from deepscope.errors import DataError
 
-ITERATIONS_PER_EXTENT = 2  # diffusion steps per pixel of an object's extent (sum of its bounding-box sides), as Cellpose
+ITERATIONS_PER_EXTENT = (
+    2  # diffusion steps per pixel of an object's extent (sum of its bounding-box sides), as Cellpose
+)
 
 
 def _checked(labels: Tensor) -> Tensor:
@@ -93,7 +95,9 @@ def _diffuse(neighbours: Tensor, centres: Tensor, active_obj: list[int], active_
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         for n_o, n_p, end in zip(active_obj, active_pix, ends):
             heat[centres[:n_o]] += 1
-            step = torch.sparse_csr_tensor(crow[: n_p + 1], col[:end], weight[:end], (n_p, n_pix), check_invariants=False)
+            step = torch.sparse_csr_tensor(
+                crow[: n_p + 1], col[:end], weight[:end], (n_p, n_pix), check_invariants=False
+            )
             heat[:n_p] = step @ heat
     return heat
 

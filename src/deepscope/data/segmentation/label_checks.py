@@ -66,7 +66,9 @@ def label_warnings(labels: np.ndarray, name: str) -> list[str]:
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim not in (2, 3):
-        raise DataError(f"{name}: instance labels must be a 2D or 3D integer image, got {labels.dtype} of shape {labels.shape}")
+        raise DataError(
+            f"{name}: instance labels must be a 2D or 3D integer image, got {labels.dtype} of shape {labels.shape}"
+        )
     if labels.size == 0:  # no objects, so nothing to warn about (and no border for the hole test to start from)
         return []
     if labels.min() < 0:

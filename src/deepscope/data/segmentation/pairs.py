@@ -35,8 +35,10 @@ def _label_dir(folder: Path, labels: str | None) -> Path:
     if not label_dirs:
         raise DataError(f"{folder}: no masks/ or labels/ folder next to images/")
     if len(label_dirs) > 1:
-        raise DataError(f"{folder}: both masks/ and labels/ found; choose the label folder with --labels masks or "
-                        "--labels labels (labels: in a config file)")
+        raise DataError(
+            f"{folder}: both masks/ and labels/ found; choose the label folder with --labels masks or "
+            "--labels labels (labels: in a config file)"
+        )
     return label_dirs[0]
 
 
@@ -44,7 +46,9 @@ def _pairs_in(folder: Path, labels: str | None) -> list[tuple[Path, Path]]:
     """(image, label) paths of ``folder/images`` and its label folder (see :func:`_label_dir`), sorted by name."""
     images_dir = folder / "images"
     if not images_dir.is_dir():
-        raise DataError(f"{folder}: no images/ folder (expected images/ and masks/ or labels/, maybe in train/, val/, test/)")
+        raise DataError(
+            f"{folder}: no images/ folder (expected images/ and masks/ or labels/, maybe in train/, val/, test/)"
+        )
     return match_by_stem(images_dir, _label_dir(folder, labels), "image", "label")
 
 
@@ -123,14 +127,18 @@ class PatchSampler:
         self.min_foreground = float(min_foreground)
         self.max_tries = int(max_tries)
         if self.max_tries < 1 or not 0.0 <= self.min_foreground <= 1.0:
-            raise DataError(f"max_tries must be >= 1 and min_foreground in [0, 1], got {max_tries} and {min_foreground}")
+            raise DataError(
+                f"max_tries must be >= 1 and min_foreground in [0, 1], got {max_tries} and {min_foreground}"
+            )
         self.rng = rng if rng is not None else np.random.default_rng()
         self.names = list(names) if names is not None else [f"pair {i}" for i in range(len(self.pairs))]
         self.shapes: list[tuple[int, ...]] = []
         for (image, labels), name in zip(self.pairs, self.names):
             shape = tuple(labels.shape)
             if len(shape) != self.ndim or image.ndim not in (self.ndim, self.ndim + 1):
-                raise DataError(f"{name}: image {tuple(image.shape)} and labels {shape} do not fit a {self.ndim}D patch shape")
+                raise DataError(
+                    f"{name}: image {tuple(image.shape)} and labels {shape} do not fit a {self.ndim}D patch shape"
+                )
             if spatial_shape(image.shape, self.ndim) != shape:
                 raise DataError(f"{name}: image shape {tuple(image.shape)} does not match label shape {shape}")
             if any(p > s for p, s in zip(self.patch_shape, shape)):
@@ -141,8 +149,10 @@ class PatchSampler:
         else:
             given = np.asarray(weights, dtype=np.float64)
             if given.shape != (len(self.pairs),) or not np.all(np.isfinite(given) & (given >= 0)) or given.sum() <= 0:
-                raise DataError(f"PatchSampler needs {len(self.pairs)} finite weights >= 0 with a positive sum, got "
-                                f"{given.size} with minimum {given.min(initial=np.inf):g} and sum {given.sum():g}")
+                raise DataError(
+                    f"PatchSampler needs {len(self.pairs)} finite weights >= 0 with a positive sum, got "
+                    f"{given.size} with minimum {given.min(initial=np.inf):g} and sum {given.sum():g}"
+                )
         self.weights = given / given.sum()
 
     def _image_patch(self, image: Any, region: tuple[slice, ...]) -> np.ndarray:

@@ -83,12 +83,12 @@ def _march(labels: Tensor, origins: Tensor, rays: Tensor) -> Tensor:
     # few pairs (object centres) test up to 64 steps per gather: the loop's fixed cost then dominates, not the tests
     chunk = 8 * min(8, max(1, _PAIRS_PER_GROUP // max(n_origins * group, 1)))
     padded_shape = [labels.shape[0], *(n + 2 for n in labels.shape[1:])]
-    strides = [math.prod(padded_shape[axis + 1:]) for axis in range(labels.ndim)]
+    strides = [math.prod(padded_shape[axis + 1 :]) for axis in range(labels.ndim)]
     # a pair still inside its object is inside the batch, and the chunk's steps past its exit move at most ``chunk``
     # pixels per axis: a margin that wide at both ends of the flat array keeps every tested position in range
     margin = chunk * sum(strides[1:])
     low, high = torch.aminmax(labels)
-    fits = -(2**31) <= int(low) and int(high) < 2**31
+    fits = int(low) >= -(2**31) and int(high) < 2**31
     small = fits and max(math.prod(padded_shape) + 2 * margin, n_origins * n_rays) < 2**31
     index = torch.int32 if small else torch.int64  # int32 gathers are cheaper
     flat = F.pad(F.pad(labels.to(index), [1, 1] * (labels.ndim - 1)).reshape(-1), [margin, margin])
@@ -99,10 +99,12 @@ def _march(labels: Tensor, origins: Tensor, rays: Tensor) -> Tensor:
     rays64 = rays.to(device=device, dtype=torch.float64)
     ahead = torch.arange(1, chunk + 1, device=device, dtype=torch.float64)
     for first_ray in range(0, n_rays, group):
-        group_rays = rays64[first_ray:first_ray + group]
+        group_rays = rays64[first_ray : first_ray + group]
         count = group_rays.shape[0]
-        pair = (torch.arange(n_origins, device=device, dtype=index)[:, None] * n_rays
-                + torch.arange(first_ray, first_ray + count, device=device, dtype=index)).view(-1)
+        pair = (
+            torch.arange(n_origins, device=device, dtype=index)[:, None] * n_rays
+            + torch.arange(first_ray, first_ray + count, device=device, dtype=index)
+        ).view(-1)
         ray = torch.arange(count, device=device, dtype=index).repeat(n_origins)
         base, value = origin.repeat_interleave(count)[:, None], origin_value.repeat_interleave(count)[:, None]
         walked = 0
@@ -223,8 +225,9 @@ def inside_star(offsets: Tensor, owner: Tensor, dist: Tensor, rays: Tensor) -> T
     else:
         every = inverse.reshape(-1, ndim).T
         size = max(1, _POINTS_PER_CHUNK // (4 * len(faces_np)))
-        face = torch.cat([(part @ every).view(len(part), len(faces_np), ndim).amin(2).argmax(1)
-                          for part in offsets.split(size)])
+        face = torch.cat(
+            [(part @ every).view(len(part), len(faces_np), ndim).amin(2).argmax(1) for part in offsets.split(size)]
+        )
     weights = (inverse.index_select(0, face) @ offsets.unsqueeze(-1)).squeeze(-1)
     index = owner[:, None] * n_rays + faces.index_select(0, face)
     corner = dist.reshape(-1).index_select(0, index.view(-1)).view(-1, ndim).to(offsets.dtype)

@@ -124,7 +124,9 @@ def batch_boundaries(labels: torch.Tensor) -> torch.Tensor:
     return edge.unsqueeze(1).float()
 
 
-def batch_class_map(labels: torch.Tensor, class_values: Sequence[int] | None = None, ignore_label: int | None = None) -> torch.Tensor:
+def batch_class_map(
+    labels: torch.Tensor, class_values: Sequence[int] | None = None, ignore_label: int | None = None
+) -> torch.Tensor:
     """int64 class indices of (N, *spatial) labels: ``class_values[k]`` becomes k (labels are the classes when None)
     and ``ignore_label`` becomes -1. A value that is neither a class nor ignored is an error naming it."""
     labels = labels.long()

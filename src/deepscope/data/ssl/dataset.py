@@ -65,7 +65,9 @@ class SSLImages:
 
     def subset(self, index: np.ndarray | Sequence[int]) -> SSLImages:
         index = np.asarray(index, dtype=np.int64)
-        return SSLImages(self.images[torch.from_numpy(index)], self.labels[index], [self.sources[i] for i in index], self.scale)
+        return SSLImages(
+            self.images[torch.from_numpy(index)], self.labels[index], [self.sources[i] for i in index], self.scale
+        )
 
     @property
     def labelled(self) -> bool:
@@ -126,17 +128,26 @@ def find_layout(root: Path) -> tuple[str, dict[str, Path]]:
     if all(any(is_image_file(p) for p in folder.iterdir()) for folder in folders.values()):
         return "plain", folders
     if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
-        raise DataError(f"{root}: no images found (expected image files, images/ [+ masks/], class subfolders or an .npz file)")
+        raise DataError(
+            f"{root}: no images found (expected image files, images/ [+ masks/], class subfolders or an .npz file)"
+        )
     return "labelled", {}
 
 
 def load_labelled(
-    path: Path, patch_size: int | None, crops: str, normalize: Sequence[float] | None, channels: int | None,
-    val_fraction: float, seed: int,
+    path: Path,
+    patch_size: int | None,
+    crops: str,
+    normalize: Sequence[float] | None,
+    channels: int | None,
+    val_fraction: float,
+    seed: int,
 ) -> SSLData:
     """Class folders or ``.npz`` through the classify task's reader; ``patch_size`` resizes (there is nothing to crop around)."""
     if crops == "objects":
-        raise DataError(f"{path}: crops='objects' needs images/ and masks/ folders; class folders and .npz files have no masks")
+        raise DataError(
+            f"{path}: crops='objects' needs images/ and masks/ folders; class folders and .npz files have no masks"
+        )
     resize = None if patch_size is None else (patch_size, patch_size)
     data = load_classification(path, resize=resize, lazy=False)
     found = dict(data.splits)
@@ -170,7 +181,9 @@ def normalize_stack(images: torch.Tensor, low: float, high: float, chunk: int = 
     out = torch.empty(images.shape, dtype=torch.float16)
     for start in range(0, len(images), chunk):
         x = images[start : start + chunk].numpy().astype(np.float32)
-        p_low, p_high = np.percentile(x.reshape(*x.shape[:2], -1), [low, high], axis=2).astype(np.float32)[..., None, None]
+        p_low, p_high = np.percentile(x.reshape(*x.shape[:2], -1), [low, high], axis=2).astype(np.float32)[
+            ..., None, None
+        ]
         out[start : start + chunk] = to_half((x - p_low) / (p_high - p_low + np.float32(EPS)))
     return out
 
@@ -181,8 +194,15 @@ def to_half(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def load_unlabelled(
-    root: Path, layout: str, folders: dict[str, Path], patch_size: int | None, crops: str,
-    normalize: Sequence[float] | None, channels: int | None, val_fraction: float, seed: int,
+    root: Path,
+    layout: str,
+    folders: dict[str, Path],
+    patch_size: int | None,
+    crops: str,
+    normalize: Sequence[float] | None,
+    channels: int | None,
+    val_fraction: float,
+    seed: int,
 ) -> SSLData:
     """Plain image folders or ``images/`` (+ ``masks/``) folders, whole or cut into patches; labels are all -1."""
     if crops == "objects" and patch_size is None:
@@ -194,7 +214,9 @@ def load_unlabelled(
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         raw = {s: list(pool.map(read_2d, paths)) for s, paths in files.items()}
     everything = [im for images in raw.values() for im in images]
-    natural = layout == "plain" and normalize is None and all(im.dtype == np.uint8 and im.shape[2] == 3 for im in everything)
+    natural = (
+        layout == "plain" and normalize is None and all(im.dtype == np.uint8 and im.shape[2] == 3 for im in everything)
+    )
     if channels is None:
         channels = max(im.shape[2] for im in everything)
     if patch_size is None:
@@ -261,8 +283,13 @@ def check_same_size(raw: dict[str, list[np.ndarray]], files: dict[str, list[Path
 
 
 def crop_image(
-    image: np.ndarray, path: Path, mask_path: Path | None, channels: int, low_high: tuple[float, float] | None,
-    patch_size: int | None, crops: str,
+    image: np.ndarray,
+    path: Path,
+    mask_path: Path | None,
+    channels: int,
+    low_high: tuple[float, float] | None,
+    patch_size: int | None,
+    crops: str,
 ) -> tuple[torch.Tensor, list[str]]:
     """One image's patches (k, C, p, p) (or the whole image) and their sources ``file:y,x`` (top-left corner)."""
     if low_high is None:  # natural: RGB uint8 as stored
@@ -276,9 +303,15 @@ def crop_image(
     else:
         h, w = image.shape[:2]
         if h < patch_size or w < patch_size:
-            raise DataError(f"{path}: image is {h}x{w}, smaller than the {patch_size}x{patch_size} crop; lower --set patch_size")
-        corners = grid_corners(h, w, patch_size) if crops == "grid" else object_corners(mask_path, (h, w), path, patch_size)
-        windows = x.unfold(1, patch_size, 1).unfold(2, patch_size, 1).permute(1, 2, 0, 3, 4)  # (H-p+1, W-p+1, C, p, p), a view
+            raise DataError(
+                f"{path}: image is {h}x{w}, smaller than the {patch_size}x{patch_size} crop; lower --set patch_size"
+            )
+        corners = (
+            grid_corners(h, w, patch_size) if crops == "grid" else object_corners(mask_path, (h, w), path, patch_size)
+        )
+        windows = (
+            x.unfold(1, patch_size, 1).unfold(2, patch_size, 1).permute(1, 2, 0, 3, 4)
+        )  # (H-p+1, W-p+1, C, p, p), a view
         patches = windows[torch.from_numpy(corners[:, 0]), torch.from_numpy(corners[:, 1])]
         sources = [f"{path}:{top},{left}" for top, left in corners.tolist()]
     return (patches.contiguous() if low_high is None else to_half(patches)), sources
@@ -298,9 +331,13 @@ def object_corners(mask_path: Path, shape: tuple[int, int], image_path: Path, p:
 
     mask = read_volume(mask_path)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
-        raise DataError(f"{mask_path}: expected a 2D integer label image, got shape {mask.shape} and dtype {mask.dtype}")
+        raise DataError(
+            f"{mask_path}: expected a 2D integer label image, got shape {mask.shape} and dtype {mask.dtype}"
+        )
     if mask.shape != shape:
-        raise DataError(f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {image_path} is {shape[0]}x{shape[1]}")
+        raise DataError(
+            f"{mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {image_path} is {shape[0]}x{shape[1]}"
+        )
     ids = np.unique(mask)
     ids = ids[ids != 0]
     if not len(ids):
@@ -334,9 +371,13 @@ def ssl_stats(data: SSLImages, kind: str) -> tuple[list[float], list[float]]:
 class Standardize:
     """Images on ``device`` (uint16 widened to int32: few kernels take uint16) and ``(x / scale - mean) / std``."""
 
-    def __init__(self, images: torch.Tensor, scale: float, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+    def __init__(
+        self, images: torch.Tensor, scale: float, mean: Sequence[float], std: Sequence[float], device: torch.device
+    ) -> None:
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
-            raise DeepscopeError(f"mean/std have {len(mean)}/{len(std)} values but the images have {images.shape[1]} channels")
+            raise DeepscopeError(
+                f"mean/std have {len(mean)}/{len(std)} values but the images have {images.shape[1]} channels"
+            )
         self.images = (images.int() if images.dtype == torch.uint16 else images).to(device)
         self.scale = scale
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -359,15 +400,28 @@ class SSLTrainBatches:
     """
 
     def __init__(
-        self, data: SSLImages, views: TwoViews, batch_size: int, mean: Sequence[float], std: Sequence[float],
-        device: torch.device, seed: int = 0, rank: int = 0, world: int = 1, channels_last: bool = False,
+        self,
+        data: SSLImages,
+        views: TwoViews,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        channels_last: bool = False,
     ) -> None:
         if batch_size % world:
             raise DeepscopeError(f"batch size {batch_size} must be divisible by the number of processes ({world})")
         if batch_size // world < 2:
-            raise DeepscopeError("contrastive learning needs at least 2 images per process per batch; raise --batch-size")
+            raise DeepscopeError(
+                "contrastive learning needs at least 2 images per process per batch; raise --batch-size"
+            )
         if len(data) < batch_size:
-            raise DeepscopeError(f"{len(data)} training images are fewer than one batch of {batch_size}; lower --batch-size")
+            raise DeepscopeError(
+                f"{len(data)} training images are fewer than one batch of {batch_size}; lower --batch-size"
+            )
         self.data = Standardize(data.images, data.scale, mean, std, device)
         self.labels = torch.from_numpy(data.labels).to(device)
         self.views, self.batch_size, self.device = views, batch_size, device
@@ -391,7 +445,11 @@ class SSLTrainBatches:
         for b in range(len(self)):
             index = order[b * bs : (b + 1) * bs][rows]
             v1, v2 = self.views(self.data.batch(index), generator, bs, rows)
-            yield self.data(v1).contiguous(memory_format=fmt), self.data(v2).contiguous(memory_format=fmt), self.labels[index]
+            yield (
+                self.data(v1).contiguous(memory_format=fmt),
+                self.data(v2).contiguous(memory_format=fmt),
+                self.labels[index],
+            )
 
 
 class SSLEvalBatches:
@@ -402,8 +460,15 @@ class SSLEvalBatches:
     """
 
     def __init__(
-        self, data: SSLImages, batch_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
-        rank: int = 0, world: int = 1, size: tuple[int, int] | None = None,
+        self,
+        data: SSLImages,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        size: tuple[int, int] | None = None,
     ) -> None:
         lo, hi = len(data) * rank // world, len(data) * (rank + 1) // world
         images = centre_crop(data.images[lo:hi], size)
@@ -429,6 +494,8 @@ def centre_crop(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Ten
         return images
     sh, sw = size
     if h < sh or w < sw:
-        raise DataError(f"images are {h}x{w}, smaller than the {sh}x{sw} views the encoder was trained on; use larger images or patches")
+        raise DataError(
+            f"images are {h}x{w}, smaller than the {sh}x{sw} views the encoder was trained on; use larger images or patches"
+        )
     top, left = (h - sh) // 2, (w - sw) // 2
     return images[..., top : top + sh, left : left + sw]

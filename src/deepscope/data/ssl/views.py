@@ -62,7 +62,9 @@ class ViewConfig:
             setattr(self, name, [float(v) for v in value])
         for name, rule in _RANGES.items():
             low, high = getattr(self, name)
-            if not (0 <= low <= high <= (1 if name == "crop_scale" else math.inf)) or (low == 0 and name.startswith("crop")):
+            if not (0 <= low <= high <= (1 if name == "crop_scale" else math.inf)) or (
+                low == 0 and name.startswith("crop")
+            ):
                 raise DeepscopeError(f"ssl views: {name} {getattr(self, name)} is not a valid range (need {rule})")
         if min(self.jitter) < 0 or self.jitter[3] > 0.5:
             raise DeepscopeError(f"ssl views: jitter {self.jitter} must be >= 0 with hue (the last) <= 0.5")
@@ -92,7 +94,9 @@ def view_config(preset: str, overrides: dict[str, Any] | None = None) -> ViewCon
     return from_dict(ViewConfig, {**copy.deepcopy(PRESETS[preset]), **(overrides or {})}, f"ssl views ({preset})")
 
 
-def _rand(shape: tuple[int, ...], generator: torch.Generator, rows: slice, device: torch.device, normal: bool = False) -> Tensor:
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator, rows: slice, device: torch.device, normal: bool = False
+) -> Tensor:
     """Uniform (or normal) numbers for the global batch (first axis), the ``rows`` slice moved to ``device``."""
     draw = torch.randn if normal else torch.rand
     return draw(shape, generator=generator, device=generator.device)[rows].to(device)
@@ -193,7 +197,9 @@ class TwoViews:
     def view(self, x: Tensor, generator: torch.Generator, n: int, rows: slice) -> Tensor:
         """One augmented view (b, C, oh, ow) float32 on ``x``'s device, parameters drawn for the global batch of n."""
         if x.ndim != 4 or not x.is_floating_point():
-            raise DeepscopeError(f"ssl views: expected a float (b, C, H, W) batch, got {x.dtype} of shape {tuple(x.shape)}")
+            raise DeepscopeError(
+                f"ssl views: expected a float (b, C, H, W) batch, got {x.dtype} of shape {tuple(x.shape)}"
+            )
         cfg, dev = self.config, x.device
         x = x.float()
         theta = _crop_theta(cfg, (x.shape[2], x.shape[3]), generator, n, rows, dev)
@@ -206,7 +212,12 @@ class TwoViews:
         if cfg.intensity_p > 0 and cfg.intensity != [1.0, 1.0]:
             low, high = cfg.intensity
             scale = low + (high - low) * _rand((n, x.shape[1]), generator, rows, dev)
-            x = x * torch.where((draw_uniform(generator, n, rows, dev) < cfg.intensity_p)[:, None], scale, 1.0)[:, :, None, None]
+            x = (
+                x
+                * torch.where((draw_uniform(generator, n, rows, dev) < cfg.intensity_p)[:, None], scale, 1.0)[
+                    :, :, None, None
+                ]
+            )
         if cfg.blur_p > 0 and self.blur_radius > 0:
             sigma = _between(*cfg.blur_sigma, generator, n, rows, dev)
             x = _blur(x, torch.where(draw_uniform(generator, n, rows, dev) < cfg.blur_p, sigma, 0.0), self.blur_radius)

@@ -43,4 +43,6 @@ def build_detector(name: str, num_classes: int, in_channels: int = 3, **model_ar
     ``model_args`` are the detector's own settings (backbone, norm, fpn_channels, min_size, max_detections, ...)."""
     if name not in DETECTORS:
         raise DeepscopeError(f"unknown detector {name!r}; choose one of {', '.join(detector_names())}")
-    return construct_model(name, DETECTORS[name], (num_classes, in_channels), {"num_classes", "in_channels"}, model_args)
+    return construct_model(
+        name, DETECTORS[name], (num_classes, in_channels), {"num_classes", "in_channels"}, model_args
+    )

@@ -83,7 +83,9 @@ class FPNBackbone(nn.Module):
     """``body`` (the trunk, returning the requested stages) followed by ``fpn``. torchvision's BackboneWithFPN would
     do, but it always adds a max-pooled level when no extra block is given; here extra levels come only on request."""
 
-    def __init__(self, body: nn.Module, fpn: FeaturePyramidNetwork, out_channels: int, strides: tuple[int, ...]) -> None:
+    def __init__(
+        self, body: nn.Module, fpn: FeaturePyramidNetwork, out_channels: int, strides: tuple[int, ...]
+    ) -> None:
         super().__init__()
         self.body = body
         self.fpn = fpn
@@ -137,7 +139,9 @@ def transform_args(in_channels: int, min_size: int | Sequence[int], max_size: in
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
     native = sizes == (0,)
     if not sizes or (not native and (min(sizes) < 1 or max_size < max(sizes))):
-        raise ValueError(f"min_size must be positive and at most max_size ({max_size}) or 0 for native scale, got {min_size}")
+        raise ValueError(
+            f"min_size must be positive and at most max_size ({max_size}) or 0 for native scale, got {min_size}"
+        )
     channels = {"image_mean": [IMAGE_MEAN] * in_channels, "image_std": [IMAGE_STD] * in_channels}
     return {"min_size": sizes, "max_size": max_size, **channels}
 
@@ -149,7 +153,9 @@ class NativeScaleTransform(GeneralizedRCNNTransform):
     the scale it was trained at; resizing each input to a fixed shorter side would shrink a 4096-pixel image (and its
     nuclei) eight times more than a 512-pixel tile of it, so tiled and whole predictions could never agree."""
 
-    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         return image, target
 
 
@@ -157,4 +163,3 @@ def detection_transform(in_channels: int, min_size: int | Sequence[int], max_siz
     """The resize / normalise / pad step every detector here uses, for [0, 1] images of ``in_channels``."""
     args = transform_args(in_channels, min_size, max_size)
     return (NativeScaleTransform if args["min_size"] == (0,) else GeneralizedRCNNTransform)(**args)
-

@@ -24,7 +24,9 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from deepscope.models.detection.backbones import STRIDES, build_backbone, detection_transform
 
-HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) = 0.1: the paper's start, so the focal loss is not swamped by background at step 0
+HEATMAP_PRIOR_BIAS = (
+    -2.19
+)  # sigmoid(-2.19) = 0.1: the paper's start, so the focal loss is not swamped by background at step 0
 CENTERNET_STRIDE = 4
 SIZE_LOSS_WEIGHT = 0.1  # the paper's lambda_size; offsets weigh 1
 GAUSSIAN_MIN_OVERLAP = 0.7  # the paper's radius rule: a box whose corners move by the radius keeps IoU >= 0.7
@@ -33,9 +35,16 @@ GAUSSIAN_MIN_OVERLAP = 0.7  # the paper's radius rule: a box whose corners move 
 def box_targets(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
     """Boxes, labels and crowd flags only: the transform would otherwise resize every instance mask, which box-only
     detectors never read. A missing ``iscrowd`` means no crowd objects."""
-    return [{"boxes": t["boxes"], "labels": t["labels"],
-             "iscrowd": t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.bool, device=t["labels"].device)).bool()}
-            for t in targets]
+    return [
+        {
+            "boxes": t["boxes"],
+            "labels": t["labels"],
+            "iscrowd": t.get(
+                "iscrowd", torch.zeros(len(t["labels"]), dtype=torch.bool, device=t["labels"].device)
+            ).bool(),
+        }
+        for t in targets
+    ]
 
 
 def gaussian_radius(height: Tensor, width: Tensor, min_overlap: float = GAUSSIAN_MIN_OVERLAP) -> Tensor:
@@ -45,8 +54,10 @@ def gaussian_radius(height: Tensor, width: Tensor, min_overlap: float = GAUSSIAN
     side_sum = height + width
     r1 = (side_sum + torch.sqrt(side_sum**2 - 4 * area * (1 - min_overlap) / (1 + min_overlap))) / 2
     r2 = (2 * side_sum + torch.sqrt(4 * side_sum**2 - 16 * (1 - min_overlap) * area)) / 2
-    r3 = (-2 * min_overlap * side_sum
-          + torch.sqrt(4 * min_overlap**2 * side_sum**2 - 16 * min_overlap * (min_overlap - 1) * area)) / 2
+    r3 = (
+        -2 * min_overlap * side_sum
+        + torch.sqrt(4 * min_overlap**2 * side_sum**2 - 16 * min_overlap * (min_overlap - 1) * area)
+    ) / 2
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
@@ -61,8 +72,14 @@ class CenterTargets:
     ignore: Tensor  # (H, W) bool: inside a crowd box, where background is not penalised either
 
 
-def render_targets(boxes: Tensor, labels: Tensor, num_classes: int, map_size: tuple[int, int], stride: int = CENTERNET_STRIDE,
-                   crowd: Tensor | None = None) -> CenterTargets:
+def render_targets(
+    boxes: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    map_size: tuple[int, int],
+    stride: int = CENTERNET_STRIDE,
+    crowd: Tensor | None = None,
+) -> CenterTargets:
     """Gaussian splats (sigma = diameter / 6) at the object centres, drawn for all objects at once: every object's
     (2R+1)^2 window (R the largest radius) is scattered into the heatmaps with ``amax``, cut to its own radius and the
     map. ``boxes`` (N, 4) xyxy in input pixels, ``labels`` (N,) in 1..K; crowd objects are not targets but mark
@@ -110,8 +127,14 @@ def centre_focal_loss(logits: Tensor, target: Tensor, ignore: Tensor) -> Tensor:
     return -torch.where(positive, pos_term, neg_term).sum() / positive.sum().clamp(min=1)
 
 
-def decode_centres(heatmap: Tensor, size: Tensor, offset: Tensor, max_detections: int, score_threshold: float,
-                   stride: int = CENTERNET_STRIDE) -> list[dict[str, Tensor]]:
+def decode_centres(
+    heatmap: Tensor,
+    size: Tensor,
+    offset: Tensor,
+    max_detections: int,
+    score_threshold: float,
+    stride: int = CENTERNET_STRIDE,
+) -> list[dict[str, Tensor]]:
     """Boxes from heatmap probabilities (B, K, H, W), sizes and offsets (B, 2, H, W): the local maxima of a 3x3
     window, the ``max_detections`` best over all classes, those above ``score_threshold``; boxes in input pixels."""
     batch, classes, height, width = heatmap.shape
@@ -124,12 +147,16 @@ def decode_centres(heatmap: Tensor, size: Tensor, offset: Tensor, max_detections
     boxes = torch.cat([centre - wh / 2, centre + wh / 2], 1).transpose(1, 2)
     labels = flat // (height * width) + 1
     keep = scores > score_threshold
-    return [{"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]} for i in range(batch)]
+    return [
+        {"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]} for i in range(batch)
+    ]
 
 
 def _head(channels: int, out_channels: int, bias: float = 0.0) -> nn.Sequential:
     """The paper's head: 3x3 conv, ReLU, 1x1 conv to the outputs."""
-    head = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(channels, out_channels, 1))
+    head = nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(channels, out_channels, 1)
+    )
     nn.init.constant_(head[-1].bias, bias)
     return head
 
@@ -137,12 +164,24 @@ def _head(channels: int, out_channels: int, bias: float = 0.0) -> nn.Sequential:
 class CenterNet(nn.Module):
     """Backbone's stride-4 FPN map -> heatmap (K), size (2) and offset (2) heads; torchvision's detector interface."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, backbone: str = "tiny", norm: str = "group",
-                 fpn_channels: int = 64, min_size: int | Sequence[int] = 512, max_size: int = 1024, max_detections: int = 500,
-                 score_threshold: float = 0.05, nms_iou: float | None = 0.6) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        backbone: str = "tiny",
+        norm: str = "group",
+        fpn_channels: int = 64,
+        min_size: int | Sequence[int] = 512,
+        max_size: int = 1024,
+        max_detections: int = 500,
+        score_threshold: float = 0.05,
+        nms_iou: float | None = 0.6,
+    ) -> None:
         super().__init__()
         if num_classes < 1 or max_detections < 1:
-            raise ValueError(f"num_classes and max_detections must be at least 1, got {num_classes} and {max_detections}")
+            raise ValueError(
+                f"num_classes and max_detections must be at least 1, got {num_classes} and {max_detections}"
+            )
         self.num_classes, self.max_detections = num_classes, max_detections
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
         self.transform = detection_transform(in_channels, min_size, max_size)
@@ -153,8 +192,9 @@ class CenterNet(nn.Module):
         self.size_head = _head(channels, 2)
         self.offset_head = _head(channels, 2)
 
-    def forward(self, images: list[Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("CenterNet needs targets in training mode")
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
@@ -174,18 +214,25 @@ class CenterNet(nn.Module):
                 detection.update({key: value[keep] for key, value in detection.items()})
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
-    def _losses(self, heatmap: Tensor, size: Tensor, offset: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def _losses(
+        self, heatmap: Tensor, size: Tensor, offset: Tensor, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
         """Focal loss on the heatmaps; L1 on size (weighted 0.1) and offset at the object centres, per object."""
-        rendered = [render_targets(t["boxes"], t["labels"], self.num_classes, tuple(heatmap.shape[-2:]), crowd=t["iscrowd"])
-                    for t in targets]
+        rendered = [
+            render_targets(t["boxes"], t["labels"], self.num_classes, tuple(heatmap.shape[-2:]), crowd=t["iscrowd"])
+            for t in targets
+        ]
         image = torch.cat([torch.full_like(r.index, i) for i, r in enumerate(rendered)])
         index = torch.cat([r.index for r in rendered])
         objects = max(len(index), 1)
         size_error = F.l1_loss(size.flatten(2)[image, :, index], torch.cat([r.size for r in rendered]), reduction="sum")
-        offset_error = F.l1_loss(offset.flatten(2)[image, :, index], torch.cat([r.offset for r in rendered]), reduction="sum")
+        offset_error = F.l1_loss(
+            offset.flatten(2)[image, :, index], torch.cat([r.offset for r in rendered]), reduction="sum"
+        )
         return {
-            "loss_heatmap": centre_focal_loss(heatmap, torch.stack([r.heatmap for r in rendered]),
-                                              torch.stack([r.ignore for r in rendered])),
+            "loss_heatmap": centre_focal_loss(
+                heatmap, torch.stack([r.heatmap for r in rendered]), torch.stack([r.ignore for r in rendered])
+            ),
             "loss_size": SIZE_LOSS_WEIGHT * size_error / objects,
             "loss_offset": offset_error / objects,
         }

@@ -26,8 +26,7 @@ from torchvision.ops import (
     generalized_box_iou_loss,
 )
 
-from deepscope.models.detection.backbones import STRIDES, build_backbone
-from deepscope.models.detection.backbones import detection_transform
+from deepscope.models.detection.backbones import STRIDES, build_backbone, detection_transform
 from deepscope.models.detection.centernet import box_targets
 
 CLASS_COST, L1_COST, GIOU_COST = 1.0, 5.0, 2.0  # the paper's weights, for the matching costs and the losses alike
@@ -51,23 +50,34 @@ def sine_position_encoding(padding: Tensor, dim: int, temperature: float = 10000
 
 
 @torch.no_grad()
-def hungarian_match(logits: Tensor, boxes: Tensor, labels: Tensor, target_boxes: Tensor, class_cost: float = CLASS_COST,
-                    l1_cost: float = L1_COST, giou_cost: float = GIOU_COST) -> tuple[Tensor, Tensor]:
+def hungarian_match(
+    logits: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    target_boxes: Tensor,
+    class_cost: float = CLASS_COST,
+    l1_cost: float = L1_COST,
+    giou_cost: float = GIOU_COST,
+) -> tuple[Tensor, Tensor]:
     """The one-to-one assignment of queries to objects with the least total cost: minus the class probability, the
     L1 distance of normalised (cx, cy, w, h) boxes and minus their generalised IoU. ``logits`` (Q, K+1), ``boxes``
     (Q, 4), ``labels`` (T,), ``target_boxes`` (T, 4); returns (query indices, object indices), sorted by query."""
     if len(labels) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=logits.device)
         return empty, empty
-    cost = (-class_cost * logits.softmax(-1)[:, labels]
-            + l1_cost * torch.cdist(boxes, target_boxes, p=1)
-            - giou_cost * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")))
+    cost = (
+        -class_cost * logits.softmax(-1)[:, labels]
+        + l1_cost * torch.cdist(boxes, target_boxes, p=1)
+        - giou_cost
+        * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+    )
     queries, objects = linear_sum_assignment(cost.float().cpu().numpy())
     return torch.as_tensor(queries, device=logits.device), torch.as_tensor(objects, device=logits.device)
 
 
-def set_losses(logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]],
-               no_object_weight: float = NO_OBJECT_WEIGHT) -> dict[str, Tensor]:
+def set_losses(
+    logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], no_object_weight: float = NO_OBJECT_WEIGHT
+) -> dict[str, Tensor]:
     """The paper's weighted losses for one decoder layer's predictions, ``logits`` (B, Q, K+1) and ``boxes`` (B, Q, 4):
     cross-entropy over all queries (matched ones to their object's class, the rest to "no object"), and L1 and GIoU
     of the matched boxes, each divided by the number of objects in the batch. ``targets`` hold ``labels`` and
@@ -82,8 +92,9 @@ def set_losses(logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]],
     matched = boxes[image, query]
     wanted = torch.cat([t["boxes"][obj] for t, (_, obj) in zip(targets, matches)])
     objects = max(len(wanted), 1)
-    giou = generalized_box_iou_loss(box_convert(matched, "cxcywh", "xyxy"), box_convert(wanted, "cxcywh", "xyxy"),
-                                    reduction="sum")
+    giou = generalized_box_iou_loss(
+        box_convert(matched, "cxcywh", "xyxy"), box_convert(wanted, "cxcywh", "xyxy"), reduction="sum"
+    )
     return {
         "loss_ce": CLASS_COST * F.cross_entropy(logits.transpose(1, 2), target_classes, weight=class_weight),
         "loss_bbox": L1_COST * F.l1_loss(matched, wanted, reduction="sum") / objects,
@@ -95,36 +106,62 @@ class DETR(nn.Module):
     """Backbone map at ``stride`` -> 1x1 projection + sine positions -> transformer encoder-decoder over learned
     queries -> class (K+1, index 0 "no object") and box (sigmoid cx, cy, w, h of the image) heads."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, backbone: str = "resnet18", norm: str = "group",
-                 fpn_channels: int = 128, stride: int = 32, hidden_dim: int = 128, num_queries: int = 100, enc_layers: int = 3,
-                 dec_layers: int = 3, heads: int = 8, dim_feedforward: int = 512, dropout: float = 0.1,
-                 min_size: int | Sequence[int] = 512, max_size: int = 1024,
-                 max_detections: int = 100) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        backbone: str = "resnet18",
+        norm: str = "group",
+        fpn_channels: int = 128,
+        stride: int = 32,
+        hidden_dim: int = 128,
+        num_queries: int = 100,
+        enc_layers: int = 3,
+        dec_layers: int = 3,
+        heads: int = 8,
+        dim_feedforward: int = 512,
+        dropout: float = 0.1,
+        min_size: int | Sequence[int] = 512,
+        max_size: int = 1024,
+        max_detections: int = 100,
+    ) -> None:
         super().__init__()
         if stride not in (16, 32):
             raise ValueError(f"stride must be 16 or 32, got {stride}")
         if hidden_dim % 4 or hidden_dim % heads:
             raise ValueError(f"hidden_dim must be a multiple of 4 and of heads ({heads}), got {hidden_dim}")
         if num_classes < 1 or not 1 <= max_detections <= num_queries:
-            raise ValueError(f"need num_classes >= 1 and 1 <= max_detections <= num_queries ({num_queries}), "
-                             f"got {num_classes} and {max_detections}")
+            raise ValueError(
+                f"need num_classes >= 1 and 1 <= max_detections <= num_queries ({num_queries}), "
+                f"got {num_classes} and {max_detections}"
+            )
         self.stride, self.max_detections = stride, max_detections
         self.transform = detection_transform(in_channels, min_size, max_size)
         # the coarser levels too, so a stride-16 map carries stride-32 context through the FPN's top-down path
-        self.backbone = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(s for s in STRIDES if s >= stride))
+        self.backbone = build_backbone(
+            backbone, in_channels, norm, fpn_channels, tuple(s for s in STRIDES if s >= stride)
+        )
         self.input_proj = nn.Conv2d(self.backbone.out_channels, hidden_dim, 1)
-        layer = {"d_model": hidden_dim, "nhead": heads, "dim_feedforward": dim_feedforward, "dropout": dropout,
-                 "batch_first": True, "norm_first": True}
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), enc_layers, norm=nn.LayerNorm(hidden_dim),
-                                             enable_nested_tensor=False)
+        layer = {
+            "d_model": hidden_dim,
+            "nhead": heads,
+            "dim_feedforward": dim_feedforward,
+            "dropout": dropout,
+            "batch_first": True,
+            "norm_first": True,
+        }
+        self.encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(**layer), enc_layers, norm=nn.LayerNorm(hidden_dim), enable_nested_tensor=False
+        )
         self.decoder_layers = nn.ModuleList(nn.TransformerDecoderLayer(**layer) for _ in range(dec_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_dim))
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)
         self.box_head = MLP(hidden_dim, [hidden_dim, hidden_dim, 4])
 
-    def forward(self, images: list[Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         if self.training and targets is None:
             raise ValueError("DETR needs targets in training mode")
         original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
@@ -133,9 +170,13 @@ class DETR(nn.Module):
         if self.training:
             normalised = [_normalised_targets(t, size) for t, size in zip(targets, batch.image_sizes)]
             losses = [set_losses(logits, boxes, normalised) for logits, boxes in layers]
-            return {key: sum(layer[key] for layer in losses) for key in losses[0]}  # auxiliary losses folded in per kind
+            return {
+                key: sum(layer[key] for layer in losses) for key in losses[0]
+            }  # auxiliary losses folded in per kind
         logits, boxes = layers[-1]
-        return self.transform.postprocess(self._detections(logits, boxes, batch.image_sizes), batch.image_sizes, original_sizes)
+        return self.transform.postprocess(
+            self._detections(logits, boxes, batch.image_sizes), batch.image_sizes, original_sizes
+        )
 
     def _decode(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor]]:
         """(class logits, boxes) after every decoder layer, the last one's last."""
@@ -161,7 +202,9 @@ class DETR(nn.Module):
         for score, label, box, (h, w) in zip(scores, labels, boxes, image_sizes):
             top = score.topk(self.max_detections).indices
             pixels = box_convert(box[top], "cxcywh", "xyxy") * box.new_tensor([w, h, w, h])
-            detections.append({"boxes": clip_boxes_to_image(pixels, (h, w)), "scores": score[top], "labels": label[top] + 1})
+            detections.append(
+                {"boxes": clip_boxes_to_image(pixels, (h, w)), "scores": score[top], "labels": label[top] + 1}
+            )
         return detections
 
 

@@ -26,7 +26,13 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign, remove_small_boxes
 
-from deepscope.models.detection.backbones import FPNBackbone, build_backbone, detection_transform, group_norm, transform_args
+from deepscope.models.detection.backbones import (
+    FPNBackbone,
+    build_backbone,
+    detection_transform,
+    group_norm,
+    transform_args,
+)
 
 Detector = TypeVar("Detector", bound=nn.Module)
 
@@ -72,7 +78,9 @@ class _OneStagePostprocess:
     negative, so its scores stay low, but at a low score threshold it would still turn up as detections of a class
     that does not exist; and unlike the R-CNNs they keep boxes that clipping to the image left without area."""
 
-    def postprocess_detections(self, head_outputs: dict[str, list[torch.Tensor]], *args: object) -> list[dict[str, torch.Tensor]]:
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[torch.Tensor]], *args: object
+    ) -> list[dict[str, torch.Tensor]]:
         head_outputs = {**head_outputs, "cls_logits": _without_background_column(head_outputs["cls_logits"])}
         return [_without_empty_boxes(d) for d in super().postprocess_detections(head_outputs, *args)]  # type: ignore[misc]
 
@@ -89,7 +97,9 @@ class NormFCOSHead(FCOSHead):
     """FCOSHead whose towers take ``norm``: torchvision's hard-codes GroupNorm(32, C), which fails unless the FPN
     width C is a multiple of 32 (small CPU models use 16-64 channels)."""
 
-    def __init__(self, in_channels: int, num_classes: int, norm: Callable[[int], nn.Module], num_convs: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, norm: Callable[[int], nn.Module], num_convs: int = 4
+    ) -> None:
         nn.Module.__init__(self)  # FCOSHead.__init__ would build the GroupNorm(32, C) towers this class replaces
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm)
@@ -141,13 +151,18 @@ def faster_rcnn(
     """Faster R-CNN with an FPN, for ``num_classes`` object classes (labels 1..K)."""
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides))
-    return _scaled(FasterRCNN(
-        body,
-        **_rcnn_parts(body, num_classes, norm, max_detections),
-        **transform_args(in_channels, min_size, max_size),
-        box_score_thresh=score_thresh,
-        box_nms_thresh=nms_thresh,
-    ), in_channels, min_size, max_size)
+    return _scaled(
+        FasterRCNN(
+            body,
+            **_rcnn_parts(body, num_classes, norm, max_detections),
+            **transform_args(in_channels, min_size, max_size),
+            box_score_thresh=score_thresh,
+            box_nms_thresh=nms_thresh,
+        ),
+        in_channels,
+        min_size,
+        max_size,
+    )
 
 
 def mask_rcnn(
@@ -167,25 +182,47 @@ def mask_rcnn(
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides))
     c = body.out_channels
-    return _scaled(MaskRCNN(
-        body,
-        **_rcnn_parts(body, num_classes, norm, max_detections),
-        **transform_args(in_channels, min_size, max_size),
-        box_score_thresh=score_thresh,
-        box_nms_thresh=nms_thresh,
-        mask_roi_pool=MultiScaleRoIAlign(_level_names(body), output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=_head_norm(norm)),
-        mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1),
-    ), in_channels, min_size, max_size)
+    return _scaled(
+        MaskRCNN(
+            body,
+            **_rcnn_parts(body, num_classes, norm, max_detections),
+            **transform_args(in_channels, min_size, max_size),
+            box_score_thresh=score_thresh,
+            box_nms_thresh=nms_thresh,
+            mask_roi_pool=MultiScaleRoIAlign(_level_names(body), output_size=14, sampling_ratio=2),
+            mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=_head_norm(norm)),
+            mask_predictor=MaskRCNNPredictor(c, c, num_classes + 1),
+        ),
+        in_channels,
+        min_size,
+        max_size,
+    )
 
 
-def _single_stage(cls: type[Detector], body: FPNBackbone, num_classes: int, anchors: AnchorGenerator, head: nn.Module,
-                  sizes: tuple[int, int | Sequence[int], int], score_thresh: float, nms_thresh: float, max_detections: int) -> Detector:
+def _single_stage(
+    cls: type[Detector],
+    body: FPNBackbone,
+    num_classes: int,
+    anchors: AnchorGenerator,
+    head: nn.Module,
+    sizes: tuple[int, int | Sequence[int], int],
+    score_thresh: float,
+    nms_thresh: float,
+    max_detections: int,
+) -> Detector:
     """RetinaNet or FCOS with K + 1 classes, deepscope's transform and candidates enough for ``max_detections``."""
     in_channels, min_size, max_size = sizes
-    model = cls(body, num_classes + 1, **transform_args(in_channels, min_size, max_size), anchor_generator=anchors, head=head,
-                score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=max_detections,
-                topk_candidates=max(1000, max_detections))
+    model = cls(
+        body,
+        num_classes + 1,
+        **transform_args(in_channels, min_size, max_size),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=max_detections,
+        topk_candidates=max(1000, max_detections),
+    )
     return _scaled(model, in_channels, min_size, max_size)
 
 
@@ -207,9 +244,20 @@ def retinanet(
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = octave_anchors(body.strides)
-    head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=_head_norm(norm))
-    return _single_stage(RetinaNetFromOne, body, num_classes, anchors, head, (in_channels, min_size, max_size),
-                         score_thresh, nms_thresh, max_detections)
+    head = RetinaNetHead(
+        fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, norm_layer=_head_norm(norm)
+    )
+    return _single_stage(
+        RetinaNetFromOne,
+        body,
+        num_classes,
+        anchors,
+        head,
+        (in_channels, min_size, max_size),
+        score_thresh,
+        nms_thresh,
+        max_detections,
+    )
 
 
 def fcos(
@@ -233,5 +281,14 @@ def fcos(
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = AnchorGenerator(tuple((s,) for s in body.strides), ((1.0,),) * len(body.strides))
     head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm)
-    return _single_stage(FCOSFromOne, body, num_classes, anchors, head, (in_channels, min_size, max_size),
-                         score_thresh, nms_thresh, max_detections)
+    return _single_stage(
+        FCOSFromOne,
+        body,
+        num_classes,
+        anchors,
+        head,
+        (in_channels, min_size, max_size),
+        score_thresh,
+        nms_thresh,
+        max_detections,
+    )

@@ -33,7 +33,9 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     if data.class_names != info["class_names"]:
         raise DataError(f"{data_path}: classes {data.class_names} differ from the checkpoint's {info['class_names']}")
     if list(data.image_shape) != list(info["in_shape"]):
-        raise DataError(f"{data_path}: images have shape {list(data.image_shape)} (C, H, W) but the model expects {info['in_shape']}")
+        raise DataError(
+            f"{data_path}: images have shape {list(data.image_shape)} (C, H, W) but the model expects {info['in_shape']}"
+        )
     if split == "test" and "test" not in data.splits:
         chosen = data.splits.get("all")
         if chosen is None:
@@ -43,18 +45,24 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
         if split not in splits:
             raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(splits))})")
         chosen = splits[split]
-    loader = make_batches(chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False)
+    loader = make_batches(
+        chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False
+    )
     result = evaluate_batches(model, loader, info["class_names"], device)
     return {"checkpoint": str(path), "data": str(data_path), "split": split, **result}
 
 
-def predict_files(path: str | Path, files: list[Path], device: torch.device, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
+def predict_files(
+    path: str | Path, files: list[Path], device: torch.device, batch_size: int = 256
+) -> tuple[list[str], np.ndarray]:
     """Class probabilities (N, classes) for image files, read and preprocessed as in training."""
     model, cfg, info = load_classifier(path, device)
     c, h, w = info["in_shape"]
     images = read_images(files, resize_of(cfg))
     if images.shape[1:3] != (h, w):
-        raise DataError(f"{files[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)")
+        raise DataError(
+            f"{files[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)"
+        )
     if images.shape[3] != c:
         if images.shape[3] == 1 and c == 3:
             images = conform(images, 3, images.dtype)

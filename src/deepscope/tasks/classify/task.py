@@ -55,8 +55,14 @@ def fits_on_device(data: AnyImageSet, device: torch.device) -> bool:
     return data.images.nbytes < 0.5 * free
 
 
-def make_batches(data: AnyImageSet, spec: BatchSpec, device: torch.device, loader: str = "auto",
-                 channels_last: bool = True, num_workers: int = 0) -> Batches:
+def make_batches(
+    data: AnyImageSet,
+    spec: BatchSpec,
+    device: torch.device,
+    loader: str = "auto",
+    channels_last: bool = True,
+    num_workers: int = 0,
+) -> Batches:
     """The device loader for in-memory data that fits on the device, else a DataLoader."""
     if isinstance(data, ImageSet) and (loader == "memory" or (loader == "auto" and fits_on_device(data, device))):
         return DeviceLoader(data, spec, device, channels_last)
@@ -79,14 +85,24 @@ class ClassifyTask(Task):
         self.mean, self.std = channel_stats(self.splits["train"], seed=cfg.seed)
         missing = sorted(set(range(len(self.class_names))) - set(np.unique(self.splits["train"].labels).tolist()))
         if missing:
-            raise DataError(f"{cfg.data}: class(es) {', '.join(self.class_names[i] for i in missing)} have no training images")
+            raise DataError(
+                f"{cfg.data}: class(es) {', '.join(self.class_names[i] for i in missing)} have no training images"
+            )
 
     def batches(self, data: AnyImageSet, train: bool, world: int | None = None, rank: int | None = None) -> Batches:
         cfg = self.config
         world = self.dist.world if world is None else world
         rank = self.dist.rank if rank is None else rank
-        spec = BatchSpec(cfg.batch_size if train else cfg.eval_batch_size, self.mean, self.std, shuffle=train,
-                         augment=cfg.augment if train else None, seed=cfg.seed, rank=rank, world=world)
+        spec = BatchSpec(
+            cfg.batch_size if train else cfg.eval_batch_size,
+            self.mean,
+            self.std,
+            shuffle=train,
+            augment=cfg.augment if train else None,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+        )
         return make_batches(data, spec, self.device, cfg.loader, cfg.channels_last, cfg.num_workers)
 
     def build_model(self) -> nn.Module:
@@ -115,7 +131,9 @@ class ClassifyTask(Task):
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x * std + mean).clamp(0, 1)
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         result: dict[str, Any] = {}
         if "test" in self.splits:
             result["test"] = self.evaluate(model, self.batches(self.splits["test"], train=False))
@@ -137,14 +155,22 @@ class ClassifyTask(Task):
             sections.append((f"{split.capitalize()} metrics", table(scalars)))
             plot_confusion(np.array(final["confusion_matrix"]), self.class_names, run_dir / "confusion.png")
             per_class = [{"class": k, **v} for k, v in final["per_class"].items()]
-            sections.append((f"Confusion matrix ({split})", '<img src="confusion.png" alt="confusion matrix">' + table(per_class)))
+            sections.append(
+                (f"Confusion matrix ({split})", '<img src="confusion.png" alt="confusion matrix">' + table(per_class))
+            )
         if metrics.get("worst"):
-            caption = html.escape(f"Misclassified {metrics['worst_split']} images with the highest loss: true → predicted (probability)")
+            caption = html.escape(
+                f"Misclassified {metrics['worst_split']} images with the highest loss: true → predicted (probability)"
+            )
             sections.append(("Worst misclassified", f"<p>{caption}</p><img src='worst.png' alt='worst misclassified'>"))
-        write_report(run_dir, f"deepscope classify: {self.config.model} on {self.config.data}", metrics, history, sections)
+        write_report(
+            run_dir, f"deepscope classify: {self.config.model} on {self.config.data}", metrics, history, sections
+        )
 
 
-def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list[str], device: torch.device) -> dict[str, Any]:
+def evaluate_batches(
+    model: nn.Module, batches: Iterable[Any], class_names: list[str], device: torch.device
+) -> dict[str, Any]:
     """Classification metrics of ``model`` over ``batches`` (synchronised under DDP)."""
     metrics = ClassificationMetrics(class_names, device)
     with torch.no_grad(), eval_mode(model):
@@ -154,7 +180,9 @@ def evaluate_batches(model: nn.Module, batches: Iterable[Any], class_names: list
     return metrics.compute()
 
 
-def worst_predictions(model: nn.Module, loader: Batches, data: AnyImageSet, class_names: list[str], run_dir: Path) -> list[dict[str, Any]]:
+def worst_predictions(
+    model: nn.Module, loader: Batches, data: AnyImageSet, class_names: list[str], run_dir: Path
+) -> list[dict[str, Any]]:
     """Find the misclassified images with the highest loss and save them as ``worst.png``."""
     model.eval()
     logits, targets = batched_logits(model, loader)
@@ -164,8 +192,12 @@ def worst_predictions(model: nn.Module, loader: Batches, data: AnyImageSet, clas
     wrong = (pred != targets).nonzero().flatten()
     order = wrong[losses[wrong].argsort(descending=True)][:WORST_SHOWN].tolist()
     rows = [
-        {"source": data.sources[i], "true": class_names[int(targets[i])], "predicted": class_names[int(pred[i])],
-         "probability": float(probs[i, pred[i]])}
+        {
+            "source": data.sources[i],
+            "true": class_names[int(targets[i])],
+            "predicted": class_names[int(pred[i])],
+            "probability": float(probs[i, pred[i]]),
+        }
         for i in order
     ]
     if order:

@@ -8,23 +8,35 @@ from typing import Any
 
 from deepscope.tasks.options import TILED_PREDICT_OPTIONS, Result, TaskCommands, collect_inputs, option, setting
 
-DATA_RANGE = option("--data-range", type=float,
-                    help="PSNR/SSIM data range (default: the clean images' integer dtype range, e.g. 255)")
+DATA_RANGE = option(
+    "--data-range", type=float, help="PSNR/SSIM data range (default: the clean images' integer dtype range, e.g. 255)"
+)
 
 
 def evaluate(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.denoise.predict import evaluate_checkpoint
 
-    return evaluate_checkpoint(args.checkpoint, args.data, args.split, device, args.save_pred, args.tta or None,
-                               args.data_range)
+    return evaluate_checkpoint(
+        args.checkpoint, args.data, args.split, device, args.save_pred, args.tta or None, args.data_range
+    )
 
 
 def predict(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.denoise.predict import predict_files
 
     files = collect_inputs(args.inputs, volumes=True)
-    records = predict_files(args.checkpoint, files, args.out, device, key=args.key, tile=args.tile, halo=args.halo,
-                            blend=args.blend, tta=args.tta or None, batch_size=args.batch_size)
+    records = predict_files(
+        args.checkpoint,
+        files,
+        args.out,
+        device,
+        key=args.key,
+        tile=args.tile,
+        halo=args.halo,
+        blend=args.blend,
+        tta=args.tta or None,
+        batch_size=args.batch_size,
+    )
     return {"predictions": len(records), "out": str(args.out), "outputs": records}
 
 
@@ -40,15 +52,23 @@ COMMANDS = TaskCommands(
     summary="denoising: Noise2Void, Noise2Noise or noisy-to-clean U-Nets",
     data_help="noisy/ [+ noisy2/ | clean/] folders, or clean images with --set noise.kind=gaussian",
     model_help="unet",
-    train_options=(setting("--method", choices=["n2v", "n2n", "supervised"],
-                           help="Noise2Void (noisy images alone), Noise2Noise (pairs of noisy images) or noisy-to-clean"),),
+    train_options=(
+        setting(
+            "--method",
+            choices=["n2v", "n2n", "supervised"],
+            help="Noise2Void (noisy images alone), Noise2Noise (pairs of noisy images) or noisy-to-clean",
+        ),
+    ),
     evaluate_options=(
         DATA_RANGE,
         option("--tta", action="store_true", help="average over flips and rotations"),
         option("--save-pred", help="folder for the predicted images"),
     ),
     evaluate=evaluate,
-    predict_options=(*TILED_PREDICT_OPTIONS, option("--tta", action="store_true", help="average over flips and rotations")),
+    predict_options=(
+        *TILED_PREDICT_OPTIONS,
+        option("--tta", action="store_true", help="average over flips and rotations"),
+    ),
     predict=predict,
     score_saved=score_saved,
 )

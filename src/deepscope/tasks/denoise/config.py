@@ -22,7 +22,9 @@ class DenoiseInference:
     tile: list[int] | None = None  # None: 256 x 256 (2D) or 32 x 128 x 128 (3D); smaller images take one window
     halo: list[int] | None = None  # None: 32 pixels (16 along a pooled-once z axis)
     blend: str = "gaussian"
-    tta: bool = False  # average over the 8 flips and rotations (16 in 3D: flips of all axes, with and without a swap of H, W)
+    tta: bool = (
+        False  # average over the 8 flips and rotations (16 in 3D: flips of all axes, with and without a swap of H, W)
+    )
 
 
 def _default_optim() -> OptimConfig:
@@ -63,7 +65,9 @@ class DenoiseConfig(TrainConfig):
         if self.data_range is not None and self.data_range <= 0:
             raise DeepscopeError(f"data_range must be positive, got {self.data_range}")
         if self.patches_per_epoch < self.batch_size:
-            raise DeepscopeError(f"patches_per_epoch ({self.patches_per_epoch}) must be at least one batch ({self.batch_size})")
+            raise DeepscopeError(
+                f"patches_per_epoch ({self.patches_per_epoch}) must be at least one batch ({self.batch_size})"
+            )
 
     def model_settings(self) -> dict:
         """The U-Net's settings: the defaults above, overridden by ``model_args``."""

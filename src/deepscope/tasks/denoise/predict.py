@@ -32,7 +32,9 @@ ROLE_OF_METHOD = {"n2v": (), "n2n": ("noisy2",), "supervised": ("clean",)}  # wh
 # ---- noise made once per image ----------------------------------------------------------------------------------
 
 
-def add_fixed_noise(items: Sequence[DenoiseItem], noise: NoiseConfig, split: str, pairs: bool, data_range: float | None) -> None:
+def add_fixed_noise(
+    items: Sequence[DenoiseItem], noise: NoiseConfig, split: str, pairs: bool, data_range: float | None
+) -> None:
     """Give every item made from a clean image its noisy copy (and a second one for ``pairs``), the same in every run."""
     for i, item in enumerate(items):
         clean = torch.from_numpy(item.images["clean"])
@@ -52,11 +54,15 @@ def load_denoise_split(cfg: DenoiseConfig, files: dict[str, dict[str, Path]], sp
     items = load_split(files, cfg.key, cfg.ndim)
     if cfg.noise.synthetic:
         if "noisy" in files:
-            raise DataError(f"{cfg.data}: holds noisy/ images and noise.kind is {cfg.noise.kind!r}; set noise.kind: none to "
-                            "train on the noisy images, or keep only clean/ images to add noise to")
+            raise DataError(
+                f"{cfg.data}: holds noisy/ images and noise.kind is {cfg.noise.kind!r}; set noise.kind: none to "
+                "train on the noisy images, or keep only clean/ images to add noise to"
+            )
         add_fixed_noise(items, cfg.noise, split, cfg.method == "n2n", cfg.data_range)
     elif "noisy" not in files:
-        raise DataError(f"{cfg.data}: no noisy/ images; add them, or set noise.kind (gaussian, poisson, mixed) to make them from clean/")
+        raise DataError(
+            f"{cfg.data}: no noisy/ images; add them, or set noise.kind (gaussian, poisson, mixed) to make them from clean/"
+        )
     return items
 
 
@@ -109,13 +115,25 @@ class Denoiser:
     device: torch.device
     batch_size: int = 4
 
-    def __call__(self, image: Any, name: str, out: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
+    def __call__(
+        self, image: Any, name: str, out: Any = None, progress: Callable[[int, int], None] | None = None
+    ) -> Any:
         """The denoised (C, *spatial) float32 image of a (C, *spatial) image or view in data units, into ``out``;
         ``progress`` as in :func:`predict_tiled`."""
         return predict_tiled(
-            Rescaled(self.model, self.mean, self.std, len(self.tile)), Standardized(image, self.mean, self.std, name), self.tile,
-            self.halo, self.channels, out=out, blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
-            flip_tta=self.inference.tta, rotate_tta=self.inference.tta, model_divisor=self.divisor, progress=progress,
+            Rescaled(self.model, self.mean, self.std, len(self.tile)),
+            Standardized(image, self.mean, self.std, name),
+            self.tile,
+            self.halo,
+            self.channels,
+            out=out,
+            blend=self.inference.blend,
+            batch_size=self.batch_size,
+            device=self.device,
+            flip_tta=self.inference.tta,
+            rotate_tta=self.inference.tta,
+            model_divisor=self.divisor,
+            progress=progress,
         )
 
 
@@ -140,8 +158,15 @@ def _build_from_checkpoint(config: dict[str, Any], info: dict[str, Any]) -> nn.M
     return build_unet(info["channels"], info["channels"], info["ndim"], **info["model_settings"])
 
 
-def load_denoiser(path: str | Path, device: torch.device, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
-                  batch_size: int | None = None, blend: str | None = None, tta: bool | None = None) -> tuple[Denoiser, DenoiseConfig]:
+def load_denoiser(
+    path: str | Path,
+    device: torch.device,
+    tile: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    blend: str | None = None,
+    tta: bool | None = None,
+) -> tuple[Denoiser, DenoiseConfig]:
     """A Denoiser from a checkpoint; the arguments given replace the saved inference settings."""
     model, state = load_trained_model(path, "denoise", device, _build_from_checkpoint)
     cfg = from_dict(DenoiseConfig, state["config"], f"{path}: config")
@@ -151,22 +176,41 @@ def load_denoiser(path: str | Path, device: torch.device, tile: Sequence[int] | 
     if tta is not None:
         cfg.inference.tta = tta
     tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
-    denoiser = Denoiser(model, info["channels"], info["mean"], info["std"], tile_t, halo_t, tuple(info["divisor"]),
-                        cfg.inference, device, batch_size or cfg.eval_batch_size)
+    denoiser = Denoiser(
+        model,
+        info["channels"],
+        info["mean"],
+        info["std"],
+        tile_t,
+        halo_t,
+        tuple(info["divisor"]),
+        cfg.inference,
+        device,
+        batch_size or cfg.eval_batch_size,
+    )
     return denoiser, cfg
 
 
 def _write_tiff(path: Path, image: np.ndarray) -> None:
     """A (C, *spatial) result written in the layout ``predict`` writes (see StoredLayout)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    layout = StoredLayout(np.empty(StoredLayout.stored_shape(image.shape[0], image.shape[1:]), np.float32), image.shape[0], image.ndim - 1)
+    layout = StoredLayout(
+        np.empty(StoredLayout.stored_shape(image.shape[0], image.shape[1:]), np.float32), image.shape[0], image.ndim - 1
+    )
     layout[(slice(None),) * image.ndim] = image
     colour = image.ndim == 3 and image.shape[0] in (3, 4)
     write_tiff(path, layout.array, "prediction", photometric="rgb" if colour else "minisblack")
 
 
-def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device, save_dir: str | Path | None = None,
-                        tta: bool | None = None, data_range: float | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    data_path: str | Path,
+    split: str,
+    device: torch.device,
+    save_dir: str | Path | None = None,
+    tta: bool | None = None,
+    data_range: float | None = None,
+) -> dict[str, Any]:
     """PSNR/SSIM of a checkpoint on one split (noise made as in training when it was synthetic); ``save_dir`` receives
     the denoised images as float32 TIFF in the data's units."""
     denoiser, cfg = load_denoiser(path, device, tta=tta)
@@ -182,12 +226,20 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     with torch.no_grad():
         for item in items:
             if item.images["noisy"].shape[0] != denoiser.channels:
-                raise DataError(f"{item.name}: {item.images['noisy'].shape[0]} channel(s), the model takes {denoiser.channels}")
+                raise DataError(
+                    f"{item.name}: {item.images['noisy'].shape[0]} channel(s), the model takes {denoiser.channels}"
+                )
             record, denoised = score_item(denoiser, item, data_range if data_range is not None else cfg.data_range)
             records.append(record)
             if save_dir:
                 _write_tiff(Path(save_dir) / f"{item.name}.tif", denoised)
-    return {"checkpoint": str(path), "data": str(data_path), "split": split, "tta": cfg.inference.tta, **summarize(records)}
+    return {
+        "checkpoint": str(path),
+        "data": str(data_path),
+        "split": split,
+        "tta": cfg.inference.tta,
+        **summarize(records),
+    }
 
 
 # ---- files on disk -------------------------------------------------------------------------------------------------
@@ -227,9 +279,18 @@ def output_path(out: Path, stem: str, single: bool) -> tuple[Path, str]:
     return out / f"{stem}.tif", ""
 
 
-def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device, key: str | None = None,
-                  tile: Sequence[int] | None = None, halo: Sequence[int] | None = None, blend: str | None = None,
-                  tta: bool | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
+def predict_files(
+    path: str | Path,
+    inputs: Sequence[Path],
+    out: str | Path,
+    device: torch.device,
+    key: str | None = None,
+    tile: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    blend: str | None = None,
+    tta: bool | None = None,
+    batch_size: int | None = None,
+) -> list[dict[str, Any]]:
     """Denoise every input block by block into float32 files in the inputs' units, one record per input."""
     denoiser, _ = load_denoiser(path, device, tile, halo, batch_size, blend, tta)
     ndim = len(denoiser.tile)
@@ -238,17 +299,29 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
         image = open_input(source, key)
         if len(image.shape) not in (ndim, ndim + 1):
             layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
-            raise DataError(f"{source}: image of shape {tuple(image.shape)} does not fit a {ndim}D model; expected {layout}")
+            raise DataError(
+                f"{source}: image of shape {tuple(image.shape)} does not fit a {ndim}D model; expected {layout}"
+            )
         try:
             view = ChannelsFirst(image, ndim, denoiser.channels)
         except DataError as exc:
             raise DataError(f"{source}: {exc}") from None
         file, dataset = output_path(Path(out), Path(source).stem, len(inputs) == 1)
         stored = StoredLayout.stored_shape(denoiser.channels, view.shape[1:])
-        with Output(file, dataset, stored, np.float32, StoredLayout.stored_shape(denoiser.channels, denoiser.tile)) as output, \
-                torch.no_grad():
+        with (
+            Output(
+                file, dataset, stored, np.float32, StoredLayout.stored_shape(denoiser.channels, denoiser.tile)
+            ) as output,
+            torch.no_grad(),
+        ):
             denoiser(view, str(source), out=StoredLayout(output.array, denoiser.channels, ndim))
-        records.append({"input": str(source), "denoised": f"{file}" + (f":{dataset}" if dataset else ""), "shape": list(view.shape)})
+        records.append(
+            {
+                "input": str(source),
+                "denoised": f"{file}" + (f":{dataset}" if dataset else ""),
+                "shape": list(view.shape),
+            }
+        )
     return records
 
 
@@ -259,4 +332,6 @@ def check_method_data(cfg: DenoiseConfig, files: dict[str, dict[str, Path]], spl
     for role in ROLE_OF_METHOD[cfg.method]:
         if role not in files:
             what = "second noisy acquisitions (noisy2/)" if role == "noisy2" else "clean images (clean/)"
-            raise DeepscopeError(f"{cfg.data}: method {cfg.method} needs {what} in the {split} data, or synthetic noise (noise.kind)")
+            raise DeepscopeError(
+                f"{cfg.data}: method {cfg.method} needs {what} in the {split} data, or synthetic noise (noise.kind)"
+            )

@@ -21,7 +21,7 @@ def _crop_2d(image: np.ndarray) -> np.ndarray:
         image = image[:, image.shape[1] // 2]
     h, w = image.shape[1:]
     top, left = max(0, (h - CROP) // 2), max(0, (w - CROP) // 2)
-    crop = image[:3 if image.shape[0] >= 3 else 1, top : top + CROP, left : left + CROP]
+    crop = image[: 3 if image.shape[0] >= 3 else 1, top : top + CROP, left : left + CROP]
     return np.moveaxis(crop, 0, -1)
 
 
@@ -53,11 +53,26 @@ def save_crops(denoiser: Denoiser, items: list[DenoiseItem], data_range: float |
 def report_sections(final: dict[str, Any], split: str, shown: str | None, run_dir: Path) -> list[tuple[str, str]]:
     sections = []
     if final.get("per_image"):
-        rows = [{"image": r["name"], "psnr": r["psnr"], "ssim": r["ssim"], "psnr_noisy": r["psnr_input"], "ssim_noisy": r["ssim_input"]}
-                for r in final["per_image"]]
-        head = (f"<p>Mean over {final['images']} images: PSNR {final['psnr']:.2f} dB (noisy {final['psnr_input']:.2f} dB), "
-                f"SSIM {final['ssim']:.4f} (noisy {final['ssim_input']:.4f}); data range {final['data_range']}.</p>")
+        rows = [
+            {
+                "image": r["name"],
+                "psnr": r["psnr"],
+                "ssim": r["ssim"],
+                "psnr_noisy": r["psnr_input"],
+                "ssim_noisy": r["ssim_input"],
+            }
+            for r in final["per_image"]
+        ]
+        head = (
+            f"<p>Mean over {final['images']} images: PSNR {final['psnr']:.2f} dB (noisy {final['psnr_input']:.2f} dB), "
+            f"SSIM {final['ssim']:.4f} (noisy {final['ssim_input']:.4f}); data range {final['data_range']}.</p>"
+        )
         sections.append((f"PSNR and SSIM ({split} images)", head + table(rows)))
     if (run_dir / "crops.png").exists():
-        sections.append((f"Crops ({shown} images)", "<p>noisy | denoised | clean (where known)</p><img src='crops.png' alt='crops'>"))
+        sections.append(
+            (
+                f"Crops ({shown} images)",
+                "<p>noisy | denoised | clean (where known)</p><img src='crops.png' alt='crops'>",
+            )
+        )
     return sections

@@ -89,18 +89,24 @@ class DenoiseTask(Task):
         everything = [item for items in splits.values() for item in items]
         shapes = {(item.images["noisy"].shape[0], len(item.spatial)) for item in everything}
         if len(shapes) > 1:
-            raise DataError(f"{cfg.data}: images differ in channels or dimensionality ({sorted(shapes)} as (channels, ndim))")
+            raise DataError(
+                f"{cfg.data}: images differ in channels or dimensionality ({sorted(shapes)} as (channels, ndim))"
+            )
         self.channels, self.ndim = shapes.pop()
         cfg.channels_last = cfg.channels_last and self.ndim == 2
         noisy = [item.images["noisy"] for item in splits["train"]]
         self.mean = [float(np.mean([x[c].mean() for x in noisy])) for c in range(self.channels)]
         self.std = [float(np.sqrt(np.mean([((x[c] - m) ** 2).mean() for x in noisy]))) for c, m in enumerate(self.mean)]
         self.divisor = self.build_model().divisor
-        self.patch_shape = patch_shape_for(cfg.patch_shape, [item.spatial for item in splits["train"]], DEFAULT_PATCH[self.ndim], self.divisor)
+        self.patch_shape = patch_shape_for(
+            cfg.patch_shape, [item.spatial for item in splits["train"]], DEFAULT_PATCH[self.ndim], self.divisor
+        )
         self.tile = tuple(cfg.inference.tile or DEFAULT_TILE[self.ndim])
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
         if len(self.tile) != self.ndim or len(self.halo) != self.ndim:
-            raise DeepscopeError(f"inference tile {list(self.tile)} and halo {list(self.halo)} must give {self.ndim} sizes")
+            raise DeepscopeError(
+                f"inference tile {list(self.tile)} and halo {list(self.halo)} must give {self.ndim} sizes"
+            )
         fresh = cfg.noise.fresh and cfg.noise.synthetic
         self.train_roles = ["clean"] if fresh else ["noisy", *ROLE_OF_METHOD[cfg.method]]
         self.val_set = self._validation_patches(splits.get("val", []))
@@ -116,14 +122,27 @@ class DenoiseTask(Task):
         roles = ["noisy", *ROLE_OF_METHOD[self.config.method]]
         missing = [r for r in roles if any(r not in item.images for item in items)]
         if missing:
-            raise DataError(f"{self.config.data}: validation images lack {', '.join(missing)} images for the {self.config.method} loss")
-        bank = PatchBank(items, roles, [min(p, int(s)) for p, s in zip(self.patch_shape, np.min([i.spatial for i in items], axis=0))], self.device)
+            raise DataError(
+                f"{self.config.data}: validation images lack {', '.join(missing)} images for the {self.config.method} loss"
+            )
+        bank = PatchBank(
+            items,
+            roles,
+            [min(p, int(s)) for p, s in zip(self.patch_shape, np.min([i.spatial for i in items], axis=0))],
+            self.device,
+        )
         if any(s % d for s, d in zip(bank.patch, self.divisor)):
-            raise DataError(f"validation images {bank.patch} are too small for the U-Net (sizes divisible by {list(self.divisor)})")
-        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(self.config.seed + 17)
+            raise DataError(
+                f"validation images {bank.patch} are too small for the U-Net (sizes divisible by {list(self.divisor)})"
+            )
+        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(
+            self.config.seed + 17
+        )
         size = self.config.batch_size
-        return [self.make_batch(bank.sample(size, generator), generator, augment=False, fresh=False)
-                for _ in range(max(1, self.config.val_patches // size))]
+        return [
+            self.make_batch(bank.sample(size, generator), generator, augment=False, fresh=False)
+            for _ in range(max(1, self.config.val_patches // size))
+        ]
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         view = (1, -1) + (1,) * self.ndim
@@ -131,7 +150,9 @@ class DenoiseTask(Task):
         std = torch.tensor(self.std, device=x.device).view(view)
         return (x - mean) / std
 
-    def make_batch(self, crops: dict[str, torch.Tensor], generator: torch.Generator, augment: bool, fresh: bool) -> Batch:
+    def make_batch(
+        self, crops: dict[str, torch.Tensor], generator: torch.Generator, augment: bool, fresh: bool
+    ) -> Batch:
         """(input, target, mask) for the method from crops by role, standardised, augmented and masked."""
         cfg = self.config
         if fresh:
@@ -168,8 +189,18 @@ class DenoiseTask(Task):
         return masked_mse(model(source), target, mask)
 
     def denoiser(self, model: nn.Module) -> Denoiser:
-        return Denoiser(model, self.channels, self.mean, self.std, self.tile, self.halo, self.divisor, self.config.inference,
-                        self.device, self.config.eval_batch_size)
+        return Denoiser(
+            model,
+            self.channels,
+            self.mean,
+            self.std,
+            self.tile,
+            self.halo,
+            self.divisor,
+            self.config.inference,
+            self.device,
+            self.config.eval_batch_size,
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
@@ -182,9 +213,18 @@ class DenoiseTask(Task):
         return {**result, **summarize(gathered)} if gathered else result
 
     def inference_state(self) -> dict[str, Any]:
-        return {"ndim": self.ndim, "channels": self.channels, "mean": self.mean, "std": self.std, "method": self.config.method,
-                "model_settings": self.config.model_settings(), "patch_shape": list(self.patch_shape), "tile": list(self.tile),
-                "halo": list(self.halo), "divisor": list(self.divisor)}
+        return {
+            "ndim": self.ndim,
+            "channels": self.channels,
+            "mean": self.mean,
+            "std": self.std,
+            "method": self.config.method,
+            "model_settings": self.config.model_settings(),
+            "patch_shape": list(self.patch_shape),
+            "tile": list(self.tile),
+            "halo": list(self.halo),
+            "divisor": list(self.divisor),
+        }
 
     def display_images(self, batch: Any) -> torch.Tensor:
         image = batch[0][:8].float()
@@ -193,7 +233,9 @@ class DenoiseTask(Task):
         image = image[:, :3] if image.shape[1] >= 3 else image[:, :1]
         return (image * 0.25 + 0.5).clamp(0, 1)
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         result: dict[str, Any] = {}
         test = self.splits.get("test", [])
         if test:

@@ -24,32 +24,51 @@ from deepscope.tasks.detect.task import as_channels, detector_args, load_split, 
 FORMATS = ("coco", "voc", "yolo")
 
 
-def load_detector(path: str | Path, device: torch.device, overrides: dict[str, Any] | None = None) -> tuple[Detector, DetectConfig, dict[str, Any]]:
+def load_detector(
+    path: str | Path, device: torch.device, overrides: dict[str, Any] | None = None
+) -> tuple[Detector, DetectConfig, dict[str, Any]]:
     """The detector of a checkpoint, with inference settings (``score_threshold``, ``tile``, ...) overridden."""
     state = load_checkpoint(path, task="detect")
     values = state["config"]
-    values["inference"] = {**values.get("inference", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    values["inference"] = {
+        **values.get("inference", {}),
+        **{k: v for k, v in (overrides or {}).items() if v is not None},
+    }
     config = from_dict(DetectConfig, values, f"{path}: config")
     info = state["task_state"]
     model = build_detector(config.model, len(info["class_names"]), info["channels"], **detector_args(config))
     load_weights(model, state["model"], path)
     model.to(device)
-    return Detector(model, config.inference, device, masks=info["masks"], batch_size=config.eval_batch_size), config, info
+    return (
+        Detector(model, config.inference, device, masks=info["masks"], batch_size=config.eval_batch_size),
+        config,
+        info,
+    )
 
 
-def evaluate_checkpoint(path: str | Path, data: str | Path, split: str, device: torch.device,
-                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path, data: str | Path, split: str, device: torch.device, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """COCO (and VOC-style) scores of a detection checkpoint on one split of a data set (all of it without splits)."""
     detector, config, info = load_detector(path, device, overrides)
     dataset = load_detection_data(data, class_names=info["class_names"])
     items = load_split(dataset, split)
     with torch.no_grad():
-        metrics, _ = score_items(detector, items, info["channels"], info["class_names"], config.inference.max_detections, info["masks"])
+        metrics, _ = score_items(
+            detector, items, info["channels"], info["class_names"], config.inference.max_detections, info["masks"]
+        )
     return {"checkpoint": str(path), "data": str(data), "split": split, "images": len(items), **metrics}
 
 
-def predict_files(path: str | Path, files: Sequence[Path], out: str | Path, device: torch.device, fmt: str = "coco",
-                  draw: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def predict_files(
+    path: str | Path,
+    files: Sequence[Path],
+    out: str | Path,
+    device: torch.device,
+    fmt: str = "coco",
+    draw: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Detections of every file: a COCO JSON file (``out`` ending in .json, or ``out/detections.json``), or VOC XML /
     YOLO txt files in the folder ``out``; ``draw`` adds pictures with the boxes to ``out/pictures``."""
     if fmt not in FORMATS:
@@ -64,9 +83,19 @@ def predict_files(path: str | Path, files: Sequence[Path], out: str | Path, devi
         for index, file in enumerate(files, 1):
             image = as_channels(read_image(file), info["channels"], str(file))
             pred = detector(image)
-            records.append({"id": index, "file_name": file.name, "width": image.shape[1], "height": image.shape[0], "detections": pred})
+            records.append(
+                {
+                    "id": index,
+                    "file_name": file.name,
+                    "width": image.shape[1],
+                    "height": image.shape[0],
+                    "detections": pred,
+                }
+            )
             if draw and len(pictures) < 16:
-                pictures.append((file.name, image, None, pred, f"{file.name}: {int((pred['scores'] >= 0.5).sum())} above 0.5"))
+                pictures.append(
+                    (file.name, image, None, pred, f"{file.name}: {int((pred['scores'] >= 0.5).sum())} above 0.5")
+                )
     folder = out.parent if out.suffix.lower() == ".json" else out
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "coco":
@@ -79,8 +108,13 @@ def predict_files(path: str | Path, files: Sequence[Path], out: str | Path, devi
     if pictures:
         (folder / "pictures").mkdir(exist_ok=True)
         detection_gallery(pictures, folder / "pictures" / "detections.png", info["class_names"])
-    summary = {"images": len(records), "detections": int(sum(len(r["detections"]["scores"]) for r in records)), "format": fmt,
-               "out": str(target), "settings": dataclasses.asdict(config.inference)}
+    summary = {
+        "images": len(records),
+        "detections": int(sum(len(r["detections"]["scores"]) for r in records)),
+        "format": fmt,
+        "out": str(target),
+        "settings": dataclasses.asdict(config.inference),
+    }
     return summary
 
 
@@ -94,5 +128,7 @@ def score_saved_detections(pred: str | Path, truth: str | Path, max_detections: 
         return score_coco_files(pred, truth, max_detections)
     data = load_detection_data(truth)
     if len(data.splits) != 1:
-        raise DeepscopeError(f"{truth}: holds the splits {', '.join(sorted(data.splits))}; point --truth at one of them")
+        raise DeepscopeError(
+            f"{truth}: holds the splits {', '.join(sorted(data.splits))}; point --truth at one of them"
+        )
     return score_coco_files(pred, data, max_detections)

@@ -9,8 +9,11 @@ from typing import Any
 from deepscope.errors import DeepscopeError
 from deepscope.tasks.options import Result, TaskCommands, collect_inputs, option, setting
 
-MAX_DETECTIONS = option("--max-detections", type=int, help="detections per image the metric counts (default 100, COCO's; "
-                        "raise it for crowded images)")
+MAX_DETECTIONS = option(
+    "--max-detections",
+    type=int,
+    help="detections per image the metric counts (default 100, COCO's; raise it for crowded images)",
+)
 
 
 def evaluate(args: argparse.Namespace, device: Any) -> Result:
@@ -25,8 +28,12 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
 
     if args.tile is not None and len(args.tile) not in (1, 2):
         raise DeepscopeError("--tile takes one size or two (height width) for detection")
-    overrides = {"tile": (args.tile * 2 if len(args.tile) == 1 else args.tile) if args.tile else None, "overlap": args.overlap,
-                 "score_threshold": args.score_threshold, "max_detections": args.max_detections}
+    overrides = {
+        "tile": (args.tile * 2 if len(args.tile) == 1 else args.tile) if args.tile else None,
+        "overlap": args.overlap,
+        "score_threshold": args.score_threshold,
+        "max_detections": args.max_detections,
+    }
     files = collect_inputs(args.inputs)
     return predict_files(args.checkpoint, files, args.out, device, args.format or "coco", args.draw, overrides)
 

@@ -12,7 +12,9 @@ from deepscope.tasks.detect.predict import DetInferenceConfig
 
 def _default_optim() -> OptimConfig:
     """AdamW with warm-up, cosine decay and clipping: from-scratch detectors diverge early without the last two."""
-    return OptimConfig(name="adamw", lr=1e-3, weight_decay=5e-2, schedule="cosine", warmup_fraction=0.05, grad_clip=10.0)
+    return OptimConfig(
+        name="adamw", lr=1e-3, weight_decay=5e-2, schedule="cosine", warmup_fraction=0.05, grad_clip=10.0
+    )
 
 
 @dataclass
@@ -25,7 +27,9 @@ class DetectConfig(TrainConfig):
     image_size: int = 512  # shorter side the model resizes images to (multi-scale training around it, see scale_range);
     # 0: native scale, no resizing (microscopy, tiled prediction of large images; augment.scale_jitter then varies scale)
     max_size: int = 853  # longer side cap
-    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])  # training sizes: image_size times this range
+    scale_range: list[float] = field(
+        default_factory=lambda: [0.75, 1.25]
+    )  # training sizes: image_size times this range
     val_fraction: float = 0.1
     batch_size: int = 4
     eval_batch_size: int = 4  # tiles per forward pass in tiled prediction
@@ -39,13 +43,17 @@ class DetectConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         if self.image_size and (self.image_size < 32 or self.max_size < self.image_size):
-            raise DeepscopeError(f"image_size must be 0 (native scale) or at least 32, and max_size at least image_size, "
-                                 f"got {self.image_size}, {self.max_size}")
+            raise DeepscopeError(
+                f"image_size must be 0 (native scale) or at least 32, and max_size at least image_size, "
+                f"got {self.image_size}, {self.max_size}"
+            )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise DeepscopeError(f"scale_range must be two factors 0 < low <= high, got {self.scale_range}")
         if self.inference.max_detections <= 10:
-            raise DeepscopeError(f"inference.max_detections must be above 10 (COCO's metric counts 1, 10 and this many), "
-                                 f"got {self.inference.max_detections}")
+            raise DeepscopeError(
+                f"inference.max_detections must be above 10 (COCO's metric counts 1, 10 and this many), "
+                f"got {self.inference.max_detections}"
+            )
         if self.data and self.images:
             raise DeepscopeError("give either data (a folder) or images + annotations, not both")
 

@@ -23,8 +23,12 @@ from deepscope.engine.report import display_rgb
 
 TRUTH_COLOUR, PRED_COLOUR = "lime", "magenta"
 MAX_CAPTIONED = 25  # with more predictions shown, class and score captions would hide the image: boxes only
-GALLERY_SIDE = 384  # longest side, in image pixels, an image keeps in a gallery: the PNG stays small whatever the images
-GalleryItem = tuple[str, np.ndarray, dict[str, np.ndarray] | None, dict[str, np.ndarray], str]  # name, image, truth, pred, caption
+GALLERY_SIDE = (
+    384  # longest side, in image pixels, an image keeps in a gallery: the PNG stays small whatever the images
+)
+GalleryItem = tuple[
+    str, np.ndarray, dict[str, np.ndarray] | None, dict[str, np.ndarray], str
+]  # name, image, truth, pred, caption
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -44,12 +48,26 @@ def _draw_boxes(ax: Axes, boxes: np.ndarray, colour: str, texts: Sequence[str] |
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, dtype=float).reshape(-1, 4)):
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.2))
         if texts:
-            ax.text(x1 - 0.5, y1 - 0.5, texts[i], fontsize=6, color="white", va="bottom", clip_on=True,
-                    bbox={"facecolor": colour, "alpha": 0.6, "pad": 0.5, "edgecolor": "none"})
+            ax.text(
+                x1 - 0.5,
+                y1 - 0.5,
+                texts[i],
+                fontsize=6,
+                color="white",
+                va="bottom",
+                clip_on=True,
+                bbox={"facecolor": colour, "alpha": 0.6, "pad": 0.5, "edgecolor": "none"},
+            )
 
 
-def draw_detections(image: np.ndarray, truth: dict[str, np.ndarray] | None, pred: dict[str, np.ndarray], class_names: Sequence[str],
-                    target: str | Path | Axes, score_threshold: float = 0.3) -> None:
+def draw_detections(
+    image: np.ndarray,
+    truth: dict[str, np.ndarray] | None,
+    pred: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    target: str | Path | Axes,
+    score_threshold: float = 0.3,
+) -> None:
     """Truth boxes and the predictions scoring at least ``score_threshold`` (their masks shaded, their class and score
     written when there are at most ``MAX_CAPTIONED``) on an (H, W, C) image, into ``target``: an Axes, or a PNG path written at about the image's size (at most ~1000 pixels wide)."""
     if isinstance(target, Axes):
@@ -64,8 +82,14 @@ def draw_detections(image: np.ndarray, truth: dict[str, np.ndarray] | None, pred
     plt.close(fig)
 
 
-def _draw_on(ax: Axes, image: np.ndarray, truth: dict[str, np.ndarray] | None, pred: dict[str, np.ndarray],
-             class_names: Sequence[str], score_threshold: float) -> None:
+def _draw_on(
+    ax: Axes,
+    image: np.ndarray,
+    truth: dict[str, np.ndarray] | None,
+    pred: dict[str, np.ndarray],
+    class_names: Sequence[str],
+    score_threshold: float,
+) -> None:
     shown = np.asarray(pred["scores"]) >= score_threshold
     ax.imshow(_display(image), interpolation="nearest")
     if pred.get("masks") is not None and shown.any():
@@ -74,7 +98,10 @@ def _draw_on(ax: Axes, image: np.ndarray, truth: dict[str, np.ndarray] | None, p
         ax.imshow(shade, interpolation="nearest")
     if truth is not None:
         _draw_boxes(ax, truth["boxes"], TRUTH_COLOUR)
-    texts = [f"{class_names[int(label) - 1]} {score:.2f}" for label, score in zip(pred["labels"][shown], pred["scores"][shown])]
+    texts = [
+        f"{class_names[int(label) - 1]} {score:.2f}"
+        for label, score in zip(pred["labels"][shown], pred["scores"][shown])
+    ]
     _draw_boxes(ax, np.asarray(pred["boxes"])[shown], PRED_COLOUR, texts if len(texts) <= MAX_CAPTIONED else None)
     ax.axis("off")
 
@@ -89,8 +116,13 @@ def _shrunk(found: dict[str, np.ndarray] | None, step: int) -> dict[str, Any] | 
     return shrunk
 
 
-def detection_gallery(items: Sequence[GalleryItem], path: str | Path, class_names: Sequence[str], score_threshold: float = 0.3,
-                      columns: int = 4) -> None:
+def detection_gallery(
+    items: Sequence[GalleryItem],
+    path: str | Path,
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+    columns: int = 4,
+) -> None:
     """A grid of images with their truth and predictions, captioned. Images are subsampled to at most
     ``GALLERY_SIDE`` pixels first: the report only needs an overview, and a large microscopy image would otherwise
     make a PNG of many megabytes."""
@@ -101,7 +133,9 @@ def detection_gallery(items: Sequence[GalleryItem], path: str | Path, class_name
         ax.axis("off")
     for ax, (name, image, truth, pred, caption) in zip(axes.ravel(), items):
         step = max(1, math.ceil(max(image.shape[:2]) / GALLERY_SIDE))
-        draw_detections(image[::step, ::step], _shrunk(truth, step), _shrunk(pred, step), class_names, ax, score_threshold)
+        draw_detections(
+            image[::step, ::step], _shrunk(truth, step), _shrunk(pred, step), class_names, ax, score_threshold
+        )
         ax.set_title(caption or name, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -117,8 +151,11 @@ def _best_f1(recall: np.ndarray, precision: np.ndarray) -> tuple[float, float] |
     return float(recall[best]), float(precision[best])
 
 
-def plot_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
-                   f1_points: dict[str, tuple[float, ...]] | None = None) -> None:
+def plot_pr_curves(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    f1_points: dict[str, tuple[float, ...]] | None = None,
+) -> None:
     """A precision-recall curve per class, with its best-F1 point marked and grey iso-F1 lines behind. ``f1_points``
     gives a class's point as (recall, precision, ...) when the metric chose it; otherwise it is found on the curve.
     Negative precisions (COCO's mark for recall levels never reached) are left out."""

@@ -43,7 +43,9 @@ MaskCrop = tuple[np.ndarray, int, int]  # a boolean mask cut to its extent, and 
 class DetInferenceConfig:
     """How detections are made from a model's raw output."""
 
-    score_threshold: float = 0.05  # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
+    score_threshold: float = (
+        0.05  # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
+    )
     nms_iou: float = 0.5  # IoU above which boxes of one class are duplicates (class-wise NMS after the model's own)
     max_detections: int = 100  # per image, highest scores first
     tile: list[int] | None = None  # [h, w] tile size for large images; None: the whole image in one call
@@ -55,9 +57,13 @@ class DetInferenceConfig:
         if self.merge not in MERGES:
             raise DeepscopeError(f"inference: unknown merge {self.merge!r}; choose one of {', '.join(MERGES)}")
         if self.tile is not None and (len(self.tile) != 2 or min(self.tile) <= self.overlap):
-            raise DeepscopeError(f"inference: tile must be [height, width], both larger than the overlap {self.overlap}, got {self.tile}")
+            raise DeepscopeError(
+                f"inference: tile must be [height, width], both larger than the overlap {self.overlap}, got {self.tile}"
+            )
         if self.overlap < 0 or self.max_detections < 1:
-            raise DeepscopeError(f"inference: overlap must be >= 0 and max_detections >= 1, got {self.overlap}, {self.max_detections}")
+            raise DeepscopeError(
+                f"inference: overlap must be >= 0 and max_detections >= 1, got {self.overlap}, {self.max_detections}"
+            )
 
 
 def _axis_windows(size: int, tile: int, overlap: int) -> list[tuple[int, int, float, float]]:
@@ -71,8 +77,9 @@ def _axis_windows(size: int, tile: int, overlap: int) -> list[tuple[int, int, fl
     return [(s, s + tile, lo, hi) for s, lo, hi in zip(starts, [-math.inf] + cuts, cuts + [math.inf])]
 
 
-def merge_detections(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, method: str
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou: float, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(indices of the boxes kept, their boxes, their scores), highest score first.
 
     ``nms`` keeps the best box of each group of same-class boxes overlapping by more than ``iou``. ``wbf`` replaces it
@@ -108,8 +115,14 @@ class Detector:
     """A detection model applied to (H, W, C) numpy images: whole, or tile by tile when the image exceeds ``tile``,
     ``batch_size`` tiles per model call."""
 
-    def __init__(self, model: nn.Module, config: DetInferenceConfig, device: torch.device, masks: bool = False,
-                 batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: DetInferenceConfig,
+        device: torch.device,
+        masks: bool = False,
+        batch_size: int = 4,
+    ) -> None:
         if batch_size < 1:
             raise DeepscopeError(f"batch_size must be at least 1, got {batch_size}")
         self.model, self.config, self.device = model.to(device), config, torch.device(device)
@@ -120,14 +133,21 @@ class Detector:
         tile_h, tile_w = self.config.tile or (height, width)
         rows = _axis_windows(height, tile_h, self.config.overlap)
         cols = _axis_windows(width, tile_w, self.config.overlap)
-        return [(y0, y1, x0, x1, ylo, yhi, xlo, xhi) for (y0, y1, ylo, yhi), (x0, x1, xlo, xhi) in itertools.product(rows, cols)]
+        return [
+            (y0, y1, x0, x1, ylo, yhi, xlo, xhi)
+            for (y0, y1, ylo, yhi), (x0, x1, xlo, xhi) in itertools.product(rows, cols)
+        ]
 
     def _tensor(self, block: np.ndarray) -> torch.Tensor:
         """(C, h, w) float in [0, 1] on the device: integers are divided by their dtype's maximum, floats kept."""
         scale = float(np.iinfo(block.dtype).max) if np.issubdtype(block.dtype, np.integer) else 1.0
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, -1, 0), dtype=np.float32)).to(self.device) / scale
+        return (
+            torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, -1, 0), dtype=np.float32)).to(self.device) / scale
+        )
 
-    def _candidates(self, window: Window, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[MaskCrop]]:
+    def _candidates(
+        self, window: Window, out: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[MaskCrop]]:
         """Boxes (in image pixels), scores and labels of one tile that pass the score threshold and lie in its core, and
         their masks as (crop, y, x) in image pixels when masks are wanted."""
         y0, _, x0, _, ylo, yhi, xlo, xhi = window
@@ -135,7 +155,9 @@ class Detector:
         scores, labels = out["scores"].detach().float().cpu(), out["labels"].detach().cpu().long()
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         keep = (scores >= self.config.score_threshold) & (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
-        keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # no degenerate box reaches the files or the metric
+        keep &= (boxes[:, 2] > boxes[:, 0]) & (
+            boxes[:, 3] > boxes[:, 1]
+        )  # no degenerate box reaches the files or the metric
         crops = []
         if self.masks:
             if "masks" not in out:
@@ -153,8 +175,10 @@ class Detector:
             raise DataError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
         height, width = image.shape[:2]
         if self.masks and height * width > MAX_MASK_PIXELS:
-            raise DeepscopeError(f"image of {height}x{width} pixels is too large for full-size masks "
-                                 f"(at most {MAX_MASK_PIXELS} pixels); predict boxes only")
+            raise DeepscopeError(
+                f"image of {height}x{width} pixels is too large for full-size masks "
+                f"(at most {MAX_MASK_PIXELS} pixels); predict boxes only"
+            )
         windows, found = self.windows(height, width), []
         with eval_mode(self.model):
             for i in range(0, len(windows), self.batch_size):
@@ -165,8 +189,11 @@ class Detector:
         keep, boxes, scores = merge_detections(boxes, scores, labels, self.config.nms_iou, self.config.merge)
         top = slice(self.config.max_detections)
         keep, boxes, scores = keep[top], boxes[top], scores[top]
-        result = {"boxes": boxes.numpy().astype(np.float32), "scores": scores.numpy().astype(np.float32),
-                  "labels": labels[keep].numpy().astype(np.int64)}
+        result = {
+            "boxes": boxes.numpy().astype(np.float32),
+            "scores": scores.numpy().astype(np.float32),
+            "labels": labels[keep].numpy().astype(np.int64),
+        }
         if self.masks:
             crops = [c for f in found for c in f[3]]
             result["masks"] = np.zeros((len(keep), height, width), bool)
@@ -185,7 +212,15 @@ def predict_items(detector: Detector, images: Iterable[tuple[str, np.ndarray]]) 
             found = detector(image)
         except DataError as exc:
             raise DataError(f"{name}: {exc}") from None
-        records.append({"id": index, "file_name": name, "width": int(image.shape[1]), "height": int(image.shape[0]), "detections": found})
+        records.append(
+            {
+                "id": index,
+                "file_name": name,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "detections": found,
+            }
+        )
     return records
 
 
@@ -227,7 +262,9 @@ def write_voc_xml(folder: str | Path, records: Sequence[dict[str, Any]], class_n
             for key, value in zip(("xmin", "ymin", "xmax", "ymax"), (x1 + 1, y1 + 1, x2, y2)):
                 ET.SubElement(bndbox, key).text = f"{value:.2f}"
         ET.indent(root)
-        write_text(folder / f"{Path(record['file_name']).stem}.xml", ET.tostring(root, encoding="unicode") + "\n", "prediction")
+        write_text(
+            folder / f"{Path(record['file_name']).stem}.xml", ET.tostring(root, encoding="unicode") + "\n", "prediction"
+        )
     return folder
 
 
@@ -241,7 +278,12 @@ def write_yolo_txt(folder: str | Path, records: Sequence[dict[str, Any]], scores
         w, h = record["width"], record["height"]
         lines = []
         for (x1, y1, x2, y2), label, score in _boxes(record):
-            fields = [str(label - 1), *(f"{v:.6f}" for v in ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h))]
+            fields = [
+                str(label - 1),
+                *(f"{v:.6f}" for v in ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)),
+            ]
             lines.append(" ".join(fields + ([f"{score:.5f}"] if scores else [])))
-        write_text(folder / f"{Path(record['file_name']).stem}.txt", "".join(line + "\n" for line in lines), "prediction")
+        write_text(
+            folder / f"{Path(record['file_name']).stem}.txt", "".join(line + "\n" for line in lines), "prediction"
+        )
     return folder

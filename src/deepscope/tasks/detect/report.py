@@ -41,12 +41,19 @@ def image_f1(truth: DetItem, pred: dict[str, np.ndarray], threshold: float, iou:
 
 def score_threshold(metrics: dict[str, Any]) -> float:
     """The score threshold pictures use: the median over classes of the one maximising F1 at IoU 0.5 (0.5 without)."""
-    thresholds = [c["threshold"] for c in (metrics.get("best_f1") or {}).values() if c and c.get("threshold") is not None]
+    thresholds = [
+        c["threshold"] for c in (metrics.get("best_f1") or {}).values() if c and c.get("threshold") is not None
+    ]
     return float(np.median(thresholds)) if thresholds else 0.5
 
 
-def draw_worst(pairs: Sequence[tuple[DetItem, dict[str, np.ndarray]]], class_names: list[str], metrics: dict[str, Any],
-               path: Path, count: int) -> None:
+def draw_worst(
+    pairs: Sequence[tuple[DetItem, dict[str, np.ndarray]]],
+    class_names: list[str],
+    metrics: dict[str, Any],
+    path: Path,
+    count: int,
+) -> None:
     """Truth (green) and detections above the best-F1 threshold (magenta) on the ``count`` images of lowest F1."""
     if not pairs:
         return
@@ -56,31 +63,47 @@ def draw_worst(pairs: Sequence[tuple[DetItem, dict[str, np.ndarray]]], class_nam
     for f1, i in scored:
         item, pred = pairs[i]
         truth = {"boxes": item.boxes, "labels": item.labels}
-        shown.append((item.name, read_image(item.path), truth, pred, f"{item.name}: F1 {f1:.2f} ({len(item.boxes)} objects)"))
+        shown.append(
+            (item.name, read_image(item.path), truth, pred, f"{item.name}: F1 {f1:.2f} ({len(item.boxes)} objects)")
+        )
     detection_gallery(shown, path, class_names, score_threshold=threshold)
 
 
-def detect_report_sections(final: dict[str, Any], split: str, class_names: list[str], run_dir: Path) -> list[tuple[str, str]]:
+def detect_report_sections(
+    final: dict[str, Any], split: str, class_names: list[str], run_dir: Path
+) -> list[tuple[str, str]]:
     """Sections of ``report.html``: COCO and VOC-style scores, per-class AP, PR curves, the best threshold, pictures."""
     if not final:
         return []
     limit = final.get("max_detections", 100)
     rows = [{"metric": k, "value": final[k]} for k in COCO_KEYS if k in final]
-    rows += [{"metric": k, "value": v} for k, v in final.items() if k.startswith(("voc_ap", "mask_map", "map_maxdets", "mar_")) and k not in COCO_KEYS]
+    rows += [
+        {"metric": k, "value": v}
+        for k, v in final.items()
+        if k.startswith(("voc_ap", "mask_map", "map_maxdets", "mar_")) and k not in COCO_KEYS
+    ]
     sections = [(f"{split.capitalize()} mAP (COCO, at most {limit} detections per image)", table(rows))]
     if final.get("per_class"):
-        sections.append(("AP per class (IoU 0.5:0.95)", table([{"class": k, "AP": v} for k, v in final["per_class"].items()])))
+        sections.append(
+            ("AP per class (IoU 0.5:0.95)", table([{"class": k, "AP": v} for k, v in final["per_class"].items()]))
+        )
     curves = final.get("pr")
     if curves:
-        plot_pr_curves({name: (np.asarray(c["recall"]), np.asarray(c["precision"])) for name, c in curves.items()},
-                       run_dir / "pr_curves.png")
+        plot_pr_curves(
+            {name: (np.asarray(c["recall"]), np.asarray(c["precision"])) for name, c in curves.items()},
+            run_dir / "pr_curves.png",
+        )
         sections.append(("Precision-recall at IoU 0.5", "<img src='pr_curves.png' alt='precision-recall curves'>"))
     best = {name: c for name, c in (final.get("best_f1") or {}).items() if c}
     if best:
-        text = ("<p>Per class, the score threshold that maximises F1 at IoU 0.5 (use it as --score-threshold when counting "
-                "objects; mAP itself uses every detection):</p>")
+        text = (
+            "<p>Per class, the score threshold that maximises F1 at IoU 0.5 (use it as --score-threshold when counting "
+            "objects; mAP itself uses every detection):</p>"
+        )
         sections.append(("Best score threshold", text + table([{"class": name, **c} for name, c in best.items()])))
     if (run_dir / "detections.png").exists():
         caption = "truth green, detections above the best threshold magenta; lowest per-image F1 first"
-        sections.append((f"Detections ({split} images)", f"<p>{caption}</p><img src='detections.png' alt='detections'>"))
+        sections.append(
+            (f"Detections ({split} images)", f"<p>{caption}</p><img src='detections.png' alt='detections'>")
+        )
     return sections

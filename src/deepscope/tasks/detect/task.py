@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepscope.data.detection.annotations import load_detection_data
 from deepscope.data.detection.batches import DetBatches, DetSample
 from deepscope.data.detection.types import DetData, DetItem
-from deepscope.data.detection.annotations import load_detection_data
 from deepscope.data.io.images import probe_image, read_image
-from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.data.io.splits import split_validation
+from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
@@ -46,8 +46,12 @@ def as_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
 def detector_args(config: DetectConfig) -> dict[str, Any]:
     """``model_args`` with the sizes and the detection limit the task sets (the limit is ``inference.max_detections``,
     so that prediction and the metric agree; a ``model_args.max_detections`` of its own wins for the model)."""
-    return {"min_size": config.train_sizes(), "max_size": config.max_size, "max_detections": config.inference.max_detections,
-            **config.model_args}
+    return {
+        "min_size": config.train_sizes(),
+        "max_size": config.max_size,
+        "max_detections": config.inference.max_detections,
+        **config.model_args,
+    }
 
 
 def truth_of(item: DetItem, masks: bool) -> dict[str, np.ndarray]:
@@ -56,7 +60,9 @@ def truth_of(item: DetItem, masks: bool) -> dict[str, np.ndarray]:
     if item.area is not None:
         truth["area"] = item.area
     if masks:
-        truth["masks"] = item.masks() if item.masks is not None else np.zeros((len(item.boxes), item.height, item.width), bool)
+        truth["masks"] = (
+            item.masks() if item.masks is not None else np.zeros((len(item.boxes), item.height, item.width), bool)
+        )
     return truth
 
 
@@ -67,8 +73,15 @@ def load_split(data: DetData, split: str) -> list[DetItem]:
     return items
 
 
-def score_items(detector: Detector, items: Sequence[DetItem], channels: int, class_names: list[str], max_detections: int,
-                masks: bool, curves: bool = False) -> tuple[dict[str, Any], list[tuple[DetItem, dict[str, np.ndarray]]]]:
+def score_items(
+    detector: Detector,
+    items: Sequence[DetItem],
+    channels: int,
+    class_names: list[str],
+    max_detections: int,
+    masks: bool,
+    curves: bool = False,
+) -> tuple[dict[str, Any], list[tuple[DetItem, dict[str, np.ndarray]]]]:
     """COCO metrics of ``items`` (gathered over processes; with ``curves`` also precision-recall curves and the best-F1
     score thresholds) and this process's (item, prediction) pairs."""
     pairs = [(item, detector(as_channels(read_image(item.path), channels, item.name))) for item in items]
@@ -101,7 +114,9 @@ class DetectTask(Task):
         self.splits, self.class_names = splits, data.class_names
         self.masks = predicts_masks(cfg.model)
         if self.masks and not all(item.has_masks for item in splits["train"]):
-            raise DataError(f"model {cfg.model!r} learns masks, but the annotations give boxes only; use masks/ label images or COCO segmentations")
+            raise DataError(
+                f"model {cfg.model!r} learns masks, but the annotations give boxes only; use masks/ label images or COCO segmentations"
+            )
         self.channels = max(probe_image(item.path)[2] for items in splits.values() for item in items)
 
     def build_model(self) -> nn.Module:
@@ -123,7 +138,9 @@ class DetectTask(Task):
         cfg, world = self.config, self.dist.world
         if cfg.batch_size % world:
             raise DataError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
-        return DetBatches(self._samples(), cfg.batch_size // world, self.device, self.dist.rank, world, cfg.seed, cfg.augment)
+        return DetBatches(
+            self._samples(), cfg.batch_size // world, self.device, self.dist.rank, world, cfg.seed, cfg.augment
+        )
 
     def val_batches(self) -> ItemShard | None:
         return ItemShard(self.splits["val"], self.dist.rank, self.dist.world) if "val" in self.splits else None
@@ -134,12 +151,20 @@ class DetectTask(Task):
         return sum(losses.values())
 
     def detector(self, model: nn.Module) -> Detector:
-        return Detector(model, self.config.inference, self.device, masks=self.masks, batch_size=self.config.eval_batch_size)
+        return Detector(
+            model, self.config.inference, self.device, masks=self.masks, batch_size=self.config.eval_batch_size
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
-        metrics, _ = score_items(self.detector(model), list(batches), self.channels, self.class_names,
-                                 self.config.inference.max_detections, self.masks)
+        metrics, _ = score_items(
+            self.detector(model),
+            list(batches),
+            self.channels,
+            self.class_names,
+            self.config.inference.max_detections,
+            self.masks,
+        )
         return metrics
 
     def inference_state(self) -> dict[str, Any]:
@@ -148,16 +173,29 @@ class DetectTask(Task):
     def display_images(self, batch: Any) -> torch.Tensor:
         images = [image[:3] if image.shape[0] >= 3 else image[:1] for image in batch[0][:4]]
         size = min(min(i.shape[-2] for i in images), 256), min(min(i.shape[-1] for i in images), 256)
-        return torch.stack([i[:, : size[0], : size[1]].float() for i in images]).clamp(0, 1) if len({i.shape[0] for i in images}) == 1 else torch.empty(0)
+        return (
+            torch.stack([i[:, : size[0], : size[1]].float() for i in images]).clamp(0, 1)
+            if len({i.shape[0] for i in images}) == 1
+            else torch.empty(0)
+        )
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         shown = "test" if "test" in self.splits else "val" if "val" in self.splits else None
         if shown is None:
             return {}
         items = ItemShard(self.splits[shown], self.dist.rank, self.dist.world)
         with torch.no_grad():
-            metrics, pairs = score_items(self.detector(model), list(items), self.channels, self.class_names,
-                                         self.config.inference.max_detections, self.masks, curves=True)
+            metrics, pairs = score_items(
+                self.detector(model),
+                list(items),
+                self.channels,
+                self.class_names,
+                self.config.inference.max_detections,
+                self.masks,
+                curves=True,
+            )
         result: dict[str, Any] = {"shown_split": shown}
         if shown == "test":
             result["test"] = metrics
@@ -171,5 +209,13 @@ class DetectTask(Task):
         from deepscope.engine.report import write_report
 
         split = "test" if metrics.get("test") else "validation"
-        sections = detect_report_sections(metrics.get("final_metrics") or metrics.get("val") or {}, split, self.class_names, run_dir)
-        write_report(run_dir, f"deepscope detect: {self.config.model} on {self.config.data or self.config.images}", metrics, history, sections)
+        sections = detect_report_sections(
+            metrics.get("final_metrics") or metrics.get("val") or {}, split, self.class_names, run_dir
+        )
+        write_report(
+            run_dir,
+            f"deepscope detect: {self.config.model} on {self.config.data or self.config.images}",
+            metrics,
+            history,
+            sections,
+        )

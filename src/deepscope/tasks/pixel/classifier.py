@@ -59,8 +59,14 @@ class PixelClassifier:
         return input_view(image, self.spec.ndim, self.spec.channels, name, self.normalize)
 
     def save(self, path: Path) -> None:
-        state = {"spec": self.spec.to_dict(), "feature_names": self.spec.names(), "forest": forest_state(self.forest),
-                 "normalize": self.normalize, "class_names": self.class_names, "versions": self.versions}
+        state = {
+            "spec": self.spec.to_dict(),
+            "feature_names": self.spec.names(),
+            "forest": forest_state(self.forest),
+            "normalize": self.normalize,
+            "class_names": self.class_names,
+            "versions": self.versions,
+        }
         write_state(path, state, FORMAT, "classifier")
 
     @classmethod
@@ -71,8 +77,10 @@ class PixelClassifier:
             raise CheckpointError(f"{path}: classifier file not found")
         try:
             if not is_safetensors(path):
-                raise ValueError("it is not a safetensors file; a classifier.pkl of deepscope 0.1 is a pickle, "
-                                 "which could run code when opened and is refused: train it again with deepscope pixel train")
+                raise ValueError(
+                    "it is not a safetensors file; a classifier.pkl of deepscope 0.1 is a pickle, "
+                    "which could run code when opened and is refused: train it again with deepscope pixel train"
+                )
             state = read_state(path, FORMAT)
             if not isinstance(state, dict):
                 raise ValueError("it holds no classifier")
@@ -83,23 +91,36 @@ class PixelClassifier:
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if spec.names() != state.get("feature_names") or forest.n_features_in_ != spec.count:
-            raise CheckpointError(f"{path}: the feature spec ({spec.count} features) does not match the forest, which "
-                                  f"was fitted on {forest.n_features_in_}; train the classifier again")
+            raise CheckpointError(
+                f"{path}: the feature spec ({spec.count} features) does not match the forest, which "
+                f"was fitted on {forest.n_features_in_}; train the classifier again"
+            )
         normalize, names, saved = state.get("normalize"), state.get("class_names"), state.get("versions")
-        if normalize is not None and not (isinstance(normalize, list) and all(isinstance(v, int | float) for v in normalize)):
+        if normalize is not None and not (
+            isinstance(normalize, list) and all(isinstance(v, int | float) for v in normalize)
+        ):
             raise CheckpointError(f"{path}: its normalisation is not a list of numbers")
-        if not (isinstance(names, list) and len(names) == len(forest.classes_) and all(isinstance(n, str) for n in names)):
+        if not (
+            isinstance(names, list) and len(names) == len(forest.classes_) and all(isinstance(n, str) for n in names)
+        ):
             raise CheckpointError(f"{path}: its class names do not match its {len(forest.classes_)} classes")
         if not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
             raise CheckpointError(f"{path}: its library versions are not readable")
         if saved.get("scikit-learn") != sklearn.__version__:
-            warnings.warn(f"{path}: saved with scikit-learn {saved.get('scikit-learn')}, loaded with {sklearn.__version__}", stacklevel=2)
+            warnings.warn(
+                f"{path}: saved with scikit-learn {saved.get('scikit-learn')}, loaded with {sklearn.__version__}",
+                stacklevel=2,
+            )
         return cls(spec, forest, normalize, names, saved)
 
 
 def versions() -> dict[str, str]:
-    return {"deepscope": deepscope.__version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__,
-            "numpy": np.__version__}
+    return {
+        "deepscope": deepscope.__version__,
+        "scikit-learn": sklearn.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def class_map(classifier: PixelClassifier, probs: np.ndarray) -> np.ndarray:

@@ -50,10 +50,14 @@ def classifier_file(given: str) -> Path:
     if path.is_dir() or path.name == PROJECT_FILE:
         folder = path if path.is_dir() else path.parent
         if not (folder / PROJECT_FILE).is_file():
-            raise DataError(f"{folder}: no {PROJECT_FILE} here; give a classifier.safetensors or a folder served by deepscope serve")
+            raise DataError(
+                f"{folder}: no {PROJECT_FILE} here; give a classifier.safetensors or a folder served by deepscope serve"
+            )
         project = Project.load(ServedFolder(folder))
         if project.classifier is None:
-            raise DataError(f"{folder / PROJECT_FILE}: no classifier saved yet; save one in the page (Classifier: save)")
+            raise DataError(
+                f"{folder / PROJECT_FILE}: no classifier saved yet; save one in the page (Classifier: save)"
+            )
         return folder / project.classifier
     return path
 
@@ -64,9 +68,18 @@ def predict(args: argparse.Namespace) -> Result:
 
     device = pick_device(args.device)
     files = collect_inputs(args.inputs, volumes=True)
-    settings = InstanceSettings(args.foreground, args.boundary, args.threshold, args.seeds, args.min_distance, args.min_size)
-    records = predict_files(classifier_file(args.classifier), files, args.out, device, key=args.key, tile=args.tile,
-                            instances=settings if args.instances else None)
+    settings = InstanceSettings(
+        args.foreground, args.boundary, args.threshold, args.seeds, args.min_distance, args.min_size
+    )
+    records = predict_files(
+        classifier_file(args.classifier),
+        files,
+        args.out,
+        device,
+        key=args.key,
+        tile=args.tile,
+        instances=settings if args.instances else None,
+    )
     return {"predictions": len(records), "out": str(args.out), "outputs": records}
 
 
@@ -107,20 +120,30 @@ def scribbles(args: argparse.Namespace) -> Result:
 
 
 def add_commands(sub: Any) -> None:
-    pixel = sub.add_parser("pixel", help="shallow pixel classification: filter features + random forest from sparse labels")
+    pixel = sub.add_parser(
+        "pixel", help="shallow pixel classification: filter features + random forest from sparse labels"
+    )
     actions = pixel.add_subparsers(dest="action", required=True)
 
-    fit = actions.add_parser("train", help="fit a forest on the labelled pixels; save classifier, predictions and report")
+    fit = actions.add_parser(
+        "train", help="fit a forest on the labelled pixels; save classifier, predictions and report"
+    )
     fit.add_argument("--images", help="image file or folder (PNG/TIFF/HDF5/zarr/NPZ, 2D or 3D)")
     fit.add_argument("--labels", help="sparse label file or folder (0 unlabelled, 1..K classes), matched by file name")
-    fit.add_argument("--out", help="run folder (default runs/pixel-<date-time>); rerun with the same folder to reuse cached features")
+    fit.add_argument(
+        "--out", help="run folder (default runs/pixel-<date-time>); rerun with the same folder to reuse cached features"
+    )
     fit.add_argument("--filters", nargs="+", help="features: gaussian log ggm dog structure hessian (default: all)")
     fit.add_argument("--scales", type=float, nargs="+", help="feature scales (default 0.3 0.7 1 1.6 3.5 5 10)")
     fit.add_argument("--trees", type=int, help="random forest size (default 100)")
     fit.add_argument("--cache", help="feature cache folder (default <out>/feature_cache)")
-    fit.add_argument("--no-predict", dest="no_predict", action="store_true", help="do not write predictions of the labelled images")
+    fit.add_argument(
+        "--no-predict", dest="no_predict", action="store_true", help="do not write predictions of the labelled images"
+    )
     option("--config", help="YAML file of pixel settings").add_to(fit)
-    option("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. forest.class_weight=balanced").add_to(fit)
+    option("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. forest.class_weight=balanced").add_to(
+        fit
+    )
     fit.add_argument("--device", help="where features are computed: auto (default), cpu, cuda")
     fit.set_defaults(func=train)
 
@@ -128,13 +151,19 @@ def add_commands(sub: Any) -> None:
     apply.add_argument("classifier", help=CLASSIFIER_HELP)
     apply.add_argument("inputs", nargs="+", help="image files or folders")
     apply.add_argument("--out", required=True, help="folder, .tif, .h5 or .zarr")
-    apply.add_argument("--tile", type=int, nargs="+", help="tile size per axis (default: whole image when it fits in memory)")
+    apply.add_argument(
+        "--tile", type=int, nargs="+", help="tile size per axis (default: whole image when it fits in memory)"
+    )
     apply.add_argument("--instances", action="store_true", help="also write instance labels (seeded watershed)")
     apply.add_argument("--foreground", type=int, nargs="+", help="classes that make objects (default: all but class 1)")
     apply.add_argument("--boundary", type=int, help="class of object boundaries that separates touching objects")
     apply.add_argument("--threshold", type=float, default=0.5, help="foreground probability threshold for instances")
-    apply.add_argument("--seeds", choices=["components", "maxima"], default="components",
-                       help="instance seeds: components of the foreground, or distance maxima (splits touching round objects)")
+    apply.add_argument(
+        "--seeds",
+        choices=["components", "maxima"],
+        default="components",
+        help="instance seeds: components of the foreground, or distance maxima (splits touching round objects)",
+    )
     apply.add_argument("--min-distance", dest="min_distance", type=int, default=3, help="between maxima seeds (pixels)")
     apply.add_argument("--min-size", dest="min_size", type=int, default=0, help="drop smaller objects (pixels)")
     KEY.add_to(apply)
@@ -147,8 +176,13 @@ def add_commands(sub: Any) -> None:
     sample.add_argument("--fraction", type=float, default=0.001, help="share of pixels to label (default 0.001)")
     sample.add_argument("--length", type=int, default=16, help="stroke length in pixels")
     sample.add_argument("--foreground", action="store_true", help="instance labels: classes 1 background, 2 objects")
-    sample.add_argument("--class-values", dest="class_values", type=int, nargs="+",
-                        help="label values of classes 1..K (default: the values present)")
+    sample.add_argument(
+        "--class-values",
+        dest="class_values",
+        type=int,
+        nargs="+",
+        help="label values of classes 1..K (default: the values present)",
+    )
     KEY.add_to(sample, help="dataset/array inside HDF5, zarr or NPZ files")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=scribbles)
@@ -156,13 +190,21 @@ def add_commands(sub: Any) -> None:
     unet = actions.add_parser("deep", help="label images with a forest, then train a semantic U-Net on those labels")
     unet.add_argument("classifier", help=CLASSIFIER_HELP)
     unet.add_argument("inputs", nargs="+", help="unlabelled image files or folders")
-    unet.add_argument("--out", required=True, help="run folder: pseudo/ (images, masks) and unet/ (checkpoints, report)")
+    unet.add_argument(
+        "--out", required=True, help="run folder: pseudo/ (images, masks) and unet/ (checkpoints, report)"
+    )
     unet.add_argument("--epochs", type=int)
-    unet.add_argument("--min-confidence", dest="min_confidence", type=float, default=0.0,
-                      help="pixels whose top forest probability is lower are ignored in the loss")
+    unet.add_argument(
+        "--min-confidence",
+        dest="min_confidence",
+        type=float,
+        default=0.0,
+        help="pixels whose top forest probability is lower are ignored in the loss",
+    )
     CONFIG.add_to(unet, help="YAML file of segment settings for the U-Net")
-    option("--set", action="append", metavar="KEY=VALUE", help="any segment setting, e.g. patch_shape=[128,128]").add_to(unet)
+    option(
+        "--set", action="append", metavar="KEY=VALUE", help="any segment setting, e.g. patch_shape=[128,128]"
+    ).add_to(unet)
     KEY.add_to(unet)
     unet.add_argument("--device", default="auto")
     unet.set_defaults(func=deep)
-

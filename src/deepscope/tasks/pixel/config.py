@@ -44,8 +44,12 @@ class PixelConfig:
             raise DeepscopeError("cache must be a folder, off, or null (the run folder's feature_cache)")
         if self.features is not None:
             FeatureSpec.create(self.features)  # unknown filters and bad scales fail here, not after reading images
-        if self.normalize is not None and (len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100):
-            raise DeepscopeError(f"normalize must be two percentiles low < high in [0, 100], or null, got {self.normalize}")
+        if self.normalize is not None and (
+            len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100
+        ):
+            raise DeepscopeError(
+                f"normalize must be two percentiles low < high in [0, 100], or null, got {self.normalize}"
+            )
         if self.forest.trees < 1:
             raise DeepscopeError(f"forest.trees must be at least 1, got {self.forest.trees}")
         if self.forest.class_weight not in (None, "balanced"):

@@ -21,8 +21,8 @@ import torch
 from deepscope.config import from_dict
 from deepscope.engine.trainer import Trainer
 from deepscope.errors import DataError
-from deepscope.tasks import get_task
 from deepscope.inference.blockio import open_input
+from deepscope.tasks import get_task
 from deepscope.tasks.pixel.classifier import PixelClassifier
 from deepscope.tasks.pixel.features import compute_features
 
@@ -36,8 +36,15 @@ def pseudo_labels(classifier: PixelClassifier, probs: np.ndarray, min_confidence
     return mask
 
 
-def write_pseudo_dataset(classifier: PixelClassifier, inputs: Sequence[Path], root: Path, device: torch.device,
-                         key: str | None = None, min_confidence: float = 0.0, tile: Sequence[int] | None = None) -> dict[str, Any]:
+def write_pseudo_dataset(
+    classifier: PixelClassifier,
+    inputs: Sequence[Path],
+    root: Path,
+    device: torch.device,
+    key: str | None = None,
+    min_confidence: float = 0.0,
+    tile: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """``root/images`` (links to the inputs, copies where links are not allowed) and ``root/masks`` (pseudo-labels)."""
     if not inputs:
         raise DataError("no images to label with the forest")
@@ -61,9 +68,15 @@ def write_pseudo_dataset(classifier: PixelClassifier, inputs: Sequence[Path], ro
     return {"pseudo_labelled_images": len(inputs), "ignored_fraction": round(ignored / total, 4)}
 
 
-def train_unet_from_forest(classifier_path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device,
-                           settings: dict[str, Any] | None = None, key: str | None = None,
-                           min_confidence: float = 0.0) -> dict[str, Any]:
+def train_unet_from_forest(
+    classifier_path: str | Path,
+    inputs: Sequence[Path],
+    out: str | Path,
+    device: torch.device,
+    settings: dict[str, Any] | None = None,
+    key: str | None = None,
+    min_confidence: float = 0.0,
+) -> dict[str, Any]:
     """Label ``inputs`` with the forest into ``out/pseudo``, then train a semantic U-Net on them into ``out/unet``.
 
     ``settings`` are segment-task settings (epochs, patch_shape, ...) laid over the semantic target the forest sets.
@@ -71,10 +84,21 @@ def train_unet_from_forest(classifier_path: str | Path, inputs: Sequence[Path], 
     classifier = PixelClassifier.load(classifier_path)
     out = Path(out)
     summary = write_pseudo_dataset(classifier, inputs, out / "pseudo", device, key, min_confidence)
-    values = {"data": str(out / "pseudo"), "out": str(out / "unet"), "epochs": 20, **(settings or {}),
-              "target": "semantic", "num_classes": len(classifier.classes), "ignore_label": IGNORE}
+    values = {
+        "data": str(out / "pseudo"),
+        "out": str(out / "unet"),
+        "epochs": 20,
+        **(settings or {}),
+        "target": "semantic",
+        "num_classes": len(classifier.classes),
+        "ignore_label": IGNORE,
+    }
     config_cls, task_cls = get_task("segment")  # by name: tasks do not import each other
     config = from_dict(config_cls, values, "shallow-to-deep settings")
     metrics = Trainer(task_cls(config)).fit()
-    return {**summary, **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-            "classes": classifier.classes, "checkpoint": str(out / "unet" / "best.pt")}
+    return {
+        **summary,
+        **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+        "classes": classifier.classes,
+        "checkpoint": str(out / "unet" / "best.pt"),
+    }

@@ -65,7 +65,9 @@ class FeatureSpec:
             if name not in FILTERS:
                 raise DeepscopeError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
             if not scales or not all(0 < s <= MAX_SCALE for s in scales):
-                raise DeepscopeError(f"filter {name!r} needs positive scales of at most {MAX_SCALE:g}, got {list(scales)}")
+                raise DeepscopeError(
+                    f"filter {name!r} needs positive scales of at most {MAX_SCALE:g}, got {list(scales)}"
+                )
 
     @classmethod
     def create(cls, filters: dict[str, Sequence[float]], ndim: int = 2, channels: int = 1) -> FeatureSpec:
@@ -77,7 +79,9 @@ class FeatureSpec:
         return cls.create({name: SCALES if name == "gaussian" else SCALES[1:] for name in FILTERS}, ndim, channels)
 
     @classmethod
-    def from_selection(cls, filters: Sequence[str], scales: Sequence[float], ndim: int = 2, channels: int = 1) -> FeatureSpec:
+    def from_selection(
+        cls, filters: Sequence[str], scales: Sequence[float], ndim: int = 2, channels: int = 1
+    ) -> FeatureSpec:
         """Every named filter at every given scale."""
         return cls.create({name: tuple(scales) for name in filters}, ndim, channels)
 
@@ -181,7 +185,9 @@ class _Block:
         self._partials.clear()
         self.scale = sigma
 
-    def buffer(self, name: Any, shape: str | tuple[int, ...] = "centre", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def buffer(
+        self, name: Any, shape: str | tuple[int, ...] = "centre", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         """A named (C, *shape) scratch tensor (``centre``, ``padded`` or explicit spatial shape), allocated once."""
         if shape == "centre":
             shape = tuple(n - 2 * self.halo for n in self.shape)
@@ -196,7 +202,9 @@ class _Block:
         k = _spectrum(sigma, order, self.fft_shape[axis], axis == self.ndim - 1, self.device)
         return k.reshape((-1,) + (1,) * (self.ndim - 1 - axis))
 
-    def _partial(self, source: torch.Tensor, key: str | None, sigma: float, prefix: tuple[int, ...], crop: bool) -> torch.Tensor:
+    def _partial(
+        self, source: torch.Tensor, key: str | None, sigma: float, prefix: tuple[int, ...], crop: bool
+    ) -> torch.Tensor:
         """``source`` with the kernels of orders ``prefix`` applied and inverse-transformed along the first
         ``len(prefix)`` axes, which are cut to the centre (``crop``) or the block; cached under ``key``."""
         if not prefix:
@@ -214,8 +222,9 @@ class _Block:
             self._partials[slot] = (sigma, values)
         return values
 
-    def filtered(self, terms: Sequence[tuple[float, Sequence[int], float]], source: torch.Tensor | None = None,
-                 crop: bool = True) -> torch.Tensor:
+    def filtered(
+        self, terms: Sequence[tuple[float, Sequence[int], float]], source: torch.Tensor | None = None, crop: bool = True
+    ) -> torch.Tensor:
         """The (C, *centre) map (``crop``; else (C, *padded), exact inside the halo minus the kernel radius) of the
         sum of ``weight * kernel(sigma, orders)`` applied to the block, or to another spectrum ``source``.
         It lives in a buffer: use it before the next call."""
@@ -226,7 +235,9 @@ class _Block:
         for sigma, orders, weight in terms:
             part = self._partial(source, key, sigma, tuple(orders[:-1]), crop)
             name = "total" if total is None else "term"
-            term = torch.mul(part, self._kernel(sigma, orders[-1], last), out=self.buffer(name, tuple(part.shape[1:]), part.dtype))
+            term = torch.mul(
+                part, self._kernel(sigma, orders[-1], last), out=self.buffer(name, tuple(part.shape[1:]), part.dtype)
+            )
             if weight != 1:
                 term.mul_(weight)
             total = term if total is None else total.add_(term)
@@ -250,8 +261,9 @@ def _pairs(ndim: int) -> list[tuple[int, int]]:
     return [(a, a) for a in range(ndim)] + list(itertools.combinations(range(ndim), 2))
 
 
-def _eigenvalues_2d(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: torch.Tensor,
-                    out: Sequence[torch.Tensor]) -> None:
+def _eigenvalues_2d(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: torch.Tensor, out: Sequence[torch.Tensor]
+) -> None:
     """Eigenvalues of [[a, b], [b, c]], largest first, into ``out``; ``a`` and ``scratch`` are overwritten."""
     torch.sub(a, c, out=scratch).mul_(0.5)
     torch.hypot(scratch, b, out=scratch)
@@ -260,7 +272,9 @@ def _eigenvalues_2d(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: 
     torch.sub(a, scratch, out=out[1])
 
 
-def _eigenvalues_3d(e: dict[tuple[int, int], torch.Tensor], scratch: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+def _eigenvalues_3d(
+    e: dict[tuple[int, int], torch.Tensor], scratch: Sequence[torch.Tensor], out: Sequence[torch.Tensor]
+) -> None:
     """Eigenvalues, largest first, of 3x3 symmetric matrices by the trigonometric method of O. K. Smith (1961), in
     place: ``e`` (the six upper-triangle entries) and the four ``scratch`` maps must be float64, as float32 loses the
     arccosine near repeated eigenvalues; both are overwritten."""
@@ -331,23 +345,33 @@ def _filter(block: _Block, name: str, sigma: float, out: Sequence[torch.Tensor])
             for (a, b), target in entries.items():
                 target.copy_(block.filtered([(sigma, tuple((a == i) + (b == i) for i in range(nd)), 1.0)]))
         else:  # structure tensor: products of gradients over the whole block (valid where the halo allows), smoothed
-            gradients = [block.buffer(f"gradient{a}", "padded").copy_(block.filtered([(sigma, _unit(nd, a, 1), 1.0)], crop=False))
-                         for a in range(nd)]
+            gradients = [
+                block.buffer(f"gradient{a}", "padded").copy_(
+                    block.filtered([(sigma, _unit(nd, a, 1), 1.0)], crop=False)
+                )
+                for a in range(nd)
+            ]
             product = block.buffer("gradient product", "padded")
             for (a, b), target in entries.items():
-                target.copy_(block.smoothed(torch.mul(gradients[a], gradients[b], out=product), STRUCTURE_OUTER * sigma))
+                target.copy_(
+                    block.smoothed(torch.mul(gradients[a], gradients[b], out=product), STRUCTURE_OUTER * sigma)
+                )
         _eigenvalues_into(block, entries, out)
 
 
 def _check_image(image: Any, spec: FeatureSpec) -> tuple[int, ...]:
     spatial = tuple(image.shape[1:])
     if len(spatial) != spec.ndim or image.shape[0] != spec.channels:
-        raise DeepscopeError(f"image of shape {tuple(image.shape)} does not fit the features of {spec.channels}-channel "
-                             f"{spec.ndim}D images (expected (C, *spatial))")
+        raise DeepscopeError(
+            f"image of shape {tuple(image.shape)} does not fit the features of {spec.channels}-channel "
+            f"{spec.ndim}D images (expected (C, *spatial))"
+        )
     return spatial
 
 
-def _fill(image: Any, spec: FeatureSpec, region: tuple[slice, ...], device: torch.device, out: Any, at: tuple[slice, ...]) -> None:
+def _fill(
+    image: Any, spec: FeatureSpec, region: tuple[slice, ...], device: torch.device, out: Any, at: tuple[slice, ...]
+) -> None:
     """Write the features of ``region`` of ``image`` into ``out[:, at]`` map by map. A numpy ``out`` is written in place
     by the CPU computation; other outputs (HDF5, zarr, or features computed on a GPU) get each map copied."""
     halo, per_channel = spec.halo, spec.count // spec.channels
@@ -377,10 +401,14 @@ def _fill(image: Any, spec: FeatureSpec, region: tuple[slice, ...], device: torc
                     out[(c * per_channel + j + i,) + at] = values
 
 
-def _tiles_and_device(image: Any, spec: FeatureSpec, tile: Sequence[int] | None, device: Any) -> tuple[Iterator, torch.device]:
+def _tiles_and_device(
+    image: Any, spec: FeatureSpec, tile: Sequence[int] | None, device: Any
+) -> tuple[Iterator, torch.device]:
     spatial = _check_image(image, spec)
     tile = auto_tile(spatial, spec) if tile is None else tuple(min(int(t), n) for t, n in zip(tile, spatial))
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return tile_grid(spatial, tile), device
 
 
@@ -395,7 +423,9 @@ def feature_tiles(
         yield region, features
 
 
-def compute_features(image: Any, spec: FeatureSpec, tile: Sequence[int] | None = None, device: Any = None, out: Any = None) -> Any:
+def compute_features(
+    image: Any, spec: FeatureSpec, tile: Sequence[int] | None = None, device: Any = None, out: Any = None
+) -> Any:
     """(F, *spatial) float32 features of a (C, *spatial) image, tile by tile into ``out`` (numpy by default; any
     array-like written by slices, such as an HDF5 dataset or a memory-mapped file).
 
@@ -432,8 +462,10 @@ def auto_tile(spatial: Sequence[int], spec: FeatureSpec, budget: int | None = No
     are computed, else tiles halved along their longest axis until one fits (or is no wider than twice the halo)."""
     budget = memory_budget() if budget is None else budget
     tile = list(spatial)
-    while (math.prod(t + 2 * spec.halo for t in tile) * spec.channels * BYTES_PER_VOXEL > budget
-           and max(tile) > 2 * spec.halo):
+    while (
+        math.prod(t + 2 * spec.halo for t in tile) * spec.channels * BYTES_PER_VOXEL > budget
+        and max(tile) > 2 * spec.halo
+    ):
         axis = int(np.argmax(tile))
         tile[axis] = -(-tile[axis] // 2)
     return tuple(tile)

@@ -56,8 +56,10 @@ def labelled_images(config: PixelConfig) -> list[LabelledImage]:
     ndims = {item.labels.ndim for item in items}
     channels = {channel_count(item.image.shape, item.labels.ndim) for item in items}
     if len(ndims) > 1 or len(channels) > 1:
-        raise DataError(f"{config.images}: all images must be 2D or all 3D, with one channel count; got "
-                        f"{sorted(ndims)}D and {sorted(channels)} channels")
+        raise DataError(
+            f"{config.images}: all images must be 2D or all 3D, with one channel count; got "
+            f"{sorted(ndims)}D and {sorted(channels)} channels"
+        )
     return items
 
 

@@ -46,8 +46,15 @@ def instances_from(classifier: PixelClassifier, probs: np.ndarray, settings: Ins
     return watershed_from_seeds(fg, edges, settings.threshold, settings.seeds, settings.min_distance, settings.min_size)
 
 
-def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device, key: str | None = None,
-                  tile: Sequence[int] | None = None, instances: InstanceSettings | None = None) -> list[dict[str, Any]]:
+def predict_files(
+    path: str | Path,
+    inputs: Sequence[Path],
+    out: str | Path,
+    device: torch.device,
+    key: str | None = None,
+    tile: Sequence[int] | None = None,
+    instances: InstanceSettings | None = None,
+) -> list[dict[str, Any]]:
     """Probabilities (float32, one channel per class) and class maps of every input, features and forest applied tile
     by tile so only one tile's features are in memory; with ``instances``, also instance labels (computed on the
     whole probability map)."""
@@ -59,20 +66,29 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
         single = len(inputs) == 1
         (prob_path, prob_key), (class_path, class_key) = output_paths(out, Path(source).stem, single, "classes")
         start = time.perf_counter()
-        with Output(prob_path, prob_key, (len(classifier.classes), *spatial), np.float32, (1, *spatial)) as probs, \
-                Output(class_path, class_key, spatial, np.uint8, spatial) as classes:
+        with (
+            Output(prob_path, prob_key, (len(classifier.classes), *spatial), np.float32, (1, *spatial)) as probs,
+            Output(class_path, class_key, spatial, np.uint8, spatial) as classes,
+        ):
             for region, features in feature_tiles(view, classifier.spec, tile, device):
                 p = classifier.probabilities(features)
                 probs.array[(slice(None),) + region] = p
                 classes.array[region] = class_map(classifier, p)
-            record = {"input": str(source), "shape": list(spatial), "seconds": round(time.perf_counter() - start, 3),
-                      "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
-                      "classes": f"{class_path}" + (f":{class_key}" if class_key else "")}
+            record = {
+                "input": str(source),
+                "shape": list(spatial),
+                "seconds": round(time.perf_counter() - start, 3),
+                "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
+                "classes": f"{class_path}" + (f":{class_key}" if class_key else ""),
+            }
             if instances is not None:
                 labels = instances_from(classifier, np.asarray(probs.array[...]), instances)
                 (_, _), (inst_path, inst_key) = output_paths(out, Path(source).stem, single, "instances")
                 with Output(inst_path, inst_key, labels.shape, np.int32, spatial) as written:
                     written.array[...] = labels
-                record |= {"instances": f"{inst_path}" + (f":{inst_key}" if inst_key else ""), "objects": int(labels.max())}
+                record |= {
+                    "instances": f"{inst_path}" + (f":{inst_key}" if inst_key else ""),
+                    "objects": int(labels.max()),
+                }
         records.append(record)
     return records

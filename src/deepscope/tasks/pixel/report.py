@@ -14,7 +14,6 @@ from deepscope.engine.report import display_rgb, image_grid, table, write_report
 from deepscope.tasks.pixel.classifier import PixelClassifier, class_map
 from deepscope.tasks.pixel.labelled import LabelledImage
 
-
 SHOWN = 6  # images drawn in the report
 PALETTE = plt.get_cmap("tab10")
 COLOUR_NAMES = ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive", "cyan")
@@ -34,8 +33,9 @@ def _middle(array: np.ndarray, ndim: int) -> np.ndarray:
     return array if ndim == 2 else array[..., array.shape[-3] // 2, :, :]
 
 
-def draw_predictions(classifier: PixelClassifier, items: Sequence[LabelledImage], predictions: Sequence[dict[str, Any]],
-                     path: Path) -> None:
+def draw_predictions(
+    classifier: PixelClassifier, items: Sequence[LabelledImage], predictions: Sequence[dict[str, Any]], path: Path
+) -> None:
     """Per image: the image, the labels over it, the predicted classes over it (3D: middle plane)."""
     panels, captions = [], []
     nd = classifier.spec.ndim
@@ -68,13 +68,28 @@ def plot_importance(importance: dict[str, float], path: Path) -> None:
     plt.close(fig)
 
 
-def write_pixel_report(out: Path, classifier: PixelClassifier, items: Sequence[LabelledImage],
-                       predictions: Sequence[dict[str, Any]], metrics: dict[str, Any], importance: dict[str, float]) -> Path:
-    sections = [("Labelled pixels", table([{"class": k, "pixels": v} for k, v in metrics["labelled_per_class"].items()]))]
+def write_pixel_report(
+    out: Path,
+    classifier: PixelClassifier,
+    items: Sequence[LabelledImage],
+    predictions: Sequence[dict[str, Any]],
+    metrics: dict[str, Any],
+    importance: dict[str, float],
+) -> Path:
+    sections = [
+        ("Labelled pixels", table([{"class": k, "pixels": v} for k, v in metrics["labelled_per_class"].items()]))
+    ]
     if predictions:
         draw_predictions(classifier, items, predictions, out / "predictions.png")
-        legend = ", ".join(f"{name} {COLOUR_NAMES[(c - 1) % 10]}" for c, name in zip(classifier.classes, classifier.class_names))
-        sections.append(("Labels and predictions", f"<p>Colours: {legend}.</p><img src='predictions.png' alt='labels and predictions'>"))
+        legend = ", ".join(
+            f"{name} {COLOUR_NAMES[(c - 1) % 10]}" for c, name in zip(classifier.classes, classifier.class_names)
+        )
+        sections.append(
+            (
+                "Labels and predictions",
+                f"<p>Colours: {legend}.</p><img src='predictions.png' alt='labels and predictions'>",
+            )
+        )
     plot_importance(importance, out / "importance.png")
     sections.append(("Feature importance", "<img src='importance.png' alt='feature importance'>"))
     return write_report(out, "Pixel classification", metrics, [], sections)

@@ -41,13 +41,27 @@ class FeatureCache:
 
     def _path(self, source: Path, key: str | None, spec: FeatureSpec, normalize: list[float] | None) -> Path:
         stat = source.stat()
-        ident = {"file": str(source.resolve()), "size": stat.st_size, "mtime": stat.st_mtime_ns, "key": key,
-                 "spec": spec.to_dict(), "normalize": normalize}
+        ident = {
+            "file": str(source.resolve()),
+            "size": stat.st_size,
+            "mtime": stat.st_mtime_ns,
+            "key": key,
+            "spec": spec.to_dict(),
+            "normalize": normalize,
+        }
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{source.stem}-{digest}.npy"
 
-    def features(self, source: Path, key: str | None, view: Any, spec: FeatureSpec, normalize: list[float] | None,
-                 tile: Sequence[int] | None, device: torch.device) -> tuple[np.ndarray, bool]:
+    def features(
+        self,
+        source: Path,
+        key: str | None,
+        view: Any,
+        spec: FeatureSpec,
+        normalize: list[float] | None,
+        tile: Sequence[int] | None,
+        device: torch.device,
+    ) -> tuple[np.ndarray, bool]:
         """(F, *spatial) features of an image and whether they came from the cache."""
         path = self._path(source, key, spec, normalize)
         if path.is_file():
@@ -70,9 +84,17 @@ def fit_forest(x: np.ndarray, y: np.ndarray, config: PixelConfig) -> RandomFores
     if len(classes) < 2:
         raise DataError(f"only class {classes[0]} is labelled; label pixels of at least two classes")
     forest = RandomForestClassifier(
-        config.forest.trees, max_depth=config.forest.max_depth, min_samples_leaf=config.forest.min_samples_leaf,
-        class_weight=config.forest.class_weight, n_jobs=config.forest.jobs, random_state=config.seed, oob_score=True)
-    with warnings.catch_warnings():  # few samples: some have no out-of-bag trees, which only lowers the estimate's support
+        config.forest.trees,
+        max_depth=config.forest.max_depth,
+        min_samples_leaf=config.forest.min_samples_leaf,
+        class_weight=config.forest.class_weight,
+        n_jobs=config.forest.jobs,
+        random_state=config.seed,
+        oob_score=True,
+    )
+    with (
+        warnings.catch_warnings()
+    ):  # few samples: some have no out-of-bag trees, which only lowers the estimate's support
         warnings.simplefilter("ignore", UserWarning)
         return forest.fit(x, y)
 
@@ -86,7 +108,9 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     ndim = items[0].labels.ndim
     spec = config.spec(ndim, channel_count(items[0].image.shape, ndim))
     device = pick_device(config.device)
-    cache = None if config.cache == "off" else FeatureCache(Path(config.cache) if config.cache else out / "feature_cache")
+    cache = (
+        None if config.cache == "off" else FeatureCache(Path(config.cache) if config.cache else out / "feature_cache")
+    )
     start = time.perf_counter()
     xs, ys, features, cached = [], [], [], 0
     for item in items:
@@ -109,16 +133,23 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     names = [f"class {c}" for c in classes]
     if config.class_names:
         if len(config.class_names) < max(classes):
-            raise DeepscopeError(f"class_names lists {len(config.class_names)} names but labels go up to class {max(classes)}")
+            raise DeepscopeError(
+                f"class_names lists {len(config.class_names)} names but labels go up to class {max(classes)}"
+            )
         names = [config.class_names[c - 1] for c in classes]
     classifier = PixelClassifier(spec, forest, config.normalize, names, versions())
     classifier.save(out / CLASSIFIER_FILE)
     save_yaml(config, out / "config.yaml")
     metrics: dict[str, Any] = {
-        "images": len(items), "features": spec.count, "labelled_pixels": int(len(y)),
+        "images": len(items),
+        "features": spec.count,
+        "labelled_pixels": len(y),
         "labelled_per_class": {name: int(np.count_nonzero(y == c)) for name, c in zip(names, classes)},
-        "feature_s": round(feature_s, 3), "features_from_cache": cached, "fit_s": round(fit_s, 3),
-        "oob_accuracy": round(float(forest.oob_score_), 4), "classifier": str(out / CLASSIFIER_FILE),
+        "feature_s": round(feature_s, 3),
+        "features_from_cache": cached,
+        "fit_s": round(fit_s, 3),
+        "oob_accuracy": round(float(forest.oob_score_), 4),
+        "classifier": str(out / CLASSIFIER_FILE),
     }
     predictions = []
     if config.predict:

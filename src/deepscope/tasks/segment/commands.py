@@ -21,9 +21,19 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.segment.predict import predict_files
 
     files = collect_inputs(args.inputs, volumes=True)
-    records = predict_files(args.checkpoint, files, args.out, device, key=args.key, instances=args.instances,
-                            tile=args.tile, halo=args.halo, blend=args.blend, flip_tta=args.tta or None,
-                            batch_size=args.batch_size)
+    records = predict_files(
+        args.checkpoint,
+        files,
+        args.out,
+        device,
+        key=args.key,
+        instances=args.instances,
+        tile=args.tile,
+        halo=args.halo,
+        blend=args.blend,
+        flip_tta=args.tta or None,
+        batch_size=args.batch_size,
+    )
     return {"predictions": len(records), "out": str(args.out), "outputs": records}
 
 
@@ -39,10 +49,15 @@ COMMANDS = TaskCommands(
     summary="semantic and instance segmentation with U-Nets, 2D or 3D",
     data_help="images/ + masks/ (or labels/) folders, optionally in train/ val/ test/, or NPZ/HDF5/zarr containers",
     model_help="unet",
-    train_options=(setting("--labels", metavar="NAME", help=LABELS_HELP + ", needed when both masks/ and labels/ are there"),),
+    train_options=(
+        setting("--labels", metavar="NAME", help=LABELS_HELP + ", needed when both masks/ and labels/ are there"),
+    ),
     evaluate_options=(
-        option("--labels", metavar="NAME", help=LABELS_HELP + " (default: the checkpoint's choice, else the one of masks/ "
-               "and labels/ there)"),
+        option(
+            "--labels",
+            metavar="NAME",
+            help=LABELS_HELP + " (default: the checkpoint's choice, else the one of masks/ and labels/ there)",
+        ),
         option("--save-pred", help="folder for the predicted images"),
     ),
     evaluate=evaluate,

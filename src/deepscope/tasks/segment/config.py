@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from deepscope.config import OptimConfig, TrainConfig
 from deepscope.data.segmentation.augment import SegAugmentConfig
 from deepscope.errors import DeepscopeError
-from deepscope.postprocess.watershed import SEEDS
 from deepscope.inference.tiling import BLENDS
+from deepscope.postprocess.watershed import SEEDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}
-VECTOR_TARGETS = ("stardist", "flows")  # probability plus distances or flow vectors, whose channels are not all sigmoid maps
+VECTOR_TARGETS = (
+    "stardist",
+    "flows",
+)  # probability plus distances or flow vectors, whose channels are not all sigmoid maps
 INSTANCE_TARGETS = (*CHANNELS, *VECTOR_TARGETS)
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
 INVERT = ("never", "always", "auto")
@@ -34,7 +37,9 @@ class InferenceConfig:
     halo: list[int] | None = None  # None: about tile / 8, rounded so that tile + 2 * halo suits the U-Net
     blend: str = "gaussian"  # gaussian | linear | none
     flip_tta: bool = False
-    instance_block: int = 2048  # predict --instances: images larger than this per axis are post-processed block by block
+    instance_block: int = (
+        2048  # predict --instances: images larger than this per axis are post-processed block by block
+    )
 
 
 @dataclass
@@ -48,7 +53,9 @@ class PostConfig:
     min_distance: int = 3  # between distance maxima, with seeds=maxima
     nms_threshold: float = 0.4  # stardist: a candidate overlapping a kept polygon by more IoU than this is dropped
     flow_steps: int = 200  # flows: Euler steps every pixel takes along the predicted flows
-    flow_threshold: float | None = 0.4  # flows: masks whose own flows differ from the predicted ones by more (MSE) are dropped
+    flow_threshold: float | None = (
+        0.4  # flows: masks whose own flows differ from the predicted ones by more (MSE) are dropped
+    )
     tune: bool = True  # after training, choose threshold (and nms/flow threshold) on the validation images
 
 
@@ -66,7 +73,9 @@ class SegmentConfig(TrainConfig):
     loss: str = "auto"  # dice | bce | dice_bce | ce | stardist | flows; auto: the target's own (dice_bce for the maps, ce for semantic)
     raw_key: str = "raw"  # image array in NPZ/HDF5/zarr containers
     label_key: str = "label"  # label array in NPZ/HDF5/zarr containers
-    labels: str | None = None  # label folder beside images/ (masks, labels, ...); None: the one there (--labels chooses)
+    labels: str | None = (
+        None  # label folder beside images/ (masks, labels, ...); None: the one there (--labels chooses)
+    )
     class_values: list[int] | None = None  # semantic: label value of each class, e.g. [0, 255]; None: labels are 0..K-1
     num_classes: int | None = None  # semantic without class_values; None: the largest training label + 1
     ignore_label: int | None = None  # semantic: label value excluded from loss and metrics
@@ -78,7 +87,9 @@ class SegmentConfig(TrainConfig):
     min_foreground: float = 0.0  # fraction of labelled pixels a training patch must have (redrawn otherwise)
     normalize: list[float] = field(default_factory=lambda: [1.0, 99.8])  # percentiles mapped to 0 and 1 per image
     val_fraction: float | None = None  # of the training images, when there is no val/ split
-    invert: str | None = None  # never | always | auto (bright-background images inverted, so nuclei are bright in every modality)
+    invert: str | None = (
+        None  # never | always | auto (bright-background images inverted, so nuclei are bright in every modality)
+    )
     balance: str | None = None  # none | auto (by appearance) | a column of index.csv: image groups drawn alike
     balance_power: float = 0.5  # groups drawn in proportion to their size ** power (0: all groups alike, 1: by size)
     batch_size: int | None = None
@@ -92,7 +103,9 @@ class SegmentConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         if self.target not in INSTANCE_TARGETS and self.target != "semantic":
-            raise DeepscopeError(f"unknown target {self.target!r}; choose one of {', '.join([*INSTANCE_TARGETS, 'semantic'])}")
+            raise DeepscopeError(
+                f"unknown target {self.target!r}; choose one of {', '.join([*INSTANCE_TARGETS, 'semantic'])}"
+            )
         semantic = self.target == "semantic"
         if self.monitor == "auto":
             self.monitor = "mean_iou" if semantic else "mean_score"
@@ -100,10 +113,14 @@ class SegmentConfig(TrainConfig):
             self.loss = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else "dice_bce"
         own = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else None
         if (own is not None and self.loss != own) or (own is None and self.loss not in ("dice", "bce", "dice_bce")):
-            raise DeepscopeError(f"loss {self.loss!r} does not fit target {self.target!r}: semantic takes ce, stardist and flows "
-                                 "their own loss, the other targets dice, bce or dice_bce")
+            raise DeepscopeError(
+                f"loss {self.loss!r} does not fit target {self.target!r}: semantic takes ce, stardist and flows "
+                "their own loss, the other targets dice, bce or dice_bce"
+            )
         if self.target in VECTOR_TARGETS and self.inference.flip_tta:
-            raise DeepscopeError(f"flip_tta does not apply to target {self.target!r}: flipping would also have to turn its vectors")
+            raise DeepscopeError(
+                f"flip_tta does not apply to target {self.target!r}: flipping would also have to turn its vectors"
+            )
         if self.target == "stardist" and self.n_rays < 3:
             raise DeepscopeError(f"n_rays must be at least 3, got {self.n_rays}")
         if self.invert is not None and self.invert not in INVERT:

@@ -47,9 +47,11 @@ class Fingerprint:
     def describe(self) -> str:
         p10, p50, p90 = self.diameters
         groups = ", ".join(f"{k} {v}" for k, v in sorted(self.groups.items())) or "one group"
-        return (f"{self.images} training images, {self.ndim}D, {self.channels} channel(s), smallest {'x'.join(map(str, self.smallest))}; "
-                f"object diameter p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f} px, {self.objects_per_image:.0f} objects per image; "
-                f"appearance: {groups}")
+        return (
+            f"{self.images} training images, {self.ndim}D, {self.channels} channel(s), smallest {'x'.join(map(str, self.smallest))}; "
+            f"object diameter p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f} px, {self.objects_per_image:.0f} objects per image; "
+            f"appearance: {groups}"
+        )
 
 
 def object_diameters(labels: np.ndarray) -> np.ndarray:
@@ -61,7 +63,9 @@ def object_diameters(labels: np.ndarray) -> np.ndarray:
     return 2 * np.cbrt(3 * areas / (4 * math.pi))
 
 
-def fingerprint(items: Sequence[SegItem], ndim: int, channels: int, groups: Sequence[str], seed: int = 0) -> Fingerprint:
+def fingerprint(
+    items: Sequence[SegItem], ndim: int, channels: int, groups: Sequence[str], seed: int = 0
+) -> Fingerprint:
     """Sizes and appearance of every image; object sizes from a seeded sample of at most ``FINGERPRINT_IMAGES`` labels."""
     shapes = np.array([item.labels.shape for item in items])
     order = np.random.default_rng(seed).permutation(len(items))[:FINGERPRINT_IMAGES]
@@ -71,10 +75,17 @@ def fingerprint(items: Sequence[SegItem], ndim: int, channels: int, groups: Sequ
         diameters.append(d)
         counts.append(len(d))
     every = np.concatenate(diameters) if diameters else np.zeros(0)
-    p10, p50, p90 = (np.percentile(every, [10, 50, 90]) if every.size else (0.0, 0.0, 0.0))
+    p10, p50, p90 = np.percentile(every, [10, 50, 90]) if every.size else (0.0, 0.0, 0.0)
     names, sizes = np.unique(np.asarray(groups), return_counts=True)
-    return Fingerprint(len(items), ndim, channels, tuple(int(s) for s in shapes.min(0)), (float(p10), float(p50), float(p90)),
-                       float(np.mean(counts)) if counts else 0.0, {str(n): int(c) for n, c in zip(names, sizes)})
+    return Fingerprint(
+        len(items),
+        ndim,
+        channels,
+        tuple(int(s) for s in shapes.min(0)),
+        (float(p10), float(p50), float(p90)),
+        float(np.mean(counts)) if counts else 0.0,
+        {str(n): int(c) for n, c in zip(names, sizes)},
+    )
 
 
 @dataclass
@@ -98,13 +109,19 @@ def receptive_field(depth: int) -> int:
     return 12 * 2**depth - 7
 
 
-def plan_architecture(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, plan: Plan) -> tuple[list[int], dict[str, Any], int]:
+def plan_architecture(
+    cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, plan: Plan
+) -> tuple[list[int], dict[str, Any], int]:
     """Patch shape, U-Net width and depth, batch size: from object sizes, image sizes and the device."""
     p90 = max(fp.diameters[2], 1.0)
     args = dict(cfg.model_args)
     if "depth" not in args:
         depth = next((d for d in (3, 4, 5) if receptive_field(d) >= 3 * p90), 5)
-        plan.choose("model_args.depth", depth, f"receptive field {receptive_field(depth)} px covers 3x the p90 object diameter {p90:.0f} px")
+        plan.choose(
+            "model_args.depth",
+            depth,
+            f"receptive field {receptive_field(depth)} px covers 3x the p90 object diameter {p90:.0f} px",
+        )
         args["depth"] = depth
     divisor = 2 ** int(args.get("depth", 4))
     if cfg.patch_shape is None:
@@ -120,8 +137,11 @@ def plan_architecture(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, plan: P
         patch = list(cfg.patch_shape)
     if "features" not in args:
         features = 32 if hw.device == "cuda" else 16
-        plan.choose("model_args.features", features,
-                    "32 on a GPU; 16 on a CPU, where a 4x cheaper step buys more steps in the budget than width gains")
+        plan.choose(
+            "model_args.features",
+            features,
+            "32 on a GPU; 16 on a CPU, where a 4x cheaper step buys more steps in the budget than width gains",
+        )
         args["features"] = features
     if "norm" not in args:
         plan.choose("model_args.norm", "batch", "batch norm trains fastest at these batch sizes")
@@ -129,7 +149,11 @@ def plan_architecture(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, plan: P
     batch = cfg.batch_size
     if batch is None:
         batch = 16 if hw.device == "cuda" else 8
-        plan.choose("batch_size", batch, f"{'a GPU' if hw.device == 'cuda' else 'a CPU'} default for {'x'.join(map(str, patch))} patches")
+        plan.choose(
+            "batch_size",
+            batch,
+            f"{'a GPU' if hw.device == 'cuda' else 'a CPU'} default for {'x'.join(map(str, patch))} patches",
+        )
     return patch, args, batch
 
 
@@ -137,29 +161,51 @@ def plan_data(cfg: SegmentConfig, fp: Fingerprint, plan: Plan) -> None:
     """Validation share, inversion, group balancing and augmentation from the appearance mix and object sizes."""
     if cfg.val_fraction is None:
         fraction = round(min(0.1, VAL_IMAGES / max(fp.images, 1)), 4)
-        plan.choose("val_fraction", fraction, f"10% of the images, at most {VAL_IMAGES} (each is predicted whole every epoch)")
+        plan.choose(
+            "val_fraction", fraction, f"10% of the images, at most {VAL_IMAGES} (each is predicted whole every epoch)"
+        )
     bright = any(g.endswith("bright") for g in fp.groups)
     dark = any(g.endswith("dark") for g in fp.groups)
     if cfg.invert is None:
         invert = "auto" if bright and dark else "never"
-        plan.choose("invert", invert, "dark- and bright-background images are mixed: bright ones are inverted so objects are bright in all"
-                    if invert == "auto" else "one kind of background")
+        plan.choose(
+            "invert",
+            invert,
+            "dark- and bright-background images are mixed: bright ones are inverted so objects are bright in all"
+            if invert == "auto"
+            else "one kind of background",
+        )
     if cfg.balance is None:
         rare = min(fp.groups.values()) / fp.images if len(fp.groups) > 1 else 1.0
         balance = "auto" if rare < 0.2 else "none"
-        plan.choose("balance", balance, f"the rarest appearance group has {rare:.0%} of the images; groups drawn by size ** {cfg.balance_power}"
-                    if balance == "auto" else "no rare appearance group")
+        plan.choose(
+            "balance",
+            balance,
+            f"the rarest appearance group has {rare:.0%} of the images; groups drawn by size ** {cfg.balance_power}"
+            if balance == "auto"
+            else "no rare appearance group",
+        )
     if cfg.dist_scale is None:
         scale = float(max(1, round(fp.diameters[1] / 2)))
-        plan.choose("dist_scale", scale, "the median object radius: distances are predicted in its units, so the output starts near "
-                    "its target instead of needing many steps to grow to tens of pixels")
+        plan.choose(
+            "dist_scale",
+            scale,
+            "the median object radius: distances are predicted in its units, so the output starts near "
+            "its target instead of needing many steps to grow to tens of pixels",
+        )
     if cfg.augment is None:
         p10, _, p90 = fp.diameters
         colour = any(g.startswith("colour") for g in fp.groups)
         stain = colour and plan.settings.get("invert", cfg.invert) in (None, "never")  # HED assumes transmitted light
-        augment = SegAugmentConfig(flip=True, rot90=True, gamma=0.3, noise_std=0.02,
-                                   affine_scale=0.2 if p90 > 2 * max(p10, 1.0) else 0.0,
-                                   hed_jitter=0.05 if stain else 0.0, colour_jitter=0.1 if colour else 0.0)
+        augment = SegAugmentConfig(
+            flip=True,
+            rot90=True,
+            gamma=0.3,
+            noise_std=0.02,
+            affine_scale=0.2 if p90 > 2 * max(p10, 1.0) else 0.0,
+            hed_jitter=0.05 if stain else 0.0,
+            colour_jitter=0.1 if colour else 0.0,
+        )
         why = ["flips, rot90, gamma 0.3, noise 0.02"]
         why += ["scale jitter 0.2 (object diameters vary over 2x)"] if augment.affine_scale else []
         why += ["colour jitter 0.1 (colour images)"] if colour else []
@@ -168,7 +214,9 @@ def plan_data(cfg: SegmentConfig, fp: Fingerprint, plan: Plan) -> None:
         plan.choose("augment", augment, "; ".join(why), shown=str(changed))
 
 
-def plan_schedule(cfg: SegmentConfig, batch: int, budget_s: float, step_s: float, val_s: float, plan: Plan, budgeted: bool) -> None:
+def plan_schedule(
+    cfg: SegmentConfig, batch: int, budget_s: float, step_s: float, val_s: float, plan: Plan, budgeted: bool
+) -> None:
     """Epochs (validations) and patches per epoch that fill the budget with measured step and validation times."""
     if cfg.epochs is not None and (cfg.patches_per_epoch is not None or not budgeted):
         return  # given epochs without a budget: patches_per_epoch stays None, enough patches to cover the images once
@@ -178,18 +226,32 @@ def plan_schedule(cfg: SegmentConfig, batch: int, budget_s: float, step_s: float
         epochs = int(np.clip(round(available / SECONDS_PER_VALIDATION), 3, 12))
         while epochs > 2 and epochs * val_s > VALIDATION_SHARE * available:
             epochs -= 1
-        plan.choose("epochs", epochs, f"one validation ({val_s:.0f} s measured) per ~{available / epochs / 60:.1f} min of the "
-                    f"{available / 60:.1f} min budget ({source})")
+        plan.choose(
+            "epochs",
+            epochs,
+            f"one validation ({val_s:.0f} s measured) per ~{available / epochs / 60:.1f} min of the "
+            f"{available / 60:.1f} min budget ({source})",
+        )
     else:
         epochs = cfg.epochs
     if cfg.patches_per_epoch is None:
         steps = max(1, int((available - epochs * val_s) / epochs / step_s))
-        plan.choose("patches_per_epoch", steps * batch, f"{steps} steps of {step_s:.2f} s (measured) per epoch fill the budget "
-                    f"({epochs * steps} steps in all; the cosine schedule ends with it)")
+        plan.choose(
+            "patches_per_epoch",
+            steps * batch,
+            f"{steps} steps of {step_s:.2f} s (measured) per epoch fill the budget "
+            f"({epochs * steps} steps in all; the cosine schedule ends with it)",
+        )
 
 
-def make_plan(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, spent_s: float,
-              timer: Callable[[list[int], dict[str, Any], int], tuple[float, float]], train_pixels: float) -> Plan:
+def make_plan(
+    cfg: SegmentConfig,
+    fp: Fingerprint,
+    hw: Hardware,
+    spent_s: float,
+    timer: Callable[[list[int], dict[str, Any], int], tuple[float, float]],
+    train_pixels: float,
+) -> Plan:
     """The plan for every setting left open. ``timer(patch, model_args, batch)`` measures (seconds per training step,
     seconds per predicted pixel); ``train_pixels`` is the size of the
     training images, of which the validation share is carved; ``spent_s`` the time already used."""
@@ -197,7 +259,9 @@ def make_plan(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, spent_s: float,
     plan.reasons.append(f"data: {fp.describe()}")
     budgeted = cfg.max_minutes is not None
     minutes = cfg.max_minutes if budgeted else DEFAULT_BUDGET_MINUTES
-    plan.reasons.append(f"budget: {minutes:g} min on {hw.device} in {hw.precision}" + ("" if budgeted else " (assumed)"))
+    plan.reasons.append(
+        f"budget: {minutes:g} min on {hw.device} in {hw.precision}" + ("" if budgeted else " (assumed)")
+    )
     patch, args, batch = plan_architecture(cfg, fp, hw, plan)
     plan_data(cfg, fp, plan)
     if cfg.epochs is None or (cfg.patches_per_epoch is None and budgeted):
@@ -208,7 +272,14 @@ def make_plan(cfg: SegmentConfig, fp: Fingerprint, hw: Hardware, spent_s: float,
     return plan
 
 
-SEMANTIC_DEFAULTS = {"epochs": 10, "batch_size": 8, "val_fraction": 0.1, "invert": "never", "balance": "none", "dist_scale": 1.0}
+SEMANTIC_DEFAULTS = {
+    "epochs": 10,
+    "batch_size": 8,
+    "val_fraction": 0.1,
+    "invert": "never",
+    "balance": "none",
+    "dist_scale": 1.0,
+}
 
 
 def semantic_plan(cfg: SegmentConfig) -> Plan:

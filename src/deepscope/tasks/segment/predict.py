@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from deepscope.atomic import write_tiff
-from deepscope.inference.blockio import Output, open_input, output_paths
 from deepscope.config import from_dict
 from deepscope.data.io.views import input_view
 from deepscope.data.segmentation.dataset import SegItem, find_items, load_items
 from deepscope.data.segmentation.targets import batch_class_map
 from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference.blockio import Output, open_input, output_paths
+from deepscope.inference.geometry import tile_and_halo
 from deepscope.inference.loading import load_trained_model
+from deepscope.inference.tiling import predict_tiled
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
 from deepscope.models import build_unet
@@ -26,14 +28,12 @@ from deepscope.postprocess.flows import flow_instances
 from deepscope.postprocess.star import star_instances
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
-from deepscope.inference.geometry import tile_and_halo
 from deepscope.tasks.segment.config import (
     VECTOR_TARGETS,
     InferenceConfig,
     PostConfig,
     SegmentConfig,
 )
-from deepscope.inference.tiling import predict_tiled
 
 # ---- prediction and scoring of whole images ---------------------------------------------------------------------
 
@@ -65,11 +65,26 @@ class Predictor:
     def probabilities(self, image: Any, out: Any = None, progress: Callable[[int, int], None] | None = None) -> Any:
         """(out_channels, *spatial) float32 probabilities of a (C, *spatial) image or view, written into ``out``;
         ``progress`` as in :func:`predict_tiled`."""
-        activation = nn.Softmax(dim=1) if self.target == "semantic" else ProbabilityFirst() if self.target in VECTOR_TARGETS else nn.Sigmoid()
+        activation = (
+            nn.Softmax(dim=1)
+            if self.target == "semantic"
+            else ProbabilityFirst()
+            if self.target in VECTOR_TARGETS
+            else nn.Sigmoid()
+        )
         return predict_tiled(
-            nn.Sequential(self.model, activation), image, self.tile, self.halo, self.out_channels, out=out,
-            blend=self.inference.blend, batch_size=self.batch_size, device=self.device,
-            flip_tta=self.inference.flip_tta, model_divisor=self.divisor, progress=progress,
+            nn.Sequential(self.model, activation),
+            image,
+            self.tile,
+            self.halo,
+            self.out_channels,
+            out=out,
+            blend=self.inference.blend,
+            batch_size=self.batch_size,
+            device=self.device,
+            flip_tta=self.inference.flip_tta,
+            model_divisor=self.divisor,
+            progress=progress,
         )
 
     def labels(self, probs: np.ndarray) -> np.ndarray:
@@ -84,10 +99,24 @@ class Predictor:
         predictor's settings (threshold tuning tries several)."""
         post = post or self.post
         if self.target == "stardist":
-            return star_instances(probs[0], probs[1:] * self.dist_scale, post.threshold, post.nms_threshold, post.min_size, device=self.device)
+            return star_instances(
+                probs[0],
+                probs[1:] * self.dist_scale,
+                post.threshold,
+                post.nms_threshold,
+                post.min_size,
+                device=self.device,
+            )
         if self.target == "flows":
-            return flow_instances(probs[0], probs[1:], post.threshold, post.flow_steps, post.min_size, post.flow_threshold,
-                                  device=self.device)
+            return flow_instances(
+                probs[0],
+                probs[1:],
+                post.threshold,
+                post.flow_steps,
+                post.min_size,
+                post.flow_threshold,
+                device=self.device,
+            )
         if self.target == "boundaries":
             foreground, boundary = np.ones_like(probs[0]), probs[0]
         else:
@@ -96,7 +125,9 @@ class Predictor:
         return watershed_from_seeds(foreground, boundary, post.threshold, seeds, post.min_distance, post.min_size)
 
 
-def score_image(predictor: Predictor, item: SegItem, class_values: list[int] | None, ignore_label: int | None) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def score_image(
+    predictor: Predictor, item: SegItem, class_values: list[int] | None, ignore_label: int | None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(record, probabilities, predicted labels) of one image; the record holds instance scores and a pixel confusion."""
     probs = predictor.probabilities(item.channels_first(predictor.channels))
     pred = predictor.labels(probs)
@@ -109,7 +140,9 @@ def score_image(predictor: Predictor, item: SegItem, class_values: list[int] | N
     return record, probs, pred
 
 
-def summarize_records(records: Sequence[dict[str, Any]], target: str, class_names: list[str] | None = None) -> dict[str, Any]:
+def summarize_records(
+    records: Sequence[dict[str, Any]], target: str, class_names: list[str] | None = None
+) -> dict[str, Any]:
     """Data-set metrics: summed pixel confusion (IoU, Dice) and, for instance targets, the instance report."""
     matrix = np.sum([np.array(r["confusion"]) for r in records], axis=0)
     if target == "semantic":
@@ -118,13 +151,29 @@ def summarize_records(records: Sequence[dict[str, Any]], target: str, class_name
     fg = confusion_scores(matrix)["per_class"]["1"]
     instances = summarize([{k: v for k, v in r.items() if k != "confusion"} for r in records])
     at = instances["thresholds"]
-    flat = {"score_0.5": at["0.5"]["score"], "f1_0.5": at["0.5"]["f1"], "precision_0.5": at["0.5"]["precision"],
-            "recall_0.5": at["0.5"]["recall"], "score_0.75": at["0.75"]["score"]}
-    return {"mean_score": instances["mean_score"], **flat, "kaggle_score": instances["kaggle_score"], "pq": instances["pq"],
-            "sq": instances["sq"], "rq": instances["rq"], "voi_split": instances["voi_split"], "voi_merge": instances["voi_merge"],
-            "arand": instances["arand"], "iou": fg["iou"], "dice": fg["dice"], "images": len(records),
-            "thresholds": instances["thresholds"], "per_image": instances["per_image"]}
-
+    flat = {
+        "score_0.5": at["0.5"]["score"],
+        "f1_0.5": at["0.5"]["f1"],
+        "precision_0.5": at["0.5"]["precision"],
+        "recall_0.5": at["0.5"]["recall"],
+        "score_0.75": at["0.75"]["score"],
+    }
+    return {
+        "mean_score": instances["mean_score"],
+        **flat,
+        "kaggle_score": instances["kaggle_score"],
+        "pq": instances["pq"],
+        "sq": instances["sq"],
+        "rq": instances["rq"],
+        "voi_split": instances["voi_split"],
+        "voi_merge": instances["voi_merge"],
+        "arand": instances["arand"],
+        "iou": fg["iou"],
+        "dice": fg["dice"],
+        "images": len(records),
+        "thresholds": instances["thresholds"],
+        "per_image": instances["per_image"],
+    }
 
 
 # ---- from a checkpoint -------------------------------------------------------------------------------------------
@@ -134,8 +183,14 @@ def _build_from_checkpoint(config: dict[str, Any], info: dict[str, Any]) -> nn.M
     return build_unet(info["channels"], info["out_channels"], info["ndim"], **config.get("model_args", {}))
 
 
-def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
-                   batch_size: int | None = None, **overrides: Any) -> tuple[Predictor, SegmentConfig]:
+def load_predictor(
+    path: str | Path,
+    device: torch.device,
+    tile: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **overrides: Any,
+) -> tuple[Predictor, SegmentConfig]:
     """A Predictor from a segmentation checkpoint; ``overrides`` replace inference settings (blend, flip_tta)."""
     model, state = load_trained_model(path, "segment", device, _build_from_checkpoint)
     cfg = from_dict(SegmentConfig, state["config"], f"{path}: config")
@@ -144,15 +199,35 @@ def load_predictor(path: str | Path, device: torch.device, tile: Sequence[int] |
         if value is not None:
             setattr(cfg.inference, key, value)
     if cfg.inference.flip_tta and cfg.target in VECTOR_TARGETS:
-        raise DeepscopeError(f"--tta does not apply to {cfg.target} models: flipping would also have to turn their vectors")
+        raise DeepscopeError(
+            f"--tta does not apply to {cfg.target} models: flipping would also have to turn their vectors"
+        )
     tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
-    predictor = Predictor(model, cfg.target, info["channels"], info["out_channels"], tile_t, halo_t, tuple(info["divisor"]),
-                          cfg.inference, cfg.post, device, batch_size or cfg.eval_batch_size, cfg.dist_scale or 1.0)
+    predictor = Predictor(
+        model,
+        cfg.target,
+        info["channels"],
+        info["out_channels"],
+        tile_t,
+        halo_t,
+        tuple(info["divisor"]),
+        cfg.inference,
+        cfg.post,
+        device,
+        batch_size or cfg.eval_batch_size,
+        cfg.dist_scale or 1.0,
+    )
     return predictor, cfg
 
 
-def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, device: torch.device,
-                        save_dir: str | Path | None = None, labels: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    data_path: str | Path,
+    split: str,
+    device: torch.device,
+    save_dir: str | Path | None = None,
+    labels: str | None = None,
+) -> dict[str, Any]:
     """Scores of a segmentation checkpoint on one split of a data set (all of it when it has no split folders);
     ``save_dir`` receives the predicted labels; ``labels`` names the label folder (default: the one trained on)."""
     predictor, cfg = load_predictor(path, device)
@@ -160,7 +235,9 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     entries = found.get(split, found.get("all"))
     if entries is None:
         raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
-    items = load_items(entries, None, *cfg.normalize, require_objects=cfg.target != "semantic", invert=cfg.invert or "never")
+    items = load_items(
+        entries, None, *cfg.normalize, require_objects=cfg.target != "semantic", invert=cfg.invert or "never"
+    )
     for item in items:
         if item.labels.ndim != len(predictor.tile):
             raise DataError(f"{item.name}: labels are {item.labels.ndim}D but the model is {len(predictor.tile)}D")
@@ -175,12 +252,27 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
             if out_dir:
                 write_tiff(out_dir / f"{item.name}.tif", pred, "prediction", compression="zlib")
     class_names = [str(v) for v in cfg.class_values] if cfg.class_values else None
-    return {"checkpoint": str(path), "data": str(data_path), "split": split, **summarize_records(records, cfg.target, class_names)}
+    return {
+        "checkpoint": str(path),
+        "data": str(data_path),
+        "split": split,
+        **summarize_records(records, cfg.target, class_names),
+    }
 
 
-def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, device: torch.device, key: str | None = None,
-                  instances: bool = False, tile: Sequence[int] | None = None, halo: Sequence[int] | None = None,
-                  blend: str | None = None, flip_tta: bool | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
+def predict_files(
+    path: str | Path,
+    inputs: Sequence[Path],
+    out: str | Path,
+    device: torch.device,
+    key: str | None = None,
+    instances: bool = False,
+    tile: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    blend: str | None = None,
+    flip_tta: bool | None = None,
+    batch_size: int | None = None,
+) -> list[dict[str, Any]]:
     """Probabilities of every input written block by block (and instances or classes when asked), one record per input.
 
     Instances of images larger than ``inference.instance_block`` per axis are found block by block with the
@@ -193,17 +285,33 @@ def predict_files(path: str | Path, inputs: Sequence[Path], out: str | Path, dev
     records = []
     for source in inputs:
         image = open_input(source, key)
-        view = input_view(image, len(predictor.tile), predictor.channels, str(source), cfg.normalize, invert=cfg.invert or "never")
-        (prob_path, prob_key), (label_path, label_key) = output_paths(out, Path(source).stem, len(inputs) == 1, labels_name)
-        with Output(prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile)) as probs:
+        view = input_view(
+            image, len(predictor.tile), predictor.channels, str(source), cfg.normalize, invert=cfg.invert or "never"
+        )
+        (prob_path, prob_key), (label_path, label_key) = output_paths(
+            out, Path(source).stem, len(inputs) == 1, labels_name
+        )
+        with Output(
+            prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile)
+        ) as probs:
             predictor.probabilities(view, out=probs.array)
-            record = {"input": str(source), "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""), "shape": list(view.shape)}
+            record = {
+                "input": str(source),
+                "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
+                "shape": list(view.shape),
+            }
             if instances or cfg.target == "semantic":
                 with Output(label_path, label_key, view.shape[1:], np.int32, predictor.tile) as labels:
                     if cfg.target == "semantic":
                         labels.array[...] = predictor.labels(np.asarray(probs.array[...]))
                     else:  # block by block with the prediction halo as context, so memory follows the block
-                        tiled_instances(predictor.instances, probs.array, cfg.inference.instance_block, predictor.halo, out=labels.array)
+                        tiled_instances(
+                            predictor.instances,
+                            probs.array,
+                            cfg.inference.instance_block,
+                            predictor.halo,
+                            out=labels.array,
+                        )
                     record[labels_name] = f"{label_path}" + (f":{label_key}" if label_key else "")
                     if instances:
                         record["objects"] = len(np.unique(np.asarray(labels.array[...]))) - 1

@@ -32,9 +32,19 @@ def report_sections(final: dict[str, Any], split: str, run_dir: Path) -> list[tu
     if "thresholds" in final:
         rows = [{"IoU threshold": t, **v} for t, v in final["thresholds"].items()]
         x = [float(t) for t in final["thresholds"]]
-        plot_lines(x, {k: [final["thresholds"][t][k] for t in final["thresholds"]] for k in ("score", "f1", "precision", "recall")},
-                   run_dir / "scores.png", "IoU threshold", "value")
-        sections.append(("Instance matching", "<img src='scores.png' alt='scores against IoU threshold'>" + table(rows)))
+        plot_lines(
+            x,
+            {
+                k: [final["thresholds"][t][k] for t in final["thresholds"]]
+                for k in ("score", "f1", "precision", "recall")
+            },
+            run_dir / "scores.png",
+            "IoU threshold",
+            "value",
+        )
+        sections.append(
+            ("Instance matching", "<img src='scores.png' alt='scores against IoU threshold'>" + table(rows))
+        )
     if "per_class" in final:
         sections.append(("Per class", table([{"class": k, **v} for k, v in final["per_class"].items()])))
     if final.get("per_image"):
@@ -59,11 +69,23 @@ def per_image_section(per_image: Sequence[dict[str, Any]]) -> tuple[str, str]:
     rows = []
     for r in _worst_first(per_image):
         at = r["thresholds"]["0.5"]
-        rows.append({"image": r["name"], **{k: r.get(k, "") for k in extra}, "objects true": at["tp"] + at["fn"],
-                     "objects predicted": at["tp"] + at["fp"], "score@0.5": at["score"], "Kaggle": r["kaggle"], "PQ": r["pq"],
-                     "VOI merge": r["voi_merge"], "VOI split": r["voi_split"]})
-    note = ("<p>Sorted by score at IoU 0.5, then Kaggle score (mean over IoU 0.5..0.95); PQ: panoptic quality. "
-            "VOI merge grows with merged objects, VOI split with split ones.</p>")
+        rows.append(
+            {
+                "image": r["name"],
+                **{k: r.get(k, "") for k in extra},
+                "objects true": at["tp"] + at["fn"],
+                "objects predicted": at["tp"] + at["fp"],
+                "score@0.5": at["score"],
+                "Kaggle": r["kaggle"],
+                "PQ": r["pq"],
+                "VOI merge": r["voi_merge"],
+                "VOI split": r["voi_split"],
+            }
+        )
+    note = (
+        "<p>Sorted by score at IoU 0.5, then Kaggle score (mean over IoU 0.5..0.95); PQ: panoptic quality. "
+        "VOI merge grows with merged objects, VOI split with split ones.</p>"
+    )
     return "Per image (worst first)", note + table(rows)
 
 
@@ -73,8 +95,9 @@ def _outline(rgb: np.ndarray, labels: np.ndarray, colour: tuple[float, float, fl
     return out
 
 
-def error_panel(rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-                errors: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def error_panel(
+    rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray, errors: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """The image with the truth objects missed at IoU 0.5 filled red and the spurious predictions filled yellow.
 
     ``errors`` (missed truth ids, spurious prediction ids) default to those of ``truth`` and ``pred``; a 3D caller
@@ -91,7 +114,9 @@ def error_panel(rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray,
 
 def overlay_caption(target: str) -> str:
     """What the panels of ``draw_overlays`` show, left to right."""
-    errors = "" if target == "semantic" else " | errors at IoU 0.5 (missed truth objects red, spurious predictions yellow)"
+    errors = (
+        "" if target == "semantic" else " | errors at IoU 0.5 (missed truth objects red, spurious predictions yellow)"
+    )
     return f"image | truth (green outlines) | prediction (magenta outlines) | probability{errors}"
 
 
@@ -102,17 +127,31 @@ def draw_overlays(predictor: Predictor, items: Sequence[SegItem], config: Segmen
     panels, captions = [], []
     for item in items:
         record, probs, pred = score_image(predictor, item, config.class_values, config.ignore_label)
-        image = np.asarray(item.channels_first(predictor.channels)[(slice(None),) + tuple(slice(None) for _ in item.labels.shape)])
+        image = np.asarray(
+            item.channels_first(predictor.channels)[(slice(None),) + tuple(slice(None) for _ in item.labels.shape)]
+        )
         truth = np.asarray(item.labels[...])
         errors = unmatched_ids(truth, pred) if instance else None  # of the whole volume, before slicing
         if truth.ndim == 3:
             z = truth.shape[0] // 2
             image, truth, pred, probs = image[:, z], truth[z], pred[z], probs[:, z]
         rgb = display_rgb(image)
-        panels += [rgb, _outline(rgb, truth, (0, 1, 0)), _outline(rgb, pred, (1, 0, 1)), np.repeat(probs[0 if instance else -1][..., None], 3, -1)]
-        captions += [item.name[:28], f"truth: {len(np.unique(truth)) - 1}", f"prediction: {len(np.unique(pred)) - 1}", "probability"]
+        panels += [
+            rgb,
+            _outline(rgb, truth, (0, 1, 0)),
+            _outline(rgb, pred, (1, 0, 1)),
+            np.repeat(probs[0 if instance else -1][..., None], 3, -1),
+        ]
+        captions += [
+            item.name[:28],
+            f"truth: {len(np.unique(truth)) - 1}",
+            f"prediction: {len(np.unique(pred)) - 1}",
+            "probability",
+        ]
         if instance:
             panels.append(error_panel(rgb, truth, pred, errors))
-            captions.append(f"score@0.5 {record['thresholds']['0.5']['score']:.2f} ({len(errors[0])} FN, {len(errors[1])} FP)")
+            captions.append(
+                f"score@0.5 {record['thresholds']['0.5']['score']:.2f} ({len(errors[0])} FN, {len(errors[1])} FP)"
+            )
     if panels:
         image_grid(panels, captions, path, columns=5 if instance else 4)

@@ -20,13 +20,22 @@ import torch
 from torch import nn
 
 from deepscope.config import save_yaml
-from deepscope.data.segmentation.flows import batch_flow_target
-from deepscope.data.segmentation.label_checks import label_warnings
 from deepscope.data.epochs import epoch_generator
 from deepscope.data.io.splits import split_validation
-from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
 from deepscope.data.io.views import Normalized
-from deepscope.data.segmentation.dataset import PatchDataset, PatchLoader, SegItem, balanced_weights, common_channels, find_items, image_groups, load_items
+from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
+from deepscope.data.segmentation.dataset import (
+    PatchDataset,
+    PatchLoader,
+    SegItem,
+    balanced_weights,
+    common_channels,
+    find_items,
+    image_groups,
+    load_items,
+)
+from deepscope.data.segmentation.flows import batch_flow_target
+from deepscope.data.segmentation.label_checks import label_warnings
 from deepscope.data.segmentation.star import batch_star_target, non_star_convex_fraction
 from deepscope.data.segmentation.targets import batch_class_map, batch_target
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -36,9 +45,9 @@ from deepscope.engine.probe import seconds_per_forward, seconds_per_step
 from deepscope.engine.report import table, write_report
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
+from deepscope.inference.geometry import halo_for, patch_shape_for
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
-from deepscope.inference.geometry import halo_for, patch_shape_for
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
 from deepscope.tasks.segment.plan import (
     Hardware,
@@ -112,7 +121,9 @@ class SegmentTask(Task):
         self.device, self.dist = device, dist
         semantic = cfg.target == "semantic"
         found = find_items(cfg.data, cfg.raw_key, cfg.label_key, cfg.labels)
-        splits = {s: load_items(entries, None, *cfg.normalize, require_objects=not semantic) for s, entries in found.items()}
+        splits = {
+            s: load_items(entries, None, *cfg.normalize, require_objects=not semantic) for s, entries in found.items()
+        }
         if "all" in splits:
             splits["train"] = splits.pop("all")
         if "train" not in splits:
@@ -131,22 +142,32 @@ class SegmentTask(Task):
             known = {id(item): group for item, group in zip(splits["train"], appearance)}
             for item in everything:
                 bright = (known.get(id(item)) or image_groups([item], "auto", None)[0]).endswith("bright")
-                item.image = Normalized(item.stored, self.ndim, item.image.low, item.image.high,
-                                        inverted=cfg.invert == "always" or bright)
+                item.image = Normalized(
+                    item.stored, self.ndim, item.image.low, item.image.high, inverted=cfg.invert == "always" or bright
+                )
         if not semantic:
             self._check_labels(splits["train"])
-        self.groups = dict(zip((i.name for i in splits["train"]), appearance if cfg.balance in (None, "none", "auto")
-                               else image_groups(splits["train"], cfg.balance, Path(cfg.data))))
+        self.groups = dict(
+            zip(
+                (i.name for i in splits["train"]),
+                appearance
+                if cfg.balance in (None, "none", "auto")
+                else image_groups(splits["train"], cfg.balance, Path(cfg.data)),
+            )
+        )
         if "val" not in splits:
             splits["train"], val = split_validation(splits["train"], cfg.val_fraction or 0.0, cfg.seed)
             if val:
                 splits["val"] = val
         self.splits = splits
         self.class_names = self._classes(splits["train"]) if semantic else None
-        self.out_channels = len(self.class_names) if self.class_names else output_channels(cfg.target, self.ndim, cfg.n_rays)
+        self.out_channels = (
+            len(self.class_names) if self.class_names else output_channels(cfg.target, self.ndim, cfg.n_rays)
+        )
         self.divisor = self.build_model().divisor
-        self.patch_shape = patch_shape_for(cfg.patch_shape, [i.labels.shape for i in splits["train"]], DEFAULT_PATCH[self.ndim],
-                                           self.divisor, "labels")
+        self.patch_shape = patch_shape_for(
+            cfg.patch_shape, [i.labels.shape for i in splits["train"]], DEFAULT_PATCH[self.ndim], self.divisor, "labels"
+        )
         self.tile = tuple(cfg.inference.tile or self.patch_shape)
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
 
@@ -165,33 +186,43 @@ class SegmentTask(Task):
             else:
                 setattr(self.config, key, value)
 
-    def _time_steps(self, train: Sequence[SegItem], patch: list[int], model_args: dict[str, Any], batch: int) -> tuple[float, float]:
+    def _time_steps(
+        self, train: Sequence[SegItem], patch: list[int], model_args: dict[str, Any], batch: int
+    ) -> tuple[float, float]:
         """(seconds per training step, seconds per predicted pixel) of a U-Net with ``model_args``: four steps on
         real patches through the training path (patches, augmentation, target, loss) and one tiled forward pass."""
         cfg = self.config
-        model = build_unet(self.channels, output_channels(cfg.target, self.ndim, cfg.n_rays), self.ndim, **model_args).to(self.device)
+        model = build_unet(
+            self.channels, output_channels(cfg.target, self.ndim, cfg.n_rays), self.ndim, **model_args
+        ).to(self.device)
         precision = resolve_precision(cfg.amp, self.device)
         dataset = PatchDataset(train, patch, 4 * batch, self.channels, cfg.min_foreground, cfg.seed)
         batches = TrainBatches(PatchLoader(dataset, batch, self.device), cfg, self.dist.rank)
         step = seconds_per_step(model, batches, self.loss, precision, self.device)
         window = [p + 2 * h for p, h in zip(patch, halo_for(patch, model.divisor))]
         tiles = torch.zeros(cfg.eval_batch_size, self.channels, *window, device=self.device)
-        return step, seconds_per_forward(model, tiles, precision, self.device) / (cfg.eval_batch_size * float(np.prod(patch)))
+        return step, seconds_per_forward(model, tiles, precision, self.device) / (
+            cfg.eval_batch_size * float(np.prod(patch))
+        )
 
     def _check_labels(self, train: Sequence[SegItem]) -> None:
         """Warn about objects with holes or in pieces (naming the files) and, for stardist, about shapes a star-convex
         polygon cannot draw: both train silently into a worse model otherwise."""
         cfg = self.config
-        warnings = [w for item in train for w in label_warnings(np.asarray(item.labels[...]), item.label_source or item.name)]
+        warnings = [
+            w for item in train for w in label_warnings(np.asarray(item.labels[...]), item.label_source or item.name)
+        ]
         for warning in warnings[:WARNINGS_SHOWN]:
             self.notes.append(f"warning: {warning}")
         if len(warnings) > WARNINGS_SHOWN:
             self.notes.append(f"warning: {len(warnings) - WARNINGS_SHOWN} more label warnings of this kind")
         if cfg.target == "stardist":
             fraction, bad, total = non_star_convex_fraction([np.asarray(i.labels[...]) for i in train], cfg.n_rays)
-            self.notes.append(f"{'warning: ' if fraction > 0.05 else ''}{bad} of {total} training objects ({fraction:.1%}) are not "
-                              f"star-convex: their {cfg.n_rays}-ray polygon covers them poorly" +
-                              ("; target flows suits such shapes better" if fraction > 0.05 else ""))
+            self.notes.append(
+                f"{'warning: ' if fraction > 0.05 else ''}{bad} of {total} training objects ({fraction:.1%}) are not "
+                f"star-convex: their {cfg.n_rays}-ray polygon covers them poorly"
+                + ("; target flows suits such shapes better" if fraction > 0.05 else "")
+            )
 
     def _classes(self, items: Sequence[SegItem]) -> list[str]:
         cfg = self.config
@@ -213,12 +244,16 @@ class SegmentTask(Task):
         cfg, train, world = self.config, self.splits["train"], self.dist.world
         if cfg.batch_size % world:
             raise DeepscopeError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
-        length = cfg.patches_per_epoch or max(len(train), math.ceil(sum(np.prod(i.labels.shape) for i in train) / np.prod(self.patch_shape)))
+        length = cfg.patches_per_epoch or max(
+            len(train), math.ceil(sum(np.prod(i.labels.shape) for i in train) / np.prod(self.patch_shape))
+        )
         length = max(cfg.batch_size, math.ceil(length / cfg.batch_size) * cfg.batch_size)
         weights = None
         if cfg.balance not in (None, "none"):
             weights = balanced_weights(train, [self.groups[i.name] for i in train], cfg.balance_power)
-        dataset = PatchDataset(train, self.patch_shape, length, self.channels, cfg.min_foreground, cfg.seed, weights=weights)
+        dataset = PatchDataset(
+            train, self.patch_shape, length, self.channels, cfg.min_foreground, cfg.seed, weights=weights
+        )
         loader = PatchLoader(dataset, cfg.batch_size // world, self.device, self.dist.rank, world, cfg.num_workers)
         return TrainBatches(loader, cfg, self.dist.rank)
 
@@ -231,8 +266,20 @@ class SegmentTask(Task):
 
     def predictor(self, model: nn.Module) -> Predictor:
         cfg = self.config
-        return Predictor(model, cfg.target, self.channels, self.out_channels, self.tile, self.halo, self.divisor,
-                         cfg.inference, cfg.post, self.device, cfg.eval_batch_size, cfg.dist_scale or 1.0)
+        return Predictor(
+            model,
+            cfg.target,
+            self.channels,
+            self.out_channels,
+            self.tile,
+            self.halo,
+            self.divisor,
+            cfg.inference,
+            cfg.post,
+            self.device,
+            cfg.eval_batch_size,
+            cfg.dist_scale or 1.0,
+        )
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
@@ -242,8 +289,16 @@ class SegmentTask(Task):
         return summarize_records(gathered, cfg.target, self.class_names)
 
     def inference_state(self) -> dict[str, Any]:
-        return {"ndim": self.ndim, "channels": self.channels, "out_channels": self.out_channels, "class_names": self.class_names,
-                "patch_shape": list(self.patch_shape), "tile": list(self.tile), "halo": list(self.halo), "divisor": list(self.divisor)}
+        return {
+            "ndim": self.ndim,
+            "channels": self.channels,
+            "out_channels": self.out_channels,
+            "class_names": self.class_names,
+            "patch_shape": list(self.patch_shape),
+            "tile": list(self.tile),
+            "halo": list(self.halo),
+            "divisor": list(self.divisor),
+        }
 
     def display_images(self, batch: Any) -> torch.Tensor:
         image = batch[0][:8].float()
@@ -252,7 +307,9 @@ class SegmentTask(Task):
         image = image[:, :3] if image.shape[1] >= 3 else image[:, :1]
         return image.clamp(0, 1)
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         result: dict[str, Any] = {}
         cfg = self.config
         if cfg.target != "semantic" and cfg.post.tune and "val" in self.splits:
@@ -268,7 +325,11 @@ class SegmentTask(Task):
         shown = "test" if "test" in self.splits else "val" if "val" in self.splits else "train"
         if self.dist.is_main:
             items = self.splits[shown]
-            records = {r["name"]: r for r in result["test"]["per_image"]} if shown == "test" and cfg.target != "semantic" else None
+            records = (
+                {r["name"]: r for r in result["test"]["per_image"]}
+                if shown == "test" and cfg.target != "semantic"
+                else None
+            )
             if records:
                 order = worst_names(list(records.values()), SHOWN)
                 items = sorted((i for i in items if i.name in order), key=lambda i: order.index(i.name))
@@ -291,11 +352,25 @@ class SegmentTask(Task):
     def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         final = metrics.get("test") or metrics.get("val") or {}
         split = "test" if metrics.get("test") else "validation"
-        sections = [("Plan (settings chosen from the data and the budget)", "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in self.plan.reasons) + "</ul>")]
+        sections = [
+            (
+                "Plan (settings chosen from the data and the budget)",
+                "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in self.plan.reasons) + "</ul>",
+            )
+        ]
         sections += report_sections(final, split, run_dir)
         if metrics.get("post_tuning"):
             sections.append(("Post-processing tuned on the validation images", table(metrics["post_tuning"])))
         if (run_dir / "overlays.png").exists():
-            caption = overlay_caption(self.config.target) + (" (worst test images first)" if metrics.get("test") else "")
-            sections.append((f"Predictions ({metrics.get('shown_split')} images)", f"<p>{caption}</p><img src='overlays.png' alt='overlays'>"))
-        write_report(run_dir, f"deepscope segment: {self.config.target} U-Net on {self.config.data}", metrics, history, sections)
+            caption = overlay_caption(self.config.target) + (
+                " (worst test images first)" if metrics.get("test") else ""
+            )
+            sections.append(
+                (
+                    f"Predictions ({metrics.get('shown_split')} images)",
+                    f"<p>{caption}</p><img src='overlays.png' alt='overlays'>",
+                )
+            )
+        write_report(
+            run_dir, f"deepscope segment: {self.config.target} U-Net on {self.config.data}", metrics, history, sections
+        )

@@ -26,7 +26,10 @@ SECOND = {"stardist": ("nms_threshold", (0.3, 0.4, 0.5)), "flows": ("flow_thresh
 
 
 def _score(predictor: Predictor, outputs: Sequence[tuple[SegItem, np.ndarray]], post: PostConfig) -> float:
-    records = [image_scores(item.name, np.asarray(item.labels[...]), predictor.instances(probs, post)) for item, probs in outputs]
+    records = [
+        image_scores(item.name, np.asarray(item.labels[...]), predictor.instances(probs, post))
+        for item, probs in outputs
+    ]
     return float(summarize(records)["mean_score"])
 
 
@@ -39,8 +42,14 @@ def tune_post(predictor: Predictor, items: Sequence[SegItem]) -> tuple[PostConfi
     def attempt(post: PostConfig) -> None:
         nonlocal best
         score = _score(predictor, outputs, post)
-        tried.append({"threshold": post.threshold, "nms_threshold": post.nms_threshold, "flow_threshold": post.flow_threshold,
-                      "mean_score": score})
+        tried.append(
+            {
+                "threshold": post.threshold,
+                "nms_threshold": post.nms_threshold,
+                "flow_threshold": post.flow_threshold,
+                "mean_score": score,
+            }
+        )
         if score > max((t["mean_score"] for t in tried[:-1]), default=-1.0):
             best = post
 

@@ -24,8 +24,12 @@ COMMANDS = TaskCommands(
     model_help="the encoder: resnet18, unet",
     train_options=(setting("--method", choices=["simclr", "vicreg"], help="SimCLR or VICReg"),),
     evaluate_options=(
-        option("--probe", nargs="+", choices=["knn", "linear"],
-               help="judge the encoder's frozen features by a kNN classifier and/or linear probes (needs labels)"),
+        option(
+            "--probe",
+            nargs="+",
+            choices=["knn", "linear"],
+            help="judge the encoder's frozen features by a kNN classifier and/or linear probes (needs labels)",
+        ),
         option("--fractions", type=float, nargs="+", help="label fractions of the linear probes (default 0.01 0.1 1)"),
     ),
     evaluate=evaluate,

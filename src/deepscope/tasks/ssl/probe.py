@@ -46,8 +46,14 @@ def label_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return labelled[stratified_indices(labels[labelled], round(fraction * len(labelled)), seed)]
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, fractions: Sequence[float],
-                 seed: int = 0) -> dict[float, float]:
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    fractions: Sequence[float],
+    seed: int = 0,
+) -> dict[float, float]:
     """Test accuracy of a logistic regression on frozen features, trained on ``label_subset(train_y, f, seed)`` for each f.
 
     Features are standardised with statistics of the training subset (without it lbfgs needs many more iterations on

@@ -20,8 +20,9 @@ PCA_DIMS = 50  # t-SNE on the leading principal components: the usual denoising 
 # the range scikit-learn documents) take under half the default's CPU time (about 6 s for 2000 points on one core)
 
 
-def embedding_map(features: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, max_points: int = 2000,
-                  seed: int = 0) -> None:
+def embedding_map(
+    features: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, max_points: int = 2000, seed: int = 0
+) -> None:
     """t-SNE of a seeded, class-stratified sample of at most ``max_points`` features, coloured by class (unlabelled: grey)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -32,11 +33,17 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, class_names: list[st
     if x.shape[1] > PCA_DIMS and len(x) > PCA_DIMS:
         x = PCA(PCA_DIMS, random_state=seed).fit_transform(x)
     perplexity = min(30.0, max(1.0, (len(x) - 1) / 3))
-    with threadpool_limits(1, user_api="openmp"):  # one thread: t-SNE's per-iteration OpenMP barriers stall for seconds on a busy machine
+    with threadpool_limits(
+        1, user_api="openmp"
+    ):  # one thread: t-SNE's per-iteration OpenMP barriers stall for seconds on a busy machine
         xy = TSNE(2, perplexity=perplexity, init="pca", max_iter=500, angle=0.8, random_state=seed).fit_transform(x)
     classes = [int(c) for c in np.unique(y) if c >= 0]
     n = len(class_names)
-    palette = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors if n <= 20 else matplotlib.colormaps["turbo"](np.linspace(0, 1, n))
+    palette = (
+        matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+        if n <= 20
+        else matplotlib.colormaps["turbo"](np.linspace(0, 1, n))
+    )
     fig, ax = plt.subplots(figsize=(6.5, 5))
     if (y < 0).any():
         ax.scatter(*xy[y < 0].T, s=4, c="0.7", label="unlabelled")
@@ -50,7 +57,9 @@ def embedding_map(features: np.ndarray, labels: np.ndarray, class_names: list[st
     plt.close(fig)
 
 
-def nearest(features: np.ndarray, bank_features: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest(
+    features: np.ndarray, bank_features: np.ndarray, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices and cosine similarities (each (q, k), most similar first) of the ``k`` bank features nearest each query.
 
     ``exclude[i]`` is a bank index that query i may not return (the query itself when the bank is the same set).
@@ -71,8 +80,17 @@ def _as_float_images(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 255 if images.dtype == np.uint8 else np.clip(images.astype(np.float32), 0, 1)
 
 
-def neighbour_grid(images: np.ndarray, features: np.ndarray, bank_images: np.ndarray, bank_features: np.ndarray, path: Path,
-                   queries: int = 8, neighbours: int = 7, seed: int = 0, same_set: bool = False) -> None:
+def neighbour_grid(
+    images: np.ndarray,
+    features: np.ndarray,
+    bank_images: np.ndarray,
+    bank_features: np.ndarray,
+    path: Path,
+    queries: int = 8,
+    neighbours: int = 7,
+    seed: int = 0,
+    same_set: bool = False,
+) -> None:
     """One row per seeded random query image: the query, then its nearest bank images by cosine similarity of features.
 
     With ``same_set`` the bank is the query set itself, and a query is not shown as its own neighbour.
@@ -86,21 +104,38 @@ def neighbour_grid(images: np.ndarray, features: np.ndarray, bank_images: np.nda
     image_grid(panels.reshape(-1, *panels.shape[2:]), captions, path, columns=columns)
 
 
-def write_ssl_report(run_dir: Path, title: str, metrics: dict[str, Any], history: list[dict[str, Any]],
-                     probe_table: list[dict[str, Any]], pictures: dict[str, str]) -> Path:
+def write_ssl_report(
+    run_dir: Path,
+    title: str,
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    probe_table: list[dict[str, Any]],
+    pictures: dict[str, str],
+) -> Path:
     """``report.html`` of an SSL run: probe table, embedding map and neighbours (files named in ``pictures``), curves."""
     sections = []
     if probe_table:
-        note = ("Test accuracy of classifiers on the frozen encoder features (the pre-projection output; the projection "
-                "head is discarded, as in SimCLR and VICReg). Linear p%: a logistic regression trained on a seeded, "
-                "class-stratified p% of the labelled training images. kNN: a similarity-weighted vote of the nearest "
-                "labelled training images (cosine similarity, weights exp(similarity / T)).")
+        note = (
+            "Test accuracy of classifiers on the frozen encoder features (the pre-projection output; the projection "
+            "head is discarded, as in SimCLR and VICReg). Linear p%: a logistic regression trained on a seeded, "
+            "class-stratified p% of the labelled training images. kNN: a similarity-weighted vote of the nearest "
+            "labelled training images (cosine similarity, weights exp(similarity / T))."
+        )
         sections.append(("Linear and kNN probes", f"<p>{html.escape(note)}</p>" + table(probe_table)))
     if "embedding" in pictures:
         note = "t-SNE of the frozen features of a class-stratified sample of test images, coloured by class (grey: no label)."
-        sections.append(("Embedding map", f"<p>{html.escape(note)}</p><img src='{html.escape(pictures['embedding'])}' alt='embedding map'>"))
+        sections.append(
+            (
+                "Embedding map",
+                f"<p>{html.escape(note)}</p><img src='{html.escape(pictures['embedding'])}' alt='embedding map'>",
+            )
+        )
     if "neighbours" in pictures:
         note = "Each row: a query image, then its nearest training images by cosine similarity of the frozen features (shown above each)."
-        sections.append(("Nearest neighbours",
-                         f"<p>{html.escape(note)}</p><img src='{html.escape(pictures['neighbours'])}' alt='nearest neighbours'>"))
+        sections.append(
+            (
+                "Nearest neighbours",
+                f"<p>{html.escape(note)}</p><img src='{html.escape(pictures['neighbours'])}' alt='nearest neighbours'>",
+            )
+        )
     return write_report(run_dir, title, metrics, history, sections)

@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from deepscope.config import from_dict
-from deepscope.data.ssl.dataset import SSLData, SSLEvalBatches, SSLImages, SSLTrainBatches, load_ssl_data, seeded_sample, ssl_stats
+from deepscope.data.ssl.dataset import (
+    SSLData,
+    SSLEvalBatches,
+    SSLImages,
+    SSLTrainBatches,
+    load_ssl_data,
+    seeded_sample,
+    ssl_stats,
+)
 from deepscope.data.ssl.views import TwoViews, view_config
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.task import Batches, Task
@@ -43,7 +51,9 @@ def ssl_loss(cfg: SSLConfig, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen pre-projection features (float32, CPU) and labels of every batch, in eval mode."""
     features, labels = [], []
     with eval_mode(encoder):
@@ -60,8 +70,16 @@ class SSLTask(Task):
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
         self.device, self.dist = device, dist
-        self.data: SSLData = load_ssl_data(cfg.data, cfg.patch_size, cfg.crops, cfg.normalize, cfg.channels, cfg.val_fraction,
-                                           cfg.seed, cfg.max_patches)
+        self.data: SSLData = load_ssl_data(
+            cfg.data,
+            cfg.patch_size,
+            cfg.crops,
+            cfg.normalize,
+            cfg.channels,
+            cfg.val_fraction,
+            cfg.seed,
+            cfg.max_patches,
+        )
         train = self.data.splits["train"]
         self.in_shape = tuple(int(s) for s in train.images.shape[1:])
         self.preset = self.data.kind if cfg.views == "auto" else cfg.views
@@ -75,9 +93,11 @@ class SSLTask(Task):
         bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
         self.bank = train.subset(labelled_train[seeded_sample(len(labelled_train), bank_size, cfg.seed)])
         self.bank_batches = self.eval_batches(self.bank) if self.labelled else None  # built once, read every epoch
-        self.notes.append(f"ssl: {cfg.method} on {len(train)} training images of shape {self.in_shape} ({self.data.kind}, "
-                          f"{self.preset} views); monitor {cfg.monitor}"
-                          + (f" (kNN k={cfg.knn_k}, T={cfg.knn_temperature}, bank of {len(self.bank)})" if self.labelled else ""))
+        self.notes.append(
+            f"ssl: {cfg.method} on {len(train)} training images of shape {self.in_shape} ({self.data.kind}, "
+            f"{self.preset} views); monitor {cfg.monitor}"
+            + (f" (kNN k={cfg.knn_k}, T={cfg.knn_temperature}, bank of {len(self.bank)})" if self.labelled else "")
+        )
 
     def build_model(self) -> nn.Module:
         encoder = build_encoder(self.config.model, self.in_shape, **self.config.model_args)
@@ -86,12 +106,24 @@ class SSLTask(Task):
     def eval_batches(self, images: SSLImages, world: int | None = None, rank: int | None = None) -> SSLEvalBatches:
         world = self.dist.world if world is None else world
         rank = self.dist.rank if rank is None else rank
-        return SSLEvalBatches(images, self.config.eval_batch_size, self.mean, self.std, self.device, rank, world, self.in_shape[1:])
+        return SSLEvalBatches(
+            images, self.config.eval_batch_size, self.mean, self.std, self.device, rank, world, self.in_shape[1:]
+        )
 
     def train_batches(self) -> Batches:
         cfg = self.config
-        return SSLTrainBatches(self.data.splits["train"], self.views, cfg.batch_size, self.mean, self.std, self.device,
-                               cfg.seed, self.dist.rank, self.dist.world, cfg.channels_last)
+        return SSLTrainBatches(
+            self.data.splits["train"],
+            self.views,
+            cfg.batch_size,
+            self.mean,
+            self.std,
+            self.device,
+            cfg.seed,
+            self.dist.rank,
+            self.dist.world,
+            cfg.channels_last,
+        )
 
     def val_batches(self) -> Batches | None:
         return self.eval_batches(self.data.splits["val"]) if "val" in self.data.splits else None
@@ -107,7 +139,9 @@ class SSLTask(Task):
         """Validation loss on two fixed-seed views of each image and, with labels, the kNN accuracy of the validation
         features against a bank of training features (both gathered from every process)."""
         cfg = self.config
-        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(cfg.seed + 17)
+        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(
+            cfg.seed + 17
+        )
         mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
         total, count, features, labels = 0.0, 0, [], []
@@ -129,13 +163,19 @@ class SSLTask(Task):
             query_labels = torch.cat([t for part in gather_objects(labels) for t in part])
             bank = torch.cat(gather_objects(bank))
             bank_labels = torch.cat(gather_objects(bank_labels))
-            result["knn_accuracy"] = knn_accuracy(query, query_labels, bank, bank_labels, len(self.data.class_names),
-                                                  cfg.knn_k, cfg.knn_temperature)
+            result["knn_accuracy"] = knn_accuracy(
+                query, query_labels, bank, bank_labels, len(self.data.class_names), cfg.knn_k, cfg.knn_temperature
+            )
         return result
 
     def inference_state(self) -> dict[str, Any]:
-        return {"in_shape": list(self.in_shape), "mean": self.mean, "std": self.std, "kind": self.data.kind,
-                "class_names": self.data.class_names}
+        return {
+            "in_shape": list(self.in_shape),
+            "mean": self.mean,
+            "std": self.std,
+            "kind": self.data.kind,
+            "class_names": self.data.class_names,
+        }
 
     def display_images(self, batch: Any) -> torch.Tensor:
         v1, v2, _ = batch
@@ -145,7 +185,9 @@ class SSLTask(Task):
         images = (pairs * std + mean).clamp(0, 1)
         return images[:, :3] if images.shape[1] >= 3 else images[:, :1]
 
-    def finish(self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(
+        self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+    ) -> dict[str, Any]:
         """Probes and pictures, on the main process: the trained encoder and, as the baseline, the same encoder at random
         initialisation, judged on the test split (else the validation split) by the same code."""
         if not self.dist.is_main:
@@ -167,9 +209,10 @@ class SSLTask(Task):
             scores["random init"] = probe.run(random_encoder, train_split, test_split, cfg, labelled)
             result.update({f"random_encoder_{k}": v for k, v in scores["random init"].items()})
         if labelled:
-            result["probe_table"] = probe_rows({name: {f: s[accuracy_key(f)] for f in cfg.probe_fractions}
-                                                for name, s in scores.items()},
-                                               {name: s["knn_accuracy"] for name, s in scores.items()})
+            result["probe_table"] = probe_rows(
+                {name: {f: s[accuracy_key(f)] for f in cfg.probe_fractions} for name, s in scores.items()},
+                {name: s["knn_accuracy"] for name, s in scores.items()},
+            )
         result["pictures"] = probe.pictures(run_dir, self.data.class_names, cfg.seed)
         return result
 
@@ -183,16 +226,39 @@ class ProbeRun:
     """Features of a train and a held-out split through one encoder, then kNN and linear probes on them; keeps the
     last features for the pictures."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device, batch_size: int,
-                 size: Sequence[int], seed: int) -> None:
-        self.mean, self.std, self.device, self.batch_size, self.size, self.seed = mean, std, device, batch_size, tuple(size), seed
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        batch_size: int,
+        size: Sequence[int],
+        seed: int,
+    ) -> None:
+        self.mean, self.std, self.device, self.batch_size, self.size, self.seed = (
+            mean,
+            std,
+            device,
+            batch_size,
+            tuple(size),
+            seed,
+        )
         self.first: tuple[SSLImages, torch.Tensor, SSLImages, torch.Tensor] | None = None
 
     def features(self, encoder: nn.Module, images: SSLImages) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_features(encoder, SSLEvalBatches(images, self.batch_size, self.mean, self.std, self.device, size=self.size))
+        return extract_features(
+            encoder, SSLEvalBatches(images, self.batch_size, self.mean, self.std, self.device, size=self.size)
+        )
 
-    def run(self, encoder: nn.Module, train: SSLImages, test: SSLImages, cfg: Any, labelled: bool,
-            probes: Sequence[str] = ("knn", "linear")) -> dict[str, Any]:
+    def run(
+        self,
+        encoder: nn.Module,
+        train: SSLImages,
+        test: SSLImages,
+        cfg: Any,
+        labelled: bool,
+        probes: Sequence[str] = ("knn", "linear"),
+    ) -> dict[str, Any]:
         """``knn_accuracy`` and ``linear_accuracy@<fraction>`` of ``encoder``'s features; features only without labels."""
         train_x, train_y = self.features(encoder, train)
         test_x, test_y = self.features(encoder, test)
@@ -203,10 +269,19 @@ class ProbeRun:
         scores: dict[str, Any] = {}
         if "knn" in probes:
             keep = train_y >= 0
-            scores["knn_accuracy"] = knn_accuracy(test_x[test_y >= 0], test_y[test_y >= 0], train_x[keep], train_y[keep],
-                                                  int(train_y.max()) + 1, cfg.knn_k, cfg.knn_temperature)
+            scores["knn_accuracy"] = knn_accuracy(
+                test_x[test_y >= 0],
+                test_y[test_y >= 0],
+                train_x[keep],
+                train_y[keep],
+                int(train_y.max()) + 1,
+                cfg.knn_k,
+                cfg.knn_temperature,
+            )
         if "linear" in probes:
-            accuracy = linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), cfg.probe_fractions, self.seed)
+            accuracy = linear_probe(
+                train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(), cfg.probe_fractions, self.seed
+            )
             scores.update({accuracy_key(f): a for f, a in accuracy.items()})
         return scores
 
@@ -217,8 +292,14 @@ class ProbeRun:
         train, train_x, test, test_x = self.first
         embedding_map(test_x.numpy(), test.labels, class_names, run_dir / "embedding.png", seed=seed)
         bank = seeded_sample(len(train), PICTURE_BANK, seed)
-        neighbour_grid(display(test), test_x.numpy(), display(train.subset(bank)), train_x[torch.from_numpy(bank)].numpy(),
-                       run_dir / "neighbours.png", seed=seed)
+        neighbour_grid(
+            display(test),
+            test_x.numpy(),
+            display(train.subset(bank)),
+            train_x[torch.from_numpy(bank)].numpy(),
+            run_dir / "neighbours.png",
+            seed=seed,
+        )
         return {"embedding": "embedding.png", "neighbours": "neighbours.png"}
 
 
@@ -241,32 +322,59 @@ def load_ssl_model(path: str | Path, device: torch.device) -> tuple[SSLModel, SS
     return model, from_dict(SSLConfig, state["config"], f"{path}: config"), state["task_state"]
 
 
-def probe_data(encoder: nn.Module, data: SSLData, source: str | Path, cfg: SSLConfig, mean: Sequence[float], std: Sequence[float],
-               size: Sequence[int], device: torch.device, probes: Sequence[str]) -> dict[str, Any]:
+def probe_data(
+    encoder: nn.Module,
+    data: SSLData,
+    source: str | Path,
+    cfg: SSLConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    size: Sequence[int],
+    device: torch.device,
+    probes: Sequence[str],
+) -> dict[str, Any]:
     """kNN and/or linear probes of ``encoder`` on ``data``'s train split against its test split (else val)."""
     held_out = "test" if "test" in data.splits else "val" if "val" in data.splits else None
     train = data.splits["train"]
     if held_out is None or not train.labelled or not data.splits[held_out].labelled:
-        raise DataError(f"{source}: a probe needs labelled images in a training and a test (or validation) split "
-                        "(class folders or an .npz with x_train/y_train and x_test/y_test)")
+        raise DataError(
+            f"{source}: a probe needs labelled images in a training and a test (or validation) split "
+            "(class folders or an .npz with x_train/y_train and x_test/y_test)"
+        )
     probe = ProbeRun(mean, std, device, cfg.eval_batch_size, size, cfg.seed)
     result = probe.run(encoder, train, data.splits[held_out], cfg, True, probes)
     return {"probe_split": held_out, "train_images": len(train), "test_images": len(data.splits[held_out]), **result}
 
 
-def evaluate_checkpoint(path: str | Path, data_path: str | Path, probes: Sequence[str], fractions: Sequence[float] | None,
-                        device: torch.device) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path,
+    data_path: str | Path,
+    probes: Sequence[str],
+    fractions: Sequence[float] | None,
+    device: torch.device,
+) -> dict[str, Any]:
     """``deepscope evaluate CKPT --probe knn|linear``: probes of a trained ssl checkpoint's encoder on a labelled data set."""
     model, cfg, info = load_ssl_model(path, device)
     if fractions:
         cfg = dataclasses.replace(cfg, probe_fractions=list(fractions))  # checked again by __post_init__
-    data = load_ssl_data(data_path, cfg.patch_size, cfg.crops, cfg.normalize, info["in_shape"][0], cfg.val_fraction, cfg.seed)
-    result = probe_data(model.encoder, data, data_path, cfg, info["mean"], info["std"], info["in_shape"][1:], device, probes)
+    data = load_ssl_data(
+        data_path, cfg.patch_size, cfg.crops, cfg.normalize, info["in_shape"][0], cfg.val_fraction, cfg.seed
+    )
+    result = probe_data(
+        model.encoder, data, data_path, cfg, info["mean"], info["std"], info["in_shape"][1:], device, probes
+    )
     return {"checkpoint": str(path), "data": str(data_path), **result}
 
 
-def probe_encoder(encoder: nn.Module, data_path: str | Path, fractions: Sequence[float], device: torch.device, seed: int = 0,
-                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> dict[str, Any]:
+def probe_encoder(
+    encoder: nn.Module,
+    data_path: str | Path,
+    fractions: Sequence[float],
+    device: torch.device,
+    seed: int = 0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """The same kNN and linear probes for any encoder (e.g. one trained by another library, for a side-by-side benchmark);
     ``mean``/``std`` are the standardisation it was trained with (default: the training split's)."""
     cfg = SSLConfig(probe_fractions=list(fractions), seed=seed)
@@ -274,4 +382,6 @@ def probe_encoder(encoder: nn.Module, data_path: str | Path, fractions: Sequence
     train = data.splits["train"]
     if mean is None or std is None:
         mean, std = ssl_stats(train, data.kind)
-    return probe_data(encoder.to(device), data, data_path, cfg, mean, std, tuple(train.images.shape[2:]), device, ("knn", "linear"))
+    return probe_data(
+        encoder.to(device), data, data_path, cfg, mean, std, tuple(train.images.shape[2:]), device, ("knn", "linear")
+    )
