@@ -41,9 +41,8 @@ MODELS: dict[str, list[str]] = {
 }
 ULTRALYTICS = "ultralytics==8.4.190"
 SPLIT = CACHE / "pennfudan_split"
-YOLO_DATA = (
-    CACHE / "pennfudan_split_yolo"
-)  # the same split in the Ultralytics layout, apart: deepscope sees only VOC files
+# the same split in the Ultralytics layout, apart: deepscope sees only VOC files
+YOLO_DATA = CACHE / "pennfudan_split_yolo"
 RUNS = CACHE / "pennfudan_runs"
 VENV = CACHE / "venv-ultralytics"
 # Ultralytics' settings and fonts live here instead of ~/.config. check_det_dataset() calls check_font("Arial.ttf") even

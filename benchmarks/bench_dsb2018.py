@@ -41,9 +41,8 @@ def describe(out: Path, data: Path, fluo: set[str]) -> list[str]:
     test = (
         json.loads((out / "test_scores.json").read_text()) if (out / "test_scores.json").exists() else metrics["test"]
     )
-    precision = metrics.get("precision", {}).get(
-        "dtype", "bf16"
-    )  # runs from before the precision was recorded ran bf16
+    # runs from before the precision was recorded ran bf16
+    precision = metrics.get("precision", {}).get("dtype", "bf16")
     name = (
         f"`{out.name}`: {metrics['parameters']:,} parameters, {metrics['epochs_completed']} epochs, "
         f"{metrics['train_time_s'] / 60:.1f} min, {precision}"

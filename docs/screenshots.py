@@ -124,6 +124,7 @@ def main() -> None:
                 api.post(
                     "/api/instances/load", params={"image": "nuclei.png"}, json={"source": "model"}
                 ).raise_for_status()
+                # the EM forest's; the editor's own
                 shoot(
                     driver,
                     url + "#nuclei.png",
@@ -131,7 +132,7 @@ def main() -> None:
                     "serve-proofreading.png",
                     READY + " && document.body.dataset.instancesVersion !== ''",
                     hide=("overlay-probabilities", "model-overlay-outlines"),
-                )  # the EM forest's; the editor's own
+                )
 
                 api.post(
                     "/api/jobs", json={"kind": "segment", "source": "labels", "max_minutes": 1.5}

@@ -177,9 +177,8 @@ def test_evaluate_checkpoint_agrees_with_scoring_its_saved_results(n2v_run, clea
     assert from_files["ssim"] == pytest.approx(from_model["ssim"], abs=1e-6)
     assert [r["name"] for r in from_files["per_image"]] == ["im0", "im1"] and from_files["data_range"] == 255.0
     metrics = json.loads((n2v_run / "metrics.json").read_text())
-    assert from_model["psnr"] == pytest.approx(
-        metrics["test_psnr"], abs=0.05
-    )  # training scored the same noisy test images
+    # training scored the same noisy test images
+    assert from_model["psnr"] == pytest.approx(metrics["test_psnr"], abs=0.05)
     assert (
         main(
             [
@@ -314,9 +313,8 @@ def test_volumes_train_n2v2_without_clean_images_and_predict_in_3d(tmp_path, cap
     )
     assert main(args) == 0
     history = json.loads((out / "metrics.json").read_text())["history"]
-    assert (
-        "val_loss" in history[-1] and "val_psnr" not in history[-1]
-    )  # no clean images: the validation loss is monitored
+    # no clean images: the validation loss is monitored
+    assert "val_loss" in history[-1] and "val_psnr" not in history[-1]
     assert "monitor: loss" in (out / "config.yaml").read_text()
     assert load_checkpoint(out / "best.pt")["task_state"]["model_settings"]["blurpool"] is True
     capsys.readouterr()

@@ -21,6 +21,7 @@ from deepscope.metrics.coco_files import detections_to_coco, load_coco_predictio
 from deepscope.metrics.detection import DetectionScorer, best_f1_threshold
 
 CLASSES = ["nucleus", "cell", "debris"]
+# COCOeval.stats order
 STATS = [
     "map",
     "map_50",
@@ -34,7 +35,7 @@ STATS = [
     "mar_small",
     "mar_medium",
     "mar_large",
-]  # COCOeval.stats order
+]
 
 
 def _boxes(rng: np.random.Generator, n: int, sides: tuple[int, int]) -> np.ndarray:
@@ -194,11 +195,12 @@ def _mask_scene() -> tuple[list[dict], list[dict]]:
         out = {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "masks": masks}
         if scores is None:  # no area: the scorer takes it from the masks
             return {**out, "iscrowd": torch.tensor([i in crowd for i in range(len(discs))], dtype=torch.bool)}
+        # model-style probabilities
         return {
             **out,
             "scores": torch.tensor(scores),
             "masks": masks[:, None].float() * 0.9,
-        }  # model-style probabilities
+        }
 
     targets = [
         item([(16, 16, 8), (44, 40, 12), (10, 50, 3)], [1, 2, 1], None, crowd=(2,)),

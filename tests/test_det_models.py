@@ -16,12 +16,13 @@ from deepscope.models.detection import build_detector, detector_names, predicts_
 from deepscope.models.detection.backbones import BACKBONES, build_backbone, group_norm
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
+# 96x128 and 112x96 images stay unresized
 SMALL = {
     "backbone": "tiny",
     "fpn_channels": 16,
     "min_size": 96,
     "max_size": 128,
-}  # 96x128 and 112x96 images stay unresized
+}
 
 
 @pytest.fixture(autouse=True)

@@ -50,9 +50,8 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-MAX_MESSAGE = (
-    600  # characters an error line may hold besides the paths it names: enough to explain, too few to echo a file
-)
+# characters an error line may hold besides the paths it names: enough to explain, too few to echo a file
+MAX_MESSAGE = 600
 
 # ---------------------------------------------------------------------------------------------------- the contract
 

@@ -47,9 +47,8 @@ def test_scores_are_exact_ratios_of_counts_never_above_one():
         metrics.update(logits[chunk : chunk + 128], target[chunk : chunk + 128], torch.tensor(0.0))
     result = metrics.compute()
     pred = logits.argmax(1)
-    assert (
-        result["accuracy"] == int((pred == target).sum()) / 1001
-    )  # the float nearest the true ratio, no closer one exists
+    # the float nearest the true ratio, no closer one exists
+    assert result["accuracy"] == int((pred == target).sum()) / 1001
     recalls = [int(((pred == c) & (target == c)).sum()) / int((target == c).sum()) for c in range(7)]
     assert result["balanced_accuracy"] == pytest.approx(sum(recalls) / 7, rel=1e-15, abs=0)
     assert result["top5_accuracy"] == int((logits.topk(5, 1).indices == target[:, None]).any(1).sum()) / 1001

@@ -114,9 +114,8 @@ def test_rotation_is_a_rotation_in_pixels_on_non_square_images():
     disk = ((ys**2 + xs**2) <= 8**2).long().repeat(16, 1, 1)  # 208 pixels each
     out, labels, _ = augment_pair(disk[:, None].float(), disk, SegAugmentConfig(**OFF, affine_degrees=60), gen())
     assert not torch.equal(out, disk[:, None].float())
-    assert (
-        (labels != disk).flatten(1).sum(1) <= 20
-    ).all()  # a disk stays a disk; rotating normalized coordinates shears it
+    # a disk stays a disk; rotating normalized coordinates shears it
+    assert ((labels != disk).flatten(1).sum(1) <= 20).all()
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 12, 12), (4, 1, 5, 8, 8)])
@@ -141,9 +140,8 @@ def test_intensity_transforms_known_effects():
     torch.testing.assert_close(out.amax((1, 2, 3)), image.amax((1, 2, 3)))
     out, _, _ = augment_pair(image, image, SegAugmentConfig(**OFF, blur_sigma=2), gen())
     spread = out.std((1, 2, 3)) / image.std((1, 2, 3))
-    assert (
-        (spread <= 1 + 1e-6).all() and spread.min() < 0.3 and spread.max() > 0.7
-    )  # smoother, by a sigma drawn per sample
+    # smoother, by a sigma drawn per sample
+    assert (spread <= 1 + 1e-6).all() and spread.min() < 0.3 and spread.max() > 0.7
 
 
 def test_all_transforms_together_in_3d():

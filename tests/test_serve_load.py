@@ -69,9 +69,8 @@ def test_users_at_once_lose_nothing(tmp_path: Path) -> None:
         assert server.wait(60) in (0, -15), server.stdout.read()
 
     for user, answers in enumerate(replies):
-        assert [a["labels_version"] for a in answers] == list(
-            range(1, STROKES + 1)
-        )  # each stroke acknowledged in order
+        # each stroke acknowledged in order
+        assert [a["labels_version"] for a in answers] == list(range(1, STROKES + 1))
         expected = np.zeros(SHAPE, np.uint8)
         for stroke in strokes_of(user):
             box, mask = Stroke([tuple(p) for p in stroke["points"]], stroke["radius"], stroke["label"]).raster(SHAPE)

@@ -80,9 +80,8 @@ def test_images_folder_grid_patches_cover_each_image(tmp_path: Path) -> None:
     train = data.splits["train"]
     assert (data.kind, data.channels) == ("microscopy", 1)
     assert train.images.shape == (12 + 4, 1, 16, 16) and train.images.dtype == torch.float16 and train.scale == 1.0
-    assert corners(train)[:12] == [
-        (y, x) for y in (0, 16, 24) for x in (0, 16, 32, 34)
-    ]  # last row/column shifted inward
+    # last row/column shifted inward
+    assert corners(train)[:12] == [(y, x) for y in (0, 16, 24) for x in (0, 16, 32, 34)]
     expected = percentile_normalize(a, 1.0, 99.8)[24:40, 34:50]
     np.testing.assert_allclose(train.images[11, 0].float().numpy(), expected, atol=2e-3)
     capped = load_ssl_data(tmp_path, patch_size=16, val_fraction=0, max_patches=5, seed=1).splits["train"]
@@ -264,3 +263,11 @@ def test_train_batches_with_the_real_views_agree_across_ranks() -> None:
     for b, batch in enumerate(whole):
         for k in range(3):
             assert torch.equal(torch.cat([shares[0][b][k], shares[1][b][k]]), batch[k])
+
+
+@pytest.mark.parametrize("normalize", [[1.0, 2.0, 3.0], [99.8, 1.0], [1.0], [-1.0, 50.0]])
+def test_normalize_must_be_two_percentiles(normalize):
+    from deepscope.tasks.ssl.config import SSLConfig
+
+    with pytest.raises(DeepscopeError, match="normalize must be two percentiles"):
+        SSLConfig(data="d", normalize=normalize)

@@ -20,9 +20,8 @@ METHODS = ("simclr", "vicreg")
 def batch_and_model() -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     torch.manual_seed(0)
     v1, v2 = torch.randn(BATCH, FEATURES), torch.randn(BATCH, FEATURES)
-    model = nn.Sequential(
-        nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 5)
-    )  # no batch norm: its statistics are per process
+    # no batch norm: its statistics are per process
+    model = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 5))
     return v1, v2, model
 
 
@@ -47,6 +46,7 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
             results[method] = gradients(model)
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # neither leaves while the other still works: gloo can abort at exit otherwise
     finally:
         dist.destroy_process_group()
 

@@ -112,9 +112,8 @@ def test_resume_replays_the_same_run(digits: Path, tmp_path: Path) -> None:
     np.savez(small, x_train=train["x_train"][:180], y_train=train["y_train"][:180])  # no test split, no probes: quick
     args = ["train", "ssl", "--data", str(small), *TINY, "--val-fraction", "0"]
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
-    assert (
-        main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0
-    )  # stops after step 1
+    # stops after step 1
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0
     assert main(["train", "ssl", "--out", str(tmp_path / "split"), "--resume", "--max-minutes", "10"]) == 0
     one, two = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "split"))
     for key in one:
@@ -191,9 +190,8 @@ def test_freeze_encoder_trains_only_the_new_head(pretrained: Path, digits: Path,
     probe = load_checkpoint(out / "last.pt")["model"]
     for key in ("conv1.weight", "bn1.running_mean", "layer4.1.bn2.running_var", "layer2.0.downsample.0.weight"):
         torch.testing.assert_close(probe[key], encoder[f"encoder.{key}"], rtol=0, atol=0)
-    assert (
-        "120 frozen" not in (out / "train.log").read_text()
-    )  # parameters only: 60 tensors, running statistics are buffers
+    # parameters only: 60 tensors, running statistics are buffers
+    assert "120 frozen" not in (out / "train.log").read_text()
     assert "60 frozen" in (out / "train.log").read_text()
     assert json.loads((out / "metrics.json").read_text())["parameters"] == 64 * 10 + 10
 
@@ -273,13 +271,11 @@ def test_nt_xent_matches_a_direct_implementation() -> None:
 def test_vicreg_terms() -> None:
     z = torch.randn(256, 8)
     z = (z - z.mean(0)) / z.std(0)
-    assert float(vicreg(z, z, covariance=0.0)) == pytest.approx(
-        0.0, abs=1e-3
-    )  # equal, unit-variance views: nothing to pay
+    # equal, unit-variance views: nothing to pay
+    assert float(vicreg(z, z, covariance=0.0)) == pytest.approx(0.0, abs=1e-3)
     constant = torch.zeros(16, 8)
-    assert float(vicreg(constant, constant, covariance=0.0)) == pytest.approx(
-        25 * (1 - 1e-2), rel=1e-3
-    )  # collapse costs
+    # collapse costs
+    assert float(vicreg(constant, constant, covariance=0.0)) == pytest.approx(25 * (1 - 1e-2), rel=1e-3)
 
 
 @pytest.mark.parametrize("method", ["simclr", "vicreg"])

@@ -131,9 +131,8 @@ def test_reads_are_windows_and_writes_stream(blend: str) -> None:
     reads = [i for op, i in log if op == "read"]
     assert all(s.stop - s.start <= 16 + 2 * HALO for i in reads for s in i[1:])
     writes = [n for n, (op, _) in enumerate(log) if op == "write"]
-    assert writes[0] < max(
-        n for n, (op, _) in enumerate(log) if op == "read"
-    )  # output leaves before the input is all read
+    # output leaves before the input is all read
+    assert writes[0] < max(n for n, (op, _) in enumerate(log) if op == "read")
     np.testing.assert_allclose(out.data, untiled(pointwise_net(2), x), atol=1e-5)
 
 
@@ -227,10 +226,11 @@ def test_blend_weights(blend: str) -> None:
     ]
     x = np.arange(36) - 17.5
     profile = np.exp(-0.5 * (x / 4.5) ** 2) if blend == "gaussian" else 1 - np.abs(x) / 18.5
+    # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
     w0, w1 = (
         profile[32:],
         profile[:4],
-    )  # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
+    )
     np.testing.assert_allclose(got[30:34], w1 / (w0 + w1), atol=1e-6)
     assert (got[:30] == 0).all() and (got[34:] == 1).all()
 

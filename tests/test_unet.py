@@ -89,9 +89,8 @@ def test_overfits_disk_mask():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     radius = ((yy - 13) ** 2 + (xx - 18) ** 2).sqrt()[None, None]
     mask = (radius < 8).float()
-    image = (
-        (radius - 8).abs() < 1
-    ).float()  # only the outline: filling the disk needs spatial context, not a threshold
+    # only the outline: filling the disk needs spatial context, not a threshold
+    image = ((radius - 8).abs() < 1).float()
     assert ((image > 0.5).float() == mask).float().mean() < 0.9
     model = UNet(1, 1, depth=2, features=8)
     fit_batch(model, image, mask, F.binary_cross_entropy_with_logits, steps=100, lr=1e-2, optimizer=torch.optim.Adam)

@@ -21,8 +21,6 @@ from deepscope.errors import DeepscopeError
 from deepscope.tasks import TASKS, get_task, task_commands
 from deepscope.tasks.options import TRAIN_OPTIONS, Option, Result, TaskCommands, resolve_config, setting
 
-SAVED_RESULTS = ("segment", "denoise", "detect")  # evaluate TASK --pred --truth
-
 
 def train_options(commands: TaskCommands) -> tuple[Option, ...]:
     return (
@@ -51,32 +49,29 @@ def listed(names: Sequence[str]) -> str:
     return f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
 
 
-def refuse_foreign_flags(args: argparse.Namespace, owners: dict[str, list[str]], task: str, command: str) -> None:
-    """A flag that only other tasks' checkpoints take is an error, not silently ignored."""
+def refuse_foreign_flags(args: argparse.Namespace, owners: dict[str, list[str]], task: str, given: str) -> None:
+    """A flag that only other tasks take is an error, not silently ignored; ``given`` says what this command was given."""
     for dest, tasks in owners.items():
         if task not in tasks and getattr(args, dest, None) not in (None, False):
             flag = "--" + dest.replace("_", "-")
-            raise DeepscopeError(
-                f"{flag} applies to {listed(tasks)} checkpoints only; {args.checkpoint} is a "
-                f"{task} checkpoint (deepscope {command} --help lists each task's flags)"
-            )
+            raise DeepscopeError(f"{flag} applies to {listed(tasks) if tasks else 'checkpoints'} only; {given}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> Result:
-    if args.checkpoint in SAVED_RESULTS:
+    if args.checkpoint in args.saved_tasks:
         return evaluate_saved_results(args)
     if args.data is None:
         raise DeepscopeError("evaluate CHECKPOINT needs --data PATH")
     if args.pred or args.truth:
         raise DeepscopeError(
-            "--pred and --truth score saved results: deepscope evaluate segment|denoise|detect --pred P --truth T"
+            f"--pred and --truth score saved results: deepscope evaluate {'|'.join(args.saved_tasks)} --pred P --truth T"
         )
     from deepscope.engine.checkpoint import checkpoint_task
     from deepscope.engine.distributed import pick_device
 
     device = pick_device(args.device)
     task = checkpoint_task(args.checkpoint)
-    refuse_foreign_flags(args, args.owners, task, "evaluate")
+    refuse_foreign_flags(args, args.owners, task, f"{args.checkpoint} is a {task} checkpoint (see evaluate --help)")
     result = task_commands(task).evaluate(args, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
     write_json(out, result)
@@ -84,10 +79,10 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
 
 
 def evaluate_saved_results(args: argparse.Namespace) -> Result:
-    """``evaluate segment|denoise|detect --pred --truth``: scores of saved results, no model needed."""
+    """``evaluate TASK --pred --truth``: scores of saved results (``score_saved`` of the task), no model needed."""
     if not args.pred or not args.truth:
         raise DeepscopeError(f"evaluate {args.checkpoint} needs --pred and --truth (images matched by file name)")
-    refuse_foreign_flags(args, {"data_range": ["denoise"], "max_detections": ["detect"]}, args.checkpoint, "evaluate")
+    refuse_foreign_flags(args, args.saved_owners, args.checkpoint, f"these are saved {args.checkpoint} results")
     commands = task_commands(args.checkpoint)
     assert commands.score_saved is not None
     result = commands.score_saved(args)
@@ -107,11 +102,11 @@ def cmd_predict(args: argparse.Namespace) -> Result:
 
     device = pick_device(args.device)
     task = checkpoint_task(args.checkpoint)
-    refuse_foreign_flags(args, args.owners, task, "predict")
+    refuse_foreign_flags(args, args.owners, task, f"{args.checkpoint} is a {task} checkpoint (see predict --help)")
     commands = task_commands(task)
     if commands.predict is None:
         raise DeepscopeError(
-            f"{args.checkpoint}: a {task} checkpoint has nothing to predict; evaluate it, or train a "
+            f"{args.checkpoint}: the {task} checkpoint has nothing to predict; evaluate it, or train a "
             "task from it with --init-from"
         )
     return commands.predict(args, device)
@@ -171,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
     evaluate.add_argument(
         "checkpoint",
-        help="checkpoint file, or 'segment' / 'denoise' / 'detect' to score saved results (--pred, --truth)",
+        help="checkpoint file, or a task (segment, denoise, detect) to score its saved results (--pred, --truth)",
     )
     evaluate.add_argument("--data", help="data set to score the checkpoint on")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -188,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         "'detect': COCO JSON, or a data folder (any annotation format), images matched by file name",
     )
     owners = add_task_options(evaluate, {name: c.evaluate_options for name, c in commands.items()})
-    evaluate.set_defaults(func=cmd_evaluate, owners=owners)
+    # evaluate TASK --pred --truth: the tasks that score saved results, and which of their flags that takes
+    saved = {name: c.score_options for name, c in commands.items() if c.score_saved}
+    saved_owners = {dest: [name for name, dests in saved.items() if dest in dests] for dest in owners}
+    evaluate.set_defaults(func=cmd_evaluate, owners=owners, saved_tasks=tuple(saved), saved_owners=saved_owners)
 
     predict = sub.add_parser(
         "predict",
@@ -219,8 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    finished = False
     try:
         result = args.func(args)
+        finished = True
     except DeepscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:  # only a command that trained can have started a process group
             from deepscope.engine.distributed import shutdown
 
-            shutdown()
+            shutdown(finished)
     print(json.dumps(result))
     return 0
 

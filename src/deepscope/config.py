@@ -13,14 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import yaml
 
 from deepscope.atomic import atomic_write
 from deepscope.errors import DeepscopeError, plain, shown
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 AMP_MODES = ("auto", "off", "bf16", "fp16")  # TrainConfig.amp; what each means: deepscope.engine.precision
 MAX_VALUES = 100_000  # values one settings document may hold with its YAML aliases expanded; real ones hold hundreds
 
@@ -66,9 +69,8 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard_images: int = 16
     init_from: str | None = None  # start the model (or its encoder/backbone) from the weights of this local file
-    freeze_encoder: bool = (
-        False  # with init_from: train only what the file did not provide (a linear probe on a classifier)
-    )
+    # with init_from: train only what the file did not provide (a linear probe on a classifier)
+    freeze_encoder: bool = False
 
 
 def _resolve_type(tp: Any) -> Any:
@@ -134,7 +136,8 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
         tp = _resolve_type(hints[key])
         if dataclasses.is_dataclass(tp):
             nested = {} if value is None else value
-            kwargs[key] = value if dataclasses.is_dataclass(value) else from_dict(tp, nested, f"{source}: {key}")
+            group = cast("type[DataclassInstance]", tp)  # a type hint: the dataclass itself, not an instance
+            kwargs[key] = value if dataclasses.is_dataclass(value) else from_dict(group, nested, f"{source}: {key}")
         elif tp is Any or (value is None and tp is not hints[key]):  # Any, or null for X | None
             kwargs[key] = value
         else:

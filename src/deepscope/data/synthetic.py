@@ -65,7 +65,8 @@ def shapes_image(
     tilt = rng.uniform(-40, 40, 2)
     image = (90 + tilt[0] * yy + tilt[1] * xx)[..., None] + rng.normal(0, 12, (size, size, 3))
     taken = np.zeros((size, size), bool)
-    boxes, labels = [], []
+    boxes: list[list[int]] = []
+    labels: list[int] = []
     wanted = int(rng.integers(count[0], count[1] + 1))
     for _ in range(wanted * 4):  # tries; crowded images place fewer
         if len(boxes) == wanted:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import skimage.data
@@ -116,7 +117,8 @@ def write_shapes(root: Path, train: int = 160, test: int = 24, size: int = 128) 
     """Generated shapes as ``train/`` and ``test/`` folders of ``images/`` PNGs and one COCO ``annotations.json`` each."""
     for split, n, seed in (("train", train, 0), ("test", test, 10_000)):
         (root / split / "images").mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for i in range(n):
             image, boxes, labels = shapes_image(size, seed + i)
             name = f"{i:04d}.png"

@@ -18,10 +18,10 @@ import re
 import shutil
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,11 +38,10 @@ from deepscope.safefile import (
 )
 
 FORMAT = "deepscope-checkpoint"
-_REBUILD_ARRAY = np.zeros(0).__reduce__()[
-    0
-]  # numpy's array-rebuilding function, in whichever module this numpy keeps it
+# numpy's array-rebuilding function, in whichever module this numpy keeps it (an array's reduce value is a tuple)
+_REBUILD_ARRAY = cast(Callable[..., Any], np.zeros(0).__reduce__()[0])
 # What ``np.random.get_state()`` pickles to: checkpoints of earlier versions hold one (written by numpy 1 or 2)
-NUMPY_GLOBALS = [
+NUMPY_GLOBALS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
     np.ndarray,
     np.dtype,
     type(np.dtype(np.uint32)),
@@ -68,14 +67,12 @@ def _unpickle_weights_only(path: Path) -> Any:
     """A PyTorch pickle, built by ``torch.load``'s restricted unpickler: tensors and plain values only."""
     try:
         with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", UserWarning
-            )  # torch's note on an old pickle protocol says nothing to the user
+            # torch's note on an old pickle protocol says nothing to the user
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(
-            exc
-        ):  # torch's restricted unpickler did not refuse: the file is damaged
+        # torch's restricted unpickler did not refuse: the file is damaged
+        if "Weights only load failed" not in str(exc):
             raise CheckpointError(f"{path}: not a readable checkpoint (a damaged PyTorch file)") from None
         asked = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"Unsupported (?:global|class)[: ]+(\S+)", str(exc))
         what = f"asks for {asked.group(1).rstrip('.,')}" if asked else "holds more than tensors and plain values"
@@ -280,6 +277,9 @@ def freeze_tensors(model: torch.nn.Module, names: set[str], path: Path) -> int:
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):
-            module.train = types.MethodType(lambda self, mode=True: torch.nn.Module.train(self, False), module)
+            # this one module's train() replaced: mypy refuses assigning to a method, which is the point here
+            module.train = types.MethodType(  # type: ignore[method-assign]
+                lambda self, mode=True: torch.nn.Module.train(self, False), module
+            )
             module.eval()
     return sum(1 for name in names if name in params)

@@ -84,6 +84,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. After a command that ``finished`` on every process, the processes first wait for each
+    other: one leaving while another still writes its report can abort gloo's threads at exit ("terminate called
+    without an active exception"). After an error they do not wait, since the others may never get there."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -59,9 +60,9 @@ class RunLogger:
 
     def __init__(self, run_dir: Path | None, enabled: bool = True) -> None:
         self.enabled = enabled and run_dir is not None
-        self.writer = None
+        self._writer: Any = None  # TensorBoard's, opened at the first figure it is given
         self.progress: Progress | None = None
-        self.task_id = None
+        self.task_id: TaskID | None = None
         self.started = time.time()
         self.written = -math.inf  # when the progress file was last written
         self.status: dict[str, Any] = {
@@ -77,12 +78,20 @@ class RunLogger:
         }
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
+        assert run_dir is not None  # enabled only with a run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / "train.log"
         self.progress_path = run_dir / PROGRESS_FILE
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tensorboard_dir = run_dir / "tensorboard"
+
+    def writer(self) -> Any:
+        """TensorBoard's writer, None when logging is off. Opened on first use: importing it costs a tenth of a second
+        (it pulls in boto3), which a run should not pay before its data is read."""
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+        return self._writer
 
     def info(self, message: str) -> None:
         if not self.enabled:
@@ -116,6 +125,7 @@ class RunLogger:
 
     def update(self, completed: int, loss: float, images_per_s: float, metric: str) -> None:
         if self.progress is not None:
+            assert self.task_id is not None  # start_epoch adds the task with the progress bar
             stats = f"loss {loss:.4f}  {metric}  {per_second(images_per_s)} img/s"
             self.progress.update(self.task_id, completed=completed, stats=stats)
         self.status["loss"] = loss
@@ -155,17 +165,19 @@ class RunLogger:
         self.written = now
 
     def scalars(self, values: dict[str, Any], step: int, prefix: str = "") -> None:
-        if self.writer is None:
+        writer = self.writer()
+        if writer is None:
             return
         for key, value in values.items():
             if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{prefix}{key}", value, step)
+                writer.add_scalar(f"{prefix}{key}", value, step)
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        if self.writer is not None and images.numel():
-            self.writer.add_images(tag, images.detach().float().clamp(0, 1).cpu(), step)
+        writer = self.writer()
+        if writer is not None and images.numel():
+            writer.add_images(tag, images.detach().float().clamp(0, 1).cpu(), step)
 
     def close(self) -> None:
         self.end_epoch()
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

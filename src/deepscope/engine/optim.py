@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, mode: str = "max"
-) -> tuple[object | None, str]:
+) -> tuple[torch.optim.lr_scheduler.LRScheduler | None, str]:
     """Return (scheduler, when) where ``when`` is 'step', 'epoch' (plateau, given the metric) or 'never'."""
     total_steps = max(1, total_steps)
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
@@ -44,7 +45,11 @@ def build_scheduler(
     if cfg.schedule == "plateau":
         return (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
+                optimizer,
+                # "min" or "max" (TrainConfig.monitor_mode); ReduceLROnPlateau refuses any other
+                mode=cast(Literal["min", "max"], mode),
+                factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
             ),
             "epoch",
         )

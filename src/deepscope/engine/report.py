@@ -7,20 +7,38 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
-from deepscope.atomic import write_text
+from deepscope.atomic import atomic_write, write_text
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a report draws its first figure: matplotlib
+    costs a few tenths of a second to import, which no command should pay before its work starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Write a figure as a PNG atomically (a kill never leaves half a picture) and close it."""
+    try:
+        atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=dpi), "picture")
+    finally:
+        pyplot().close(fig)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss curves (train and validation) and every other validation metric against epochs."""
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     metric_keys = [k for k in history[-1] if k.startswith("val_") and k != "val_loss"] if history else []
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -35,8 +53,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     if metric_keys:
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
@@ -45,8 +62,9 @@ def display_rgb(image: np.ndarray) -> np.ndarray:
     return np.clip(np.moveaxis(rgb, 0, -1), 0, 1)
 
 
-def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int = 8) -> None:
+def image_grid(images: np.ndarray | Sequence[np.ndarray], captions: list[str], path: Path, columns: int = 8) -> None:
     """Save (N, H, W, C) images in [0, 1] as a captioned grid."""
+    plt = pyplot()
     rows = max(1, -(-len(images) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
     for ax in axes.ravel():
@@ -57,12 +75,12 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
         )
         ax.set_title(caption, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_lines(x: list[float], series: dict[str, list[float]], path: Path, xlabel: str, ylabel: str) -> None:
     """One line per named series against ``x`` (e.g. instance scores against the IoU threshold)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, values in series.items():
         ax.plot(x, values, "o-", label=name)
@@ -70,12 +88,12 @@ def plot_lines(x: list[float], series: dict[str, list[float]], path: Path, xlabe
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
     """Confusion matrix as a picture, with counts written in the cells for up to 20 classes."""
+    plt = pyplot()
     size = max(4.0, 0.45 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
@@ -88,8 +106,7 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
                 j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
             )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -54,9 +54,8 @@ class Task(ABC):
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.notes: list[
-            str
-        ] = []  # lines for the run log from setup and model building (e.g. which weights were loaded)
+        # lines for the run log from setup and model building (e.g. which weights were loaded)
+        self.notes: list[str] = []
 
     @abstractmethod
     def setup(self, device: torch.device, dist: DistInfo) -> None:

@@ -216,7 +216,7 @@ class Trainer:
             losses[step] = self._step(run, batch)
             log.advance(step + 1)
             seen += len(batch[0])
-            late = time.time() > run.deadline
+            late: float = time.time() > run.deadline  # a flag, then the largest over the processes (0.0 or 1.0)
             if step % CHECK_EVERY_STEPS and step != run.steps - 1 and not (late and not run.dist.enabled):
                 continue
             # losses are checked in windows so the GPU is not synchronised at every step

@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import tifffile
-import zarr
 
 from deepscope.atomic import WriteError, temporary
 from deepscope.data.io.volumes import HDF5_SUFFIXES, LAZY_SUFFIXES, TIFF_SUFFIXES, LazyVolume, read_volume
@@ -57,6 +55,9 @@ class Output:
         chunks = tuple(min(int(c), int(s)) for c, s in zip(chunks, shape))
         try:
             if suffix in HDF5_SUFFIXES:
+                # imported by the outputs that need it, not by every command
+                import h5py
+
                 self._file = h5py.File(path, "a")
                 self.array: Any = self._file.create_dataset(
                     self._partial,
@@ -67,15 +68,18 @@ class Output:
                     compression_opts=1,
                 )
             elif suffix == ".zarr":
+                import zarr
+
                 group = zarr.open_group(str(path), mode="a")
                 self.array = group.create_array(
                     self._partial, shape=tuple(shape), dtype=dtype, chunks=chunks, overwrite=True
                 )
             elif suffix in TIFF_SUFFIXES:
+                # (H, W, RGB[A]); anything else is stored as grey planes
                 colour = len(shape) == 3 and shape[-1] in (
                     3,
                     4,
-                )  # (H, W, RGB[A]); anything else is stored as grey planes
+                )
                 self.array = tifffile.memmap(
                     self._tmp, shape=tuple(shape), dtype=dtype, photometric="rgb" if colour else "minisblack"
                 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,11 @@ Ranges = tuple[tuple[int, int], ...]
 
 def _per_axis(value: int | Sequence[int], ndim: int, name: str, minimum: int) -> tuple[int, ...]:
     """One size per spatial axis from an int or a sequence; a sequence of the wrong length is refused, not broadcast."""
-    sizes = (int(value),) * ndim if np.isscalar(value) else tuple(int(v) for v in value)
+    # np.isscalar's TypeGuard narrows to numpy's scalar types and leaves the int in the other branch
+    if np.isscalar(value):
+        sizes = (int(cast(SupportsInt, value)),) * ndim
+    else:
+        sizes = tuple(int(v) for v in cast(Sequence[int], value))
     if len(sizes) != ndim or min(sizes) < minimum:
         raise DeepscopeError(f"{name} must give {ndim} sizes of at least {minimum} (one per spatial axis), got {value}")
     return sizes
@@ -202,8 +206,7 @@ def predict_tiled(
                 if progress is not None:
                     progress(predicted, windows)
             if weight is not None:
-                done = (
-                    grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]
-                )  # no later tile reaches above
+                # no later tile reaches above
+                done = grid[0][k + 1][0] - grow[0] if k + 1 < len(grid[0]) else spatial[0]
                 out[:, lo:done] = (acc[:-1, : done - lo] / acc[-1:, : done - lo]).astype(dtype, copy=False)
     return out

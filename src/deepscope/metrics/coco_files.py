@@ -57,10 +57,11 @@ def _check_entry(source: Any, where: str, entry: dict[str, Any], keys: tuple[str
         if key in entry and not isinstance(entry[key], str):
             raise DataError(f"{source}: {where} has {key} {shown(entry[key])}, expected text")
     bbox = entry.get("bbox")
-    if "bbox" in keys and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
-        raise DataError(f"{source}: {where} has bbox {shown(bbox)}, expected 4 numbers [x, y, width, height]")
-    if "bbox" in keys and (bbox[2] < 0 or bbox[3] < 0):
-        raise DataError(f"{source}: {where} has a negative width or height in bbox {bbox}")
+    if "bbox" in keys:
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
+            raise DataError(f"{source}: {where} has bbox {shown(bbox)}, expected 4 numbers [x, y, width, height]")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DataError(f"{source}: {where} has a negative width or height in bbox {bbox}")
     for key in ("score", "area"):
         if (key in keys or key in entry) and not (is_number(entry[key]) and (key == "score" or entry[key] >= 0)):
             raise DataError(f"{source}: {where} has {key} {shown(entry[key])}, expected a number")
@@ -221,7 +222,7 @@ def detections_to_coco(
     """
     if len(images) != len(detections):
         raise ValueError(f"{len(images)} images but {len(detections)} detection lists")
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for image, det in zip(images, detections):
         boxes = torch.as_tensor(det["boxes"], dtype=torch.float64).cpu().reshape(-1, 4).tolist()
         scores = torch.as_tensor(det["scores"], dtype=torch.float64).cpu().tolist()
@@ -239,7 +240,7 @@ def detections_to_coco(
                 "area": round(w * h, 2),
                 "iscrowd": 0,
             }
-            if rles:
+            if masks is not None and rles:  # rles is empty without masks
                 annotation["area"] = float(masks[k].sum())
                 annotation["segmentation"] = rles[k]
             annotations.append(annotation)

@@ -10,7 +10,7 @@ precision-recall curves together.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ class DetectionScorer:
         max_detections: int = 100,
         masks: bool = False,
         voc_ious: tuple[float, ...] = (0.4, 0.5, 0.75),
-        backend: str = "faster_coco_eval",
+        backend: Literal["pycocotools", "faster_coco_eval"] = "faster_coco_eval",
         device: torch.device | str = "cpu",
     ) -> None:
         from torchmetrics.detection import MeanAveragePrecision

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import skimage.metrics
-from scipy.optimize import linear_sum_assignment
 
 from deepscope.data.io.volumes import match_by_stem, read_volume
 from deepscope.errors import DataError
@@ -94,6 +93,9 @@ def _max_matching(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     candidate[sub_rows, sub_cols] = rest
     # Maximising the number of candidates assigned, not their summed IoU, which could prefer one
     # high-IoU match over two lower ones that both pass the threshold.
+    # scipy.optimize takes a tenth of a second to import: when first scored
+    from scipy.optimize import linear_sum_assignment
+
     assigned = candidate[linear_sum_assignment(candidate >= 0, maximize=True)]
     return np.concatenate([np.flatnonzero(alone), assigned[assigned >= 0]])
 
@@ -241,7 +243,11 @@ def summarize(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise DataError("no images to evaluate")
     keys = list(per_image[0]["thresholds"])
     totals = {
-        float(k): tuple(int(sum(image["thresholds"][k][c] for image in per_image)) for c in ("tp", "fp", "fn"))
+        # three counts: tp, fp, fn
+        float(k): cast(
+            tuple[int, int, int],
+            tuple(int(sum(image["thresholds"][k][c] for image in per_image)) for c in ("tp", "fp", "fn")),
+        )
         for k in keys
     }
     summed = _threshold_report(totals)

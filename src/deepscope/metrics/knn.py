@@ -67,6 +67,5 @@ def knn_accuracy(
     if not bool(labelled.any()):
         raise DataError("kNN: no labelled query features (all labels are -1)")
     predicted = knn_predict(queries[labelled.to(queries.device)], bank, bank_labels, num_classes, k, temperature)
-    return int((predicted == query_labels[labelled].to(predicted.device)).sum()) / len(
-        predicted
-    )  # exact: a ratio of counts
+    # exact: a ratio of counts
+    return int((predicted == query_labels[labelled].to(predicted.device)).sum()) / len(predicted)

@@ -81,14 +81,16 @@ def _checked_tree(tree: Any, n_features: int, n_classes: int, index: int) -> tup
     if not isinstance(tree, dict) or not isinstance(tree.get("nodes"), dict):
         raise ValueError(f"{what} has no node arrays")
     dtype = _node_dtype()
-    if set(tree["nodes"]) != set(dtype.names):
+    names = dtype.names
+    assert names is not None  # the nodes' dtype is structured: it always has field names
+    if set(tree["nodes"]) != set(names):
         raise ValueError(
-            f"{what} has node fields {sorted(tree['nodes'])}; this scikit-learn's trees have {list(dtype.names)}"
+            f"{what} has node fields {sorted(tree['nodes'])}; this scikit-learn's trees have {list(names)}"
         )
     count = len(tree["nodes"]["left_child"]) if isinstance(tree["nodes"]["left_child"], np.ndarray) else 0
     if not 1 <= count <= MAX_NODES:
         raise ValueError(f"{what} has {count} nodes")
-    fields = {name: _array(tree["nodes"][name], f"{what}'s {name}", dtype[name], (count,)) for name in dtype.names}
+    fields = {name: _array(tree["nodes"][name], f"{what}'s {name}", dtype[name], (count,)) for name in names}
     left, right, feature = fields["left_child"], fields["right_child"], fields["feature"]
     leaf = left == TREE_LEAF
     index_of = np.arange(count)
@@ -142,7 +144,8 @@ def rebuild_forest(state: Any) -> RandomForestClassifier:
     ):
         raise ValueError("its classes are not distinct integer labels")
     defaults = RandomForestClassifier().get_params()
-    given = state.get("params") if isinstance(state.get("params"), dict) else {}
+    stored = state.get("params")
+    given = stored if isinstance(stored, dict) else {}
     params = {
         k: v
         for k, v in given.items()

@@ -8,7 +8,7 @@ ResNet, ``encoder.encoder.0`` / ``encoder.bottleneck`` of a U-Net), so ``--init-
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ def build_encoder(name: str, in_shape: tuple[int, int, int], **model_args: Any) 
     if name == "resnet18":
         return construct_model(name, ResNet, (in_shape, 0), {"in_shape", "num_classes", "blocks"}, model_args)
     if name == "unet":
-        encoder = construct_model(name, UNetEncoder, (in_shape[0],), {"in_channels"}, model_args)
+        encoder = cast(UNetEncoder, construct_model(name, UNetEncoder, (in_shape[0],), {"in_channels"}, model_args))
         if any(size % d for size, d in zip(in_shape[1:], encoder.divisor)):
             raise DeepscopeError(
                 f"image size {tuple(in_shape[1:])} must be divisible by {encoder.divisor} for a U-Net encoder "
@@ -86,7 +86,8 @@ class SSLModel(nn.Module):
         if not projector or min(projector) < 1:
             raise DeepscopeError(f"projector must list one or more positive layer widths, got {projector}")
         self.encoder = encoder
-        self.projector = mlp_head(encoder.out_features, projector)
+        # the encoders of build_encoder hold their feature count as an int
+        self.projector = mlp_head(cast(int, encoder.out_features), projector)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(x)

@@ -8,6 +8,8 @@ One class covers both so segmentation code picks the dimensionality with a flag.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,8 @@ def double_conv(c_in: int, c_out: int, dim: int, norm: str) -> nn.Sequential:
 class MaxBlurPool(nn.Module):
     """Max pooling evaluated at every position, then a [1, 2, 1] binomial blur before subsampling (Zhang 2019,
     "Making convolutional networks shift-invariant again"); torch has no such layer. Pool factors must be 1 or 2."""
+
+    kernel: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, pool: tuple[int, ...]) -> None:
         super().__init__()
@@ -118,9 +122,9 @@ class UNet(nn.Module):
     def _up(self, c_in: int, c_out: int, mode: str) -> nn.Module:
         """Undo one pooling step and halve the channels, by a learned or a fixed interpolation."""
         if mode == "transpose":
-            return (nn.ConvTranspose2d if self.dim == 2 else nn.ConvTranspose3d)(
-                c_in, c_out, self.pool, stride=self.pool
-            )
+            # self.pool holds self.dim factors, as each layer expects
+            transpose: Callable[..., nn.Module] = nn.ConvTranspose2d if self.dim == 2 else nn.ConvTranspose3d
+            return transpose(c_in, c_out, self.pool, stride=self.pool)
         interp = nn.Upsample(
             scale_factor=self.pool, mode="bilinear" if self.dim == 2 else "trilinear", align_corners=False
         )

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial import cKDTree
 from skimage.segmentation import relabel_sequential
 from torch import Tensor
 
@@ -67,6 +66,9 @@ def _neighbours(centres: Tensor, dist: Tensor, rays: Tensor) -> tuple[Tensor, Te
     """
     radius = dist.amax(1)
     points, radii = centres.cpu().double().numpy(), radius.cpu().double().numpy()
+    # imported when star instances are first drawn
+    from scipy.spatial import cKDTree
+
     pairs = cKDTree(points).query_pairs(2 * float(radii.max()), output_type="ndarray")
     close = np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1) < radii[pairs[:, 0]] + radii[pairs[:, 1]]
     first, second = torch.from_numpy(pairs[close]).to(centres.device).unbind(1)

@@ -7,6 +7,8 @@ the whole foreground by a watershed, so the boundary pixels cut away to separate
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
@@ -74,7 +76,7 @@ def watershed_from_seeds(
             True
         )
         markers = label(peaks, connectivity=full)  # touching peaks of one plateau are one seed
-    relief = boundaries if boundaries is not None else -distance
+    relief = boundaries if boundaries is not None else -cast(np.ndarray, distance)  # computed without boundaries
     grown = watershed(relief, markers, connectivity=full, mask=mask)
     return relabel_sequential(size_filter(grown, min_size))[0].astype(np.int32)
 

@@ -62,7 +62,7 @@ from deepscope.serve.http import (
     slice_index,
     visible_region,
 )
-from deepscope.serve.labels import LabelStore, Stroke
+from deepscope.serve.labels import Box, LabelStore, Stroke
 from deepscope.serve.live import LiveClassifier
 from deepscope.serve.project import LabelClass, Project
 from deepscope.serve.tiles import (
@@ -115,7 +115,9 @@ def same_origin(url: str | None, host: str) -> bool:
 def token_matches(offered: str | None, token: str) -> bool:
     """Whether ``offered`` is ``token``, in constant time; compared as bytes, because ``compare_digest`` refuses
     strings with non-ASCII characters (a request could send any)."""
-    return bool(offered) and secrets.compare_digest(offered.encode("utf-8", "surrogatepass"), token.encode())
+    if not offered:
+        return False
+    return secrets.compare_digest(offered.encode("utf-8", "surrogatepass"), token.encode())
 
 
 class Guard:
@@ -257,7 +259,7 @@ class Session:
             "channels": image.channels,
             "ndim": image.ndim,
             "dtype": image.dtype,
-            "levels": level_count(image.spatial[-2:]),
+            "levels": level_count((image.spatial[-2], image.spatial[-1])),
             "tile": TILE,
             "contrast": [list(pair) for pair in image.contrast()],
             "labels_version": self.store.version(image.name),
@@ -305,11 +307,12 @@ class Session:
         (``labels_error``, None when it could: the strokes are safe in the journal either way)."""
         image = self.image(params)
         error = self.store.write_error(image.name)
+        # no server paths in the page
         return {
             **self.live.status(image.name),
             "labels_version": self.store.version(image.name),
             "labels_error": error and error.replace(f"{self.folder.root}/", ""),
-        }  # no server paths in the page
+        }
 
     # --- changing ------------------------------------------------------------------------------------------------
 
@@ -318,6 +321,7 @@ class Session:
         image = self.image(params)
         z, region = self.viewed(image, body)  # checked first: a refused request changes nothing
         with self.editing:
+            changed: Box | None
             if action == "stroke":
                 stroke = Stroke.from_json(body, image.spatial)
                 if stroke.label and stroke.label not in self.colours():
@@ -530,9 +534,8 @@ def serve(folder: str | Path = ".", host: str = "127.0.0.1", port: int = 8000, o
         announce(url)
         app = create_app(root, token=token, hosts=None if token else LOOPBACK_NAMES | {host.strip("[]").lower()})
         print(f"deepscope serve: open {url}" + (f"?token={token}" if token else "") + "  (Ctrl-C stops)", flush=True)
-        with contextlib.suppress(
-            KeyboardInterrupt
-        ):  # uvicorn shut the app down cleanly (labels written), then passed Ctrl-C on
+        # Ctrl-C: uvicorn shuts the app down cleanly (labels written), then passes Ctrl-C on
+        with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

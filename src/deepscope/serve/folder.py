@@ -212,7 +212,8 @@ class ServedFolder:
     def images(self) -> list[ImageEntry]:
         """The served images, sorted: those of ``images/`` when that folder exists, else the folder's own; an
         unreadable file is an entry with its error rather than an exception."""
-        entries, stems = [], {}
+        entries: list[ImageEntry] = []
+        stems: dict[str, str] = {}
         for name, path in self._candidates():
             error = self._duplicate(name, stems)
             shape = None

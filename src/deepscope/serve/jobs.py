@@ -48,7 +48,6 @@ from deepscope.serve.labels import LabelStore
 from deepscope.serve.lifeline import KILL_AFTER_S
 from deepscope.serve.project import Project
 from deepscope.tasks.pixel.classifier import CLASSIFIER_FILE
-from deepscope.tasks.segment.config import INSTANCE_TARGETS
 
 KINDS = {"segment": ("labels", "instances"), "pixel-deep": ("labels",)}  # kind -> the sources it trains on
 FIELDS = ("kind", "source", "max_minutes", "epochs", "target", "settings")  # of a job request
@@ -217,6 +216,9 @@ class JobService:
         if epochs is not None and not 1 <= integer(epochs, "epochs") <= MAX_EPOCHS:
             raise DeepscopeError(f"epochs: expected 1 to {MAX_EPOCHS}, got {epochs!r}")
         target = request.get("target")
+        # segment's settings import its post-processing (scikit-image): when a job is asked for, not at start
+        from deepscope.tasks.segment.config import INSTANCE_TARGETS
+
         if target is not None and (source != "instances" or target not in INSTANCE_TARGETS):
             raise DeepscopeError(
                 f"target {target!r}: only instance jobs take a target, one of {', '.join(INSTANCE_TARGETS)}"

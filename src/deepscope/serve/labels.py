@@ -27,7 +27,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard, cast
 
 import numpy as np
 import tifffile
@@ -50,7 +50,7 @@ JOURNAL_KEY = "deepscope_journal"  # TIFF description: {JOURNAL_KEY: number of t
 Box = tuple[slice, ...]
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     """A finite JSON number (not a boolean, not an integer too large for a float)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
@@ -176,7 +176,8 @@ def _read_saved(path: Path, image: ServedImage) -> tuple[np.ndarray, int]:
         return np.zeros(image.spatial, np.uint8), 0
     try:
         with tifffile.TiffFile(path) as tif:
-            array, description = tif.asarray(), tif.pages[0].description
+            # the first page is a TiffPage (a TiffFrame only follows one)
+            array, description = tif.asarray(), cast(tifffile.TiffPage, tif.pages[0]).description
     except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
         raise DataError(f"{path}: corrupt or unreadable label image ({type(exc).__name__}: {exc})") from None
     if array.shape != tuple(image.spatial):

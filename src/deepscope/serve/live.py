@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.ensemble import RandomForestClassifier
 
 from deepscope.data.io.views import input_view
 from deepscope.errors import DeepscopeError
@@ -180,6 +179,9 @@ class LiveClassifier:
                 spec, spec_id = self._spec(kind), self._spec_id
             pairs = [self._labelled_pixels(name) for name in names]
             x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+            # not imported until a forest is fitted
+            from sklearn.ensemble import RandomForestClassifier
+
             forest = RandomForestClassifier(
                 LIVE_TREES, max_depth=LIVE_DEPTH, max_samples=min(len(y), LIVE_SAMPLES), n_jobs=-1, random_state=0
             ).fit(x, y)
@@ -250,7 +252,7 @@ class LiveClassifier:
         with self._lock:
             model = self._model
             plane = self._planes.get((name, self._viewed.get(name, 0)))
-            current = model is not None and plane is not None and plane.version == self._version
+            current = plane if model is not None and plane is not None and plane.version == self._version else None
             busy = any(
                 job is not None and job.name == name and job.generation == self._generation
                 for job in (self._job, self._running)
@@ -258,7 +260,7 @@ class LiveClassifier:
             return {
                 "model": self._version if model is not None else None,
                 "classes": [] if model is None else model.classes,
-                "predicted": float(plane.done.mean()) if current else 0.0,
+                "predicted": float(current.done.mean()) if current is not None else 0.0,
                 "busy": busy,
             }
 
@@ -417,6 +419,7 @@ class LiveClassifier:
                 if job is not None:
                     self._complete(job)
                 else:
+                    assert prefetch is not None  # woken without a job: for a prefetch, popped above
                     self._image_features(prefetch)
             except (DeepscopeError, OSError):
                 pass  # the request that needs these reports the problem

@@ -61,6 +61,7 @@ from deepscope.serve.tiles import (
 log = logging.getLogger(__name__)
 
 KINDS = ("probabilities", "classes", "outlines", "denoised")
+# app.js's
 PALETTE = (
     "#1f77b4",
     "#ff7f0e",
@@ -71,7 +72,7 @@ PALETTE = (
     "#e377c2",
     "#17becf",
     "#bcbd22",
-)  # app.js's
+)
 PROBABILITY_COLOUR = "#ff00ff"  # an instance model's object probability
 MAX_LOOKED_AT = 2000  # files and folders looked at when listing checkpoints: a huge folder must not stall the page
 MAX_DEPTH = 6
@@ -292,7 +293,10 @@ class DetectModel(Model):
         return Result(boxes=boxes, summary=f"{len(boxes)} boxes, {confident} scoring at least 0.5")
 
 
-MODELS: dict[str, type[Model]] = {m.task: m for m in (SegmentModel, DenoiseModel, ClassifyModel, DetectModel)}
+# by task: the subclasses open a checkpoint from (path, path relative to the folder, device)
+MODELS: dict[str, Callable[[Path, str, torch.device], Model]] = {
+    m.task: m for m in (SegmentModel, DenoiseModel, ClassifyModel, DetectModel)
+}
 
 
 @dataclass
@@ -391,7 +395,7 @@ class ModelService:
             return None, str(exc).replace(str(path), relative)  # no server paths in the page
         return task, None if task is None or task in MODELS else f"task {task!r} cannot be shown here"
 
-    def open(self, path: str) -> dict[str, Any]:
+    def open(self, path: object) -> dict[str, Any]:  # from a request body: checked here
         """Load the checkpoint at ``path`` (relative to the folder) on CUDA when present, else the CPU; it replaces
         the open model, whose runs are cancelled and whose results are forgotten. Its description."""
         if not isinstance(path, str) or not path:
@@ -553,7 +557,7 @@ class ModelService:
         self._opened()
         image = self.folder.open(name)
         z = slice_index(image, z)
-        y0, y1, x0, x1 = tile_box(tuple(image.spatial[-2:]), level, ty, tx)
+        y0, y1, x0, x1 = tile_box((image.spatial[-2], image.spatial[-1]), level, ty, tx)
         result = self.result(name, z)
         array = None if result is None else result.plane(kind, z)
         if array is None:

@@ -277,7 +277,7 @@ class InstanceEditor(BackgroundWriter):
                 {"points": points, "radius": radius, "label": 0, "z": slice_index(image, z)}, image.spatial
             )
             drawn_box, drawn = stroke.raster(image.spatial)
-            drawn_box, drawn = drawn_box[-2:], drawn.reshape(drawn.shape[-2:])
+            drawn_box, drawn = (drawn_box[-2], drawn_box[-1]), drawn.reshape(drawn.shape[-2:])
             plane = self._plane_ids(mask, key)
             under = plane[drawn_box][drawn]
             values, counts = np.unique(under[under > 0], return_counts=True)
@@ -399,7 +399,9 @@ class InstanceEditor(BackgroundWriter):
         before = self._plane_ids(mask, key)[box].copy()
         self._apply(mask, key, box, after, ids)
         plane = self._plane(mask, key)
-        plane.done.append(_Step(box, zlib.compress(before, 1), zlib.compress(np.ascontiguousarray(after), 1), ids))
+        # .data: the arrays' own buffers (typed as such, unlike an ndarray under Python 3.11)
+        done = _Step(box, zlib.compress(before.data, 1), zlib.compress(np.ascontiguousarray(after).data, 1), ids)
+        plane.done.append(done)
         plane.undone.clear()
         return self._reply(image, mask, key, box, ids)
 

@@ -14,7 +14,6 @@ import threading
 
 import numpy as np
 from PIL import Image
-from skimage.segmentation import find_boundaries
 
 from deepscope.errors import DeepscopeError
 
@@ -204,6 +203,9 @@ def outlines_png(
     the background, transparent elsewhere; the inside of object ``selected`` (when given) is ``fill`` (colour,
     alpha)."""
     instances = np.asarray(instances)
+    # skimage.segmentation imports skimage.morphology and scipy.spatial: not before the page is served
+    from skimage.segmentation import find_boundaries
+
     border = find_boundaries(instances, mode="inner", background=0)
     pixels = np.zeros((*border.shape, 4), np.uint8)
     if selected:

@@ -65,7 +65,8 @@ class TaskCommands:
     ``--model`` mean for this task. ``evaluate`` and ``predict`` run ``deepscope evaluate|predict CHECKPOINT`` for a
     checkpoint of this task with the parsed arguments and the device; their flags are ``evaluate_options`` and
     ``predict_options`` (a flag several tasks declare is added once; given with another task's checkpoint it is an
-    error). ``score_saved`` runs ``deepscope evaluate TASK --pred --truth``, scores of saved results without a model.
+    error). ``score_saved`` runs ``deepscope evaluate TASK --pred --truth``, scores of saved results without a model;
+    ``score_options`` names the evaluate flags it takes.
     """
 
     name: str
@@ -78,6 +79,7 @@ class TaskCommands:
     predict_options: tuple[Option, ...] = ()
     predict: Callable[[argparse.Namespace, Any], Result] | None = None
     score_saved: Callable[[argparse.Namespace], Result] | None = None
+    score_options: tuple[str, ...] = ()  # the evaluate flags (by dest) that ``score_saved`` takes
 
 
 SET = option("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. optim.lr=0.1")
@@ -181,7 +183,7 @@ def resolve_config(config_cls: type, args: argparse.Namespace, options: tuple[Op
         if opt.key and value is not None:
             set_dotted(values, opt.key, value)
     values["task"] = task
-    config = from_dict(config_cls, values, args.config or "command line")
+    config: Any = from_dict(config_cls, values, args.config or "command line")
     if not config.data and not getattr(config, "images", None):
         raise DeepscopeError("no data given: pass --data PATH (or data: in the --config file)")
     return config
@@ -217,3 +219,13 @@ TILED_PREDICT_OPTIONS = (
     option("--key", help="dataset/array inside HDF5, zarr or NPZ inputs"),
     option("--batch-size", type=int, help="tiles per forward pass"),
 )
+
+
+def tiled_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of :data:`TILED_PREDICT_OPTIONS`, as keyword arguments of a tiled ``predict_files``."""
+    return {opt.dest: getattr(args, opt.dest) for opt in TILED_PREDICT_OPTIONS}
+
+
+def predictions(records: list[dict[str, Any]], out: str) -> Result:
+    """What ``predict`` prints for images predicted into files."""
+    return {"predictions": len(records), "out": str(out), "outputs": records}

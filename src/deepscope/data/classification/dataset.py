@@ -264,7 +264,7 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
             )
         names = [str(n) for n in arrays["class_names"]]
         num_classes = len(names)
-    splits: dict[str, ImageSet] = {}
+    splits: dict[str, AnyImageSet] = {}
     for split in SPLITS:
         if f"x_{split}" not in arrays:
             continue
@@ -288,6 +288,7 @@ def load_npz(path: Path, resize: tuple[int, int] | None) -> ClassificationData:
                 f"{path}: y_{split}[{i}] = {data.labels[i]} is out of range for {num_classes} classes "
                 f"(labels must be 0..{num_classes - 1})"
             )
+    assert names is not None  # set with num_classes: from class_names or from the labels
     return ClassificationData(splits, names, str(path))
 
 

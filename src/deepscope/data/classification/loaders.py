@@ -105,9 +105,11 @@ class DeviceLoader:
         """Slice, scale, normalize and (training only: ``self.augment`` is set for shuffled loaders) augment a batch."""
         x = self.images[index].permute(0, 3, 1, 2).contiguous().float().div_(self.scale)
         if self.augment is not None:
+            assert generator is not None  # only shuffled loaders augment, and they pass their generator
             x = self.augment.photometric(x, generator, n, rows)
         x = (x - self.mean) / self.std
         if self.augment is not None:
+            assert generator is not None  # as above
             x = self.augment.geometric(x, generator, n, rows)
         if self.channels_last:  # last: the augmentation's gathers are faster on contiguous tensors
             x = x.contiguous(memory_format=torch.channels_last)
@@ -141,7 +143,7 @@ def torch_loader(data: AnyImageSet, spec: BatchSpec, num_workers: int = 0, pin_m
     dataset = TransformDataset(
         data, torchvision_pipeline(spec.augment if spec.shuffle else None, spec.mean, spec.std, size)
     )
-    sampler = (
+    sampler: DistributedSampler[int] | None = (
         DistributedSampler(dataset, spec.world, spec.rank, shuffle=spec.shuffle, seed=spec.seed, drop_last=spec.shuffle)
         if spec.world > 1
         else None

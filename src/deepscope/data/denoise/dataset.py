@@ -131,8 +131,8 @@ def load_split(files: dict[str, dict[str, Path]], key: str | None, ndim: int | N
             images[role] = image
         assert first is not None
         items.append(DenoiseItem(name, images, np.dtype(dtypes.get("clean", next(iter(dtypes.values()))))))
-    dims = {len(item.spatial) for item in items}
-    if len(dims) > 1:
+    ranks = {len(item.spatial) for item in items}
+    if len(ranks) > 1:
         raise DataError(
             f"{', '.join(str(p) for p in next(iter(files.values())).values())}: 2D and 3D images mixed in one data set"
         )
@@ -182,7 +182,7 @@ class PatchBank:
                 view = [n] + [1] * k
                 view[1 + a] = p
                 axes.append((c[:, None] + torch.arange(p, device=self.device)).view(view))
-            at = (index.view(n, *[1] * k), slice(None), *axes)
+            at: tuple[Tensor | slice, ...] = (index.view(n, *[1] * k), slice(None), *axes)
             for r in self.roles:
                 parts[r].append(stack[r][at].movedim(-1, 1))
         return {r: torch.cat(v) for r, v in parts.items()}

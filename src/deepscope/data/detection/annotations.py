@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, cast, overload
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeXML
@@ -28,7 +28,6 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import yaml
 from defusedxml import DefusedXmlException
-from scipy import ndimage
 
 from deepscope.data.detection.types import DetData, DetItem
 from deepscope.data.io.images import is_image_file, probe_image
@@ -96,12 +95,20 @@ def _image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _check_size(source: Path, image: Path, stated: tuple[int, int], actual: tuple[int, int]) -> None:
+def _check_size(source: Path, image: Path, stated: tuple[int, ...], actual: tuple[int, int]) -> None:
     if stated != actual:
         raise DataError(f"{source}: states image size {stated[0]}x{stated[1]} but {image} is {actual[0]}x{actual[1]}")
 
 
-def _partners(images: list[Path], files: list[Path], kind: str, required: bool) -> list[tuple[Path, Path | None]]:
+@overload
+def _partners(
+    images: list[Path], files: list[Path], kind: str, required: Literal[True]
+) -> Sequence[tuple[Path, Path]]: ...
+@overload
+def _partners(
+    images: list[Path], files: list[Path], kind: str, required: bool
+) -> Sequence[tuple[Path, Path | None]]: ...
+def _partners(images: list[Path], files: list[Path], kind: str, required: bool) -> Sequence[tuple[Path, Path | None]]:
     """Each image with its annotation file, matched by stem or stem + ``_mask``; a file without an image is an error,
     and so is an image without a file when ``required`` (otherwise it has no objects)."""
     by_stem = {f.stem: f for f in files}
@@ -247,7 +254,9 @@ def _string_runs(counts: str) -> np.ndarray | None:
     first, bit 6 saying another follows and bit 5 of the last the sign; every run after the second is stored as the
     difference to the run two before it.
     """
-    codes = np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48 if counts.isascii() else np.zeros(0)
+    codes: np.ndarray = (
+        np.frombuffer(counts.encode("ascii"), np.uint8).astype(np.int64) - 48 if counts.isascii() else np.zeros(0)
+    )
     if not codes.size or codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
         return None
     ends = np.flatnonzero((codes & 0x20) == 0)  # the last character of each number
@@ -526,6 +535,9 @@ def _read_mask_file(image: Path, path: Path, name: str) -> _Annotated:
             f"{path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image {image} is {width}x{height}"
         )
     compact, original = compact_ids(labels)
+    # imported by the data sets that hold masks, not by every detection command
+    from scipy import ndimage
+
     found = [(i + 1, s) for i, s in enumerate(ndimage.find_objects(compact)) if s is not None]
     index = np.array([i for i, _ in found], dtype=np.intp)
     ids = original[index]
@@ -649,7 +661,7 @@ def _class_names(sources: list[_Source], given: list[str] | None) -> list[str]:
         if len(set(names)) != len(names) or not names:
             raise DataError(f"class names must be distinct and not empty, got {names}")
     elif fixed:
-        names = fixed[0].names
+        names = cast("list[str]", fixed[0].names)  # ``fixed`` holds the sources with a class list
         for source in fixed[1:]:
             if source.names != names:
                 raise DataError(f"{source.path}: classes {source.names} differ from {names} of {fixed[0].path}")
@@ -727,7 +739,8 @@ def load_detection_data(
     zero size are described in :data:`DROPPED_BOXES` (and counted in a warning).
     """
     DROPPED_BOXES.clear()
-    sources = _sources(*(None if p is None else Path(p) for p in (data, images, annotations)), class_names)
+    data_path, images_path, annotations_path = (None if p is None else Path(p) for p in (data, images, annotations))
+    sources = _sources(data_path, images_path, annotations_path, class_names)
     names = _class_names(list(sources.values()), class_names)
     label_of = {name: i + 1 for i, name in enumerate(names)}
     splits: dict[str, list[DetItem]] = {}
@@ -754,12 +767,13 @@ def coco_ground_truth(class_names: list[str], items: Sequence[DetItem], masks: b
     """The objects of ``items`` as a COCO data set for pycocotools: category ids 1..K, annotation ids from 1, boxes as
     [x, y, w, h], crowds as ``iscrowd``, ``area`` the item's own (a COCO file's mask area) or else the box area, as
     COCO does for boxes; with ``masks`` also each object's mask as RLE."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for item in items:
         images.append(
             {"id": int(item.image_id), "file_name": item.name, "width": int(item.width), "height": int(item.height)}
         )
-        rles = json_rles(item.masks()) if masks and item.has_masks else None
+        rles = json_rles(item.masks()) if masks and item.masks is not None else None
         sizes = item.boxes[:, 2:] - item.boxes[:, :2]
         areas = item.area if item.area is not None else sizes[:, 0] * sizes[:, 1]
         for k, (box, size) in enumerate(zip(item.boxes.tolist(), sizes.tolist())):

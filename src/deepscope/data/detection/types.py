@@ -27,9 +27,8 @@ class DetItem:
     crowd: np.ndarray  # (N,) bool: COCO iscrowd / VOC difficult; ignored by the metric, not trained as positives
     masks: Callable[[], np.ndarray] | None = None  # loads (N, H, W) bool instance masks on demand; None: boxes only
     image_id: int = 0  # COCO image id (from the annotation file, else the item's index + 1)
-    area: np.ndarray | None = (
-        None  # (N,) COCO ``area`` (mask area) when the file gives it; None: the metric uses box areas
-    )
+    # (N,) COCO ``area`` (mask area) when the file gives it; None: the metric uses box areas
+    area: np.ndarray | None = None
 
     @property
     def has_masks(self) -> bool:

@@ -48,8 +48,9 @@ def read_image(path: str | Path) -> np.ndarray:
         if path.suffix.lower() in {".tif", ".tiff"}:
             array = tifffile.imread(path)
         else:
-            with Image.open(path) as img:
-                img.load()
+            with Image.open(path) as opened:
+                opened.load()
+                img: Image.Image = opened
                 if img.mode in {"P", "PA", "CMYK", "YCbCr", "LA", "RGBA", "1"}:
                     img = img.convert("RGB")
                 array = np.array(img)  # a writable copy: torch warns about read-only buffers

@@ -193,7 +193,8 @@ def input_view(
         layout = "(H, W) or (H, W, C)" if ndim == 2 else "(D, H, W) or (C, D, H, W)"
         raise DataError(f"{name}: image of shape {shape} does not fit a {ndim}D model; expected {layout}")
     if normalize is not None:
-        image = normalized(image, ndim, *normalize, invert=invert, name=name)
+        low, high = normalize
+        image = normalized(image, ndim, low, high, invert=invert, name=name)
     elif invert != "never":
         raise DeepscopeError(f"invert={invert!r} needs percentile normalization, but normalize is off")
     try:

@@ -13,16 +13,17 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 import tifffile
-import zarr
 from numpy.lib.npyio import NpzFile
 
 from deepscope.data.io.images import DECODE_ERRORS, read_image, unreadable
 from deepscope.errors import DataError
+
+if TYPE_CHECKING:
+    import h5py
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -82,6 +83,8 @@ def match_by_stem(first_dir: Path, second_dir: Path, first_role: str, second_rol
 
 
 def _hdf5_datasets(file: h5py.File) -> list[str]:
+    import h5py
+
     names: list[str] = []
     file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
     return names
@@ -125,6 +128,9 @@ def open_volume(path: str | Path, key: str | None = None) -> Any:
         raise DataError(f"{path}: file not found")
     if suffix in HDF5_SUFFIXES:
         try:
+            # h5py and zarr are imported when a volume is opened, not by every command
+            import h5py
+
             file = h5py.File(path, "r")
         except OSError as exc:
             raise unreadable(path, exc, "HDF5 file") from None
@@ -137,6 +143,8 @@ def open_volume(path: str | Path, key: str | None = None) -> Any:
             raise
     if suffix == ".zarr":
         try:
+            import zarr
+
             node = zarr.open(str(path), mode="r")
             if isinstance(node, zarr.Array):
                 if key is not None:

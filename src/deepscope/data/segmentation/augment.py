@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import Tensor
 
 from deepscope.errors import DeepscopeError
@@ -237,6 +236,9 @@ def _hed_jitter(x: Tensor, limit: float, generator: torch.Generator) -> Tensor:
     matrix per sample, applied with one einsum (skimage's rgb2hed takes one numpy image at a time).
     """
     n, dtype = x.shape[0], x.dtype
+    # skimage.color imports scipy: not before the work starts
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
     unmix = torch.tensor(hed_from_rgb, dtype=torch.float32, device=x.device)
     mix = torch.tensor(rgb_from_hed, dtype=torch.float32, device=x.device)
     scale = 1 + _symmetric(limit, generator, 3 * n, x.device).view(n, 3)

@@ -189,7 +189,7 @@ class PatchDataset(Dataset):
         channels: int,
         min_foreground: float = 0.0,
         seed: int = 0,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         self.sampler = PatchSampler(
             [(item.image, item.labels) for item in items],

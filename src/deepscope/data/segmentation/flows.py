@@ -21,9 +21,8 @@ from torch import Tensor
 
 from deepscope.errors import DataError
 
-ITERATIONS_PER_EXTENT = (
-    2  # diffusion steps per pixel of an object's extent (sum of its bounding-box sides), as Cellpose
-)
+# diffusion steps per pixel of an object's extent (sum of its bounding-box sides), as Cellpose
+ITERATIONS_PER_EXTENT = 2
 
 
 def _checked(labels: Tensor) -> Tensor:

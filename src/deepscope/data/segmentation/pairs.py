@@ -117,7 +117,7 @@ class PatchSampler:
         max_tries: int = 50,
         rng: np.random.Generator | None = None,
         names: Sequence[str] | None = None,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
     ) -> None:
         if not pairs:
             raise DataError("PatchSampler needs at least one (image, labels) pair")

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.spatial import ConvexHull
 from skimage.segmentation import relabel_sequential
 from torch import Tensor
 
@@ -83,16 +82,16 @@ def _march(labels: Tensor, origins: Tensor, rays: Tensor) -> Tensor:
     # few pairs (object centres) test up to 64 steps per gather: the loop's fixed cost then dominates, not the tests
     chunk = 8 * min(8, max(1, _PAIRS_PER_GROUP // max(n_origins * group, 1)))
     padded_shape = [labels.shape[0], *(n + 2 for n in labels.shape[1:])]
-    strides = [math.prod(padded_shape[axis + 1 :]) for axis in range(labels.ndim)]
+    stride_list = [math.prod(padded_shape[axis + 1 :]) for axis in range(labels.ndim)]
     # a pair still inside its object is inside the batch, and the chunk's steps past its exit move at most ``chunk``
     # pixels per axis: a margin that wide at both ends of the flat array keeps every tested position in range
-    margin = chunk * sum(strides[1:])
+    margin = chunk * sum(stride_list[1:])
     low, high = torch.aminmax(labels)
     fits = int(low) >= -(2**31) and int(high) < 2**31
     small = fits and max(math.prod(padded_shape) + 2 * margin, n_origins * n_rays) < 2**31
     index = torch.int32 if small else torch.int64  # int32 gathers are cheaper
     flat = F.pad(F.pad(labels.to(index), [1, 1] * (labels.ndim - 1)).reshape(-1), [margin, margin])
-    strides = torch.tensor(strides, dtype=torch.int64, device=device)
+    strides = torch.tensor(stride_list, dtype=torch.int64, device=device)
     origin = ((origins + F.pad(torch.ones_like(origins[0, 1:]), [1, 0])) * strides).sum(1).to(index) + margin
     origin_value = flat.index_select(0, origin)
     steps = torch.zeros(n_origins * n_rays, dtype=torch.int32, device=device)
@@ -113,7 +112,7 @@ def _march(labels: Tensor, origins: Tensor, rays: Tensor) -> Tensor:
             position = (base + offset.to(index).index_select(0, ray)).view(-1)
             # hit flags, 8 steps to an int64 word
             hit = (flat.index_select(0, position).view(-1, chunk) != value).view(torch.int64)
-            before = walked + 1
+            before: int | Tensor = walked + 1  # a tensor, one number per pair, when words are searched
             if chunk > 8:  # the first word with a set byte holds the first step outside
                 word = (hit != 0).byte().argmax(1, keepdim=True)
                 hit, before = hit.gather(1, word), before + 8 * word.squeeze(1)
@@ -123,7 +122,7 @@ def _march(labels: Tensor, origins: Tensor, rays: Tensor) -> Tensor:
             flags = hit.index_select(0, done)
             # isolate the lowest set bit, read its byte off the exponent
             first = torch.frexp((flags & -flags).double())[1] // 8
-            first += before.index_select(0, done) if chunk > 8 else before
+            first += before.index_select(0, done) if isinstance(before, Tensor) else before  # chunk > 8
             steps.index_copy_(0, pair.index_select(0, done).long(), first.int())
             stay = (~out).nonzero().squeeze(1)
             pair, ray, base, value = (a.index_select(0, stay) for a in (pair, ray, base, value))
@@ -203,6 +202,9 @@ def _fan(n_rays: int, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     if ndim == 2:
         faces = np.stack([np.arange(n_rays), (np.arange(n_rays) + 1) % n_rays], axis=1)
     else:
+        # imported by 3D star targets alone
+        from scipy.spatial import ConvexHull
+
         faces = ConvexHull(rays).simplices
     return faces, np.linalg.inv(rays[faces].transpose(0, 2, 1))
 

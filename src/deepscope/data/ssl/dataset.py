@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -155,7 +155,8 @@ def load_labelled(
         found["train"] = found.pop("all")
     if "val" not in found and val_fraction > 0:
         found["train"], found["val"] = stratified_split(found["train"], val_fraction, seed)
-    splits = {s: to_tensor(found[s], path, channels, normalize) for s in SPLITS if s in found}
+    # lazy=False: every split is read into memory, an ImageSet
+    splits = {s: to_tensor(cast(ImageSet, found[s]), path, channels, normalize) for s in SPLITS if s in found}
     kind = "natural" if normalize is None else "microscopy"
     return SSLData(splits, data.class_names, kind, splits["train"].images.shape[1])
 
@@ -170,7 +171,8 @@ def to_tensor(data: ImageSet, path: Path, channels: int | None, normalize: Seque
         images = images.expand(-1, channels, -1, -1)
     if normalize is None:
         return SSLImages(images.contiguous(), data.labels, data.sources, data.scale)
-    return SSLImages(normalize_stack(images, *normalize), data.labels, data.sources, 1.0)
+    low, high = normalize
+    return SSLImages(normalize_stack(images, low, high), data.labels, data.sources, 1.0)
 
 
 def normalize_stack(images: torch.Tensor, low: float, high: float, chunk: int = 4096) -> torch.Tensor:
@@ -222,15 +224,20 @@ def load_unlabelled(
     if patch_size is None:
         check_same_size(raw, files)
     if "val" not in files and val_fraction > 0:
-        for store in (files, raw, masks):
+        stores: tuple[dict[str, list[Any]], ...] = (files, raw, masks)  # image paths, images, mask paths
+        for store in stores:
             if store:
                 store["train"], store["val"] = split_validation(store["train"], val_fraction, seed)
     low_high = None if natural else tuple(normalize or DEFAULT_NORMALIZE)
     splits = {}
+
+    def crop(job: tuple[np.ndarray, Path, Path | None]) -> tuple[torch.Tensor, list[str]]:
+        return crop_image(*job, channels, low_high, patch_size, crops)
+
     for s in (s for s in SPLITS if files.get(s)):
         jobs = zip(raw[s], files[s], masks.get(s, [None] * len(files[s])))
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
-            cut = list(pool.map(lambda job: crop_image(*job, channels, low_high, patch_size, crops), jobs))
+            cut = list(pool.map(crop, jobs))
         images = torch.cat([patches for patches, _ in cut])
         if not len(images):  # object crops from label images without objects
             if s == "train":
@@ -287,7 +294,7 @@ def crop_image(
     path: Path,
     mask_path: Path | None,
     channels: int,
-    low_high: tuple[float, float] | None,
+    low_high: Sequence[float] | None,
     patch_size: int | None,
     crops: str,
 ) -> tuple[torch.Tensor, list[str]]:
@@ -306,12 +313,13 @@ def crop_image(
             raise DataError(
                 f"{path}: image is {h}x{w}, smaller than the {patch_size}x{patch_size} crop; lower --set patch_size"
             )
-        corners = (
-            grid_corners(h, w, patch_size) if crops == "grid" else object_corners(mask_path, (h, w), path, patch_size)
-        )
-        windows = (
-            x.unfold(1, patch_size, 1).unfold(2, patch_size, 1).permute(1, 2, 0, 3, 4)
-        )  # (H-p+1, W-p+1, C, p, p), a view
+        if crops == "grid":
+            corners = grid_corners(h, w, patch_size)
+        else:
+            assert mask_path is not None  # crops="objects": load_unlabelled pairs each image with its mask
+            corners = object_corners(mask_path, (h, w), path, patch_size)
+        # (H-p+1, W-p+1, C, p, p), a view
+        windows = x.unfold(1, patch_size, 1).unfold(2, patch_size, 1).permute(1, 2, 0, 3, 4)
         patches = windows[torch.from_numpy(corners[:, 0]), torch.from_numpy(corners[:, 1])]
         sources = [f"{path}:{top},{left}" for top, left in corners.tolist()]
     return (patches.contiguous() if low_high is None else to_half(patches)), sources

@@ -117,8 +117,10 @@ def _crop_theta(
     the view's normalised coordinates: the crop is turned, then resized to the view size.
     """
     h, w = size
-    area = h * w * _between(*cfg.crop_scale, generator, n, rows, device)
-    ratio = torch.exp(_between(*map(math.log, cfg.crop_ratio), generator, n, rows, device))
+    low, high = cfg.crop_scale
+    area = h * w * _between(low, high, generator, n, rows, device)
+    low, high = map(math.log, cfg.crop_ratio)
+    ratio = torch.exp(_between(low, high, generator, n, rows, device))
     bw, bh = (area * ratio).sqrt().clamp(max=w), (area / ratio).sqrt().clamp(max=h)
     cx = bw / 2 + draw_uniform(generator, n, rows, device) * (w - bw)
     cy = bh / 2 + draw_uniform(generator, n, rows, device) * (h - bh)
@@ -219,7 +221,8 @@ class TwoViews:
                 ]
             )
         if cfg.blur_p > 0 and self.blur_radius > 0:
-            sigma = _between(*cfg.blur_sigma, generator, n, rows, dev)
+            low, high = cfg.blur_sigma
+            sigma = _between(low, high, generator, n, rows, dev)
             x = _blur(x, torch.where(draw_uniform(generator, n, rows, dev) < cfg.blur_p, sigma, 0.0), self.blur_radius)
         if cfg.solarize_p > 0:
             on = (draw_uniform(generator, n, rows, dev) < cfg.solarize_p)[:, None, None, None]

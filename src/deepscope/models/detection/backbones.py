@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torchvision
@@ -51,6 +51,12 @@ class TinyResNet(nn.Module):
     """A ResNet trunk with one BasicBlock per stage and widths 16-32-64-128-256: about a tenth of resnet18's FLOPs,
     for small objects such as nuclei on a CPU. torchvision's ResNet cannot be made this narrow (its widths are fixed),
     so the stages are assembled here from its BasicBlock, under the same attribute names as torchvision's ResNet."""
+
+    # registered by setattr in __init__
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
@@ -117,8 +123,11 @@ def build_backbone(
     norm_fn = norm_factory(norm)
     trunk, stage_channels = _trunk(name, norm_fn)
     if in_channels != 3:
-        stem = trunk.conv1
-        trunk.conv1 = nn.Conv2d(in_channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding, bias=False)
+        stem = cast(nn.Conv2d, trunk.conv1)  # both trunks begin with a Conv2d named conv1
+        # a Conv2d stores pairs, which torch annotates as tuple[int, ...]
+        kernel_size, stride = cast(tuple[int, int], stem.kernel_size), cast(tuple[int, int], stem.stride)
+        padding = cast("str | tuple[int, int]", stem.padding)
+        trunk.conv1 = nn.Conv2d(in_channels, stem.out_channels, kernel_size, stride, padding, bias=False)
     stages = [STRIDES.index(s) for s in strides]
     body = IntermediateLayerGetter(trunk, {f"layer{i + 1}": str(k) for k, i in enumerate(stages)})
     fpn = FeaturePyramidNetwork(

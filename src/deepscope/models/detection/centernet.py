@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,8 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from deepscope.models.detection.backbones import STRIDES, build_backbone, detection_transform
 
-HEATMAP_PRIOR_BIAS = (
-    -2.19
-)  # sigmoid(-2.19) = 0.1: the paper's start, so the focal loss is not swamped by background at step 0
+# sigmoid(-2.19) = 0.1: the paper's start, so the focal loss is not swamped by background at step 0
+HEATMAP_PRIOR_BIAS = -2.19
 CENTERNET_STRIDE = 4
 SIZE_LOSS_WEIGHT = 0.1  # the paper's lambda_size; offsets weigh 1
 GAUSSIAN_MIN_OVERLAP = 0.7  # the paper's radius rule: a box whose corners move by the radius keeps IoU >= 0.7
@@ -157,7 +157,9 @@ def _head(channels: int, out_channels: int, bias: float = 0.0) -> nn.Sequential:
     head = nn.Sequential(
         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(channels, out_channels, 1)
     )
-    nn.init.constant_(head[-1].bias, bias)
+    last = cast(nn.Conv2d, head[-1])
+    assert last.bias is not None  # a Conv2d has a bias unless built with bias=False
+    nn.init.constant_(last.bias, bias)
     return head
 
 
@@ -218,9 +220,9 @@ class CenterNet(nn.Module):
         self, heatmap: Tensor, size: Tensor, offset: Tensor, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         """Focal loss on the heatmaps; L1 on size (weighted 0.1) and offset at the object centres, per object."""
+        map_size = (heatmap.shape[-2], heatmap.shape[-1])
         rendered = [
-            render_targets(t["boxes"], t["labels"], self.num_classes, tuple(heatmap.shape[-2:]), crowd=t["iscrowd"])
-            for t in targets
+            render_targets(t["boxes"], t["labels"], self.num_classes, map_size, crowd=t["iscrowd"]) for t in targets
         ]
         image = torch.cat([torch.full_like(r.index, i) for i, r in enumerate(rendered)])
         index = torch.cat([r.index for r in rendered])

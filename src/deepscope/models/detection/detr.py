@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import (
     MLP,
@@ -71,6 +71,9 @@ def hungarian_match(
         - giou_cost
         * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
     )
+    # imported by DETR's first matching
+    from scipy.optimize import linear_sum_assignment
+
     queries, objects = linear_sum_assignment(cost.float().cpu().numpy())
     return torch.as_tensor(queries, device=logits.device), torch.as_tensor(objects, device=logits.device)
 
@@ -142,7 +145,7 @@ class DETR(nn.Module):
             backbone, in_channels, norm, fpn_channels, tuple(s for s in STRIDES if s >= stride)
         )
         self.input_proj = nn.Conv2d(self.backbone.out_channels, hidden_dim, 1)
-        layer = {
+        layer: dict[str, Any] = {
             "d_model": hidden_dim,
             "nhead": heads,
             "dim_feedforward": dim_feedforward,
@@ -170,9 +173,8 @@ class DETR(nn.Module):
         if self.training:
             normalised = [_normalised_targets(t, size) for t, size in zip(targets, batch.image_sizes)]
             losses = [set_losses(logits, boxes, normalised) for logits, boxes in layers]
-            return {
-                key: sum(layer[key] for layer in losses) for key in losses[0]
-            }  # auxiliary losses folded in per kind
+            # auxiliary losses folded in per kind; sum of at least one tensor (one per decoder layer)
+            return {key: cast(Tensor, sum(layer[key] for layer in losses)) for key in losses[0]}
         logits, boxes = layers[-1]
         return self.transform.postprocess(
             self._detections(logits, boxes, batch.image_sizes), batch.image_sizes, original_sizes

@@ -82,7 +82,9 @@ class _OneStagePostprocess:
         self, head_outputs: dict[str, list[torch.Tensor]], *args: object
     ) -> list[dict[str, torch.Tensor]]:
         head_outputs = {**head_outputs, "cls_logits": _without_background_column(head_outputs["cls_logits"])}
-        return [_without_empty_boxes(d) for d in super().postprocess_detections(head_outputs, *args)]  # type: ignore[misc]
+        # a mixin: the superclass is RetinaNet or FCOS, known only in the classes that mix it in
+        detections = super().postprocess_detections(head_outputs, *args)  # type: ignore[misc]
+        return [_without_empty_boxes(d) for d in detections]
 
 
 class RetinaNetFromOne(_OneStagePostprocess, RetinaNet):

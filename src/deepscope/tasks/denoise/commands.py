@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deepscope.tasks.options import TILED_PREDICT_OPTIONS, Result, TaskCommands, collect_inputs, option, setting
+from deepscope.tasks.options import (
+    TILED_PREDICT_OPTIONS,
+    Result,
+    TaskCommands,
+    collect_inputs,
+    option,
+    predictions,
+    setting,
+    tiled_settings,
+)
 
 DATA_RANGE = option(
     "--data-range", type=float, help="PSNR/SSIM data range (default: the clean images' integer dtype range, e.g. 255)"
@@ -25,19 +34,8 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.denoise.predict import predict_files
 
     files = collect_inputs(args.inputs, volumes=True)
-    records = predict_files(
-        args.checkpoint,
-        files,
-        args.out,
-        device,
-        key=args.key,
-        tile=args.tile,
-        halo=args.halo,
-        blend=args.blend,
-        tta=args.tta or None,
-        batch_size=args.batch_size,
-    )
-    return {"predictions": len(records), "out": str(args.out), "outputs": records}
+    records = predict_files(args.checkpoint, files, args.out, device, tta=args.tta or None, **tiled_settings(args))
+    return predictions(records, args.out)
 
 
 def score_saved(args: argparse.Namespace) -> Result:
@@ -71,4 +69,5 @@ COMMANDS = TaskCommands(
     ),
     predict=predict,
     score_saved=score_saved,
+    score_options=("data_range",),
 )

@@ -22,9 +22,8 @@ class DenoiseInference:
     tile: list[int] | None = None  # None: 256 x 256 (2D) or 32 x 128 x 128 (3D); smaller images take one window
     halo: list[int] | None = None  # None: 32 pixels (16 along a pooled-once z axis)
     blend: str = "gaussian"
-    tta: bool = (
-        False  # average over the 8 flips and rotations (16 in 3D: flips of all axes, with and without a swap of H, W)
-    )
+    # average over the 8 flips and rotations (16 in 3D: flips of all axes, with and without a swap of H, W)
+    tta: bool = False
 
 
 def _default_optim() -> OptimConfig:

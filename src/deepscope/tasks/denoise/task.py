@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from deepscope.tasks.denoise.predict import (
     score_item,
 )
 from deepscope.tasks.denoise.report import report_sections, save_crops
+
+if TYPE_CHECKING:
+    from deepscope.models.unet import UNet
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -162,6 +165,7 @@ class DenoiseTask(Task):
                 crops["noisy2"] = add_noise(crops["clean"], cfg.noise, generator, clip)
         source = crops["noisy"]
         target = {"n2v": source, "n2n": crops.get("noisy2"), "supervised": crops.get("clean")}[cfg.method]
+        assert target is not None  # check_method_data guarantees the method's target role is loaded
         source, target = self.standardize(source), self.standardize(target)
         if augment:
             source, target, _ = augment_pair(source, target, SegAugmentConfig(flip=True, rot90=True), generator)
@@ -170,7 +174,7 @@ class DenoiseTask(Task):
         masked, mask = mask_pixels(source, cfg.blind_spot, generator)
         return masked, source, mask
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> UNet:
         return build_unet(self.channels, self.channels, self.ndim, **self.config.model_settings())
 
     def train_batches(self) -> DenoiseBatches:

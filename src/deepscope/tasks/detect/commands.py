@@ -66,4 +66,5 @@ COMMANDS = TaskCommands(
     ),
     predict=predict,
     score_saved=score_saved,
+    score_options=("max_detections",),
 )

@@ -27,9 +27,8 @@ class DetectConfig(TrainConfig):
     image_size: int = 512  # shorter side the model resizes images to (multi-scale training around it, see scale_range);
     # 0: native scale, no resizing (microscopy, tiled prediction of large images; augment.scale_jitter then varies scale)
     max_size: int = 853  # longer side cap
-    scale_range: list[float] = field(
-        default_factory=lambda: [0.75, 1.25]
-    )  # training sizes: image_size times this range
+    # training sizes: image_size times this range
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
     val_fraction: float = 0.1
     batch_size: int = 4
     eval_batch_size: int = 4  # tiles per forward pass in tiled prediction

@@ -9,26 +9,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, overload
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.axes import Axes
-from matplotlib.patches import Rectangle
+from deepscope.engine.report import display_rgb, pyplot, save_figure
 
-from deepscope.engine.report import display_rgb
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TRUTH_COLOUR, PRED_COLOUR = "lime", "magenta"
 MAX_CAPTIONED = 25  # with more predictions shown, class and score captions would hide the image: boxes only
-GALLERY_SIDE = (
-    384  # longest side, in image pixels, an image keeps in a gallery: the PNG stays small whatever the images
-)
-GalleryItem = tuple[
-    str, np.ndarray, dict[str, np.ndarray] | None, dict[str, np.ndarray], str
-]  # name, image, truth, pred, caption
+# longest side, in image pixels, an image keeps in a gallery: the PNG stays small whatever the images
+GALLERY_SIDE = 384
+# name, image, truth, pred, caption
+GalleryItem = tuple[str, np.ndarray, dict[str, np.ndarray] | None, dict[str, np.ndarray], str]
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -45,6 +40,8 @@ def _display(image: np.ndarray) -> np.ndarray:
 
 
 def _draw_boxes(ax: Axes, boxes: np.ndarray, colour: str, texts: Sequence[str] | None = None) -> None:
+    from matplotlib.patches import Rectangle
+
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes, dtype=float).reshape(-1, 4)):
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.2))
         if texts:
@@ -70,16 +67,16 @@ def draw_detections(
 ) -> None:
     """Truth boxes and the predictions scoring at least ``score_threshold`` (their masks shaded, their class and score
     written when there are at most ``MAX_CAPTIONED``) on an (H, W, C) image, into ``target``: an Axes, or a PNG path written at about the image's size (at most ~1000 pixels wide)."""
-    if isinstance(target, Axes):
+    if not isinstance(target, str | Path):
         _draw_on(target, image, truth, pred, class_names, score_threshold)
         return
+    plt = pyplot()
     height, width = image.shape[:2]
     scale = min(10.0, width / 100) / width
     fig, ax = plt.subplots(figsize=(max(2.0, width * scale), max(2.0, height * scale)))
     _draw_on(ax, image, truth, pred, class_names, score_threshold)
     fig.tight_layout(pad=0.2)
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
+    save_figure(fig, target, dpi=100)
 
 
 def _draw_on(
@@ -106,11 +103,15 @@ def _draw_on(
     ax.axis("off")
 
 
-def _shrunk(found: dict[str, np.ndarray] | None, step: int) -> dict[str, Any] | None:
+@overload
+def _shrunk(found: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]: ...
+@overload
+def _shrunk(found: None, step: int) -> None: ...
+def _shrunk(found: dict[str, np.ndarray] | None, step: int) -> dict[str, np.ndarray] | None:
     """Boxes and masks of an image subsampled by ``step``."""
     if found is None or step == 1:
         return found
-    shrunk = {**found, "boxes": np.asarray(found["boxes"], dtype=np.float32) / step}
+    shrunk: dict[str, np.ndarray] = {**found, "boxes": np.asarray(found["boxes"], dtype=np.float32) / step}
     if found.get("masks") is not None:
         shrunk["masks"] = np.asarray(found["masks"])[:, ::step, ::step]
     return shrunk
@@ -126,6 +127,7 @@ def detection_gallery(
     """A grid of images with their truth and predictions, captioned. Images are subsampled to at most
     ``GALLERY_SIDE`` pixels first: the report only needs an overview, and a large microscopy image would otherwise
     make a PNG of many megabytes."""
+    plt = pyplot()
     columns = max(1, min(columns, len(items)))
     rows = max(1, -(-len(items) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 3.2, rows * 3.4), squeeze=False)
@@ -138,8 +140,7 @@ def detection_gallery(
         )
         ax.set_title(caption or name, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def _best_f1(recall: np.ndarray, precision: np.ndarray) -> tuple[float, float] | None:
@@ -159,6 +160,7 @@ def plot_pr_curves(
     """A precision-recall curve per class, with its best-F1 point marked and grey iso-F1 lines behind. ``f1_points``
     gives a class's point as (recall, precision, ...) when the metric chose it; otherwise it is found on the curve.
     Negative precisions (COCO's mark for recall levels never reached) are left out."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.4))
     r = np.linspace(0.01, 1, 200)
     for f in (0.2, 0.4, 0.6, 0.8):
@@ -180,5 +182,4 @@ def plot_pr_curves(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower left", ncol=1 + len(curves) // 12)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

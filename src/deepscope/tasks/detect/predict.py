@@ -43,9 +43,8 @@ MaskCrop = tuple[np.ndarray, int, int]  # a boolean mask cut to its extent, and 
 class DetInferenceConfig:
     """How detections are made from a model's raw output."""
 
-    score_threshold: float = (
-        0.05  # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
-    )
+    # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
+    score_threshold: float = 0.05
     nms_iou: float = 0.5  # IoU above which boxes of one class are duplicates (class-wise NMS after the model's own)
     max_detections: int = 100  # per image, highest scores first
     tile: list[int] | None = None  # [h, w] tile size for large images; None: the whole image in one call
@@ -155,9 +154,8 @@ class Detector:
         scores, labels = out["scores"].detach().float().cpu(), out["labels"].detach().cpu().long()
         cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         keep = (scores >= self.config.score_threshold) & (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
-        keep &= (boxes[:, 2] > boxes[:, 0]) & (
-            boxes[:, 3] > boxes[:, 1]
-        )  # no degenerate box reaches the files or the metric
+        # no degenerate box reaches the files or the metric
+        keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         crops = []
         if self.masks:
             if "masks" not in out:
@@ -185,11 +183,15 @@ class Detector:
                 batch = windows[i : i + self.batch_size]
                 outputs = self.model([self._tensor(image[y0:y1, x0:x1]) for y0, y1, x0, x1, *_ in batch])
                 found += [self._candidates(window, out) for window, out in zip(batch, outputs)]
-        boxes, scores, labels = (torch.cat([f[k] for f in found]) for k in range(3))
+        boxes, scores, labels = (
+            torch.cat([f[0] for f in found]),
+            torch.cat([f[1] for f in found]),
+            torch.cat([f[2] for f in found]),
+        )
         keep, boxes, scores = merge_detections(boxes, scores, labels, self.config.nms_iou, self.config.merge)
         top = slice(self.config.max_detections)
         keep, boxes, scores = keep[top], boxes[top], scores[top]
-        result = {
+        result: dict[str, np.ndarray] = {
             "boxes": boxes.numpy().astype(np.float32),
             "scores": scores.numpy().astype(np.float32),
             "labels": labels[keep].numpy().astype(np.int64),

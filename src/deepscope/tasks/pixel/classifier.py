@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sklearn
 import torch
-from sklearn.ensemble import RandomForestClassifier
 
 import deepscope
 from deepscope.data.io.views import input_view
 from deepscope.errors import CheckpointError, DeepscopeError
 from deepscope.inference.blockio import Output, output_paths
-from deepscope.models.forest import forest_state, rebuild_forest
 from deepscope.safefile import is_safetensors, read_state, write_state
 from deepscope.tasks.pixel.features import FeatureSpec
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestClassifier
 
 FORMAT = "deepscope-pixel-classifier"
 CLASSIFIER_FILE = "classifier.safetensors"  # in a pixel train run's folder
@@ -59,6 +60,9 @@ class PixelClassifier:
         return input_view(image, self.spec.ndim, self.spec.channels, name, self.normalize)
 
     def save(self, path: Path) -> None:
+        # scikit-learn is imported when a forest is saved or read
+        from deepscope.models.forest import forest_state
+
         state = {
             "spec": self.spec.to_dict(),
             "feature_names": self.spec.names(),
@@ -72,6 +76,8 @@ class PixelClassifier:
     @classmethod
     def load(cls, path: str | Path) -> PixelClassifier:
         """Read a saved classifier (nothing in it can run code), check its forest and that it fits its feature spec."""
+        from deepscope.models.forest import rebuild_forest
+
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: classifier file not found")
@@ -106,9 +112,9 @@ class PixelClassifier:
             raise CheckpointError(f"{path}: its class names do not match its {len(forest.classes_)} classes")
         if not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
             raise CheckpointError(f"{path}: its library versions are not readable")
-        if saved.get("scikit-learn") != sklearn.__version__:
+        if saved.get("scikit-learn") != version("scikit-learn"):
             warnings.warn(
-                f"{path}: saved with scikit-learn {saved.get('scikit-learn')}, loaded with {sklearn.__version__}",
+                f"{path}: saved with scikit-learn {saved.get('scikit-learn')}, loaded with {version('scikit-learn')}",
                 stacklevel=2,
             )
         return cls(spec, forest, normalize, names, saved)
@@ -117,7 +123,7 @@ class PixelClassifier:
 def versions() -> dict[str, str]:
     return {
         "deepscope": deepscope.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": version("scikit-learn"),
         "torch": torch.__version__,
         "numpy": np.__version__,
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deepscope.errors import DataError
-from deepscope.tasks.options import CONFIG, Result, collect_inputs, option, set_dotted, settings_from
+from deepscope.tasks.options import CONFIG, Result, collect_inputs, option, predictions, set_dotted, settings_from
 
 CLASSIFIER_HELP = "classifier.safetensors of a pixel train run, or a deepscope serve project (folder or its yaml)"
 KEY = option("--key", help="dataset/array inside HDF5, zarr or NPZ inputs")
@@ -80,7 +80,7 @@ def predict(args: argparse.Namespace) -> Result:
         tile=args.tile,
         instances=settings if args.instances else None,
     )
-    return {"predictions": len(records), "out": str(args.out), "outputs": records}
+    return predictions(records, args.out)
 
 
 def deep(args: argparse.Namespace) -> Result:
@@ -100,8 +100,8 @@ def deep(args: argparse.Namespace) -> Result:
 def scribbles(args: argparse.Namespace) -> Result:
     """Sparse labels sampled from dense ground truth files, written as ``<out>/<stem>.tif``."""
     import numpy as np
-    import tifffile
 
+    from deepscope.atomic import write_tiff
     from deepscope.data.io.volumes import read_volume
     from deepscope.data.scribbles import dense_classes, sample_scribbles
 
@@ -113,7 +113,7 @@ def scribbles(args: argparse.Namespace) -> Result:
     for path in files:
         classes = dense_classes(read_volume(path, args.key), args.class_values, args.foreground)
         sparse = sample_scribbles(classes, args.fraction, args.length, rng)
-        tifffile.imwrite(out / f"{path.stem}.tif", sparse, compression="zlib")
+        write_tiff(out / f"{path.stem}.tif", sparse, "sparse labels", compression="zlib")
         labelled += int(np.count_nonzero(sparse))
         total += sparse.size
     return {"files": len(files), "labelled_pixels": labelled, "fraction": round(labelled / total, 6), "out": str(out)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from deepscope.errors import DeepscopeError
 from deepscope.tasks.pixel.features import FeatureSpec
@@ -43,7 +45,9 @@ class PixelConfig:
         if self.cache is True:
             raise DeepscopeError("cache must be a folder, off, or null (the run folder's feature_cache)")
         if self.features is not None:
-            FeatureSpec.create(self.features)  # unknown filters and bad scales fail here, not after reading images
+            # unknown filters and bad scales fail here, not after reading images; the cast: create only reads the
+            # dict, whose lists of scales are sequences (a dict is invariant in its value type)
+            FeatureSpec.create(cast("dict[str, Sequence[float]]", self.features))
         if self.normalize is not None and (
             len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100
         ):
@@ -58,4 +62,4 @@ class PixelConfig:
     def spec(self, ndim: int, channels: int) -> FeatureSpec:
         if self.features is None:
             return FeatureSpec.default(ndim, channels)
-        return FeatureSpec.create(self.features, ndim, channels)
+        return FeatureSpec.create(cast("dict[str, Sequence[float]]", self.features), ndim, channels)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 
+from deepscope.atomic import write_tiff
 from deepscope.config import from_dict
 from deepscope.engine.trainer import Trainer
 from deepscope.errors import DataError
@@ -64,7 +64,7 @@ def write_pseudo_dataset(
             os.symlink(source.resolve(), link)
         except OSError:
             shutil.copyfile(source, link)
-        tifffile.imwrite(root / "masks" / f"{source.stem}.tif", mask, compression="zlib")
+        write_tiff(root / "masks" / f"{source.stem}.tif", mask, "pseudo-labels", compression="zlib")
     return {"pseudo_labelled_images": len(inputs), "ignored_fraction": round(ignored / total, 4)}
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.fft import next_fast_len
 
 from deepscope.errors import DeepscopeError
 from deepscope.inference.tiling import read_block
@@ -70,7 +69,7 @@ class FeatureSpec:
                 )
 
     @classmethod
-    def create(cls, filters: dict[str, Sequence[float]], ndim: int = 2, channels: int = 1) -> FeatureSpec:
+    def create(cls, filters: Mapping[str, Sequence[float]], ndim: int = 2, channels: int = 1) -> FeatureSpec:
         return cls({str(k): tuple(float(s) for s in v) for k, v in filters.items()}, ndim, channels)
 
     @classmethod
@@ -172,6 +171,8 @@ class _Block:
         self.ndim = block.ndim - 1
         self.shape = tuple(block.shape[1:])
         self.channels = block.shape[0]
+        from scipy.fft import next_fast_len  # scipy is imported by the first block, not by every command
+
         self.fft_shape = tuple(next_fast_len(n, real=True) for n in self.shape)
         self.halo = halo
         self.device = block.device
@@ -262,7 +263,7 @@ def _pairs(ndim: int) -> list[tuple[int, int]]:
 
 
 def _eigenvalues_2d(
-    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: torch.Tensor, out: Sequence[torch.Tensor]
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scratch: torch.Tensor, out: Sequence[torch.Tensor] | torch.Tensor
 ) -> None:
     """Eigenvalues of [[a, b], [b, c]], largest first, into ``out``; ``a`` and ``scratch`` are overwritten."""
     torch.sub(a, c, out=scratch).mul_(0.5)
@@ -273,7 +274,9 @@ def _eigenvalues_2d(
 
 
 def _eigenvalues_3d(
-    e: dict[tuple[int, int], torch.Tensor], scratch: Sequence[torch.Tensor], out: Sequence[torch.Tensor]
+    e: dict[tuple[int, int], torch.Tensor],
+    scratch: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor] | torch.Tensor,
 ) -> None:
     """Eigenvalues, largest first, of 3x3 symmetric matrices by the trigonometric method of O. K. Smith (1961), in
     place: ``e`` (the six upper-triangle entries) and the four ``scratch`` maps must be float64, as float32 loses the

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +30,14 @@ class InstanceSettings:
     min_size: int = 0
 
 
-def instances_from(classifier: PixelClassifier, probs: np.ndarray, settings: InstanceSettings) -> np.ndarray:
+class ClassValues(Protocol):
+    """What ``instances_from`` reads of a classifier: the label value of each probability channel."""
+
+    @property
+    def classes(self) -> list[int]: ...
+
+
+def instances_from(classifier: ClassValues, probs: np.ndarray, settings: InstanceSettings) -> np.ndarray:
     """Instances: a seeded watershed on the summed probability of the foreground classes, cut apart along the
     boundary class when there is one."""
     foreground, boundary = settings.foreground, settings.boundary

@@ -7,21 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 
-from deepscope.engine.report import display_rgb, image_grid, table, write_report
+from deepscope.engine.report import display_rgb, image_grid, pyplot, save_figure, table, write_report
 from deepscope.tasks.pixel.classifier import PixelClassifier, class_map
 from deepscope.tasks.pixel.labelled import LabelledImage
 
 SHOWN = 6  # images drawn in the report
-PALETTE = plt.get_cmap("tab10")
 COLOUR_NAMES = ("blue", "orange", "green", "red", "purple", "brown", "pink", "grey", "olive", "cyan")
 
 
 def overlay(rgb: np.ndarray, classes: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """``rgb`` with every pixel of class k > 0 tinted in the k-th palette colour; class 0 (unlabelled) left as is."""
-    colours = np.array([PALETTE((k - 1) % 10)[:3] for k in range(1, 256)], np.float32)
+    palette = pyplot().get_cmap("tab10")
+    colours = np.array([palette((k - 1) % 10)[:3] for k in range(1, 256)], np.float32)
     out = rgb.copy()
     labelled = classes > 0
     out[labelled] = (1 - alpha) * rgb[labelled] + alpha * colours[classes[labelled] - 1]
@@ -53,19 +52,19 @@ def draw_predictions(
 
 def plot_importance(importance: dict[str, float], path: Path) -> None:
     """The forest's impurity importance summed per filter and scale (over eigenvalues and channels)."""
+    plt = pyplot()
     grouped: dict[str, float] = defaultdict(float)
     for name, value in importance.items():
         parts = name.split("_")
         parts = parts[1:] if parts[0].startswith("c") and parts[0][1:].isdigit() else parts
         grouped[f"{parts[0]} {parts[1]}"] += value
-    names = sorted(grouped, key=grouped.get, reverse=True)[:25]
+    names = sorted(grouped, key=grouped.__getitem__, reverse=True)[:25]
     fig, ax = plt.subplots(figsize=(6, 0.22 * len(names) + 0.8))
     ax.barh(names[::-1], [grouped[n] for n in names[::-1]])
     ax.set(xlabel="importance (mean decrease in impurity)")
     ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_pixel_report(

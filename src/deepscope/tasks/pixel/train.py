@@ -15,11 +15,10 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from sklearn.ensemble import RandomForestClassifier
 
 from deepscope.atomic import temporary, write_text
 from deepscope.config import save_yaml
@@ -31,6 +30,9 @@ from deepscope.tasks.pixel.config import PixelConfig
 from deepscope.tasks.pixel.features import FeatureSpec, compute_features
 from deepscope.tasks.pixel.labelled import labelled_images, training_pixels
 from deepscope.tasks.pixel.report import write_pixel_report
+
+if TYPE_CHECKING:
+    from sklearn.ensemble import RandomForestClassifier
 
 
 class FeatureCache:
@@ -80,6 +82,9 @@ class FeatureCache:
 
 
 def fit_forest(x: np.ndarray, y: np.ndarray, config: PixelConfig) -> RandomForestClassifier:
+    # imported when the features are ready, not before the work
+    from sklearn.ensemble import RandomForestClassifier
+
     classes = np.unique(y)
     if len(classes) < 2:
         raise DataError(f"only class {classes[0]} is labelled; label pixels of at least two classes")
@@ -92,9 +97,8 @@ def fit_forest(x: np.ndarray, y: np.ndarray, config: PixelConfig) -> RandomFores
         random_state=config.seed,
         oob_score=True,
     )
-    with (
-        warnings.catch_warnings()
-    ):  # few samples: some have no out-of-bag trees, which only lowers the estimate's support
+    # few samples: some have no out-of-bag trees, which only lowers the estimate's support
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return forest.fit(x, y)
 
@@ -108,9 +112,9 @@ def train_pixel(config: PixelConfig) -> dict[str, Any]:
     ndim = items[0].labels.ndim
     spec = config.spec(ndim, channel_count(items[0].image.shape, ndim))
     device = pick_device(config.device)
-    cache = (
-        None if config.cache == "off" else FeatureCache(Path(config.cache) if config.cache else out / "feature_cache")
-    )
+    # PixelConfig.__post_init__ turns False into "off" and refuses True, so a set cache is a folder name
+    folder = cast(str | None, config.cache)
+    cache = None if folder == "off" else FeatureCache(Path(folder) if folder else out / "feature_cache")
     start = time.perf_counter()
     xs, ys, features, cached = [], [], [], 0
     for item in items:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deepscope.tasks.options import TILED_PREDICT_OPTIONS, Result, TaskCommands, collect_inputs, option, setting
+from deepscope.tasks.options import (
+    TILED_PREDICT_OPTIONS,
+    Result,
+    TaskCommands,
+    collect_inputs,
+    option,
+    predictions,
+    setting,
+    tiled_settings,
+)
 
 LABELS_HELP = "the label folder beside images/ (masks, labels, ...)"
 
@@ -26,15 +35,11 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
         files,
         args.out,
         device,
-        key=args.key,
         instances=args.instances,
-        tile=args.tile,
-        halo=args.halo,
-        blend=args.blend,
         flip_tta=args.tta or None,
-        batch_size=args.batch_size,
+        **tiled_settings(args),
     )
-    return {"predictions": len(records), "out": str(args.out), "outputs": records}
+    return predictions(records, args.out)
 
 
 def score_saved(args: argparse.Namespace) -> Result:

@@ -11,10 +11,11 @@ from deepscope.inference.tiling import BLENDS
 from deepscope.postprocess.watershed import SEEDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}
+# probability plus distances or flow vectors, whose channels are not all sigmoid maps
 VECTOR_TARGETS = (
     "stardist",
     "flows",
-)  # probability plus distances or flow vectors, whose channels are not all sigmoid maps
+)
 INSTANCE_TARGETS = (*CHANNELS, *VECTOR_TARGETS)
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
 INVERT = ("never", "always", "auto")
@@ -37,9 +38,8 @@ class InferenceConfig:
     halo: list[int] | None = None  # None: about tile / 8, rounded so that tile + 2 * halo suits the U-Net
     blend: str = "gaussian"  # gaussian | linear | none
     flip_tta: bool = False
-    instance_block: int = (
-        2048  # predict --instances: images larger than this per axis are post-processed block by block
-    )
+    # predict --instances: images larger than this per axis are post-processed block by block
+    instance_block: int = 2048
 
 
 @dataclass
@@ -53,9 +53,8 @@ class PostConfig:
     min_distance: int = 3  # between distance maxima, with seeds=maxima
     nms_threshold: float = 0.4  # stardist: a candidate overlapping a kept polygon by more IoU than this is dropped
     flow_steps: int = 200  # flows: Euler steps every pixel takes along the predicted flows
-    flow_threshold: float | None = (
-        0.4  # flows: masks whose own flows differ from the predicted ones by more (MSE) are dropped
-    )
+    # flows: masks whose own flows differ from the predicted ones by more (MSE) are dropped
+    flow_threshold: float | None = 0.4
     tune: bool = True  # after training, choose threshold (and nms/flow threshold) on the validation images
 
 
@@ -73,26 +72,25 @@ class SegmentConfig(TrainConfig):
     loss: str = "auto"  # dice | bce | dice_bce | ce | stardist | flows; auto: the target's own (dice_bce for the maps, ce for semantic)
     raw_key: str = "raw"  # image array in NPZ/HDF5/zarr containers
     label_key: str = "label"  # label array in NPZ/HDF5/zarr containers
-    labels: str | None = (
-        None  # label folder beside images/ (masks, labels, ...); None: the one there (--labels chooses)
-    )
+    # label folder beside images/ (masks, labels, ...); None: the one there (--labels chooses)
+    labels: str | None = None
     class_values: list[int] | None = None  # semantic: label value of each class, e.g. [0, 255]; None: labels are 0..K-1
     num_classes: int | None = None  # semantic without class_values; None: the largest training label + 1
     ignore_label: int | None = None  # semantic: label value excluded from loss and metrics
     # Settings left at None are planned from the data and the budget (``tasks/segment/plan.py``); the plan and its
     # reasons go to the log, config.yaml and the report. Any value given in YAML or by --set is kept as given.
-    epochs: int | None = None
+    # TrainConfig's int, None here until the plan sets it (before the trainer reads it)
+    epochs: int | None = None  # type: ignore[assignment]
     patch_shape: list[int] | None = None  # planned from object sizes, capped by the smallest image
     patches_per_epoch: int | None = None  # planned from the measured step time and the budget
     min_foreground: float = 0.0  # fraction of labelled pixels a training patch must have (redrawn otherwise)
     normalize: list[float] = field(default_factory=lambda: [1.0, 99.8])  # percentiles mapped to 0 and 1 per image
     val_fraction: float | None = None  # of the training images, when there is no val/ split
-    invert: str | None = (
-        None  # never | always | auto (bright-background images inverted, so nuclei are bright in every modality)
-    )
+    # never | always | auto (bright-background images inverted, so nuclei are bright in every modality)
+    invert: str | None = None
     balance: str | None = None  # none | auto (by appearance) | a column of index.csv: image groups drawn alike
     balance_power: float = 0.5  # groups drawn in proportion to their size ** power (0: all groups alike, 1: by size)
-    batch_size: int | None = None
+    batch_size: int | None = None  # type: ignore[assignment]  # None: planned, as epochs
     eval_batch_size: int = 4  # tiles per forward pass in tiled prediction
     monitor: str = "auto"  # auto: mean_score for instance targets, mean_iou for semantic
     channels_last: bool = False

@@ -258,7 +258,7 @@ def make_plan(
     plan = Plan()
     plan.reasons.append(f"data: {fp.describe()}")
     budgeted = cfg.max_minutes is not None
-    minutes = cfg.max_minutes if budgeted else DEFAULT_BUDGET_MINUTES
+    minutes = cfg.max_minutes if cfg.max_minutes is not None else DEFAULT_BUDGET_MINUTES
     plan.reasons.append(
         f"budget: {minutes:g} min on {hw.device} in {hw.precision}" + ("" if budgeted else " (assumed)")
     )

@@ -235,9 +235,8 @@ def evaluate_checkpoint(
     entries = found.get(split, found.get("all"))
     if entries is None:
         raise DataError(f"{data_path}: has no {split} split (found {', '.join(sorted(found))})")
-    items = load_items(
-        entries, None, *cfg.normalize, require_objects=cfg.target != "semantic", invert=cfg.invert or "never"
-    )
+    low, high = cfg.normalize  # SegmentConfig checks that it holds two percentiles
+    items = load_items(entries, None, low, high, require_objects=cfg.target != "semantic", invert=cfg.invert or "never")
     for item in items:
         if item.labels.ndim != len(predictor.tile):
             raise DataError(f"{item.name}: labels are {item.labels.ndim}D but the model is {len(predictor.tile)}D")
@@ -295,7 +294,7 @@ def predict_files(
             prob_path, prob_key, (predictor.out_channels, *view.shape[1:]), np.float32, (1, *predictor.tile)
         ) as probs:
             predictor.probabilities(view, out=probs.array)
-            record = {
+            record: dict[str, Any] = {
                 "input": str(source),
                 "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
                 "shape": list(view.shape),

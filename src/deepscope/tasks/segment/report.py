@@ -148,7 +148,7 @@ def draw_overlays(predictor: Predictor, items: Sequence[SegItem], config: Segmen
             f"prediction: {len(np.unique(pred)) - 1}",
             "probability",
         ]
-        if instance:
+        if errors is not None:  # an instance target
             panels.append(error_panel(rgb, truth, pred, errors))
             captions.append(
                 f"score@0.5 {record['thresholds']['0.5']['score']:.2f} ({len(errors[0])} FN, {len(errors[1])} FP)"

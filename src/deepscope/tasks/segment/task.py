@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from deepscope.tasks.segment.report import (
     worst_names,
 )
 from deepscope.tasks.segment.tune import tune_post
+
+if TYPE_CHECKING:
+    from deepscope.models.unet import UNet
 
 WARNINGS_SHOWN = 5  # label warnings written to the log one by one; the rest are counted
 
@@ -121,9 +124,8 @@ class SegmentTask(Task):
         self.device, self.dist = device, dist
         semantic = cfg.target == "semantic"
         found = find_items(cfg.data, cfg.raw_key, cfg.label_key, cfg.labels)
-        splits = {
-            s: load_items(entries, None, *cfg.normalize, require_objects=not semantic) for s, entries in found.items()
-        }
+        low, high = cfg.normalize  # SegmentConfig checks that it holds two percentiles
+        splits = {s: load_items(entries, None, low, high, require_objects=not semantic) for s, entries in found.items()}
         if "all" in splits:
             splits["train"] = splits.pop("all")
         if "train" not in splits:
@@ -236,12 +238,13 @@ class SegmentTask(Task):
             top = max(top, int(labels[labels != cfg.ignore_label].max(initial=0)))
         return [str(i) for i in range(max(2, top + 1))]
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> UNet:
         return build_unet(self.channels, self.out_channels, self.ndim, **self.config.model_args)
 
     def train_batches(self) -> TrainBatches:
         """``batch_size`` is the global batch: each of ``world`` processes draws its share of every batch."""
         cfg, train, world = self.config, self.splits["train"], self.dist.world
+        assert cfg.batch_size is not None  # the plan of setup() sets it
         if cfg.batch_size % world:
             raise DeepscopeError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
         length = cfg.patches_per_epoch or max(

@@ -61,5 +61,6 @@ def tune_post(predictor: Predictor, items: Sequence[SegItem]) -> tuple[PostConfi
         key, values = SECOND[predictor.target]
         for value in values:
             if value != getattr(best, key):
-                attempt(dataclasses.replace(best, **{key: value}))
+                change: dict[str, Any] = {key: value}  # a float field, or flow_threshold, which may be None
+                attempt(dataclasses.replace(best, **change))
     return best, tried

@@ -41,24 +41,21 @@ class SSLConfig(TrainConfig):
     temperature: float = 0.5  # NT-Xent temperature (0.5 with SGD, as lightly and the SimCLR paper's small-batch runs)
     vicreg_weights: list[float] = field(default_factory=lambda: [25.0, 25.0, 1.0])  # invariance, variance, covariance
     projector: list[int] | None = None  # head layer widths; None: 512-128 (simclr) or 1024-1024-1024 (vicreg)
-    views: str = (
-        "auto"  # natural | microscopy | auto (microscopy for percentile-normalised image folders, else natural)
-    )
+    # natural | microscopy | auto (microscopy for percentile-normalised image folders, else natural)
+    views: str = "auto"
     view_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the preset, e.g. {blur_p: 0.5}
     patch_size: int | None = None  # cut images into patches of this side (needed when sizes differ); None: whole images
     crops: str = "grid"  # grid (patches covering each image) | objects (one patch per object of masks/ label images)
-    normalize: list[float] | None = (
-        None  # per-image percentiles mapped to 0..1 (microscopy); None: [1, 99.8] for images/ folders
-    )
+    # per-image percentiles mapped to 0..1 (microscopy); None: [1, 99.8] for images/ folders
+    normalize: list[float] | None = None
     channels: int | None = None  # input channels (grey repeated); None: the most found
     max_patches: int | None = None  # cap on training patches (seeded sample)
     val_fraction: float = 0.1
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_bank: int = 10000  # training images in the kNN monitor's memory bank (a seeded sample); 0: all
-    probe_fractions: list[float] = field(
-        default_factory=lambda: [0.01, 0.1, 1.0]
-    )  # label fractions of the final linear probes
+    # label fractions of the final linear probes
+    probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     probe_random: bool = True  # also probe the same encoder at random initialisation, the baseline to beat
     batch_size: int = 256
     eval_batch_size: int = 512
@@ -77,6 +74,10 @@ class SSLConfig(TrainConfig):
             raise DeepscopeError("temperature and knn_temperature must be positive")
         if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
             raise DeepscopeError(f"probe_fractions must be label fractions in (0, 1], got {self.probe_fractions}")
+        if self.normalize is not None and (
+            len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100
+        ):
+            raise DeepscopeError(f"normalize must be two percentiles low < high in [0, 100], got {self.normalize}")
         if len(self.vicreg_weights) != 3:
             raise DeepscopeError(
                 f"vicreg_weights must be three numbers (invariance, variance, covariance), got {self.vicreg_weights}"

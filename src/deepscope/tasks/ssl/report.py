@@ -6,13 +6,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
-from deepscope.engine.report import image_grid, table, write_report
+from deepscope.engine.report import image_grid, pyplot, save_figure, table, write_report
 from deepscope.tasks.ssl.probe import stratified_indices
 
 PCA_DIMS = 50  # t-SNE on the leading principal components: the usual denoising step, and much faster on wide features
@@ -24,6 +20,7 @@ def embedding_map(
     features: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path, max_points: int = 2000, seed: int = 0
 ) -> None:
     """t-SNE of a seeded, class-stratified sample of at most ``max_points`` features, coloured by class (unlabelled: grey)."""
+    plt = pyplot()
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -33,16 +30,15 @@ def embedding_map(
     if x.shape[1] > PCA_DIMS and len(x) > PCA_DIMS:
         x = PCA(PCA_DIMS, random_state=seed).fit_transform(x)
     perplexity = min(30.0, max(1.0, (len(x) - 1) / 3))
-    with threadpool_limits(
-        1, user_api="openmp"
-    ):  # one thread: t-SNE's per-iteration OpenMP barriers stall for seconds on a busy machine
+    # one thread: t-SNE's per-iteration OpenMP barriers stall for seconds on a busy machine
+    with threadpool_limits(1, user_api="openmp"):
         xy = TSNE(2, perplexity=perplexity, init="pca", max_iter=500, angle=0.8, random_state=seed).fit_transform(x)
     classes = [int(c) for c in np.unique(y) if c >= 0]
     n = len(class_names)
     palette = (
-        matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+        plt.colormaps["tab10" if n <= 10 else "tab20"].colors
         if n <= 20
-        else matplotlib.colormaps["turbo"](np.linspace(0, 1, n))
+        else plt.colormaps["turbo"](np.linspace(0, 1, n))
     )
     fig, ax = plt.subplots(figsize=(6.5, 5))
     if (y < 0).any():
@@ -53,8 +49,7 @@ def embedding_map(
     if len(classes) <= 20:
         ax.legend(fontsize=7, markerscale=2.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def nearest(

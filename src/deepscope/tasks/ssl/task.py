@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ class SSLTask(Task):
             cfg.max_patches,
         )
         train = self.data.splits["train"]
-        self.in_shape = tuple(int(s) for s in train.images.shape[1:])
+        # (C, H, W): SSLImages hold (N, C, H, W) images
+        self.in_shape = cast(tuple[int, int, int], tuple(int(s) for s in train.images.shape[1:]))
         self.preset = self.data.kind if cfg.views == "auto" else cfg.views
         self.views = TwoViews(view_config(self.preset, cfg.view_settings), self.in_shape[1:])
         self.mean, self.std = ssl_stats(train, self.data.kind)
@@ -153,12 +154,13 @@ class SSLTask(Task):
                     total += float(ssl_loss(cfg, *z.chunk(2))) * len(x)
                     count += len(x)
                 if self.labelled:
-                    features.append(model.encoder(x).float().cpu())
+                    features.append(cast(SSLModel, model).encoder(x).float().cpu())
                     labels.append(y.cpu())
         sums = gather_objects((total, count))
         result: dict[str, Any] = {"loss": sum(s[0] for s in sums) / max(1, sum(s[1] for s in sums))}
         if self.labelled:
-            bank, bank_labels = extract_features(model.encoder, self.bank_batches)
+            assert self.bank_batches is not None  # setup builds it whenever the data are labelled
+            bank, bank_labels = extract_features(cast(SSLModel, model).encoder, self.bank_batches)
             query = torch.cat([t for part in gather_objects(features) for t in part])
             query_labels = torch.cat([t for part in gather_objects(labels) for t in part])
             bank = torch.cat(gather_objects(bank))
@@ -201,7 +203,7 @@ class SSLTask(Task):
         train_split, test_split = splits["train"], splits[held_out]
         labelled = train_split.labelled and test_split.labelled
         probe = ProbeRun(self.mean, self.std, self.device, cfg.eval_batch_size, self.in_shape[1:], cfg.seed)
-        scores = {"self-supervised": probe.run(model.encoder, train_split, test_split, cfg, labelled)}
+        scores = {"self-supervised": probe.run(cast(SSLModel, model).encoder, train_split, test_split, cfg, labelled)}
         result.update(scores["self-supervised"])
         if labelled and cfg.probe_random:
             torch.manual_seed(cfg.seed)
@@ -240,7 +242,7 @@ class ProbeRun:
             std,
             device,
             batch_size,
-            tuple(size),
+            cast(tuple[int, int], tuple(size)),  # the training views' (H, W)
             seed,
         )
         self.first: tuple[SSLImages, torch.Tensor, SSLImages, torch.Tensor] | None = None
@@ -319,7 +321,8 @@ def load_ssl_model(path: str | Path, device: torch.device) -> tuple[SSLModel, SS
         return SSLModel(build_encoder(cfg.model, tuple(info["in_shape"]), **cfg.model_args), cfg.projector_widths())
 
     model, state = load_trained_model(path, "ssl", device, build)
-    return model, from_dict(SSLConfig, state["config"], f"{path}: config"), state["task_state"]
+    # the SSLModel that build() made
+    return cast(SSLModel, model), from_dict(SSLConfig, state["config"], f"{path}: config"), state["task_state"]
 
 
 def probe_data(
