@@ -50,10 +50,7 @@ TRAIN_SETTINGS = [
     "augment.rot90=true",
 ]
 # the test images (161 to 696 px a side) in up to 3 x 3 tiles; a 256 x 256 one is one tile
-TEST_TILE, TEST_OVERLAP = (
-    256,
-    64,
-)
+TEST_TILE, TEST_OVERLAP = (256, 64)
 MOSAIC_TILE, MOSAIC_OVERLAP = 512, 64
 WORK = CACHE / "dsb2018_detect"
 

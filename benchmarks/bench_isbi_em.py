@@ -15,15 +15,7 @@ from PIL import Image
 from skimage.feature import multiscale_basic_features
 from sklearn.ensemble import RandomForestClassifier
 
-from common import (
-    CACHE,
-    HERE,
-    SHARED,
-    command_line,
-    header,
-    train_segment,
-    write_section,
-)
+from common import CACHE, HERE, SHARED, command_line, header, train_segment, write_section
 from deepscope.metrics.semantic import confusion, confusion_scores
 
 TEST = range(20, 25)

@@ -18,15 +18,7 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.measure import label
 from skimage.segmentation import watershed
 
-from common import (
-    CACHE,
-    HERE,
-    SHARED,
-    command_line,
-    header,
-    train_segment,
-    write_section,
-)
+from common import CACHE, HERE, SHARED, command_line, header, train_segment, write_section
 from deepscope.metrics.instance import evaluate_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
 

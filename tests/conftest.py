@@ -109,6 +109,28 @@ def fit_batch(model, x, target, loss_fn, steps: int, lr: float, optimizer=None) 
     return losses
 
 
+def train_args(task: str, data: Path, out: Path, epochs: int, *options: str) -> list[str]:
+    """``train TASK`` on ``data`` for ``epochs`` into ``out``; ``options`` follow."""
+    return ["train", task, "--data", str(data), "--out", str(out), "--epochs", str(epochs), *options]
+
+
+# the options of a tiny CenterNet detector run through ``train detect``: a few seconds an epoch on the CPU
+TINY_CENTERNET = [
+    "--model",
+    "centernet",
+    "--batch-size",
+    "4",
+    "--amp",
+    "off",
+    "--set",
+    "image_size=0",
+    "--set",
+    "model_args={backbone: tiny, fpn_channels: 16}",
+    "--set",
+    "augment.crop=0",
+]
+
+
 def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
     """A small, quick CPU training run through the CLI, in float32 (``--amp off``) on every processor, so figures
     compare exactly between runs, processes and ``evaluate``; a later ``--amp`` in ``extra`` wins."""
@@ -137,6 +159,59 @@ def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
         "model_args.widths=[8,16]",
         *extra,
     ]
+
+
+def cpu_unet_options(
+    *, batch_size: int, lr: float, depth: int, patch: int, patches_per_epoch: int, val_fraction: float
+) -> list[str]:
+    """The options of a small, quick CPU U-Net run through the CLI (segment, denoise), in float32 (``--amp off``): a
+    U-Net of 8 features and ``depth`` levels on square patches of ``patch`` pixels."""
+    return [
+        "--batch-size",
+        str(batch_size),
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--lr",
+        str(lr),
+        "--set",
+        f"model_args={{features: 8, depth: {depth}}}",
+        "--set",
+        f"patch_shape=[{patch}, {patch}]",
+        "--set",
+        f"patches_per_epoch={patches_per_epoch}",
+        "--set",
+        f"val_fraction={val_fraction}",
+    ]
+
+
+def two_process_launcher(master_port: int) -> list[str]:
+    """The start of a command line running ``deepscope`` in 2 processes by ``torch.distributed.run`` with its master on
+    ``master_port``; the deepscope arguments follow it."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(master_port),
+        "-m",
+        "deepscope",
+    ]
+
+
+def evaluate_checkpoint_args(checkpoint: Path, data: Path, out: Path, *options: str) -> list[str]:
+    """``evaluate`` of ``checkpoint`` on the CPU on the data set ``data``, its scores written to ``out``; ``options``
+    (``--split``, ``--save-pred``, ``--tta``) stand before ``--out``."""
+    return ["evaluate", str(checkpoint), "--data", str(data), *options, "--out", str(out), "--device", "cpu"]
+
+
+def evaluate_saved_args(task: str, pred: Path, truth: Path, out: Path, *options: str) -> list[str]:
+    """``evaluate TASK`` of saved predictions ``pred`` against ``truth``, its scores written to ``out``; ``options``
+    stand before ``--out``."""
+    return ["evaluate", task, "--pred", str(pred), "--truth", str(truth), *options, "--out", str(out)]
 
 
 def rgba(response) -> np.ndarray:

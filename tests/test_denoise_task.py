@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from conftest import cpu_unet_options, evaluate_checkpoint_args, evaluate_saved_args, two_process_launcher
 from deepscope.cli import main
 from deepscope.engine.checkpoint import load_checkpoint
 
@@ -67,22 +68,7 @@ def dn_args(data: Path, out: Path | None, method: str, *extra: str, epochs: int 
         method,
         "--epochs",
         str(epochs),
-        "--batch-size",
-        "16",
-        "--device",
-        "cpu",
-        "--amp",
-        "off",
-        "--lr",
-        "0.004",
-        "--set",
-        "model_args={features: 8, depth: 2}",
-        "--set",
-        "patch_shape=[32, 32]",
-        "--set",
-        "patches_per_epoch=320",
-        "--set",
-        "val_fraction=0.2",
+        *cpu_unet_options(batch_size=16, lr=0.004, depth=2, patch=32, patches_per_epoch=320, val_fraction=0.2),
         *extra,
     ]
 
@@ -139,39 +125,14 @@ def test_evaluate_checkpoint_agrees_with_scoring_its_saved_results(n2v_run, clea
     preds = tmp_path / "preds"
     assert (
         main(
-            [
-                "evaluate",
-                str(n2v_run / "best.pt"),
-                "--data",
-                str(clean_data),
-                "--split",
-                "test",
-                "--save-pred",
-                str(preds),
-                "--out",
-                str(tmp_path / "e1.json"),
-                "--device",
-                "cpu",
-            ]
+            evaluate_checkpoint_args(
+                n2v_run / "best.pt", clean_data, tmp_path / "e1.json", "--split", "test", "--save-pred", str(preds)
+            )
         )
         == 0
     )
     from_model = last_json(capsys)
-    assert (
-        main(
-            [
-                "evaluate",
-                "denoise",
-                "--pred",
-                str(preds),
-                "--truth",
-                str(clean_data / "test" / "clean"),
-                "--out",
-                str(tmp_path / "e2.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(evaluate_saved_args("denoise", preds, clean_data / "test" / "clean", tmp_path / "e2.json")) == 0
     from_files = last_json(capsys)
     assert from_files["psnr"] == pytest.approx(from_model["psnr"], abs=1e-6)
     assert from_files["ssim"] == pytest.approx(from_model["ssim"], abs=1e-6)
@@ -179,22 +140,7 @@ def test_evaluate_checkpoint_agrees_with_scoring_its_saved_results(n2v_run, clea
     metrics = json.loads((n2v_run / "metrics.json").read_text())
     # training scored the same noisy test images
     assert from_model["psnr"] == pytest.approx(metrics["test_psnr"], abs=0.05)
-    assert (
-        main(
-            [
-                "evaluate",
-                str(n2v_run / "best.pt"),
-                "--data",
-                str(clean_data),
-                "--tta",
-                "--out",
-                str(tmp_path / "e3.json"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(evaluate_checkpoint_args(n2v_run / "best.pt", clean_data, tmp_path / "e3.json", "--tta")) == 0
     assert last_json(capsys)["tta"] is True
 
 
@@ -371,36 +317,11 @@ def test_colour_images_with_fresh_noise_keep_their_layout(tmp_path):
     preds = tmp_path / "preds"
     assert (
         main(
-            [
-                "evaluate",
-                str(out / "best.pt"),
-                "--data",
-                str(tmp_path / "rgb"),
-                "--save-pred",
-                str(preds),
-                "--out",
-                str(tmp_path / "e1.json"),
-                "--device",
-                "cpu",
-            ]
+            evaluate_checkpoint_args(out / "best.pt", tmp_path / "rgb", tmp_path / "e1.json", "--save-pred", str(preds))
         )
         == 0
     )
-    assert (
-        main(
-            [
-                "evaluate",
-                "denoise",
-                "--pred",
-                str(preds),
-                "--truth",
-                str(tmp_path / "rgb" / "test" / "clean"),
-                "--out",
-                str(tmp_path / "e2.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(evaluate_saved_args("denoise", preds, tmp_path / "rgb" / "test" / "clean", tmp_path / "e2.json")) == 0
     scored = [json.loads((tmp_path / name).read_text()) for name in ("e1.json", "e2.json")]
     assert scored[1]["psnr"] == pytest.approx(scored[0]["psnr"], abs=1e-6)
 
@@ -472,38 +393,12 @@ def test_predicting_an_image_with_nans_names_it(n2v_run, tmp_path, capsys):
 def test_a_data_range_that_does_not_fit_the_images_is_refused(tmp_path, capsys):
     data = write_clean(tmp_path / "c", n_train=1, n_test=1)
     truth = data / "test" / "clean"
-    err = run_error(
-        [
-            "evaluate",
-            "denoise",
-            "--pred",
-            str(truth),
-            "--truth",
-            str(truth),
-            "--data-range",
-            "1000",
-            "--out",
-            str(tmp_path / "e.json"),
-        ],
-        capsys,
-    )
+    err = run_error(evaluate_saved_args("denoise", truth, truth, tmp_path / "e.json", "--data-range", "1000"), capsys)
     assert "im0.png" in err and "does not match its dtype uint8" in err
     (tmp_path / "f").mkdir()
     tifffile.imwrite(tmp_path / "f" / "a.tif", np.linspace(0, 255, 64 * 64, dtype=np.float32).reshape(64, 64))
     err = run_error(
-        [
-            "evaluate",
-            "denoise",
-            "--pred",
-            str(tmp_path / "f"),
-            "--truth",
-            str(tmp_path / "f"),
-            "--data-range",
-            "1",
-            "--out",
-            str(tmp_path / "e.json"),
-        ],
-        capsys,
+        evaluate_saved_args("denoise", tmp_path / "f", tmp_path / "f", tmp_path / "e.json", "--data-range", "1"), capsys
     )
     assert "a.tif" in err and "wider than the data range 1" in err
 
@@ -514,21 +409,7 @@ def test_evaluate_denoise_scores_saved_images_against_hand_computed_psnr(tmp_pat
     truth = np.tile(np.arange(32, dtype=np.uint8) * 4, (32, 1))
     Image.fromarray(truth).save(tmp_path / "truth" / "a.png")
     tifffile.imwrite(tmp_path / "pred" / "a.tif", truth.astype(np.float32) + 3)
-    assert (
-        main(
-            [
-                "evaluate",
-                "denoise",
-                "--pred",
-                str(tmp_path / "pred"),
-                "--truth",
-                str(tmp_path / "truth"),
-                "--out",
-                str(tmp_path / "e.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(evaluate_saved_args("denoise", tmp_path / "pred", tmp_path / "truth", tmp_path / "e.json")) == 0
     result = last_json(capsys)
     assert result["psnr"] == pytest.approx(20 * np.log10(255 / 3)) and result["per_image"][0]["name"] == "a"
     assert 0 < result["ssim"] <= 1 and json.loads((tmp_path / "e.json").read_text())["images"] == 1
@@ -551,7 +432,6 @@ def test_missing_partners_and_missing_method_data_are_explained(tmp_path, capsys
 def test_two_gloo_processes_train_and_score_every_validation_image_once(clean_data, tmp_path):
     import os
     import subprocess
-    import sys
 
     args = dn_args(
         clean_data,
@@ -564,17 +444,7 @@ def test_two_gloo_processes_train_and_score_every_validation_image_once(clean_da
         epochs=1,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29527",
-        "-m",
-        "deepscope",
-    ]
+    launcher = two_process_launcher(29527)
     done = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

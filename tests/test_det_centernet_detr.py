@@ -17,12 +17,7 @@ from deepscope.models.detection.centernet import (
     gaussian_radius,
     render_targets,
 )
-from deepscope.models.detection.detr import (
-    detr,
-    hungarian_match,
-    set_losses,
-    sine_position_encoding,
-)
+from deepscope.models.detection.detr import detr, hungarian_match, set_losses, sine_position_encoding
 
 TINY_CENTERNET = {"backbone": "tiny", "fpn_channels": 16}
 TINY_DETR = {

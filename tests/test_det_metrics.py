@@ -196,11 +196,7 @@ def _mask_scene() -> tuple[list[dict], list[dict]]:
         if scores is None:  # no area: the scorer takes it from the masks
             return {**out, "iscrowd": torch.tensor([i in crowd for i in range(len(discs))], dtype=torch.bool)}
         # model-style probabilities
-        return {
-            **out,
-            "scores": torch.tensor(scores),
-            "masks": masks[:, None].float() * 0.9,
-        }
+        return {**out, "scores": torch.tensor(scores), "masks": masks[:, None].float() * 0.9}
 
     targets = [
         item([(16, 16, 8), (44, 40, 12), (10, 50, 3)], [1, 2, 1], None, crowd=(2,)),

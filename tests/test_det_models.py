@@ -17,12 +17,7 @@ from deepscope.models.detection.backbones import BACKBONES, build_backbone, grou
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
 # 96x128 and 112x96 images stay unresized
-SMALL = {
-    "backbone": "tiny",
-    "fpn_channels": 16,
-    "min_size": 96,
-    "max_size": 128,
-}
+SMALL = {"backbone": "tiny", "fpn_channels": 16, "min_size": 96, "max_size": 128}
 
 
 @pytest.fixture(autouse=True)

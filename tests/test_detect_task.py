@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+from conftest import TINY_CENTERNET, two_process_launcher
 from deepscope.cli import main
 from deepscope.demo.data import write_shapes
 from deepscope.engine.checkpoint import load_checkpoint, load_init_weights, save_checkpoint
@@ -20,20 +20,10 @@ from deepscope.errors import CheckpointError
 from deepscope.models.detection import build_detector
 from deepscope.tasks.detect.apply import load_detector
 
-TINY = [
-    "--model",
-    "centernet",
-    "--batch-size",
-    "4",
-    "--amp",
-    "off",
-    "--set",
-    "image_size=0",
-    "--set",
-    "model_args={backbone: tiny, fpn_channels: 16}",
-    "--set",
-    "augment.crop=0",
-]
+
+def detect_train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
+    """``train detect`` of a tiny CenterNet on ``data`` for ``epochs`` into ``out``; ``extra`` options follow."""
+    return ["train", "detect", "--data", str(data), "--epochs", str(epochs), "--out", str(out), *TINY_CENTERNET, *extra]
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -49,7 +39,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
-    assert main(["train", "detect", "--data", str(shapes), "--epochs", "3", "--out", str(out), *TINY]) == 0
+    assert main(detect_train_args(shapes, out, 3)) == 0
     return out
 
 
@@ -67,7 +57,7 @@ def test_training_writes_the_run_folder_and_the_loss_falls(trained: Path) -> Non
 
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(shapes: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["train", "detect", "--data", str(shapes), *TINY]
+    args = ["train", "detect", "--data", str(shapes), *TINY_CENTERNET]
     assert main([*args, "--epochs", "2", "--out", str(straight)]) == 0
     # stopped by the time limit after its first step (as a killed run leaves last.pt mid-epoch), then resumed
     assert main([*args, "--epochs", "2", "--out", str(resumed), "--max-minutes", "0.00001"]) == 0
@@ -161,24 +151,7 @@ def test_bad_flags_and_checkpoints_fail_in_one_line(
     save_checkpoint({"model": {}, "config": {"task": "segment"}}, other)
     with pytest.raises(CheckpointError, match="segment"):
         load_detector(other, torch.device("cpu"))
-    assert (
-        main(
-            [
-                "train",
-                "detect",
-                "--data",
-                str(shapes),
-                "--epochs",
-                "1",
-                "--out",
-                str(tmp_path / "r"),
-                *TINY,
-                "--init-from",
-                str(other),
-            ]
-        )
-        == 2
-    )
+    assert main(detect_train_args(shapes, tmp_path / "r", 1, "--init-from", str(other))) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(other) in err
 
@@ -204,24 +177,7 @@ def test_a_whole_detector_checkpoint_initialises_a_new_run(
     trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "fine"
-    assert (
-        main(
-            [
-                "train",
-                "detect",
-                "--data",
-                str(shapes),
-                "--epochs",
-                "1",
-                "--out",
-                str(out),
-                *TINY,
-                "--init-from",
-                str(trained / "best.pt"),
-            ]
-        )
-        == 0
-    )
+    assert main(detect_train_args(shapes, out, 1, "--init-from", str(trained / "best.pt"))) == 0
     log = (out / "train.log").read_text()
     assert "initialised" in log and "of " in log
     state = load_checkpoint(out / "last.pt")
@@ -235,24 +191,10 @@ def test_two_gloo_processes_train_and_score_every_test_image_once(
     """Under DDP each process predicts its share of the test images; the gathered score equals one process scoring
     them all with the same weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29531",
-        "-m",
-        "deepscope",
-    ]
+    launcher = two_process_launcher(29531)
     out = tmp_path / "ddp"
     run = subprocess.run(
-        [*launcher, "train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(out), *TINY],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*launcher, *detect_train_args(shapes, out, 1)], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

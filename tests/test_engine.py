@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import fast_args, needs_native_bf16, pattern_images
+from conftest import fast_args, needs_native_bf16, pattern_images, two_process_launcher
 from deepscope.cli import main
 from deepscope.config import OptimConfig
 from deepscope.engine import logging as run_logging
@@ -276,17 +275,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "deepscope",
-    ]
+    launcher = two_process_launcher(29517)
     double = subprocess.run(
         launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
     )

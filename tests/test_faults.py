@@ -17,7 +17,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import needs_native_bf16, pattern_images
+from conftest import TINY_CENTERNET, needs_native_bf16, pattern_images
 from deepscope.atomic import WriteError, leftovers
 from deepscope.cli import main
 from deepscope.demo.data import write_digits_npz, write_nuclei, write_shapes
@@ -26,7 +26,6 @@ from deepscope.inference import blockio
 from deepscope.inference.blockio import Output, open_input
 from faults import run
 from test_denoise_task import dn_args, write_clean
-from test_detect_task import TINY as DETECT_TINY
 from test_segment_task import seg_args
 from test_ssl_task import TINY as SSL_TINY
 
@@ -66,7 +65,7 @@ def segment_run(root: Path) -> list[str]:
 
 def detect_run(root: Path) -> list[str]:
     data = write_shapes(root / "shapes", train=12, test=3, size=64)
-    return ["train", "detect", "--data", str(data), "--epochs", "3", "--device", "cpu", *DETECT_TINY]
+    return ["train", "detect", "--data", str(data), "--epochs", "3", "--device", "cpu", *TINY_CENTERNET]
 
 
 def denoise_run(root: Path) -> list[str]:

@@ -25,16 +25,7 @@ from deepscope.errors import DeepscopeError
 from deepscope.tasks import TASKS, get_task
 from deepscope.tasks.pixel.commands import resolve_pixel_config
 from deepscope.tasks.pixel.config import PixelConfig
-from test_fuzz_readers import (
-    BOMB,
-    FUZZ,
-    JUNK,
-    NASTY_TEXT,
-    edit_json,
-    mutate,
-    refused_or_read,
-    scratch,
-)
+from test_fuzz_readers import BOMB, FUZZ, JUNK, NASTY_TEXT, edit_json, mutate, refused_or_read, scratch
 
 CONFIGS = {**{task: get_task(task)[0] for task in sorted(TASKS)}, "pixel": PixelConfig}
 PARSER = build_parser()

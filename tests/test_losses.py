@@ -9,13 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deepscope.errors import DeepscopeError
-from deepscope.losses.segmentation import (
-    bce_loss,
-    build_loss,
-    cross_entropy_loss,
-    dice_bce_loss,
-    dice_loss,
-)
+from deepscope.losses.segmentation import bce_loss, build_loss, cross_entropy_loss, dice_bce_loss, dice_loss
 
 BIG = 30.0  # sigmoid(+-30) is 1 or 0 to float32 precision
 

@@ -11,11 +11,7 @@ import pytest
 import tifffile
 
 from deepscope.cli import main
-from deepscope.data.scribbles import (
-    check_sparse_labels,
-    dense_classes,
-    sample_scribbles,
-)
+from deepscope.data.scribbles import check_sparse_labels, dense_classes, sample_scribbles
 from deepscope.data.synthetic import nuclei_set
 from deepscope.errors import DataError
 from deepscope.safefile import read_state, write_state
@@ -23,6 +19,11 @@ from deepscope.tasks.pixel.classifier import FORMAT
 from deepscope.tasks.pixel.labelled import labelled_indices
 
 FAST = ["--filters", "gaussian", "ggm", "hessian", "structure", "--scales", "1", "2", "4", "--trees", "30"]
+
+
+def pixel_train_args(images, labels, out, *extra: str) -> list[str]:
+    """``pixel train`` of ``images`` with sparse ``labels`` into ``out``, with ``extra`` options and the quick features."""
+    return ["pixel", "train", "--images", str(images), "--labels", str(labels), "--out", str(out), *extra, *FAST]
 
 
 def last_json(capsys) -> dict:
@@ -50,22 +51,7 @@ def nuclei(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(nuclei, tmp_path_factory):
     out = tmp_path_factory.mktemp("pixel-run")
-    assert (
-        main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(nuclei / "train" / "scribbles"),
-                "--out",
-                str(out),
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(pixel_train_args(nuclei / "train" / "images", nuclei / "train" / "scribbles", out)) == 0
     return out
 
 
@@ -103,40 +89,18 @@ def test_class_names_may_skip_unlabelled_class_numbers(nuclei, tmp_path, capsys)
         tifffile.imwrite(
             labels / path.name, np.where(tifffile.imread(path) == 2, 3, tifffile.imread(path)).astype(np.uint8)
         )
-    assert (
-        main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(labels),
-                "--out",
-                str(tmp_path / "run"),
-                "--no-predict",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(pixel_train_args(nuclei / "train" / "images", labels, tmp_path / "run", "--no-predict")) == 0
     assert "oob_accuracy" in last_json(capsys)
     assert (
         main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(labels),
-                "--out",
-                str(tmp_path / "run"),
+            pixel_train_args(
+                nuclei / "train" / "images",
+                labels,
+                tmp_path / "run",
                 "--no-predict",
                 "--set",
                 "class_names=[bg, nucleus]",
-                *FAST,
-            ]
+            )
         )
         == 2
     )
@@ -155,20 +119,7 @@ def test_train_learns_foreground_and_reuses_cached_features(trained, nuclei, cap
         pred = tifffile.imread(trained / "predictions" / f"n{i}_classes.tif")
         assert foreground_iou(pred == 2, tifffile.imread(nuclei / "train" / "truth" / f"n{i}.tif") > 0) > 0.8
     assert (
-        main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(nuclei / "train" / "scribbles"),
-                "--out",
-                str(trained),
-                "--no-predict",
-                *FAST,
-            ]
-        )
+        main(pixel_train_args(nuclei / "train" / "images", nuclei / "train" / "scribbles", trained, "--no-predict"))
         == 0
     )
     again = last_json(capsys)
@@ -262,22 +213,7 @@ def test_train_refuses_bad_labels_naming_the_file(nuclei, tmp_path, capsys, case
     else:
         tifffile.imwrite(labels / "n0.tif", np.ones((96, 96), np.float32))
         expected = "n0.tif: labels must be integers"
-    assert (
-        main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(labels),
-                "--out",
-                str(tmp_path / "run"),
-                *FAST,
-            ]
-        )
-        == 2
-    )
+    assert main(pixel_train_args(nuclei / "train" / "images", labels, tmp_path / "run")) == 2
     assert expected in capsys.readouterr().err
 
 
@@ -361,21 +297,7 @@ def test_demo_pixel_counts_the_coins(tmp_path, capsys):
 def test_train_without_cache_keeps_no_features_and_still_predicts(nuclei, tmp_path, capsys, monkeypatch, setting):
     monkeypatch.chdir(tmp_path)
     assert (
-        main(
-            [
-                "pixel",
-                "train",
-                "--images",
-                str(nuclei / "train" / "images"),
-                "--labels",
-                str(nuclei / "train" / "scribbles"),
-                "--out",
-                str(tmp_path),
-                "--set",
-                setting,
-                *FAST,
-            ]
-        )
+        main(pixel_train_args(nuclei / "train" / "images", nuclei / "train" / "scribbles", tmp_path, "--set", setting))
         == 0
     )
     result = last_json(capsys)

@@ -9,11 +9,7 @@ from skimage.draw import disk
 from deepscope.data.segmentation.targets import boundaries, foreground
 from deepscope.errors import DataError
 from deepscope.metrics.instance import match_counts
-from deepscope.postprocess.watershed import (
-    connected_components,
-    size_filter,
-    watershed_from_seeds,
-)
+from deepscope.postprocess.watershed import connected_components, size_filter, watershed_from_seeds
 
 
 def touching_discs() -> np.ndarray:

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 import tifffile
 
+from conftest import train_args
 from deepscope.cli import main
 from deepscope.demo.data import write_nuclei
 
 
 def small_run(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
+    return train_args(
         "segment",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
+        data,
+        out,
+        1,
         "--batch-size",
         "2",
         "--device",
@@ -34,7 +31,7 @@ def small_run(data: Path, out: Path, *extra: str) -> list[str]:
         "--set",
         "patches_per_epoch=4",
         *extra,
-    ]
+    )
 
 
 def error_of(capsys, argv: list[str]) -> str:

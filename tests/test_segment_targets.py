@@ -11,6 +11,7 @@ import pytest
 import tifffile
 import torch
 
+from conftest import cpu_unet_options
 from deepscope.cli import main
 from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
@@ -29,22 +30,7 @@ def args(data: Path, out: Path, target: str, epochs: int, *extra: str) -> list[s
         f"target={target}",
         "--epochs",
         str(epochs),
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        "--amp",
-        "off",
-        "--lr",
-        "0.005",
-        "--set",
-        "model_args={features: 8, depth: 3}",
-        "--set",
-        "patch_shape=[64, 64]",
-        "--set",
-        "patches_per_epoch=96",
-        "--set",
-        "val_fraction=0.2",
+        *cpu_unet_options(batch_size=8, lr=0.005, depth=3, patch=64, patches_per_epoch=96, val_fraction=0.2),
         *extra,
     ]
 

@@ -16,6 +16,7 @@ import torch
 import zarr
 from PIL import Image
 
+from conftest import cpu_unet_options, evaluate_checkpoint_args, evaluate_saved_args, two_process_launcher
 from deepscope.cli import main
 from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
@@ -34,23 +35,27 @@ def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list
         *where,
         "--epochs",
         str(epochs),
-        "--batch-size",
-        "8",
+        *cpu_unet_options(batch_size=8, lr=0.005, depth=3, patch=64, patches_per_epoch=64, val_fraction=0.2),
+        *extra,
+    ]
+
+
+def tiled_instances_args(checkpoint: Path, image: Path, out: Path, *, tile: int, halo: int) -> list[str]:
+    """``predict`` of ``image`` by ``checkpoint`` on the CPU by square tiles of ``tile`` pixels with ``halo``, its
+    probabilities and instances written to ``out``."""
+    return [
+        "predict",
+        str(checkpoint),
+        str(image),
+        "--out",
+        str(out),
+        "--tile",
+        str(tile),
+        "--halo",
+        str(halo),
+        "--instances",
         "--device",
         "cpu",
-        "--amp",
-        "off",
-        "--lr",
-        "0.005",
-        "--set",
-        "model_args={features: 8, depth: 3}",
-        "--set",
-        "patch_shape=[64, 64]",
-        "--set",
-        "patches_per_epoch=64",
-        "--set",
-        "val_fraction=0.2",
-        *extra,
     ]
 
 
@@ -86,39 +91,14 @@ def test_evaluate_checkpoint_matches_scoring_its_saved_predictions(trained, nucl
     preds = tmp_path / "pred"
     assert (
         main(
-            [
-                "evaluate",
-                str(trained / "best.pt"),
-                "--data",
-                str(nuclei),
-                "--split",
-                "test",
-                "--save-pred",
-                str(preds),
-                "--out",
-                str(tmp_path / "eval.json"),
-                "--device",
-                "cpu",
-            ]
+            evaluate_checkpoint_args(
+                trained / "best.pt", nuclei, tmp_path / "eval.json", "--split", "test", "--save-pred", str(preds)
+            )
         )
         == 0
     )
     direct = last_json(capsys)
-    assert (
-        main(
-            [
-                "evaluate",
-                "segment",
-                "--pred",
-                str(preds),
-                "--truth",
-                str(nuclei / "test" / "masks"),
-                "--out",
-                str(tmp_path / "e2.json"),
-            ]
-        )
-        == 0
-    )
+    assert main(evaluate_saved_args("segment", preds, nuclei / "test" / "masks", tmp_path / "e2.json")) == 0
     saved = last_json(capsys)
     assert direct["thresholds"] == saved["thresholds"]
     assert direct["thresholds"]["0.5"]["score"] == pytest.approx(
@@ -134,25 +114,7 @@ def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tm
     source = tmp_path / "big.tif"
     tifffile.imwrite(source, image)
     out = tmp_path / f"pred{suffix}"
-    assert (
-        main(
-            [
-                "predict",
-                str(trained / "best.pt"),
-                str(source),
-                "--out",
-                str(out),
-                "--tile",
-                "48",
-                "--halo",
-                "8",
-                "--instances",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(tiled_instances_args(trained / "best.pt", source, out, tile=48, halo=8)) == 0
     if suffix == ".h5":
         with h5py.File(out) as f:
             probs, labels = f["probabilities"][...], f["instances"][...]
@@ -165,25 +127,7 @@ def test_predict_writes_probabilities_and_instances_by_tiles(trained, nuclei, tm
     assert probs.min() >= 0 and probs.max() <= 1
     # one tile for the whole image gives the same instances: tile borders neither cut nor merge objects
     whole = tmp_path / "whole.h5"
-    assert (
-        main(
-            [
-                "predict",
-                str(trained / "best.pt"),
-                str(source),
-                "--out",
-                str(whole),
-                "--tile",
-                "160",
-                "--halo",
-                "16",
-                "--instances",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(tiled_instances_args(trained / "best.pt", source, whole, tile=160, halo=16)) == 0
     with h5py.File(whole) as f:
         untiled = f["instances"][...]
     agreement = evaluate_instances([("tiled", untiled, labels)])["thresholds"]["0.5"]["score"]
@@ -357,17 +301,7 @@ def test_two_gloo_processes_match_one_process(nuclei, tmp_path):
         cli + args + ["--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29518",
-        "-m",
-        "deepscope",
-    ]
+    launcher = two_process_launcher(29518)
     double = subprocess.run(
         launcher + args + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
     )

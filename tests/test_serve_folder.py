@@ -12,12 +12,7 @@ import tifffile
 from PIL import Image
 
 from deepscope.errors import DataError, DeepscopeError
-from deepscope.serve.folder import (
-    AccessError,
-    ImageEntry,
-    ServedFolder,
-    UnknownImageError,
-)
+from deepscope.serve.folder import AccessError, ImageEntry, ServedFolder, UnknownImageError
 
 
 @pytest.fixture

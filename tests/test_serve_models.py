@@ -25,7 +25,7 @@ with warnings.catch_warnings():  # Starlette 1.x suggests httpx2 for its test cl
     warnings.filterwarnings("ignore", "Using `httpx`")
     from starlette.testclient import TestClient
 
-from conftest import pattern_images, rgba, write_tree
+from conftest import TINY_CENTERNET, cpu_unet_options, pattern_images, rgba, train_args, write_tree
 from deepscope.cli import main
 from deepscope.data.synthetic import nuclei_image
 from deepscope.demo.data import write_nuclei, write_shapes
@@ -47,24 +47,7 @@ except pytest.skip.Exception:
     CHROMIUM = CHROMEDRIVER = None
 
 SEG, SEM, DENOISE = "models/seg/best.pt", "models/sem/best.pt", "models/dn/best.pt"
-TINY = [
-    "--batch-size",
-    "8",
-    "--device",
-    "cpu",
-    "--amp",
-    "off",
-    "--lr",
-    "0.005",
-    "--set",
-    "model_args={features: 8, depth: 2}",
-    "--set",
-    "patch_shape=[32, 32]",
-    "--set",
-    "patches_per_epoch=64",
-    "--set",
-    "val_fraction=0.25",
-]
+TINY = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=32, patches_per_epoch=64, val_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -84,48 +67,29 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             tifffile.imwrite(semantic / split / "masks" / path.name, mask.astype(np.uint8))
             if split == "train":
                 shutil.copy(path, noisy / path.name)
-    assert main(["train", "segment", "--data", str(nuclei), "--out", str(root / "seg"), "--epochs", "4", *TINY]) == 0
+    assert main(train_args("segment", nuclei, root / "seg", 4, *TINY)) == 0
     assert (
         main(
-            [
-                "train",
-                "segment",
-                "--data",
-                str(semantic),
-                "--out",
-                str(root / "sem"),
-                "--epochs",
-                "3",
-                *TINY,
-                "--set",
-                "target=semantic",
-                "--set",
-                "class_values=[0, 1]",
-            ]
+            train_args(
+                "segment", semantic, root / "sem", 3, *TINY, "--set", "target=semantic", "--set", "class_values=[0, 1]"
+            )
         )
         == 0
     )
     assert (
         main(
-            [
-                "train",
-                "denoise",
-                "--data",
-                str(root / "noisy"),
-                "--out",
-                str(root / "dn"),
-                "--epochs",
-                "1",
-                "--method",
-                "n2v",
-                "--set",
-                "noise={kind: none}",
-                *TINY,
-            ]
+            train_args(
+                "denoise", root / "noisy", root / "dn", 1, "--method", "n2v", "--set", "noise={kind: none}", *TINY
+            )
         )
         == 0
     )
     return root
+
+
+def predict_instances_args(checkpoint: Path, image: Path, out: Path) -> list[str]:
+    """``predict`` of ``image`` by ``checkpoint`` on the CPU, its instances too written to ``out``."""
+    return ["predict", str(checkpoint), str(image), "--out", str(out), "--instances", "--device", "cpu"]
 
 
 def add_checkpoints(runs: Path, folder: Path) -> None:
@@ -221,21 +185,7 @@ def test_instances_and_probabilities_equal_deepscope_predict(client: TestClient,
     }
     assert seen == sorted(seen) and seen[-1] == 1.0  # monotone, and complete when done
     out = tmp_path / "predicted"
-    assert (
-        main(
-            [
-                "predict",
-                str(folder / SEG),
-                str(folder / "cells.tif"),
-                "--out",
-                str(out),
-                "--instances",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(predict_instances_args(folder / SEG, folder / "cells.tif", out)) == 0
     expected = tifffile.imread(out / "cells_instances.tif")
     instances = service(client).instances("cells.tif")
     assert expected.max() > 3 and status["summary"] == f"{expected.max()} objects"
@@ -275,21 +225,7 @@ def test_a_2d_model_predicts_the_viewed_slice_of_a_stack(client: TestClient, fol
     assert client.post("/api/models/open", json={"path": SEG}).status_code == 200
     assert client.post("/api/models/predict", params={"image": "stack.tif", "z": 1}, json={}).json()["z"] == 1
     assert finished(client, "stack.tif")[0]["state"] == "done"
-    assert (
-        main(
-            [
-                "predict",
-                str(folder / SEG),
-                str(tmp_path / "plane.tif"),
-                "--out",
-                str(tmp_path / "out"),
-                "--instances",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(predict_instances_args(folder / SEG, tmp_path / "plane.tif", tmp_path / "out")) == 0
     np.testing.assert_array_equal(
         service(client).instances("stack.tif", 1), tifffile.imread(tmp_path / "out" / "plane_instances.tif")
     )
@@ -378,35 +314,7 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
         == 0
     )
     shapes = write_shapes(root / "shapes", train=4, test=1, size=48)
-    assert (
-        main(
-            [
-                "train",
-                "detect",
-                "--data",
-                str(shapes),
-                "--out",
-                str(root / "det"),
-                "--epochs",
-                "1",
-                "--device",
-                "cpu",
-                "--model",
-                "centernet",
-                "--batch-size",
-                "4",
-                "--amp",
-                "off",
-                "--set",
-                "image_size=0",
-                "--set",
-                "model_args={backbone: tiny, fpn_channels: 16}",
-                "--set",
-                "augment.crop=0",
-            ]
-        )
-        == 0
-    )
+    assert main(train_args("detect", shapes, root / "det", 1, "--device", "cpu", *TINY_CENTERNET)) == 0
     return root
 
 
@@ -529,21 +437,7 @@ def test_page_opens_a_checkpoint_predicts_and_draws_outlines(server: str, browse
     folder = tmp_path / "data"  # what the browser test's server serves; files added now are listed at once
     tifffile.imwrite(folder / "nuclei.tif", nuclei(96))
     add_checkpoints(runs, folder)
-    assert (
-        main(
-            [
-                "predict",
-                str(folder / SEG),
-                str(folder / "nuclei.tif"),
-                "--out",
-                str(tmp_path / "out"),
-                "--instances",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    assert main(predict_instances_args(folder / SEG, folder / "nuclei.tif", tmp_path / "out")) == 0
     border = find_boundaries(tifffile.imread(tmp_path / "out" / "nuclei_instances.tif"), mode="inner", background=0)
     browser.get(server + "#nuclei.tif")
     wait(

@@ -10,18 +10,8 @@ import torch
 
 from deepscope.errors import DataError
 from deepscope.metrics.knn import knn_accuracy, knn_predict
-from deepscope.tasks.ssl.probe import (
-    label_subset,
-    linear_probe,
-    probe_rows,
-    stratified_indices,
-)
-from deepscope.tasks.ssl.report import (
-    embedding_map,
-    nearest,
-    neighbour_grid,
-    write_ssl_report,
-)
+from deepscope.tasks.ssl.probe import label_subset, linear_probe, probe_rows, stratified_indices
+from deepscope.tasks.ssl.report import embedding_map, nearest, neighbour_grid, write_ssl_report
 
 
 def _at(degrees: list[float]) -> torch.Tensor:

@@ -64,6 +64,30 @@ def few_labels(digits: Path, path: Path, per_class: int) -> Path:
     return path
 
 
+def few_labels_resnet_args(data: Path, epochs: int, *extra: str) -> list[str]:
+    """``train classify`` of a narrow ResNet-18 on the few-label set ``data`` for ``epochs``, with no validation split;
+    ``extra`` options follow."""
+    return [
+        "train",
+        "classify",
+        "--data",
+        str(data),
+        "--model",
+        "resnet18",
+        "--set",
+        "model_args.width=8",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "10",
+        "--amp",
+        "off",
+        "--val-fraction",
+        "0",
+        *extra,
+    ]
+
+
 def test_training_monitors_knn_probes_against_a_random_encoder_and_reports(pretrained: Path) -> None:
     metrics = json.loads((pretrained / "metrics.json").read_text())
     knn = [h["val_knn_accuracy"] for h in metrics["history"]]
@@ -124,28 +148,7 @@ def test_a_pretrained_encoder_learns_faster_on_few_labels(
     pretrained: Path, digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = few_labels(digits, tmp_path / "few.npz", 5)
-    args = [
-        "train",
-        "classify",
-        "--data",
-        str(data),
-        "--model",
-        "resnet18",
-        "--set",
-        "model_args.width=8",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "10",
-        "--amp",
-        "off",
-        "--val-fraction",
-        "0",
-        "--set",
-        "augment.crop_padding=0",
-        "--set",
-        "augment.flip=false",
-    ]
+    args = few_labels_resnet_args(data, 3, "--set", "augment.crop_padding=0", "--set", "augment.flip=false")
     assert main([*args, "--out", str(tmp_path / "scratch")]) == 0
     scratch = last_json(capsys)
     assert main([*args, "--out", str(tmp_path / "ssl"), "--init-from", str(pretrained / "best.pt")]) == 0
@@ -160,29 +163,9 @@ def test_freeze_encoder_trains_only_the_new_head(pretrained: Path, digits: Path,
     out = tmp_path / "probe"
     assert (
         main(
-            [
-                "train",
-                "classify",
-                "--data",
-                str(data),
-                "--model",
-                "resnet18",
-                "--set",
-                "model_args.width=8",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "10",
-                "--amp",
-                "off",
-                "--val-fraction",
-                "0",
-                "--out",
-                str(out),
-                "--init-from",
-                str(pretrained / "best.pt"),
-                "--freeze-encoder",
-            ]
+            few_labels_resnet_args(
+                data, 1, "--out", str(out), "--init-from", str(pretrained / "best.pt"), "--freeze-encoder"
+            )
         )
         == 0
     )

@@ -227,10 +227,7 @@ def test_blend_weights(blend: str) -> None:
     x = np.arange(36) - 17.5
     profile = np.exp(-0.5 * (x / 4.5) ** 2) if blend == "gaussian" else 1 - np.abs(x) / 18.5
     # voxels 30..33 are at 32..35 of extent 0 (from -2) and 0..3 of extent 1 (from 30)
-    w0, w1 = (
-        profile[32:],
-        profile[:4],
-    )
+    w0, w1 = (profile[32:], profile[:4])
     np.testing.assert_allclose(got[30:34], w1 / (w0 + w1), atol=1e-6)
     assert (got[:30] == 0).all() and (got[34:] == 1).all()
 

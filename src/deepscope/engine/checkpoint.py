@@ -28,14 +28,7 @@ import torch
 
 from deepscope.atomic import atomic_write
 from deepscope.errors import CheckpointError
-from deepscope.safefile import (
-    FORMAT_KEY,
-    decode_state,
-    is_safetensors,
-    read_metadata,
-    read_safetensors,
-    write_state,
-)
+from deepscope.safefile import FORMAT_KEY, decode_state, is_safetensors, read_metadata, read_safetensors, write_state
 
 FORMAT = "deepscope-checkpoint"
 # numpy's array-rebuilding function, in whichever module this numpy keeps it (an array's reduce value is a tuple)

@@ -19,14 +19,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from deepscope.atomic import atomic_write
 
@@ -53,6 +46,15 @@ def finite(value: Any) -> Any:
     if isinstance(value, list):
         return [finite(v) for v in value]
     return value
+
+
+def preview_images(images: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """The first ``count`` images of a (N, C, *spatial) batch as TensorBoard shows them: the middle plane of 3D
+    volumes, three channels (or one) of the rest; values left as they are."""
+    shown = images[:count].float()
+    if shown.ndim == 5:
+        shown = shown[:, :, shown.shape[2] // 2]
+    return shown[:, :3] if shown.shape[1] >= 3 else shown[:, :1]
 
 
 class RunLogger:

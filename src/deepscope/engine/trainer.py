@@ -31,12 +31,7 @@ from deepscope.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from deepscope.engine.distributed import (
-    DistInfo,
-    all_reduce_max,
-    barrier,
-    init_distributed,
-)
+from deepscope.engine.distributed import DistInfo, all_reduce_max, barrier, init_distributed
 from deepscope.engine.logging import RunLogger, per_second
 from deepscope.engine.optim import build_optimizer, build_scheduler
 from deepscope.engine.precision import Precision, resolve_precision

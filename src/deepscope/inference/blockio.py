@@ -76,10 +76,7 @@ class Output:
                 )
             elif suffix in TIFF_SUFFIXES:
                 # (H, W, RGB[A]); anything else is stored as grey planes
-                colour = len(shape) == 3 and shape[-1] in (
-                    3,
-                    4,
-                )
+                colour = len(shape) == 3 and shape[-1] in (3, 4)
                 self.array = tifffile.memmap(
                     self._tmp, shape=tuple(shape), dtype=dtype, photometric="rgb" if colour else "minisblack"
                 )

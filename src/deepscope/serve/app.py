@@ -45,12 +45,7 @@ from deepscope.atomic import WriteError
 from deepscope.errors import DeepscopeError, one_line
 from deepscope.serve import jobs, models, proofread
 from deepscope.serve.claim import claim_folder
-from deepscope.serve.folder import (
-    AccessError,
-    ServedFolder,
-    ServedImage,
-    UnknownImageError,
-)
+from deepscope.serve.folder import AccessError, ServedFolder, ServedImage, UnknownImageError
 from deepscope.serve.http import (
     NO_STORE,
     TILE_CACHE,
@@ -65,14 +60,7 @@ from deepscope.serve.http import (
 from deepscope.serve.labels import Box, LabelStore, Stroke
 from deepscope.serve.live import LiveClassifier
 from deepscope.serve.project import LabelClass, Project
-from deepscope.serve.tiles import (
-    TILE,
-    labels_png,
-    level_count,
-    overlay_region,
-    probabilities_png,
-    uncertainty_png,
-)
+from deepscope.serve.tiles import TILE, labels_png, level_count, overlay_region, probabilities_png, uncertainty_png
 from deepscope.serve.tiles import image_png as render_image_png
 from deepscope.tasks.pixel.features import FILTERS, SCALES
 

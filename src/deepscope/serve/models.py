@@ -39,40 +39,14 @@ from deepscope.engine.distributed import pick_device
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.serve.folder import STATE_DIR, AccessError, ServedFolder, ServedImage
-from deepscope.serve.http import (
-    NO_STORE,
-    TILE_CACHE,
-    integer,
-    json_body,
-    param,
-    parse_contrast,
-    png,
-    slice_index,
-)
-from deepscope.serve.tiles import (
-    image_png,
-    labels_png,
-    outlines_png,
-    overlay_region,
-    probabilities_png,
-    tile_box,
-)
+from deepscope.serve.http import NO_STORE, TILE_CACHE, integer, json_body, param, parse_contrast, png, slice_index
+from deepscope.serve.tiles import image_png, labels_png, outlines_png, overlay_region, probabilities_png, tile_box
 
 log = logging.getLogger(__name__)
 
 KINDS = ("probabilities", "classes", "outlines", "denoised")
 # app.js's
-PALETTE = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#17becf",
-    "#bcbd22",
-)
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 PROBABILITY_COLOUR = "#ff00ff"  # an instance model's object probability
 MAX_LOOKED_AT = 2000  # files and folders looked at when listing checkpoints: a huge folder must not stall the page
 MAX_DEPTH = 6

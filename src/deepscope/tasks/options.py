@@ -53,10 +53,6 @@ def setting(flag: str, key: str | None = None, **settings: Any) -> Option:
     return option(flag, key=key or flag[2:].replace("-", "_"), **settings)
 
 
-def no_command(args: argparse.Namespace, device: Any) -> Result:
-    raise DeepscopeError(f"{args.checkpoint}: this kind of checkpoint has no such command")
-
-
 @dataclass(frozen=True)
 class TaskCommands:
     """What one task adds to the command line.
@@ -73,9 +69,9 @@ class TaskCommands:
     summary: str
     data_help: str
     model_help: str
+    evaluate: Callable[[argparse.Namespace, Any], Result]
     train_options: tuple[Option, ...] = ()
     evaluate_options: tuple[Option, ...] = ()
-    evaluate: Callable[[argparse.Namespace, Any], Result] = no_command
     predict_options: tuple[Option, ...] = ()
     predict: Callable[[argparse.Namespace, Any], Result] | None = None
     score_saved: Callable[[argparse.Namespace], Result] | None = None

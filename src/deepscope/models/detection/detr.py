@@ -18,13 +18,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import (
-    MLP,
-    box_convert,
-    clip_boxes_to_image,
-    generalized_box_iou,
-    generalized_box_iou_loss,
-)
+from torchvision.ops import MLP, box_convert, clip_boxes_to_image, generalized_box_iou, generalized_box_iou_loss
 
 from deepscope.models.detection.backbones import STRIDES, build_backbone, detection_transform
 from deepscope.models.detection.centernet import box_targets

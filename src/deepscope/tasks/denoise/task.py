@@ -24,6 +24,7 @@ from deepscope.data.epochs import epoch_generator
 from deepscope.data.io.splits import split_validation
 from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
 from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.logging import preview_images
 from deepscope.engine.report import write_report
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -231,11 +232,7 @@ class DenoiseTask(Task):
         }
 
     def display_images(self, batch: Any) -> torch.Tensor:
-        image = batch[0][:8].float()
-        if image.ndim == 5:
-            image = image[:, :, image.shape[2] // 2]
-        image = image[:, :3] if image.shape[1] >= 3 else image[:, :1]
-        return (image * 0.25 + 0.5).clamp(0, 1)
+        return (preview_images(batch[0]) * 0.25 + 0.5).clamp(0, 1)
 
     def finish(
         self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]

@@ -274,9 +274,7 @@ def _eigenvalues_2d(
 
 
 def _eigenvalues_3d(
-    e: dict[tuple[int, int], torch.Tensor],
-    scratch: Sequence[torch.Tensor],
-    out: Sequence[torch.Tensor] | torch.Tensor,
+    e: dict[tuple[int, int], torch.Tensor], scratch: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | torch.Tensor
 ) -> None:
     """Eigenvalues, largest first, of 3x3 symmetric matrices by the trigonometric method of O. K. Smith (1961), in
     place: ``e`` (the six upper-triangle entries) and the four ``scratch`` maps must be float64, as float32 loses the

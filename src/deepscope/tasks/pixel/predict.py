@@ -20,7 +20,7 @@ from deepscope.tasks.pixel.features import feature_tiles
 
 @dataclass
 class InstanceSettings:
-    """From class probabilities to objects (see ``deepscope.postprocess.watershed_from_seeds``)."""
+    """From class probabilities to objects (see ``deepscope.postprocess.watershed.watershed_from_seeds``)."""
 
     foreground: Sequence[int] | None = None  # classes that make objects; None: all but the first (and the boundary)
     boundary: int | None = None  # class of object boundaries, which separates touching objects

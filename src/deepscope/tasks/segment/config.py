@@ -12,10 +12,7 @@ from deepscope.postprocess.watershed import SEEDS
 
 CHANNELS = {"foreground": 1, "boundaries": 1, "foreground_boundaries": 2, "distance": 1}
 # probability plus distances or flow vectors, whose channels are not all sigmoid maps
-VECTOR_TARGETS = (
-    "stardist",
-    "flows",
-)
+VECTOR_TARGETS = ("stardist", "flows")
 INSTANCE_TARGETS = (*CHANNELS, *VECTOR_TARGETS)
 DEFAULT_PATCH = {2: (256, 256), 3: (32, 128, 128)}
 INVERT = ("never", "always", "auto")

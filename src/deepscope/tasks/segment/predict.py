@@ -28,12 +28,7 @@ from deepscope.postprocess.flows import flow_instances
 from deepscope.postprocess.star import star_instances
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
-from deepscope.tasks.segment.config import (
-    VECTOR_TARGETS,
-    InferenceConfig,
-    PostConfig,
-    SegmentConfig,
-)
+from deepscope.tasks.segment.config import VECTOR_TARGETS, InferenceConfig, PostConfig, SegmentConfig
 
 # ---- prediction and scoring of whole images ---------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from deepscope.data.segmentation.star import batch_star_target, non_star_convex_
 from deepscope.data.segmentation.targets import batch_class_map, batch_target
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.logging import preview_images
 from deepscope.engine.precision import resolve_precision
 from deepscope.engine.probe import seconds_per_forward, seconds_per_step
 from deepscope.engine.report import table, write_report
@@ -49,21 +50,9 @@ from deepscope.inference.geometry import halo_for, patch_shape_for
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
-from deepscope.tasks.segment.plan import (
-    Hardware,
-    Plan,
-    fingerprint,
-    make_plan,
-    semantic_plan,
-)
+from deepscope.tasks.segment.plan import Hardware, Plan, fingerprint, make_plan, semantic_plan
 from deepscope.tasks.segment.predict import Predictor, score_image, summarize_records
-from deepscope.tasks.segment.report import (
-    SHOWN,
-    draw_overlays,
-    overlay_caption,
-    report_sections,
-    worst_names,
-)
+from deepscope.tasks.segment.report import SHOWN, draw_overlays, overlay_caption, report_sections, worst_names
 from deepscope.tasks.segment.tune import tune_post
 
 if TYPE_CHECKING:
@@ -304,11 +293,7 @@ class SegmentTask(Task):
         }
 
     def display_images(self, batch: Any) -> torch.Tensor:
-        image = batch[0][:8].float()
-        if image.ndim == 5:
-            image = image[:, :, image.shape[2] // 2]
-        image = image[:, :3] if image.shape[1] >= 3 else image[:, :1]
-        return image.clamp(0, 1)
+        return preview_images(batch[0]).clamp(0, 1)
 
     def finish(
         self, model: nn.Module, run_dir: Path, history: list[dict[str, Any]], summary: dict[str, Any]
