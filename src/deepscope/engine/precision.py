@@ -18,7 +18,6 @@ import torch
 from deepscope.config import AMP_MODES
 from deepscope.errors import DeepscopeError
 
-MODES = AMP_MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -85,8 +84,8 @@ def cpu_description() -> str:
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """The precision for ``mode`` on ``device``: ``auto`` takes bf16/fp16 only where the hardware runs it natively."""
-    if mode not in MODES:
-        raise DeepscopeError(f"unknown amp mode {mode!r}; choose {', '.join(MODES)}")
+    if mode not in AMP_MODES:
+        raise DeepscopeError(f"unknown amp mode {mode!r}; choose {', '.join(AMP_MODES)}")
     if mode == "off":
         return Precision(mode, None, "amp off: float32 as asked")
     if device.type != "cpu":

@@ -43,8 +43,6 @@ class Option:
 
 
 def option(*flags: str, key: str | None = None, **settings: Any) -> Option:
-    if flags[0].startswith("--") and "dest" not in settings:
-        settings["dest"] = flags[0][2:].replace("-", "_")
     return Option(flags, settings, key)
 
 
