@@ -1,9 +1,10 @@
 """DSB2018 nuclei at a fixed CPU budget: deepscope's three instance targets and the StarDist package side by side.
 
 Each deepscope row is what a user gets from ``deepscope train segment --data DSB --max-minutes M`` with the planned
-defaults (``tasks/segment/plan.py``) and only the target chosen: ``--set target=stardist|flows``; the boundaries row
-passes no flag at all (the newcomer's command), and its checkpoint is also applied by ``deepscope predict --instances``
-and scored from the written files, so the newcomer path is measured end to end. The StarDist row is the ``stardist``
+defaults (``tasks/segment/plan.py``) and only the target chosen: ``--set target=foreground_boundaries|stardist|flows``
+(an open target now plans flows: bench_newcomer.py measures that command); the boundaries row's checkpoint is also
+applied by ``deepscope predict --instances`` and scored from the written files, so the prediction path is measured end
+to end. The StarDist row is the ``stardist``
 package (tensorflow-cpu, its own venv, made here) trained from scratch with its documented DSB2018 recipe
 (stardist_dsb.py) on the same training images, stopped by the same clock. Every row is scored by the same deepscope
 metric on the 50 shared test images and on their 41 fluorescence images.
@@ -30,7 +31,12 @@ from deepscope.metrics.instance import evaluate_label_folders, summarize
 RUNS = CACHE / "nuclei"
 VENV = CACHE / "venv-stardist"
 STARDIST = ["tensorflow-cpu==2.18.1", "stardist==0.9.2", "imageio"]
-TARGETS = {"boundaries": [], "stardist": ["--set", "target=stardist"], "flows": ["--set", "target=flows"]}
+# the boundaries row names its target: since issue 26 an open target plans flows (the newcomer's row: bench_newcomer.py)
+TARGETS = {
+    "boundaries": ["--set", "target=foreground_boundaries"],
+    "stardist": ["--set", "target=stardist"],
+    "flows": ["--set", "target=flows"],
+}
 
 
 def ensure_venv() -> Path:
@@ -242,7 +248,7 @@ def main() -> None:
     lines = [
         header(command_line()),
         "Every deepscope row is `deepscope train segment --data DSB2018 --max-minutes M` with the planned defaults and only the "
-        "target set (`--set target=stardist|flows`; the boundaries row passes no flag: the newcomer's command, then `deepscope "
+        "target set (`--set target=foreground_boundaries|stardist|flows`; until issue 26 the boundaries row passed no flag, as the default target then was boundaries; then `deepscope "
         "predict --instances` on the test images, scored from the written files). StarDist package: StarDist2D from scratch, "
         "its documented DSB2018 recipe (benchmarks/stardist_dsb.py), same training images, same clock. All rows scored by "
         "deepscope's metric on `test/` (50 images; 41 fluorescence). Score = TP/(TP+FP+FN) summed over images at IoU 0.5; mean "

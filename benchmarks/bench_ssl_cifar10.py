@@ -152,6 +152,7 @@ def run_ssl(method: str, data: Path, out: Path, args: argparse.Namespace) -> dic
             a
             for s in [
                 f"model_args.width={args.width}",
+                f"temperature={args.temperature:g}",
                 "probe_fractions=[0.01,0.1,1]",
                 "probe_random=false",
                 *args.ssl_set,
@@ -191,7 +192,7 @@ def lightly_command(data: Path, out: Path, args: argparse.Namespace) -> list[str
         "batch-size": args.batch_size,
         "max-minutes": f"{args.minutes:g}",
         "val-fraction": cfg.val_fraction,
-        "temperature": cfg.temperature,
+        "temperature": args.temperature,
         "projector": cfg.projector_widths(),
         "optimizer": opt.name,
         "lr": opt.lr,
@@ -319,7 +320,7 @@ METHOD_NAMES = {
 }
 
 
-def settings_text() -> str:
+def settings_text(temperature: float) -> str:
     """``train ssl``'s defaults that lightly's run copies, for the notes."""
     from deepscope.data.ssl.views import view_config
     from deepscope.tasks.ssl.config import SSLConfig
@@ -327,7 +328,7 @@ def settings_text() -> str:
     cfg, views = SSLConfig(method="simclr"), view_config("natural", {})
     opt = cfg.optim
     return (
-        f"SimCLR temperature {cfg.temperature:g}, head {'-'.join(map(str, cfg.projector_widths()))}, batch {cfg.batch_size}; "
+        f"SimCLR temperature {temperature:g}, head {'-'.join(map(str, cfg.projector_widths()))}, batch {cfg.batch_size}; "
         f"{opt.name.upper()} lr {opt.lr:g}, momentum {opt.momentum:g}, weight decay {opt.weight_decay:g}, {opt.schedule} "
         f"with {opt.warmup_fraction:.0%} warm-up; views: crop {views.crop_scale[0]:g}-{views.crop_scale[1]:g}, jitter "
         f"{'/'.join(f'{j:g}' for j in views.jitter)} p {views.jitter_p:g}, grey {views.grayscale_p:g}, blur p {views.blur_p:g}"
@@ -359,7 +360,7 @@ def curve_line(bench: dict[str, Any], target: float) -> str:
     return f"- `{bench['run']}`: {reached}; kNN (validation) @ min: {points}"
 
 
-def render(target: float, trial: bool) -> str:
+def render(target: float, trial: bool, temperature: float) -> str:
     """The section from every run on disk: the trial runs (``--subset``) or the real ones."""
     found = [json.loads(p.read_text()) for p in RUNS.glob("*/bench.json")]
     benches = sorted(
@@ -375,7 +376,7 @@ def render(target: float, trial: bool) -> str:
             "training images: `train/` less the share that `train ssl` keeps for its kNN monitor (seeded), standardised alike. "
             "All encoders are judged by deepscope's probes on the test images: kNN (cosine, k=200, T=0.1, the training "
             "images as the bank) and a logistic regression on the frozen features trained on 1%, 10% and 100% of the "
-            f"training labels (seeded, stratified). deepscope rows are `train ssl` with its defaults ({settings_text()}), "
+            f"training labels (seeded, stratified). deepscope rows are `train ssl` with its defaults ({settings_text(temperature)}), "
             "probed at the best epoch by the validation kNN; lightly's row uses lightly's `SimCLRTransform` (PIL images in "
             "DataLoader workers, `num_workers` in its tool cell), `SimCLRProjectionHead` and `NTXentLoss` with the same settings, "
             "deepscope's optimizer code and encoder, and is probed at its last weights. The supervised row is `train "
@@ -428,7 +429,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16, help="ResNet-18 width (64: the standard network)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help="length of the SSL schedules (the budget may stop them)"
+        "--epochs", type=int, default=100, help="length of the SSL schedules (the budget may stop them)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="SimCLR temperature of both tools (train ssl plans one when left open: see bench_newcomer.py)",
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument(
@@ -480,7 +487,7 @@ def main() -> None:
         )
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
         print(json.dumps(bench), flush=True)
-    text = render(args.target, trial=bool(args.subset))
+    text = render(args.target, trial=bool(args.subset), temperature=args.temperature)
     if not args.subset:  # trial runs on a sample are printed only
         write_section("ssl_cifar10", "CIFAR-10 self-supervised pre-training at a fixed budget", text)
     print(text)

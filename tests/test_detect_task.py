@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
 
 from conftest import TINY_CENTERNET, two_process_launcher
 from deepscope.cli import main
@@ -55,9 +56,24 @@ def test_training_writes_the_run_folder_and_the_loss_falls(trained: Path) -> Non
     assert "mAP" in report and "Best score threshold" in report
 
 
+def test_given_settings_are_kept_and_open_ones_planned_with_reasons(trained: Path) -> None:
+    """The run gave the model, its backbone, native scale and the epochs; the plan fills only what was left open."""
+    text = (trained / "config.yaml").read_text()
+    header = [line[2:] for line in text.splitlines() if line.startswith("# ")]
+    chosen = {line.split(" = ")[0] for line in header if " = " in line}
+    assert chosen == {"val_fraction", "max_size", "inference.max_detections"}
+    config = yaml.safe_load(text)
+    assert (config["model"], config["image_size"], config["epochs"]) == ("centernet", 0, 3)
+    assert config["model_args"] == {"backbone": "tiny", "fpn_channels": 16}
+    assert round(config["val_fraction"] * 24) == 3 and config["inference"]["max_detections"] == 100
+    plan = json.loads((trained / "metrics.json").read_text())["plan"]
+    assert plan["fingerprint"]["images"] == 24 and plan["settings"]["max_size"] == config["max_size"]
+
+
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(shapes: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["train", "detect", "--data", str(shapes), *TINY_CENTERNET]
+    # epochs and steps given: the time limit below only stops the run, the engine plans no schedule for it
+    args = ["train", "detect", "--data", str(shapes), *TINY_CENTERNET, "--set", "steps_per_epoch=6"]
     assert main([*args, "--epochs", "2", "--out", str(straight)]) == 0
     # stopped by the time limit after its first step (as a killed run leaves last.pt mid-epoch), then resumed
     assert main([*args, "--epochs", "2", "--out", str(resumed), "--max-minutes", "0.00001"]) == 0

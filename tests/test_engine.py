@@ -138,7 +138,9 @@ def resume_args(data: Path, out: Path, amp: str = "off") -> list[str]:
 def test_max_minutes_stops_cleanly_and_resume_finishes(tmp_path):
     data = big_npz(tmp_path)
     out = tmp_path / "timed"
-    assert main(resume_args(data, out)[:-4] + ["--max-minutes", "0.0001"]) == 0
+    # epochs and steps given: nothing is planned, the clock stops the run
+    timed = resume_args(data, out)[:-4] + ["--max-minutes", "0.0001", "--set", "steps_per_epoch=37"]
+    assert main(timed) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped"] == "max_minutes"
     assert metrics["epochs_completed"] == 1

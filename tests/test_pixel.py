@@ -286,6 +286,32 @@ def test_shallow_to_deep_trains_a_unet_on_forest_labels(trained, nuclei, tmp_pat
     )
 
 
+def test_shallow_to_deep_leaves_the_schedule_to_the_engine(trained, nuclei, tmp_path, monkeypatch):
+    """No fixed number of epochs: the semantic U-Net's schedule is planned from the budget by the engine, unless the
+    user gives the epochs."""
+    import torch
+
+    from deepscope.tasks.pixel import deep
+
+    configs = []
+
+    class Recorder:
+        def __init__(self, task) -> None:
+            configs.append(task.config)
+
+        def fit(self) -> dict:
+            return {}
+
+    monkeypatch.setattr(deep, "Trainer", Recorder)
+    images = sorted((nuclei / "test" / "images").glob("*.tif"))
+    classifier = trained / "classifier.safetensors"
+    deep.train_unet_from_forest(classifier, images, tmp_path / "a", torch.device("cpu"), {"max_minutes": 5})
+    deep.train_unet_from_forest(classifier, images, tmp_path / "b", torch.device("cpu"), {"epochs": 3})
+    planned, given = configs
+    assert planned.epochs is None and planned.steps_per_epoch is None and planned.max_minutes == 5
+    assert planned.target == "semantic" and given.epochs == 3
+
+
 def test_demo_pixel_counts_the_coins(tmp_path, capsys):
     assert main(["demo", "pixel", "--out", str(tmp_path)]) == 0
     result = last_json(capsys)

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
 from skimage.draw import disk
+from torch import nn
 
 from deepscope.data.segmentation.augment import SegAugmentConfig
-from deepscope.metrics.instance import image_scores
+from deepscope.engine.plan import Plan, budget_of
+from deepscope.errors import DeepscopeError
+from deepscope.metrics.instance import image_scores, summarize
 from deepscope.postprocess.tiled import tiled_instances
 from deepscope.postprocess.watershed import watershed_from_seeds
-from deepscope.tasks.segment.config import SegmentConfig
+from deepscope.tasks.segment import tune
+from deepscope.tasks.segment.config import InferenceConfig, PostConfig, SegmentConfig
 from deepscope.tasks.segment.plan import (
     Fingerprint,
     Hardware,
     make_plan,
     object_diameters,
+    plan_target,
     receptive_field,
     semantic_plan,
+    validation_seconds,
 )
+from deepscope.tasks.segment.predict import Predictor, score_output
+from deepscope.tasks.segment.task import SegmentTask
 
 
 def fp(diameters=(10.0, 20.0, 30.0), smallest=(256, 256), groups=None, images=600) -> Fingerprint:
@@ -34,6 +46,14 @@ def timer(calls: list | None = None, step_s: float = 2.0, pixel_s: float = 1e-5)
     return measure
 
 
+def planned(cfg: SegmentConfig, fingerprint: Fingerprint, hw: Hardware, spent_s: float, measure, pixels: float) -> Plan:
+    """The plan of ``cfg`` on data of ``fingerprint`` with the segment task's default budget."""
+    plan = Plan()
+    budget = budget_of(cfg, SegmentTask.default_budget_minutes)
+    make_plan(cfg, fingerprint, hw, budget, spent_s, measure, pixels, plan)
+    return plan
+
+
 def test_object_diameters_are_equivalent_disc_diameters():
     labels = np.zeros((64, 64), np.int32)
     labels[disk((20, 20), 10)] = 1
@@ -45,12 +65,12 @@ def test_object_diameters_are_equivalent_disc_diameters():
 
 def test_architecture_follows_object_size_and_image_size():
     cfg = SegmentConfig(data="x", max_minutes=20)
-    plan = make_plan(cfg, fp(diameters=(10, 20, 30)), Hardware("cpu", "float32"), 0.0, timer(), 1e7)
+    plan = planned(cfg, fp(diameters=(10, 20, 30)), Hardware("cpu", "float32"), 0.0, timer(), 1e7)
     depth = plan.settings["model_args.depth"]
     assert receptive_field(depth) >= 90 and receptive_field(depth - 1) < 90  # smallest depth seeing 3x the p90 diameter
     assert plan.settings["patch_shape"] == [256, 256]
     assert plan.settings["model_args.features"] == 16 and plan.settings["batch_size"] == 8
-    small = make_plan(
+    small = planned(
         SegmentConfig(data="x", max_minutes=20),
         fp(diameters=(3, 5, 8), smallest=(52, 300)),
         Hardware("cuda", "bf16"),
@@ -66,18 +86,58 @@ def test_architecture_follows_object_size_and_image_size():
 def test_schedule_fills_the_budget_with_measured_times():
     calls: list = []
     cfg = SegmentConfig(data="x", max_minutes=20)
-    plan = make_plan(cfg, fp(), Hardware("cpu", "float32"), 30.0, timer(calls, step_s=2.0, pixel_s=1e-5), 4e7)
+    plan = planned(cfg, fp(), Hardware("cpu", "float32"), 30.0, timer(calls, step_s=2.0, pixel_s=1e-5), 4e7)
     assert len(calls) == 1 and calls[0][1]["depth"] == plan.settings["model_args.depth"]
-    epochs, patches, batch = plan.settings["epochs"], plan.settings["patches_per_epoch"], plan.settings["batch_size"]
-    val_s = plan.settings["val_fraction"] * (4e7 * 1e-5 + 600 * 0.5)
-    used = epochs * (patches / batch * 2.0 + val_s)
+    epochs, steps = plan.settings["epochs"], plan.settings["steps_per_epoch"]
+    val_s = validation_seconds(cfg, fp(), plan.settings["val_fraction"], 4e7, 1e-5)
+    assert val_s > plan.settings["val_fraction"] * 4e7 * 1e-5  # prediction, post-processing and threshold tuning
+    assert plan.fingerprint["step_s"] == 2.0 and plan.fingerprint["validation_s"] == pytest.approx(val_s)
+    used = epochs * (steps * 2.0 + val_s)
     budget = 20 * 60 - 30.0
     assert 0.8 * budget < used <= budget
     assert epochs * val_s <= 0.15 * budget + 1e-6
-    doubled = make_plan(
+    doubled = planned(
         SegmentConfig(data="x", max_minutes=40), fp(), Hardware("cpu", "float32"), 30.0, timer(step_s=2.0), 4e7
     )
-    assert doubled.settings["epochs"] * doubled.settings["patches_per_epoch"] > 1.8 * epochs * patches
+    assert doubled.settings["epochs"] * doubled.settings["steps_per_epoch"] > 1.8 * epochs * steps
+
+
+def test_a_budget_too_short_is_refused_naming_the_minimum():
+    """The segment plan's schedule goes through the engine's fit_schedule, which names the budget needed."""
+    cfg = SegmentConfig(data="x", max_minutes=0.5)
+    with pytest.raises(DeepscopeError, match=r"a budget of 0.5 min is too short.*--max-minutes"):
+        planned(cfg, fp(), Hardware("cpu", "float32"), 10.0, timer(step_s=2.0), 4e7)
+    given = SegmentConfig(data="x", max_minutes=0.5, epochs=2)  # also when only the steps are open
+    with pytest.raises(DeepscopeError, match="too short"):
+        planned(given, fp(), Hardware("cpu", "float32"), 10.0, timer(step_s=2.0), 4e7)
+
+
+def test_the_target_is_planned_flows_for_instance_labels_and_a_given_target_is_kept():
+    cfg = SegmentConfig(data="x")
+    assert cfg.target is None and cfg.loss == "auto" and cfg.monitor == "mean_score"
+    plan = Plan()
+    plan_target(SegmentConfig(data="x"), plan, 3)
+    assert plan.settings == {"target": "foreground_boundaries"} and "3D" in plan.reasons[0]
+    plan = Plan()
+    plan_target(cfg, plan, 2)
+    assert plan.settings == {"target": "flows"} and "DSB2018" in plan.reasons[0]
+    plan.apply(cfg)
+    cfg.check_target()
+    assert (cfg.target, cfg.loss) == ("flows", "flows")
+    for target in ("foreground_boundaries", "stardist", "semantic"):
+        given, plan = SegmentConfig(data="x", target=target), Plan()
+        plan_target(given, plan, 2)
+        assert plan.settings == {} and given.target == target
+    # a setting given that flows cannot take plans a target that can
+    for setting, target in (({"loss": "dice"}, "foreground_boundaries"), ({"loss": "stardist"}, "stardist")):
+        plan = Plan()
+        plan_target(SegmentConfig(data="x", **setting), plan, 2)
+        assert plan.settings == {"target": target}
+    plan = Plan()
+    plan_target(SegmentConfig(data="x", inference=InferenceConfig(flip_tta=True)), plan, 2)
+    assert plan.settings == {"target": "foreground_boundaries"}
+    with pytest.raises(DeepscopeError, match="unknown target"):
+        SegmentConfig(data="x", target="nonsense")
 
 
 def test_explicit_settings_are_kept_and_not_timed():
@@ -96,22 +156,22 @@ def test_explicit_settings_are_kept_and_not_timed():
         augment=augment,
         dist_scale=4.0,
     )
-    plan = make_plan(cfg, fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
+    plan = planned(cfg, fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
     assert plan.settings == {} and calls == []
-    assert any(r.startswith("data:") for r in plan.reasons)
+    assert any(r.startswith("data:") for r in plan.reasons) and plan.fingerprint["images"] == 600
 
 
 def test_appearance_mix_plans_inversion_balance_and_stain_augmentation():
     mixed = fp(groups={"grey-dark": 540, "colour-bright": 100, "grey-bright": 16}, images=656)
-    plan = make_plan(SegmentConfig(data="x", max_minutes=20), mixed, Hardware("cpu", "float32"), 0.0, timer(), 1e7)
+    plan = planned(SegmentConfig(data="x", max_minutes=20), mixed, Hardware("cpu", "float32"), 0.0, timer(), 1e7)
     assert plan.settings["invert"] == "auto" and plan.settings["balance"] == "auto"
     augment = plan.settings["augment"]
     assert augment.colour_jitter > 0 and augment.hed_jitter == 0  # inverted H&E is not transmitted light
-    kept = make_plan(
+    kept = planned(
         SegmentConfig(data="x", max_minutes=20, invert="never"), mixed, Hardware("cpu", "float32"), 0.0, timer(), 1e7
     )
     assert "invert" not in kept.settings and kept.settings["augment"].hed_jitter > 0
-    uniform = make_plan(
+    uniform = planned(
         SegmentConfig(data="x", max_minutes=20),
         fp(diameters=(18, 20, 22)),
         Hardware("cpu", "float32"),
@@ -125,17 +185,88 @@ def test_appearance_mix_plans_inversion_balance_and_stain_augmentation():
 
 def test_given_epochs_without_a_budget_keep_one_pass_over_the_images():
     calls: list = []
-    plan = make_plan(SegmentConfig(data="x", epochs=2), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
-    assert "patches_per_epoch" not in plan.settings and "epochs" not in plan.settings and calls == []
-    budgeted = make_plan(
+    plan = planned(SegmentConfig(data="x", epochs=2), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7)
+    assert "steps_per_epoch" not in plan.settings and "epochs" not in plan.settings and calls == []
+    budgeted = planned(
         SegmentConfig(data="x", epochs=2, max_minutes=5), fp(), Hardware("cpu", "float32"), 0.0, timer(calls), 1e7
     )
-    assert "patches_per_epoch" in budgeted.settings and len(calls) == 1
+    assert "steps_per_epoch" in budgeted.settings and "epochs" not in budgeted.settings and len(calls) == 1
 
 
-def test_semantic_targets_get_fixed_defaults():
-    plan = semantic_plan(SegmentConfig(data="x", target="semantic", epochs=4))
-    assert "epochs" not in plan.settings and plan.settings["batch_size"] == 8 and plan.settings["invert"] == "never"
+def test_semantic_targets_get_fixed_defaults_and_leave_the_schedule_to_the_engine():
+    for epochs in (None, 4):
+        plan = Plan()
+        semantic_plan(SegmentConfig(data="x", target="semantic", epochs=epochs), plan)
+        assert "epochs" not in plan.settings and "steps_per_epoch" not in plan.settings
+        assert plan.settings["batch_size"] == 8 and plan.settings["invert"] == "never"
+
+
+class Confident(nn.Module):
+    """Logits of probability ``p`` where the (single-channel) image is above 0.5, of 0.02 elsewhere."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))  # the tiler reads the parameters' device and type
+        self.inside, self.outside = math.log(p / (1 - p)), math.log(0.02 / 0.98)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x[:, :1] > 0.5, self.inside, self.outside) + self.weight
+
+
+def disc_items(count: int, seed: int = 0) -> list[SimpleNamespace]:
+    """Validation images of a few separate discs: the image is 1 on them, their labels the objects."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        labels = np.zeros((64, 64), np.int32)
+        for k, centre in enumerate(((16, 16), (16, 48), (48, 16), (48, 48))):
+            labels[disk(tuple(c + int(rng.integers(-3, 4)) for c in centre), 9, shape=labels.shape)] = k + 1
+        image = (labels > 0).astype(np.float32)[None]
+        items.append(SimpleNamespace(name=f"v{i}", labels=labels, channels_first=lambda channels, im=image: im))
+    return items
+
+
+def confident_predictor(p: float, threshold: float = 0.5) -> Predictor:
+    return Predictor(
+        Confident(p),
+        "foreground",
+        1,
+        1,
+        (64, 64),
+        (8, 8),
+        (1, 1),
+        InferenceConfig(blend="none"),
+        PostConfig(threshold=threshold),
+        torch.device("cpu"),
+    )
+
+
+def test_validation_tunes_the_threshold_where_the_untuned_one_finds_nothing(monkeypatch):
+    """A model whose probabilities have not reached 0.5 scores 0 at the untuned threshold; the validation scores it
+    at the threshold tuned on (at most VAL_TUNE_IMAGES of) its images, so choosing the best epoch sees it improve."""
+    predictor, items = confident_predictor(0.4), disc_items(10)
+    probs = predictor.probabilities(items[0].channels_first(1))
+    untuned, _ = score_output(predictor, items[0], probs, None, None)
+    assert untuned["thresholds"]["0.5"]["tp"] == 0 and untuned["thresholds"]["0.5"]["fn"] == 4
+    calls = {"probabilities": 0, "instances": 0}
+    for name in calls:
+        original = getattr(Predictor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Predictor, name, counted)
+    records, tuning = tune.tuned_validation(predictor, items)
+    assert tuning["post_threshold_scores"]["0.5"] == 0.0 and tuning["post_threshold"] < 0.4
+    assert summarize(records)["mean_score"] == pytest.approx(1.0)
+    grid = len(tune.validation_thresholds(0.5))
+    # every output predicted once; post-processing repeated only on the tuning images
+    assert calls["probabilities"] == 10
+    assert calls["instances"] == tune.VAL_TUNE_IMAGES * grid + (10 - tune.VAL_TUNE_IMAGES)
+    # a confident model keeps the given threshold, which wins every tie
+    _, confident = tune.tuned_validation(confident_predictor(0.9), disc_items(3))
+    assert confident["post_threshold"] == 0.5
 
 
 def touching_maps(shape=(200, 260), seed=0) -> np.ndarray:

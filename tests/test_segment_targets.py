@@ -60,7 +60,7 @@ def test_flows_learn_nuclei_and_tuned_thresholds_reach_the_checkpoint(flows_run)
     log = (flows_run / "train.log").read_text()
     assert "model_args.norm = batch" in log and "data: 14 training images" in log
     report = (flows_run / "report.html").read_text()
-    assert "Plan (settings chosen" in report and "Per image (worst first)" in report
+    assert "Plan: what was measured and chosen" in report and "Per image (worst first)" in report
 
 
 def test_predict_instances_by_blocks_match_the_trainers_scores(flows_run, nuclei, tmp_path, capsys):

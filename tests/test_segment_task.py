@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 import zarr
 from PIL import Image
 
@@ -20,12 +21,16 @@ from conftest import cpu_unet_options, evaluate_checkpoint_args, evaluate_saved_
 from deepscope.cli import main
 from deepscope.demo.data import write_nuclei
 from deepscope.engine.checkpoint import load_checkpoint
+from deepscope.engine.distributed import DistInfo
 from deepscope.metrics.instance import evaluate_instances
+from deepscope.tasks.segment.config import SegmentConfig
+from deepscope.tasks.segment.task import SegmentTask
 
 
 def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list[str]:
     """A small, quick CPU segmentation run through the CLI (``out`` None: no --out, the caller adds it), in float32 on
-    every processor (scores compare with ``evaluate`` and between processes)."""
+    every processor (scores compare with ``evaluate`` and between processes). The target is given: the boundary
+    maps learn these nuclei in seconds (the planned default, flows, is tested by test_segment_targets)."""
     where = ["--out", str(out)] if out is not None else []
     return [
         "train",
@@ -36,8 +41,22 @@ def seg_args(data: Path, out: Path | None, *extra: str, epochs: int = 6) -> list
         "--epochs",
         str(epochs),
         *cpu_unet_options(batch_size=8, lr=0.005, depth=3, patch=64, patches_per_epoch=64, val_fraction=0.2),
+        "--set",
+        "target=foreground_boundaries",
         *extra,
     ]
+
+
+def semantic_data(nuclei: Path, data: Path) -> Path:
+    """The nuclei as PNG masks with values {0, 255} (as ISBI 2012), for the semantic target with ``class_values``."""
+    for split in ("train", "test"):
+        for name in ("images", "masks"):
+            (data / split / name).mkdir(parents=True)
+        for path in sorted((nuclei / split / "images").iterdir()):
+            Image.fromarray(tifffile.imread(path)).save(data / split / "images" / f"{path.stem}.png")
+            mask = (tifffile.imread(nuclei / split / "masks" / path.name) > 0).astype(np.uint8) * 255
+            Image.fromarray(mask).save(data / split / "masks" / f"{path.stem}.png")
+    return data
 
 
 def tiled_instances_args(checkpoint: Path, image: Path, out: Path, *, tile: int, halo: int) -> list[str]:
@@ -72,7 +91,9 @@ def nuclei(tmp_path_factory) -> Path:
 def trained(nuclei, tmp_path_factory) -> Path:
     """One trained 2D run shared by the tests that only read it."""
     out = tmp_path_factory.mktemp("run") / "seg"
-    assert main(seg_args(nuclei, out, epochs=30)) == 0
+    # validation at the fixed threshold: tuned on these few validation images, one early epoch scores best by chance
+    # (0.82 at epoch 9, 0.64 from epoch 12 on), and the tiling test below needs the converged model
+    assert main(seg_args(nuclei, out, "--set", "post.tune=false", epochs=30)) == 0
     return out
 
 
@@ -187,19 +208,84 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(nuclei, tmp_path)
 
 def test_semantic_classes_from_label_values(nuclei, tmp_path):
     """Masks with values {0, 255} (as ISBI 2012) trained as two classes through ``class_values``."""
-    data = tmp_path / "semantic"
-    for split in ("train", "test"):
-        for name in ("images", "masks"):
-            (data / split / name).mkdir(parents=True)
-        for path in sorted((nuclei / split / "images").iterdir()):
-            Image.fromarray(tifffile.imread(path)).save(data / split / "images" / f"{path.stem}.png")
-            mask = (tifffile.imread(nuclei / split / "masks" / path.name) > 0).astype(np.uint8) * 255
-            Image.fromarray(mask).save(data / split / "masks" / f"{path.stem}.png")
+    data = semantic_data(nuclei, tmp_path / "semantic")
     out = tmp_path / "run"
     assert main(seg_args(data, out, "--set", "target=semantic", "--set", "class_values=[0, 255]", epochs=12)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["per_class"]["255"]["iou"] > 0.7
     assert metrics["test"]["mean_iou"] > 0.8
+
+
+def test_semantic_schedule_is_planned_by_the_engine(nuclei, tmp_path):
+    """No --epochs: the semantic target leaves its schedule to the engine, which plans the epochs from the budget
+    (the given patches per epoch stay) and writes its reasons above the settings in config.yaml."""
+    data = semantic_data(nuclei, tmp_path / "semantic")
+    out = tmp_path / "run"
+    small = cpu_unet_options(batch_size=4, lr=0.005, depth=2, patch=32, patches_per_epoch=8, val_fraction=0.2)
+    semantic = ["--set", "target=semantic", "--set", "class_values=[0, 255]"]
+    # 2 minutes: a schedule fits also on a loaded machine (the deadline bounds the run); epochs of 2 steps keep it short
+    assert (
+        main(["train", "segment", "--data", str(data), "--out", str(out), *small, *semantic, "--max-minutes", "2"]) == 0
+    )
+    text = (out / "config.yaml").read_text()
+    comments = [line for line in text.splitlines() if line.startswith("# ")]
+    assert any(line.startswith("# epochs = ") for line in comments), comments
+    assert any(line.startswith("# timing: ") for line in comments)
+    saved = yaml.safe_load(text)
+    assert isinstance(saved["epochs"], int) and saved["epochs"] >= 1
+    assert saved["target"] == "semantic" and saved["steps_per_epoch"] == 2  # 8 patches given, in batches of 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (
+        metrics["plan"]["settings"]["epochs"] == saved["epochs"]
+        and "steps_per_epoch" not in metrics["plan"]["settings"]
+    )
+    assert "Plan: what was measured and chosen" in (out / "report.html").read_text()
+
+
+def test_setup_plans_flows_for_instance_labels_and_keeps_a_given_target(nuclei):
+    """The target left open is planned (flows for instance labels), and an instance target plans its own schedule."""
+    given = {"epochs": 1, "batch_size": 8, "patch_shape": [64, 64], "patches_per_epoch": 16, "device": "cpu"}
+    task = SegmentTask(SegmentConfig(data=str(nuclei), **given))
+    task.setup(torch.device("cpu"), DistInfo())
+    assert (task.config.target, task.config.loss, task.out_channels) == ("flows", "flows", 3)
+    assert task.plan.settings["target"] == "flows" and task.plan.reasons[0].startswith("target = flows: ")
+    assert task.plans_schedule and task.config.monitor == "mean_score"
+    assert not any(n.startswith("target =") for n in task.notes)  # the engine logs the plan, not the task's notes
+    kept = SegmentTask(SegmentConfig(data=str(nuclei), target="foreground_boundaries", **given))
+    kept.setup(torch.device("cpu"), DistInfo())
+    assert kept.config.target == "foreground_boundaries" and "target" not in kept.plan.settings
+    assert kept.inference_state()["out_channels"] == 2
+    semantic = SegmentTask(SegmentConfig(data=str(nuclei), target="semantic", **given))
+    semantic.setup(torch.device("cpu"), DistInfo())
+    assert not semantic.plans_schedule and semantic.config.loss == "ce"
+
+
+def test_validation_scores_at_a_tuned_threshold_where_the_untuned_one_finds_nothing(nuclei, tmp_path, monkeypatch):
+    """A model whose object probabilities stay under the untuned 0.5 scores 0 there; the validation the engine selects
+    the best epoch by scores it at its tuned threshold, and the run's final tuning starts from that threshold."""
+    from test_segment_plan import Confident
+
+    given = {"epochs": 1, "batch_size": 8, "patch_shape": [64, 64], "patches_per_epoch": 16, "val_fraction": 0.25}
+    task = SegmentTask(SegmentConfig(data=str(nuclei), target="foreground", device="cpu", **given))
+    task.setup(torch.device("cpu"), DistInfo())
+    model = Confident(0.4)
+    tuned = task.evaluate(model, task.val_batches())
+    assert tuned["post_threshold"] < 0.4 and tuned["mean_score"] > 0.2 and tuned["post_threshold_scores"]["0.5"] == 0
+    task.config.post.tune = False
+    assert task.evaluate(model, task.val_batches())["mean_score"] == 0  # the untuned threshold, as before the fix
+    task.config.post.tune = True
+    history = [{"epoch": 1, "val_post_threshold": 0.3}, {"epoch": 2, "val_post_threshold": tuned["post_threshold"]}]
+    seen = {}
+
+    def tune_post(predictor, items):
+        seen["threshold"] = predictor.post.threshold
+        return predictor.post, []
+
+    monkeypatch.setattr("deepscope.tasks.segment.task.tune_post", tune_post)
+    result = task.finish(model, tmp_path, history, {"best_epoch": 2})
+    assert seen["threshold"] == tuned["post_threshold"]  # the best epoch's, not the first's
+    assert result["test"]["mean_score"] > 0.2  # the test images at the stored threshold
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["post"]["threshold"] == tuned["post_threshold"]
 
 
 def test_lazy_hdf5_volumes_train_a_3d_model(tmp_path):
@@ -236,6 +322,8 @@ def test_lazy_hdf5_volumes_train_a_3d_model(tmp_path):
         "patches_per_epoch=8",
         "--set",
         "val_fraction=0.34",
+        "--set",
+        "target=foreground_boundaries",  # flows' 3D targets cost seconds a batch on a CPU
     ]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -274,6 +362,8 @@ def test_plantseg_nuclei_volume_end_to_end(shared_data, tmp_path):
         "patches_per_epoch=16",
         "--set",
         "val_fraction=0",
+        "--set",
+        "target=foreground_boundaries",
     ]
     assert main(args) == 0
     test = json.loads((out / "metrics.json").read_text())["test"]

@@ -67,7 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             tifffile.imwrite(semantic / split / "masks" / path.name, mask.astype(np.uint8))
             if split == "train":
                 shutil.copy(path, noisy / path.name)
-    assert main(train_args("segment", nuclei, root / "seg", 4, *TINY)) == 0
+    assert main(train_args("segment", nuclei, root / "seg", 4, *TINY, "--set", "target=foreground_boundaries")) == 0
     assert (
         main(
             train_args(

@@ -134,7 +134,8 @@ def test_resume_replays_the_same_run(digits: Path, tmp_path: Path) -> None:
     train = np.load(digits)
     small = tmp_path / "small.npz"
     np.savez(small, x_train=train["x_train"][:180], y_train=train["y_train"][:180])  # no test split, no probes: quick
-    args = ["train", "ssl", "--data", str(small), *TINY, "--val-fraction", "0"]
+    # epochs and steps given (one pass of 180 // 64 steps): the engine plans no schedule, the clock stops the run
+    args = ["train", "ssl", "--data", str(small), *TINY, "--val-fraction", "0", "--set", "steps_per_epoch=2"]
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
     # stops after step 1
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "split"), "--max-minutes", "0.0001"]) == 0

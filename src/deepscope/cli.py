@@ -1,4 +1,4 @@
-"""Command line: ``deepscope train | evaluate | predict | pixel | serve | demo``.
+"""Command line: ``deepscope train | plan | evaluate | predict | pixel | serve | demo``.
 
 This module only assembles what each task declares in ``tasks/<task>/commands.py`` (and serve and the demos in
 theirs): ``train TASK`` gets that task's flags alone, and ``evaluate`` / ``predict`` read the checkpoint's task from its
@@ -41,8 +41,25 @@ def cmd_train(args: argparse.Namespace) -> Result:
 
     config = resolve_train_config(args)
     _, task_cls = get_task(args.task)
+    if args.plan_only:
+        if args.resume:
+            raise DeepscopeError("--plan-only plans a new run; a resumed run keeps the plan it started with")
+        plan = Trainer(task_cls(config)).plan().as_dict()
+        if not args.json:
+            print(f"plan for train {args.task} (nothing trained):")
+            for line in plan["reasons"]:
+                print(f"  {line}")
+        return {"task": args.task, **plan}
+    if args.json:
+        raise DeepscopeError("--json prints a plan: give it with --plan-only, or use deepscope plan TASK")
     metrics = Trainer(task_cls(config), resume=args.resume).fit()
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+PLAN_FLAGS = (
+    ("--plan-only", "print what the data and the budget plan (settings, epochs, steps timed) and train nothing"),
+    ("--json", "print the plan as one JSON object on stdout, nothing else (train: with --plan-only)"),
+)
 
 
 def listed(names: Sequence[str]) -> str:
@@ -157,11 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model; deepscope train TASK --help lists the flags of one task.",
     )
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK")
+    planner = sub.add_parser(
+        "plan",
+        help="show what train would plan from the data and the budget, training nothing",
+        description="Print the data's fingerprint and the plan with its reasons (steps are timed), train nothing; "
+        "deepscope plan TASK --help lists the flags of one task (those of train TASK).",
+    )
+    plans = planner.add_subparsers(dest="task", required=True, metavar="TASK")
     for name, declared in commands.items():
-        task = tasks.add_parser(name, help=declared.summary, description=f"Train: {declared.summary}.")
-        for opt in train_options(declared):
-            opt.add_to(task)
-        task.set_defaults(func=cmd_train)
+        for parent, verb, plan_only in ((tasks, "Train", False), (plans, "Plan", True)):
+            task = parent.add_parser(name, help=declared.summary, description=f"{verb}: {declared.summary}.")
+            for opt in train_options(declared):
+                opt.add_to(task)
+            for flag, text in PLAN_FLAGS[plan_only:]:
+                task.add_argument(flag, action="store_true", help=text)
+            task.set_defaults(func=cmd_train, plan_only=plan_only)
 
     evaluate = sub.add_parser("evaluate", help="score a checkpoint, or saved results; JSON on the last line of stdout")
     evaluate.add_argument(

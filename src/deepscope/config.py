@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -53,7 +54,8 @@ class TrainConfig:
     data: str = ""
     model: str = ""
     out: str = ""  # run folder; empty: runs/<task>-<model>-<date-time>
-    epochs: int = 10
+    epochs: int | None = None  # None: planned from the time budget (engine/plan.py)
+    steps_per_epoch: int | None = None  # None: one pass over the training set, or planned to fill --max-minutes
     batch_size: int = 128
     eval_batch_size: int = 512
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -62,6 +64,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (by the hardware: see engine/precision.py) | off | bf16 | fp16
     max_minutes: float | None = None
+    # decay of a moving average of the weights (e.g. 0.999), which is validated, saved and predicted with; None: off
+    ema: float | None = None
     early_stopping: int | None = None  # epochs without improvement before stopping
     monitor: str = "accuracy"
     monitor_mode: str = "max"  # max | min
@@ -121,13 +125,22 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
+def _group_default(spec: dataclasses.Field[Any]) -> Any:
+    """The default of a settings group field (an instance), or None when it has none or defaults to None."""
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    default = spec.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
+
+
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     """Build dataclass ``cls`` from a nested dict, checking keys and types (:func:`_coerce`); None (YAML null) only
     where the type allows it, and for a group of settings, which then keeps its defaults."""
     if not isinstance(values, dict):
         raise DeepscopeError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(plain(key) for key in values if key not in names)
     if unknown:
         raise DeepscopeError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -135,9 +148,15 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     for key, value in values.items():
         tp = _resolve_type(hints[key])
         if dataclasses.is_dataclass(tp):
-            nested = {} if value is None else value
             group = cast("type[DataclassInstance]", tp)  # a type hint: the dataclass itself, not an instance
-            kwargs[key] = value if dataclasses.is_dataclass(value) else from_dict(group, nested, f"{source}: {key}")
+            if dataclasses.is_dataclass(value):
+                kwargs[key] = value
+            elif value is not None and not isinstance(value, dict):
+                kwargs[key] = from_dict(group, value, f"{source}: {key}")  # refused: not a mapping
+            else:  # the settings given over this class's own defaults of the group (detect's AdamW, not SGD)
+                base = _group_default(fields[key])
+                merged = {**(dataclasses.asdict(base) if base is not None else {}), **(value or {})}
+                kwargs[key] = from_dict(group, merged, f"{source}: {key}")
         elif tp is Any or (value is None and tp is not hints[key]):  # Any, or null for X | None
             kwargs[key] = value
         else:
@@ -202,7 +221,9 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_yaml(config: Any, path: str | Path) -> None:
-    """Write the resolved config atomically: ``--resume`` reads it back, also after a kill mid-write."""
-    text = yaml.safe_dump(to_dict(config), sort_keys=False).encode()
+def save_yaml(config: Any, path: str | Path, header: Sequence[str] = ()) -> None:
+    """Write the resolved config atomically: ``--resume`` reads it back, also after a kill mid-write. ``header``
+    lines (the plan's reasons) go above it as comments."""
+    comments = "".join(f"# {' '.join(line.split())}\n" for line in header)
+    text = (comments + yaml.safe_dump(to_dict(config), sort_keys=False)).encode()
     atomic_write(Path(path), lambda handle: handle.write(text), "config file")

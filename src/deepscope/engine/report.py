@@ -135,6 +135,10 @@ def write_report(
         "<h2>Summary</h2>",
         table([{"metric": k, "value": v} for k, v in summary.items()]),
     ]
+    plan = metrics.get("plan") or {}
+    if plan.get("reasons"):
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in plan["reasons"])
+        parts += ["<h2>Plan: what was measured and chosen</h2>", f"<ul>{items}</ul>"]
     if history:
         parts += ["<h2>Training curves</h2>", '<img src="curves.png" alt="training curves">']
     for heading, body in sections:

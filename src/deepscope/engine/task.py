@@ -17,6 +17,7 @@ from torch import nn
 
 from deepscope.config import TrainConfig
 from deepscope.engine.distributed import DistInfo
+from deepscope.engine.plan import Plan
 
 
 class Batches(Protocol):
@@ -51,15 +52,22 @@ class Task(ABC):
     name: str = ""
     # DDP must look for parameters without gradient each step (e.g. a detector's head for objects a batch lacks)
     find_unused_parameters: bool = False
+    # minutes planned for when the user gives no --max-minutes (the run is then not stopped by the clock)
+    default_budget_minutes: float = 10.0
+    # the task plans epochs and steps itself (from its own step timer) instead of the engine's planner
+    plans_schedule: bool = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         # lines for the run log from setup and model building (e.g. which weights were loaded)
         self.notes: list[str] = []
+        # the settings left open, planned in setup() from the data (and by the engine from the budget), with reasons
+        self.plan = Plan()
 
     @abstractmethod
     def setup(self, device: torch.device, dist: DistInfo) -> None:
-        """Read and check the data; called once before the model is built."""
+        """Read and check the data, and plan (``self.plan``) the settings left open; called once before the model
+        is built."""
 
     @abstractmethod
     def build_model(self) -> nn.Module:

@@ -7,6 +7,9 @@ live here once; tasks only say what a batch's loss and a data set's metrics are.
 
 from __future__ import annotations
 
+import copy
+import io
+import itertools
 import json
 import math
 import time
@@ -32,14 +35,20 @@ from deepscope.engine.checkpoint import (
     set_rng_state,
 )
 from deepscope.engine.distributed import DistInfo, all_reduce_max, barrier, init_distributed
+from deepscope.engine.ema import WeightAverage
 from deepscope.engine.logging import RunLogger, per_second
 from deepscope.engine.optim import build_optimizer, build_scheduler
+from deepscope.engine.plan import Plan, Schedule, budget_of, fit_schedule
 from deepscope.engine.precision import Precision, resolve_precision
+from deepscope.engine.probe import seconds_per_step
+from deepscope.engine.stream import EpochBatches
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DeepscopeError, TrainingError
 from deepscope.models import count_parameters
 
 CHECK_EVERY_STEPS = 20  # how often (in steps) losses are checked and progress is drawn
+PROBE_STEPS = 4  # training steps timed to plan the schedule (the first is warm-up)
+PROBE_VAL_BATCHES = 2  # validation batches timed; the whole validation is estimated from them
 
 
 def first_nonfinite(values: torch.Tensor) -> int | None:
@@ -70,12 +79,18 @@ class Run:
     dist: DistInfo
     parameters: int
     steps: int
+    epochs: int
     t_start: float
     deadline: float
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"value": None, "epoch": None})
     val_metrics: dict[str, Any] = field(default_factory=dict)
     stop_reason: str = "completed"
+    ema: WeightAverage | None = None  # the moving average of the weights, when cfg.ema asks for one
+
+    def weights(self) -> nn.Module:
+        """The weights to validate, save as "model" and predict with: the moving average where there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def autocast(self) -> torch.autocast:
         return self.precision.autocast(self.device)
@@ -89,7 +104,8 @@ class Trainer:
         self.config = task.config
         self.resume = resume
         if not self.config.out:
-            self.config.out = f"runs/{self.config.task}-{self.config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+            named = [self.config.task, self.config.model]  # a model the plan will choose is not named yet
+            self.config.out = f"runs/{'-'.join(filter(None, named))}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.run_dir = Path(self.config.out)
         self.last_path = self.run_dir / "last.pt"
         self.best_path = self.run_dir / "best.pt"
@@ -99,7 +115,7 @@ class Trainer:
         self.log = RunLogger(self.run_dir, dist.is_main)
         try:
             run, start_epoch, skip_steps = self._start(dist, device)
-            for epoch in range(start_epoch, self.config.epochs):
+            for epoch in range(start_epoch, run.epochs):
                 if not self._epoch(run, epoch, skip_steps if epoch == start_epoch else 0):
                     break
             return self._finish(run)
@@ -121,29 +137,15 @@ class Trainer:
         if self.resume and dist.is_main:
             for partial in leftovers(self.run_dir):  # half written by the run that was killed
                 partial.unlink(missing_ok=True)
-        precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
-        seed_everything(cfg.seed)
-        task.setup(device, dist)
-        model = task.build_model()
-        if cfg.init_from:  # also when resuming: it decides which tensors stay frozen
-            note = load_init_weights(model, cfg.init_from, freeze=cfg.freeze_encoder)
-            if state is None:
-                task.notes.append(note)
-        elif cfg.freeze_encoder:
-            raise DeepscopeError("--freeze-encoder needs --init-from FILE, the weights to freeze")
-        if state is not None:
-            load_weights(model, state["model"], self.last_path)
-        if dist.enabled and device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch (CUDA only)
-        model.to(device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+        model, train, val, precision = self._build(device, dist, state, t_start)
+        if state is not None and state.get("plan"):
+            task.plan = Plan(**state["plan"])  # what the run planned when it started
+        if cfg.steps_per_epoch and cfg.steps_per_epoch != len(train):
+            train = EpochBatches(train, cfg.steps_per_epoch)
         if dist.is_main:
-            save_yaml(cfg, self.run_dir / "config.yaml")
-        train = task.train_batches()
+            save_yaml(cfg, self.run_dir / "config.yaml", header=task.plan.reasons)
+        assert cfg.epochs is not None  # _build planned it or refused a run without it
         steps = len(train)
-        if steps == 0:
-            raise DeepscopeError("no training batches: the training set is smaller than one batch")
         optimizer = build_optimizer(model, cfg.optim)
         scheduler, sched_when = build_scheduler(optimizer, cfg.optim, steps * cfg.epochs, cfg.monitor_mode)
         net = (
@@ -157,7 +159,7 @@ class Trainer:
         )
         run = Run(
             train=train,
-            val=task.val_batches(),
+            val=val,
             model=model,
             net=net,
             optimizer=optimizer,
@@ -169,12 +171,16 @@ class Trainer:
             dist=dist,
             parameters=count_parameters(model),
             steps=steps,
+            epochs=cfg.epochs,
             t_start=t_start,
             deadline=t_start + 60 * cfg.max_minutes if cfg.max_minutes else math.inf,
+            ema=WeightAverage(model, cfg.ema, steps * cfg.epochs) if cfg.ema else None,
         )
         self.log.info(f"{cfg.task}: model {cfg.model} with {run.parameters:,} parameters on {device} x{dist.world}")
         for note in task.notes:
             self.log.info(note)
+        for line in task.plan.reasons:
+            self.log.info(f"plan: {line}")
         self.log.info(f"precision: {precision.name} ({precision.reason})")
         if precision.warning:
             self.log.info(f"warning: {precision.warning}")
@@ -184,6 +190,8 @@ class Trainer:
                     f"resuming: {self.run_dir} holds no checkpoint yet (the run stopped in its first epoch); starting from the beginning"
                 )
             return run, 0, 0
+        if run.ema is not None and "train_model" in state:
+            run.ema.restore(state["model"], state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -195,12 +203,111 @@ class Trainer:
         self.log.info(f"resuming from {self.last_path} at epoch {start_epoch + 1}, step {skip_steps}")
         return run, start_epoch, skip_steps
 
+    def plan(self) -> Plan:
+        """The plan alone: the data read, the settings left open chosen and the steps timed; nothing trained or
+        written (``deepscope plan``, ``train --plan-only``)."""
+        dist, device = init_distributed(self.config.device)
+        self.log = RunLogger(None, dist.is_main)
+        try:
+            self._build(device, dist, None, time.time())
+            return self.task.plan
+        finally:
+            self.log.close()
+
+    def _build(
+        self, device: torch.device, dist: DistInfo, state: dict[str, Any] | None, t_start: float
+    ) -> tuple[nn.Module, Batches, Batches | None, Precision]:
+        """Data, model and batches; for a new run, the epochs and steps planned for the budget where left open."""
+        cfg, task = self.config, self.task
+        precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
+        seed_everything(cfg.seed)
+        task.setup(device, dist)
+        model = task.build_model()
+        if cfg.init_from:  # also when resuming: it decides which tensors stay frozen
+            note = load_init_weights(model, cfg.init_from, freeze=cfg.freeze_encoder)
+            if state is None:
+                task.notes.append(note)
+        elif cfg.freeze_encoder:
+            raise DeepscopeError("--freeze-encoder needs --init-from FILE, the weights to freeze")
+        if state is not None:
+            load_weights(model, state.get("train_model", state["model"]), self.last_path)
+        if dist.enabled and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch (CUDA only)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        train = task.train_batches()
+        if len(train) == 0:
+            raise DeepscopeError("no training batches: the training set is smaller than one batch")
+        val = task.val_batches()
+        if state is None and self._needs_schedule():
+            schedule = self._plan_schedule(model, train, val, precision, device, t_start)
+            cfg.epochs, cfg.steps_per_epoch = schedule.epochs, schedule.steps_per_epoch
+        if cfg.epochs is None:
+            raise DeepscopeError(f"{self.run_dir}: the run's settings name no number of epochs")
+        return model, train, val, precision
+
+    def _needs_schedule(self) -> bool:
+        """Whether the engine plans epochs or steps per epoch: one is open, and the task does not plan them itself
+        (steps per epoch are planned only against a budget the user gave; without one, an epoch is one pass)."""
+        cfg = self.config
+        if self.task.plans_schedule:
+            return False
+        return cfg.epochs is None or (cfg.steps_per_epoch is None and cfg.max_minutes is not None)
+
+    def _plan_schedule(
+        self,
+        model: nn.Module,
+        train: Batches,
+        val: Batches | None,
+        precision: Precision,
+        device: torch.device,
+        t_start: float,
+    ) -> Schedule:
+        """Epochs and steps per epoch for the budget, from training steps and validation batches timed on a copy of
+        the model (so the run's weights, and with the random state restored its randomness, are as unplanned)."""
+        cfg, task = self.config, self.task
+        budget = budget_of(cfg, task.default_budget_minutes)
+        task.plan.observe(f"budget: {budget.describe()} on {device} in {precision.name}", budget_minutes=budget.minutes)
+        saved = rng_state()
+        probe = copy.deepcopy(model)
+        first = EpochBatches(train, PROBE_STEPS)  # the first steps of the run, over passes when one is shorter
+        step_s = seconds_per_step(probe, first, task.loss, precision, device)
+        val_s = 0.0
+        if val is not None and len(val):
+            count = max(1, -int(all_reduce_max([-min(PROBE_VAL_BATCHES, len(val))], device)[0]))
+            started = time.perf_counter()
+            with precision.autocast(device), torch.no_grad():
+                task.evaluate(probe, itertools.islice(val, count))
+            val_s = (time.perf_counter() - started) * len(val) / count
+        started = time.perf_counter()
+        torch.save({"model": probe.state_dict(), "optimizer": probe.state_dict()}, io.BytesIO())
+        val_s += time.perf_counter() - started  # an epoch's checkpoint: the weights and about as much optimizer state
+        set_rng_state(saved)
+        del probe
+        step_s, val_s = all_reduce_max([step_s, val_s], device)  # every process plans the same schedule
+        task.plan.observe(
+            f"timing: {step_s:.3f} s per training step, {val_s:.1f} s per validation and checkpoint (measured)",
+            step_s=step_s,
+            validation_s=val_s,
+        )
+        return fit_schedule(
+            task.plan,
+            budget=budget,
+            spent_s=time.time() - t_start,
+            step_s=step_s,
+            val_s=val_s,
+            pass_steps=len(train),
+            epochs=cfg.epochs,
+            steps_per_epoch=cfg.steps_per_epoch,
+        )
+
     def _epoch(self, run: Run, epoch: int, first: int) -> bool:
         """Train one epoch (from step ``first``), validate, checkpoint; False when training must stop."""
         cfg, task, log = self.config, self.task, self.log
         run.train.set_epoch(epoch)
         run.net.train()
-        log.start_epoch(epoch, cfg.epochs, run.steps)
+        log.start_epoch(epoch, run.epochs, run.steps)
         losses = torch.zeros(run.steps, device=run.device)
         checked, seen, t_epoch, step = first, 0, time.time(), first - 1
         for step, batch in enumerate(run.train):
@@ -234,7 +341,7 @@ class Trainer:
                 break
         log.end_epoch()
         with run.autocast():
-            run.val_metrics = task.evaluate(run.model, run.val) if run.val is not None else {}
+            run.val_metrics = task.evaluate(run.weights(), run.val) if run.val is not None else {}
         record = {
             "epoch": epoch + 1,
             "train_loss": float(losses[first : step + 1].sum()) / max(1, step + 1 - first),
@@ -248,7 +355,7 @@ class Trainer:
             run.scheduler.step(run.val_metrics[cfg.monitor])
         self._save(run, epoch, step + 1, complete=step == run.steps - 1)
         log.scalars(record, epoch + 1, "epoch/")
-        log.info(self._epoch_line(record, cfg.epochs))
+        log.info(self._epoch_line(record, run.epochs))
         log.epoch_done(epoch + 1, run.history)
         if run.stop_reason == "max_minutes":
             log.info(f"stopping: wall-time limit of {cfg.max_minutes} min reached")
@@ -270,6 +377,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(run.model.parameters(), self.config.optim.grad_clip)
         run.scaler.step(run.optimizer)
         run.scaler.update()
+        if run.ema is not None:
+            run.ema.update(run.model)
         if run.sched_when == "step":
             run.scheduler.step()
         return loss.detach().float()
@@ -286,7 +395,7 @@ class Trainer:
             run.best = {"value": value, "epoch": epoch + 1}
         if run.dist.is_main:
             state = {
-                "model": run.model.state_dict(),
+                "model": run.weights().state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
                 "scaler": run.scaler.state_dict(),
@@ -299,9 +408,14 @@ class Trainer:
                 "val_metrics": run.val_metrics,
                 "config": to_dict(self.config),
                 "task_state": self.task.inference_state(),
+                "plan": self.task.plan.as_dict(),
                 "parameters": run.parameters,
                 "version": __version__,
             }
+            if (
+                run.ema is not None
+            ):  # "model" holds the average, what evaluate and predict load; training goes on from these
+                state.update(train_model=run.model.state_dict(), ema_updates=run.ema.updates)
             if improved:
                 save_checkpoint(state, self.best_path)
                 copy_checkpoint(self.best_path, self.last_path)
@@ -327,6 +441,7 @@ class Trainer:
             f"best_val_{cfg.monitor}": run.best["value"],
             "train_time_s": time.time() - run.t_start,
             "val": run.val_metrics,
+            "plan": self.task.plan.as_dict(),
         }
         with run.autocast():
             summary.update(self.task.finish(run.model, self.run_dir, run.history, summary))

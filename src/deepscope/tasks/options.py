@@ -109,8 +109,19 @@ TRAIN_OPTIONS = (
         help="mixed precision (auto: bf16/fp16 on CUDA, bf16 on CPUs that compute it natively, else float32)",
     ),
     setting("--seed", type=int),
-    setting("--max-minutes", type=float, help="stop cleanly after this wall time"),
+    setting(
+        "--max-minutes",
+        type=float,
+        help="the time budget: what is left open is planned so that training ends within it, and it stops cleanly "
+        "at it (without it: the task's default budget is planned, and nothing stops the run)",
+    ),
     setting("--early-stopping", type=int, metavar="EPOCHS"),
+    setting(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="keep a moving average of the weights (e.g. 0.999) and validate, save and predict with it",
+    ),
     setting("--val-fraction", type=float),
     SET,
 )

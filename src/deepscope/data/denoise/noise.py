@@ -24,7 +24,9 @@ class NoiseConfig:
     sigma: float = 25.0  # Gaussian standard deviation in the images' units (e.g. 25 on the 0..255 scale)
     gain: float = 1.0  # Poisson: photons per unit of intensity; lower gain, more shot noise
     clip: bool = False  # clip noisy values to [0, data range] (off: the usual protocol keeps them as drawn)
-    fresh: bool = False  # training: draw new noise for every patch (True) or use one fixed noisy copy per image
+    # training: draw new noise for every patch (True) or use one fixed noisy copy per image; None: planned (True but
+    # for Noise2Void, which stands for what real noisy data gives)
+    fresh: bool | None = None
     seed: int = 1234  # noise of image i in split s is drawn from (seed, split, i): the same in every run
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ COMMANDS = TaskCommands(
     name="classify",
     summary="image classification: logistic regression, MLP, CNN, ResNet",
     data_help="class-folder tree (optionally train/ val/ test/ splits) or an .npz of x_train, y_train, x_test, y_test",
-    model_help="logreg, mlp, cnn, resnet18, fastnet",
+    model_help="logreg, mlp, cnn, resnet18, fastnet (default: planned from the image size and the budget)",
     train_options=(
         setting("--resize", type=int, nargs=2, metavar=("H", "W")),
         setting("--loader", choices=["auto", "memory", "dataloader"]),

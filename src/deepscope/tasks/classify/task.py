@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import itertools
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,11 @@ from deepscope.data.classification.dataset import (
     stratified_split,
 )
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader, ToDevice, torch_loader
-from deepscope.engine.distributed import DistInfo
+from deepscope.engine.checkpoint import rng_state, set_rng_state
+from deepscope.engine.distributed import DistInfo, all_reduce_max
+from deepscope.engine.plan import budget_of
+from deepscope.engine.precision import Precision, resolve_precision
+from deepscope.engine.probe import seconds_per_step
 from deepscope.engine.report import image_grid, plot_confusion, table, write_report
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -29,8 +35,10 @@ from deepscope.inference.loading import batched_logits
 from deepscope.metrics.classification import ClassificationMetrics
 from deepscope.models import build_model, eval_mode
 from deepscope.tasks.classify.config import ClassifyConfig, resize_of
+from deepscope.tasks.classify.plan import Timer, fingerprint, make_plan
 
 WORST_SHOWN = 24
+PROBE_STEPS = 3  # training steps timed per candidate width (the first is warm-up)
 
 
 def choose_splits(data: ClassificationData, val_fraction: float, seed: int) -> dict[str, AnyImageSet]:
@@ -75,6 +83,7 @@ class ClassifyTask(Task):
 
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
+        started = time.time()
         self.device, self.dist = device, dist
         if cfg.loader not in LAZY:
             raise DeepscopeError(f"unknown loader {cfg.loader!r}; choose auto, memory or dataloader")
@@ -88,11 +97,44 @@ class ClassifyTask(Task):
             raise DataError(
                 f"{cfg.data}: class(es) {', '.join(self.class_names[i] for i in missing)} have no training images"
             )
+        precision = resolve_precision(cfg.amp, device)
+        fp = fingerprint(
+            self.splits["train"].labels, len(self.splits.get("val", ())), self.in_shape, len(self.class_names)
+        )
+        budget = budget_of(cfg, self.default_budget_minutes)
+        timer = self.step_timer(precision)
+        make_plan(cfg, fp, budget, time.time() - started, timer, self.plan, f"{device.type} in {precision.name}")
+        self.plan.apply(cfg)
+
+    def step_timer(self, precision: Precision) -> Timer:
+        """Seconds per training step of a model (with ``model_args`` over the given ones) at a batch size, measured
+        on the training images as they will be trained (the planned augmentation, this device and precision), the
+        same on every process; the random state is left as it was, so planning does not change the run."""
+        cfg = self.config
+
+        def timer(model: str, args: dict[str, Any], batch: int) -> float:
+            saved = rng_state()
+            net = build_model(model, self.in_shape, len(self.class_names), **{**cfg.model_args, **args})
+            net.to(self.device)
+            if cfg.channels_last:
+                net.to(memory_format=torch.channels_last)
+            augment = self.plan.settings.get("augment", cfg.augment)
+            spec = BatchSpec(batch, self.mean, self.std, True, augment, cfg.seed, self.dist.rank, self.dist.world)
+            loader = make_batches(
+                self.splits["train"], spec, self.device, cfg.loader, cfg.channels_last, cfg.num_workers
+            )
+            steps = itertools.islice(loader, min(PROBE_STEPS, len(loader)))
+            step_s = seconds_per_step(net, steps, self.loss, precision, self.device)
+            set_rng_state(saved)
+            return all_reduce_max([step_s], self.device)[0]
+
+        return timer
 
     def batches(self, data: AnyImageSet, train: bool, world: int | None = None, rank: int | None = None) -> Batches:
         cfg = self.config
         world = self.dist.world if world is None else world
         rank = self.dist.rank if rank is None else rank
+        assert cfg.batch_size is not None  # planned in setup
         spec = BatchSpec(
             cfg.batch_size if train else cfg.eval_batch_size,
             self.mean,

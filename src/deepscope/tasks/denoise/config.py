@@ -12,7 +12,8 @@ from deepscope.inference.tiling import BLENDS
 
 METHODS = ("n2v", "n2n", "supervised")
 DEFAULT_PATCH = {2: (64, 64), 3: (16, 64, 64)}
-DEFAULT_MODEL = {"depth": 2, "features": 32, "residual": True}  # CAREamics' N2V U-Net size, with a residual output
+# CAREamics' N2V U-Net size, with a residual output; a run plans depth and features (plan.py) unless model_args has them
+DEFAULT_MODEL = {"depth": 2, "features": 32, "residual": True}
 
 
 @dataclass
@@ -34,14 +35,16 @@ def _default_optim() -> OptimConfig:
 class DenoiseConfig(TrainConfig):
     task: str = "denoise"
     model: str = "unet"
-    method: str = "n2v"  # n2v (single noisy images) | n2n (pairs of noisy images) | supervised (noisy -> clean)
+    # n2v (single noisy images) | n2n (pairs of noisy images) | supervised (noisy -> clean); None: planned from what the
+    # data holds (plan.py)
+    method: str | None = None
     key: str | None = None  # array inside NPZ/HDF5/zarr files
     ndim: int | None = None  # 2 or 3; None: 2 for (H, W) and (H, W, C<=4), 3 for other 3-axis arrays
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     blind_spot: BlindSpotConfig = field(default_factory=BlindSpotConfig)
     data_range: float | None = None  # for PSNR/SSIM and noise.clip; None: the clean images' integer dtype range
-    patch_shape: list[int] | None = None  # None: 64 x 64 (2D) or 16 x 64 x 64 (3D)
-    patches_per_epoch: int = 4096
+    patch_shape: list[int] | None = None  # None: planned from the budget and measured step times (plan.py)
+    patches_per_epoch: int | None = None  # None: planned, about one minute of training per epoch
     augment: bool = True  # random flips and 90-degree rotations of every training patch
     val_fraction: float = 0.05  # of the training images, when there is no val/ split
     val_patches: int = 256  # fixed validation patches for the validation loss
@@ -53,7 +56,7 @@ class DenoiseConfig(TrainConfig):
     inference: DenoiseInference = field(default_factory=DenoiseInference)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise DeepscopeError(f"unknown denoising method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.model != "unet":
             raise DeepscopeError(f"denoise trains a U-Net (model: unet), got model {self.model!r}")
@@ -63,7 +66,7 @@ class DenoiseConfig(TrainConfig):
             raise DeepscopeError(f"unknown blend {self.inference.blend!r}; choose one of {', '.join(BLENDS)}")
         if self.data_range is not None and self.data_range <= 0:
             raise DeepscopeError(f"data_range must be positive, got {self.data_range}")
-        if self.patches_per_epoch < self.batch_size:
+        if self.patches_per_epoch is not None and self.patches_per_epoch < self.batch_size:
             raise DeepscopeError(
                 f"patches_per_epoch ({self.patches_per_epoch}) must be at least one batch ({self.batch_size})"
             )

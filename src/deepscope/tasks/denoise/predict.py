@@ -329,6 +329,7 @@ def check_method_data(cfg: DenoiseConfig, files: dict[str, dict[str, Path]], spl
     """Refuse a training split that lacks what the method learns from."""
     if cfg.noise.synthetic:
         return
+    assert cfg.method is not None  # planned (tasks/denoise/plan.py) before the data is checked
     for role in ROLE_OF_METHOD[cfg.method]:
         if role not in files:
             what = "second noisy acquisitions (noisy2/)" if role == "noisy2" else "clean images (clean/)"

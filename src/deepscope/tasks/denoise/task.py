@@ -9,6 +9,7 @@ clean image. Validation and test predict whole images tile by tile and report PS
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,12 @@ from deepscope.data.denoise.noise import add_noise
 from deepscope.data.epochs import epoch_generator
 from deepscope.data.io.splits import split_validation
 from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
-from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.checkpoint import rng_state, set_rng_state
+from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
 from deepscope.engine.logging import preview_images
+from deepscope.engine.plan import budget_of
+from deepscope.engine.precision import resolve_precision
+from deepscope.engine.probe import seconds_per_step
 from deepscope.engine.report import write_report
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -33,6 +38,7 @@ from deepscope.losses.denoise import masked_mse
 from deepscope.metrics.denoise import summarize
 from deepscope.models import build_unet, eval_mode
 from deepscope.tasks.denoise.config import DEFAULT_PATCH, DenoiseConfig
+from deepscope.tasks.denoise.plan import Candidate, fingerprint, plan_architecture, plan_epoch, plan_method
 from deepscope.tasks.denoise.predict import (
     ROLE_OF_METHOD,
     Denoiser,
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
     from deepscope.models.unet import UNet
 
 DEFAULT_TILE = {2: (256, 256), 3: (32, 128, 128)}
+PROBE_STEPS = 3  # training steps timed per planned candidate (the first is warm-up)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -65,8 +72,9 @@ class DenoiseBatches:
     def __iter__(self) -> Iterator[Batch]:
         cfg = self.task.config
         generator = epoch_generator(cfg.seed * 7919 + self.task.dist.rank, self.epoch, self.task.device)
+        fresh = bool(cfg.noise.fresh) and cfg.noise.synthetic
         for _ in range(self.steps):
-            yield self.task.make_batch(self.bank.sample(self.batch, generator), generator, cfg.augment, cfg.noise.fresh)
+            yield self.task.make_batch(self.bank.sample(self.batch, generator), generator, cfg.augment, fresh)
 
 
 class DenoiseTask(Task):
@@ -75,12 +83,16 @@ class DenoiseTask(Task):
 
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
+        started = time.time()
         self.device, self.dist = device, dist
         found = find_denoise_files(cfg.data, cfg.noise.synthetic)
         if "all" in found:
             found["train"] = found.pop("all")
         if "train" not in found:
             raise DataError(f"{cfg.data}: no training images (expected train/ or noisy/ / clean/ folders)")
+        learned: dict[str, set[str]] = {split: set(found[split]) for split in ("train", "val") if split in found}
+        self.method = cfg.method = plan_method(cfg, learned, self.plan)
+        self.plan.apply(cfg)  # the method and noise.fresh decide what is loaded
         check_method_data(cfg, found["train"], "train")
         if "test" in found and "clean" not in found["test"] and not cfg.noise.synthetic:
             raise DataError(f"{cfg.data}: the test split needs clean/ images to be scored (or leave test/ out)")
@@ -101,6 +113,9 @@ class DenoiseTask(Task):
         noisy = [item.images["noisy"] for item in splits["train"]]
         self.mean = [float(np.mean([x[c].mean() for x in noisy])) for c in range(self.channels)]
         self.std = [float(np.sqrt(np.mean([((x[c] - m) ** 2).mean() for x in noisy]))) for c, m in enumerate(self.mean)]
+        fresh = bool(cfg.noise.fresh) and cfg.noise.synthetic
+        self.train_roles = ["clean"] if fresh else ["noisy", *ROLE_OF_METHOD[self.method]]
+        self._plan_network(started)
         self.divisor = self.build_model().divisor
         self.patch_shape = patch_shape_for(
             cfg.patch_shape, [item.spatial for item in splits["train"]], DEFAULT_PATCH[self.ndim], self.divisor
@@ -111,19 +126,57 @@ class DenoiseTask(Task):
             raise DeepscopeError(
                 f"inference tile {list(self.tile)} and halo {list(self.halo)} must give {self.ndim} sizes"
             )
-        fresh = cfg.noise.fresh and cfg.noise.synthetic
-        self.train_roles = ["clean"] if fresh else ["noisy", *ROLE_OF_METHOD[cfg.method]]
         self.val_set = self._validation_patches(splits.get("val", []))
         scored = splits.get("val", [])
         if cfg.monitor == "auto":
             with_clean = bool(scored) and all("clean" in item.images for item in scored)
             cfg.monitor, cfg.monitor_mode = ("psnr", "max") if with_clean else ("loss", "min")
 
+    def _plan_network(self, started: float) -> None:
+        """Fingerprint the training data, then plan the U-Net, the patch shape and the epoch length (``plan.py``)
+        from step times measured on this machine, and write them into the config."""
+        cfg = self.config
+        fp = fingerprint(self.splits["train"], cfg.data_range, cfg.seed)
+        counts = ", ".join(f"{len(items)} {split}" for split, items in self.splits.items())
+        self.plan.observe(f"{fp.describe()} (images: {counts})", **fp.values())
+        budget = budget_of(cfg, self.default_budget_minutes)
+        saved = rng_state()  # timing builds models: the run's weights stay those of an unplanned run
+
+        def spent() -> float:  # the same on every process, so that all plan the same
+            return all_reduce_max([time.time() - started], self.device)[0]
+
+        _chosen, step_s = plan_architecture(cfg, fp, budget, spent(), self._time_step, self.plan)
+        if step_s is not None:
+            plan_epoch(cfg, step_s, budget, spent(), self.plan)
+        set_rng_state(saved)
+        self.plan.apply(cfg)
+
+    def _time_step(self, candidate: Candidate) -> float:
+        """Seconds of one training step of ``candidate`` on real batches of the training data (the largest over the
+        processes, so that every process plans the same)."""
+        cfg = self.config
+        settings = {**cfg.model_settings(), "features": candidate.features, "depth": candidate.depth}
+        model = build_unet(self.channels, self.channels, self.ndim, **settings).to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        bank = PatchBank(self.splits["train"], self.train_roles, candidate.patch, self.device)
+        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu").manual_seed(
+            cfg.seed + 29
+        )
+        fresh = bool(cfg.noise.fresh) and cfg.noise.synthetic
+        batch = max(1, cfg.batch_size // self.dist.world)
+        batches = (
+            self.make_batch(bank.sample(batch, generator), generator, cfg.augment, fresh) for _ in range(PROBE_STEPS)
+        )
+        precision = resolve_precision(cfg.amp, self.device)
+        step_s = seconds_per_step(model, batches, self.loss, precision, self.device)
+        return all_reduce_max([step_s], self.device)[0]
+
     def _validation_patches(self, items: list[DenoiseItem]) -> list[Batch]:
         """Fixed patches (and blind-spot masks) for the validation loss, the same at every epoch."""
         if not items:
             return []
-        roles = ["noisy", *ROLE_OF_METHOD[self.config.method]]
+        roles = ["noisy", *ROLE_OF_METHOD[self.method]]
         missing = [r for r in roles if any(r not in item.images for item in items)]
         if missing:
             raise DataError(
@@ -165,7 +218,7 @@ class DenoiseTask(Task):
             if cfg.method == "n2n":
                 crops["noisy2"] = add_noise(crops["clean"], cfg.noise, generator, clip)
         source = crops["noisy"]
-        target = {"n2v": source, "n2n": crops.get("noisy2"), "supervised": crops.get("clean")}[cfg.method]
+        target = {"n2v": source, "n2n": crops.get("noisy2"), "supervised": crops.get("clean")}[self.method]
         assert target is not None  # check_method_data guarantees the method's target role is loaded
         source, target = self.standardize(source), self.standardize(target)
         if augment:
@@ -184,6 +237,7 @@ class DenoiseTask(Task):
         if cfg.batch_size % world:
             raise DeepscopeError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
         bank = PatchBank(self.splits["train"], self.train_roles, self.patch_shape, self.device)
+        assert cfg.patches_per_epoch is not None  # planned in setup()
         return DenoiseBatches(self, bank, cfg.patches_per_epoch // cfg.batch_size, cfg.batch_size // world)
 
     def val_batches(self) -> ItemShard | None:

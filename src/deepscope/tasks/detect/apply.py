@@ -55,7 +55,7 @@ def evaluate_checkpoint(
     items = load_split(dataset, split)
     with torch.no_grad():
         metrics, _ = score_items(
-            detector, items, info["channels"], info["class_names"], config.inference.max_detections, info["masks"]
+            detector, items, info["channels"], info["class_names"], config.detection_limit(), info["masks"]
         )
     return {"checkpoint": str(path), "data": str(data), "split": split, "images": len(items), **metrics}
 

@@ -46,7 +46,8 @@ class DetInferenceConfig:
     # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
     score_threshold: float = 0.05
     nms_iou: float = 0.5  # IoU above which boxes of one class are duplicates (class-wise NMS after the model's own)
-    max_detections: int = 100  # per image, highest scores first
+    # per image, highest scores first; None: the model's own limit (a training run plans it from the data)
+    max_detections: int | None = None
     tile: list[int] | None = None  # [h, w] tile size for large images; None: the whole image in one call
     overlap: int = 64  # pixels shared by neighbouring tiles; objects smaller than this are never cut
     merge: str = "nms"  # nms | wbf: how boxes found more than once are merged
@@ -59,7 +60,7 @@ class DetInferenceConfig:
             raise DeepscopeError(
                 f"inference: tile must be [height, width], both larger than the overlap {self.overlap}, got {self.tile}"
             )
-        if self.overlap < 0 or self.max_detections < 1:
+        if self.overlap < 0 or (self.max_detections is not None and self.max_detections < 1):
             raise DeepscopeError(
                 f"inference: overlap must be >= 0 and max_detections >= 1, got {self.overlap}, {self.max_detections}"
             )

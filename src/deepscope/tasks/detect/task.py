@@ -5,10 +5,16 @@ Training images are decoded once into memory and augmented on the training devic
 resizes, normalises and pads its batch itself (torchvision's transform), drawing the shorter side from
 ``config.train_sizes()`` for multi-scale training. Validation and test images are predicted whole (or tile by tile
 when ``inference.tile`` is set) and scored with the COCO metric.
+
+Settings left open (the detector, its backbone, the image size, the detection limit, the validation share) are
+planned in :meth:`DetectTask.setup` from the boxes and image sizes and from training steps timed on the machine
+(``plan.py``); the engine then plans the epochs for the time budget.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,16 +28,22 @@ from deepscope.data.detection.batches import DetBatches, DetSample
 from deepscope.data.detection.types import DetData, DetItem
 from deepscope.data.io.images import probe_image, read_image
 from deepscope.data.io.splits import split_validation
-from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.checkpoint import rng_state, set_rng_state
+from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
+from deepscope.engine.plan import budget_of
+from deepscope.engine.precision import Precision, resolve_precision
+from deepscope.engine.probe import seconds_per_step
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
 from deepscope.models.detection import build_detector, predicts_masks
 from deepscope.tasks.detect.config import DetectConfig
+from deepscope.tasks.detect.plan import fingerprint, plan_backbone, plan_data
 from deepscope.tasks.detect.predict import Detector
 from deepscope.tasks.detect.report import detect_report_sections, draw_worst
 
 PICTURES = 8  # test images drawn in the report
+TIMED_STEPS = 3  # training steps run per backbone candidate when planning (the first is warm-up)
 
 
 def as_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
@@ -48,8 +60,8 @@ def detector_args(config: DetectConfig) -> dict[str, Any]:
     so that prediction and the metric agree; a ``model_args.max_detections`` of its own wins for the model)."""
     return {
         "min_size": config.train_sizes(),
-        "max_size": config.max_size,
-        "max_detections": config.inference.max_detections,
+        "max_size": config.sizes()[1],
+        "max_detections": config.detection_limit(),
         **config.model_args,
     }
 
@@ -98,8 +110,13 @@ class DetectTask(Task):
     config: DetectConfig
     find_unused_parameters = True  # pyramid levels a head does not read, mask heads on batches without positives
 
+    default_budget_minutes = 30.0
+
     def setup(self, device: torch.device, dist: DistInfo) -> None:
+        """Read the data, plan what the settings leave open (``plan.py``: from the boxes and image sizes, then the
+        backbone from timed steps), and carve the validation images."""
         cfg = self.config
+        started = time.time()
         self.device, self.dist = device, dist
         data = load_detection_data(cfg.data or None, cfg.images, cfg.annotations, cfg.class_names)
         splits = dict(data.splits)
@@ -107,7 +124,11 @@ class DetectTask(Task):
             splits["train"] = splits.pop("all")
         if "train" not in splits or not splits["train"]:
             raise DataError(f"{cfg.data or cfg.images}: no training images")
+        found = fingerprint(splits["train"], len(data.class_names))
+        plan_data(cfg, found, device.type, self.plan, len(splits.get("val", [])), len(splits.get("test", [])))
+        self.plan.apply(cfg)
         if "val" not in splits:
+            assert cfg.val_fraction is not None  # planned above when open
             splits["train"], val = split_validation(splits["train"], cfg.val_fraction, cfg.seed)
             if val:
                 splits["val"] = val
@@ -118,16 +139,58 @@ class DetectTask(Task):
                 f"model {cfg.model!r} learns masks, but the annotations give boxes only; use masks/ label images or COCO segmentations"
             )
         self.channels = max(probe_image(item.path)[2] for items in splits.values() for item in items)
+        if "backbone" not in cfg.model_args:
+            self._plan_backbone(started)
+
+    def _plan_backbone(self, started: float) -> None:
+        """Time real training steps of each backbone candidate on a few training images at the planned size, in the
+        run's precision, and keep the one the budget affords (``plan.plan_backbone``). The random state is restored
+        afterwards, so the run's weights and batches are as if nothing had been timed."""
+        cfg = self.config
+        budget = budget_of(cfg, self.default_budget_minutes)
+        precision = resolve_precision(cfg.amp, self.device)
+        batch = max(1, cfg.batch_size // self.dist.world)
+        train = self.splits["train"]
+        order = np.random.default_rng(cfg.seed).choice(
+            len(train), TIMED_STEPS * batch, replace=len(train) < TIMED_STEPS * batch
+        )
+        samples = self._samples([train[i] for i in order])
+        pass_steps = max(1, -(-len(train) // cfg.batch_size))
+        saved = rng_state()
+        try:
+            plan_backbone(
+                cfg,
+                self.plan,
+                budget,
+                lambda: time.time() - started,
+                pass_steps,
+                "val" in self.splits,
+                lambda name: self._time_steps(name, samples, batch, precision),
+                f"{self.device} in {precision.name}",
+            )
+        finally:
+            set_rng_state(saved)
+        self.plan.apply(cfg)
+
+    def _time_steps(self, backbone: str, samples: list[DetSample], batch: int, precision: Precision) -> float:
+        """Seconds per training step of the planned detector with ``backbone`` (the slowest process's, so that every
+        process plans the same)."""
+        cfg = self.config
+        args = {**detector_args(cfg), "backbone": backbone}
+        model = build_detector(cfg.model, len(self.class_names), self.channels, **args).to(self.device)
+        batches = DetBatches(samples, batch, self.device, seed=cfg.seed, augment=cfg.augment)
+        step_s = seconds_per_step(model, itertools.islice(batches, TIMED_STEPS), self.loss, precision, self.device)
+        return all_reduce_max([step_s], self.device)[0]
 
     def build_model(self) -> nn.Module:
         cfg = self.config
         return build_detector(cfg.model, len(self.class_names), self.channels, **detector_args(cfg))
 
-    def _samples(self) -> list[DetSample]:
-        """Decoded training images and their targets. Crowd/difficult objects are left out of training: the metric
+    def _samples(self, items: Sequence[DetItem]) -> list[DetSample]:
+        """Decoded images and their training targets. Crowd/difficult objects are left out of training: the metric
         counts them neither as hits nor as misses, and torchvision's detectors have no way to ignore a region."""
         samples = []
-        for item in self.splits["train"]:
+        for item in items:
             keep = ~item.crowd
             target = {"boxes": item.boxes[keep], "labels": item.labels[keep]}
             masks = (lambda item=item, keep=keep: item.masks()[keep]) if self.masks else None
@@ -139,7 +202,13 @@ class DetectTask(Task):
         if cfg.batch_size % world:
             raise DataError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
         return DetBatches(
-            self._samples(), cfg.batch_size // world, self.device, self.dist.rank, world, cfg.seed, cfg.augment
+            self._samples(self.splits["train"]),
+            cfg.batch_size // world,
+            self.device,
+            self.dist.rank,
+            world,
+            cfg.seed,
+            cfg.augment,
         )
 
     def val_batches(self) -> ItemShard | None:
@@ -162,7 +231,7 @@ class DetectTask(Task):
             list(batches),
             self.channels,
             self.class_names,
-            self.config.inference.max_detections,
+            self.config.detection_limit(),
             self.masks,
         )
         return metrics
@@ -192,7 +261,7 @@ class DetectTask(Task):
                 list(items),
                 self.channels,
                 self.class_names,
-                self.config.inference.max_detections,
+                self.config.detection_limit(),
                 self.masks,
                 curves=True,
             )

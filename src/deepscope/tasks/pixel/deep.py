@@ -79,7 +79,9 @@ def train_unet_from_forest(
 ) -> dict[str, Any]:
     """Label ``inputs`` with the forest into ``out/pseudo``, then train a semantic U-Net on them into ``out/unet``.
 
-    ``settings`` are segment-task settings (epochs, patch_shape, ...) laid over the semantic target the forest sets.
+    ``settings`` are segment-task settings (epochs, max_minutes, patch_shape, ...) laid over the semantic target the
+    forest sets; the schedule the user leaves open is planned from the time budget (``max_minutes``, else the segment
+    task's default budget) by the engine, as for every semantic segment run.
     """
     classifier = PixelClassifier.load(classifier_path)
     out = Path(out)
@@ -87,8 +89,7 @@ def train_unet_from_forest(
     values = {
         "data": str(out / "pseudo"),
         "out": str(out / "unet"),
-        "epochs": 20,
-        **(settings or {}),
+        **(settings or {}),  # epochs and steps left open are planned from the budget by the engine
         "target": "semantic",
         "num_classes": len(classifier.classes),
         "ignore_label": IGNORE,

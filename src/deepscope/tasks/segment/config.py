@@ -63,7 +63,9 @@ def _default_optim() -> OptimConfig:
 class SegmentConfig(TrainConfig):
     task: str = "segment"
     model: str = "unet"
-    target: str = "foreground_boundaries"  # foreground | boundaries | foreground_boundaries | distance | stardist | flows | semantic
+    # foreground | boundaries | foreground_boundaries | distance | stardist | flows | semantic; None: planned (flows for
+    # instance labels, see plan.plan_target), as every setting left at None
+    target: str | None = None
     n_rays: int = 32  # stardist: rays of the star-convex polygons
     dist_scale: float | None = None  # stardist: the network predicts distances / dist_scale (pixels); None: planned
     loss: str = "auto"  # dice | bce | dice_bce | ce | stardist | flows; auto: the target's own (dice_bce for the maps, ce for semantic)
@@ -76,10 +78,11 @@ class SegmentConfig(TrainConfig):
     ignore_label: int | None = None  # semantic: label value excluded from loss and metrics
     # Settings left at None are planned from the data and the budget (``tasks/segment/plan.py``); the plan and its
     # reasons go to the log, config.yaml and the report. Any value given in YAML or by --set is kept as given.
-    # TrainConfig's int, None here until the plan sets it (before the trainer reads it)
-    epochs: int | None = None  # type: ignore[assignment]
+    # epochs (TrainConfig's, None) too: planned by the task for instance targets, by the engine for semantic
     patch_shape: list[int] | None = None  # planned from object sizes, capped by the smallest image
-    patches_per_epoch: int | None = None  # planned from the measured step time and the budget
+    # None: steps_per_epoch, planned from the measured step time and the budget, or (given epochs, no budget) one
+    # pass: as many patches as cover the training images' pixels
+    patches_per_epoch: int | None = None
     min_foreground: float = 0.0  # fraction of labelled pixels a training patch must have (redrawn otherwise)
     normalize: list[float] = field(default_factory=lambda: [1.0, 99.8])  # percentiles mapped to 0 and 1 per image
     val_fraction: float | None = None  # of the training images, when there is no val/ split
@@ -97,16 +100,36 @@ class SegmentConfig(TrainConfig):
     post: PostConfig = field(default_factory=PostConfig)
 
     def __post_init__(self) -> None:
+        if self.target is not None:  # a planned target is checked once the plan has set it (SegmentTask.setup)
+            self.check_target()
+        if self.monitor == "auto":  # no target yet means instance labels: semantic is only ever asked for
+            self.monitor = "mean_iou" if self.target == "semantic" else "mean_score"
+        if self.invert is not None and self.invert not in INVERT:
+            raise DeepscopeError(f"unknown invert {self.invert!r}; choose one of {', '.join(INVERT)}")
+        if self.inference.blend not in BLENDS:
+            raise DeepscopeError(f"unknown blend {self.inference.blend!r}; choose one of {', '.join(BLENDS)}")
+        if self.post.seeds not in SEEDS:
+            raise DeepscopeError(f"unknown seeds {self.post.seeds!r}; choose one of {', '.join(SEEDS)}")
+        if len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100:
+            raise DeepscopeError(f"normalize must be two percentiles low < high in [0, 100], got {self.normalize}")
+
+    @property
+    def target_name(self) -> str:
+        """The target, once given or planned (``SegmentTask.setup`` plans it before anything reads it)."""
+        if self.target is None:
+            raise DeepscopeError("segment: no target yet; SegmentTask.setup plans the target left open")
+        return self.target
+
+    def check_target(self) -> None:
+        """The target's own loss (``loss: auto``) and the settings that must fit the target."""
         if self.target not in INSTANCE_TARGETS and self.target != "semantic":
             raise DeepscopeError(
                 f"unknown target {self.target!r}; choose one of {', '.join([*INSTANCE_TARGETS, 'semantic'])}"
             )
         semantic = self.target == "semantic"
-        if self.monitor == "auto":
-            self.monitor = "mean_iou" if semantic else "mean_score"
-        if self.loss == "auto":
-            self.loss = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else "dice_bce"
         own = "ce" if semantic else self.target if self.target in VECTOR_TARGETS else None
+        if self.loss == "auto":
+            self.loss = own or "dice_bce"
         if (own is not None and self.loss != own) or (own is None and self.loss not in ("dice", "bce", "dice_bce")):
             raise DeepscopeError(
                 f"loss {self.loss!r} does not fit target {self.target!r}: semantic takes ce, stardist and flows "
@@ -118,11 +141,3 @@ class SegmentConfig(TrainConfig):
             )
         if self.target == "stardist" and self.n_rays < 3:
             raise DeepscopeError(f"n_rays must be at least 3, got {self.n_rays}")
-        if self.invert is not None and self.invert not in INVERT:
-            raise DeepscopeError(f"unknown invert {self.invert!r}; choose one of {', '.join(INVERT)}")
-        if self.inference.blend not in BLENDS:
-            raise DeepscopeError(f"unknown blend {self.inference.blend!r}; choose one of {', '.join(BLENDS)}")
-        if self.post.seeds not in SEEDS:
-            raise DeepscopeError(f"unknown seeds {self.post.seeds!r}; choose one of {', '.join(SEEDS)}")
-        if len(self.normalize) != 2 or not 0 <= self.normalize[0] < self.normalize[1] <= 100:
-            raise DeepscopeError(f"normalize must be two percentiles low < high in [0, 100], got {self.normalize}")

@@ -2,11 +2,14 @@
 
 As nnU-Net plans from a data fingerprint, the plan reads the training images (count, sizes, channels, appearance
 groups) and labels (object diameters), and the budget (``--max-minutes``, the device and the precision the hardware
-runs), then chooses the patch shape, the U-Net's width and depth, the batch size, epochs and patches per epoch, the
-validation share, inversion, group balancing and augmentation. Unlike nnU-Net, whose schedule is a fixed 1000
-epochs, the number of steps here is measured: a few real training steps are timed on the machine, so the cosine
-schedule ends when the budget does instead of being cut at its peak. Only settings left at None are planned; every
-choice is listed with its reason (``Plan.reasons``) in the run log, config.yaml and the report.
+runs), then chooses the target, the patch shape, the U-Net's width and depth, the batch size, the validation share,
+inversion, group balancing and augmentation, and for instance targets the schedule: epochs (validations) and steps
+per epoch. Unlike nnU-Net, whose schedule is a fixed 1000 epochs, the number of steps is measured: a few real
+training steps are timed on the machine, and the engine's :func:`~deepscope.engine.plan.fit_schedule` fits the
+schedule into the budget, so the cosine schedule ends when the budget does instead of being cut at its peak (the
+semantic target leaves its schedule to the engine's planner). Only settings left at None are planned; every choice is
+written with its reason into the task's :class:`~deepscope.engine.plan.Plan`, which the engine puts in the run log,
+config.yaml, metrics.json and the report.
 """
 
 from __future__ import annotations
@@ -21,15 +24,22 @@ import numpy as np
 
 from deepscope.data.segmentation.augment import SegAugmentConfig
 from deepscope.data.segmentation.dataset import SegItem
-from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig
+from deepscope.engine.plan import SETUP_SHARE, VALIDATION_SHARE, Budget, Plan, fit_schedule
+from deepscope.tasks.segment.config import DEFAULT_PATCH, VECTOR_TARGETS, SegmentConfig
+from deepscope.tasks.segment.tune import validation_postprocessing
 
-DEFAULT_BUDGET_MINUTES = 60.0  # planned for when no --max-minutes is given (training is then not stopped by the clock)
 FINGERPRINT_IMAGES = 64  # label images read for object sizes
 VAL_IMAGES = 32  # the most validation images carved from the training set (each is predicted every epoch)
-SETUP_SHARE = 0.93  # of the remaining budget planned for training and validation; the rest absorbs estimation error
-VALIDATION_SHARE = 0.15  # at most this share of the budget goes to per-epoch validation
 SECONDS_PER_VALIDATION = 150  # about one validation per this much training
-POSTPROCESS_S = 0.5  # rough seconds to turn one validation image into instances and score it
+# rough seconds to turn one pixel of network output into instances and score them, measured on DSB2018 images with
+# one CPU thread (flows 0.3-0.5 s, stardist 0.05-0.09 s, the watershed 0.01-0.04 s per 114,000-pixel image) and
+# rounded up; flows and stardist run on the device, so a GPU is faster
+POSTPROCESS_S_PER_PIXEL = {"flows": 4e-6, "stardist": 1e-6}
+WATERSHED_S_PER_PIXEL = 4e-7
+TARGET_REASON = (
+    "on DSB2018 nuclei flows beat boundaries at 20 and 60 CPU-minutes (score@0.5 0.492 vs 0.310 and 0.583 vs 0.386, "
+    "benchmarks/RESULTS.md), and follow objects of any shape"
+)
 
 
 @dataclass
@@ -92,16 +102,6 @@ def fingerprint(
 class Hardware:
     device: str  # cpu | cuda
     precision: str  # what --amp resolved to: float32, bf16, fp16
-
-
-@dataclass
-class Plan:
-    settings: dict[str, Any] = field(default_factory=dict)  # dotted setting -> planned value
-    reasons: list[str] = field(default_factory=list)
-
-    def choose(self, key: str, value: Any, reason: str, shown: str | None = None) -> None:
-        self.settings[key] = value
-        self.reasons.append(f"{key} = {value if shown is None else shown}: {reason}")
 
 
 def receptive_field(depth: int) -> int:
@@ -214,80 +214,120 @@ def plan_data(cfg: SegmentConfig, fp: Fingerprint, plan: Plan) -> None:
         plan.choose("augment", augment, "; ".join(why), shown=str(changed))
 
 
+def plan_target(cfg: SegmentConfig, plan: Plan, ndim: int) -> None:
+    """The target, when left open. Labels are instances unless the user asks for ``semantic`` (class maps are only
+    trained when asked), and 2D instances are learnt as flows, unless another setting given rules them out. Volumes
+    keep foreground and boundaries: flows were measured better in 2D only, and building a 3D flow target costs
+    0.9-5.2 s per batch of 2 on a CPU (8x32x32 to 32x128x128) against 0.02 s for the boundaries."""
+    if cfg.target is not None:
+        return
+    if cfg.loss in ("dice", "bce", "dice_bce"):
+        plan.choose("target", "foreground_boundaries", f"loss {cfg.loss} is given, which trains probability maps")
+    elif cfg.loss in VECTOR_TARGETS:
+        plan.choose("target", cfg.loss, f"loss {cfg.loss} is given, that target's own")
+    elif cfg.inference.flip_tta:
+        plan.choose("target", "foreground_boundaries", "inference.flip_tta is given, which flows' vectors cannot take")
+    elif ndim == 3:
+        plan.choose(
+            "target",
+            "foreground_boundaries",
+            "instance labels in 3D: flows were measured better only in 2D, and their 3D target costs some 50x more "
+            "per batch to build on a CPU",
+        )
+    else:
+        plan.choose("target", "flows", f"instance labels: {TARGET_REASON}")
+
+
+def validation_seconds(
+    cfg: SegmentConfig, fp: Fingerprint, fraction: float, train_pixels: float, pixel_s: float
+) -> float:
+    """Estimated seconds of one validation: the share ``fraction`` of the training images predicted (``pixel_s``
+    measured), post-processed and scored, with the threshold tuning of ``tune.validation_postprocessing``."""
+    rate = POSTPROCESS_S_PER_PIXEL.get(str(cfg.target), WATERSHED_S_PER_PIXEL)
+    passes = validation_postprocessing(fraction * fp.images, cfg.post.tune)
+    return fraction * train_pixels * (pixel_s + rate * passes)
+
+
 def plan_schedule(
-    cfg: SegmentConfig, batch: int, budget_s: float, step_s: float, val_s: float, plan: Plan, budgeted: bool
+    cfg: SegmentConfig, batch: int, budget: Budget, spent_s: float, step_s: float, val_s: float, plan: Plan
 ) -> None:
-    """Epochs (validations) and patches per epoch that fill the budget with measured step and validation times."""
-    if cfg.epochs is not None and (cfg.patches_per_epoch is not None or not budgeted):
-        return  # given epochs without a budget: patches_per_epoch stays None, enough patches to cover the images once
-    available = max(budget_s, 60.0) * SETUP_SHARE
-    source = "--max-minutes" if budgeted else f"no --max-minutes: planned for {DEFAULT_BUDGET_MINUTES:g} minutes"
-    if cfg.epochs is None:
+    """Epochs (validations, 3 to 12, about one per ``SECONDS_PER_VALIDATION``) and steps per epoch that fill what is
+    left of the budget with measured step and estimated validation times (``engine.plan.fit_schedule``, which
+    refuses a budget too short for the smallest schedule)."""
+    steps = given_steps(cfg, batch)
+    if cfg.epochs is not None and (steps is not None or not budget.given):
+        return  # given epochs without a budget: steps_per_epoch stays None, enough patches to cover the images once
+    epochs = cfg.epochs
+    if epochs is None:
+        available = max(budget.seconds - spent_s, 0.0) * SETUP_SHARE  # as fit_schedule counts it
         epochs = int(np.clip(round(available / SECONDS_PER_VALIDATION), 3, 12))
         while epochs > 2 and epochs * val_s > VALIDATION_SHARE * available:
             epochs -= 1
         plan.choose(
             "epochs",
             epochs,
-            f"one validation ({val_s:.0f} s measured) per ~{available / epochs / 60:.1f} min of the "
-            f"{available / 60:.1f} min budget ({source})",
+            f"one validation ({val_s:.0f} s estimated) per ~{available / epochs / 60:.1f} min of the "
+            f"{available / 60:.1f} min left for training of the {budget.describe()}",
         )
-    else:
-        epochs = cfg.epochs
-    if cfg.patches_per_epoch is None:
-        steps = max(1, int((available - epochs * val_s) / epochs / step_s))
-        plan.choose(
-            "patches_per_epoch",
-            steps * batch,
-            f"{steps} steps of {step_s:.2f} s (measured) per epoch fill the budget "
-            f"({epochs * steps} steps in all; the cosine schedule ends with it)",
-        )
+    fit_schedule(
+        plan,
+        budget=budget,
+        spent_s=spent_s,
+        step_s=step_s,
+        val_s=val_s,
+        pass_steps=None,
+        epochs=epochs,
+        steps_per_epoch=steps,
+    )
+
+
+def given_steps(cfg: SegmentConfig, batch: int) -> int | None:
+    """Steps per epoch the user gave: ``steps_per_epoch``, or ``patches_per_epoch`` in batches; None when open."""
+    if cfg.steps_per_epoch is not None:
+        return cfg.steps_per_epoch
+    if cfg.patches_per_epoch is not None:
+        return max(1, math.ceil(cfg.patches_per_epoch / batch))
+    return None
 
 
 def make_plan(
     cfg: SegmentConfig,
     fp: Fingerprint,
     hw: Hardware,
+    budget: Budget,
     spent_s: float,
     timer: Callable[[list[int], dict[str, Any], int], tuple[float, float]],
     train_pixels: float,
-) -> Plan:
-    """The plan for every setting left open. ``timer(patch, model_args, batch)`` measures (seconds per training step,
-    seconds per predicted pixel); ``train_pixels`` is the size of the
+    plan: Plan,
+) -> None:
+    """Plan every setting of an instance target left open into ``plan``. ``timer(patch, model_args, batch)``
+    measures (seconds per training step, seconds per predicted pixel); ``train_pixels`` is the size of the
     training images, of which the validation share is carved; ``spent_s`` the time already used."""
-    plan = Plan()
-    plan.reasons.append(f"data: {fp.describe()}")
-    budgeted = cfg.max_minutes is not None
-    minutes = cfg.max_minutes if cfg.max_minutes is not None else DEFAULT_BUDGET_MINUTES
-    plan.reasons.append(
-        f"budget: {minutes:g} min on {hw.device} in {hw.precision}" + ("" if budgeted else " (assumed)")
-    )
+    plan.observe(f"data: {fp.describe()}", **dataclasses.asdict(fp))
+    plan.observe(f"budget: {budget.describe()} on {hw.device} in {hw.precision}", budget_minutes=budget.minutes)
     patch, args, batch = plan_architecture(cfg, fp, hw, plan)
     plan_data(cfg, fp, plan)
-    if cfg.epochs is None or (cfg.patches_per_epoch is None and budgeted):
+    if cfg.epochs is None or (given_steps(cfg, batch) is None and budget.given):
         step_s, pixel_s = timer(patch, args, batch)
         fraction = cfg.val_fraction if cfg.val_fraction is not None else plan.settings["val_fraction"]
-        val_s = fraction * (train_pixels * pixel_s + fp.images * POSTPROCESS_S)
-        plan_schedule(cfg, batch, 60 * minutes - spent_s, step_s, val_s, plan, budgeted)
-    return plan
+        val_s = validation_seconds(cfg, fp, fraction, train_pixels, pixel_s)
+        plan.observe(
+            f"timing: {step_s:.3f} s per training step (measured), {val_s:.1f} s per validation (estimated from a "
+            "measured forward pass)",
+            step_s=step_s,
+            validation_s=val_s,
+        )
+        plan_schedule(cfg, batch, budget, spent_s, step_s, val_s, plan)
 
 
-SEMANTIC_DEFAULTS = {
-    "epochs": 10,
-    "batch_size": 8,
-    "val_fraction": 0.1,
-    "invert": "never",
-    "balance": "none",
-    "dist_scale": 1.0,
-}
+SEMANTIC_DEFAULTS = {"batch_size": 8, "val_fraction": 0.1, "invert": "never", "balance": "none", "dist_scale": 1.0}
 
 
-def semantic_plan(cfg: SegmentConfig) -> Plan:
-    """Class maps have no objects to size a plan by: open settings get the fixed defaults of a semantic U-Net."""
-    plan = Plan()
+def semantic_plan(cfg: SegmentConfig, plan: Plan) -> None:
+    """Class maps have no objects to size a plan by: open settings get the fixed defaults of a semantic U-Net (the
+    engine plans epochs and steps from the budget)."""
     for key, value in SEMANTIC_DEFAULTS.items():
         if getattr(cfg, key) is None:
             plan.choose(key, value, "fixed default of the semantic target")
     if cfg.augment is None:
-        plan.choose("augment", SegAugmentConfig(), "fixed default of the semantic target (flips and rot90)")
-    return plan
+        plan.choose("augment", SegAugmentConfig(), "fixed default of the semantic target", shown="flips and rot90")

@@ -16,7 +16,7 @@ from deepscope.config import from_dict
 from deepscope.data.io.views import input_view
 from deepscope.data.segmentation.dataset import SegItem, find_items, load_items
 from deepscope.data.segmentation.targets import batch_class_map
-from deepscope.errors import DataError, DeepscopeError
+from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.inference.blockio import Output, open_input, output_paths
 from deepscope.inference.geometry import tile_and_halo
 from deepscope.inference.loading import load_trained_model
@@ -91,8 +91,13 @@ class Predictor:
 
     def instances(self, probs: np.ndarray, post: PostConfig | None = None) -> np.ndarray:
         """Instances of one image's (or window's) network output by the target's own method; ``post`` replaces the
-        predictor's settings (threshold tuning tries several)."""
-        post = post or self.post
+        predictor's settings (threshold tuning tries several). Computed in float32 also where the caller predicts
+        under autocast (the trainer's validation in bf16): flows' sparse heat diffusion has no bf16 kernel, and
+        distances and flows are compared at sub-pixel precision."""
+        with torch.autocast(self.device.type, enabled=False):
+            return self._instances(probs, post or self.post)
+
+    def _instances(self, probs: np.ndarray, post: PostConfig) -> np.ndarray:
         if self.target == "stardist":
             return star_instances(
                 probs[0],
@@ -125,14 +130,29 @@ def score_image(
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(record, probabilities, predicted labels) of one image; the record holds instance scores and a pixel confusion."""
     probs = predictor.probabilities(item.channels_first(predictor.channels))
-    pred = predictor.labels(probs)
+    record, pred = score_output(predictor, item, probs, class_values, ignore_label)
+    return record, probs, pred
+
+
+def score_output(
+    predictor: Predictor,
+    item: SegItem,
+    probs: np.ndarray,
+    class_values: list[int] | None,
+    ignore_label: int | None,
+    post: PostConfig | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(record, predicted labels) of one image's network output ``probs``, post-processed with ``post`` (default:
+    the predictor's settings), as :func:`score_image` scores it."""
     truth = np.asarray(item.labels[...])
     if predictor.target == "semantic":
+        pred = predictor.labels(probs)
         classes = batch_class_map(torch.from_numpy(truth.astype(np.int64))[None], class_values, ignore_label)[0].numpy()
-        return {"name": item.name, "confusion": confusion(classes, pred, predictor.out_channels).tolist()}, probs, pred
+        return {"name": item.name, "confusion": confusion(classes, pred, predictor.out_channels).tolist()}, pred
+    pred = predictor.instances(np.asarray(probs), post)
     record = image_scores(item.name, truth, pred)
     record["confusion"] = confusion(truth > 0, pred > 0, 2).tolist()
-    return record, probs, pred
+    return record, pred
 
 
 def summarize_records(
@@ -189,6 +209,8 @@ def load_predictor(
     """A Predictor from a segmentation checkpoint; ``overrides`` replace inference settings (blend, flip_tta)."""
     model, state = load_trained_model(path, "segment", device, _build_from_checkpoint)
     cfg = from_dict(SegmentConfig, state["config"], f"{path}: config")
+    if cfg.target is None:  # every checkpoint names its target: the plan sets it before the first is written
+        raise CheckpointError(f"{path}: its settings name no target")
     info = state["task_state"]
     for key, value in overrides.items():
         if value is not None:
@@ -250,7 +272,7 @@ def evaluate_checkpoint(
         "checkpoint": str(path),
         "data": str(data_path),
         "split": split,
-        **summarize_records(records, cfg.target, class_names),
+        **summarize_records(records, cfg.target_name, class_names),
     }
 
 

@@ -8,7 +8,6 @@ them as the field does (matching at IoU 0.5..0.9, VOI, adapted Rand) plus pixel 
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +40,7 @@ from deepscope.data.segmentation.targets import batch_class_map, batch_target
 from deepscope.engine.checkpoint import load_checkpoint, save_checkpoint
 from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.logging import preview_images
+from deepscope.engine.plan import budget_of
 from deepscope.engine.precision import resolve_precision
 from deepscope.engine.probe import seconds_per_forward, seconds_per_step
 from deepscope.engine.report import table, write_report
@@ -50,10 +50,10 @@ from deepscope.inference.geometry import halo_for, patch_shape_for
 from deepscope.losses.segmentation import build_loss
 from deepscope.models import build_unet
 from deepscope.tasks.segment.config import DEFAULT_PATCH, SegmentConfig, output_channels
-from deepscope.tasks.segment.plan import Hardware, Plan, fingerprint, make_plan, semantic_plan
+from deepscope.tasks.segment.plan import Hardware, fingerprint, given_steps, make_plan, plan_target, semantic_plan
 from deepscope.tasks.segment.predict import Predictor, score_image, summarize_records
 from deepscope.tasks.segment.report import SHOWN, draw_overlays, overlay_caption, report_sections, worst_names
-from deepscope.tasks.segment.tune import tune_post
+from deepscope.tasks.segment.tune import tune_post, tuned_validation
 
 if TYPE_CHECKING:
     from deepscope.models.unet import UNet
@@ -100,18 +100,22 @@ def training_target(cfg: SegmentConfig, labels: torch.Tensor, mask: torch.Tensor
         return torch.cat([target[:, :1], target[:, 1:] / (cfg.dist_scale or 1.0)], dim=1), mask
     if cfg.target == "flows":
         return batch_flow_target(labels), mask
-    return batch_target(cfg.target, labels), mask
+    return batch_target(cfg.target_name, labels), mask
 
 
 class SegmentTask(Task):
     name = "segment"
     config: SegmentConfig
+    # planned for when no --max-minutes is given (training is then not stopped by the clock)
+    default_budget_minutes = 60.0
 
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
         started = time.time()
         self.device, self.dist = device, dist
-        semantic = cfg.target == "semantic"
+        semantic = cfg.target == "semantic"  # only when asked for: an open target means instance labels
+        # instance targets plan their schedule here (from their own step timer); semantic leaves it to the engine
+        self.plans_schedule = not semantic
         found = find_items(cfg.data, cfg.raw_key, cfg.label_key, cfg.labels)
         low, high = cfg.normalize  # SegmentConfig checks that it holds two percentiles
         splits = {s: load_items(entries, None, low, high, require_objects=not semantic) for s, entries in found.items()}
@@ -124,11 +128,20 @@ class SegmentTask(Task):
         for item in everything:
             if item.labels.ndim != self.ndim:
                 raise DataError(f"{item.name}: labels are {item.labels.ndim}D but others are {self.ndim}D")
+        plan_target(cfg, self.plan, self.ndim)
+        self.plan.apply(cfg)
+        cfg.check_target()
         self.channels = common_channels(everything, self.ndim)
         appearance = image_groups(splits["train"], "auto", None)
-        self.plan = semantic_plan(cfg) if semantic else self._plan(splits["train"], appearance, started)
-        self._apply(self.plan)
-        self.notes += self.plan.reasons
+        if semantic:
+            semantic_plan(cfg, self.plan)
+        else:
+            self._plan(splits["train"], appearance, started)
+        self.plan.apply(cfg)
+        assert cfg.batch_size is not None  # given, or planned just now
+        if cfg.steps_per_epoch is None and cfg.patches_per_epoch is not None:
+            # given patches are given steps: the engine's planner must not replace them (semantic)
+            cfg.steps_per_epoch = given_steps(cfg, cfg.batch_size)
         if cfg.invert in ("always", "auto"):  # the percentiles are known; the training images' backgrounds too
             known = {id(item): group for item, group in zip(splits["train"], appearance)}
             for item in everything:
@@ -153,7 +166,7 @@ class SegmentTask(Task):
         self.splits = splits
         self.class_names = self._classes(splits["train"]) if semantic else None
         self.out_channels = (
-            len(self.class_names) if self.class_names else output_channels(cfg.target, self.ndim, cfg.n_rays)
+            len(self.class_names) if self.class_names else output_channels(cfg.target_name, self.ndim, cfg.n_rays)
         )
         self.divisor = self.build_model().divisor
         self.patch_shape = patch_shape_for(
@@ -162,20 +175,16 @@ class SegmentTask(Task):
         self.tile = tuple(cfg.inference.tile or self.patch_shape)
         self.halo = tuple(cfg.inference.halo) if cfg.inference.halo else halo_for(self.tile, self.divisor)
 
-    def _plan(self, train: Sequence[SegItem], appearance: Sequence[str], started: float) -> Plan:
-        """The plan of every setting left at None, from the data and the budget (``plan.py``)."""
+    def _plan(self, train: Sequence[SegItem], appearance: Sequence[str], started: float) -> None:
+        """Plan every setting left at None into ``self.plan``, from the data and the budget (``plan.py``)."""
         cfg = self.config
         fp = fingerprint(train, self.ndim, self.channels, appearance, cfg.seed)
         hw = Hardware(self.device.type, resolve_precision(cfg.amp, self.device).name)
         train_pixels = float(sum(np.prod(i.labels.shape) for i in train))
-        return make_plan(cfg, fp, hw, time.time() - started, lambda *a: self._time_steps(train, *a), train_pixels)
-
-    def _apply(self, plan: Plan) -> None:
-        for key, value in plan.settings.items():
-            if key.startswith("model_args."):
-                self.config.model_args[key.split(".", 1)[1]] = value
-            else:
-                setattr(self.config, key, value)
+        budget = budget_of(cfg, self.default_budget_minutes)
+        make_plan(
+            cfg, fp, hw, budget, time.time() - started, lambda *a: self._time_steps(train, *a), train_pixels, self.plan
+        )
 
     def _time_steps(
         self, train: Sequence[SegItem], patch: list[int], model_args: dict[str, Any], batch: int
@@ -184,7 +193,7 @@ class SegmentTask(Task):
         real patches through the training path (patches, augmentation, target, loss) and one tiled forward pass."""
         cfg = self.config
         model = build_unet(
-            self.channels, output_channels(cfg.target, self.ndim, cfg.n_rays), self.ndim, **model_args
+            self.channels, output_channels(cfg.target_name, self.ndim, cfg.n_rays), self.ndim, **model_args
         ).to(self.device)
         precision = resolve_precision(cfg.amp, self.device)
         dataset = PatchDataset(train, patch, 4 * batch, self.channels, cfg.min_foreground, cfg.seed)
@@ -260,7 +269,7 @@ class SegmentTask(Task):
         cfg = self.config
         return Predictor(
             model,
-            cfg.target,
+            cfg.target_name,
             self.channels,
             self.out_channels,
             self.tile,
@@ -275,10 +284,22 @@ class SegmentTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        """Validation metrics; an instance target's at the probability threshold tuned on the validation images
+        (``tune.tuned_validation``, unless ``post.tune`` is off), which is reported as ``post_threshold``."""
+        cfg = self.config
+        if cfg.target == "semantic" or not cfg.post.tune:
+            return self._scores(model, batches)
+        records, tuning = tuned_validation(self.predictor(model), batches, self.dist.world)
+        gathered = [r for part in gather_objects(records) for r in part]
+        return {**summarize_records(gathered, cfg.target_name, self.class_names), **tuning}
+
+    @torch.no_grad()
+    def _scores(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, Any]:
+        """Metrics of ``batches`` at the configured post-processing (test images, and validation without tuning)."""
         predictor, cfg = self.predictor(model), self.config
         records = [score_image(predictor, item, cfg.class_values, cfg.ignore_label)[0] for item in batches]
         gathered = [r for part in gather_objects(records) for r in part]
-        return summarize_records(gathered, cfg.target, self.class_names)
+        return summarize_records(gathered, cfg.target_name, self.class_names)
 
     def inference_state(self) -> dict[str, Any]:
         return {
@@ -301,6 +322,12 @@ class SegmentTask(Task):
         result: dict[str, Any] = {}
         cfg = self.config
         if cfg.target != "semantic" and cfg.post.tune and "val" in self.splits:
+            # the threshold the best epoch was chosen at: the search starts there, and it wins the search's ties
+            chosen = next(
+                (h.get("val_post_threshold") for h in history if h["epoch"] == summary.get("best_epoch")), None
+            )
+            if chosen is not None:
+                cfg.post = dataclasses.replace(cfg.post, threshold=chosen)
             with torch.no_grad():
                 best, tried = tune_post(self.predictor(model), self.splits["val"])
             cfg.post = best
@@ -308,7 +335,7 @@ class SegmentTask(Task):
             if self.dist.is_main:
                 self._store_post(run_dir)
         if "test" in self.splits:
-            result["test"] = self.evaluate(model, ItemShard(self.splits["test"], self.dist.rank, self.dist.world))
+            result["test"] = self._scores(model, ItemShard(self.splits["test"], self.dist.rank, self.dist.world))
             result.update({f"test_{k}": v for k, v in result["test"].items() if isinstance(v, float)})
         shown = "test" if "test" in self.splits else "val" if "val" in self.splits else "train"
         if self.dist.is_main:
@@ -324,7 +351,6 @@ class SegmentTask(Task):
             with torch.no_grad():
                 draw_overlays(self.predictor(model), items[:SHOWN], cfg, run_dir / "overlays.png")
             result["shown_split"] = shown
-            result["plan"] = self.plan.reasons
         return result
 
     def _store_post(self, run_dir: Path) -> None:
@@ -335,22 +361,16 @@ class SegmentTask(Task):
                 state = load_checkpoint(path)
                 state["config"]["post"] = post
                 save_checkpoint(state, path)
-        save_yaml(self.config, run_dir / "config.yaml")
+        save_yaml(self.config, run_dir / "config.yaml", header=self.plan.reasons)
 
     def write_report(self, run_dir: Path, history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
         final = metrics.get("test") or metrics.get("val") or {}
         split = "test" if metrics.get("test") else "validation"
-        sections = [
-            (
-                "Plan (settings chosen from the data and the budget)",
-                "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in self.plan.reasons) + "</ul>",
-            )
-        ]
-        sections += report_sections(final, split, run_dir)
+        sections = report_sections(final, split, run_dir)
         if metrics.get("post_tuning"):
             sections.append(("Post-processing tuned on the validation images", table(metrics["post_tuning"])))
         if (run_dir / "overlays.png").exists():
-            caption = overlay_caption(self.config.target) + (
+            caption = overlay_caption(self.config.target_name) + (
                 " (worst test images first)" if metrics.get("test") else ""
             )
             sections.append(

@@ -36,9 +36,12 @@ def _default_optim(method: str = "simclr") -> OptimConfig:
 @dataclass
 class SSLConfig(TrainConfig):
     task: str = "ssl"
-    model: str = "resnet18"  # encoder: resnet18 (model_args.width, default 64) | unet (model_args as for train segment)
+    # encoder: resnet18 (model_args.width; none: planned by the budget) | unet (model_args as for train segment)
+    model: str = "resnet18"
     method: str = "simclr"  # simclr (contrastive, NT-Xent) | vicreg (variance-invariance-covariance, no negatives)
-    temperature: float = 0.5  # NT-Xent temperature (0.5 with SGD, as lightly and the SimCLR paper's small-batch runs)
+    # NT-Xent temperature; None: planned by the length of the run (0.2 for short budgets, else 0.5 as lightly and
+    # the SimCLR paper's small-batch runs)
+    temperature: float | None = None
     vicreg_weights: list[float] = field(default_factory=lambda: [25.0, 25.0, 1.0])  # invariance, variance, covariance
     projector: list[int] | None = None  # head layer widths; None: 512-128 (simclr) or 1024-1024-1024 (vicreg)
     # natural | microscopy | auto (microscopy for percentile-normalised image folders, else natural)
@@ -59,7 +62,6 @@ class SSLConfig(TrainConfig):
     probe_random: bool = True  # also probe the same encoder at random initialisation, the baseline to beat
     batch_size: int = 256
     eval_batch_size: int = 512
-    epochs: int = 100
     monitor: str = "auto"  # auto: knn_accuracy with labelled validation images, else the validation loss
     optim: OptimConfig = field(default_factory=_default_optim)
 
@@ -70,7 +72,7 @@ class SSLConfig(TrainConfig):
             self.optim = _default_optim(self.method)
         if self.crops not in ("grid", "objects"):
             raise DeepscopeError(f"crops must be grid or objects, got {self.crops!r}")
-        if self.temperature <= 0 or self.knn_temperature <= 0:
+        if (self.temperature is not None and self.temperature <= 0) or self.knn_temperature <= 0:
             raise DeepscopeError("temperature and knn_temperature must be positive")
         if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
             raise DeepscopeError(f"probe_fractions must be label fractions in (0, 1], got {self.probe_fractions}")

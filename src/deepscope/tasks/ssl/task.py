@@ -5,6 +5,8 @@ fractions against the same encoder at random initialisation, an embedding map an
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +26,11 @@ from deepscope.data.ssl.dataset import (
     ssl_stats,
 )
 from deepscope.data.ssl.views import TwoViews, view_config
-from deepscope.engine.distributed import DistInfo, gather_objects
+from deepscope.engine.checkpoint import rng_state, set_rng_state
+from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
+from deepscope.engine.plan import budget_of
+from deepscope.engine.precision import Precision, resolve_precision
+from deepscope.engine.probe import seconds_per_step
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError
 from deepscope.inference.loading import load_trained_model
@@ -33,10 +39,12 @@ from deepscope.metrics.knn import knn_accuracy
 from deepscope.models import eval_mode
 from deepscope.models.ssl import SSLModel, build_encoder
 from deepscope.tasks.ssl.config import SSLConfig
+from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, Fingerprint, Timer, make_plan
 from deepscope.tasks.ssl.probe import linear_probe, probe_rows
 from deepscope.tasks.ssl.report import embedding_map, neighbour_grid, write_ssl_report
 
 PICTURE_BANK = 5000  # training images searched for the nearest-neighbour picture
+PROBE_STEPS = 3  # training steps timed per candidate width (the first is warm-up)
 
 
 def accuracy_key(fraction: float) -> str:
@@ -46,6 +54,7 @@ def accuracy_key(fraction: float) -> str:
 
 def ssl_loss(cfg: SSLConfig, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     if cfg.method == "simclr":
+        assert cfg.temperature is not None  # planned in setup
         return nt_xent(z1, z2, cfg.temperature)
     return vicreg(z1, z2, *cfg.vicreg_weights)
 
@@ -69,6 +78,7 @@ class SSLTask(Task):
 
     def setup(self, device: torch.device, dist: DistInfo) -> None:
         cfg = self.config
+        started = time.time()
         self.device, self.dist = device, dist
         self.data: SSLData = load_ssl_data(
             cfg.data,
@@ -88,10 +98,24 @@ class SSLTask(Task):
         self.mean, self.std = ssl_stats(train, self.data.kind)
         val = self.data.splits.get("val")
         self.labelled = train.labelled and val is not None and val.labelled
-        if cfg.monitor == "auto":
-            cfg.monitor, cfg.monitor_mode = ("knn_accuracy", "max") if self.labelled else ("loss", "min")
         labelled_train = np.flatnonzero(train.labels >= 0)
         bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
+        fp = Fingerprint(
+            images=len(train),
+            val_images=0 if val is None else len(val),
+            bank_images=min(bank_size, len(labelled_train)),
+            channels=self.in_shape[0],
+            height=self.in_shape[1],
+            width=self.in_shape[2],
+            kind=self.data.kind,
+            labelled=self.labelled,
+        )
+        budget = budget_of(cfg, self.default_budget_minutes)
+        timer = self.step_timer(resolve_precision(cfg.amp, device))
+        make_plan(cfg, fp, budget, time.time() - started, timer, self.plan)
+        self.plan.apply(cfg)
+        if cfg.monitor == "auto":
+            cfg.monitor, cfg.monitor_mode = ("knn_accuracy", "max") if self.labelled else ("loss", "min")
         self.bank = train.subset(labelled_train[seeded_sample(len(labelled_train), bank_size, cfg.seed)])
         self.bank_batches = self.eval_batches(self.bank) if self.labelled else None  # built once, read every epoch
         self.notes.append(
@@ -99,6 +123,32 @@ class SSLTask(Task):
             f"{self.preset} views); monitor {cfg.monitor}"
             + (f" (kNN k={cfg.knn_k}, T={cfg.knn_temperature}, bank of {len(self.bank)})" if self.labelled else "")
         )
+
+    def step_timer(self, precision: Precision) -> Timer:
+        """Seconds per training step of the encoder with ``model_args`` over the given ones, measured on views of the
+        training images on this device in this precision, the same on every process; the random state is left as it
+        was, so planning does not change the run."""
+        cfg = self.config
+        timed = dataclasses.replace(cfg, temperature=cfg.temperature or LONG_TEMPERATURE)  # any costs the same
+
+        def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+            _, z = model(torch.cat(batch[:2]))
+            return ssl_loss(timed, *z.chunk(2))
+
+        def timer(args: dict[str, Any]) -> float:
+            saved = rng_state()
+            encoder = build_encoder(cfg.model, self.in_shape, **{**cfg.model_args, **args})
+            net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
+            if cfg.channels_last:
+                net.to(memory_format=torch.channels_last)
+            batches = self.train_batches()
+            step_s = seconds_per_step(
+                net, itertools.islice(batches, min(PROBE_STEPS, len(batches))), loss, precision, self.device
+            )
+            set_rng_state(saved)
+            return all_reduce_max([step_s], self.device)[0]
+
+        return timer
 
     def build_model(self) -> nn.Module:
         encoder = build_encoder(self.config.model, self.in_shape, **self.config.model_args)

@@ -1,0 +1,131 @@
+"""Planning self-supervised pre-training: the encoder's width and the NT-Xent temperature a user left open, from a
+fingerprint of the images and the time budget.
+
+Contrastive learning is slow to start: lightly's and the SimCLR paper's small-batch temperature, 0.5, is tuned for
+hundreds of epochs, and a 10-minute CPU budget gives a handful. So the width is the widest whose measured training
+steps still give :data:`MIN_PASSES` passes over the images in the budget (the 10-minute CPU row of
+``benchmarks/RESULTS.md``, width 8, trained 4 and beat lightly), and a run planned for fewer than
+:data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes.
+
+Measured on CIFAR-10 (the JPEG copy in shared/data as ``benchmarks/prepare_cifar10.py`` unpacks it; 45,000 training
+images, width 8, batch 256, 200 steps or 1.1 passes, ``train ssl`` defaults otherwise, bf16 on a 2-core AVX-512 CPU,
+one seed), kNN accuracy on the 10,000 test images: temperature 0.5 38.8%, 0.2 42.2%, 0.1 36.4%; 0.2 with crops of
+20-100% of the image instead of 8-100% 40.8%, so the crops are not planned. Only settings left open are planned: no
+``width`` in ``model_args``, a ``temperature`` of None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deepscope.engine.plan import SETUP_SHARE, Budget, Plan
+from deepscope.tasks.ssl.config import SSLConfig
+
+WIDTHS = (8, 16, 32, 64)  # ResNet-18 widths tried, narrowest first (each about 2-4x the cost of the one before)
+MIN_PASSES = 4  # passes a width must get in the budget: the 10-minute CPU row (width 8) trained 4 and beat lightly
+SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature and crops
+SHORT_TEMPERATURE = 0.2
+LONG_TEMPERATURE = 0.5  # lightly's and the SimCLR paper's small-batch value, for long runs
+EVAL_COST = 1 / 3  # an evaluation forward pass costs about a third of a training step on the same images
+SHORT_EVIDENCE = "CIFAR-10 kNN after 1.1 passes at width 8: 42.2% at 0.2, 38.8% at 0.5 (tasks/ssl/plan.py)"
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the plan needs to know of the training images."""
+
+    images: int
+    val_images: int
+    bank_images: int  # training images the kNN monitor extracts features of every epoch
+    channels: int
+    height: int
+    width: int
+    kind: str  # natural | microscopy
+    labelled: bool
+
+    def describe(self) -> str:
+        return (
+            f"data: {self.images} training images ({self.val_images} validation), {self.channels}x{self.height}x"
+            f"{self.width} ({self.kind}), {'labelled: kNN monitor' if self.labelled else 'unlabelled'}"
+        )
+
+
+def pass_seconds(step_s: float, fp: Fingerprint, batch: int) -> float:
+    """One pass over the training images (two views each) and one validation (two views of each validation image,
+    their features, and the features of the kNN bank)."""
+    steps = max(1, fp.images // batch)
+    evaluated = 3 * fp.val_images + (fp.bank_images if fp.labelled else 0)
+    return steps * step_s + evaluated / (2 * batch) * step_s * EVAL_COST
+
+
+Timer = Callable[[dict[str, Any]], float]  # model_args over the given ones -> measured seconds per training step
+
+
+def plan_width(cfg: SSLConfig, fp: Fingerprint, available_s: float, timer: Timer, plan: Plan) -> float | None:
+    """The widest ResNet-18 width whose measured steps give ``MIN_PASSES`` passes in ``available_s``; the
+    measured seconds per step of the width trained (None when the width was given and nothing was measured)."""
+    if cfg.model != "resnet18" or "width" in cfg.model_args or cfg.init_from:
+        return None
+    measured: list[str] = []
+    chosen, chosen_s, passes = WIDTHS[0], 0.0, 0.0
+    for width in WIDTHS:  # narrowest first: a wider one costs more, so the first too slow ends the search
+        step_s = timer({"width": width})
+        fits = available_s / pass_seconds(step_s, fp, cfg.batch_size)
+        measured.append(f"width {width} {step_s:.3f} s/step, {fits:.1f} passes")
+        if width == WIDTHS[0] or fits >= MIN_PASSES:
+            chosen, chosen_s, passes = width, step_s, fits
+        if fits < MIN_PASSES:
+            break
+    plan.observe(
+        f"width timing: {'; '.join(measured)} (batch {cfg.batch_size}, measured; {available_s / 60:.1f} min for "
+        "training)",
+        width_timing=measured,
+    )
+    why = (
+        f"the widest that trains {passes:.1f} >= {MIN_PASSES} passes in the budget (the 10-minute CPU row of "
+        "benchmarks/RESULTS.md trained width 8 for 4 passes and beat lightly)"
+        if passes >= MIN_PASSES
+        else f"the narrowest tried; it trains only {passes:.1f} passes in the budget (give more --max-minutes)"
+    )
+    plan.choose("model_args.width", chosen, why)
+    return chosen_s
+
+
+def planned_passes(cfg: SSLConfig, fp: Fingerprint, available_s: float, step_s: float | None) -> float | None:
+    """Passes over the training images the run will train: from given epochs (and steps per epoch), else from the
+    budget and ``step_s``; None when that needs a step time not measured."""
+    steps = max(1, fp.images // cfg.batch_size)
+    if cfg.epochs is not None and cfg.max_minutes is None:
+        return cfg.epochs * (cfg.steps_per_epoch or steps) / steps
+    if cfg.epochs is not None and cfg.steps_per_epoch is not None:
+        return cfg.epochs * cfg.steps_per_epoch / steps
+    return None if step_s is None else available_s / pass_seconds(step_s, fp, cfg.batch_size)
+
+
+def plan_temperature(cfg: SSLConfig, passes: float, plan: Plan) -> None:
+    """The NT-Xent temperature by the number of passes the run will train."""
+    if cfg.temperature is not None or cfg.method != "simclr":
+        return
+    short = passes < SHORT_PASSES
+    length = f"{passes:.1f} passes planned, {'fewer' if short else 'not fewer'} than {SHORT_PASSES}"
+    if short:
+        why = f"{length}: a lower temperature learns faster in the first passes ({SHORT_EVIDENCE})"
+        plan.choose("temperature", SHORT_TEMPERATURE, why)
+    else:
+        plan.choose("temperature", LONG_TEMPERATURE, f"{length}: lightly's and SimCLR's small-batch value")
+
+
+def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, timer: Timer, plan: Plan) -> None:
+    """Plan every setting of ``cfg`` left open into ``plan``; ``timer`` measures training steps."""
+    plan.observe(fp.describe(), **vars(fp))
+    available = max(budget.seconds - spent_s, 0.0) * SETUP_SHARE
+    step_s = plan_width(cfg, fp, available, timer, plan)
+    passes = planned_passes(cfg, fp, available, step_s)
+    if passes is None and cfg.temperature is None and cfg.method == "simclr":
+        step_s = timer({})
+        plan.observe(f"timing: {step_s:.3f} s per training step (batch {cfg.batch_size}, measured)", step_s=step_s)
+        passes = planned_passes(cfg, fp, available, step_s)
+    if passes is not None:
+        plan_temperature(cfg, passes, plan)

@@ -1,0 +1,88 @@
+"""The ssl plan: the encoder's width by measured step times, and the temperature by the passes the run will train;
+what the user gave stays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepscope.demo.data import write_digits_npz
+from deepscope.engine.distributed import DistInfo
+from deepscope.engine.plan import Budget, Plan
+from deepscope.tasks.ssl import plan as ssl_plan
+from deepscope.tasks.ssl.config import SSLConfig
+from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, MIN_PASSES, SHORT_TEMPERATURE, Fingerprint, make_plan
+from deepscope.tasks.ssl.task import SSLTask
+
+CIFAR = Fingerprint(45000, 5000, 10000, 3, 32, 32, "natural", True)
+
+
+def planned(cfg: SSLConfig, timer=None, fp: Fingerprint = CIFAR) -> tuple[Plan, list]:
+    """The plan of ``cfg`` for a 10-minute budget, and the model_args the timer was asked to measure."""
+    asked: list = []
+
+    def timing(args):
+        asked.append(dict(args))
+        return timer(args) if timer else pytest.fail("nothing should be timed")
+
+    plan = Plan()
+    make_plan(cfg, fp, Budget(10.0, True), 5.0, timing, plan)
+    return plan, asked
+
+
+def test_the_widest_width_with_enough_passes_is_chosen() -> None:
+    # 175 steps of 256 a pass and a validation: 0.3 s a step gives 9.6 passes in 9.2 minutes, 1 s 2.9
+    cost = {8: 0.15, 16: 0.3, 32: 1.0, 64: 4.0}
+    plan, asked = planned(SSLConfig(data="d", max_minutes=10), lambda a: cost[a["width"]])
+    assert asked == [{"width": 8}, {"width": 16}, {"width": 32}]  # narrowest first, stopping at the first too slow
+    assert plan.settings["model_args.width"] == 16
+    assert any(r.startswith("width timing: width 8") for r in plan.reasons)
+    assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 9.6 passes: the short-budget temperature
+    assert set(plan.settings) == {"model_args.width", "temperature"}
+    plan, asked = planned(SSLConfig(data="d"), lambda a: 0.001 * a["width"])
+    assert len(asked) == 4 and plan.settings["model_args.width"] == 64
+    plan, _ = planned(SSLConfig(data="d"), lambda a: 10.0)
+    assert plan.settings["model_args.width"] == 8
+    assert any("only 0.3 passes" in r for r in plan.reasons) and MIN_PASSES > 0.3
+
+
+def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
+    cfg = SSLConfig(data="d", model_args={"width": 8})
+    plan, asked = planned(cfg, lambda a: 0.01)
+    assert asked == [{}] and "model_args.width" not in plan.settings
+    assert plan.settings == {"temperature": LONG_TEMPERATURE}  # 289 passes: a long run
+    plan.apply(cfg)
+    assert cfg.model_args == {"width": 8} and cfg.temperature == LONG_TEMPERATURE
+
+
+def test_given_epochs_decide_the_temperature_without_timing_and_given_settings_stay() -> None:
+    short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
+    assert asked == [] and short.settings == {"temperature": SHORT_TEMPERATURE}
+    long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=100))
+    assert long.settings == {"temperature": LONG_TEMPERATURE}
+    given = SSLConfig(data="d", model_args={"width": 4}, epochs=6, temperature=0.3)
+    plan, _ = planned(given)
+    assert plan.settings == {}
+    plan.apply(given)
+    assert given.temperature == 0.3
+    vicreg, asked = planned(SSLConfig(data="d", method="vicreg", model_args={"width": 4}, max_minutes=3))
+    assert vicreg.settings == {} and asked == []  # no temperature to plan, nothing timed
+    unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6))
+    assert "model_args.width" not in unet.settings
+
+
+def test_setup_plans_from_real_steps_and_leaves_the_random_state(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ssl_plan, "WIDTHS", (2, 4))  # quick to time
+    data = write_digits_npz(tmp_path / "digits.npz")
+    cfg = SSLConfig(data=str(data), batch_size=64, amp="off", max_minutes=5, knn_bank=200)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    task = SSLTask(cfg)
+    task.setup(torch.device("cpu"), DistInfo())
+    assert torch.equal(torch.rand(3), expected)
+    assert cfg.model_args["width"] in (2, 4) and cfg.temperature in (SHORT_TEMPERATURE, LONG_TEMPERATURE)
+    assert any(r.startswith("width timing: width 2") for r in task.plan.reasons)
+    assert task.plan.fingerprint["images"] == len(task.data.splits["train"])
