@@ -15,6 +15,7 @@ from conftest import pattern_images
 from deepscope.cli import main
 from deepscope.config import OptimConfig, from_dict
 from deepscope.data.classification.augment import AugmentConfig
+from deepscope.engine import trainer
 from deepscope.engine.distributed import DistInfo
 from deepscope.engine.plan import Budget, Plan
 from deepscope.errors import DeepscopeError
@@ -135,7 +136,9 @@ def test_setup_times_real_steps_and_leaves_the_random_state(tmp_path: Path, monk
     assert cfg.batch_size == 8 and cfg.augment is not None and cfg.augment.crop_padding == 1
 
 
-def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path) -> None:
+def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine's steps timed at 0.5 s, so its schedule is some 50 steps and the run ends in seconds, not the budget
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda *args: 0.5)
     x, y = pattern_images(30, size=12)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[::3], y_test=y[::3])
     out = tmp_path / "run"

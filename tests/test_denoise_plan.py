@@ -15,6 +15,7 @@ from scipy import ndimage
 from deepscope.cli import main
 from deepscope.data.denoise.dataset import DenoiseItem
 from deepscope.data.denoise.noise import NoiseConfig
+from deepscope.engine import trainer
 from deepscope.engine.distributed import DistInfo
 from deepscope.engine.plan import Budget, Plan
 from deepscope.errors import DataError
@@ -252,7 +253,9 @@ def test_setup_times_real_steps_and_plans_from_the_ladder(tmp_path):
     assert not again.plan.settings and torch.equal(torch.rand(1), after_planned)
 
 
-def test_train_with_only_data_and_a_budget_writes_the_plan_into_config_yaml(tmp_path):
+def test_train_with_only_data_and_a_budget_writes_the_plan_into_config_yaml(tmp_path, monkeypatch):
+    # the engine's steps timed at 0.5 s, so its schedule is some 50 steps and the run ends in seconds, not the budget
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda *args: 0.5)
     data = write_layout(tmp_path / "d", ("noisy",), n=5, size=16)
     out = tmp_path / "run"
     # one thread: two OpenMP threads on 2 cores that other processes also use make a step 5-40x slower, and the

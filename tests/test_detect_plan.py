@@ -14,6 +14,7 @@ from deepscope.cli import main
 from deepscope.data.detection.annotations import load_detection_data
 from deepscope.data.detection.types import DetItem
 from deepscope.demo.data import write_shapes
+from deepscope.engine import trainer
 from deepscope.engine.plan import Budget, Plan
 from deepscope.tasks.detect.config import DetectConfig
 from deepscope.tasks.detect.plan import MIN_PASSES, DetFingerprint, fingerprint, plan_backbone, plan_data
@@ -182,9 +183,11 @@ def test_validation_share_follows_the_set_size() -> None:
     assert fraction == 0 and "own val split (30 images)" in reason
 
 
-def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path) -> None:
+def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """12 training images of 48 px: every open setting is planned, the backbone from timed steps, the epochs by the
     engine; config.yaml starts with the reasons and holds whole numbers of epochs."""
+    # the engine's steps timed at 0.5 s, so its schedule is some 50 steps and the run ends in seconds, not the budget
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda *args: 0.5)
     data = write_shapes(tmp_path / "shapes", train=12, test=3, size=48)
     out = tmp_path / "run"
     # float32 (--amp off) as the other detect tests: FCOS's losses give NaN gradients under bf16 autocast
