@@ -55,6 +55,12 @@ def test_an_epoch_is_shortened_or_lengthened_rather_than_the_schedule_cut():
     assert costly.epochs * (costly.steps_per_epoch * 0.1 + 40) <= 558
 
 
+def test_sampled_epochs_validate_about_every_150_seconds():
+    result, plan = schedule(pass_steps=None)  # patches drawn at random: no pass to count
+    assert result.epochs == round(558 / 150) and result.steps_per_epoch == int((558 / 4 - 5) / 0.1)
+    assert list(plan.settings) == ["epochs", "steps_per_epoch"]
+
+
 def test_epochs_are_not_shorter_than_a_checkpoint_is_worth():
     result, plan = schedule(val_s=0.1, step_s=0.01)  # 1.1-s passes: 507 epochs would spend more on checkpoints
     assert result.epochs == int(558 / 15) and "at least 15 s" in plan.reasons[0]

@@ -19,6 +19,7 @@ from deepscope.errors import DeepscopeError
 
 SETUP_SHARE = 0.93  # of the remaining budget planned for training and validation; the rest absorbs estimation error
 VALIDATION_SHARE = 0.15  # at most this share of the budget goes to validation
+SAMPLED_EPOCH_S = 150.0  # without passes (sampled patches), about one validation per this many seconds
 MIN_EPOCH_S = 15.0  # epochs shorter than this spend much of their time on checkpoints, logs and validation
 MIN_STEPS = 20  # the shortest schedule worth training: fewer steps than this learn nothing a user could judge
 PASS_TOLERANCE = 0.05  # an epoch within 5% of one pass is made exactly one pass
@@ -103,7 +104,6 @@ def fit_schedule(
     pass_steps: int | None,
     epochs: int | None,
     steps_per_epoch: int | None,
-    target_epoch_s: float | None = None,
 ) -> Schedule:
     """Epochs and steps per epoch that fill what is left of ``budget`` with steps of ``step_s`` seconds and one
     validation of ``val_s`` seconds per epoch. Settings the user gave (``epochs``, ``steps_per_epoch``) stay; with
@@ -113,7 +113,7 @@ def fit_schedule(
     number of epochs is then about as many passes as fit, and an epoch is shortened rather than the schedule cut, or
     lengthened beyond one pass where validating after every pass would take more than ``VALIDATION_SHARE`` of the
     budget, or than ``MIN_EPOCH_S`` seconds. ``val_s`` counts all an epoch costs beside its steps (validation,
-    checkpoint). ``target_epoch_s`` asks for about one validation per that many seconds instead (sampled patches).
+    checkpoint). Without ``pass_steps``, open epochs are about one validation per 150 s.
     Raises a :class:`DeepscopeError` naming the minimum budget when not even one epoch of ``MIN_STEPS`` steps and a
     validation fit.
     """
@@ -130,8 +130,8 @@ def fit_schedule(
     given_epochs = epochs is not None
     if epochs is None:
         per_pass = (pass_steps or 0) * step_s + val_s
-        if target_epoch_s is not None or not pass_steps:
-            epochs = max(1, round(available / (target_epoch_s or 150.0)))
+        if not pass_steps:
+            epochs = max(1, round(available / SAMPLED_EPOCH_S))
             why = f"about one validation per {available / epochs / 60:.1f} min"
         else:
             epochs = max(1, round(available / per_pass))
