@@ -167,6 +167,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+@contextmanager
+def random_state_kept() -> Iterator[None]:
+    """Run the block and put the random state back as it was: planning builds and times models, and a planned run
+    must start from the same weights and batches as one given the planned values."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepscope.engine.distributed import all_reduce_max
 from deepscope.engine.precision import Precision
 
 
@@ -55,6 +56,17 @@ def seconds_per_step(
     if len(times) < 2:
         raise ValueError(f"timing steps needs at least 2 batches (one is warm-up), got {len(times)}")
     return float(np.median(times[1:]))
+
+
+def agreed_seconds_per_step(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    precision: Precision,
+    device: torch.device,
+) -> float:
+    """:func:`seconds_per_step`, the slowest process's, so that every process plans the same."""
+    return all_reduce_max([seconds_per_step(model, batches, loss, precision, device)], device)[0]
 
 
 @torch.no_grad()

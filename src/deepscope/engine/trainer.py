@@ -29,6 +29,7 @@ from deepscope.engine.checkpoint import (
     load_checkpoint,
     load_init_weights,
     load_weights,
+    random_state_kept,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -269,22 +270,23 @@ class Trainer:
         cfg, task = self.config, self.task
         budget = budget_of(cfg, task.default_budget_minutes)
         task.plan.observe(f"budget: {budget.describe()} on {device} in {precision.name}", budget_minutes=budget.minutes)
-        saved = rng_state()
-        probe = copy.deepcopy(model)
-        first = EpochBatches(train, PROBE_STEPS)  # the first steps of the run, over passes when one is shorter
-        step_s = seconds_per_step(probe, first, task.loss, precision, device)
-        val_s = 0.0
-        if val is not None and len(val):
-            count = max(1, -int(all_reduce_max([-min(PROBE_VAL_BATCHES, len(val))], device)[0]))
+        with random_state_kept():
+            probe = copy.deepcopy(model)
+            first = EpochBatches(train, PROBE_STEPS)  # the first steps of the run, over passes when one is shorter
+            step_s = seconds_per_step(probe, first, task.loss, precision, device)
+            val_s = 0.0
+            if val is not None and len(val):
+                count = max(1, -int(all_reduce_max([-min(PROBE_VAL_BATCHES, len(val))], device)[0]))
+                started = time.perf_counter()
+                with precision.autocast(device), torch.no_grad():
+                    task.evaluate(probe, itertools.islice(val, count))
+                val_s = (time.perf_counter() - started) * len(val) / count
             started = time.perf_counter()
-            with precision.autocast(device), torch.no_grad():
-                task.evaluate(probe, itertools.islice(val, count))
-            val_s = (time.perf_counter() - started) * len(val) / count
-        started = time.perf_counter()
-        torch.save({"model": probe.state_dict(), "optimizer": probe.state_dict()}, io.BytesIO())
-        val_s += time.perf_counter() - started  # an epoch's checkpoint: the weights and about as much optimizer state
-        set_rng_state(saved)
-        del probe
+            torch.save({"model": probe.state_dict(), "optimizer": probe.state_dict()}, io.BytesIO())
+            val_s += (
+                time.perf_counter() - started
+            )  # an epoch's checkpoint: the weights and about as much optimizer state
+            del probe
         step_s, val_s = all_reduce_max([step_s, val_s], device)  # every process plans the same schedule
         task.plan.observe(
             f"timing: {step_s:.3f} s per training step, {val_s:.1f} s per validation and checkpoint (measured)",

@@ -23,11 +23,11 @@ from deepscope.data.classification.dataset import (
     stratified_split,
 )
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader, ToDevice, torch_loader
-from deepscope.engine.checkpoint import rng_state, set_rng_state
-from deepscope.engine.distributed import DistInfo, all_reduce_max
+from deepscope.engine.checkpoint import random_state_kept
+from deepscope.engine.distributed import DistInfo
 from deepscope.engine.plan import budget_of
 from deepscope.engine.precision import Precision, resolve_precision
-from deepscope.engine.probe import seconds_per_step
+from deepscope.engine.probe import agreed_seconds_per_step
 from deepscope.engine.report import image_grid, plot_confusion, table, write_report
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -113,20 +113,18 @@ class ClassifyTask(Task):
         cfg = self.config
 
         def timer(model: str, args: dict[str, Any], batch: int) -> float:
-            saved = rng_state()
-            net = build_model(model, self.in_shape, len(self.class_names), **{**cfg.model_args, **args})
-            net.to(self.device)
-            if cfg.channels_last:
-                net.to(memory_format=torch.channels_last)
-            augment = self.plan.settings.get("augment", cfg.augment)
-            spec = BatchSpec(batch, self.mean, self.std, True, augment, cfg.seed, self.dist.rank, self.dist.world)
-            loader = make_batches(
-                self.splits["train"], spec, self.device, cfg.loader, cfg.channels_last, cfg.num_workers
-            )
-            steps = itertools.islice(loader, min(PROBE_STEPS, len(loader)))
-            step_s = seconds_per_step(net, steps, self.loss, precision, self.device)
-            set_rng_state(saved)
-            return all_reduce_max([step_s], self.device)[0]
+            with random_state_kept():
+                net = build_model(model, self.in_shape, len(self.class_names), **{**cfg.model_args, **args})
+                net.to(self.device)
+                if cfg.channels_last:
+                    net.to(memory_format=torch.channels_last)
+                augment = self.plan.settings.get("augment", cfg.augment)
+                spec = BatchSpec(batch, self.mean, self.std, True, augment, cfg.seed, self.dist.rank, self.dist.world)
+                loader = make_batches(
+                    self.splits["train"], spec, self.device, cfg.loader, cfg.channels_last, cfg.num_workers
+                )
+                steps = itertools.islice(loader, min(PROBE_STEPS, len(loader)))
+                return agreed_seconds_per_step(net, steps, self.loss, precision, self.device)
 
         return timer
 

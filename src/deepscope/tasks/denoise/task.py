@@ -24,12 +24,12 @@ from deepscope.data.denoise.noise import add_noise
 from deepscope.data.epochs import epoch_generator
 from deepscope.data.io.splits import split_validation
 from deepscope.data.segmentation.augment import SegAugmentConfig, augment_pair
-from deepscope.engine.checkpoint import rng_state, set_rng_state
+from deepscope.engine.checkpoint import random_state_kept
 from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
 from deepscope.engine.logging import preview_images
 from deepscope.engine.plan import budget_of
 from deepscope.engine.precision import resolve_precision
-from deepscope.engine.probe import seconds_per_step
+from deepscope.engine.probe import agreed_seconds_per_step
 from deepscope.engine.report import write_report
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError, DeepscopeError
@@ -140,15 +140,14 @@ class DenoiseTask(Task):
         counts = ", ".join(f"{len(items)} {split}" for split, items in self.splits.items())
         self.plan.observe(f"{fp.describe()} (images: {counts})", **fp.values())
         budget = budget_of(cfg, self.default_budget_minutes)
-        saved = rng_state()  # timing builds models: the run's weights stay those of an unplanned run
 
         def spent() -> float:  # the same on every process, so that all plan the same
             return all_reduce_max([time.time() - started], self.device)[0]
 
-        _chosen, step_s = plan_architecture(cfg, fp, budget, spent(), self._time_step, self.plan)
+        with random_state_kept():  # timing builds models: the run's weights stay those of an unplanned run
+            _chosen, step_s = plan_architecture(cfg, fp, budget, spent(), self._time_step, self.plan)
         if step_s is not None:
             plan_epoch(cfg, step_s, budget, spent(), self.plan)
-        set_rng_state(saved)
         self.plan.apply(cfg)
 
     def _time_step(self, candidate: Candidate) -> float:
@@ -169,8 +168,7 @@ class DenoiseTask(Task):
             self.make_batch(bank.sample(batch, generator), generator, cfg.augment, fresh) for _ in range(PROBE_STEPS)
         )
         precision = resolve_precision(cfg.amp, self.device)
-        step_s = seconds_per_step(model, batches, self.loss, precision, self.device)
-        return all_reduce_max([step_s], self.device)[0]
+        return agreed_seconds_per_step(model, batches, self.loss, precision, self.device)
 
     def _validation_patches(self, items: list[DenoiseItem]) -> list[Batch]:
         """Fixed patches (and blind-spot masks) for the validation loss, the same at every epoch."""

@@ -28,11 +28,11 @@ from deepscope.data.detection.batches import DetBatches, DetSample
 from deepscope.data.detection.types import DetData, DetItem
 from deepscope.data.io.images import probe_image, read_image
 from deepscope.data.io.splits import split_validation
-from deepscope.engine.checkpoint import rng_state, set_rng_state
-from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
+from deepscope.engine.checkpoint import random_state_kept
+from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.plan import budget_of
 from deepscope.engine.precision import Precision, resolve_precision
-from deepscope.engine.probe import seconds_per_step
+from deepscope.engine.probe import agreed_seconds_per_step
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
@@ -156,8 +156,7 @@ class DetectTask(Task):
         )
         samples = self._samples([train[i] for i in order])
         pass_steps = max(1, -(-len(train) // cfg.batch_size))
-        saved = rng_state()
-        try:
+        with random_state_kept():
             plan_backbone(
                 cfg,
                 self.plan,
@@ -168,8 +167,6 @@ class DetectTask(Task):
                 lambda name: self._time_steps(name, samples, batch, precision),
                 f"{self.device} in {precision.name}",
             )
-        finally:
-            set_rng_state(saved)
         self.plan.apply(cfg)
 
     def _time_steps(self, backbone: str, samples: list[DetSample], batch: int, precision: Precision) -> float:
@@ -179,8 +176,7 @@ class DetectTask(Task):
         args = {**detector_args(cfg), "backbone": backbone}
         model = build_detector(cfg.model, len(self.class_names), self.channels, **args).to(self.device)
         batches = DetBatches(samples, batch, self.device, seed=cfg.seed, augment=cfg.augment)
-        step_s = seconds_per_step(model, itertools.islice(batches, TIMED_STEPS), self.loss, precision, self.device)
-        return all_reduce_max([step_s], self.device)[0]
+        return agreed_seconds_per_step(model, itertools.islice(batches, TIMED_STEPS), self.loss, precision, self.device)
 
     def build_model(self) -> nn.Module:
         cfg = self.config

@@ -26,11 +26,11 @@ from deepscope.data.ssl.dataset import (
     ssl_stats,
 )
 from deepscope.data.ssl.views import TwoViews, view_config
-from deepscope.engine.checkpoint import rng_state, set_rng_state
-from deepscope.engine.distributed import DistInfo, all_reduce_max, gather_objects
+from deepscope.engine.checkpoint import random_state_kept
+from deepscope.engine.distributed import DistInfo, gather_objects
 from deepscope.engine.plan import budget_of
 from deepscope.engine.precision import Precision, resolve_precision
-from deepscope.engine.probe import seconds_per_step
+from deepscope.engine.probe import agreed_seconds_per_step
 from deepscope.engine.task import Batches, Task
 from deepscope.errors import DataError
 from deepscope.inference.loading import load_trained_model
@@ -136,17 +136,14 @@ class SSLTask(Task):
             return ssl_loss(timed, *z.chunk(2))
 
         def timer(args: dict[str, Any]) -> float:
-            saved = rng_state()
-            encoder = build_encoder(cfg.model, self.in_shape, **{**cfg.model_args, **args})
-            net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
-            if cfg.channels_last:
-                net.to(memory_format=torch.channels_last)
-            batches = self.train_batches()
-            step_s = seconds_per_step(
-                net, itertools.islice(batches, min(PROBE_STEPS, len(batches))), loss, precision, self.device
-            )
-            set_rng_state(saved)
-            return all_reduce_max([step_s], self.device)[0]
+            with random_state_kept():
+                encoder = build_encoder(cfg.model, self.in_shape, **{**cfg.model_args, **args})
+                net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
+                if cfg.channels_last:
+                    net.to(memory_format=torch.channels_last)
+                batches = self.train_batches()
+                first = itertools.islice(batches, min(PROBE_STEPS, len(batches)))
+                return agreed_seconds_per_step(net, first, loss, precision, self.device)
 
         return timer
 
