@@ -313,3 +313,29 @@ def test_batches_scale_uint16_by_its_maximum_and_keep_empty_images() -> None:
         else:
             assert image[0, 0, 0] == pytest.approx(target["image_id"] / 65535)
             torch.testing.assert_close(mask_boxes(target["masks"]), target["boxes"])
+
+
+def test_close_mosaic_ends_mosaics_for_the_last_share_of_the_steps() -> None:
+    """After ``close_mosaic``, an epoch is exactly what a loader without mosaic gives (no draws are spent on it);
+    before, it differs from it."""
+    shapes = [(16, 20), (20, 16), (16, 16), (18, 24), (24, 18), (16, 16), (20, 20), (17, 23)]
+    with_mosaic = DetBatches(
+        det_samples(shapes), 4, CPU, seed=1, augment=DetAugmentConfig(mosaic=1.0, close_mosaic=0.25)
+    )
+    plain = DetBatches(det_samples(shapes), 4, CPU, seed=1, augment=DetAugmentConfig())
+    with_mosaic.close_mosaic(total_steps=8 * len(with_mosaic))
+    assert with_mosaic.mosaic_passes == 6
+
+    def same(epoch: int) -> bool:
+        with_mosaic.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        pairs = [(a, b) for x, y in zip(with_mosaic, plain) for a, b in zip(x[1], y[1])]
+        return all(a["boxes"].shape == b["boxes"].shape and torch.equal(a["boxes"], b["boxes"]) for a, b in pairs)
+
+    assert not same(5)
+    assert same(6) and same(7)
+
+
+def test_close_mosaic_is_a_share_below_one() -> None:
+    with pytest.raises(DeepscopeError, match="close_mosaic"):
+        DetAugmentConfig(mosaic=0.5, close_mosaic=1.0)

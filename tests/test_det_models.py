@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 from deepscope.errors import DeepscopeError
 from deepscope.models.detection import build_detector, detector_names, predicts_masks
 from deepscope.models.detection.backbones import BACKBONES, build_backbone, group_norm
+from deepscope.models.detection.torchvision_detectors import paired_iou, quality_focal_loss
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
 # 96x128 and 112x96 images stay unresized
@@ -194,3 +195,90 @@ def test_registry_names_and_errors() -> None:
             build_detector("retinanet", 2, **bad)
     with pytest.raises(DeepscopeError, match="num_classes"):
         build_detector("fasterrcnn", 0)
+
+
+def fcos_loss_inputs(model: nn.Module) -> tuple:
+    """What FCOS hands its head's ``compute_loss`` for two images (one without objects), caught on the way."""
+    caught: dict[str, tuple] = {}
+    compute = model.head.compute_loss
+
+    def catch(*args: object) -> dict[str, torch.Tensor]:
+        caught["args"] = args
+        return compute(*args)
+
+    model.head.compute_loss = catch
+    images, targets = two_images()
+    model.train()(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+    del model.head.compute_loss
+    return caught["args"]
+
+
+def test_fcos_losses_with_giou_and_centerness_are_torchvisions() -> None:
+    torch.manual_seed(0)
+    model = build_detector("fcos", 2, **SMALL)
+    args = fcos_loss_inputs(model)
+    ours = model.head.compute_loss(*args)
+    theirs = torchvision.models.detection.fcos.FCOSHead.compute_loss(model.head, *args)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key])
+
+
+def test_iou_scores_and_ciou_change_the_losses_they_name() -> None:
+    """Same weights, same assignment: CIoU changes only the box loss (it adds to GIoU's terms), IoU scores only the
+    classification and quality losses."""
+    losses = {}
+    for box_loss, scores in [("giou", "centerness"), ("ciou", "centerness"), ("giou", "iou")]:
+        torch.manual_seed(0)
+        model = build_detector("fcos", 2, **SMALL, box_loss=box_loss, scores=scores)
+        losses[box_loss, scores] = {k: v.item() for k, v in model.head.compute_loss(*fcos_loss_inputs(model)).items()}
+    base, ciou, iou = losses["giou", "centerness"], losses["ciou", "centerness"], losses["giou", "iou"]
+    assert ciou["bbox_regression"] > base["bbox_regression"]
+    assert ciou["classification"] == base["classification"] and ciou["bbox_ctrness"] == base["bbox_ctrness"]
+    assert iou["bbox_regression"] == base["bbox_regression"]
+    assert iou["classification"] != base["classification"] and iou["bbox_ctrness"] != base["bbox_ctrness"]
+
+
+def test_paired_iou_and_quality_focal_loss_known_answers() -> None:
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 2, 2]])
+    others = torch.tensor([[0.0, 0, 10, 10], [5, 0, 15, 10], [3, 3, 4, 4]])
+    torch.testing.assert_close(paired_iou(boxes, others), torch.tensor([1.0, 50 / 150, 0.0]))
+    targets = torch.tensor([0.3, 0.0, 0.8])
+    assert quality_focal_loss(torch.logit(targets.clamp(1e-6, 1 - 1e-6)), targets).item() == pytest.approx(0, abs=1e-9)
+    away = quality_focal_loss(torch.logit(torch.tensor([0.6])), torch.tensor([0.3])).item()
+    bce = -(0.3 * math.log(0.6) + 0.7 * math.log(0.4))
+    assert away == pytest.approx(bce * 0.3**2)
+
+
+def test_fcos_with_iou_scores_and_ciou_overfits_one_image_and_scores_estimate_the_iou() -> None:
+    torch.manual_seed(0)
+    boxes, labels = torch.tensor([[5.0, 7, 27, 24], [33, 29, 60, 60], [13, 40, 29, 59]]), torch.tensor([1, 2, 1])
+    image = painted_image(boxes, labels, (64, 64))
+    model = build_detector(
+        "fcos", 2, backbone="tiny", fpn_channels=16, min_size=64, max_size=64, box_loss="ciou", scores="iou"
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    box_losses = []
+    for _ in range(60):
+        losses = model([image], [{"boxes": boxes, "labels": labels}])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        box_losses.append(losses["bbox_regression"].item())
+    assert box_losses[-1] < 0.7 * box_losses[0]
+    with torch.no_grad():
+        found = model.eval()([image])[0]
+    for box, label in zip(boxes, labels):
+        same_class = found["labels"] == label
+        overlaps = box_iou(box[None], found["boxes"][same_class])[0]
+        best = overlaps.argmax()
+        assert overlaps[best] > 0.6
+        # the score is sqrt(class probability x predicted IoU), both trained towards the box's IoU
+        assert found["scores"][same_class][best].item() == pytest.approx(overlaps[best].item(), abs=0.15)
+
+
+def test_fcos_refuses_unknown_box_loss_and_scores() -> None:
+    with pytest.raises(DeepscopeError, match="box_loss"):
+        build_detector("fcos", 2, **SMALL, box_loss="l1")
+    with pytest.raises(DeepscopeError, match="scores"):
+        build_detector("fcos", 2, **SMALL, scores="iou-ish")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from deepscope.cli import main
 from deepscope.data.detection.annotations import load_detection_data
+from deepscope.data.detection.augment import DetAugmentConfig
 from deepscope.data.detection.types import DetItem
 from deepscope.demo.data import write_shapes
 from deepscope.engine import trainer
@@ -87,6 +88,7 @@ def test_crowds_of_small_objects_plan_centernet_at_native_scale() -> None:
     plan = planned(fp)
     assert plan.settings["image_size"] == 0 and plan.settings["model"] == "centernet"
     assert plan.settings["inference.max_detections"] > 200
+    assert plan.settings["augment.mosaic"] == 0 and "augment.close_mosaic" not in plan.settings  # native scale
     # 4096 px microscopy images with 300 cells of 20-30 px: a resize keeping them at 16 px would still be over 3000 px,
     # beyond a CPU's planned sizes, so native scale again
     large = fingerprint(items([(4096, 4096)] * 30, [list(rng.uniform(20, 30, 300)) for _ in range(30)]), 1)
@@ -103,6 +105,7 @@ def test_few_large_objects_plan_fcos_at_a_resized_size() -> None:
     assert plan.settings["model"] == "fcos"
     assert plan.settings["image_size"] == plan.settings["max_size"] == 320  # the longer side at 320 px on a CPU
     assert plan.settings["inference.max_detections"] == 100  # COCO's, above the 3 objects at most
+    assert (plan.settings["augment.mosaic"], plan.settings["augment.close_mosaic"]) == (0.5, 0.2)
     assert planned(fp, device="cuda").settings["image_size"] == 512  # larger on a GPU
 
 
@@ -124,6 +127,7 @@ def test_values_the_user_gives_are_kept() -> None:
         val_fraction=0.25,
         model_args={"backbone": "resnet18"},
         inference=DetInferenceConfig(max_detections=150),
+        augment=DetAugmentConfig(mosaic=0.0),
     )
     plan = Plan()
     plan_data(cfg, fp, "cpu", plan, given_val=0, test=0)

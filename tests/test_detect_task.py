@@ -61,8 +61,9 @@ def test_given_settings_are_kept_and_open_ones_planned_with_reasons(trained: Pat
     text = (trained / "config.yaml").read_text()
     header = [line[2:] for line in text.splitlines() if line.startswith("# ")]
     chosen = {line.split(" = ")[0] for line in header if " = " in line}
-    assert chosen == {"val_fraction", "max_size", "inference.max_detections"}
+    assert chosen == {"val_fraction", "max_size", "inference.max_detections", "augment.mosaic"}
     config = yaml.safe_load(text)
+    assert config["augment"]["mosaic"] == 0  # native scale: objects keep their pixel size
     assert (config["model"], config["image_size"], config["epochs"]) == ("centernet", 0, 3)
     assert config["model_args"] == {"backbone": "tiny", "fpn_channels": 16}
     assert round(config["val_fraction"] * 24) == 3 and config["inference"]["max_detections"] == 100
@@ -73,7 +74,9 @@ def test_given_settings_are_kept_and_open_ones_planned_with_reasons(trained: Pat
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(shapes: Path, tmp_path: Path) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # epochs and steps given: the time limit below only stops the run, the engine plans no schedule for it
-    args = ["train", "detect", "--data", str(shapes), *TINY_CENTERNET, "--set", "steps_per_epoch=6"]
+    # mosaics in the first of the two epochs only (close_mosaic: the last half of the steps without)
+    mosaic = ["--set", "augment.mosaic=1.0", "--set", "augment.close_mosaic=0.5"]
+    args = ["train", "detect", "--data", str(shapes), *TINY_CENTERNET, "--set", "steps_per_epoch=6", *mosaic]
     assert main([*args, "--epochs", "2", "--out", str(straight)]) == 0
     # stopped by the time limit after its first step (as a killed run leaves last.pt mid-epoch), then resumed
     assert main([*args, "--epochs", "2", "--out", str(resumed), "--max-minutes", "0.00001"]) == 0

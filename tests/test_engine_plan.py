@@ -243,6 +243,9 @@ def test_weight_average_follows_its_ramp():
         expected = step if step == 1 else expected + weight * (step - expected)
         assert float(average.module.weight) == pytest.approx(expected)
     assert average.updates == 4
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(DeepscopeError, match="--ema must be a decay between 0 and 1"):
+            WeightAverage(model, decay=decay, total_steps=10)
 
 
 def test_ema_is_what_is_saved_and_resumes_exactly(npz, tmp_path):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from deepscope.errors import DeepscopeError
+
 RAMP_STEPS = 2000
 RAMP_SHARE = 0.1  # the ramp takes at most this share of the schedule's steps
 
@@ -42,6 +44,8 @@ class WeightAverage:
     """The moving average of ``model``'s weights and buffers (batch-norm statistics included)."""
 
     def __init__(self, model: nn.Module, decay: float, total_steps: int) -> None:
+        if not 0 < decay < 1:
+            raise DeepscopeError(f"--ema must be a decay between 0 and 1 (e.g. 0.999), got {decay:g}")
         ramp = max(1.0, min(RAMP_STEPS, RAMP_SHARE * total_steps))
         self.averaged = AveragedModel(model, multi_avg_fn=ramped_average(decay, ramp), use_buffers=True)
         self.averaged.eval().requires_grad_(False)

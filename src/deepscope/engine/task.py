@@ -77,6 +77,11 @@ class Task(ABC):
     def train_batches(self) -> Batches:
         """Training batches for this process (its shard under DDP)."""
 
+    def schedule(self, total_steps: int) -> None:
+        """Called once the schedule is known (planned or given, fresh or resumed; also for ``deepscope plan``), before
+        the first step: the run's training steps in all, for batches that change over the run (detection's last steps
+        without mosaic)."""
+
     @abstractmethod
     def val_batches(self) -> Batches | None:
         """Validation batches, or None when there is no validation data."""

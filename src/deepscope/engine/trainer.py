@@ -246,6 +246,7 @@ class Trainer:
             cfg.epochs, cfg.steps_per_epoch = schedule.epochs, schedule.steps_per_epoch
         if cfg.epochs is None:
             raise DeepscopeError(f"{self.run_dir}: the run's settings name no number of epochs")
+        task.schedule((cfg.steps_per_epoch or len(train)) * cfg.epochs)
         return model, train, val, precision
 
     def _needs_schedule(self) -> bool:

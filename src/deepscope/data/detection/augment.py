@@ -49,11 +49,20 @@ class DetAugmentConfig:
     contrast: float = 0.2  # factor in [1 - c, 1 + c]
     saturation: float = 0.2  # factor in [1 - s, 1 + s], 3-channel images only
     hue: float = 0.02  # shift in [-h, h] turns of the colour wheel, 3-channel images only
-    mosaic: float = 0.0  # probability of replacing a training image by a 2x2 mosaic of it and three others
+    # probability of replacing a training image by a 2x2 mosaic of it and three others; None: planned by the detect
+    # task (tasks/detect/plan.py), off where nothing plans it
+    mosaic: float | None = None
+    # share of the training steps, at the end, without mosaic (YOLO's close_mosaic): the last steps see whole images,
+    # as they are predicted, so the detector is not left tuned to mosaics' scales and cut objects; None: planned
+    close_mosaic: float | None = None
 
     def __post_init__(self) -> None:
+        if self.close_mosaic is not None and not 0 <= self.close_mosaic < 1:
+            raise DeepscopeError(
+                f"augmentation close_mosaic is a share of the steps in [0, 1), got {self.close_mosaic}"
+            )
         for name in ("hflip", "vflip", "crop", "min_visible", "mosaic"):
-            if not 0 <= getattr(self, name) <= 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 1:
                 raise DeepscopeError(
                     f"augmentation {name} is a probability or fraction in [0, 1], got {getattr(self, name)}"
                 )

@@ -79,11 +79,18 @@ class DetBatches:
         self.images = [torch.as_tensor(s.image) for s in self.samples]  # numpy arrays are shared, not copied
         self.batch_size, self.device, self.rank, self.world = batch_size, device, rank, world
         self.seed, self.augment, self.epoch = seed, augment, 0
+        self.mosaic_passes: int | None = None  # passes (epochs of these batches) with mosaic; None: all of them
         portrait = [int(image.shape[0] > image.shape[1]) for image in self.images]
         self.groups = portrait if group_aspect else [0] * len(portrait)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def close_mosaic(self, total_steps: int) -> None:
+        """Stop mosaics for the last ``augment.close_mosaic`` share of a schedule of ``total_steps`` steps (whole
+        passes: from the pass in which that share begins, rounded to the nearest)."""
+        if self.augment is not None and self.augment.mosaic and self.augment.close_mosaic:
+            self.mosaic_passes = round((1 - self.augment.close_mosaic) * total_steps / len(self))
 
     def __len__(self) -> int:
         batches = sum(math.ceil(n / self.batch_size) for n in np.bincount(self.groups).tolist())
@@ -118,7 +125,7 @@ class DetBatches:
         image, target = self._load(index)
         if self.augment is None:
             return image, target
-        if self.augment.mosaic > 0:
+        if self.augment.mosaic and (self.mosaic_passes is None or self.epoch < self.mosaic_passes):
             draw, *others = torch.rand(4, generator=generator, device=generator.device).tolist()
             if draw < self.augment.mosaic:
                 parts = [(image, target)] + [self._load(int(u * len(self.samples))) for u in others]

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -24,7 +25,14 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import MultiScaleRoIAlign, remove_small_boxes
+from torchvision.ops import (
+    MultiScaleRoIAlign,
+    box_area,
+    complete_box_iou_loss,
+    generalized_box_iou_loss,
+    remove_small_boxes,
+    sigmoid_focal_loss,
+)
 
 from deepscope.models.detection.backbones import (
     FPNBackbone,
@@ -95,17 +103,116 @@ class FCOSFromOne(_OneStagePostprocess, FCOS):
     """FCOS with labels 1..K in and out, and no empty boxes out."""
 
 
+MIN_PREDICTED_SIDE = 1e-3  # pixels added to predicted box sides for CIoU (its aspect term divides by the height)
+
+
+def _ciou_loss(predicted: torch.Tensor, boxes: torch.Tensor, reduction: str) -> torch.Tensor:
+    """CIoU loss of boxes that may have no area: FCOS's distances pass a ReLU, so a predicted box can have width and
+    height 0, where CIoU's aspect-ratio term is 0 / 0."""
+    widened = predicted + predicted.new_tensor([0.0, 0.0, MIN_PREDICTED_SIDE, MIN_PREDICTED_SIDE])
+    return complete_box_iou_loss(widened, boxes, reduction=reduction)
+
+
+BOX_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"giou": generalized_box_iou_loss, "ciou": _ciou_loss}
+SCORES = ("centerness", "iou")
+
+
+def paired_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """IoU of each box with the box at the same place of ``others`` (both (N, 4) xyxy): torchvision's ``box_iou``
+    computes every pair, N x N, where only the diagonal is wanted."""
+    low = torch.maximum(boxes[:, :2], others[:, :2])
+    high = torch.minimum(boxes[:, 2:], others[:, 2:])
+    inter = (high - low).clamp(min=0).prod(dim=1)
+    union = box_area(boxes) + box_area(others) - inter
+    return inter / union.clamp(min=1e-6)
+
+
+def quality_focal_loss(logits: torch.Tensor, targets: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """Quality focal loss (Li et al., Generalized Focal Loss, NeurIPS 2020), summed: binary cross-entropy towards a
+    soft target (the IoU of the box predicted at a positive location, 0 elsewhere), weighted by the distance
+    ``|target - p| ** beta`` as the focal loss weights by ``(1 - p) ** gamma``. torchvision has only the hard-target
+    focal loss."""
+    probability = logits.sigmoid()
+    weight = (targets - probability).abs().pow(beta)
+    return (F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight).sum()
+
+
 class NormFCOSHead(FCOSHead):
-    """FCOSHead whose towers take ``norm``: torchvision's hard-codes GroupNorm(32, C), which fails unless the FPN
-    width C is a multiple of 32 (small CPU models use 16-64 channels)."""
+    """FCOSHead whose towers take ``norm`` (torchvision's hard-codes GroupNorm(32, C), which fails unless the FPN
+    width C is a multiple of 32; small CPU models use 16-64 channels), with a choice of box loss and of scores.
+
+    ``scores="iou"`` makes the scores rank detections by how well they are localised, which matters at strict IoU
+    (COCO mAP@0.75): the centre-ness branch learns the IoU of the box predicted at its location with its object
+    (the IoU branch of IoU-aware detectors) and classification learns that IoU as a soft target by the quality focal
+    loss, instead of centre-ness (a geometric guess of quality) and hard 1/0 targets. ``box_loss="ciou"`` adds
+    CIoU's centre-distance and aspect-ratio terms to GIoU's, so boxes converge in fewer steps (YOLO's box loss)."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, norm: Callable[[int], nn.Module], num_convs: int = 4
+        self,
+        in_channels: int,
+        num_classes: int,
+        norm: Callable[[int], nn.Module],
+        num_convs: int = 4,
+        box_loss: str = "giou",
+        scores: str = "centerness",
     ) -> None:
+        if box_loss not in BOX_LOSSES:
+            raise ValueError(f"box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
+        if scores not in SCORES:
+            raise ValueError(f"scores must be one of {', '.join(SCORES)}, got {scores!r}")
         nn.Module.__init__(self)  # FCOSHead.__init__ would build the GroupNorm(32, C) towers this class replaces
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm)
         self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm)
+        self.box_loss, self.scores = box_loss, scores
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, torch.Tensor]],
+        head_outputs: dict[str, torch.Tensor],
+        anchors: list[torch.Tensor],
+        matched_idxs: list[torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """FCOS's three losses over the locations FCOS assigned (``matched_idxs``: the object of each location, -1
+        for background), each summed and divided by the number of positive locations; with GIoU and centre-ness,
+        torchvision's losses."""
+        logits, regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
+        matched = torch.stack(matched_idxs)
+        positive = matched >= 0
+        boxes = torch.stack(
+            [
+                t["boxes"][m.clamp(min=0)] if len(t["boxes"]) else t["boxes"].new_zeros((len(m), 4))
+                for t, m in zip(targets, matched_idxs)
+            ]
+        )[positive]
+        labels = torch.stack(
+            [t["labels"][m.clamp(min=0)] if len(t["labels"]) else m.clamp(min=0) for t, m in zip(targets, matched_idxs)]
+        )[positive]
+        locations = torch.stack(anchors)[positive]
+        predicted = self.box_coder.decode(regression[positive].float(), locations)  # float: the box arithmetic
+        count = max(1, int(positive.sum()))
+        box_loss = BOX_LOSSES[self.box_loss](predicted, boxes, reduction="sum")
+        quality_logits = head_outputs["bbox_ctrness"].squeeze(dim=2)[positive]
+        if self.scores == "iou":
+            quality = paired_iou(predicted.detach(), boxes)
+            soft = torch.zeros_like(logits, dtype=torch.float32)
+            soft[positive] = F.one_hot(labels, logits.shape[-1]).to(soft) * quality[:, None]
+            class_loss = quality_focal_loss(logits.float(), soft)
+        else:
+            encoded = self.box_coder.encode(locations, boxes)
+            quality = torch.sqrt(
+                (encoded[:, [0, 2]].min(dim=-1).values / encoded[:, [0, 2]].max(dim=-1).values)
+                * (encoded[:, [1, 3]].min(dim=-1).values / encoded[:, [1, 3]].max(dim=-1).values)
+            )
+            hard = torch.zeros_like(logits, dtype=torch.float32)
+            hard[positive] = F.one_hot(labels, logits.shape[-1]).to(hard)
+            class_loss = sigmoid_focal_loss(logits.float(), hard, reduction="sum")
+        quality_loss = F.binary_cross_entropy_with_logits(quality_logits.float(), quality, reduction="sum")
+        return {
+            "classification": class_loss / count,
+            "bbox_regression": box_loss / count,
+            "bbox_ctrness": quality_loss / count,
+        }
 
 
 def _level_names(backbone: FPNBackbone) -> list[str]:
@@ -275,14 +382,17 @@ def fcos(
     extra_p6p7: bool = True,
     score_thresh: float = 0.05,
     nms_thresh: float = 0.6,
+    box_loss: str = "giou",
+    scores: str = "centerness",
 ) -> FCOS:
     """FCOS (anchor-free: one point per location, centre-ness) on P3-P7 by default. Its heads always use GroupNorm,
     as FCOS was designed; its "anchors" are one square per location the size of the stride, which FCOS uses to
-    normalise box offsets and to assign objects to levels by size."""
+    normalise box offsets and to assign objects to levels by size. ``box_loss`` and ``scores``: see
+    :class:`NormFCOSHead`."""
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = AnchorGenerator(tuple((s,) for s in body.strides), ((1.0,),) * len(body.strides))
-    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm)
+    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm, box_loss=box_loss, scores=scores)
     return _single_stage(
         FCOSFromOne,
         body,

@@ -13,7 +13,10 @@ image, objects per image and classes. From it and the budget the plan chooses
 * the validation share: 10% of the images, at least ``MIN_VAL_IMAGES`` and at most ``MAX_VAL_IMAGES``, none for a
   set too small to spare them;
 * the backbone: real training steps of each candidate (tiny, resnet18, resnet34) are timed on the machine, and the
-  largest one that still trains ``MIN_PASSES`` passes over the training set in the budget is taken.
+  largest one that still trains ``MIN_PASSES`` passes over the training set in the budget is taken;
+* mosaics, with a last phase without them, for resized images: of what from-scratch YOLO training does, the one
+  change that measured better on Penn-Fudan (benchmarks/RESULTS.md, section detect_ablation; a moving average of the
+  weights, the CIoU box loss and IoU-aware scores did not, and are left as options).
 
 The engine then plans the epochs from the chosen model's measured steps (``engine/plan.py``). Each choice is recorded
 with its reason in the task's :class:`~deepscope.engine.plan.Plan`.
@@ -44,6 +47,7 @@ MIN_VAL_IMAGES, MAX_VAL_IMAGES = 3, 20  # ... at least and at most this many ima
 MIN_IMAGES_FOR_VAL = 20  # fewer training images than this: no validation carved
 BACKBONES = ("tiny", "resnet18", "resnet34")  # candidates, cheapest first
 MIN_PASSES = 40  # passes over the training set a larger backbone must still get in the budget to be chosen
+MOSAIC, CLOSE_MOSAIC = 0.5, 0.2  # share of training images made mosaics; share of the steps, at the end, without
 
 
 def _percentiles(values: np.ndarray) -> tuple[float, float, float]:
@@ -263,12 +267,41 @@ def plan_detections(cfg: DetectConfig, fp: DetFingerprint, plan: Plan) -> None:
     plan.choose("inference.max_detections", limit, why)
 
 
+def plan_mosaic(cfg: DetectConfig, image_size: int, plan: Plan) -> None:
+    """``augment.mosaic`` and ``augment.close_mosaic``: mosaics for resized images, not at native scale."""
+    if cfg.augment.mosaic is None:
+        if image_size:
+            plan.choose(
+                "augment.mosaic",
+                MOSAIC,
+                f"{MOSAIC:.0%} of the training images replaced by a 2x2 mosaic of four, so each step sees more "
+                f"objects, scales, cut objects and backgrounds (YOLO's mosaic): on Penn-Fudan (CPU, 10 min) box mAP "
+                f"0.440 against 0.371 without (benchmarks/RESULTS.md, detect_ablation)",
+            )
+        else:
+            plan.choose(
+                "augment.mosaic",
+                0.0,
+                "none at native scale: a mosaic rescales its four images to fit its quadrants, so objects would "
+                "leave the pixel size they are predicted at",
+            )
+    if cfg.augment.close_mosaic is None and plan.settings.get("augment.mosaic", cfg.augment.mosaic):
+        plan.choose(
+            "augment.close_mosaic",
+            CLOSE_MOSAIC,
+            f"the last {CLOSE_MOSAIC:.0%} of the steps without mosaics, on whole images as they are predicted (YOLO's "
+            f"close_mosaic)",
+        )
+
+
 def plan_data(cfg: DetectConfig, fp: DetFingerprint, device: str, plan: Plan, given_val: int, test: int) -> None:
-    """Every open setting that the data alone decides: validation share, scale, detector, detection limit."""
+    """Every open setting that the data alone decides: validation share, scale, detector, mosaics, detection
+    limit."""
     plan.observe(fp.describe(), **fp.values())
     plan_validation(cfg, fp, plan, given_val, test)
     image_size, max_size = plan_scale(cfg, fp, device, plan)
     plan_detector(cfg, fp, image_size, max_size, plan)
+    plan_mosaic(cfg, image_size, plan)
     plan_detections(cfg, fp, plan)
 
 

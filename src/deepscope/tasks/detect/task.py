@@ -197,7 +197,7 @@ class DetectTask(Task):
         cfg, world = self.config, self.dist.world
         if cfg.batch_size % world:
             raise DataError(f"batch size {cfg.batch_size} must be divisible by the number of processes ({world})")
-        return DetBatches(
+        self.train = DetBatches(
             self._samples(self.splits["train"]),
             cfg.batch_size // world,
             self.device,
@@ -206,6 +206,10 @@ class DetectTask(Task):
             cfg.seed,
             cfg.augment,
         )
+        return self.train
+
+    def schedule(self, total_steps: int) -> None:
+        self.train.close_mosaic(total_steps)
 
     def val_batches(self) -> ItemShard | None:
         return ItemShard(self.splits["val"], self.dist.rank, self.dist.world) if "val" in self.splits else None
