@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from common import CACHE, SHARED, command_line, header, run, write_section
+from common import CACHE, SHARED, command_line, header, run, section_rows, write_section
 
 # model -> extra ``--set`` settings of ``deepscope train detect`` (the detectors' own defaults otherwise)
 # model -> extra settings; epochs sized so the cosine schedule ends near a 10-minute budget at 320 px on 2 cores
@@ -369,6 +369,13 @@ def row(bench: dict[str, Any]) -> str:
     )
 
 
+def kept_rows(benches: list[dict[str, Any]]) -> list[str]:
+    """The section's rows of runs not in ``.cache`` (measured on other machines or days): a rerun replaces only the
+    row of its own command, so measuring one model does not delete the others' figures."""
+    commands = {f"`{b['command']}` |" for b in benches}
+    return [r for r in section_rows("pennfudan_detect") if not any(r.endswith(c) for c in commands)]
+
+
 def render(splits: dict[str, list[str]]) -> str:
     benches = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/bench.json"))]
     yolo_checks = [
@@ -392,6 +399,7 @@ def render(splits: dict[str, list[str]]) -> str:
         "",
         "| tool | model | size | precision | threads | train min | epochs | box mAP@[.5:.95] | mAP@0.5 | mAP@0.75 | command |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *kept_rows(benches),
         *(row(b) for b in benches),
         "",
         (
@@ -402,6 +410,12 @@ def render(splits: dict[str, list[str]]) -> str:
     if yolo_checks:
         lines.append(
             f"Metric check, YOLO's mAP@[.5:.95] by deepscope vs by Ultralytics' validator: {'; '.join(yolo_checks)}."
+        )
+    kept = kept_rows(benches)
+    if kept:
+        lines.append(
+            f"{len(kept)} rows kept from earlier measurements whose runs are not in .cache (other days or machines): "
+            "the Measured line above is that of the rows run now."
         )
     if blocked:
         lines.append(f"Network access Ultralytics attempted and the benchmark blocked: {', '.join(blocked)}.")
