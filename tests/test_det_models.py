@@ -13,7 +13,7 @@ from torchvision.ops import box_iou
 
 from deepscope.errors import DeepscopeError
 from deepscope.models.detection import build_detector, detector_names, predicts_masks
-from deepscope.models.detection.backbones import BACKBONES, build_backbone, group_norm
+from deepscope.models.detection.backbones import BACKBONES, CrossStageBlock, build_backbone, group_norm
 from deepscope.models.detection.torchvision_detectors import paired_iou, quality_focal_loss
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
@@ -73,6 +73,15 @@ def test_backbone_takes_other_channel_counts_and_a_subset_of_strides() -> None:
             build_backbone("tiny", **bad)
     with pytest.raises(ValueError, match="resnet99"):
         build_backbone("resnet99")
+
+
+def test_csp_trunk_takes_one_channel_and_its_blocks_keep_every_depths_features() -> None:
+    backbone = build_backbone("csp", in_channels=1, fpn_channels=8, strides=(8, 16, 32))
+    features = backbone(torch.rand(1, 1, 64, 96))
+    assert [tuple(f.shape) for f in features.values()] == [(1, 8, 8, 12), (1, 8, 4, 6), (1, 8, 2, 3)]
+    block = CrossStageBlock(8, depth=2, norm=group_norm)
+    # the fusing 1x1 convolution reads the two halves of the split and each bottleneck's output: (2 + 2) x 4 channels
+    assert block.fuse[0].in_channels == 16 and block(torch.rand(1, 8, 5, 5)).shape == (1, 8, 5, 5)
 
 
 def test_torchvision_resnet_weights_fit_the_trunk() -> None:
@@ -250,6 +259,21 @@ def test_paired_iou_and_quality_focal_loss_known_answers() -> None:
     assert away == pytest.approx(bce * 0.3**2)
 
 
+def overfit(
+    model: nn.Module, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, steps: int
+) -> list[dict[str, float]]:
+    """``steps`` AdamW steps of ``model`` on one image; the losses of each step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(steps):
+        losses = model([image], [{"boxes": boxes, "labels": labels}])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append({name: value.item() for name, value in losses.items()})
+    return history
+
+
 def test_fcos_with_iou_scores_and_ciou_overfits_one_image_and_scores_estimate_the_iou() -> None:
     torch.manual_seed(0)
     boxes, labels = torch.tensor([[5.0, 7, 27, 24], [33, 29, 60, 60], [13, 40, 29, 59]]), torch.tensor([1, 2, 1])
@@ -257,14 +281,7 @@ def test_fcos_with_iou_scores_and_ciou_overfits_one_image_and_scores_estimate_th
     model = build_detector(
         "fcos", 2, backbone="tiny", fpn_channels=16, min_size=64, max_size=64, box_loss="ciou", scores="iou"
     ).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    box_losses = []
-    for _ in range(60):
-        losses = model([image], [{"boxes": boxes, "labels": labels}])
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-        box_losses.append(losses["bbox_regression"].item())
+    box_losses = [losses["bbox_regression"] for losses in overfit(model, image, boxes, labels, 60)]
     assert box_losses[-1] < 0.7 * box_losses[0]
     with torch.no_grad():
         found = model.eval()([image])[0]
@@ -275,6 +292,26 @@ def test_fcos_with_iou_scores_and_ciou_overfits_one_image_and_scores_estimate_th
         assert overlaps[best] > 0.6
         # the score is sqrt(class probability x predicted IoU), both trained towards the box's IoU
         assert found["scores"][same_class][best].item() == pytest.approx(overlaps[best].item(), abs=0.15)
+
+
+def test_fcos_with_the_light_head_on_the_csp_trunk_overfits_one_image() -> None:
+    """The network the plan gives FCOS on a CPU budget: CSP trunk, pyramid at strides 8-32, two-conv towers."""
+    torch.manual_seed(0)
+    boxes, labels = torch.tensor([[5.0, 7, 37, 34], [33, 29, 60, 60]]), torch.tensor([1, 2])
+    image = painted_image(boxes, labels, (64, 64))
+    light = {"backbone": "csp", "fpn_channels": 16, "head_convs": 2, "extra_p6p7": False}
+    model = build_detector("fcos", 2, **light, min_size=64, max_size=64).train()
+    towers = [model.head.classification_head.conv, model.head.regression_head.conv]
+    assert [sum(isinstance(m, nn.Conv2d) for m in tower) for tower in towers] == [2, 2]
+    assert model.anchor_generator.sizes == ((8,), (16,), (32,))  # no P6/P7
+    totals = [sum(losses.values()) for losses in overfit(model, image, boxes, labels, 80)]
+    assert totals[-1] < 0.5 * totals[0]
+    with torch.no_grad():
+        found = model.eval()([image])[0]
+    for box, label in zip(boxes, labels):
+        assert box_iou(box[None], found["boxes"][found["labels"] == label]).max() > 0.6
+    with pytest.raises(DeepscopeError, match="head_convs"):
+        build_detector("fcos", 2, **SMALL, head_convs=0)
 
 
 def test_fcos_refuses_unknown_box_loss_and_scores() -> None:

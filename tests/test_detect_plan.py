@@ -18,7 +18,15 @@ from deepscope.demo.data import write_shapes
 from deepscope.engine import trainer
 from deepscope.engine.plan import Budget, Plan
 from deepscope.tasks.detect.config import DetectConfig
-from deepscope.tasks.detect.plan import MIN_PASSES, DetFingerprint, fingerprint, plan_backbone, plan_data
+from deepscope.tasks.detect.plan import (
+    LIGHT_HEAD,
+    MIN_PASSES,
+    DetFingerprint,
+    candidate_args,
+    fingerprint,
+    plan_backbone,
+    plan_data,
+)
 from deepscope.tasks.detect.predict import DetInferenceConfig
 
 
@@ -146,10 +154,10 @@ def test_values_the_user_gives_are_kept() -> None:
 
 
 def test_backbone_is_the_largest_the_budget_trains_enough_passes() -> None:
-    """Fake step times: tiny 0.1 s, resnet18 0.3 s, resnet34 0.6 s; 30 steps a pass, 10 minutes."""
-    steps = {"tiny": 0.1, "resnet18": 0.3, "resnet34": 0.6}
+    """Fake step times: the cheapest 0.1 s, resnet18 0.3 s, resnet34 0.6 s; 30 steps a pass."""
+    steps = {"tiny": 0.1, "csp": 0.1, "resnet18": 0.3, "resnet34": 0.6}
 
-    def choose(minutes: float, scale: float = 1.0) -> tuple[str | None, list[str], Plan]:
+    def choose(minutes: float, scale: float = 1.0, model: str = "") -> tuple[str | None, list[str], Plan, DetectConfig]:
         timed: list[str] = []
         plan = Plan()
 
@@ -157,17 +165,30 @@ def test_backbone_is_the_largest_the_budget_trains_enough_passes() -> None:
             timed.append(name)
             return steps[name] * scale
 
-        cfg = DetectConfig(data="x")
-        return plan_backbone(cfg, plan, Budget(minutes, True), lambda: 0.0, 30, True, timer, "cpu"), timed, plan
+        cfg = DetectConfig(data="x", model=model)
+        name = plan_backbone(cfg, plan, Budget(minutes, True), lambda: 0.0, 30, True, timer, "cpu")
+        plan.apply(cfg)
+        return name, timed, plan, cfg
 
-    name, timed, plan = choose(10)  # passes: tiny ~158, resnet18 ~53, resnet34 ~26
+    name, timed, plan, _ = choose(60)  # passes: tiny ~949, resnet18 ~316, resnet34 ~158
     assert name == "resnet18" and timed == ["tiny", "resnet18", "resnet34"]
     assert "0.300 s/step" in plan.reasons[0]
-    name, timed, _ = choose(10, scale=10)  # a slow machine: even tiny gets ~16 passes
+    name, timed, _, _ = choose(10)  # tiny ~158 passes: under MIN_PASSES, the cheapest is kept
     assert name == "tiny" and timed == ["tiny"]  # the larger ones are not timed once one falls short
-    name, _, _ = choose(60, scale=10)
-    assert name == "tiny"  # resnet18: ~32 passes, under MIN_PASSES
-    assert MIN_PASSES > 158 * 6 / 10 / 3
+    assert 158 < MIN_PASSES < 316
+    # FCOS: the cheapest candidate is the CSP trunk, planned with the light head the user left open
+    name, timed, plan, cfg = choose(10, model="fcos")
+    assert name == "csp" and timed == ["csp"]
+    assert cfg.model_args == {"backbone": "csp", **LIGHT_HEAD}
+    assert candidate_args(DetectConfig(data="x", model="fcos", model_args={"head_convs": 4}), "csp") == {
+        "backbone": "csp",
+        "fpn_channels": 64,
+        "extra_p6p7": False,
+    }
+    assert candidate_args(DetectConfig(data="x", model="fcos"), "resnet18") == {"backbone": "resnet18"}
+    name, timed, _, cfg = choose(60, model="fcos")
+    assert name == "resnet18" and timed == ["csp", "resnet18", "resnet34"]
+    assert cfg.model_args == {"backbone": "resnet18"}  # FCOS's own head with a ResNet
 
 
 def test_validation_share_follows_the_set_size() -> None:
@@ -206,6 +227,6 @@ def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path, monk
     config = yaml.safe_load(text)
     assert isinstance(config["epochs"], int) and config["epochs"] >= 1
     assert config["model"] in ("fcos", "centernet") and config["image_size"] == 0  # 48 px images stay as they are
-    assert config["model_args"]["backbone"] in ("tiny", "resnet18", "resnet34") and config["val_fraction"] == 0
+    assert config["model_args"]["backbone"] in ("tiny", "csp", "resnet18", "resnet34") and config["val_fraction"] == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["plan"]["settings"]["model"] == config["model"] and "test_map" in metrics

@@ -17,7 +17,7 @@ from deepscope.config import TrainConfig
 from deepscope.engine import trainer
 from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.engine.ema import WeightAverage
-from deepscope.engine.plan import Budget, Plan, budget_of, fit_schedule
+from deepscope.engine.plan import Budget, Plan, budget_of, fit_schedule, refit_epochs
 from deepscope.engine.stream import EpochBatches
 from deepscope.errors import DeepscopeError
 
@@ -180,6 +180,43 @@ def test_a_budget_alone_plans_the_schedule_and_says_why(npz, tmp_path, monkeypat
     assert any(r.startswith("epochs = ") for r in metrics["plan"]["reasons"])
     assert "plan: epochs = " in (out / "train.log").read_text()
     assert "Plan: what was measured and chosen" in (out / "report.html").read_text()
+
+
+def test_refit_epochs_fill_the_time_left_within_bounds():
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=10.0, left_s=80.0) == 10  # as planned: 8 more fit
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=10.0, left_s=92.0) == 10  # 9.2 fit: kept (jitter)
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=10.0, left_s=76.0) == 10  # 7.6 fit: kept
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=8.0, left_s=100.0) == 14  # 12.5 fit -> 12 more
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=20.0, left_s=100.0) == 7  # slower: shortened
+    assert refit_epochs(planned=10, epochs=10, done=9, epoch_s=20.0, left_s=1.0) == 10  # one more, the clock stops
+    assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=1.0, left_s=100.0) == 15  # at most 1.5x the first plan
+
+
+def test_revising_a_setting_replaces_its_reason():
+    plan = Plan()
+    plan.observe("budget: 1 min")
+    plan.choose("epochs", 3, "first")
+    plan.choose("lr", 0.1, "given")
+    plan.revise("epochs", 5, "again")
+    assert plan.settings == {"epochs": 5, "lr": 0.1}
+    assert plan.reasons == ["budget: 1 min", "epochs = 5: again", "lr = 0.1: given"]
+
+
+def test_planned_epochs_are_refitted_to_the_budget_as_the_run_goes(npz, tmp_path, monkeypatch):
+    # steps timed at 0.2 s where they take milliseconds: the 3 epochs first planned (of at least 15 s each) leave
+    # most of the minute unused, so the run re-fits them, up to 1.5x, and ends its learning-rate schedule with them
+    monkeypatch.setattr(trainer, "seconds_per_step", lambda *args: 0.2)
+    out = tmp_path / "refit"
+    assert main(classify(npz, out, "--max-minutes", "1")) == 0
+    log = (out / "train.log").read_text()
+    first = int(log.split("plan: epochs = ")[1].split(":")[0])
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert metrics["epochs_completed"] == config["epochs"] == math.ceil(1.5 * first)
+    assert metrics["history"][-1]["lr"] == 0.0  # the one-cycle schedule was rebuilt for the new length
+    assert any(r.startswith(f"epochs = {config['epochs']}: re-fitted after epoch") for r in metrics["plan"]["reasons"])
+    header = [line for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# epochs = ")]
+    assert len(header) == 1 and "re-fitted" in header[0]
 
 
 def test_the_schedule_spans_the_epochs_of_planned_length(npz, tmp_path):

@@ -36,6 +36,18 @@ def test_step_time_counts_batch_production_and_barely_moves_weights():
     assert all(torch.equal(a, b) is False for a, b in zip(before, model.parameters()))  # a real optimizer step ran
 
 
+def test_step_time_is_the_mean_of_steps_that_differ_in_cost():
+    """Steps after the warm-up taking 0, 0 and 0.15 s to produce their batch (a batch of mosaics among plain ones):
+    the run lasts their sum, so the estimate is their mean (0.05 s), where a median would say 0."""
+
+    def uneven():
+        for pause in (0.0, 0.0, 0.0, 0.15):
+            time.sleep(pause)
+            yield torch.ones(4, 3), torch.zeros(4, 1)
+
+    assert seconds_per_step(nn.Linear(3, 1), uneven(), mse, resolve_precision("off", CPU), CPU) >= 0.05
+
+
 def test_step_time_needs_a_warm_up_batch():
     with pytest.raises(ValueError, match="at least 2 batches"):
         seconds_per_step(nn.Linear(3, 1), slow_batches(1, 0.0), mse, resolve_precision("off", CPU), CPU)

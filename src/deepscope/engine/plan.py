@@ -23,6 +23,7 @@ SAMPLED_EPOCH_S = 150.0  # without passes (sampled patches), about one validatio
 MIN_EPOCH_S = 15.0  # epochs shorter than this spend much of their time on checkpoints, logs and validation
 MIN_STEPS = 20  # the shortest schedule worth training: fewer steps than this learn nothing a user could judge
 PASS_TOLERANCE = 0.05  # an epoch within 5% of one pass is made exactly one pass
+REFIT_MOST = 1.5  # re-fitting a running schedule gives it at most this many times the epochs first planned
 
 
 @dataclass
@@ -42,6 +43,13 @@ class Plan:
         """Plan setting ``key`` (dotted: ``model_args.width``, ``augment.flip``) as ``value``, because ``reason``."""
         self.settings[key] = value
         self.reasons.append(f"{key} = {value if shown is None else shown}: {reason}")
+
+    def revise(self, key: str, value: Any, reason: str) -> None:
+        """Plan ``key`` anew (a running schedule re-fitted): its setting and its reason replace the first ones."""
+        first = next((i for i, line in enumerate(self.reasons) if line.startswith(f"{key} = ")), len(self.reasons))
+        self.reasons[first : first + 1] = []
+        self.settings[key] = value
+        self.reasons.insert(first, f"{key} = {value}: {reason}")
 
     def apply(self, config: Any) -> None:
         """Write the planned settings into ``config``: ``model_args.X`` into that dict, ``group.X`` into a nested
@@ -92,6 +100,19 @@ def budget_of(config: TrainConfig, default_minutes: float) -> Budget:
 class Schedule:
     epochs: int
     steps_per_epoch: int
+    seconds: float  # the training time (steps, validations, checkpoints) the schedule was fitted to
+
+
+def refit_epochs(planned: int, epochs: int, done: int, epoch_s: float, left_s: float) -> int:
+    """The epochs of a running schedule (``planned`` at first, ``epochs`` now, ``done`` of them trained) re-fitted to
+    the ``left_s`` seconds planned for the rest, from the last epoch's ``epoch_s``. They are kept while the epochs
+    left are within half an epoch over and one and a half under what fits (epoch times vary by a few percent, and
+    a schedule re-fitted back and forth at each epoch would jitter its learning rate), else made as many as fit: at
+    least one more (the clock stops a run that overruns), at most ``REFIT_MOST`` times those first planned."""
+    fits = left_s / max(epoch_s, 1e-9)
+    if fits - 1.5 < epochs - done <= fits + 0.5:
+        return epochs
+    return min(done + max(1, round(fits)), math.ceil(REFIT_MOST * planned))
 
 
 def fit_schedule(
@@ -157,4 +178,4 @@ def fit_schedule(
                 f"{epochs} x {steps_per_epoch} steps of {step_s:.3f} s and {epochs} validations of {val_s:.1f} s "
                 f"(measured) fill the {source}; the learning-rate schedule ends with them{whole}",
             )
-    return Schedule(epochs, steps_per_epoch)
+    return Schedule(epochs, steps_per_epoch, available)

@@ -9,6 +9,7 @@ torchvision ResNet state dict with the same norm loads into ``body.``; the pyram
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -21,7 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "tiny")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "tiny", "csp")
 NORMS = ("group", "batch")
 STRIDES = (4, 8, 16, 32)  # output strides of the trunk stages layer1..layer4
 _RESNETS = {
@@ -30,6 +31,7 @@ _RESNETS = {
     "resnet50": torchvision.models.resnet50,
 }
 _TINY_WIDTHS = (16, 32, 64, 128, 256)  # stem, layer1..layer4
+_CSP_DEPTHS = (1, 2, 2, 1)  # bottlenecks in the cross-stage blocks of layer1..layer4 (YOLOv8n's depths)
 IMAGE_MEAN = 0.5  # inputs are [0, 1]; mean 0.5 and std 0.25 per channel map them to about [-2, 2]
 IMAGE_STD = 0.25
 
@@ -47,10 +49,10 @@ def norm_factory(norm: str) -> Callable[[int], nn.Module]:
     return group_norm if norm == "group" else nn.BatchNorm2d
 
 
-class TinyResNet(nn.Module):
-    """A ResNet trunk with one BasicBlock per stage and widths 16-32-64-128-256: about a tenth of resnet18's FLOPs,
-    for small objects such as nuclei on a CPU. torchvision's ResNet cannot be made this narrow (its widths are fixed),
-    so the stages are assembled here from its BasicBlock, under the same attribute names as torchvision's ResNet."""
+class _NarrowTrunk(nn.Module):
+    """A stem (3x3 stride-2 convolution of ``_TINY_WIDTHS[0]`` channels, norm, activation, optional max-pooling) and
+    four ``stages``, under torchvision's ResNet names (``conv1``, ``layer1``..``layer4``), so the FPN is attached as
+    to a ResNet; the trunks below differ in their activation, pooling and stages."""
 
     # registered by setattr in __init__
     layer1: nn.Sequential
@@ -58,27 +60,82 @@ class TinyResNet(nn.Module):
     layer3: nn.Sequential
     layer4: nn.Sequential
 
-    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+    def __init__(
+        self, norm: Callable[[int], nn.Module], act: nn.Module, pool: bool, stages: list[nn.Sequential]
+    ) -> None:
         super().__init__()
-        stem, *widths = _TINY_WIDTHS
-        self.conv1 = nn.Conv2d(3, stem, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn1 = norm(stem)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        for index, (c_in, c_out) in enumerate(zip([stem, *widths], widths), start=1):
-            stride = 1 if index == 1 else 2
-            downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
-            setattr(self, f"layer{index}", nn.Sequential(BasicBlock(c_in, c_out, stride, downsample, norm_layer=norm)))
+        self.conv1 = nn.Conv2d(3, _TINY_WIDTHS[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = norm(_TINY_WIDTHS[0])
+        self.act = act
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if pool else nn.Identity()
+        for index, stage in enumerate(stages, start=1):
+            setattr(self, f"layer{index}", stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TinyResNet(_NarrowTrunk):
+    """A ResNet trunk with one BasicBlock per stage and widths 16-32-64-128-256: about a tenth of resnet18's FLOPs,
+    for small objects such as nuclei on a CPU. torchvision's ResNet cannot be made this narrow (its widths are fixed),
+    so the stages are assembled here from its BasicBlock."""
+
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        stages = []
+        for index, (c_in, c_out) in enumerate(itertools.pairwise(_TINY_WIDTHS), start=1):
+            stride = 1 if index == 1 else 2
+            downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride, downsample, norm_layer=norm)))
+        super().__init__(norm, nn.ReLU(inplace=True), True, stages)
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), norm(c_out), nn.SiLU(inplace=True)
+    )
+
+
+class CrossStageBlock(nn.Module):
+    """A cross-stage partial block as in YOLOv8 (C2f): a 1x1 convolution splits the channels in two halves, one half
+    passes ``depth`` residual bottlenecks (two 3x3 convolutions each) and every intermediate map is concatenated and
+    fused by a 1x1 convolution. Half the channels skip the bottlenecks, which makes the block cheap per output channel,
+    and the concatenation gives the fused map every depth's features (many gradient paths, as in CSPNet)."""
+
+    def __init__(self, channels: int, depth: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        half = channels // 2
+        self.split = _conv(channels, 2 * half, 1, 1, norm)
+        self.bottlenecks = nn.ModuleList(
+            nn.Sequential(_conv(half, half, 3, 1, norm), _conv(half, half, 3, 1, norm)) for _ in range(depth)
+        )
+        self.fuse = _conv((2 + depth) * half, channels, 1, 1, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = list(self.split(x).chunk(2, dim=1))
+        for bottleneck in self.bottlenecks:
+            maps.append(maps[-1] + bottleneck(maps[-1]))
+        return self.fuse(torch.cat(maps, dim=1))
+
+
+class CSPTrunk(_NarrowTrunk):
+    """A YOLOv8n-sized trunk (Jocher et al., Ultralytics YOLOv8, 2023): 3x3 stride-2 convolutions, each stage a
+    :class:`CrossStageBlock`, SiLU, widths 16-32-64-128-256 and depths 1-2-2-1: about a third of resnet18's FLOPs
+    with four times its depth of tiny, for detection from scratch in a CPU budget, where the passes over the data
+    count most. Neither torchvision nor the other dependencies have such a trunk."""
+
+    def __init__(self, norm: Callable[[int], nn.Module]) -> None:
+        stages = [
+            nn.Sequential(_conv(c_in, c_out, 3, 2, norm), CrossStageBlock(c_out, depth, norm))
+            for (c_in, c_out), depth in zip(itertools.pairwise(_TINY_WIDTHS), _CSP_DEPTHS)
+        ]
+        super().__init__(norm, nn.SiLU(inplace=True), False, stages)
 
 
 def _trunk(name: str, norm: Callable[[int], nn.Module]) -> tuple[nn.Module, list[int]]:
     """The trunk and the channel counts of its stages layer1..layer4."""
-    if name == "tiny":
-        return TinyResNet(norm), list(_TINY_WIDTHS[1:])
+    if name in ("tiny", "csp"):
+        return (TinyResNet if name == "tiny" else CSPTrunk)(norm), list(_TINY_WIDTHS[1:])
     # zero-initialised last norm of each residual block: every block starts as the identity, which steadies training from scratch
     trunk = _RESNETS[name](weights=None, norm_layer=norm, zero_init_residual=True)
     expansion = 4 if name == "resnet50" else 1

@@ -384,15 +384,19 @@ def fcos(
     nms_thresh: float = 0.6,
     box_loss: str = "giou",
     scores: str = "centerness",
+    head_convs: int = 4,
 ) -> FCOS:
     """FCOS (anchor-free: one point per location, centre-ness) on P3-P7 by default. Its heads always use GroupNorm,
     as FCOS was designed; its "anchors" are one square per location the size of the stride, which FCOS uses to
-    normalise box offsets and to assign objects to levels by size. ``box_loss`` and ``scores``: see
-    :class:`NormFCOSHead`."""
+    normalise box offsets and to assign objects to levels by size. ``head_convs``: the 3x3 convolutions of each of
+    the two towers (FCOS has 4; fewer make the head cheaper where the budget buys passes). ``box_loss`` and
+    ``scores``: see :class:`NormFCOSHead`."""
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = AnchorGenerator(tuple((s,) for s in body.strides), ((1.0,),) * len(body.strides))
-    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm, box_loss=box_loss, scores=scores)
+    if head_convs < 1:
+        raise ValueError(f"head_convs must be at least 1, got {head_convs}")
+    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm, head_convs, box_loss=box_loss, scores=scores)
     return _single_stage(
         FCOSFromOne,
         body,

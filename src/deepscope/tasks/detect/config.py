@@ -27,7 +27,7 @@ def _default_optim() -> OptimConfig:
 class DetectConfig(TrainConfig):
     task: str = "detect"
     # fasterrcnn | retinanet | fcos | maskrcnn | centernet | detr; empty: planned (centernet for crowds of small
-    # objects, else fcos). model_args.backbone (tiny | resnet18 | resnet34 | resnet50) absent: planned by step time
+    # objects, else fcos). model_args.backbone (csp | tiny | resnet18 | resnet34 | resnet50) absent: planned by step time
     model: str = ""
     images: str | None = None  # any layout: a folder of images ...
     annotations: str | None = None  # ... and a COCO JSON file or a folder of VOC XML, YOLO txt or instance-label images

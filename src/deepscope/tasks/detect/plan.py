@@ -12,8 +12,10 @@ image, objects per image and classes. From it and the budget the plan chooses
 * ``inference.max_detections`` above the most objects in a training image (COCO's 100 would cap recall);
 * the validation share: 10% of the images, at least ``MIN_VAL_IMAGES`` and at most ``MAX_VAL_IMAGES``, none for a
   set too small to spare them;
-* the backbone: real training steps of each candidate (tiny, resnet18, resnet34) are timed on the machine, and the
-  largest one that still trains ``MIN_PASSES`` passes over the training set in the budget is taken;
+* the network: real training steps of each candidate are timed on the machine, and the largest one that still trains
+  ``MIN_PASSES`` passes over the training set in the budget is taken. For FCOS the cheapest candidate is a
+  YOLOv8n-sized network (CSP trunk, 64-channel pyramid P3-P5, two-conv head towers), then FCOS with its own head on
+  ResNet-18 and ResNet-34; for the other detectors tiny, resnet18, resnet34;
 * mosaics, with a last phase without them, for resized images: of what from-scratch YOLO training does, the one
   change that measured better on Penn-Fudan (benchmarks/RESULTS.md, section detect_ablation; a moving average of the
   weights, the CIoU box loss and IoU-aware scores did not, and are left as options).
@@ -45,8 +47,12 @@ DETECTION_MARGIN = 1.5  # max_detections: this times the most objects in a train
 VAL_SHARE = 0.1  # share of the training images validated each epoch ...
 MIN_VAL_IMAGES, MAX_VAL_IMAGES = 3, 20  # ... at least and at most this many images (each is predicted every epoch)
 MIN_IMAGES_FOR_VAL = 20  # fewer training images than this: no validation carved
-BACKBONES = ("tiny", "resnet18", "resnet34")  # candidates, cheapest first
-MIN_PASSES = 40  # passes over the training set a larger backbone must still get in the budget to be chosen
+BACKBONES = ("tiny", "resnet18", "resnet34")  # candidates, cheapest first ...
+FCOS_BACKBONES = ("csp", "resnet18", "resnet34")  # ... and FCOS's
+# what FCOS takes with the CSP trunk where the user left it open: YOLOv8n's neck and head sizes (64 channels, two
+# convolutions per tower, strides 8-32), a third of the step time of FCOS's own head (128 channels, four, P3-P7)
+LIGHT_HEAD = {"fpn_channels": 64, "head_convs": 2, "extra_p6p7": False}
+MIN_PASSES = 200  # passes over the training set a larger candidate must still get in the budget to be chosen
 MOSAIC, CLOSE_MOSAIC = 0.5, 0.2  # share of training images made mosaics; share of the steps, at the end, without
 
 
@@ -305,6 +311,15 @@ def plan_data(cfg: DetectConfig, fp: DetFingerprint, device: str, plan: Plan, gi
     plan_detections(cfg, fp, plan)
 
 
+def candidate_args(cfg: DetectConfig, name: str) -> dict[str, Any]:
+    """The ``model_args`` a backbone candidate is timed and trained with: the backbone, and for FCOS on the CSP trunk
+    the light head's settings the user left open."""
+    args: dict[str, Any] = {"backbone": name}
+    if cfg.model == "fcos" and name == "csp":
+        args.update({key: value for key, value in LIGHT_HEAD.items() if key not in cfg.model_args})
+    return args
+
+
 def plan_backbone(
     cfg: DetectConfig,
     plan: Plan,
@@ -315,13 +330,14 @@ def plan_backbone(
     timer: Callable[[str], float],
     where: str,
 ) -> str | None:
-    """The backbone: candidates timed cheapest first (``timer(name)``: measured seconds per training step); the
-    largest that still gets ``MIN_PASSES`` passes of ``pass_steps`` steps over the training set in what is left of
-    ``budget`` (``spent()``: seconds used so far), the cheapest when none does. None when the user gave one."""
+    """The backbone: candidates timed cheapest first (``timer(name)``: measured seconds per training step of the
+    detector with :func:`candidate_args`); the largest that still gets ``MIN_PASSES`` passes of ``pass_steps`` steps
+    over the training set in what is left of ``budget`` (``spent()``: seconds used so far), the cheapest when none
+    does, with the head settings that go with it. None when the user gave one."""
     if "backbone" in cfg.model_args:
         return None
     timed: list[tuple[str, float, float]] = []  # name, seconds per step, passes in the budget
-    for name in BACKBONES:
+    for name in FCOS_BACKBONES if cfg.model == "fcos" else BACKBONES:
         step_s = timer(name)
         train_s = max(budget.seconds - spent(), 0.0) * SETUP_SHARE * ((1 - VALIDATION_SHARE) if validation else 1.0)
         passes = train_s / (pass_steps * step_s)
@@ -339,6 +355,16 @@ def plan_backbone(
         "model_args.backbone",
         name,
         f"{why} in the {budget.describe()} on {where}; measured: {measured}. From scratch, passes count more than "
-        f"width: on Penn-Fudan (CPU, 10 min) tiny with 22 passes reached 0.355 mAP, resnet18 with 11 0.157",
+        f"width: on Penn-Fudan (CPU, 10 min) FCOS on the CSP trunk with a light head reached 0.543 mAP in 67 passes, "
+        f"on ResNet-18 0.440 in 30 (benchmarks/RESULTS.md, detect_ablation), and YOLOv8n rose from 0.551 at 114 "
+        f"passes to 0.666 at 343",
     )
+    for key, value in candidate_args(cfg, name).items():
+        if key != "backbone":
+            plan.choose(
+                f"model_args.{key}",
+                value,
+                "FCOS on the CSP trunk takes YOLOv8n's neck and head sizes: a 64-channel pyramid at strides 8-32 and "
+                "two 3x3 convolutions per head tower",
+            )
     return name

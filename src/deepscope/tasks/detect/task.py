@@ -38,12 +38,12 @@ from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
 from deepscope.models.detection import build_detector, predicts_masks
 from deepscope.tasks.detect.config import DetectConfig
-from deepscope.tasks.detect.plan import fingerprint, plan_backbone, plan_data
+from deepscope.tasks.detect.plan import candidate_args, fingerprint, plan_backbone, plan_data
 from deepscope.tasks.detect.predict import Detector
 from deepscope.tasks.detect.report import detect_report_sections, draw_worst
 
 PICTURES = 8  # test images drawn in the report
-TIMED_STEPS = 3  # training steps run per backbone candidate when planning (the first is warm-up)
+TIMED_STEPS = 5  # training steps run per backbone candidate when planning (the first is warm-up)
 
 
 def as_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
@@ -173,7 +173,7 @@ class DetectTask(Task):
         """Seconds per training step of the planned detector with ``backbone`` (the slowest process's, so that every
         process plans the same)."""
         cfg = self.config
-        args = {**detector_args(cfg), "backbone": backbone}
+        args = {**detector_args(cfg), **candidate_args(cfg, backbone)}
         model = build_detector(cfg.model, len(self.class_names), self.channels, **args).to(self.device)
         batches = DetBatches(samples, batch, self.device, seed=cfg.seed, augment=cfg.augment)
         return agreed_seconds_per_step(model, itertools.islice(batches, TIMED_STEPS), self.loss, precision, self.device)
