@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import CACHE, HERE, SHARED, command_line, header, run, section_rows, write_section
+from common import CACHE, HERE, SHARED, command_line, cpu_name, header, run, section_rows, write_section
+from deepscope.engine.precision import cpu_description
 from prepare_cifar10 import prepare
 
 LIGHTLY = "lightly==1.6.0"
@@ -382,7 +383,9 @@ def render(target: float, trial: bool, temperature: float) -> str:
             "deepscope's optimizer code and encoder, and is probed at its last weights. The supervised row is `train "
             "classify` on exactly the labelled images of each fraction (its cells: test accuracy at 1%/10%/100% labels; "
             "epochs, time and images/s per fraction), same budget each. Epochs count the last, partial one; 'train s' "
-            "includes data loading and deepscope's per-epoch kNN monitor."
+            "includes data loading and deepscope's per-epoch kNN monitor. The header names the machine of the last "
+            "invocation; each row's device names its own processor (rows that say only CPU ran on 2026-11-30 on an "
+            "AMD EPYC with AVX2)."
         ),
         "",
         (
@@ -476,7 +479,11 @@ def main() -> None:
             bench = run_supervised(data, out, args)
         else:
             bench = run_random(data, args, device)
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        # the processor per row: the section's header names only the machine of its last invocation, and rows kept
+        # from earlier invocations may come from another one
+        where = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()} ({cpu_description()})"
+        )
         bench.update(
             run=name,
             method=method,
