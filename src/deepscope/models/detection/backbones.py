@@ -120,9 +120,10 @@ class CrossStageBlock(nn.Module):
 
 class CSPTrunk(_NarrowTrunk):
     """A YOLOv8n-sized trunk (Jocher et al., Ultralytics YOLOv8, 2023): 3x3 stride-2 convolutions, each stage a
-    :class:`CrossStageBlock`, SiLU, widths 16-32-64-128-256 and depths 1-2-2-1: about a third of resnet18's FLOPs
-    with four times its depth of tiny, for detection from scratch in a CPU budget, where the passes over the data
-    count most. Neither torchvision nor the other dependencies have such a trunk."""
+    :class:`CrossStageBlock`, SiLU, widths 16-32-64-128-256 and depths 1-2-2-1: about twice tiny's 3x3
+    convolutions at tiny's widths, and under FCOS's own head a training step of 0.192 s against resnet18's 0.334
+    (320 px, 4 images, bf16, 2 AVX-512 cores), for detection from scratch in a CPU budget, where the passes over the
+    data count most. Neither torchvision nor the other dependencies have such a trunk."""
 
     def __init__(self, norm: Callable[[int], nn.Module]) -> None:
         stages = [

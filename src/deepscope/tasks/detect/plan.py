@@ -16,7 +16,7 @@ image, objects per image and classes. From it and the budget the plan chooses
   ``MIN_PASSES`` passes over the training set in the budget is taken. For FCOS the cheapest candidate is a
   YOLOv8n-sized network (CSP trunk, 64-channel pyramid P3-P5, two-conv head towers), then FCOS with its own head on
   ResNet-18 and ResNet-34; for the other detectors tiny, resnet18, resnet34;
-* mosaics, with a last phase without them, for resized images: of what from-scratch YOLO training does, the one
+* mosaics, with a last phase without them, for resized images: of what from-scratch YOLO training does, a
   change that measured better on Penn-Fudan (benchmarks/RESULTS.md, section detect_ablation; a moving average of the
   weights, the CIoU box loss and IoU-aware scores did not, and are left as options).
 
