@@ -321,7 +321,7 @@ METHOD_NAMES = {
 }
 
 
-def settings_text(temperature: float) -> str:
+def settings_text(temperature: float, batch: int) -> str:
     """``train ssl``'s defaults that lightly's run copies, for the notes."""
     from deepscope.data.ssl.views import view_config
     from deepscope.tasks.ssl.config import SSLConfig
@@ -329,7 +329,7 @@ def settings_text(temperature: float) -> str:
     cfg, views = SSLConfig(method="simclr"), view_config("natural", {})
     opt = cfg.optim
     return (
-        f"SimCLR temperature {temperature:g}, head {'-'.join(map(str, cfg.projector_widths()))}, batch {cfg.batch_size}; "
+        f"SimCLR temperature {temperature:g}, head {'-'.join(map(str, cfg.projector_widths()))}, batch {batch}; "
         f"{opt.name.upper()} lr {opt.lr:g}, momentum {opt.momentum:g}, weight decay {opt.weight_decay:g}, {opt.schedule} "
         f"with {opt.warmup_fraction:.0%} warm-up; views: crop {views.crop_scale[0]:g}-{views.crop_scale[1]:g}, jitter "
         f"{'/'.join(f'{j:g}' for j in views.jitter)} p {views.jitter_p:g}, grey {views.grayscale_p:g}, blur p {views.blur_p:g}"
@@ -361,7 +361,7 @@ def curve_line(bench: dict[str, Any], target: float) -> str:
     return f"- `{bench['run']}`: {reached}; kNN (validation) @ min: {points}"
 
 
-def render(target: float, trial: bool, temperature: float) -> str:
+def render(target: float, trial: bool, temperature: float, batch: int) -> str:
     """The section from every run on disk: the trial runs (``--subset``) or the real ones."""
     found = [json.loads(p.read_text()) for p in RUNS.glob("*/bench.json")]
     benches = sorted(
@@ -377,7 +377,7 @@ def render(target: float, trial: bool, temperature: float) -> str:
             "training images: `train/` less the share that `train ssl` keeps for its kNN monitor (seeded), standardised alike. "
             "All encoders are judged by deepscope's probes on the test images: kNN (cosine, k=200, T=0.1, the training "
             "images as the bank) and a logistic regression on the frozen features trained on 1%, 10% and 100% of the "
-            f"training labels (seeded, stratified). deepscope rows are `train ssl` with its defaults ({settings_text(temperature)}), "
+            f"training labels (seeded, stratified). deepscope rows are `train ssl` with its defaults ({settings_text(temperature, batch)}), "
             "probed at the best epoch by the validation kNN; lightly's row uses lightly's `SimCLRTransform` (PIL images in "
             "DataLoader workers, `num_workers` in its tool cell), `SimCLRProjectionHead` and `NTXentLoss` with the same settings, "
             "deepscope's optimizer code and encoder, and is probed at its last weights. The supervised row is `train "
@@ -424,9 +424,8 @@ def render(target: float, trial: bool, temperature: float) -> str:
 
 
 def main() -> None:
-    from deepscope.tasks.ssl.config import SSLConfig
+    from deepscope.tasks.ssl.plan import LONG_BATCH
 
-    defaults = SSLConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0, help="wall budget of each training run")
     parser.add_argument("--width", type=int, default=16, help="ResNet-18 width (64: the standard network)")
@@ -440,7 +439,12 @@ def main() -> None:
         default=0.5,
         help="SimCLR temperature of both tools (train ssl plans one when left open: see bench_newcomer.py)",
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=LONG_BATCH,
+        help="batch of both tools (train ssl plans one when left open: see bench_newcomer.py)",
+    )
     parser.add_argument(
         "--supervised-epochs", type=int, default=30, help="epochs of the supervised run at 100%% labels"
     )
@@ -494,7 +498,7 @@ def main() -> None:
         )
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
         print(json.dumps(bench), flush=True)
-    text = render(args.target, trial=bool(args.subset), temperature=args.temperature)
+    text = render(args.target, trial=bool(args.subset), temperature=args.temperature, batch=args.batch_size)
     if not args.subset:  # trial runs on a sample are printed only
         write_section("ssl_cifar10", "CIFAR-10 self-supervised pre-training at a fixed budget", text)
     print(text)

@@ -19,6 +19,7 @@ from deepscope.engine import trainer
 from deepscope.engine.plan import Budget, Plan
 from deepscope.tasks.detect.config import DetectConfig
 from deepscope.tasks.detect.plan import (
+    FEW_IMAGES_WITH_TEST,
     LIGHT_HEAD,
     MIN_PASSES,
     DetFingerprint,
@@ -192,10 +193,10 @@ def test_backbone_is_the_largest_the_budget_trains_enough_passes() -> None:
 
 
 def test_validation_share_follows_the_set_size() -> None:
-    def share(n: int, given_val: int = 0) -> tuple[float, str]:
+    def share(n: int, given_val: int = 0, test: int = 0) -> tuple[float, str]:
         fp = fingerprint(items([(640, 480)] * n, [[150.0]] * n), 1)
         plan = Plan()
-        plan_data(DetectConfig(data="x"), fp, "cpu", plan, given_val=given_val, test=0)
+        plan_data(DetectConfig(data="x"), fp, "cpu", plan, given_val=given_val, test=test)
         return plan.settings["val_fraction"], next(r for r in plan.reasons if r.startswith("val_fraction"))
 
     assert round(share(130)[0] * 130) == 13
@@ -206,6 +207,10 @@ def test_validation_share_follows_the_set_size() -> None:
     assert fraction == 0 and "without validation" in reason and "last epoch" in reason
     fraction, reason = share(200, given_val=30)
     assert fraction == 0 and "own val split (30 images)" in reason
+    # a small set with its own test split trains on every image; the test split scores the last epoch
+    fraction, reason = share(100, test=30)
+    assert fraction == 0 and "own test split (30 images)" in reason and "last epoch" in reason
+    assert round(share(FEW_IMAGES_WITH_TEST, test=30)[0] * FEW_IMAGES_WITH_TEST) == 20  # enough images: validated
 
 
 def test_train_with_only_data_and_a_budget_plans_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,7 +66,9 @@ def test_given_settings_are_kept_and_open_ones_planned_with_reasons(trained: Pat
     assert config["augment"]["mosaic"] == 0  # native scale: objects keep their pixel size
     assert (config["model"], config["image_size"], config["epochs"]) == ("centernet", 0, 3)
     assert config["model_args"] == {"backbone": "tiny", "fpn_channels": 16}
-    assert round(config["val_fraction"] * 24) == 3 and config["inference"]["max_detections"] == 100
+    # 24 training images and a test split of their own: all are trained on, the test split scores the last epoch
+    assert config["val_fraction"] == 0 and config["inference"]["max_detections"] == 100
+    assert any(line.startswith("val_fraction = 0") and "own test split" in line for line in header)
     plan = json.loads((trained / "metrics.json").read_text())["plan"]
     assert plan["fingerprint"]["images"] == 24 and plan["settings"]["max_size"] == config["max_size"]
 

@@ -216,6 +216,20 @@ def test_cpu_probe_agrees_with_the_instruction_set():
     assert precision.cpu_description().startswith(torch.backends.cpu.get_cpu_capability())
 
 
+def test_avx2_dispatch_means_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 BF16 machine: PyTorch runs its AVX2 kernels, bf16 is emulated."""
+    if not precision._is_x86():
+        pytest.skip("x86 only: the capability names are x86 instruction sets")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    precision.cpu_native_bf16.cache_clear()
+    try:
+        assert not precision.cpu_native_bf16()
+        assert resolve_precision("auto", torch.device("cpu")).name == "float32"
+    finally:
+        precision.cpu_native_bf16.cache_clear()
+
+
 def test_emulated_bf16_runs_and_warns_once_in_one_line(class_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)
     out = tmp_path / "emulated"

@@ -190,6 +190,12 @@ def test_refit_epochs_fill_the_time_left_within_bounds():
     assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=20.0, left_s=100.0) == 7  # slower: shortened
     assert refit_epochs(planned=10, epochs=10, done=9, epoch_s=20.0, left_s=1.0) == 10  # one more, the clock stops
     assert refit_epochs(planned=10, epochs=10, done=2, epoch_s=1.0, left_s=100.0) == 15  # at most 1.5x the first plan
+    # a long schedule is kept within a share of what fits: 100 fit, 95 or 102 left are kept, 94 and 103 are not
+    assert refit_epochs(planned=110, epochs=110, done=10, epoch_s=10.0, left_s=1000.0) == 110
+    assert refit_epochs(planned=110, epochs=105, done=10, epoch_s=10.0, left_s=1000.0) == 105
+    assert refit_epochs(planned=110, epochs=112, done=10, epoch_s=10.0, left_s=1000.0) == 112
+    assert refit_epochs(planned=110, epochs=104, done=10, epoch_s=10.0, left_s=1000.0) == 110
+    assert refit_epochs(planned=110, epochs=113, done=10, epoch_s=10.0, left_s=1000.0) == 110
 
 
 def test_revising_a_setting_replaces_its_reason():

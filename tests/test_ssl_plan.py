@@ -13,7 +13,15 @@ from deepscope.engine.distributed import DistInfo
 from deepscope.engine.plan import Budget, Plan
 from deepscope.tasks.ssl import plan as ssl_plan
 from deepscope.tasks.ssl.config import SSLConfig
-from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, MIN_PASSES, SHORT_TEMPERATURE, Fingerprint, make_plan
+from deepscope.tasks.ssl.plan import (
+    LONG_BATCH,
+    LONG_TEMPERATURE,
+    MIN_PASSES,
+    SHORT_BATCH,
+    SHORT_TEMPERATURE,
+    Fingerprint,
+    make_plan,
+)
 from deepscope.tasks.ssl.task import SSLTask
 
 CIFAR = Fingerprint(45000, 5000, 10000, 3, 32, 32, "natural", True)
@@ -39,8 +47,9 @@ def test_the_widest_width_with_enough_passes_is_chosen() -> None:
     assert asked == [{"width": 8}, {"width": 16}, {"width": 32}]  # narrowest first, stopping at the first too slow
     assert plan.settings["model_args.width"] == 16
     assert any(r.startswith("width timing: width 8") for r in plan.reasons)
-    assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 9.6 passes: the short-budget temperature
-    assert set(plan.settings) == {"model_args.width", "temperature"}
+    assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 9.6 passes: the short-budget temperature ...
+    assert plan.settings["batch_size"] == SHORT_BATCH  # ... and batch
+    assert set(plan.settings) == {"model_args.width", "temperature", "batch_size"}
     plan, asked = planned(SSLConfig(data="d"), lambda a: 0.001 * a["width"])
     assert len(asked) == 4 and plan.settings["model_args.width"] == 64
     plan, _ = planned(SSLConfig(data="d"), lambda a: 10.0)
@@ -52,25 +61,37 @@ def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
     cfg = SSLConfig(data="d", model_args={"width": 8})
     plan, asked = planned(cfg, lambda a: 0.01)
     assert asked == [{}] and "model_args.width" not in plan.settings
-    assert plan.settings == {"temperature": LONG_TEMPERATURE}  # 289 passes: a long run
+    assert plan.settings == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}  # 289 passes: a long run
     plan.apply(cfg)
     assert cfg.model_args == {"width": 8} and cfg.temperature == LONG_TEMPERATURE
 
 
 def test_given_epochs_decide_the_temperature_without_timing_and_given_settings_stay() -> None:
     short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
-    assert asked == [] and short.settings == {"temperature": SHORT_TEMPERATURE}
+    assert asked == [] and short.settings == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH}
     long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=100))
-    assert long.settings == {"temperature": LONG_TEMPERATURE}
-    given = SSLConfig(data="d", model_args={"width": 4}, epochs=6, temperature=0.3)
+    assert long.settings == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}
+    given = SSLConfig(data="d", model_args={"width": 4}, epochs=6, temperature=0.3, batch_size=64)
     plan, _ = planned(given)
     assert plan.settings == {}
     plan.apply(given)
-    assert given.temperature == 0.3
+    assert given.temperature == 0.3 and given.batch_size == 64
     vicreg, asked = planned(SSLConfig(data="d", method="vicreg", model_args={"width": 4}, max_minutes=3))
-    assert vicreg.settings == {} and asked == []  # no temperature to plan, nothing timed
+    assert vicreg.settings == {"batch_size": LONG_BATCH} and asked == []  # no temperature to plan, nothing timed
     unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6))
     assert "model_args.width" not in unet.settings
+
+
+def test_the_batch_follows_the_passes_and_the_number_of_images() -> None:
+    """Few passes: batches of 128 (twice the updates); given steps per epoch keep 256 (they count its batches); a
+    set of 150 images is cut into batches of 64, so that it makes at least two."""
+    cost = {8: 0.15, 16: 0.3, 32: 1.0, 64: 4.0}
+    fixed, _ = planned(SSLConfig(data="d", epochs=6, steps_per_epoch=10, model_args={"width": 4}))
+    assert fixed.settings["batch_size"] == LONG_BATCH
+    small = Fingerprint(150, 20, 150, 1, 64, 64, "microscopy", False)
+    plan, _ = planned(SSLConfig(data="d", max_minutes=10), lambda a: cost[a["width"]] / 100, small)
+    assert plan.settings["batch_size"] == 64
+    assert any(r.startswith("batch_size = 64:") and "at least two batches" in r for r in plan.reasons)
 
 
 def test_setup_plans_from_real_steps_and_leaves_the_random_state(tmp_path: Path, monkeypatch) -> None:

@@ -24,6 +24,9 @@ MIN_EPOCH_S = 15.0  # epochs shorter than this spend much of their time on check
 MIN_STEPS = 20  # the shortest schedule worth training: fewer steps than this learn nothing a user could judge
 PASS_TOLERANCE = 0.05  # an epoch within 5% of one pass is made exactly one pass
 REFIT_MOST = 1.5  # re-fitting a running schedule gives it at most this many times the epochs first planned
+# a running schedule is kept while the epochs left are within this share of what fits (at least 1.5 epochs under,
+# 0.5 over): fewer wastes a little of the budget, more eats into the share SETUP_SHARE keeps aside
+REFIT_UNDER, REFIT_OVER = 0.05, 0.02
 
 
 @dataclass
@@ -105,12 +108,13 @@ class Schedule:
 
 def refit_epochs(planned: int, epochs: int, done: int, epoch_s: float, left_s: float) -> int:
     """The epochs of a running schedule (``planned`` at first, ``epochs`` now, ``done`` of them trained) re-fitted to
-    the ``left_s`` seconds planned for the rest, from the last epoch's ``epoch_s``. They are kept while the epochs
-    left are within half an epoch over and one and a half under what fits (epoch times vary by a few percent, and
-    a schedule re-fitted back and forth at each epoch would jitter its learning rate), else made as many as fit: at
-    least one more (the clock stops a run that overruns), at most ``REFIT_MOST`` times those first planned."""
+    the ``left_s`` seconds planned for the rest, from the epochs' ``epoch_s``. They are kept while the epochs left
+    are within ``REFIT_OVER`` (at least half an epoch) over and ``REFIT_UNDER`` (at least one and a half) under what
+    fits: epoch times vary by a few percent, and a schedule re-fitted back and forth at each epoch would jitter its
+    learning rate. Else they are made as many as fit: at least one more (the clock stops a run that overruns), at
+    most ``REFIT_MOST`` times those first planned."""
     fits = left_s / max(epoch_s, 1e-9)
-    if fits - 1.5 < epochs - done <= fits + 0.5:
+    if fits - max(1.5, REFIT_UNDER * fits) <= epochs - done <= fits + max(0.5, REFIT_OVER * fits):
         return epochs
     return min(done + max(1, round(fits)), math.ceil(REFIT_MOST * planned))
 

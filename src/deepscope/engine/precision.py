@@ -61,9 +61,13 @@ def cpu_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware: AVX-512 BF16 (or AMX) on x86, the BF16 extension on Arm.
 
     oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) also says yes for plain AVX-512, where bf16
-    is emulated and no faster than float32, so on x86 the AVX-512 BF16 instruction set is asked for by name.
+    is emulated and no faster than float32, so on x86 the AVX-512 BF16 instruction set is asked for by name, and
+    only while PyTorch dispatches AVX-512 kernels: ``ATEN_CPU_CAPABILITY=avx2`` (with ``ONEDNN_MAX_CPU_ISA=AVX2``)
+    makes an AVX-512 machine compute as an AVX2 one, and then bf16 is emulated there too.
     """
     if _is_x86():
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(probe()) if probe is not None else bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -60,7 +60,8 @@ class SSLConfig(TrainConfig):
     # label fractions of the final linear probes
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     probe_random: bool = True  # also probe the same encoder at random initialisation, the baseline to beat
-    batch_size: int = 256
+    # images per step; None: planned (128 for runs of few passes over the images, else 256)
+    batch_size: int | None = None  # type: ignore[assignment]
     eval_batch_size: int = 512
     monitor: str = "auto"  # auto: knn_accuracy with labelled validation images, else the validation loss
     optim: OptimConfig = field(default_factory=_default_optim)

@@ -1,21 +1,23 @@
-"""Planning self-supervised pre-training: the encoder's width and the NT-Xent temperature a user left open, from a
-fingerprint of the images and the time budget.
+"""Planning self-supervised pre-training: the encoder's width, the NT-Xent temperature and the batch a user left
+open, from a fingerprint of the images and the time budget.
 
 Contrastive learning is slow to start: lightly's and the SimCLR paper's small-batch temperature, 0.5, is tuned for
 hundreds of epochs, and a 10-minute CPU budget gives a handful. So the width is the widest whose measured training
 steps still give :data:`MIN_PASSES` passes over the images in the budget (the 10-minute CPU row of
 ``benchmarks/RESULTS.md``, width 8, trained 4 and beat lightly), and a run planned for fewer than
-:data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes.
+:data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes, and batches of
+:data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates.
 
 Measured on CIFAR-10 (the JPEG copy in shared/data as ``benchmarks/prepare_cifar10.py`` unpacks it; 45,000 training
 images, width 8, batch 256, 200 steps or 1.1 passes, ``train ssl`` defaults otherwise, bf16 on a 2-core AVX-512 CPU,
 one seed), kNN accuracy on the 10,000 test images: temperature 0.5 38.8%, 0.2 42.2%, 0.1 36.4%; 0.2 with crops of
 20-100% of the image instead of 8-100% 40.8%, so the crops are not planned. Only settings left open are planned: no
-``width`` in ``model_args``, a ``temperature`` of None.
+``width`` in ``model_args``, a ``temperature`` or ``batch_size`` of None.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +30,10 @@ MIN_PASSES = 4  # passes a width must get in the budget: the 10-minute CPU row (
 SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature and crops
 SHORT_TEMPERATURE = 0.2
 LONG_TEMPERATURE = 0.5  # lightly's and the SimCLR paper's small-batch value, for long runs
+SHORT_BATCH, LONG_BATCH = 128, 256  # batch of a run of fewer than SHORT_PASSES passes, and of a longer one
 EVAL_COST = 1 / 3  # an evaluation forward pass costs about a third of a training step on the same images
 SHORT_EVIDENCE = "CIFAR-10 kNN after 1.1 passes at width 8: 42.2% at 0.2, 38.8% at 0.5 (tasks/ssl/plan.py)"
+BATCH_EVIDENCE = "CIFAR-10, 10 min on 2 CPU cores, width 16: test kNN 54.0% at batch 128, 53.0% at 256"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Fingerprint:
         )
 
 
+def timing_batch(cfg: SSLConfig) -> int:
+    """The batch steps are timed at: the given one, else ``LONG_BATCH`` (the cost per image is the same at
+    ``SHORT_BATCH``: ResNet-18 width 16 on CIFAR-10 in bf16, 0.42 s per step of 256 images, 0.20 s of 128)."""
+    return cfg.batch_size or LONG_BATCH
+
+
 def pass_seconds(step_s: float, fp: Fingerprint, batch: int) -> float:
     """One pass over the training images (two views each) and one validation (two views of each validation image,
     their features, and the features of the kNN bank)."""
@@ -72,14 +82,14 @@ def plan_width(cfg: SSLConfig, fp: Fingerprint, available_s: float, timer: Timer
     chosen, chosen_s, passes = WIDTHS[0], 0.0, 0.0
     for width in WIDTHS:  # narrowest first: a wider one costs more, so the first too slow ends the search
         step_s = timer({"width": width})
-        fits = available_s / pass_seconds(step_s, fp, cfg.batch_size)
+        fits = available_s / pass_seconds(step_s, fp, timing_batch(cfg))
         measured.append(f"width {width} {step_s:.3f} s/step, {fits:.1f} passes")
         if width == WIDTHS[0] or fits >= MIN_PASSES:
             chosen, chosen_s, passes = width, step_s, fits
         if fits < MIN_PASSES:
             break
     plan.observe(
-        f"width timing: {'; '.join(measured)} (batch {cfg.batch_size}, measured; {available_s / 60:.1f} min for "
+        f"width timing: {'; '.join(measured)} (batch {timing_batch(cfg)}, measured; {available_s / 60:.1f} min for "
         "training)",
         width_timing=measured,
     )
@@ -96,12 +106,12 @@ def plan_width(cfg: SSLConfig, fp: Fingerprint, available_s: float, timer: Timer
 def planned_passes(cfg: SSLConfig, fp: Fingerprint, available_s: float, step_s: float | None) -> float | None:
     """Passes over the training images the run will train: from given epochs (and steps per epoch), else from the
     budget and ``step_s``; None when that needs a step time not measured."""
-    steps = max(1, fp.images // cfg.batch_size)
+    steps = max(1, fp.images // timing_batch(cfg))
     if cfg.epochs is not None and cfg.max_minutes is None:
         return cfg.epochs * (cfg.steps_per_epoch or steps) / steps
     if cfg.epochs is not None and cfg.steps_per_epoch is not None:
         return cfg.epochs * cfg.steps_per_epoch / steps
-    return None if step_s is None else available_s / pass_seconds(step_s, fp, cfg.batch_size)
+    return None if step_s is None else available_s / pass_seconds(step_s, fp, timing_batch(cfg))
 
 
 def plan_temperature(cfg: SSLConfig, passes: float, plan: Plan) -> None:
@@ -117,6 +127,28 @@ def plan_temperature(cfg: SSLConfig, passes: float, plan: Plan) -> None:
         plan.choose("temperature", LONG_TEMPERATURE, f"{length}: lightly's and SimCLR's small-batch value")
 
 
+def plan_batch(cfg: SSLConfig, fp: Fingerprint, passes: float | None, plan: Plan) -> None:
+    """The batch by the number of passes the run will train: a short run takes ``SHORT_BATCH``, twice the updates
+    in the same passes, a long one ``LONG_BATCH``; halved until the training images make two batches."""
+    if cfg.batch_size is not None:
+        return
+    if passes is not None and passes < SHORT_PASSES and cfg.steps_per_epoch is None:
+        batch = SHORT_BATCH
+        why = (
+            f"{passes:.1f} passes planned, fewer than {SHORT_PASSES}: twice the updates of batch {LONG_BATCH} in the "
+            f"same passes, at the same cost per image ({BATCH_EVIDENCE})"
+        )
+    else:
+        batch = LONG_BATCH
+        why = "lightly's and the SimCLR paper's small-batch CIFAR-10 value" + (
+            f", for {passes:.1f} passes" if passes is not None else ""
+        )
+    if 2 * batch > fp.images:
+        batch = max(2, 2 ** int(math.log2(max(2, fp.images // 2))))
+        why = f"{why}, halved to {batch} so that the {fp.images} training images make at least two batches"
+    plan.choose("batch_size", batch, why)
+
+
 def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, timer: Timer, plan: Plan) -> None:
     """Plan every setting of ``cfg`` left open into ``plan``; ``timer`` measures training steps."""
     plan.observe(fp.describe(), **vars(fp))
@@ -125,7 +157,8 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
     passes = planned_passes(cfg, fp, available, step_s)
     if passes is None and cfg.temperature is None and cfg.method == "simclr":
         step_s = timer({})
-        plan.observe(f"timing: {step_s:.3f} s per training step (batch {cfg.batch_size}, measured)", step_s=step_s)
+        plan.observe(f"timing: {step_s:.3f} s per training step (batch {timing_batch(cfg)}, measured)", step_s=step_s)
         passes = planned_passes(cfg, fp, available, step_s)
     if passes is not None:
         plan_temperature(cfg, passes, plan)
+    plan_batch(cfg, fp, passes, plan)

@@ -39,7 +39,7 @@ from deepscope.metrics.knn import knn_accuracy
 from deepscope.models import eval_mode
 from deepscope.models.ssl import SSLModel, build_encoder
 from deepscope.tasks.ssl.config import SSLConfig
-from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, Fingerprint, Timer, make_plan
+from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, Fingerprint, Timer, make_plan, timing_batch
 from deepscope.tasks.ssl.probe import linear_probe, probe_rows
 from deepscope.tasks.ssl.report import embedding_map, neighbour_grid, write_ssl_report
 
@@ -141,7 +141,7 @@ class SSLTask(Task):
                 net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
                 if cfg.channels_last:
                     net.to(memory_format=torch.channels_last)
-                batches = self.train_batches()
+                batches = self.train_batches(timing_batch(cfg))
                 first = itertools.islice(batches, min(PROBE_STEPS, len(batches)))
                 return agreed_seconds_per_step(net, first, loss, precision, self.device)
 
@@ -158,12 +158,13 @@ class SSLTask(Task):
             images, self.config.eval_batch_size, self.mean, self.std, self.device, rank, world, self.in_shape[1:]
         )
 
-    def train_batches(self) -> Batches:
+    def train_batches(self, batch_size: int | None = None) -> Batches:
+        """The training views, in batches of ``batch_size`` (the config's when None: the plan times another)."""
         cfg = self.config
         return SSLTrainBatches(
             self.data.splits["train"],
             self.views,
-            cfg.batch_size,
+            batch_size or timing_batch(cfg),
             self.mean,
             self.std,
             self.device,
