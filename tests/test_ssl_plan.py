@@ -107,3 +107,16 @@ def test_setup_plans_from_real_steps_and_leaves_the_random_state(tmp_path: Path,
     assert cfg.model_args["width"] in (2, 4) and cfg.temperature in (SHORT_TEMPERATURE, LONG_TEMPERATURE)
     assert any(r.startswith("width timing: width 2") for r in task.plan.reasons)
     assert task.plan.fingerprint["images"] == len(task.data.splits["train"])
+
+
+def test_a_set_smaller_than_two_batches_is_timed_and_trained_at_a_batch_that_fits(tmp_path: Path, monkeypatch) -> None:
+    """150 images and no batch given: the steps are timed and trained in batches of 64, not refused as fewer than
+    one batch of 256."""
+    monkeypatch.setattr(ssl_plan, "WIDTHS", (2,))
+    data = write_digits_npz(tmp_path / "digits.npz")
+    cfg = SSLConfig(data=str(data), amp="off", max_minutes=5, knn_bank=100, max_patches=150)
+    task = SSLTask(cfg)
+    task.setup(torch.device("cpu"), DistInfo())
+    assert len(task.data.splits["train"]) == 150 and cfg.batch_size == 64
+    assert any(r.startswith("width timing: width 2") and "(batch 64," in r for r in task.plan.reasons)
+    assert len(task.train_batches()) == 2

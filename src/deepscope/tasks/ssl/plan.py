@@ -56,10 +56,16 @@ class Fingerprint:
         )
 
 
-def timing_batch(cfg: SSLConfig) -> int:
-    """The batch steps are timed at: the given one, else ``LONG_BATCH`` (the cost per image is the same at
-    ``SHORT_BATCH``: ResNet-18 width 16 on CIFAR-10 in bf16, 0.42 s per step of 256 images, 0.20 s of 128)."""
-    return cfg.batch_size or LONG_BATCH
+def fitting_batch(batch: int, images: int) -> int:
+    """``batch``, or the largest power of two (at least 2) with which ``images`` make at least two batches."""
+    return batch if 2 * batch <= images else max(2, 2 ** int(math.log2(max(2, images // 2))))
+
+
+def timing_batch(cfg: SSLConfig, images: int) -> int:
+    """The batch steps are timed at: the given one, else ``LONG_BATCH`` as far as ``images`` make two of them (the
+    cost per image is the same at ``SHORT_BATCH``: ResNet-18 width 16 on CIFAR-10 in bf16, 0.42 s per step of 256
+    images, 0.20 s of 128)."""
+    return cfg.batch_size or fitting_batch(LONG_BATCH, images)
 
 
 def pass_seconds(step_s: float, fp: Fingerprint, batch: int) -> float:
@@ -82,14 +88,14 @@ def plan_width(cfg: SSLConfig, fp: Fingerprint, available_s: float, timer: Timer
     chosen, chosen_s, passes = WIDTHS[0], 0.0, 0.0
     for width in WIDTHS:  # narrowest first: a wider one costs more, so the first too slow ends the search
         step_s = timer({"width": width})
-        fits = available_s / pass_seconds(step_s, fp, timing_batch(cfg))
+        fits = available_s / pass_seconds(step_s, fp, timing_batch(cfg, fp.images))
         measured.append(f"width {width} {step_s:.3f} s/step, {fits:.1f} passes")
         if width == WIDTHS[0] or fits >= MIN_PASSES:
             chosen, chosen_s, passes = width, step_s, fits
         if fits < MIN_PASSES:
             break
     plan.observe(
-        f"width timing: {'; '.join(measured)} (batch {timing_batch(cfg)}, measured; {available_s / 60:.1f} min for "
+        f"width timing: {'; '.join(measured)} (batch {timing_batch(cfg, fp.images)}, measured; {available_s / 60:.1f} min for "
         "training)",
         width_timing=measured,
     )
@@ -106,12 +112,12 @@ def plan_width(cfg: SSLConfig, fp: Fingerprint, available_s: float, timer: Timer
 def planned_passes(cfg: SSLConfig, fp: Fingerprint, available_s: float, step_s: float | None) -> float | None:
     """Passes over the training images the run will train: from given epochs (and steps per epoch), else from the
     budget and ``step_s``; None when that needs a step time not measured."""
-    steps = max(1, fp.images // timing_batch(cfg))
+    steps = max(1, fp.images // timing_batch(cfg, fp.images))
     if cfg.epochs is not None and cfg.max_minutes is None:
         return cfg.epochs * (cfg.steps_per_epoch or steps) / steps
     if cfg.epochs is not None and cfg.steps_per_epoch is not None:
         return cfg.epochs * cfg.steps_per_epoch / steps
-    return None if step_s is None else available_s / pass_seconds(step_s, fp, timing_batch(cfg))
+    return None if step_s is None else available_s / pass_seconds(step_s, fp, timing_batch(cfg, fp.images))
 
 
 def plan_temperature(cfg: SSLConfig, passes: float, plan: Plan) -> None:
@@ -143,8 +149,8 @@ def plan_batch(cfg: SSLConfig, fp: Fingerprint, passes: float | None, plan: Plan
         why = "lightly's and the SimCLR paper's small-batch CIFAR-10 value" + (
             f", for {passes:.1f} passes" if passes is not None else ""
         )
-    if 2 * batch > fp.images:
-        batch = max(2, 2 ** int(math.log2(max(2, fp.images // 2))))
+    if fitting_batch(batch, fp.images) != batch:
+        batch = fitting_batch(batch, fp.images)
         why = f"{why}, halved to {batch} so that the {fp.images} training images make at least two batches"
     plan.choose("batch_size", batch, why)
 
@@ -157,7 +163,9 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
     passes = planned_passes(cfg, fp, available, step_s)
     if passes is None and cfg.temperature is None and cfg.method == "simclr":
         step_s = timer({})
-        plan.observe(f"timing: {step_s:.3f} s per training step (batch {timing_batch(cfg)}, measured)", step_s=step_s)
+        plan.observe(
+            f"timing: {step_s:.3f} s per training step (batch {timing_batch(cfg, fp.images)}, measured)", step_s=step_s
+        )
         passes = planned_passes(cfg, fp, available, step_s)
     if passes is not None:
         plan_temperature(cfg, passes, plan)

@@ -141,7 +141,7 @@ class SSLTask(Task):
                 net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
                 if cfg.channels_last:
                     net.to(memory_format=torch.channels_last)
-                batches = self.train_batches(timing_batch(cfg))
+                batches = self.train_batches(timing_batch(cfg, len(self.data.splits["train"])))
                 first = itertools.islice(batches, min(PROBE_STEPS, len(batches)))
                 return agreed_seconds_per_step(net, first, loss, precision, self.device)
 
@@ -161,10 +161,12 @@ class SSLTask(Task):
     def train_batches(self, batch_size: int | None = None) -> Batches:
         """The training views, in batches of ``batch_size`` (the config's when None: the plan times another)."""
         cfg = self.config
+        batch = batch_size or cfg.batch_size
+        assert batch is not None  # planned in setup, before any batch is drawn
         return SSLTrainBatches(
             self.data.splits["train"],
             self.views,
-            batch_size or timing_batch(cfg),
+            batch,
             self.mean,
             self.std,
             self.device,
