@@ -157,6 +157,32 @@ def fingerprint(items: Sequence[DetItem], classes: int) -> DetFingerprint:
     )
 
 
+def no_validation_reason(fp: DetFingerprint, test: int) -> str | None:
+    """Why no validation is carved from the training images (``test``: images of the data's own test split), or
+    None where it is."""
+    if fp.images < MIN_IMAGES_FOR_VAL:
+        after = (
+            f"the test split ({test} images) scores them at the end"
+            if test
+            else "no score is computed (give a val/ or test/ split to have one)"
+        )
+        return (
+            f"only {fp.images} training images, fewer than {MIN_IMAGES_FOR_VAL}: {MIN_VAL_IMAGES} validation images "
+            f"would be too few to tell epochs apart and too many to take from training, so all {fp.images} are "
+            f"trained on, without validation; best.pt holds the last epoch's weights and {after}"
+        )
+    if test and fp.images < FEW_IMAGES_WITH_TEST:
+        return (
+            f"{fp.images} training images, fewer than {FEW_IMAGES_WITH_TEST}, and the data has its own test split "
+            f"({test} images): a validation of a few images cannot tell late epochs apart, and the planned "
+            "schedule ends at learning rate 0, so the last epoch is the one to keep (on Penn-Fudan, CPU, FCOS "
+            "with a 10-image carve-out scored 0.551 and 0.637 mAP at 10 and 30 min, without it 0.551 and "
+            "0.639-0.682); so all are trained on, without validation: best.pt holds the last epoch's weights "
+            "and the test split scores them at the end (--set val_fraction=0.1 validates each epoch)"
+        )
+    return None
+
+
 def plan_validation(cfg: DetectConfig, fp: DetFingerprint, plan: Plan, given_val: int, test: int) -> None:
     """The share of the training images carved for validation (``given_val``: images of the data's own val split,
     ``test``: of its test split)."""
@@ -165,29 +191,8 @@ def plan_validation(cfg: DetectConfig, fp: DetFingerprint, plan: Plan, given_val
     if given_val:
         plan.choose("val_fraction", 0.0, f"the data has its own val split ({given_val} images): nothing is carved")
         return
-    if fp.images < MIN_IMAGES_FOR_VAL:
-        after = (
-            f"the test split ({test} images) scores them at the end"
-            if test
-            else "no score is computed (give a val/ or test/ split to have one)"
-        )
-        why = (
-            f"only {fp.images} training images, fewer than {MIN_IMAGES_FOR_VAL}: {MIN_VAL_IMAGES} validation images "
-            f"would be too few to tell epochs apart and too many to take from training, so all {fp.images} are "
-            f"trained on, without validation; best.pt holds the last epoch's weights and {after}"
-        )
-    elif test and fp.images < FEW_IMAGES_WITH_TEST:
-        why = (
-            f"{fp.images} training images, fewer than {FEW_IMAGES_WITH_TEST}, and the data has its own test split "
-            f"({test} images): a validation of a few images cannot tell late epochs apart, and the planned "
-            "schedule ends at learning rate 0, so the last epoch is the one to keep (on Penn-Fudan, CPU, FCOS "
-            "with a 10-image carve-out scored 0.551 and 0.637 mAP at 10 and 30 min, without it 0.551 and "
-            "0.639-0.682); so all are trained on, without validation: best.pt holds the last epoch's weights "
-            "and the test split scores them at the end (--set val_fraction=0.1 validates each epoch)"
-        )
-    else:
-        why = ""
-    if why:
+    why = no_validation_reason(fp, test)
+    if why is not None:
         plan.choose("val_fraction", 0.0, why, shown="0 (no validation)")
         return
     count = int(np.clip(round(VAL_SHARE * fp.images), MIN_VAL_IMAGES, MAX_VAL_IMAGES))
