@@ -163,6 +163,20 @@ def test_early_stopping_without_improvement(class_tree, tmp_path):
     assert metrics["epochs_completed"] == 3 and metrics["best_epoch"] == 1
 
 
+def test_keep_last_puts_the_last_epoch_in_best_pt_whatever_the_monitor_says(class_tree, tmp_path, capsys):
+    """With the learning rate at 0 no epoch improves the monitor, so ``keep: best`` holds epoch 1 (above); ``keep:
+    last`` holds the last, and an unknown choice is refused in one line."""
+    out = tmp_path / "last"
+    args = fast_args(class_tree, out, "--epochs", "3", "--lr", "0", "--schedule", "none", "--set", "keep=last")
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 3
+    assert load_checkpoint(out / "best.pt")["epoch"] == load_checkpoint(out / "last.pt")["epoch"] == 2
+    bad = fast_args(class_tree, tmp_path / "bad", "--epochs", "1", "--set", "keep=newest")
+    assert main(bad) != 0
+    assert "keep must be best or last, got 'newest'" in capsys.readouterr().err
+
+
 def lrs(schedule: str, steps: int = 100) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=1.0)

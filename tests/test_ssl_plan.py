@@ -1,5 +1,5 @@
-"""The ssl plan: the encoder's width by measured step times, and the temperature by the passes the run will train;
-what the user gave stays."""
+"""The ssl plan: the encoder's width by measured step times, the temperature and batch by the passes the run will
+train, the monitor's size and the epoch kept; what the user gave stays."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from deepscope.tasks.ssl.plan import (
     SHORT_BATCH,
     SHORT_TEMPERATURE,
     Fingerprint,
+    Monitor,
     make_plan,
+    pass_seconds,
 )
 from deepscope.tasks.ssl.task import SSLTask
 
@@ -40,6 +42,14 @@ def planned(cfg: SSLConfig, timer=None, fp: Fingerprint = CIFAR) -> tuple[Plan, 
     return plan, asked
 
 
+MONITORING = {"monitor_images", "knn_bank", "keep"}
+
+
+def training(plan: Plan) -> dict:
+    """The planned settings of the training itself, without the monitor's."""
+    return {k: v for k, v in plan.settings.items() if k not in MONITORING}
+
+
 def test_the_widest_width_with_enough_passes_is_chosen() -> None:
     # 175 steps of 256 a pass and a validation: 0.3 s a step gives 9.6 passes in 9.2 minutes, 1 s 2.9
     cost = {8: 0.15, 16: 0.3, 32: 1.0, 64: 4.0}
@@ -49,7 +59,7 @@ def test_the_widest_width_with_enough_passes_is_chosen() -> None:
     assert any(r.startswith("width timing: width 8") for r in plan.reasons)
     assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 9.6 passes: the short-budget temperature ...
     assert plan.settings["batch_size"] == SHORT_BATCH  # ... and batch
-    assert set(plan.settings) == {"model_args.width", "temperature", "batch_size"}
+    assert set(plan.settings) == {"model_args.width", "temperature", "batch_size"} | MONITORING
     plan, asked = planned(SSLConfig(data="d"), lambda a: 0.001 * a["width"])
     assert len(asked) == 4 and plan.settings["model_args.width"] == 64
     plan, _ = planned(SSLConfig(data="d"), lambda a: 10.0)
@@ -61,23 +71,23 @@ def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
     cfg = SSLConfig(data="d", model_args={"width": 8})
     plan, asked = planned(cfg, lambda a: 0.01)
     assert asked == [{}] and "model_args.width" not in plan.settings
-    assert plan.settings == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}  # 289 passes: a long run
+    assert training(plan) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}  # 289 passes: a long run
     plan.apply(cfg)
     assert cfg.model_args == {"width": 8} and cfg.temperature == LONG_TEMPERATURE
 
 
 def test_given_epochs_decide_the_temperature_without_timing_and_given_settings_stay() -> None:
     short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
-    assert asked == [] and short.settings == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH}
+    assert asked == [] and training(short) == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH}
     long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=100))
-    assert long.settings == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}
+    assert training(long) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}
     given = SSLConfig(data="d", model_args={"width": 4}, epochs=6, temperature=0.3, batch_size=64)
     plan, _ = planned(given)
-    assert plan.settings == {}
+    assert training(plan) == {}
     plan.apply(given)
     assert given.temperature == 0.3 and given.batch_size == 64
     vicreg, asked = planned(SSLConfig(data="d", method="vicreg", model_args={"width": 4}, max_minutes=3))
-    assert vicreg.settings == {"batch_size": LONG_BATCH} and asked == []  # no temperature to plan, nothing timed
+    assert training(vicreg) == {"batch_size": LONG_BATCH} and asked == []  # no temperature to plan, nothing timed
     unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6))
     assert "model_args.width" not in unet.settings
 
@@ -94,6 +104,33 @@ def test_the_batch_follows_the_passes_and_the_number_of_images() -> None:
     assert any(r.startswith("batch_size = 64:") and "at least two batches" in r for r in plan.reasons)
 
 
+def test_the_monitor_is_a_sample_and_its_time_is_planned_for() -> None:
+    """5000 validation images and 10,000 bank images are sampled down to 2000 and 5000, and the passes are planned
+    with that validation's cost; given sizes (0: all) stay, and a small set is monitored whole."""
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, max_minutes=10), lambda a: 0.3)
+    assert plan.settings["monitor_images"] == 2000 and plan.settings["knn_bank"] == 5000
+    assert any(r.startswith("monitor_images = 2000: a seeded sample of 2000 of the 5000") for r in plan.reasons)
+    whole = Monitor(5000, 10000)
+    assert pass_seconds(0.3, CIFAR, 256, Monitor(2000, 5000)) < pass_seconds(0.3, CIFAR, 256, whole)
+    given, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6, monitor_images=0, knn_bank=300))
+    assert "monitor_images" not in given.settings and "knn_bank" not in given.settings
+    small = Fingerprint(150, 20, 150, 1, 64, 64, "microscopy", False)
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6), fp=small)
+    assert plan.settings["monitor_images"] == 20 and "knn_bank" not in plan.settings  # unlabelled: no bank
+    assert any(r.startswith("monitor_images = 20: all 20") for r in plan.reasons)
+
+
+def test_the_last_epoch_is_kept_where_the_schedule_ends_at_zero() -> None:
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
+    assert plan.settings["keep"] == "last"  # SimCLR's cosine schedule
+    plateau = SSLConfig(data="d", model_args={"width": 4}, epochs=6)
+    plateau.optim.schedule = "plateau"
+    plan, _ = planned(plateau)
+    assert plan.settings["keep"] == "best"
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6, keep="best"))
+    assert "keep" not in plan.settings
+
+
 def test_setup_plans_from_real_steps_and_leaves_the_random_state(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ssl_plan, "WIDTHS", (2, 4))  # quick to time
     data = write_digits_npz(tmp_path / "digits.npz")
@@ -107,6 +144,9 @@ def test_setup_plans_from_real_steps_and_leaves_the_random_state(tmp_path: Path,
     assert cfg.model_args["width"] in (2, 4) and cfg.temperature in (SHORT_TEMPERATURE, LONG_TEMPERATURE)
     assert any(r.startswith("width timing: width 2") for r in task.plan.reasons)
     assert task.plan.fingerprint["images"] == len(task.data.splits["train"])
+    val = task.data.splits["val"]
+    assert cfg.monitor_images == len(val) == len(task.monitored)  # fewer than 2000: all of them
+    assert len(task.bank) == 200 and cfg.keep == "last"
 
 
 def test_a_set_smaller_than_two_batches_is_timed_and_trained_at_a_batch_that_fits(tmp_path: Path, monkeypatch) -> None:

@@ -114,11 +114,11 @@ def write_json(path: Path, result: Result) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> Result:
-    from deepscope.engine.checkpoint import checkpoint_task
     from deepscope.engine.distributed import pick_device
+    from deepscope.inference.loading import saved_task
 
     device = pick_device(args.device)
-    task = checkpoint_task(args.checkpoint)
+    task = saved_task(args.checkpoint)
     refuse_foreign_flags(args, args.owners, task, f"{args.checkpoint} is a {task} checkpoint (see predict --help)")
     commands = task_commands(task)
     if commands.predict is None:
@@ -127,6 +127,20 @@ def cmd_predict(args: argparse.Namespace) -> Result:
             "task from it with --init-from"
         )
     return commands.predict(args, device)
+
+
+def cmd_export(args: argparse.Namespace) -> Result:
+    from deepscope.engine.checkpoint import checkpoint_task
+    from deepscope.export.formats import SUFFIXES, export
+
+    task = checkpoint_task(args.checkpoint)
+    commands = task_commands(task)
+    if commands.export is None:
+        raise DeepscopeError(
+            f"{args.checkpoint}: {task} checkpoints cannot be exported yet (segment, denoise, classify and ssl can)"
+        )
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(SUFFIXES[args.format])
+    return export(commands.export(args), args.format, out)
 
 
 def add_task_options(parser: argparse.ArgumentParser, declared: dict[str, tuple[Option, ...]]) -> dict[str, list[str]]:
@@ -231,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     owners = add_task_options(predict, {name: c.predict_options for name, c in commands.items() if c.predict})
     predict.set_defaults(func=cmd_predict, owners=owners)
+
+    exporter = sub.add_parser(
+        "export",
+        help="write a trained network as ONNX or TorchScript, checked against the checkpoint",
+        description="Write the network of a checkpoint as ONNX (onnxruntime) or TorchScript, with the settings deepscope "
+        "predicts with stored inside; the file is run once on a real image and compared with the checkpoint before "
+        "it is kept. deepscope predict takes the file as it takes the checkpoint.",
+    )
+    exporter.add_argument("checkpoint")
+    exporter.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    exporter.add_argument("--out", help="file to write (default: the checkpoint's name with .onnx or .torchscript)")
+    exporter.add_argument(
+        "--sample", help="image to check the export on (default: the first image of the run's data, test split first)"
+    )
+    exporter.add_argument("--key", help="dataset of --sample in an HDF5/zarr/NPZ container")
+    exporter.set_defaults(func=cmd_export)
 
     from deepscope.demo import add_command as add_demo
     from deepscope.serve.command import add_command as add_serve

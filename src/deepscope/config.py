@@ -69,6 +69,9 @@ class TrainConfig:
     early_stopping: int | None = None  # epochs without improvement before stopping
     monitor: str = "accuracy"
     monitor_mode: str = "max"  # max | min
+    # which weights best.pt holds: best (the epoch the monitor scored best) | last (the last epoch: a schedule planned
+    # to end at learning rate 0 means its end, which a noisy monitor may not see)
+    keep: str = "best"
     channels_last: bool = True
     num_workers: int = 0
     tensorboard_images: int = 16

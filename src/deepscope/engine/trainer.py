@@ -50,6 +50,7 @@ from deepscope.models import count_parameters
 CHECK_EVERY_STEPS = 20  # how often (in steps) losses are checked and progress is drawn
 PROBE_STEPS = 8  # training steps timed to plan the schedule (the first is warm-up)
 PROBE_VAL_BATCHES = 2  # validation batches timed; the whole validation is estimated from them
+KEEPS = ("best", "last")  # what best.pt holds (TrainConfig.keep)
 
 
 def first_nonfinite(values: torch.Tensor) -> int | None:
@@ -229,6 +230,8 @@ class Trainer:
         precision = resolve_precision(cfg.amp, device)  # a bad mode fails before any data is read
         seed_everything(cfg.seed)
         task.setup(device, dist)
+        if cfg.keep not in KEEPS:  # checked after setup: a task may plan it
+            raise DeepscopeError(f"keep must be {' or '.join(KEEPS)}, got {cfg.keep!r}")
         model = task.build_model()
         if cfg.init_from:  # also when resuming: it decides which tensors stay frozen
             note = load_init_weights(model, cfg.init_from, freeze=cfg.freeze_encoder)
@@ -505,8 +508,8 @@ class Trainer:
         return load_checkpoint(self.last_path, task=self.config.task, model=self.config.model)
 
     def _improved(self, best: dict[str, Any], value: float | None) -> bool:
-        if value is None:
-            return True  # no validation data: the latest weights are the best we know
+        if value is None or self.config.keep == "last":
+            return True  # no validation data, or the last epoch kept: the latest weights are the ones to keep
         if best["value"] is None:
             return True
         return value > best["value"] if self.config.monitor_mode == "max" else value < best["value"]

@@ -60,7 +60,8 @@ class TaskCommands:
     checkpoint of this task with the parsed arguments and the device; their flags are ``evaluate_options`` and
     ``predict_options`` (a flag several tasks declare is added once; given with another task's checkpoint it is an
     error). ``score_saved`` runs ``deepscope evaluate TASK --pred --truth``, scores of saved results without a model;
-    ``score_options`` names the evaluate flags it takes.
+    ``score_options`` names the evaluate flags it takes. ``export`` makes ``deepscope export CHECKPOINT`` of this task's
+    checkpoints: from the parsed arguments it returns an :class:`~deepscope.export.exportable.Exportable`.
     """
 
     name: str
@@ -74,6 +75,7 @@ class TaskCommands:
     predict: Callable[[argparse.Namespace, Any], Result] | None = None
     score_saved: Callable[[argparse.Namespace], Result] | None = None
     score_options: tuple[str, ...] = ()  # the evaluate flags (by dest) that ``score_saved`` takes
+    export: Callable[[argparse.Namespace], Any] | None = None
 
 
 SET = option("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. optim.lr=0.1")

@@ -17,6 +17,12 @@ def evaluate(args: argparse.Namespace, device: Any) -> Result:
     return evaluate_checkpoint(args.checkpoint, args.data, args.split, device)
 
 
+def export(args: argparse.Namespace) -> Any:
+    from deepscope.tasks.classify.export import exportable
+
+    return exportable(args.checkpoint, args.sample)
+
+
 def predict(args: argparse.Namespace, device: Any) -> Result:
     """Class probabilities of every image into a CSV file: file, predicted class, one probability column per class."""
     from deepscope.atomic import write_text
@@ -43,5 +49,6 @@ COMMANDS = TaskCommands(
         setting("--loader", choices=["auto", "memory", "dataloader"]),
     ),
     evaluate=evaluate,
+    export=export,
     predict=predict,
 )

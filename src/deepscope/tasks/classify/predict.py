@@ -57,6 +57,15 @@ def predict_files(
 ) -> tuple[list[str], np.ndarray]:
     """Class probabilities (N, classes) for image files, read and preprocessed as in training."""
     model, cfg, info = load_classifier(path, device)
+    loader = DeviceLoader(
+        file_images(files, cfg, info), BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False
+    )
+    logits, _ = batched_logits(model, loader)
+    return info["class_names"], logits.softmax(1).numpy()
+
+
+def file_images(files: list[Path], cfg: ClassifyConfig, info: dict[str, Any]) -> ImageSet:
+    """Image files read and resized as in training, checked against the model's (C, H, W)."""
     c, h, w = info["in_shape"]
     images = read_images(files, resize_of(cfg))
     if images.shape[1:3] != (h, w):
@@ -68,7 +77,4 @@ def predict_files(
             images = conform(images, 3, images.dtype)
         else:
             raise DataError(f"{files[0]}: images have {images.shape[3]} channels but the model expects {c}")
-    data = ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])
-    loader = DeviceLoader(data, BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False)
-    logits, _ = batched_logits(model, loader)
-    return info["class_names"], logits.softmax(1).numpy()
+    return ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])

@@ -30,6 +30,12 @@ def evaluate(args: argparse.Namespace, device: Any) -> Result:
     )
 
 
+def export(args: argparse.Namespace) -> Any:
+    from deepscope.tasks.denoise.export import exportable
+
+    return exportable(args.checkpoint, args.sample, args.key)
+
+
 def predict(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.denoise.predict import predict_files
 
@@ -63,6 +69,7 @@ COMMANDS = TaskCommands(
         option("--save-pred", help="folder for the predicted images"),
     ),
     evaluate=evaluate,
+    export=export,
     predict_options=(
         *TILED_PREDICT_OPTIONS,
         option("--tta", action="store_true", help="average over flips and rotations"),

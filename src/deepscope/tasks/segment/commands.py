@@ -26,6 +26,12 @@ def evaluate(args: argparse.Namespace, device: Any) -> Result:
     return evaluate_checkpoint(args.checkpoint, args.data, args.split, device, args.save_pred, args.labels)
 
 
+def export(args: argparse.Namespace) -> Any:
+    from deepscope.tasks.segment.export import exportable
+
+    return exportable(args.checkpoint, args.sample, args.key)
+
+
 def predict(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.segment.predict import predict_files
 
@@ -66,6 +72,7 @@ COMMANDS = TaskCommands(
         option("--save-pred", help="folder for the predicted images"),
     ),
     evaluate=evaluate,
+    export=export,
     predict_options=(
         *TILED_PREDICT_OPTIONS,
         option("--tta", action="store_true", help="average over flips"),

@@ -17,6 +17,12 @@ def evaluate(args: argparse.Namespace, device: Any) -> Result:
     return evaluate_checkpoint(args.checkpoint, args.data, args.probe, args.fractions, device)
 
 
+def export(args: argparse.Namespace) -> Any:
+    from deepscope.tasks.ssl.export import exportable
+
+    return exportable(args.checkpoint, args.sample)
+
+
 COMMANDS = TaskCommands(
     name="ssl",
     summary="self-supervised pretraining of an encoder (SimCLR, VICReg) for transfer",
@@ -33,4 +39,5 @@ COMMANDS = TaskCommands(
         option("--fractions", type=float, nargs="+", help="label fractions of the linear probes (default 0.01 0.1 1)"),
     ),
     evaluate=evaluate,
+    export=export,
 )

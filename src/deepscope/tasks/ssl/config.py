@@ -56,7 +56,10 @@ class SSLConfig(TrainConfig):
     val_fraction: float = 0.1
     knn_k: int = 200
     knn_temperature: float = 0.1
-    knn_bank: int = 10000  # training images in the kNN monitor's memory bank (a seeded sample); 0: all
+    # images the monitor evaluates each epoch (seeded samples): validation images, and labelled training images in
+    # the kNN bank; 0: all; None: planned (at most 2000 and 5000)
+    monitor_images: int | None = None
+    knn_bank: int | None = None
     # label fractions of the final linear probes
     probe_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
     probe_random: bool = True  # also probe the same encoder at random initialisation, the baseline to beat
@@ -64,6 +67,7 @@ class SSLConfig(TrainConfig):
     batch_size: int | None = None  # type: ignore[assignment]
     eval_batch_size: int = 512
     monitor: str = "auto"  # auto: knn_accuracy with labelled validation images, else the validation loss
+    keep: str | None = None  # type: ignore[assignment]  # best | last; None: planned (last when the schedule ends at 0)
     optim: OptimConfig = field(default_factory=_default_optim)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,10 @@ class SSLConfig(TrainConfig):
             raise DeepscopeError(f"crops must be grid or objects, got {self.crops!r}")
         if (self.temperature is not None and self.temperature <= 0) or self.knn_temperature <= 0:
             raise DeepscopeError("temperature and knn_temperature must be positive")
+        if self.keep not in (None, "best", "last"):
+            raise DeepscopeError(f"keep must be best or last, got {self.keep!r}")
+        if any(n is not None and n < 0 for n in (self.monitor_images, self.knn_bank)):
+            raise DeepscopeError("monitor_images and knn_bank must be image counts (0: all), not negative")
         if not self.probe_fractions or not all(0 < f <= 1 for f in self.probe_fractions):
             raise DeepscopeError(f"probe_fractions must be label fractions in (0, 1], got {self.probe_fractions}")
         if self.normalize is not None and (

@@ -99,11 +99,10 @@ class SSLTask(Task):
         val = self.data.splits.get("val")
         self.labelled = train.labelled and val is not None and val.labelled
         labelled_train = np.flatnonzero(train.labels >= 0)
-        bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
         fp = Fingerprint(
             images=len(train),
             val_images=0 if val is None else len(val),
-            bank_images=min(bank_size, len(labelled_train)),
+            bank_images=len(labelled_train),
             channels=self.in_shape[0],
             height=self.in_shape[1],
             width=self.in_shape[2],
@@ -116,11 +115,16 @@ class SSLTask(Task):
         self.plan.apply(cfg)
         if cfg.monitor == "auto":
             cfg.monitor, cfg.monitor_mode = ("knn_accuracy", "max") if self.labelled else ("loss", "min")
+        bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
         self.bank = train.subset(labelled_train[seeded_sample(len(labelled_train), bank_size, cfg.seed)])
+        self.monitored = (
+            None if val is None else val.subset(seeded_sample(len(val), cfg.monitor_images or len(val), cfg.seed))
+        )
         self.bank_batches = self.eval_batches(self.bank) if self.labelled else None  # built once, read every epoch
         self.notes.append(
             f"ssl: {cfg.method} on {len(train)} training images of shape {self.in_shape} ({self.data.kind}, "
             f"{self.preset} views); monitor {cfg.monitor}"
+            + (f" on {len(self.monitored)} validation images" if self.monitored is not None else "")
             + (f" (kNN k={cfg.knn_k}, T={cfg.knn_temperature}, bank of {len(self.bank)})" if self.labelled else "")
         )
 
@@ -177,7 +181,7 @@ class SSLTask(Task):
         )
 
     def val_batches(self) -> Batches | None:
-        return self.eval_batches(self.data.splits["val"]) if "val" in self.data.splits else None
+        return None if self.monitored is None else self.eval_batches(self.monitored)
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         v1, v2, _ = batch
