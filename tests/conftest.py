@@ -275,3 +275,39 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
         server.kill()
         raise AssertionError(line + server.stdout.read())
     return server, url.group(0)
+
+
+def last_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    """The JSON a command printed on its last line of stdout."""
+    import json
+
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run a command that must fail: exit code 2 and one line on stderr, no traceback; the line."""
+    from deepscope.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.fixture(scope="session")
+def small_nuclei(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated nuclei: 8 training and 2 test images of 96 pixels."""
+    from deepscope.demo.data import write_nuclei
+
+    return write_nuclei(tmp_path_factory.mktemp("small_nuclei") / "data", train=8, test=2, size=96)
+
+
+@pytest.fixture(scope="session")
+def small_flows_run(small_nuclei: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch flows U-Net (depth 2, 8 features) on :func:`small_nuclei`: a checkpoint to export and predict with."""
+    from deepscope.cli import main
+
+    out = tmp_path_factory.mktemp("small_run") / "flows"
+    options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
+    assert main(train_args("segment", small_nuclei, out, 2, *options, "--set", "target=flows")) == 0
+    return out

@@ -3,7 +3,6 @@ deepscope predicts with, and predict as the checkpoint does; what cannot be expo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,9 @@ import pytest
 import tifffile
 import torch
 
-from conftest import cpu_unet_options, fast_args, train_args
+from conftest import cpu_unet_options, fast_args, last_json, one_line_error, train_args
 from deepscope.cli import main
-from deepscope.demo.data import write_digits_npz, write_nuclei
+from deepscope.demo.data import write_digits_npz
 from deepscope.export.exportable import Exportable
 from deepscope.export.formats import TOLERANCE, export
 from deepscope.export.runtime import exported_format, exported_metadata, load_exported
@@ -24,37 +23,13 @@ pytest.importorskip("onnxruntime", reason="export tests need onnxruntime (pip in
 FORMATS = ("onnx", "torchscript")
 
 
-def last_json(capsys) -> dict:
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
-
-def error_of(args: list[str], capsys) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    return err
-
-
-@pytest.fixture(scope="module")
-def nuclei(tmp_path_factory) -> Path:
-    return write_nuclei(tmp_path_factory.mktemp("nuclei") / "data", train=8, test=2, size=96)
-
-
-@pytest.fixture(scope="module")
-def segment_run(nuclei, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "seg"
-    options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
-    assert main(train_args("segment", nuclei, out, 2, *options, "--set", "target=flows")) == 0
-    return out
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_segmentation_export_equals_the_checkpoint_and_predicts_the_same_instances(
-    segment_run, nuclei, tmp_path, capsys, fmt
+    small_flows_run, small_nuclei, tmp_path, capsys, fmt
 ):
     capsys.readouterr()
     out = tmp_path / f"model.{fmt}"
-    assert main(["export", str(segment_run / "best.pt"), "--format", fmt, "--out", str(out)]) == 0
+    assert main(["export", str(small_flows_run / "best.pt"), "--format", fmt, "--out", str(out)]) == 0
     result = last_json(capsys)
     assert result["max_abs_difference"] <= TOLERANCE and len(result["checked_shapes"]) == 2  # the example, one larger
     assert result["input_axes"] == "bcyx" and result["spatial_multiple"] == [4, 4]
@@ -62,9 +37,9 @@ def test_a_segmentation_export_equals_the_checkpoint_and_predicts_the_same_insta
     metadata = exported_metadata(out)
     assert metadata["task"] == "segment" and metadata["config"]["target"] == "flows"
     assert metadata["task_state"]["divisor"] == [4, 4]
-    image = sorted((nuclei / "test" / "images").iterdir())[0]
+    image = sorted((small_nuclei / "test" / "images").iterdir())[0]
     predicted = {}
-    for name, model in (("checkpoint", segment_run / "best.pt"), ("export", out)):
+    for name, model in (("checkpoint", small_flows_run / "best.pt"), ("export", out)):
         target = tmp_path / f"{name}.h5"
         assert main(["predict", str(model), str(image), "--out", str(target), "--instances", "--device", "cpu"]) == 0
         import h5py
@@ -75,7 +50,7 @@ def test_a_segmentation_export_equals_the_checkpoint_and_predicts_the_same_insta
     np.testing.assert_array_equal(predicted["export"][1], predicted["checkpoint"][1])
 
 
-def test_a_real_image_checks_the_export(segment_run, shared_data, tmp_path, capsys):
+def test_a_real_image_checks_the_export(small_flows_run, shared_data, tmp_path, capsys):
     """An ISBI 2012 electron microscopy slice (512x512, grey) as --sample: the check runs on its first tile."""
     images = shared_data / "isbi2012_em" / "images"
     if not images.is_dir():
@@ -83,7 +58,7 @@ def test_a_real_image_checks_the_export(segment_run, shared_data, tmp_path, caps
     sample = sorted(images.iterdir())[0]
     capsys.readouterr()
     out = tmp_path / "dsb.onnx"
-    args = ["export", str(segment_run / "best.pt"), "--format", "onnx", "--out", str(out), "--sample", str(sample)]
+    args = ["export", str(small_flows_run / "best.pt"), "--format", "onnx", "--out", str(out), "--sample", str(sample)]
     assert main(args) == 0
     result = last_json(capsys)
     assert result["max_abs_difference"] <= TOLERANCE and str(sample) in result["notes"][-1]
@@ -182,11 +157,13 @@ def test_an_ssl_encoder_exports_its_features(tmp_path, capsys):
     assert "projection head is left out" in result["notes"][0]
 
 
-def test_what_cannot_be_exported_or_run_is_refused_in_one_line(segment_run, tmp_path, capsys):
+def test_what_cannot_be_exported_or_run_is_refused_in_one_line(small_flows_run, tmp_path, capsys):
     bogus = tmp_path / "bogus.onnx"
     bogus.write_bytes(b"not a model at all")
-    assert "not a readable ONNX model" in error_of(["predict", str(bogus), str(bogus), "--out", str(tmp_path)], capsys)
-    assert str(bogus) in error_of(["export", str(bogus), "--format", "onnx"], capsys)
+    assert "not a readable ONNX model" in one_line_error(
+        ["predict", str(bogus), str(bogus), "--out", str(tmp_path)], capsys
+    )
+    assert str(bogus) in one_line_error(["export", str(bogus), "--format", "onnx"], capsys)
     # an ONNX file made elsewhere has no deepscope settings to predict with
     import onnx
     from onnx import TensorProto, helper
@@ -200,19 +177,23 @@ def test_what_cannot_be_exported_or_run_is_refused_in_one_line(segment_run, tmp_
     plain = tmp_path / "plain.onnx"
     onnx.save(helper.make_model(graph), plain)
     assert exported_format(plain) == "onnx" and exported_metadata(plain) is None
-    assert "not exported by deepscope" in error_of(["predict", str(plain), str(plain), "--out", str(tmp_path)], capsys)
+    assert "not exported by deepscope" in one_line_error(
+        ["predict", str(plain), str(plain), "--out", str(tmp_path)], capsys
+    )
     # a checkpoint's task must be one that exports
     detect = tmp_path / "detect.pt"
     from deepscope.engine.checkpoint import save_checkpoint
 
     save_checkpoint({"config": {"task": "detect"}, "model": {}}, detect)
-    assert "detect checkpoints cannot be exported yet" in error_of(["export", str(detect), "--format", "onnx"], capsys)
+    assert "detect checkpoints cannot be exported yet" in one_line_error(
+        ["export", str(detect), "--format", "onnx"], capsys
+    )
     # an export refused by the check leaves no file behind
     out = tmp_path / "missing-sample.onnx"
-    err = error_of(
+    err = one_line_error(
         [
             "export",
-            str(segment_run / "best.pt"),
+            str(small_flows_run / "best.pt"),
             "--format",
             "onnx",
             "--out",

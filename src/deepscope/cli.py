@@ -113,11 +113,30 @@ def write_json(path: Path, result: Result) -> None:
     write_text(path, json.dumps(result, indent=2), "evaluation")
 
 
+def is_foreign_package(path: str) -> bool:
+    """Whether ``path`` is a bioimage.io package that another tool wrote (no deepscope settings inside)."""
+    from deepscope.export.runtime import exported_format, exported_metadata
+
+    return exported_format(path) == "bioimageio" and exported_metadata(path) is None
+
+
+def predict_foreign_package(args: argparse.Namespace) -> Result:
+    """``deepscope predict PACKAGE IMAGES``: the package's own pre- and postprocessing, its ONNX or TorchScript weights."""
+    from deepscope.export.packages import predict_package
+    from deepscope.tasks.options import collect_inputs, predictions
+
+    refuse_foreign_flags(args, args.owners, "bioimageio", f"{args.checkpoint} is a bioimage.io package")
+    records = predict_package(Path(args.checkpoint), collect_inputs(args.inputs, volumes=True), Path(args.out))
+    return predictions(records, args.out)
+
+
 def cmd_predict(args: argparse.Namespace) -> Result:
     from deepscope.engine.distributed import pick_device
     from deepscope.inference.loading import saved_task
 
     device = pick_device(args.device)
+    if is_foreign_package(args.checkpoint):
+        return predict_foreign_package(args)
     task = saved_task(args.checkpoint)
     refuse_foreign_flags(args, args.owners, task, f"{args.checkpoint} is a {task} checkpoint (see predict --help)")
     commands = task_commands(task)
@@ -139,8 +158,22 @@ def cmd_export(args: argparse.Namespace) -> Result:
         raise DeepscopeError(
             f"{args.checkpoint}: {task} checkpoints cannot be exported yet (segment, denoise, classify and ssl can)"
         )
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(SUFFIXES[args.format])
-    return export(commands.export(args), args.format, out)
+    package = args.format == "bioimageio"
+    if package and task not in ("segment", "denoise"):
+        raise DeepscopeError(
+            f"{args.checkpoint}: bioimage.io packages are written for segment and denoise checkpoints so far; export "
+            f"this {task} checkpoint as onnx or torchscript"
+        )
+    out = (
+        Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".zip" if package else SUFFIXES[args.format])
+    )
+    exportable = commands.export(args)
+    if not package:
+        return export(exportable, args.format, out)
+    from deepscope.export.bioimageio import PackageInfo, write_package
+
+    info = PackageInfo(args.name, args.author or [], args.license, args.description, args.cover)
+    return write_package(exportable, info, out)
 
 
 def add_task_options(parser: argparse.ArgumentParser, declared: dict[str, tuple[Option, ...]]) -> dict[str, list[str]]:
@@ -254,12 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
         "it is kept. deepscope predict takes the file as it takes the checkpoint.",
     )
     exporter.add_argument("checkpoint")
-    exporter.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    exporter.add_argument("--out", help="file to write (default: the checkpoint's name with .onnx or .torchscript)")
+    exporter.add_argument("--format", required=True, choices=["onnx", "torchscript", "bioimageio"])
+    exporter.add_argument(
+        "--out", help="file to write (default: the checkpoint's name with .onnx, .torchscript or .zip)"
+    )
     exporter.add_argument(
         "--sample", help="image to check the export on (default: the first image of the run's data, test split first)"
     )
     exporter.add_argument("--key", help="dataset of --sample in an HDF5/zarr/NPZ container")
+    zoo = exporter.add_argument_group("bioimageio packages")
+    zoo.add_argument("--name", help="the model's name (default: deepscope TASK RUN-FOLDER)")
+    zoo.add_argument("--author", action="append", help="an author's full name (required; once per author)")
+    zoo.add_argument("--license", help="SPDX licence id of the package, e.g. MIT or CC-BY-4.0 (required)")
+    zoo.add_argument("--description", help="one or two sentences on the model (default: what deepscope trained)")
+    zoo.add_argument("--cover", help="PNG or JPEG cover picture (default: the test input beside the test output)")
     exporter.set_defaults(func=cmd_export)
 
     from deepscope.demo import add_command as add_demo

@@ -12,12 +12,14 @@ numpy types an RNG state holds; a pickle asking for anything else (a class, a fu
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import re
 import shutil
 import types
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import yaml
 
 from deepscope.atomic import atomic_write
 from deepscope.errors import CheckpointError
@@ -56,13 +59,14 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
         atomic_write(Path(dst), lambda handle: shutil.copyfileobj(source, handle, 1 << 20), "checkpoint")
 
 
-def _unpickle_weights_only(path: Path) -> Any:
-    """A PyTorch pickle, built by ``torch.load``'s restricted unpickler: tensors and plain values only."""
+def _unpickle_weights_only(path: Path, data: bytes | None = None) -> Any:
+    """A PyTorch pickle, built by ``torch.load``'s restricted unpickler: tensors and plain values only; ``data``: its
+    bytes, read from inside ``path``."""
     try:
         with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
             # torch's note on an old pickle protocol says nothing to the user
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's restricted unpickler did not refuse: the file is damaged
         if "Weights only load failed" not in str(exc):
@@ -96,12 +100,35 @@ def _reading(path: Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def package_weights(path: Path) -> bytes | None:
+    """The ``pytorch_state_dict`` weights file of a bioimage.io package (a .zip with rdf.yaml), read in place; None
+    for any other file. Only the weights are read: the package's architecture source is never run."""
+    if path.suffix.lower() != ".zip" or not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        described = next((n for n in archive.namelist() if Path(n).name in ("rdf.yaml", "bioimageio.yaml")), None)
+        if described is None:
+            return None
+        try:
+            rdf = yaml.safe_load(archive.read(described))
+            source = rdf["weights"]["pytorch_state_dict"]["source"]
+            return archive.read(source)
+        except (yaml.YAMLError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{path}: the bioimage.io package has no pytorch_state_dict weights to start from"
+            ) from None
+
+
 def read_weights_file(path: Path) -> Any:
     """What a checkpoint or weights file holds, opened safely: a deepscope checkpoint's state, a safetensors file's
-    tensors, or a PyTorch pickle of tensors and plain values (see the module docstring)."""
+    tensors, a PyTorch pickle of tensors and plain values (see the module docstring), or the state dict of a
+    bioimage.io package."""
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     with _reading(path):
+        packaged = package_weights(path)
+        if packaged is not None:
+            return _unpickle_weights_only(path, packaged)
         if not is_safetensors(path):
             _check_pytorch_file(path)
             return _unpickle_weights_only(path)

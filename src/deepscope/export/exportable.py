@@ -4,8 +4,9 @@ outputs mean something (normalisation, tile and halo, post-processing and its tu
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,38 @@ from deepscope.errors import DeepscopeError
 
 # ONNX metadata_props key and TorchScript extra file stem holding :meth:`Exportable.metadata`
 METADATA_KEY = "deepscope"
-EXAMPLE_BATCH = (
-    2  # images in a fixed-size network's example batch: two, so that a batch axis frozen by a trace is caught
-)
+# images in a fixed-size network's example batch: two, so that a batch axis frozen by a trace is caught
+EXAMPLE_BATCH = 2
+# the U-Net papers, cited by every package of a U-Net, by its number of spatial axes
+UNET_CITATIONS = {
+    2: {"text": "Ronneberger, Fischer and Brox 2015, U-Net", "doi": "10.1007/978-3-319-24574-4_28"},
+    3: {"text": "Cicek et al. 2016, 3D U-Net", "doi": "10.1007/978-3-319-46723-8_49"},
+}
+
+
+@dataclass
+class ZooParts:
+    """What a task adds to an :class:`Exportable` for a zoo package.
+
+    ``raw`` is the example before preprocessing (the package's test input); the package's ``preprocessing`` must turn
+    it into the exportable's example as deepscope prepares images, which bioimageio.core's test checks. ``finish``
+    applies the ``postprocessing`` to the network's output in torch, for the test output. ``architecture`` names the
+    callable in the architecture source and its keyword arguments.
+    """
+
+    raw: np.ndarray
+    preprocessing: list[dict[str, Any]]
+    postprocessing: list[dict[str, Any]]
+    finish: Callable[[torch.Tensor], torch.Tensor]
+    halo: Sequence[int]
+    channel_names: list[str]
+    output_names: list[str]
+    architecture: tuple[str, dict[str, Any]]
+    cite: list[dict[str, str]]
+    tags: list[str]
+    description: str
+    documentation: list[str] = field(default_factory=list)  # markdown paragraphs on inputs, outputs, post-processing
+    metrics: dict[str, Any] = field(default_factory=dict)  # the run's test metrics, if it has any
 
 
 @dataclass
@@ -40,6 +70,7 @@ class Exportable:
     state: dict[str, Any]
     source: str
     notes: list[str] = field(default_factory=list)
+    zoo: ZooParts | None = None  # what a bioimage.io package adds; None: the task has no package yet
 
     def axes(self) -> str:
         """Axis letters of the input, as the BioImage Model Zoo names them: b, c, then z, y, x."""
@@ -76,7 +107,7 @@ def example_block(view: Any, tile: Sequence[int], divisor: Sequence[int]) -> tor
     spatial = tuple(view.shape[1:])
     sides = [max(d, min(t, s) // d * d) for s, t, d in zip(spatial, tile, divisor)]
     block = np.asarray(view[(slice(None), *(slice(0, side) for side in sides))], np.float32)
-    tensor = torch.from_numpy(np.ascontiguousarray(block))[None]
+    tensor = torch.from_numpy(np.array(block, np.float32))[None]  # a copy: a memory-mapped file's blocks are read-only
     pad = [p for side, got in zip(reversed(sides), reversed(block.shape[1:])) for p in (0, side - got)]
     return F.pad(tensor, pad, mode="replicate") if any(pad) else tensor
 
@@ -87,3 +118,20 @@ def standardised_images_note(in_shape: Sequence[int], mean: Sequence[float], std
         f"inputs: {list(in_shape)} (C, H, W) images scaled to 0..1, then (x - mean) / std per channel with mean "
         f"{list(mean)} and std {list(std)}"
     )
+
+
+def run_metrics(checkpoint: str | Path) -> dict[str, Any]:
+    """The run's test scores (numbers only) from the metrics.json beside the checkpoint: its ``test`` section and
+    its ``test_*`` entries; empty when there is none."""
+    try:
+        metrics = json.loads(Path(checkpoint).with_name("metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(metrics, dict):
+        return {}
+    test = metrics.get("test")
+    found = {
+        **(test if isinstance(test, dict) else {}),
+        **{k[5:]: v for k, v in metrics.items() if k.startswith("test_")},
+    }
+    return {k: v for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from deepscope.errors import CheckpointError, DeepscopeError
 from deepscope.export.exportable import METADATA_KEY
 
 ZIP_MAGIC = b"PK\x03\x04"
+PACKAGE_FILES = ("rdf.yaml", "bioimageio.yaml")  # the model description inside a bioimage.io package
 
 
 def exported_format(path: str | Path) -> str | None:
@@ -37,16 +39,75 @@ def exported_format(path: str | Path) -> str | None:
                 names = archive.namelist()
         except zipfile.BadZipFile:
             return None
+        if any(Path(name).name in PACKAGE_FILES for name in names):
+            return "bioimageio"
         return "torchscript" if any("/code/__torch__" in name for name in names) else None
     if path.suffix.lower() == ".onnx":
         return "onnx"
+    if path.name in PACKAGE_FILES or path.name.endswith(".bioimageio.yaml"):
+        return "bioimageio"
     return None
 
 
-class OnnxModule(nn.Module):
-    """An ONNX model in an onnxruntime session on the CPU, called like the network it was exported from."""
+def package_rdf(path: Path) -> dict[str, Any]:
+    """The model description (rdf.yaml) of a bioimage.io package, a .zip or the YAML file of an unpacked one, read with
+    ``yaml.safe_load``."""
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if Path(n).name in PACKAGE_FILES)
+            text = archive.read(name)
+    else:
+        text = path.read_bytes()
+    try:
+        rdf = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path}: its model description is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(rdf, dict) or rdf.get("type") != "model":
+        raise CheckpointError(f"{path}: not the description of a bioimage.io model (type: model)")
+    return rdf
 
-    def __init__(self, path: Path) -> None:
+
+def package_member(path: Path, source: str) -> bytes:
+    """A file of a package by its name in the description: a member of the .zip, or a file beside the YAML (never
+    outside its folder)."""
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            try:
+                return archive.read(source)
+            except KeyError:
+                raise CheckpointError(f"{path}: the package lacks {source}, which its description names") from None
+    folder = path.resolve().parent
+    member = (folder / source).resolve()
+    if not member.is_relative_to(folder) or not member.is_file():
+        raise CheckpointError(f"{path}: {source} is not a file of the package's folder")
+    return member.read_bytes()
+
+
+def package_metadata(path: Path, rdf: dict[str, Any]) -> dict[str, Any] | None:
+    """The deepscope settings in a package's ``config`` (JSON text), None for a package another tool wrote."""
+    config = rdf.get("config")
+    text = config.get(METADATA_KEY) if isinstance(config, dict) else None
+    return _decoded(text, path) if isinstance(text, str) else None
+
+
+def deepscope_package(path: Path) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A package's ONNX weights (the fastest runtime whose outputs equal eager PyTorch's, benchmarks/RESULTS.md
+    "export_speed") and the deepscope settings stored in its ``config``; None for a package another tool wrote."""
+    rdf = package_rdf(path)
+    metadata = package_metadata(path, rdf)
+    if metadata is None:
+        return nn.Identity(), None
+    onnx = (rdf.get("weights") or {}).get("onnx") or {}
+    if not isinstance(onnx, dict) or not isinstance(onnx.get("source"), str):
+        raise CheckpointError(f"{path}: the package has no ONNX weights, which deepscope runs its own packages with")
+    return OnnxModule(path, package_member(path, onnx["source"])), metadata
+
+
+class OnnxModule(nn.Module):
+    """An ONNX model in an onnxruntime session on the CPU, called like the network it was exported from; ``model`` is
+    the file, or its bytes (weights inside a package), with ``path`` naming where they came from."""
+
+    def __init__(self, path: Path, model: bytes | None = None) -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -58,7 +119,9 @@ class OnnxModule(nn.Module):
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path) if model is None else model, options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own exception types, not exported under stable names
             raise CheckpointError(f"{path}: onnxruntime cannot load this model ({str(exc).splitlines()[0]})") from None
         inputs = self.session.get_inputs()
@@ -109,7 +172,9 @@ def exported_metadata(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     fmt = exported_format(path)
     if fmt is None:
-        raise CheckpointError(f"{path}: neither an ONNX nor a TorchScript model")
+        raise CheckpointError(f"{path}: neither an ONNX nor a TorchScript model nor a bioimage.io package")
+    if fmt == "bioimageio":
+        return package_metadata(path, package_rdf(path))
     return onnx_metadata(path) if fmt == "onnx" else torchscript_metadata(path)
 
 
@@ -120,6 +185,8 @@ def load_exported(path: str | Path, device: torch.device) -> tuple[nn.Module, di
     fmt = exported_format(path)
     if fmt == "onnx":
         return OnnxModule(path), onnx_metadata(path)
+    if fmt == "bioimageio":
+        return deepscope_package(path)
     if fmt == "torchscript":
         extra = {f"{METADATA_KEY}.json": ""}
         try:
@@ -129,4 +196,4 @@ def load_exported(path: str | Path, device: torch.device) -> tuple[nn.Module, di
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]})") from None
         return module.eval(), _decoded(extra[f"{METADATA_KEY}.json"], path)
-    raise CheckpointError(f"{path}: neither an ONNX nor a TorchScript model")
+    raise CheckpointError(f"{path}: neither an ONNX nor a TorchScript model nor a bioimage.io package")

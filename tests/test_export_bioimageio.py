@@ -1,0 +1,236 @@
+"""deepscope export --format bioimageio: packages that pass bioimageio.core's own model test and predict as their
+checkpoint does; packages other tools wrote run through deepscope predict with their own processing, and only with
+weights that run none of their code."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+from torch import nn
+
+from conftest import cpu_unet_options, last_json, one_line_error, train_args
+from deepscope.cli import main
+from deepscope.export.bioimageio import architecture_source
+
+pytest.importorskip("bioimageio.core", reason="package tests need bioimageio.core (pip install -e '.[test]')")
+
+ZOO = ["--format", "bioimageio", "--author", "Ada Lovelace", "--license", "MIT"]
+
+
+def steps(tensor: dict, kind: str) -> list[str]:
+    """The processing steps of a tensor, less the dtype casts bioimageio.spec adds."""
+    return [step["id"] for step in tensor.get(kind, []) if step["id"] != "ensure_dtype"]
+
+
+@pytest.mark.parametrize("target", ["flows", "foreground_boundaries"])
+def test_a_segmentation_package_passes_the_zoo_test_and_predicts_as_its_checkpoint(
+    small_nuclei, small_flows_run, tmp_path, capsys, target
+):
+    run = small_flows_run
+    if target != "flows":
+        run = tmp_path / target
+        options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
+        assert main(train_args("segment", small_nuclei, run, 1, *options, "--set", f"target={target}")) == 0
+    package = tmp_path / "model.zip"
+    capsys.readouterr()
+    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    result = last_json(capsys)
+    assert result["bioimageio_test"] == "passed" and max(result["max_abs_difference"].values()) <= 1e-4
+    with zipfile.ZipFile(package) as archive:
+        names = set(archive.namelist())
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        readme = archive.read("README.md").decode()
+    assert {"weights.pt", "weights.torchscript", "weights.onnx", "architecture.py", "cover.png"} <= names
+    assert {"test_input.npy", "test_output.npy"} <= names
+    assert set(rdf["weights"]) == {"pytorch_state_dict", "torchscript", "onnx"}
+    assert steps(rdf["inputs"][0], "preprocessing") == ["scale_range"]
+    assert steps(rdf["outputs"][0], "postprocessing") == ([] if target == "flows" else ["sigmoid"])
+    assert rdf["authors"] == [{"name": "Ada Lovelace"}] and rdf["license"] == "MIT"
+    assert "## Validation" in readme and "## Metrics of the run" in readme
+    # deepscope predict on the package gives the checkpoint's probabilities and instances
+    image = sorted((small_nuclei / "test" / "images").iterdir())[0]
+    import h5py
+
+    predicted = {}
+    for name, model in (("checkpoint", run / "best.pt"), ("package", package)):
+        target_file = tmp_path / f"{name}.h5"
+        assert (
+            main(["predict", str(model), str(image), "--out", str(target_file), "--instances", "--device", "cpu"]) == 0
+        )
+        with h5py.File(target_file) as f:
+            predicted[name] = (f["probabilities"][...], f["instances"][...])
+    np.testing.assert_allclose(predicted["package"][0], predicted["checkpoint"][0], atol=1e-4)
+    np.testing.assert_array_equal(predicted["package"][1], predicted["checkpoint"][1])
+
+
+def test_a_package_starts_a_fine_tuning_run(small_nuclei, small_flows_run, tmp_path, capsys):
+    """--init-from takes a package's pytorch_state_dict weights (read with torch.load(weights_only=True), its
+    architecture file never run) when deepscope builds the same architecture."""
+    package = tmp_path / "model.zip"
+    assert main(["export", str(small_flows_run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
+    run = tmp_path / "tuned"
+    tuned = train_args("segment", small_nuclei, run, 1, *options, "--set", "target=flows", "--init-from", str(package))
+    assert main(tuned) == 0
+    log = (run / "train.log").read_text()
+    taken = re.search(r"initialised (\d+) of (\d+) tensors from", log)
+    assert taken and taken.group(1) == taken.group(2)
+
+
+def test_a_denoising_package_passes_the_zoo_test(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 1)):
+        for role in ("noisy", "clean"):
+            (tmp_path / "data" / split / role).mkdir(parents=True)
+        for i in range(n):
+            smooth = np.cumsum(np.cumsum(rng.normal(size=(48, 48)), 0), 1)
+            clean = ((smooth - smooth.min()) / np.ptp(smooth) * 200).astype(np.float32)
+            tifffile.imwrite(tmp_path / "data" / split / "clean" / f"im{i}.tif", clean)
+            noisy = (clean + rng.normal(0, 20, clean.shape)).astype(np.float32)
+            tifffile.imwrite(tmp_path / "data" / split / "noisy" / f"im{i}.tif", noisy)
+    run = tmp_path / "n2v"
+    options = cpu_unet_options(batch_size=16, lr=0.004, depth=2, patch=32, patches_per_epoch=32, val_fraction=0.2)
+    assert main(train_args("denoise", tmp_path / "data", run, 1, "--method", "n2v", *options)) == 0
+    capsys.readouterr()
+    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(tmp_path / "n2v.zip")]) == 0
+    result = last_json(capsys)
+    assert result["bioimageio_test"] == "passed"
+    with zipfile.ZipFile(tmp_path / "n2v.zip") as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+    assert steps(rdf["inputs"][0], "preprocessing") == ["fixed_zero_mean_unit_variance"]
+    assert steps(rdf["outputs"][0], "postprocessing") == ["scale_linear"]
+    assert any("Noise2Void" in c["text"] for c in rdf["cite"])
+
+
+def test_the_architecture_source_runs_without_deepscope(tmp_path):
+    """The package's architecture file imports nothing of deepscope's but its error type, and builds the U-Net."""
+    source = architecture_source()
+    imports = [line for line in source.splitlines() if "deepscope" in line and "import" in line]
+    assert imports == ["    from deepscope.errors import DeepscopeError"]
+    namespace: dict = {}
+    exec(compile(source.replace("from deepscope.errors", "from no_such_package"), "architecture.py", "exec"), namespace)
+    net = namespace["UNet"](1, 2, dim=2, depth=2, features=4)
+    assert net(torch.zeros(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+
+
+class PlainUNet(nn.Module):
+    """A small U-Net written here, not by deepscope: one level down, one up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.bottom = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.down(x)
+        return self.head(torch.cat([skip, self.up(self.bottom(skip))], 1))
+
+
+def foreign_package(folder: Path, weights: str) -> Path:
+    """A package of :class:`PlainUNet` built by bioimageio.spec, with TorchScript or only state-dict weights."""
+    from bioimageio.spec import ValidationContext, build_description, save_bioimageio_package
+
+    torch.manual_seed(0)
+    net = PlainUNet().eval()
+    raw = np.random.default_rng(1).uniform(0, 1000, (1, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        output = torch.sigmoid(net(torch.from_numpy((raw - raw.mean()) / (raw.std() + 1e-6)))).numpy()
+    np.save(folder / "in.npy", raw)
+    np.save(folder / "out.npy", output)
+    if weights == "torchscript":
+        torch.jit.save(torch.jit.trace(net, torch.from_numpy(raw)), str(folder / "net.pt"))
+        entry = {"torchscript": {"source": "net.pt", "pytorch_version": "2.4"}}
+    else:
+        torch.save(net.state_dict(), folder / "net.pt")
+        (folder / "plain.py").write_text("from torch import nn\nclass PlainUNet(nn.Module):\n    pass\n")
+        architecture = {"source": "plain.py", "callable": "PlainUNet"}
+        entry = {"pytorch_state_dict": {"source": "net.pt", "architecture": architecture, "pytorch_version": "2.4"}}
+    (folder / "README.md").write_text("# plain\n")
+    space = {"min": 8, "step": 2}
+    rdf = {
+        "format_version": "0.5.4",
+        "type": "model",
+        "name": "plain unet from elsewhere",
+        "description": "written in a test",
+        "authors": [{"name": "Someone Else"}],
+        "license": "MIT",
+        "cite": [{"text": "none", "url": "https://example.org"}],
+        "documentation": "README.md",
+        "inputs": [
+            {
+                "id": "image",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["grey"]},
+                    {"type": "space", "id": "y", "size": space},
+                    {"type": "space", "id": "x", "size": space},
+                ],
+                "test_tensor": {"source": "in.npy"},
+                "preprocessing": [{"id": "zero_mean_unit_variance", "kwargs": {"axes": ["channel", "y", "x"]}}],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "mask",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["probability"]},
+                    {"type": "space", "id": "y", "size": {"tensor_id": "image", "axis_id": "y"}},
+                    {"type": "space", "id": "x", "size": {"tensor_id": "image", "axis_id": "x"}},
+                ],
+                "test_tensor": {"source": "out.npy"},
+                "postprocessing": [{"id": "sigmoid"}],
+            }
+        ],
+        "weights": entry,
+    }
+    with ValidationContext(root=folder, perform_io_checks=False):
+        descr = build_description(rdf)
+    assert type(descr).__name__ == "ModelDescr", descr.validation_summary.format()
+    return save_bioimageio_package(descr, output_path=folder / f"{weights}.zip")
+
+
+def test_a_package_another_tool_wrote_runs_with_its_own_processing(tmp_path, capsys):
+    package = foreign_package(tmp_path, "torchscript")
+    image = np.random.default_rng(2).uniform(0, 1000, (40, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    out = tmp_path / "mask.tif"
+    capsys.readouterr()
+    assert main(["predict", str(package), str(tmp_path / "image.tif"), "--out", str(out), "--device", "cpu"]) == 0
+    assert last_json(capsys)["outputs"][0]["weights"] == "torchscript"
+    torch.manual_seed(0)
+    net = PlainUNet().eval()
+    standardised = (image - image.mean()) / (image.std() + 1e-6)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(torch.from_numpy(standardised)[None, None])).numpy()[0]
+    np.testing.assert_allclose(tifffile.imread(out), expected, atol=1e-4)
+
+
+def test_packages_that_would_run_their_own_code_or_lack_what_the_zoo_needs_are_refused(
+    small_flows_run, tmp_path, capsys
+):
+    package = foreign_package(tmp_path, "pytorch_state_dict")
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((16, 16), np.float32))
+    err = one_line_error(["predict", str(package), str(image), "--out", str(tmp_path / "o.tif")], capsys)
+    assert "runs only the ONNX and TorchScript weights" in err and str(package) in err
+    checkpoint = str(small_flows_run / "best.pt")
+    assert "--author" in one_line_error(["export", checkpoint, "--format", "bioimageio", "--license", "MIT"], capsys)
+    assert "--license" in one_line_error(["export", checkpoint, "--format", "bioimageio", "--author", "A B"], capsys)
+    err = one_line_error(["export", checkpoint, *ZOO[:-1], "not-a-licence", "--out", str(tmp_path / "x.zip")], capsys)
+    assert "license" in err and not (tmp_path / "x.zip").exists()
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("rdf.yaml", "type: [unclosed")
+    assert "not valid YAML" in one_line_error(
+        ["predict", str(broken), str(image), "--out", str(tmp_path / "b.tif")], capsys
+    )
