@@ -63,11 +63,11 @@ def arranged(image: np.ndarray, letters: list[str], name: str) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(data, [stored.index(a) for a in letters]), np.float32)
 
 
-def predict_package(path: Path, inputs: Sequence[Path], out: Path, key: str | None = None) -> list[dict[str, Any]]:
-    """Each input through the package into ``out`` (a folder of float32 TIFFs, or one .tif for one input): the
-    package's first output, in its axis order without the batch axis."""
+def package_pipeline(path: Path) -> tuple[Any, Any, list[str], str]:
+    """bioimageio.core's prediction pipeline of a package on its ONNX or TorchScript weights, its input tensor, that
+    tensor's axis letters and the weight format chosen."""
     try:
-        from bioimageio.core import create_prediction_pipeline, load_model_description, predict
+        from bioimageio.core import create_prediction_pipeline, load_model_description
     except ImportError:
         raise DeepscopeError(
             "running bioimage.io packages needs bioimageio.core: pip install 'deepscope[export]'"
@@ -98,22 +98,37 @@ def predict_package(path: Path, inputs: Sequence[Path], out: Path, key: str | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipeline = create_prediction_pipeline(descr, weight_format=present[0], devices=["cpu"])
+    return pipeline, tensor, letters, present[0]
+
+
+def run_pipeline(pipeline: Any, tensor: Any, letters: list[str], image: np.ndarray, name: str) -> np.ndarray:
+    """The package's first output for one image (stored as deepscope stores images), without its batch axis."""
+    from bioimageio.core import predict
+
+    array = arranged(image, letters, name)
+    large = any(array.shape[letters.index(a)] > BLOCK for a in letters if a in "zyx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sample = predict(model=pipeline, inputs={tensor.id: array}, blocksize_parameter=BLOCK // 64 if large else None)
+    result = np.asarray(next(iter(sample.members.values())).data.to_numpy(), np.float32)
+    return result[0] if result.shape[0] == 1 else result
+
+
+def predict_array(path: Path, image: np.ndarray, name: str) -> np.ndarray:
+    """One image array through a package (see :func:`run_pipeline`)."""
+    pipeline, tensor, letters, _ = package_pipeline(path)
+    return run_pipeline(pipeline, tensor, letters, image, name)
+
+
+def predict_package(path: Path, inputs: Sequence[Path], out: Path, key: str | None = None) -> list[dict[str, Any]]:
+    """Each input through the package into ``out`` (a folder of float32 TIFFs, or one .tif for one input): the
+    package's first output, in its axis order without the batch axis."""
+    pipeline, tensor, letters, weights = package_pipeline(path)
     records, single = [], len(inputs) == 1 and out.suffix.lower() in (".tif", ".tiff")
     for source in inputs:
-        image = np.asarray(read_volume(source, key))
-        array = arranged(image, letters, str(source))
-        large = any(size > BLOCK for size in image.shape[: len([a for a in letters if a in "zyx"])])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sample = predict(
-                model=pipeline, inputs={tensor.id: array}, blocksize_parameter=BLOCK // 64 if large else None
-            )
-        result = next(iter(sample.members.values())).data.to_numpy()
-        result = result[0] if result.shape[0] == 1 else result
+        result = run_pipeline(pipeline, tensor, letters, np.asarray(read_volume(source, key)), str(source))
         target = out if single else out / f"{source.stem}.tif"
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_tiff(target, result.astype(np.float32), "prediction")
-        records.append(
-            {"input": str(source), "output": str(target), "shape": list(result.shape), "weights": present[0]}
-        )
+        write_tiff(target, result, "prediction")
+        records.append({"input": str(source), "output": str(target), "shape": list(result.shape), "weights": weights})
     return records

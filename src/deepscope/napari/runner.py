@@ -1,0 +1,76 @@
+"""Running a model on an image array for the napari widget: a segment or denoise checkpoint, one of their exports
+(ONNX, TorchScript, bioimage.io package) or another tool's package, tiled as ``deepscope predict`` tiles, with a
+progress callback that can cancel between tiles."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepscope.errors import DeepscopeError
+
+LayerData = tuple[Any, dict[str, Any], str]
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(DeepscopeError):
+    """The user stopped a prediction; raised between tiles."""
+
+
+def watched(progress: Progress, stop: threading.Event) -> Progress:
+    """``progress``, raising :class:`Cancelled` once ``stop`` is set."""
+
+    def report(done: int, total: int) -> None:
+        if stop.is_set():
+            raise Cancelled("prediction cancelled")
+        progress(done, total)
+
+    return report
+
+
+def predict_image(
+    model: Path, image: np.ndarray, name: str, progress: Progress, stop: threading.Event
+) -> list[LayerData]:
+    """The layers a model makes of one image: probabilities and labels (segment), the denoised image (denoise), the
+    first output (another tool's package)."""
+    from deepscope.export.packages import predict_array
+    from deepscope.export.runtime import exported_format, exported_metadata
+    from deepscope.inference.loading import saved_task
+
+    report = watched(progress, stop)
+    if exported_format(model) == "bioimageio" and exported_metadata(model) is None:
+        report(0, 1)
+        output = predict_array(model, image, name)
+        report(1, 1)
+        return [(output, {"name": f"{name} ({model.name})"}, "image")]
+    task = saved_task(model)
+    cpu = torch.device("cpu")
+    if task == "segment":
+        from deepscope.data.io.views import input_view
+        from deepscope.tasks.segment.predict import load_predictor
+
+        predictor, cfg = load_predictor(model, cpu)
+        view = input_view(image, len(predictor.tile), predictor.channels, name, cfg.normalize, cfg.invert or "never")
+        with torch.no_grad():
+            probabilities = predictor.probabilities(view, progress=report)
+        labels = predictor.labels(probabilities)
+        kind = "classes" if cfg.target == "semantic" else "instances"
+        channels = {"channel_axis": 0} if probabilities.shape[0] > 1 else {}
+        return [
+            (probabilities if channels else probabilities[0], {"name": f"{name} probabilities", **channels}, "image"),
+            (labels, {"name": f"{name} {kind}"}, "labels"),
+        ]
+    if task == "denoise":
+        from deepscope.data.io.views import ChannelsFirst
+        from deepscope.tasks.denoise.predict import load_denoiser
+
+        denoiser, _ = load_denoiser(model, cpu)
+        with torch.no_grad():
+            denoised = denoiser(ChannelsFirst(image, len(denoiser.tile), denoiser.channels), name, progress=report)
+        return [(denoised[0] if denoised.shape[0] == 1 else denoised, {"name": f"{name} denoised"}, "image")]
+    raise DeepscopeError(f"{model}: a {task} model; the napari widget runs segment and denoise models and packages")
