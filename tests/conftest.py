@@ -27,6 +27,9 @@ needs_native_bf16 = pytest.mark.skipif(
 )
 
 
+EXIT_STATUS = pytest.StashKey[int]()  # pytest's exit status, kept for pytest_unconfigure
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help=f"also run tests marked slow (or set {SLOW_ENV}=1)")
 
@@ -311,3 +314,19 @@ def small_flows_run(small_nuclei: Path, tmp_path_factory: pytest.TempPathFactory
     options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
     assert main(train_args("segment", small_nuclei, out, 2, *options, "--set", "target=flows")) == 0
     return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process at once, with pytest's own exit status, once a Qt application was made (the napari
+    tests): in the whole suite, PySide6 destroying its application at interpreter exit (or when asked to) ends in a
+    segmentation fault after every test has passed, which CI would report as a failure. Nothing is left to do by then:
+    the report is printed and every fixture torn down."""
+    qt = sys.modules.get("PySide6.QtWidgets")
+    if qt is not None and qt.QApplication.instance() is not None and EXIT_STATUS in config.stash:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config.stash[EXIT_STATUS])

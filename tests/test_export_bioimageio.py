@@ -223,6 +223,16 @@ def test_packages_that_would_run_their_own_code_or_lack_what_the_zoo_needs_are_r
     tifffile.imwrite(image, np.zeros((16, 16), np.float32))
     err = one_line_error(["predict", str(package), str(image), "--out", str(tmp_path / "o.tif")], capsys)
     assert "runs only the ONNX and TorchScript weights" in err and str(package) in err
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    with zipfile.ZipFile(foreign_package(remote, "torchscript")) as archive:
+        archive.extractall(remote)
+    rdf = yaml.safe_load((remote / "rdf.yaml").read_text())
+    rdf["weights"]["torchscript"]["source"] = "https://example.org/net.pt"
+    rdf["weights"]["torchscript"].pop("sha256", None)
+    (remote / "rdf.yaml").write_text(yaml.safe_dump(rdf))
+    err = one_line_error(["predict", str(remote / "rdf.yaml"), str(image), "--out", str(tmp_path / "r.tif")], capsys)
+    assert "downloads nothing" in err
     checkpoint = str(small_flows_run / "best.pt")
     assert "--author" in one_line_error(["export", checkpoint, "--format", "bioimageio", "--license", "MIT"], capsys)
     assert "--license" in one_line_error(["export", checkpoint, "--format", "bioimageio", "--author", "A B"], capsys)

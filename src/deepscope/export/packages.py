@@ -91,6 +91,12 @@ def package_pipeline(path: Path) -> tuple[Any, Any, list[str], str]:
             f"{path}: its weights are {given or 'none deepscope knows'}; deepscope runs only the ONNX and TorchScript "
             "weights of packages it did not write (pytorch_state_dict runs the package's own Python code)"
         )
+    source = str(getattr(descr.weights, present[0]).source)
+    if "://" in source:
+        raise CheckpointError(
+            f"{path}: its {present[0]} weights are at {source}; deepscope downloads nothing, so fetch the package with "
+            "its files first (a .zip from bioimage.io holds them)"
+        )
     if len(descr.inputs) != 1:
         raise CheckpointError(f"{path}: the model takes {len(descr.inputs)} inputs; deepscope runs models of one input")
     tensor = descr.inputs[0]
