@@ -213,6 +213,16 @@ def test_a_package_another_tool_wrote_runs_with_its_own_processing(tmp_path, cap
     with torch.no_grad():
         expected = torch.sigmoid(net(torch.from_numpy(standardised)[None, None])).numpy()[0]
     np.testing.assert_allclose(tifffile.imread(out), expected, atol=1e-4)
+    # an image over 512 pixels a side is tiled by the package's size parameters: outputs differ only along the
+    # tile borders, since this package declares no halo
+    from deepscope.export.packages import predict_array
+
+    large = np.random.default_rng(3).uniform(0, 1000, (600, 520)).astype(np.float32)
+    tiled = predict_array(package, large, "large")
+    with torch.no_grad():
+        whole = torch.sigmoid(net(torch.from_numpy((large - large.mean()) / (large.std() + 1e-6))[None, None]))
+    assert tiled.shape == (1, 600, 520)
+    assert np.mean(np.abs(tiled - whole.numpy()[0]) <= 1e-4) > 0.95
 
 
 def test_packages_that_would_run_their_own_code_or_lack_what_the_zoo_needs_are_refused(

@@ -115,9 +115,18 @@ def run_pipeline(pipeline: Any, tensor: Any, letters: list[str], image: np.ndarr
     large = any(array.shape[letters.index(a)] > BLOCK for a in letters if a in "zyx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sample = predict(model=pipeline, inputs={tensor.id: array}, blocksize_parameter=BLOCK // 64 if large else None)
+        sample = predict(
+            model=pipeline, inputs={tensor.id: array}, blocksize_parameter=block_parameter(tensor) if large else None
+        )
     result = np.asarray(next(iter(sample.members.values())).data.to_numpy(), np.float32)
     return result[0] if result.shape[0] == 1 else result
+
+
+def block_parameter(tensor: Any) -> int:
+    """The size parameter n (side = min + n * step on every parameterised axis) whose tiles come closest to
+    :data:`BLOCK` without exceeding it on any axis (at least 0: the smallest tiles the package allows)."""
+    sizes = [axis.size for axis in tensor.axes if hasattr(getattr(axis, "size", None), "step")]
+    return max(0, min(((BLOCK - size.min) // size.step for size in sizes), default=0))
 
 
 def predict_array(path: Path, image: np.ndarray, name: str) -> np.ndarray:
