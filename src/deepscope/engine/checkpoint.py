@@ -100,23 +100,57 @@ def _reading(path: Path) -> Iterator[None]:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+PACKAGE_FILES = ("rdf.yaml", "bioimageio.yaml")  # the model description inside a bioimage.io package
+
+
+def package_description(path: Path) -> dict[str, Any]:
+    """The model description (rdf.yaml) of a bioimage.io package, a .zip or the YAML file of an unpacked one, read with
+    ``yaml.safe_load``."""
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if Path(n).name in PACKAGE_FILES)
+            text = archive.read(name)
+    else:
+        text = path.read_bytes()
+    try:
+        rdf = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path}: its model description is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(rdf, dict) or rdf.get("type") != "model":
+        raise CheckpointError(f"{path}: not the description of a bioimage.io model (type: model)")
+    return rdf
+
+
+def package_member(path: Path, source: str) -> bytes:
+    """A file of a package by its name in the description: a member of the .zip, or a file beside the YAML (never
+    outside its folder)."""
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as archive:
+            try:
+                return archive.read(source)
+            except KeyError:
+                raise CheckpointError(f"{path}: the package lacks {source}, which its description names") from None
+    folder = path.resolve().parent
+    member = (folder / source).resolve()
+    if not member.is_relative_to(folder) or not member.is_file():
+        raise CheckpointError(f"{path}: {source} is not a file of the package's folder")
+    return member.read_bytes()
+
+
 def package_weights(path: Path) -> bytes | None:
     """The ``pytorch_state_dict`` weights file of a bioimage.io package (a .zip with rdf.yaml), read in place; None
     for any other file. Only the weights are read: the package's architecture source is never run."""
     if path.suffix.lower() != ".zip" or not zipfile.is_zipfile(path):
         return None
     with zipfile.ZipFile(path) as archive:
-        described = next((n for n in archive.namelist() if Path(n).name in ("rdf.yaml", "bioimageio.yaml")), None)
-        if described is None:
+        if not any(Path(n).name in PACKAGE_FILES for n in archive.namelist()):
             return None
-        try:
-            rdf = yaml.safe_load(archive.read(described))
-            source = rdf["weights"]["pytorch_state_dict"]["source"]
-            return archive.read(source)
-        except (yaml.YAMLError, KeyError, TypeError):
-            raise CheckpointError(
-                f"{path}: the bioimage.io package has no pytorch_state_dict weights to start from"
-            ) from None
+    weights = package_description(path).get("weights")
+    entry = weights.get("pytorch_state_dict") if isinstance(weights, dict) else None
+    source = entry.get("source") if isinstance(entry, dict) else None
+    if not isinstance(source, str):
+        raise CheckpointError(f"{path}: the bioimage.io package has no pytorch_state_dict weights to start from")
+    return package_member(path, source)
 
 
 def read_weights_file(path: Path) -> Any:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import io
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from deepscope.atomic import atomic_write
 from deepscope.errors import DeepscopeError
 from deepscope.export.exportable import Exportable, ZooParts
 from deepscope.export.formats import OPSET, WRITERS, export
+from deepscope.export.runtime import torchscript_quiet
 
 ARCHITECTURE_FILE = "architecture.py"
 FORMAT_VERSION = "0.5.4"
@@ -260,8 +260,7 @@ def write_package(ex: Exportable, info: PackageInfo, out: str | Path) -> dict[st
             )
         package = root / "package.zip"
         save_bioimageio_package(descr, output_path=package)
-        with warnings.catch_warnings():  # PyTorch's notice that TorchScript is deprecated (see formats.py)
-            warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
+        with torchscript_quiet():
             summary = test_model(package)
         if summary.status != "passed":
             raise DeepscopeError(

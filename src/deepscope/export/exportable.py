@@ -18,6 +18,8 @@ from deepscope.errors import DeepscopeError
 
 # ONNX metadata_props key and TorchScript extra file stem holding :meth:`Exportable.metadata`
 METADATA_KEY = "deepscope"
+# the splits of a run's data the example image is taken from, the first found: images the network never trained on
+EXAMPLE_SPLITS = ("test", "val", "all", "train")
 # images in a fixed-size network's example batch: two, so that a batch axis frozen by a trace is caught
 EXAMPLE_BATCH = 2
 # the U-Net papers, cited by every package of a U-Net, by its number of spatial axes
@@ -106,8 +108,9 @@ def example_block(view: Any, tile: Sequence[int], divisor: Sequence[int]) -> tor
     repeating its edges)."""
     spatial = tuple(view.shape[1:])
     sides = [max(d, min(t, s) // d * d) for s, t, d in zip(spatial, tile, divisor)]
-    block = np.asarray(view[(slice(None), *(slice(0, side) for side in sides))], np.float32)
-    tensor = torch.from_numpy(np.array(block, np.float32))[None]  # a copy: a memory-mapped file's blocks are read-only
+    # a copy: the blocks of a memory-mapped file are read-only, which torch does not support
+    block = np.array(view[(slice(None), *(slice(0, side) for side in sides))], np.float32)
+    tensor = torch.from_numpy(block)[None]
     pad = [p for side, got in zip(reversed(sides), reversed(block.shape[1:])) for p in (0, side - got)]
     return F.pad(tensor, pad, mode="replicate") if any(pad) else tensor
 

@@ -23,22 +23,20 @@ from torch import nn
 from deepscope.atomic import atomic_write
 from deepscope.errors import DeepscopeError
 from deepscope.export.exportable import METADATA_KEY, Exportable
-from deepscope.export.runtime import load_exported
+from deepscope.export.runtime import load_exported, torchscript_quiet
 
 OPSET = 18
 MAX_SIDE = 2**16  # largest batch or side an export declares it takes
 TOLERANCE = 1e-4  # largest difference from the eager network, relative to its largest output (at least 1)
-FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript"}
 
 
 def _quiet_trace(trace: Callable[[], Any]) -> Any:
     """Run a trace with the tracer's warnings about Python shape checks silenced: the networks check their input's
     shape in ``forward`` to explain a wrong one; those checks are not part of the graph, by design. PyTorch's notice
-    that TorchScript is deprecated is silenced too: the format is still what other tools load (see README)."""
-    with warnings.catch_warnings():
+    that TorchScript is deprecated is silenced too (:func:`~deepscope.export.runtime.torchscript_quiet`)."""
+    with warnings.catch_warnings(), torchscript_quiet():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
         return trace()
 
 

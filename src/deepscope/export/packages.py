@@ -135,13 +135,13 @@ def predict_array(path: Path, image: np.ndarray, name: str) -> np.ndarray:
     return run_pipeline(pipeline, tensor, letters, image, name)
 
 
-def predict_package(path: Path, inputs: Sequence[Path], out: Path, key: str | None = None) -> list[dict[str, Any]]:
+def predict_package(path: Path, inputs: Sequence[Path], out: Path) -> list[dict[str, Any]]:
     """Each input through the package into ``out`` (a folder of float32 TIFFs, or one .tif for one input): the
     package's first output, in its axis order without the batch axis."""
     pipeline, tensor, letters, weights = package_pipeline(path)
     records, single = [], len(inputs) == 1 and out.suffix.lower() in (".tif", ".tiff")
     for source in inputs:
-        result = run_pipeline(pipeline, tensor, letters, np.asarray(read_volume(source, key)), str(source))
+        result = run_pipeline(pipeline, tensor, letters, np.asarray(read_volume(source)), str(source))
         target = out if single else out / f"{source.stem}.tif"
         target.parent.mkdir(parents=True, exist_ok=True)
         write_tiff(target, result, "prediction")

@@ -8,26 +8,28 @@ recognised by their first bytes, not their names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
+from deepscope.engine.checkpoint import PACKAGE_FILES, package_description, package_member
 from deepscope.errors import CheckpointError, DeepscopeError
 from deepscope.export.exportable import METADATA_KEY
 
 ZIP_MAGIC = b"PK\x03\x04"
-PACKAGE_FILES = ("rdf.yaml", "bioimageio.yaml")  # the model description inside a bioimage.io package
 
 
 def exported_format(path: str | Path) -> str | None:
-    """``"onnx"`` or ``"torchscript"`` for a file in one of those formats, None for anything else (a checkpoint)."""
+    """``"onnx"``, ``"torchscript"`` or ``"bioimageio"`` (a package, zipped or its YAML) for a file in one of those
+    formats, None for anything else (a checkpoint)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -49,40 +51,6 @@ def exported_format(path: str | Path) -> str | None:
     return None
 
 
-def package_rdf(path: Path) -> dict[str, Any]:
-    """The model description (rdf.yaml) of a bioimage.io package, a .zip or the YAML file of an unpacked one, read with
-    ``yaml.safe_load``."""
-    if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as archive:
-            name = next(n for n in archive.namelist() if Path(n).name in PACKAGE_FILES)
-            text = archive.read(name)
-    else:
-        text = path.read_bytes()
-    try:
-        rdf = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path}: its model description is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(rdf, dict) or rdf.get("type") != "model":
-        raise CheckpointError(f"{path}: not the description of a bioimage.io model (type: model)")
-    return rdf
-
-
-def package_member(path: Path, source: str) -> bytes:
-    """A file of a package by its name in the description: a member of the .zip, or a file beside the YAML (never
-    outside its folder)."""
-    if path.suffix.lower() == ".zip":
-        with zipfile.ZipFile(path) as archive:
-            try:
-                return archive.read(source)
-            except KeyError:
-                raise CheckpointError(f"{path}: the package lacks {source}, which its description names") from None
-    folder = path.resolve().parent
-    member = (folder / source).resolve()
-    if not member.is_relative_to(folder) or not member.is_file():
-        raise CheckpointError(f"{path}: {source} is not a file of the package's folder")
-    return member.read_bytes()
-
-
 def package_metadata(path: Path, rdf: dict[str, Any]) -> dict[str, Any] | None:
     """The deepscope settings in a package's ``config`` (JSON text), None for a package another tool wrote."""
     config = rdf.get("config")
@@ -93,7 +61,7 @@ def package_metadata(path: Path, rdf: dict[str, Any]) -> dict[str, Any] | None:
 def deepscope_package(path: Path) -> tuple[nn.Module, dict[str, Any] | None]:
     """A package's ONNX weights (the fastest runtime whose outputs equal eager PyTorch's, benchmarks/RESULTS.md
     "export_speed") and the deepscope settings stored in its ``config``; None for a package another tool wrote."""
-    rdf = package_rdf(path)
+    rdf = package_description(path)
     metadata = package_metadata(path, rdf)
     if metadata is None:
         return nn.Identity(), None
@@ -101,6 +69,15 @@ def deepscope_package(path: Path) -> tuple[nn.Module, dict[str, Any] | None]:
     if not isinstance(onnx, dict) or not isinstance(onnx.get("source"), str):
         raise CheckpointError(f"{path}: the package has no ONNX weights, which deepscope runs its own packages with")
     return OnnxModule(path, package_member(path, onnx["source"])), metadata
+
+
+@contextlib.contextmanager
+def torchscript_quiet() -> Iterator[None]:
+    """PyTorch's notice that TorchScript is deprecated, silenced: the format is still what Fiji (deepImageJ), the
+    BioImage Model Zoo and C++ programs load, and the notice says nothing a user of deepscope can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
+        yield
 
 
 class OnnxModule(nn.Module):
@@ -174,7 +151,7 @@ def exported_metadata(path: str | Path) -> dict[str, Any] | None:
     if fmt is None:
         raise CheckpointError(f"{path}: neither an ONNX nor a TorchScript model nor a bioimage.io package")
     if fmt == "bioimageio":
-        return package_metadata(path, package_rdf(path))
+        return package_metadata(path, package_description(path))
     return onnx_metadata(path) if fmt == "onnx" else torchscript_metadata(path)
 
 
@@ -190,8 +167,7 @@ def load_exported(path: str | Path, device: torch.device) -> tuple[nn.Module, di
     if fmt == "torchscript":
         extra = {f"{METADATA_KEY}.json": ""}
         try:
-            with warnings.catch_warnings():  # PyTorch's notice that TorchScript is deprecated (see formats.py)
-                warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
+            with torchscript_quiet():
                 module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0]})") from None

@@ -16,7 +16,7 @@ import numpy as np
 
 from deepscope.errors import DeepscopeError
 
-LayerData = tuple[Any, dict[str, Any], str]
+LayerData = tuple[Any, dict[str, Any], str]  # napari's (data, layer settings, layer type), as readers return them
 LABEL_NAMES = ("instances", "classes")
 CONTAINERS = (".h5", ".hdf5", ".zarr")
 

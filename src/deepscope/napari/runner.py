@@ -7,14 +7,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from deepscope.errors import DeepscopeError
+from deepscope.napari.reader import LayerData
 
-LayerData = tuple[Any, dict[str, Any], str]
 Progress = Callable[[int, int], None]
 
 

@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from deepscope.errors import DeepscopeError
-from deepscope.napari.reader import run_layers, run_summary
+from deepscope.napari.reader import LayerData, run_layers, run_summary
 from deepscope.napari.runner import Cancelled, predict_image
 
 MODEL_FILTER = "deepscope models (*.pt *.onnx *.torchscript *.zip *.yaml);;All files (*)"
@@ -39,7 +39,7 @@ class Failure:
     error: Exception
 
 
-def attempt(*args: Any) -> list[tuple[Any, dict[str, Any], str]] | Failure:
+def attempt(*args: Any) -> list[LayerData] | Failure:
     """:func:`predict_image`, its failure returned as a :class:`Failure` rather than raised."""
     try:
         return predict_image(*args)
@@ -140,7 +140,7 @@ class PredictWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.status.setText(text)
 
-    def finished(self, layers: list[tuple[Any, dict[str, Any], str]] | Failure) -> None:
+    def finished(self, layers: list[LayerData] | Failure) -> None:
         if isinstance(layers, Failure):
             self.failed(layers.error)
             return

@@ -13,11 +13,9 @@ from deepscope.config import to_dict
 from deepscope.data.classification.dataset import ImageSet, load_classification
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader
 from deepscope.errors import DataError
-from deepscope.export.exportable import EXAMPLE_BATCH, Exportable, standardised_images_note
+from deepscope.export.exportable import EXAMPLE_BATCH, EXAMPLE_SPLITS, Exportable, standardised_images_note
 from deepscope.tasks.classify.config import ClassifyConfig, resize_of
 from deepscope.tasks.classify.predict import file_images, load_classifier
-
-SPLIT_ORDER = ("test", "val", "all", "train")
 
 
 def data_images(cfg: ClassifyConfig, checkpoint: str | Path) -> ImageSet:
@@ -29,7 +27,7 @@ def data_images(cfg: ClassifyConfig, checkpoint: str | Path) -> ImageSet:
         raise DataError(
             f"{checkpoint}: no image of its training data to check the export on ({exc}); give --sample IMAGE"
         ) from None
-    split = next(data.splits[s] for s in SPLIT_ORDER if s in data.splits)
+    split = next(data.splits[s] for s in EXAMPLE_SPLITS if s in data.splits)
     first = split.subset(np.arange(min(EXAMPLE_BATCH, len(split))))
     if isinstance(first, ImageSet):
         return first

@@ -14,13 +14,12 @@ from deepscope.config import from_dict
 from deepscope.data.denoise.dataset import find_denoise_files
 from deepscope.data.io.views import ChannelsFirst
 from deepscope.errors import DataError
-from deepscope.export.exportable import UNET_CITATIONS, Exportable, ZooParts, example_block, run_metrics
+from deepscope.export.exportable import EXAMPLE_SPLITS, UNET_CITATIONS, Exportable, ZooParts, example_block, run_metrics
 from deepscope.inference.blockio import open_input
 from deepscope.inference.loading import load_trained_model
 from deepscope.tasks.denoise.config import DenoiseConfig
 from deepscope.tasks.denoise.predict import Standardized, _build_from_checkpoint
 
-SPLIT_ORDER = ("test", "val", "all", "train")  # where the example image is taken from, first found
 ROLE_ORDER = ("noisy", "clean")  # what the network takes; a clean image still checks the export
 
 
@@ -32,7 +31,7 @@ def sample_image(cfg: DenoiseConfig, checkpoint: str | Path) -> Path:
         raise DataError(
             f"{checkpoint}: no image of its training data to check the export on ({exc}); give --sample IMAGE"
         ) from None
-    for split in SPLIT_ORDER:
+    for split in EXAMPLE_SPLITS:
         for role in ROLE_ORDER:
             files = found.get(split, {}).get(role)
             if files:

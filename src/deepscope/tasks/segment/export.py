@@ -16,13 +16,11 @@ from deepscope.config import from_dict
 from deepscope.data.io.views import NORMALIZE_EPS, input_view, percentile_normalize
 from deepscope.data.segmentation.dataset import find_items
 from deepscope.errors import DataError
-from deepscope.export.exportable import UNET_CITATIONS, Exportable, ZooParts, example_block, run_metrics
+from deepscope.export.exportable import EXAMPLE_SPLITS, UNET_CITATIONS, Exportable, ZooParts, example_block, run_metrics
 from deepscope.inference.blockio import open_input
 from deepscope.inference.loading import load_trained_model
 from deepscope.tasks.segment.config import VECTOR_TARGETS, SegmentConfig
 from deepscope.tasks.segment.predict import _build_from_checkpoint
-
-SPLIT_ORDER = ("test", "val", "all", "train")  # where the example image is taken from, first found
 
 
 def sample_image(cfg: SegmentConfig, checkpoint: str | Path) -> tuple[Path, str | None]:
@@ -33,7 +31,7 @@ def sample_image(cfg: SegmentConfig, checkpoint: str | Path) -> tuple[Path, str 
         raise DataError(
             f"{checkpoint}: no image of its training data to check the export on ({exc}); give --sample IMAGE"
         ) from None
-    for split in SPLIT_ORDER:
+    for split in EXAMPLE_SPLITS:
         if found.get(split):
             _, path, key, _, _ = found[split][0]
             return path, key

@@ -12,11 +12,9 @@ import torch
 from deepscope.config import to_dict
 from deepscope.data.ssl.dataset import SSLEvalBatches, SSLImages, load_ssl_data
 from deepscope.errors import DataError
-from deepscope.export.exportable import EXAMPLE_BATCH, Exportable, standardised_images_note
+from deepscope.export.exportable import EXAMPLE_BATCH, EXAMPLE_SPLITS, Exportable, standardised_images_note
 from deepscope.tasks.ssl.config import SSLConfig
 from deepscope.tasks.ssl.task import load_ssl_model
-
-SPLIT_ORDER = ("test", "val", "train")
 
 
 def example_images(cfg: SSLConfig, data: str, checkpoint: str | Path) -> SSLImages:
@@ -25,7 +23,7 @@ def example_images(cfg: SSLConfig, data: str, checkpoint: str | Path) -> SSLImag
         found = load_ssl_data(data, cfg.patch_size, cfg.crops, cfg.normalize, cfg.channels, 0.0, cfg.seed)
     except DataError as exc:
         raise DataError(f"{checkpoint}: no image to check the export on ({exc}); give --sample IMAGE_FOLDER") from None
-    split = next(found.splits[s] for s in SPLIT_ORDER if s in found.splits)
+    split = next(found.splits[s] for s in EXAMPLE_SPLITS if s in found.splits)
     return split.subset(np.arange(min(EXAMPLE_BATCH, len(split))))
 
 
