@@ -230,3 +230,55 @@ def test_demo_detect_finds_the_shapes(tmp_path: Path, capsys: pytest.CaptureFixt
     result = last_json(capsys)
     assert result["map_50"] >= 0.8 and result["map"] > 0.5
     assert (tmp_path / "demo" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_exported_detector_predicts_and_scores_as_the_checkpoint(
+    trained: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    pytest.importorskip("onnxruntime", reason="export tests need onnxruntime (pip install -e '.[test]')")
+    out = tmp_path / f"detector.{fmt}"
+    capsys.readouterr()
+    assert main(["export", str(trained / "best.pt"), "--format", fmt, "--out", str(out)]) == 0
+    result = last_json(capsys)
+    assert result["checked_shapes"] == [[2, 3, 64, 64], [2, 3, 65, 65]] and result["max_abs_difference"] < 1e-3
+    found = {}
+    for name, model in (("checkpoint", trained / "best.pt"), ("export", out)):
+        target = tmp_path / f"{name}.json"
+        assert main(["predict", str(model), str(shapes / "test" / "images"), "--out", str(target)]) == 0
+        found[name] = json.loads(target.read_text())["annotations"]
+        # tiles of a 64-pixel image: the export takes batches of same-size tiles as the checkpoint does
+        tiled = tmp_path / f"{name}_tiled.json"
+        tiles = ["--tile", "48", "--overlap", "16"]
+        assert main(["predict", str(model), str(shapes / "test" / "images"), "--out", str(tiled), *tiles]) == 0
+        found[f"{name}_tiled"] = json.loads(tiled.read_text())["annotations"]
+    for key in ("", "_tiled"):
+        ours, theirs = found["checkpoint" + key], found["export" + key]
+        assert len(ours) == len(theirs) > 0
+        assert [(a["image_id"], a["category_id"]) for a in ours] == [(a["image_id"], a["category_id"]) for a in theirs]
+        np.testing.assert_allclose([a["bbox"] for a in ours], [a["bbox"] for a in theirs], atol=1e-2)
+        np.testing.assert_allclose([a["score"] for a in ours], [a["score"] for a in theirs], atol=1e-4)
+    scores = {}
+    for name, model in (("checkpoint", trained / "best.pt"), ("export", out)):
+        assert main(["evaluate", str(model), "--data", str(shapes), "--out", str(tmp_path / f"e_{name}.json")]) == 0
+        scores[name] = last_json(capsys)["map"]
+    assert scores["export"] == pytest.approx(scores["checkpoint"], abs=1e-6)
+
+
+def test_detectors_without_dense_candidates_are_not_exported(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A DETR checkpoint (set prediction) is refused in one line; a package is refused for detectors."""
+    state = load_checkpoint(trained / "best.pt", task="detect")
+    state["config"]["model"] = "detr"
+    state["config"]["model_args"] = {"backbone": "tiny", "fpn_channels": 16, "hidden_dim": 32, "dim_feedforward": 32}
+    detr = build_detector("detr", 3, 3, **state["config"]["model_args"])
+    state["model"] = detr.state_dict()
+    save_checkpoint(state, tmp_path / "detr.pt")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "detr.pt"), "--format", "onnx", "--out", str(tmp_path / "d.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "detr detector cannot be exported" in err and "FCOS" in err
+    assert not (tmp_path / "d.onnx").exists()
+    assert main(["export", str(trained / "best.pt"), "--format", "bioimageio"]) == 2
+    assert "no convention for detections" in capsys.readouterr().err

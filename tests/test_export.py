@@ -180,14 +180,6 @@ def test_what_cannot_be_exported_or_run_is_refused_in_one_line(small_flows_run, 
     assert "not exported by deepscope" in one_line_error(
         ["predict", str(plain), str(plain), "--out", str(tmp_path)], capsys
     )
-    # a checkpoint's task must be one that exports
-    detect = tmp_path / "detect.pt"
-    from deepscope.engine.checkpoint import save_checkpoint
-
-    save_checkpoint({"config": {"task": "detect"}, "model": {}}, detect)
-    assert "detect checkpoints cannot be exported yet" in one_line_error(
-        ["export", str(detect), "--format", "onnx"], capsys
-    )
     # an export refused by the check leaves no file behind
     out = tmp_path / "missing-sample.onnx"
     err = one_line_error(

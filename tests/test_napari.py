@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import last_json
+from conftest import TINY_CENTERNET, last_json
 from deepscope.cli import main
 
 PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
@@ -91,9 +91,32 @@ def test_the_reader_opens_predictions_boxes_and_nothing_else(make_napari_viewer,
     np.testing.assert_allclose(boxes.data[0].min(0), [3, 2]) and np.testing.assert_allclose(
         boxes.data[0].max(0), [23, 12]
     )
+    # the VOC XML deepscope predict --format voc writes: 1-based inclusive corners, a score per object
+    records = [
+        {
+            "file_name": "b.png",
+            "width": 40,
+            "height": 30,
+            "detections": {
+                "boxes": np.array([[2.0, 3.0, 12.0, 23.0]]),
+                "labels": np.array([1]),
+                "scores": np.array([0.75]),
+            },
+        }
+    ]
+    from deepscope.tasks.detect.predict import write_voc_xml
+
+    write_voc_xml(tmp_path / "voc", records, ["cell"])
+    (voc,) = viewer.open(str(tmp_path / "voc" / "b.xml"), plugin="deepscope")
+    assert voc.name == "b.png boxes" and list(voc.properties["label"]) == ["cell"]
+    np.testing.assert_allclose(voc.properties["score"], [0.75])
+    np.testing.assert_allclose(voc.data[0].min(0), [3, 2]) and np.testing.assert_allclose(voc.data[0].max(0), [23, 12])
     plain = tmp_path / "plain.tif"
     tifffile.imwrite(plain, np.zeros((4, 4), np.uint8))
+    other_xml = tmp_path / "other.xml"
+    other_xml.write_text("<svg></svg>")
     assert get_reader(str(plain)) is None and get_reader(str(tmp_path / "other.json")) is None
+    assert get_reader(str(other_xml)) is None
 
 
 def wait_for(widget, qtbot) -> None:
@@ -125,6 +148,38 @@ def test_the_predict_widget_gives_what_deepscope_predict_gives(
         np.testing.assert_array_equal(viewer.layers["nuclei instances"].data, f["instances"][...])
         np.testing.assert_allclose(viewer.layers["nuclei probabilities"].data, f["probabilities"][0], atol=1e-4)
     assert widget.progress.value() == 100
+
+
+def test_the_predict_widget_draws_a_detectors_boxes_as_deepscope_predict_finds_them(
+    make_napari_viewer, qtbot, tmp_path, capsys
+):
+    """A tiny CenterNet trained on generated shapes, run on a test image in the widget and by deepscope predict."""
+    from deepscope.demo.data import write_shapes
+    from deepscope.napari.widgets import PredictWidget
+
+    shapes = write_shapes(tmp_path / "shapes", train=8, test=2, size=64)
+    run = tmp_path / "run"
+    assert main(["train", "detect", "--data", str(shapes), "--epochs", "1", "--out", str(run), *TINY_CENTERNET]) == 0
+    image = sorted((shapes / "test" / "images").iterdir())[0]
+    assert main(["predict", str(run / "best.pt"), str(image), "--out", str(tmp_path / "boxes.json")]) == 0
+    capsys.readouterr()
+    expected = json.loads((tmp_path / "boxes.json").read_text())["annotations"]
+    viewer = make_napari_viewer()
+    from deepscope.data.io.images import read_image
+
+    viewer.add_image(read_image(image), name="shapes", rgb=True)
+    widget = PredictWidget(viewer)
+    widget.model.setText(str(run / "best.pt"))
+    widget.run()
+    wait_for(widget, qtbot)
+    assert widget.status.text() == "done: shapes boxes", widget.status.text()
+    boxes = viewer.layers["shapes boxes"]
+    assert len(boxes.data) == len(expected) > 0
+    corners = [[*r.min(0)[::-1], *r.max(0)[::-1]] for r in boxes.data]  # napari's (y, x) corners as x1 y1 x2 y2
+    np.testing.assert_allclose(
+        corners, [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in expected)], atol=1e-2
+    )
+    np.testing.assert_allclose(boxes.properties["score"], [a["score"] for a in expected], atol=1e-4)
 
 
 def test_a_cancelled_or_failed_prediction_says_so_in_the_widget(make_napari_viewer, qtbot, small_flows_run, tmp_path):

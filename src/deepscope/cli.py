@@ -83,11 +83,11 @@ def cmd_evaluate(args: argparse.Namespace) -> Result:
         raise DeepscopeError(
             f"--pred and --truth score saved results: deepscope evaluate {'|'.join(args.saved_tasks)} --pred P --truth T"
         )
-    from deepscope.engine.checkpoint import checkpoint_task
     from deepscope.engine.distributed import pick_device
+    from deepscope.inference.loading import saved_task
 
     device = pick_device(args.device)
-    task = checkpoint_task(args.checkpoint)
+    task = saved_task(args.checkpoint)
     refuse_foreign_flags(args, args.owners, task, f"{args.checkpoint} is a {task} checkpoint (see evaluate --help)")
     result = task_commands(task).evaluate(args, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
@@ -154,11 +154,13 @@ def cmd_export(args: argparse.Namespace) -> Result:
 
     task = checkpoint_task(args.checkpoint)
     commands = task_commands(task)
-    if commands.export is None:
-        raise DeepscopeError(
-            f"{args.checkpoint}: {task} checkpoints cannot be exported yet (segment, denoise, classify and ssl can)"
-        )
+    assert commands.export is not None, f"{task} declares no export"  # every task exports
     package = args.format == "bioimageio"
+    if package and task == "detect":
+        raise DeepscopeError(
+            f"{args.checkpoint}: the BioImage Model Zoo's format has no convention for detections; export this "
+            "detect checkpoint as onnx or torchscript"
+        )
     if package and task not in ("segment", "denoise"):
         raise DeepscopeError(
             f"{args.checkpoint}: bioimage.io packages are written for segment and denoise checkpoints so far; export "

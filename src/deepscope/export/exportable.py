@@ -73,6 +73,9 @@ class Exportable:
     source: str
     notes: list[str] = field(default_factory=list)
     zoo: ZooParts | None = None  # what a bioimage.io package adds; None: the task has no package yet
+    min_side: int = 1  # smallest spatial side the network takes (a detector's coarsest level needs two pixels)
+    # (largest absolute, relative) difference of an exported output from the eager one; None: elementwise
+    difference: Callable[[torch.Tensor, torch.Tensor], tuple[float, float]] | None = None
 
     def axes(self) -> str:
         """Axis letters of the input, as the BioImage Model Zoo names them: b, c, then z, y, x."""
@@ -89,6 +92,7 @@ class Exportable:
             "axes": self.axes(),
             "example_shape": list(self.example.shape),
             "spatial_multiple": None if self.spatial_multiple is None else list(self.spatial_multiple),
+            "min_side": self.min_side,
             "config": self.state["config"],
             "task_state": self.state.get("task_state", {}),
         }

@@ -49,7 +49,8 @@ def onnx_bytes(ex: Exportable) -> bytes:
     axes: dict[int, Any] = {0: Dim("batch", min=1, max=MAX_SIDE)}
     for axis, multiple in enumerate(ex.spatial_multiple or (), start=2):
         name = "zyx"[axis - ex.example.ndim + 3]
-        axes[axis] = multiple * Dim(name, min=1, max=MAX_SIDE // multiple)
+        side = Dim(name, min=-(-ex.min_side // multiple), max=MAX_SIDE // multiple)
+        axes[axis] = side if multiple == 1 else multiple * side
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
             warnings.simplefilter("ignore")
@@ -97,16 +98,23 @@ def check_inputs(ex: Exportable) -> list[torch.Tensor]:
     return inputs
 
 
+def elementwise_difference(expected: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(largest absolute difference, that relative to the expected output's largest magnitude, at least 1)."""
+    if got.shape != expected.shape:
+        return float("inf"), float("inf")
+    diff = float((expected - got).abs().max())
+    return diff, diff / max(1.0, float(expected.abs().max()))
+
+
 @torch.no_grad()
-def largest_difference(eager: nn.Module, exported: nn.Module, inputs: list[torch.Tensor]) -> tuple[float, float]:
-    """(largest absolute difference, that relative to the eager output's largest magnitude, at least 1)."""
+def largest_difference(ex: Exportable, exported: nn.Module, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """The largest (absolute, relative) difference of the exported network's outputs from the eager network's, by
+    the exportable's own measure (elementwise unless it has one)."""
+    difference = ex.difference or elementwise_difference
     worst, relative = 0.0, 0.0
     for x in inputs:
-        expected, got = eager(x).float(), exported(x).float()
-        if got.shape != expected.shape:
-            return float("inf"), float("inf")
-        diff = float((expected - got).abs().max())
-        worst, relative = max(worst, diff), max(relative, diff / max(1.0, float(expected.abs().max())))
+        diff, rel = difference(ex.module(x).float(), exported(x).float())
+        worst, relative = max(worst, diff), max(relative, rel)
     return worst, relative
 
 
@@ -122,7 +130,7 @@ def export(ex: Exportable, fmt: str, out: str | Path) -> dict[str, Any]:
     atomic_write(out, lambda f: f.write(data), f"{fmt} model")
     exported, _ = load_exported(out, torch.device("cpu"))
     inputs = check_inputs(ex)
-    worst, relative = largest_difference(ex.module, exported, inputs)
+    worst, relative = largest_difference(ex, exported, inputs)
     if not relative <= TOLERANCE:
         out.unlink(missing_ok=True)
         raise DeepscopeError(

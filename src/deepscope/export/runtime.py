@@ -101,13 +101,20 @@ class OnnxModule(nn.Module):
             )
         except Exception as exc:  # onnxruntime raises its own exception types, not exported under stable names
             raise CheckpointError(f"{path}: onnxruntime cannot load this model ({str(exc).splitlines()[0]})") from None
+        self.path = path
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise CheckpointError(f"{path}: the model takes {len(inputs)} inputs; deepscope runs models of one input")
         self.input_name = inputs[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())})[0]
+        try:
+            out = self.session.run(None, {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())})[0]
+        except Exception as exc:  # onnxruntime's own exception types, as above
+            raise CheckpointError(
+                f"{self.path}: onnxruntime cannot run this model on an input of shape {list(x.shape)} "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
         return torch.from_numpy(out).to(x.device)
 
 

@@ -1,5 +1,5 @@
 """napari reader for what deepscope writes: probabilities and instance or class labels (HDF5/zarr datasets, or the
-``_probabilities``/``_instances``/``_classes`` TIFFs of a folder), COCO JSON boxes as Shapes, and a
+``_probabilities``/``_instances``/``_classes`` TIFFs of a folder), COCO JSON and Pascal VOC XML boxes as Shapes, and a
 run folder (its training curves).
 
 napari gets None for anything else, so its own readers take other files.
@@ -46,6 +46,8 @@ def read_one(path: Path, probe: bool = False) -> list[LayerData] | None:
         return tiff_layers(path, probe)
     if suffix == ".json":
         return box_layers(path, probe)
+    if suffix == ".xml":
+        return voc_layers(path, probe)
     return None
 
 
@@ -99,19 +101,40 @@ def box_layers(path: Path, probe: bool) -> list[LayerData] | None:
         per_image.setdefault(detection["image_id"], []).append(detection)
     layers: list[LayerData] = []
     for image_id, detections in per_image.items():
-        name = (found.file_names or {}).get(image_id, f"image {image_id}")
-        rectangles = [np.array([[y, x], [y + h, x + w]]) for x, y, w, h in (d["bbox"] for d in detections)]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)]
         labels = [(found.category_names or {}).get(d["category_id"], str(d["category_id"])) for d in detections]
-        settings = {
-            "name": f"{name} boxes",
-            "shape_type": "rectangle",
-            "properties": {"label": labels, "score": [float(d["score"]) for d in detections]},
-            "edge_color": "yellow",
-            "face_color": "transparent",
-            "text": {"string": "{label} {score:.2f}", "size": 8},
-        }
-        layers.append((rectangles, settings, "shapes"))
+        name = (found.file_names or {}).get(image_id, f"image {image_id}")
+        layers.append(shapes_layer(name, boxes, labels, [float(d["score"]) for d in detections]))
     return layers
+
+
+def voc_layers(path: Path, probe: bool) -> list[LayerData] | None:
+    """The boxes of a Pascal VOC XML file (``deepscope predict --format voc`` writes one per image, with scores; an
+    annotation's objects have none and show as 1) as a Shapes layer."""
+    from deepscope.data.detection.annotations import read_voc_file
+
+    try:
+        image, objects = read_voc_file(path)
+    except DeepscopeError:
+        return None
+    if probe:
+        return []
+    scores = [1.0 if o.score is None else o.score for o in objects]
+    return [shapes_layer(image, [o.box for o in objects], [o.name for o in objects], scores)]
+
+
+def shapes_layer(image: str, boxes: list[list[float]], labels: list[str], scores: list[float]) -> LayerData:
+    """Boxes (x1 y1 x2 y2 in pixels) of one image as napari rectangles with the class name and score as properties
+    and text."""
+    settings = {
+        "name": f"{image} boxes",
+        "shape_type": "rectangle",
+        "properties": {"label": labels, "score": scores},
+        "edge_color": "yellow",
+        "face_color": "transparent",
+        "text": {"string": "{label} {score:.2f}", "size": 8},
+    }
+    return [np.array([[y1, x1], [y2, x2]]) for x1, y1, x2, y2 in boxes], settings, "shapes"
 
 
 def run_layers(path: Path, probe: bool) -> list[LayerData] | None:

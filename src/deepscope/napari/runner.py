@@ -1,4 +1,4 @@
-"""Running a model on an image array for the napari widget: a segment or denoise checkpoint, one of their exports
+"""Running a model on an image array for the napari widget: a segment, denoise or detect checkpoint, one of their exports
 (ONNX, TorchScript, bioimage.io package) or another tool's package, tiled as ``deepscope predict`` tiles, with a
 progress callback that can cancel between tiles."""
 
@@ -35,8 +35,8 @@ def watched(progress: Progress, stop: threading.Event) -> Progress:
 def predict_image(
     model: Path, image: np.ndarray, name: str, progress: Progress, stop: threading.Event
 ) -> list[LayerData]:
-    """The layers a model makes of one image: probabilities and labels (segment), the denoised image (denoise), the
-    first output (another tool's package)."""
+    """The layers a model makes of one image: probabilities and labels (segment), the denoised image (denoise), boxes
+    as shapes (detect), the first output (another tool's package)."""
     from deepscope.export.packages import predict_array
     from deepscope.export.runtime import exported_format, exported_metadata
     from deepscope.inference.loading import saved_task
@@ -72,4 +72,18 @@ def predict_image(
         with torch.no_grad():
             denoised = denoiser(ChannelsFirst(image, len(denoiser.tile), denoiser.channels), name, progress=report)
         return [(denoised[0] if denoised.shape[0] == 1 else denoised, {"name": f"{name} denoised"}, "image")]
-    raise DeepscopeError(f"{model}: a {task} model; the napari widget runs segment and denoise models and packages")
+    if task == "detect":
+        from deepscope.napari.reader import shapes_layer
+        from deepscope.tasks.detect.apply import load_detector
+        from deepscope.tasks.detect.task import as_channels
+
+        detector, _, info = load_detector(model, cpu)
+        array = np.asarray(image)
+        pixels = as_channels(array[..., None] if array.ndim == 2 else array, info["channels"], name)
+        with torch.no_grad():
+            found = detector(pixels, progress=report)
+        names = [info["class_names"][label - 1] for label in found["labels"].tolist()]
+        return [shapes_layer(name, found["boxes"].tolist(), names, found["scores"].tolist())]
+    raise DeepscopeError(
+        f"{model}: a {task} model; the napari widget runs segment, denoise and detect models and packages"
+    )

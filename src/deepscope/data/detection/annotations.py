@@ -195,18 +195,48 @@ def _read_voc_file(image: Path, path: Path) -> _Annotated:
     )
     if stated is not None and stated != (0, 0):  # some tools write 0 when they do not know the size
         _check_size(path, image, stated, (width, height))
-    rows, names, crowd, refs = [], [], [], []
+    objects = voc_objects(root, path)
+    crowd = np.array([o.difficult for o in objects], dtype=bool)
+    boxes = _boxes([o.box for o in objects])
+    return _Annotated(image, width, height, boxes, [o.name for o in objects], crowd, [o.where for o in objects])
+
+
+@dataclass
+class VocObject:
+    """One ``<object>`` of a VOC file: its box as 0-based half-open x1 y1 x2 y2, its class name, its difficult flag,
+    the ``<score>`` deepscope's predictions add (None in annotations), and where it is, for messages."""
+
+    box: list[float]
+    name: str
+    difficult: bool
+    score: float | None
+    where: str
+
+
+def voc_objects(root: Element, path: Path) -> list[VocObject]:
+    """The objects of a parsed VOC file (see :func:`_read_voc_file` for the corner convention)."""
+    found = []
     for i, obj in enumerate(root.findall("object"), start=1):
         where = f"{path}: object {i}"
         box = obj.find("bndbox")
         if box is None:
             raise DataError(f"{where} has no <bndbox>")
         xmin, ymin, xmax, ymax = (_voc_number(box, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
-        rows.append([xmin - 1, ymin - 1, xmax, ymax])
-        names.append(_voc_text(obj, "name", where))
-        crowd.append(obj.findtext("difficult", "0").strip() == "1")
-        refs.append(where)
-    return _Annotated(image, width, height, _boxes(rows), names, np.array(crowd, dtype=bool), refs)
+        score = _voc_number(obj, "score", where) if obj.find("score") is not None else None
+        difficult = obj.findtext("difficult", "0").strip() == "1"
+        found.append(
+            VocObject([xmin - 1, ymin - 1, xmax, ymax], _voc_text(obj, "name", where), difficult, score, where)
+        )
+    return found
+
+
+def read_voc_file(path: Path) -> tuple[str, list[VocObject]]:
+    """The image file name a VOC file names (its own stem when it names none) and its objects, without reading the
+    image; DataError for a file that is not VOC XML."""
+    root = _parse_xml(path)
+    if root.tag != "annotation":
+        raise DataError(f"{path}: not a VOC annotation (its root element is <{root.tag}>)")
+    return (root.findtext("filename") or path.stem).strip(), voc_objects(root, path)
 
 
 def _read_voc(images: list[Path], folder: Path) -> _Source:

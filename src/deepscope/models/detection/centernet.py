@@ -127,6 +127,31 @@ def centre_focal_loss(logits: Tensor, target: Tensor, ignore: Tensor) -> Tensor:
     return -torch.where(positive, pos_term, neg_term).sum() / positive.sum().clamp(min=1)
 
 
+def centre_candidates(
+    heatmap: Tensor, size: Tensor, offset: Tensor, max_detections: int, stride: int = CENTERNET_STRIDE
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``max_detections`` best peaks over all classes of heatmap probabilities (B, K, H, W), the local maxima of
+    a 3x3 window, as (boxes (B, M, 4) in input pixels, scores (B, M), labels (B, M) in 1..K), best first; sizes and
+    offsets (B, 2, H, W). A sort and a slice rather than ``topk``, so that an exported graph needs no shape test for
+    maps with fewer pixels than ``max_detections``."""
+    classes, height, width = heatmap.shape[1:]
+    peaks = heatmap * (F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap)
+    scores, flat = peaks.flatten(1).sort(1, descending=True)
+    scores, flat = scores[:, :max_detections], flat[:, :max_detections]
+    # x, y and class of every heatmap entry, looked up rather than computed with % and //, which ONNX's exporter
+    # cannot write when the map's size is a variable
+    grid = [torch.arange(n, device=heatmap.device) for n in (width, height, classes)]
+    shape = (classes, height, width)
+    table = torch.stack([grid[0].view(1, 1, -1).expand(shape), grid[1].view(1, -1, 1).expand(shape)])
+    xy = table.flatten(1)[:, flat]  # (2, B, M)
+    labels = grid[2].view(-1, 1, 1).expand(shape).flatten()[flat] + 1
+    at_peak = (xy[1] * width + xy[0])[:, None].expand(-1, 2, -1)
+    wh = size.flatten(2).gather(2, at_peak).clamp(min=0) * stride  # an untrained size head can predict negative sizes
+    centre = (xy.permute(1, 0, 2) + offset.flatten(2).gather(2, at_peak)) * stride
+    boxes = torch.cat([centre - wh / 2, centre + wh / 2], 1).transpose(1, 2)
+    return boxes, scores, labels
+
+
 def decode_centres(
     heatmap: Tensor,
     size: Tensor,
@@ -135,20 +160,13 @@ def decode_centres(
     score_threshold: float,
     stride: int = CENTERNET_STRIDE,
 ) -> list[dict[str, Tensor]]:
-    """Boxes from heatmap probabilities (B, K, H, W), sizes and offsets (B, 2, H, W): the local maxima of a 3x3
-    window, the ``max_detections`` best over all classes, those above ``score_threshold``; boxes in input pixels."""
-    batch, classes, height, width = heatmap.shape
-    peaks = heatmap * (F.max_pool2d(heatmap, 3, stride=1, padding=1) == heatmap)
-    scores, flat = peaks.flatten(1).topk(min(max_detections, classes * height * width))
-    pixel = flat % (height * width)
-    at_peak = pixel[:, None].expand(-1, 2, -1)
-    wh = size.flatten(2).gather(2, at_peak).clamp(min=0) * stride  # an untrained size head can predict negative sizes
-    centre = (torch.stack([pixel % width, pixel // width], 1) + offset.flatten(2).gather(2, at_peak)) * stride
-    boxes = torch.cat([centre - wh / 2, centre + wh / 2], 1).transpose(1, 2)
-    labels = flat // (height * width) + 1
+    """Boxes from heatmap probabilities (B, K, H, W), sizes and offsets (B, 2, H, W): the :func:`centre_candidates`
+    above ``score_threshold``; boxes in input pixels."""
+    boxes, scores, labels = centre_candidates(heatmap, size, offset, max_detections, stride)
     keep = scores > score_threshold
     return [
-        {"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]} for i in range(batch)
+        {"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]}
+        for i in range(len(boxes))
     ]
 
 

@@ -9,13 +9,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from deepscope.config import from_dict
 from deepscope.data.detection.annotations import load_detection_data
 from deepscope.data.io.images import read_image
 from deepscope.engine.checkpoint import load_checkpoint, load_weights
-from deepscope.errors import DeepscopeError
+from deepscope.errors import CheckpointError, DeepscopeError
+from deepscope.export.runtime import exported_format
+from deepscope.inference.loading import load_exported_model
 from deepscope.models.detection import build_detector
+from deepscope.models.detection.backbones import detection_transform
+from deepscope.models.detection.candidates import CandidateDetector, Finish
 from deepscope.tasks.detect.config import DetectConfig
 from deepscope.tasks.detect.draw import detection_gallery
 from deepscope.tasks.detect.predict import Detector, write_coco, write_voc_xml, write_yolo_txt
@@ -27,8 +32,12 @@ FORMATS = ("coco", "voc", "yolo")
 def load_detector(
     path: str | Path, device: torch.device, overrides: dict[str, Any] | None = None
 ) -> tuple[Detector, DetectConfig, dict[str, Any]]:
-    """The detector of a checkpoint, with inference settings (``score_threshold``, ``tile``, ...) overridden."""
-    state = load_checkpoint(path, task="detect")
+    """The detector of a checkpoint or of its ONNX / TorchScript export, with inference settings
+    (``score_threshold``, ``tile``, ...) overridden."""
+    exported = exported_format(path) is not None
+    module, state = (
+        load_exported_model(path, "detect", device) if exported else (None, load_checkpoint(path, task="detect"))
+    )
     values = state["config"]
     values["inference"] = {
         **values.get("inference", {}),
@@ -36,14 +45,27 @@ def load_detector(
     }
     config = from_dict(DetectConfig, values, f"{path}: config")
     info = state["task_state"]
-    model = build_detector(config.model, len(info["class_names"]), info["channels"], **detector_args(config))
-    load_weights(model, state["model"], path)
+    if module is not None:
+        model = exported_detector(module, config, info, path)
+    else:
+        model = build_detector(config.model, len(info["class_names"]), info["channels"], **detector_args(config))
+        load_weights(model, state["model"], path)
     model.to(device)
     return (
         Detector(model, config.inference, device, masks=info["masks"], batch_size=config.eval_batch_size),
         config,
         info,
     )
+
+
+def exported_detector(module: nn.Module, config: DetectConfig, info: dict[str, Any], path: str | Path) -> nn.Module:
+    """The exported candidates of a detector behind the detectors' interface, resized and finished as the
+    checkpoint's detector resizes and finishes (the settings stored in the file)."""
+    if not isinstance(info.get("finish"), dict):
+        raise CheckpointError(f"{path}: its deepscope metadata lacks the detector's finishing settings")
+    args = detector_args(config)
+    transform = detection_transform(info["channels"], args["min_size"], args["max_size"]).eval()
+    return CandidateDetector(module, Finish(**info["finish"]), transform, int(info.get("min_side", 1))).eval()
 
 
 def evaluate_checkpoint(

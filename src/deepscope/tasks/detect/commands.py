@@ -38,6 +38,12 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
     return predict_files(args.checkpoint, files, args.out, device, args.format or "coco", args.draw, overrides)
 
 
+def export(args: argparse.Namespace) -> Any:
+    from deepscope.tasks.detect.export import exportable
+
+    return exportable(args.checkpoint, args.sample)
+
+
 def score_saved(args: argparse.Namespace) -> Result:
     """COCO mAP of a COCO-JSON detection file against the true boxes."""
     from deepscope.tasks.detect.apply import score_saved_detections
@@ -65,6 +71,7 @@ COMMANDS = TaskCommands(
         option("--draw", action="store_true", help="also draw the boxes on the images (pictures/)"),
     ),
     predict=predict,
+    export=export,
     score_saved=score_saved,
     score_options=("max_detections",),
 )

@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,13 @@ def _mask_extent(masks: torch.Tensor) -> list[tuple[int, int, int, int]]:
     return [tuple(v) for v in torch.stack([y0, y1, x0, x1], 1).tolist()]
 
 
+def image_tensor(block: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(C, h, w) float in [0, 1] on ``device`` of an (h, w, C) block: integers are divided by their dtype's maximum,
+    floats kept."""
+    scale = float(np.iinfo(block.dtype).max) if np.issubdtype(block.dtype, np.integer) else 1.0
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, -1, 0), dtype=np.float32)).to(device) / scale
+
+
 class Detector:
     """A detection model applied to (H, W, C) numpy images: whole, or tile by tile when the image exceeds ``tile``,
     ``batch_size`` tiles per model call."""
@@ -138,13 +145,6 @@ class Detector:
             for (y0, y1, ylo, yhi), (x0, x1, xlo, xhi) in itertools.product(rows, cols)
         ]
 
-    def _tensor(self, block: np.ndarray) -> torch.Tensor:
-        """(C, h, w) float in [0, 1] on the device: integers are divided by their dtype's maximum, floats kept."""
-        scale = float(np.iinfo(block.dtype).max) if np.issubdtype(block.dtype, np.integer) else 1.0
-        return (
-            torch.from_numpy(np.ascontiguousarray(np.moveaxis(block, -1, 0), dtype=np.float32)).to(self.device) / scale
-        )
-
     def _candidates(
         self, window: Window, out: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[MaskCrop]]:
@@ -166,9 +166,10 @@ class Detector:
         return boxes[keep], scores[keep], labels[keep], crops
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
         """Detections of one (H, W, C) or (H, W) image: ``boxes`` (M, 4) float32 xyxy in image pixels, ``scores`` (M,),
-        ``labels`` (M,) int64 in 1..K, highest score first, and with ``masks`` (M, H, W) bool when asked for."""
+        ``labels`` (M,) int64 in 1..K, highest score first, and with ``masks`` (M, H, W) bool when asked for.
+        ``progress(done, total)`` hears of every batch of tiles done."""
         image = image[..., None] if image.ndim == 2 else image
         if image.ndim != 3:
             raise DataError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
@@ -182,8 +183,10 @@ class Detector:
         with eval_mode(self.model):
             for i in range(0, len(windows), self.batch_size):
                 batch = windows[i : i + self.batch_size]
-                outputs = self.model([self._tensor(image[y0:y1, x0:x1]) for y0, y1, x0, x1, *_ in batch])
+                outputs = self.model([image_tensor(image[y0:y1, x0:x1], self.device) for y0, y1, x0, x1, *_ in batch])
                 found += [self._candidates(window, out) for window, out in zip(batch, outputs)]
+                if progress is not None:
+                    progress(len(found), len(windows))
         boxes, scores, labels = (
             torch.cat([f[0] for f in found]),
             torch.cat([f[1] for f in found]),
