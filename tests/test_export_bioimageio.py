@@ -254,3 +254,67 @@ def test_packages_that_would_run_their_own_code_or_lack_what_the_zoo_needs_are_r
     assert "not valid YAML" in one_line_error(
         ["predict", str(broken), str(image), "--out", str(tmp_path / "b.tif")], capsys
     )
+
+
+def test_a_classifier_package_passes_the_zoo_test_and_gives_the_checkpoints_probabilities(class_tree, tmp_path, capsys):
+    from conftest import fast_args
+
+    run = tmp_path / "cnn"
+    assert main(fast_args(class_tree, run)) == 0
+    package = tmp_path / "cnn.zip"
+    capsys.readouterr()
+    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    result = last_json(capsys)
+    assert result["bioimageio_test"] == "passed" and max(result["max_abs_difference"].values()) <= 1e-4
+    with zipfile.ZipFile(package) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        source = archive.read("architecture.py").decode()
+    output = rdf["outputs"][0]
+    assert [axis["type"] for axis in output["axes"]] == ["batch", "channel"]
+    assert output["axes"][1]["channel_names"] == ["alpha", "beta", "gamma"]
+    assert steps(rdf["inputs"][0], "preprocessing") == ["fixed_zero_mean_unit_variance"]
+    assert steps(output, "postprocessing") == ["softmax"]
+    # the architecture file builds the classifier without deepscope, and the package's weights fit it
+    namespace: dict = {}
+    exec(compile(source.replace("from deepscope.errors", "from no_such_package"), "architecture.py", "exec"), namespace)
+    architecture = rdf["weights"]["pytorch_state_dict"]["architecture"]
+    net = namespace[architecture["callable"]](**architecture["kwargs"])
+    with zipfile.ZipFile(package) as archive, archive.open("weights.pt") as f:
+        net.load_state_dict(torch.load(f, weights_only=True))
+    # deepscope predict on the package gives the checkpoint's probabilities
+    files = sorted((class_tree / "test").rglob("*.png"))[:4]
+    tables = {}
+    for name, model in (("checkpoint", run / "best.pt"), ("package", package)):
+        assert main(["predict", str(model), *map(str, files), "--out", str(tmp_path / f"{name}.csv")]) == 0
+        tables[name] = [line.split(",") for line in (tmp_path / f"{name}.csv").read_text().splitlines()]
+    assert [row[:2] for row in tables["package"]] == [row[:2] for row in tables["checkpoint"]]
+    np.testing.assert_allclose(
+        np.array([row[2:] for row in tables["package"][1:]], float),
+        np.array([row[2:] for row in tables["checkpoint"][1:]], float),
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "unet"])
+def test_an_ssl_encoder_package_passes_the_zoo_test(tmp_path, capsys, encoder):
+    from deepscope.demo.data import write_digits_npz
+
+    data = write_digits_npz(tmp_path / "digits.npz")
+    run = tmp_path / "ssl"
+    width = (
+        ["--set", "model_args.width=4"] if encoder == "resnet18" else ["--set", "model_args={depth: 2, features: 4}"]
+    )
+    options = ["--model", encoder, "--batch-size", "64", "--amp", "off", *width, "--set", "probe_fractions=[1]"]
+    assert main(train_args("ssl", data, run, 1, *options, "--set", "steps_per_epoch=2", "--set", "knn_bank=100")) == 0
+    package = tmp_path / "encoder.zip"
+    capsys.readouterr()
+    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    result = last_json(capsys)
+    assert result["bioimageio_test"] == "passed" and result["task"] == "ssl"
+    with zipfile.ZipFile(package) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+    output = rdf["outputs"][0]
+    assert [axis["type"] for axis in output["axes"]] == ["batch", "channel"] and not steps(output, "postprocessing")
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == (
+        "ResNet" if encoder == "resnet18" else "UNetEncoder"
+    )

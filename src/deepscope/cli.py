@@ -161,11 +161,6 @@ def cmd_export(args: argparse.Namespace) -> Result:
             f"{args.checkpoint}: the BioImage Model Zoo's format has no convention for detections; export this "
             "detect checkpoint as onnx or torchscript"
         )
-    if package and task not in ("segment", "denoise"):
-        raise DeepscopeError(
-            f"{args.checkpoint}: bioimage.io packages are written for segment and denoise checkpoints so far; export "
-            f"this {task} checkpoint as onnx or torchscript"
-        )
     out = (
         Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".zip" if package else SUFFIXES[args.format])
     )

@@ -8,10 +8,11 @@ standard deviation) and postprocessing; axes with their size steps and halo; a c
 and deepscope's own settings under ``config.deepscope`` so that ``deepscope predict`` runs the package as it runs the
 checkpoint.
 
-The architecture source is assembled from deepscope's own modules (``models/layers.py`` and ``models/unet.py``)
-when the package is written: the zoo loads one Python file, and the U-Net lives in two modules that import
-deepscope's error type. The file imports only torch (deepscope's error type when it is installed), so a package runs
-where deepscope is not installed, and it never drifts from the code that trained the weights.
+The architecture source is assembled from deepscope's own modules when the package is written (the task names them
+in ``ZooParts.sources``: ``models/layers.py`` and ``models/unet.py`` for a U-Net, the classifiers' modules, an
+encoder's): the zoo loads one Python file, and the networks live in several modules that import deepscope's error
+type. The file imports only torch (torchvision for a ResNet; deepscope's error type when it is installed), so a
+package runs where deepscope is not installed, and it never drifts from the code that trained the weights.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from deepscope.atomic import atomic_write
 from deepscope.errors import DeepscopeError
-from deepscope.export.exportable import Exportable, ZooParts
+from deepscope.export.exportable import Exportable, ZooParts, unet_sources
 from deepscope.export.formats import OPSET, WRITERS, export
 from deepscope.export.runtime import torchscript_quiet
 
@@ -50,17 +51,19 @@ class PackageInfo:
     cover: str | None = None
 
 
-def architecture_source() -> str:
-    """One Python file holding deepscope's U-Net and the layers it uses, importing only torch."""
-    from deepscope.models import layers, unet
+def architecture_source(sources: list[Any] | None = None) -> str:
+    """One Python file holding deepscope's modules or classes ``sources`` (the U-Net's by default) in order, less
+    their deepscope imports, importing only torch (torchvision for a ResNet)."""
 
-    def body(module: Any) -> str:
-        lines = inspect.getsource(module).splitlines()
+    def body(source: Any) -> str:
+        lines = inspect.getsource(source).splitlines()
         return "\n".join(line for line in lines if not line.startswith(("from __future__", "from deepscope")))
 
+    parts = sources or unet_sources()
+    names = ", ".join(getattr(p, "__name__", str(p)).rsplit(".", 1)[-1] for p in parts)
     return "\n".join(
         [
-            '"""deepscope\'s U-Net for a BioImage Model Zoo package: models/layers.py and models/unet.py in one file."""',
+            f'"""deepscope\'s network for a BioImage Model Zoo package: {names} in one file."""',
             "",
             "from __future__ import annotations",
             "",
@@ -69,10 +72,7 @@ def architecture_source() -> str:
             "except ImportError:  # run where deepscope is not installed",
             "    DeepscopeError = ValueError",
             "",
-            body(layers),
-            "",
-            body(unet),
-            "",
+            *[body(p) + "\n" for p in parts],
         ]
     )
 
@@ -87,6 +87,8 @@ def _axes(ex: Exportable, parts: ZooParts, names: list[str], output: bool) -> li
     axes: list[dict[str, Any]] = [{"type": "batch"}, {"type": "channel", "channel_names": names}]
     letters = ex.axes()[2:]
     multiples = ex.spatial_multiple or tuple(ex.example.shape[2:])
+    if output and not parts.spatial_output:
+        return axes
     for letter, multiple, halo in zip(letters, multiples, declared_halo(ex, parts)):
         if output:
             axes.append(
@@ -102,7 +104,8 @@ def _axes(ex: Exportable, parts: ZooParts, names: list[str], output: bool) -> li
 
 def cover_picture(raw: np.ndarray, output: np.ndarray) -> bytes:
     """A 2:1 PNG: the test input's first channel beside the test output's first channel (middle slice of a volume),
-    each stretched to its own 1st-99th percentile."""
+    each stretched to its own 1st-99th percentile, or beside the first output's values as bars when it has no image
+    (class scores, features)."""
 
     def panel(array: np.ndarray) -> Image.Image:
         plane = array[0, 0] if array.ndim == 4 else array[0, 0, array.shape[2] // 2]
@@ -110,9 +113,19 @@ def cover_picture(raw: np.ndarray, output: np.ndarray) -> bytes:
         scaled = np.clip((plane - low) / max(float(high - low), 1e-6), 0, 1)
         return Image.fromarray((scaled * 255).astype(np.uint8)).resize((256, 256), Image.Resampling.NEAREST)
 
+    def bars(values: np.ndarray) -> Image.Image:
+        """One value per channel (class scores, features) as bars from the bottom, scaled to the largest."""
+        image = Image.new("L", (256, 256))
+        draw = ImageDraw.Draw(image)
+        top = max(float(np.abs(values).max()), 1e-6)
+        width = 256 / len(values)
+        for i, value in enumerate(np.abs(values)):
+            draw.rectangle([i * width, 255 - 250 * value / top, (i + 1) * width - 1, 255], fill=220)
+        return image
+
     picture = Image.new("L", (512, 256))
     picture.paste(panel(raw), (0, 0))
-    picture.paste(panel(output), (256, 0))
+    picture.paste(panel(output) if output.ndim >= 4 else bars(output[0]), (256, 0))
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -185,7 +198,7 @@ def write_package(ex: Exportable, info: PackageInfo, out: str | Path) -> dict[st
         root = Path(folder)
         checks = {fmt: export(ex, fmt, root / f"weights.{fmt}")["max_abs_difference"] for fmt in WRITERS}
         torch.save({k: v.detach().cpu() for k, v in ex.module.state_dict().items()}, root / "weights.pt")
-        (root / ARCHITECTURE_FILE).write_text(architecture_source())
+        (root / ARCHITECTURE_FILE).write_text(architecture_source(parts.sources))
         with torch.no_grad():
             test_output = parts.finish(ex.module(ex.example).float()).numpy()
         np.save(root / "test_input.npy", parts.raw.astype(np.float32))

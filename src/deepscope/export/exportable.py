@@ -4,6 +4,7 @@ outputs mean something (normalisation, tile and halo, post-processing and its tu
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,27 @@ class ZooParts:
     description: str
     documentation: list[str] = field(default_factory=list)  # markdown paragraphs on inputs, outputs, post-processing
     metrics: dict[str, Any] = field(default_factory=dict)  # the run's test metrics, if it has any
+    # deepscope modules (whole, less their deepscope imports) or classes assembled into the architecture file, in order
+    sources: list[Any] = field(default_factory=lambda: unet_sources())
+    spatial_output: bool = True  # outputs have the input's spatial axes; False: (batch, channel), e.g. class scores
+
+
+def unet_sources() -> list[Any]:
+    """The modules the U-Net's architecture file is made of."""
+    from deepscope.models import layers, unet
+
+    return [layers, unet]
+
+
+def channel_ids(names: Sequence[str]) -> list[str]:
+    """Names as the zoo's channel names take them (letters, digits and underscores, not starting with a digit),
+    unique: class names such as "red blood cell" become red_blood_cell."""
+    ids: list[str] = []
+    for name in names:
+        text = re.sub(r"\W+", "_", str(name), flags=re.ASCII).strip("_") or "channel"
+        text = f"c_{text}" if text[0].isdigit() else text
+        ids.append(text if text not in ids else f"{text}_{len(ids)}")
+    return ids
 
 
 @dataclass
@@ -117,6 +139,15 @@ def example_block(view: Any, tile: Sequence[int], divisor: Sequence[int]) -> tor
     tensor = torch.from_numpy(block)[None]
     pad = [p for side, got in zip(reversed(sides), reversed(block.shape[1:])) for p in (0, side - got)]
     return F.pad(tensor, pad, mode="replicate") if any(pad) else tensor
+
+
+def fixed_standardisation(mean: Sequence[float], std: Sequence[float], scale: float = 1.0) -> dict[str, Any]:
+    """The zoo's preprocessing step for deepscope's ``(x / scale - mean) / std`` per channel, in the raw image's
+    units (one step: ``(x - mean * scale) / (std * scale)``)."""
+    return {
+        "id": "fixed_zero_mean_unit_variance",
+        "kwargs": {"axis": "channel", "mean": [m * scale for m in mean], "std": [s * scale for s in std]},
+    }
 
 
 def standardised_images_note(in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> str:

@@ -27,6 +27,14 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The class or function :func:`build_model` builds model ``name`` with (called ``(in_shape, num_classes,
+    **kwargs)``), for an export's architecture description."""
+    if name not in _MODELS:
+        raise DeepscopeError(f"unknown model {name!r}; choose one of {', '.join(model_names())}")
+    return _MODELS[name]
+
+
 def construct_model(
     name: str, factory: Callable[..., nn.Module], args: tuple, positional: set[str], kwargs: dict[str, Any]
 ) -> nn.Module:

@@ -5,6 +5,7 @@ real images of the run's data."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,9 +14,34 @@ from deepscope.config import to_dict
 from deepscope.data.classification.dataset import ImageSet, load_classification
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader
 from deepscope.errors import DataError
-from deepscope.export.exportable import EXAMPLE_BATCH, EXAMPLE_SPLITS, Exportable, standardised_images_note
+from deepscope.export.exportable import (
+    EXAMPLE_BATCH,
+    EXAMPLE_SPLITS,
+    Exportable,
+    ZooParts,
+    channel_ids,
+    fixed_standardisation,
+    run_metrics,
+    standardised_images_note,
+)
 from deepscope.tasks.classify.config import ClassifyConfig, resize_of
 from deepscope.tasks.classify.predict import file_images, load_classifier
+
+# the papers of each classifier's design, cited by its package (the zoo requires a citation)
+BACKPROPAGATION = {
+    "text": "Rumelhart, Hinton and Williams 1986, learning by back-propagation",
+    "doi": "10.1038/323533a0",
+}
+CLASSIFIER_CITATIONS = {
+    "logreg": BACKPROPAGATION,
+    "mlp": BACKPROPAGATION,
+    "cnn": {"text": "LeCun et al. 1998, gradient-based learning for document recognition", "doi": "10.1109/5.726791"},
+    "resnet18": {"text": "He et al. 2016, deep residual learning", "doi": "10.1109/CVPR.2016.90"},
+    "fastnet": {
+        "text": "Jordan 2024, 94% on CIFAR-10 in 3.29 seconds (airbench)",
+        "url": "https://arxiv.org/abs/2404.00498",
+    },
+}
 
 
 def data_images(cfg: ClassifyConfig, checkpoint: str | Path) -> ImageSet:
@@ -34,6 +60,43 @@ def data_images(cfg: ClassifyConfig, checkpoint: str | Path) -> ImageSet:
     return ImageSet(np.stack([first.image(i) for i in range(len(first))]), first.labels, first.sources)
 
 
+def zoo_parts(
+    cfg: ClassifyConfig, info: dict[str, Any], raw: np.ndarray, scale: float, checkpoint: str | Path
+) -> ZooParts:
+    """A classifier's package: the image in its stored units, standardised as in training, class probabilities out
+    (softmax), the classifier's own module in the architecture file."""
+    from deepscope.models import classifiers, layers, resnet
+    from deepscope.models.registry import model_factory
+
+    names = info["class_names"]
+    channels, height, width = info["in_shape"]
+    return ZooParts(
+        raw=raw,
+        preprocessing=[fixed_standardisation(info["mean"], info["std"], scale)],
+        postprocessing=[{"id": "softmax", "kwargs": {"axis": "channel"}}],
+        finish=lambda y: torch.softmax(y, 1),
+        halo=[0, 0],
+        channel_names=[f"channel{i}" for i in range(channels)],
+        output_names=channel_ids(names),
+        architecture=(
+            model_factory(cfg.model).__name__,
+            {"in_shape": list(info["in_shape"]), "num_classes": len(names), **cfg.model_args},
+        ),
+        cite=[CLASSIFIER_CITATIONS[cfg.model]],
+        tags=["deepscope", "classification", cfg.model, "2d", "pytorch"],
+        description=f"deepscope {cfg.model} image classifier of {len(names)} classes, trained on {Path(cfg.data).name}",
+        documentation=[
+            f"Input: {channels}-channel {height}x{width} images in their stored units (integers 0..{scale:g}), "
+            f"standardised per channel with the training images' mean {info['mean']} and standard deviation "
+            f"{info['std']} (in 0..1 units).",
+            f"Output: the probability of each class, in this order: {', '.join(map(str, names))}.",
+        ],
+        metrics=run_metrics(checkpoint),
+        sources=[layers, classifiers, resnet],
+        spatial_output=False,
+    )
+
+
 def exportable(checkpoint: str | Path, sample: str | None = None) -> Exportable:
     cpu = torch.device("cpu")
     model, cfg, info = load_classifier(checkpoint, cpu)
@@ -46,4 +109,6 @@ def exportable(checkpoint: str | Path, sample: str | None = None) -> Exportable:
         standardised_images_note(info["in_shape"], info["mean"], info["std"]),
         f"example: {images.sources[0] if images.sources else cfg.data}",
     ]
-    return Exportable("classify", model, example, None, state, str(checkpoint), notes)
+    raw = np.moveaxis(np.asarray(images.images[: len(example)], np.float32), -1, 1)
+    zoo = zoo_parts(cfg, info, raw, float(loader.scale), checkpoint)
+    return Exportable("classify", model, example, None, state, str(checkpoint), notes, zoo)

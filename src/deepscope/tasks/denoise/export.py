@@ -14,7 +14,15 @@ from deepscope.config import from_dict
 from deepscope.data.denoise.dataset import find_denoise_files
 from deepscope.data.io.views import ChannelsFirst
 from deepscope.errors import DataError
-from deepscope.export.exportable import EXAMPLE_SPLITS, UNET_CITATIONS, Exportable, ZooParts, example_block, run_metrics
+from deepscope.export.exportable import (
+    EXAMPLE_SPLITS,
+    UNET_CITATIONS,
+    Exportable,
+    ZooParts,
+    example_block,
+    fixed_standardisation,
+    run_metrics,
+)
 from deepscope.inference.blockio import open_input
 from deepscope.inference.loading import load_trained_model
 from deepscope.tasks.denoise.config import DenoiseConfig
@@ -58,9 +66,7 @@ def zoo_parts(cfg: DenoiseConfig, info: dict[str, Any], raw: np.ndarray, checkpo
     shape = (1, -1, *([1] * ndim))
     return ZooParts(
         raw=raw,
-        preprocessing=[
-            {"id": "fixed_zero_mean_unit_variance", "kwargs": {"axis": "channel", "mean": mean, "std": std}}
-        ],
+        preprocessing=[fixed_standardisation(mean, std)],
         postprocessing=[{"id": "scale_linear", "kwargs": {"axis": "channel", "gain": std, "offset": mean}}],
         finish=lambda y: y * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape),
         halo=info["halo"],

@@ -5,14 +5,22 @@ training views' size, checked on real images of the run's data."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from deepscope.config import to_dict
-from deepscope.data.ssl.dataset import SSLEvalBatches, SSLImages, load_ssl_data
+from deepscope.data.ssl.dataset import SSLEvalBatches, SSLImages, centre_crop, load_ssl_data
 from deepscope.errors import DataError
-from deepscope.export.exportable import EXAMPLE_BATCH, EXAMPLE_SPLITS, Exportable, standardised_images_note
+from deepscope.export.exportable import (
+    EXAMPLE_BATCH,
+    EXAMPLE_SPLITS,
+    Exportable,
+    ZooParts,
+    fixed_standardisation,
+    standardised_images_note,
+)
 from deepscope.tasks.ssl.config import SSLConfig
 from deepscope.tasks.ssl.task import load_ssl_model
 
@@ -25,6 +33,52 @@ def example_images(cfg: SSLConfig, data: str, checkpoint: str | Path) -> SSLImag
         raise DataError(f"{checkpoint}: no image to check the export on ({exc}); give --sample IMAGE_FOLDER") from None
     split = next(found.splits[s] for s in EXAMPLE_SPLITS if s in found.splits)
     return split.subset(np.arange(min(EXAMPLE_BATCH, len(split))))
+
+
+METHOD_CITATIONS = {
+    "simclr": {
+        "text": "Chen et al. 2020, a simple framework for contrastive learning (SimCLR)",
+        "url": "https://arxiv.org/abs/2002.05709",
+    },
+    "vicreg": {"text": "Bardes, Ponce and LeCun 2022, VICReg", "url": "https://arxiv.org/abs/2105.04906"},
+}
+
+
+def zoo_parts(cfg: SSLConfig, info: dict[str, Any], raw: np.ndarray, scale: float, features: int) -> ZooParts:
+    """An encoder's package: images standardised as in training in, the encoder's features out (no postprocessing),
+    the encoder's own code in the architecture file."""
+    from deepscope.models import layers, resnet, unet
+    from deepscope.models.ssl import UNetEncoder
+
+    channels, height, width = info["in_shape"]
+    if cfg.model == "unet":
+        architecture = ("UNetEncoder", {"in_channels": channels, **cfg.model_args})
+        sources: list[Any] = [layers, unet, UNetEncoder]
+    else:
+        architecture = ("ResNet", {"in_shape": list(info["in_shape"]), "num_classes": 0, **cfg.model_args})
+        sources = [resnet]
+    return ZooParts(
+        raw=raw,
+        preprocessing=[fixed_standardisation(info["mean"], info["std"], scale)],
+        postprocessing=[],
+        finish=lambda y: y,
+        halo=[0, 0],
+        channel_names=[f"channel{i}" for i in range(channels)],
+        output_names=[f"feature{i}" for i in range(features)],
+        architecture=architecture,
+        cite=[METHOD_CITATIONS[cfg.method]],
+        tags=["deepscope", "self-supervised", cfg.method, cfg.model, "feature-extraction", "2d", "pytorch"],
+        description=f"deepscope {cfg.model} encoder pretrained by {cfg.method} on {Path(cfg.data).name}",
+        documentation=[
+            f"Input: {channels}-channel {height}x{width} images in their stored units (0..{scale:g}), standardised "
+            f"per channel with the training images' mean {info['mean']} and standard deviation {info['std']} "
+            "(in 0..1 units).",
+            f"Output: the encoder's {features} features per image (its projection head, which only serves the "
+            "training loss, is left out); use them for k-nearest neighbours, linear probes or clustering.",
+        ],
+        sources=sources,
+        spatial_output=False,
+    )
 
 
 def exportable(checkpoint: str | Path, sample: str | None = None) -> Exportable:
@@ -40,4 +94,6 @@ def exportable(checkpoint: str | Path, sample: str | None = None) -> Exportable:
         standardised_images_note(info["in_shape"], info["mean"], info["std"]),
         f"example: {images.sources[0] if images.sources else sample or cfg.data}",
     ]
-    return Exportable("ssl", model.encoder, example, None, state, str(checkpoint), notes)
+    raw = centre_crop(images.images[: len(example)], size).float().numpy()
+    zoo = zoo_parts(cfg, info, raw, images.scale, cast(int, model.encoder.out_features))  # every encoder sets it
+    return Exportable("ssl", model.encoder, example, None, state, str(checkpoint), notes, zoo)
