@@ -135,17 +135,35 @@ class PlainUNet(nn.Module):
         return self.head(torch.cat([skip, self.up(self.bottom(skip))], 1))
 
 
-def foreign_package(folder: Path, weights: str) -> Path:
-    """A package of :class:`PlainUNet` built by bioimageio.spec, with TorchScript or only state-dict weights."""
+class TwoOutputs(nn.Module):
+    """:class:`PlainUNet`'s output and its negative, as two output tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = PlainUNet()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.net(x)
+        return y, -y
+
+
+def foreign_package(folder: Path, weights: str, two_outputs: bool = False) -> Path:
+    """A package of :class:`PlainUNet` built by bioimageio.spec, with TorchScript or only state-dict weights; with
+    ``two_outputs``, a second output ``negative`` (its negative, without postprocessing)."""
     from bioimageio.spec import ValidationContext, build_description, save_bioimageio_package
 
     torch.manual_seed(0)
-    net = PlainUNet().eval()
+    net: nn.Module = PlainUNet().eval()
     raw = np.random.default_rng(1).uniform(0, 1000, (1, 1, 32, 32)).astype(np.float32)
     with torch.no_grad():
-        output = torch.sigmoid(net(torch.from_numpy((raw - raw.mean()) / (raw.std() + 1e-6)))).numpy()
+        logits = net(torch.from_numpy((raw - raw.mean()) / (raw.std() + 1e-6)))
     np.save(folder / "in.npy", raw)
-    np.save(folder / "out.npy", output)
+    np.save(folder / "out.npy", torch.sigmoid(logits).numpy())
+    np.save(folder / "negative.npy", -logits.numpy())
+    if two_outputs:
+        wrapper = TwoOutputs().eval()
+        wrapper.net = net
+        net = wrapper
     if weights == "torchscript":
         torch.jit.save(torch.jit.trace(net, torch.from_numpy(raw)), str(folder / "net.pt"))
         entry = {"torchscript": {"source": "net.pt", "pytorch_version": "2.4"}}
@@ -193,6 +211,9 @@ def foreign_package(folder: Path, weights: str) -> Path:
         ],
         "weights": entry,
     }
+    if two_outputs:
+        negative = {**rdf["outputs"][0], "id": "negative", "test_tensor": {"source": "negative.npy"}}
+        rdf["outputs"].append({k: v for k, v in negative.items() if k != "postprocessing"})
     with ValidationContext(root=folder, perform_io_checks=False):
         descr = build_description(rdf)
     assert type(descr).__name__ == "ModelDescr", descr.validation_summary.format()
@@ -218,11 +239,24 @@ def test_a_package_another_tool_wrote_runs_with_its_own_processing(tmp_path, cap
     from deepscope.export.packages import predict_array
 
     large = np.random.default_rng(3).uniform(0, 1000, (600, 520)).astype(np.float32)
-    tiled = predict_array(package, large, "large")
+    tiled = predict_array(package, large, "large")["mask"]
     with torch.no_grad():
         whole = torch.sigmoid(net(torch.from_numpy((large - large.mean()) / (large.std() + 1e-6))[None, None]))
     assert tiled.shape == (1, 600, 520)
     assert np.mean(np.abs(tiled - whole.numpy()[0]) <= 1e-4) > 0.95
+
+
+def test_every_output_of_another_tools_package_is_written(tmp_path, capsys):
+    package = foreign_package(tmp_path, "torchscript", two_outputs=True)
+    image = np.random.default_rng(2).uniform(0, 1000, (40, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    capsys.readouterr()
+    assert main(["predict", str(package), str(tmp_path / "image.tif"), "--out", str(tmp_path / "out")]) == 0
+    outputs = last_json(capsys)["outputs"][0]["outputs"]
+    assert list(outputs) == ["mask", "negative"]
+    mask, negative = (tifffile.imread(outputs[key]["file"]) for key in ("mask", "negative"))
+    assert Path(outputs["negative"]["file"]).name == "image_negative.tif"
+    np.testing.assert_allclose(mask, 1 / (1 + np.exp(negative)), atol=1e-5)  # sigmoid(logits), and -logits raw
 
 
 def test_packages_that_would_run_their_own_code_or_lack_what_the_zoo_needs_are_refused(

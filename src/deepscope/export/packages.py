@@ -1,7 +1,8 @@
 """Running bioimage.io model packages written by other tools, through bioimageio.core with the package's own pre- and
 postprocessing, tiled by the package's size parameters.
 
-Only ONNX and TorchScript weights are run: a ``pytorch_state_dict`` entry needs the package's architecture source,
+Every output of the package is written (the first as the input's name, further ones with their output id). Only ONNX
+and TorchScript weights are run: a ``pytorch_state_dict`` entry needs the package's architecture source,
 Python code that would run on loading, and files from other people never run code here. Packages deepscope wrote
 carry its settings and run through deepscope's own prediction instead (``runtime.deepscope_package``).
 """
@@ -107,8 +108,9 @@ def package_pipeline(path: Path) -> tuple[Any, Any, list[str], str]:
     return pipeline, tensor, letters, present[0]
 
 
-def run_pipeline(pipeline: Any, tensor: Any, letters: list[str], image: np.ndarray, name: str) -> np.ndarray:
-    """The package's first output for one image (stored as deepscope stores images), without its batch axis."""
+def run_pipeline(pipeline: Any, tensor: Any, letters: list[str], image: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """The package's outputs for one image (stored as deepscope stores images), by output id in the package's order,
+    each without its batch axis."""
     from bioimageio.core import predict
 
     array = arranged(image, letters, name)
@@ -118,8 +120,11 @@ def run_pipeline(pipeline: Any, tensor: Any, letters: list[str], image: np.ndarr
         sample = predict(
             model=pipeline, inputs={tensor.id: array}, blocksize_parameter=block_parameter(tensor) if large else None
         )
-    result = np.asarray(next(iter(sample.members.values())).data.to_numpy(), np.float32)
-    return result[0] if result.shape[0] == 1 else result
+    found = {}
+    for output in pipeline.output_ids:
+        result = np.asarray(sample.members[output].data.to_numpy(), np.float32)
+        found[str(output)] = result[0] if result.shape[0] == 1 else result
+    return found
 
 
 def block_parameter(tensor: Any) -> int:
@@ -129,7 +134,7 @@ def block_parameter(tensor: Any) -> int:
     return max(0, min(((BLOCK - size.min) // size.step for size in sizes), default=0))
 
 
-def predict_array(path: Path, image: np.ndarray, name: str) -> np.ndarray:
+def predict_array(path: Path, image: np.ndarray, name: str) -> dict[str, np.ndarray]:
     """One image array through a package (see :func:`run_pipeline`)."""
     pipeline, tensor, letters, _ = package_pipeline(path)
     return run_pipeline(pipeline, tensor, letters, image, name)
@@ -137,13 +142,18 @@ def predict_array(path: Path, image: np.ndarray, name: str) -> np.ndarray:
 
 def predict_package(path: Path, inputs: Sequence[Path], out: Path) -> list[dict[str, Any]]:
     """Each input through the package into ``out`` (a folder of float32 TIFFs, or one .tif for one input): the
-    package's first output, in its axis order without the batch axis."""
+    package's first output as ``<stem>.tif``, any further one as ``<stem>_<output id>.tif``, each in its axis order
+    without the batch axis."""
     pipeline, tensor, letters, weights = package_pipeline(path)
     records, single = [], len(inputs) == 1 and out.suffix.lower() in (".tif", ".tiff")
     for source in inputs:
-        result = run_pipeline(pipeline, tensor, letters, np.asarray(read_volume(source)), str(source))
-        target = out if single else out / f"{source.stem}.tif"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_tiff(target, result, "prediction")
-        records.append({"input": str(source), "output": str(target), "shape": list(result.shape), "weights": weights})
+        results = run_pipeline(pipeline, tensor, letters, np.asarray(read_volume(source)), str(source))
+        first = out if single else out / f"{source.stem}.tif"
+        first.parent.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for index, (output, result) in enumerate(results.items()):
+            target = first if index == 0 else first.with_name(f"{first.stem}_{output}.tif")
+            write_tiff(target, result, "prediction")
+            written[output] = {"file": str(target), "shape": list(result.shape)}
+        records.append({"input": str(source), "outputs": written, "weights": weights})
     return records

@@ -12,6 +12,7 @@ from torch import nn
 from deepscope.engine.checkpoint import checkpoint_task, load_checkpoint, load_weights
 from deepscope.errors import CheckpointError, DeepscopeError
 from deepscope.export.runtime import exported_format, exported_metadata, load_exported
+from deepscope.inference.fastest import FastestRuntime
 from deepscope.models import build_model
 
 ModelBuilder = Callable[[dict[str, Any], dict[str, Any]], nn.Module]
@@ -42,6 +43,14 @@ def load_trained_model(
         raise CheckpointError(f"{path}: cannot rebuild the model from this checkpoint ({exc})") from None
     load_weights(model, state["model"], path)
     return model.to(device).eval(), state
+
+
+def fastest(model: nn.Module, path: str | Path, spatial_multiple: tuple[int, ...] | None) -> nn.Module:
+    """A checkpoint's network as :class:`~deepscope.inference.fastest.FastestRuntime` (it moves to onnxruntime in a
+    long prediction when that is faster with equal outputs); an exported file's network as it is."""
+    if exported_format(path) is not None:
+        return model
+    return FastestRuntime(model, spatial_multiple, str(path))
 
 
 def load_exported_model(path: str | Path, task: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:

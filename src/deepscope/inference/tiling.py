@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from deepscope.errors import DeepscopeError
+from deepscope.inference.fastest import announce
 from deepscope.models import eval_mode
 
 BLENDS = ("none", "gaussian", "linear")
@@ -181,6 +182,7 @@ def predict_tiled(
     # blending accumulates sum(w * pred) and, as the last channel, sum(w) over the slab of rows [lo, lo + acc.shape[1])
     lo, acc = 0, np.zeros((out_channels + 1, 0) + spatial[1:], np.float32)
     predicted, windows = 0, math.prod(len(axis) for axis in grid)
+    announce(model, -(-windows // batch_size) * len(views))  # a network that may change runtime hears of the work
     with eval_mode(model.to(device)):  # each submodule gets its own mode back afterwards
         for k, row in enumerate(grid[0]):
             tiles: list[Ranges] = [(row,) + rest for rest in itertools.product(*grid[1:])]

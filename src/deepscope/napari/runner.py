@@ -36,7 +36,7 @@ def predict_image(
     model: Path, image: np.ndarray, name: str, progress: Progress, stop: threading.Event
 ) -> list[LayerData]:
     """The layers a model makes of one image: probabilities and labels (segment), the denoised image (denoise), boxes
-    as shapes (detect), the first output (another tool's package)."""
+    as shapes (detect), every output (another tool's package)."""
     from deepscope.export.packages import predict_array
     from deepscope.export.runtime import exported_format, exported_metadata
     from deepscope.inference.loading import saved_task
@@ -44,9 +44,9 @@ def predict_image(
     report = watched(progress, stop)
     if exported_format(model) == "bioimageio" and exported_metadata(model) is None:
         report(0, 1)
-        output = predict_array(model, image, name)
+        outputs = predict_array(model, image, name)
         report(1, 1)
-        return [(output, {"name": f"{name} ({model.name})"}, "image")]
+        return [(output, {"name": f"{name} {key} ({model.name})"}, "image") for key, output in outputs.items()]
     task = saved_task(model)
     cpu = torch.device("cpu")
     if task == "segment":

@@ -13,7 +13,8 @@ from deepscope.config import from_dict
 from deepscope.data.classification.dataset import ImageSet, conform, load_classification, read_images
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader
 from deepscope.errors import DataError
-from deepscope.inference.loading import batched_logits, load_trained_model
+from deepscope.inference.fastest import announce, runtime_of
+from deepscope.inference.loading import batched_logits, fastest, load_trained_model
 from deepscope.tasks.classify.config import ClassifyConfig, resize_of
 from deepscope.tasks.classify.task import choose_splits, evaluate_batches, make_batches
 
@@ -48,8 +49,10 @@ def evaluate_checkpoint(path: str | Path, data_path: str | Path, split: str, dev
     loader = make_batches(
         chosen, BatchSpec(cfg.eval_batch_size, info["mean"], info["std"]), device, channels_last=False
     )
+    model = fastest(model, path, None)
+    announce(model, len(loader))
     result = evaluate_batches(model, loader, info["class_names"], device)
-    return {"checkpoint": str(path), "data": str(data_path), "split": split, **result}
+    return {"checkpoint": str(path), "data": str(data_path), "split": split, **result, **runtime_of(model)}
 
 
 def predict_files(
@@ -60,6 +63,8 @@ def predict_files(
     loader = DeviceLoader(
         file_images(files, cfg, info), BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False
     )
+    model = fastest(model, path, None)
+    announce(model, len(loader))
     logits, _ = batched_logits(model, loader)
     return info["class_names"], logits.softmax(1).numpy()
 

@@ -19,8 +19,9 @@ from deepscope.data.io.views import ChannelsFirst
 from deepscope.data.io.volumes import HDF5_SUFFIXES, TIFF_SUFFIXES
 from deepscope.errors import DataError, DeepscopeError
 from deepscope.inference.blockio import Output, open_input
+from deepscope.inference.fastest import runtime_of
 from deepscope.inference.geometry import tile_and_halo
-from deepscope.inference.loading import load_trained_model
+from deepscope.inference.loading import fastest, load_trained_model
 from deepscope.inference.tiling import predict_tiled
 from deepscope.metrics.denoise import data_range_for, image_scores, summarize
 from deepscope.models import build_unet
@@ -177,7 +178,7 @@ def load_denoiser(
         cfg.inference.tta = tta
     tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
     denoiser = Denoiser(
-        model,
+        fastest(model, path, tuple(info["divisor"])),
         info["channels"],
         info["mean"],
         info["std"],
@@ -320,6 +321,7 @@ def predict_files(
                 "input": str(source),
                 "denoised": f"{file}" + (f":{dataset}" if dataset else ""),
                 "shape": list(view.shape),
+                **runtime_of(denoiser.model),
             }
         )
     return records

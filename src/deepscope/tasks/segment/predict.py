@@ -18,8 +18,9 @@ from deepscope.data.segmentation.dataset import SegItem, find_items, load_items
 from deepscope.data.segmentation.targets import batch_class_map
 from deepscope.errors import CheckpointError, DataError, DeepscopeError
 from deepscope.inference.blockio import Output, open_input, output_paths
+from deepscope.inference.fastest import runtime_of
 from deepscope.inference.geometry import tile_and_halo
-from deepscope.inference.loading import load_trained_model
+from deepscope.inference.loading import fastest, load_trained_model
 from deepscope.inference.tiling import predict_tiled
 from deepscope.metrics.instance import image_scores, summarize
 from deepscope.metrics.semantic import confusion, confusion_scores
@@ -221,7 +222,7 @@ def load_predictor(
         )
     tile_t, halo_t = tile_and_halo(tile, halo, info["tile"], info["halo"], info["divisor"])
     predictor = Predictor(
-        model,
+        fastest(model, path, tuple(info["divisor"])),
         cfg.target,
         info["channels"],
         info["out_channels"],
@@ -315,6 +316,7 @@ def predict_files(
                 "input": str(source),
                 "probabilities": f"{prob_path}" + (f":{prob_key}" if prob_key else ""),
                 "shape": list(view.shape),
+                **runtime_of(predictor.model),
             }
             if instances or cfg.target == "semantic":
                 with Output(label_path, label_key, view.shape[1:], np.int32, predictor.tile) as labels:
