@@ -294,15 +294,19 @@ def test_a_classifier_package_passes_the_zoo_test_and_gives_the_checkpoints_prob
     from conftest import fast_args
 
     run = tmp_path / "cnn"
-    assert main(fast_args(class_tree, run)) == 0
+    # who wrote it and under which licence, said once in the run's config rather than at every export
+    package_settings = ["--set", "package.authors=[Grace Hopper]", "--set", "package.license=CC-BY-4.0"]
+    assert main(fast_args(class_tree, run, *package_settings, "--set", "package.name=pattern classifier")) == 0
     package = tmp_path / "cnn.zip"
     capsys.readouterr()
-    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    assert main(["export", str(run / "best.pt"), "--format", "bioimageio", "--out", str(package)]) == 0
     result = last_json(capsys)
     assert result["bioimageio_test"] == "passed" and max(result["max_abs_difference"].values()) <= 1e-4
     with zipfile.ZipFile(package) as archive:
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
         source = archive.read("architecture.py").decode()
+    assert rdf["authors"] == [{"name": "Grace Hopper"}] and rdf["license"] == "CC-BY-4.0"
+    assert rdf["name"] == "pattern classifier"
     output = rdf["outputs"][0]
     assert [axis["type"] for axis in output["axes"]] == ["batch", "channel"]
     assert output["axes"][1]["channel_names"] == ["alpha", "beta", "gamma"]

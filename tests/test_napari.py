@@ -182,6 +182,32 @@ def test_the_predict_widget_draws_a_detectors_boxes_as_deepscope_predict_finds_t
     np.testing.assert_allclose(boxes.properties["score"], [a["score"] for a in expected], atol=1e-4)
 
 
+def test_the_predict_widget_names_a_classifiers_class_as_deepscope_predict_does(
+    make_napari_viewer, qtbot, class_tree, tmp_path, capsys
+):
+    from conftest import fast_args
+    from deepscope.data.io.images import read_image
+    from deepscope.napari.widgets import PredictWidget
+
+    run = tmp_path / "cnn"
+    assert main(fast_args(class_tree, run)) == 0
+    image = sorted((class_tree / "test").rglob("*.png"))[0]
+    assert main(["predict", str(run / "best.pt"), str(image), "--out", str(tmp_path / "p.csv")]) == 0
+    capsys.readouterr()
+    header, row = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()]
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(image), name="pattern", rgb=True)
+    widget = PredictWidget(viewer)
+    widget.model.setText(str(run / "best.pt"))
+    widget.run()
+    wait_for(widget, qtbot)
+    assert widget.status.text() == "done: pattern class", widget.status.text()
+    frame = viewer.layers["pattern class"]
+    predicted = dict(zip(header, row))
+    assert list(frame.properties["label"]) == [predicted["predicted"]]
+    assert frame.properties["score"][0] == pytest.approx(float(predicted[f"prob_{predicted['predicted']}"]), abs=1e-4)
+
+
 def test_a_cancelled_or_failed_prediction_says_so_in_the_widget(make_napari_viewer, qtbot, small_flows_run, tmp_path):
     from deepscope.napari.runner import Cancelled, predict_image
     from deepscope.napari.widgets import PredictWidget

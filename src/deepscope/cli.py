@@ -169,7 +169,14 @@ def cmd_export(args: argparse.Namespace) -> Result:
         return export(exportable, args.format, out)
     from deepscope.export.bioimageio import PackageInfo, write_package
 
-    info = PackageInfo(args.name, args.author or [], args.license, args.description, args.cover)
+    saved = exportable.state["config"].get("package") or {}
+    info = PackageInfo(
+        args.name or saved.get("name"),
+        args.author or saved.get("authors") or [],
+        args.license or saved.get("license"),
+        args.description or saved.get("description"),
+        args.cover,
+    )
     return write_package(exportable, info, out)
 
 

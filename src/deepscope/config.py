@@ -47,6 +47,17 @@ class OptimConfig:
 
 
 @dataclass
+class PackageConfig:
+    """What a BioImage Model Zoo package of the run says about it, when ``deepscope export --format bioimageio`` is
+    not told otherwise by its flags (``--name``, ``--author``, ``--license``, ``--description``)."""
+
+    name: str | None = None
+    authors: list[str] = field(default_factory=list)
+    license: str | None = None  # an SPDX id, e.g. MIT or CC-BY-4.0
+    description: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """Settings shared by every task's training run."""
 
@@ -78,6 +89,7 @@ class TrainConfig:
     init_from: str | None = None  # start the model (or its encoder/backbone) from the weights of this local file
     # with init_from: train only what the file did not provide (a linear probe on a classifier)
     freeze_encoder: bool = False
+    package: PackageConfig = field(default_factory=PackageConfig)  # for bioimage.io packages of the run
 
 
 def _resolve_type(tp: Any) -> Any:

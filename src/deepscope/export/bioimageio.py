@@ -174,10 +174,14 @@ def spec_error(summary: Any) -> str:
 def required(info: PackageInfo) -> None:
     """The fields the zoo needs that only the user can give."""
     if not info.authors:
-        raise DeepscopeError("a bioimage.io package names its authors: give --author 'Full Name' (once per author)")
+        raise DeepscopeError(
+            "a bioimage.io package names its authors: give --author 'Full Name' (once per author), or set "
+            "package.authors in the run's config"
+        )
     if not info.license:
         raise DeepscopeError(
-            "a bioimage.io package needs a licence: give --license with an SPDX id, e.g. MIT or CC-BY-4.0"
+            "a bioimage.io package needs a licence: give --license with an SPDX id, e.g. MIT or CC-BY-4.0, or set "
+            "package.license in the run's config"
         )
 
 

@@ -104,7 +104,7 @@ def box_layers(path: Path, probe: bool) -> list[LayerData] | None:
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)]
         labels = [(found.category_names or {}).get(d["category_id"], str(d["category_id"])) for d in detections]
         name = (found.file_names or {}).get(image_id, f"image {image_id}")
-        layers.append(shapes_layer(name, boxes, labels, [float(d["score"]) for d in detections]))
+        layers.append(shapes_layer(f"{name} boxes", boxes, labels, [float(d["score"]) for d in detections]))
     return layers
 
 
@@ -120,14 +120,14 @@ def voc_layers(path: Path, probe: bool) -> list[LayerData] | None:
     if probe:
         return []
     scores = [1.0 if o.score is None else o.score for o in objects]
-    return [shapes_layer(image, [o.box for o in objects], [o.name for o in objects], scores)]
+    return [shapes_layer(f"{image} boxes", [o.box for o in objects], [o.name for o in objects], scores)]
 
 
-def shapes_layer(image: str, boxes: list[list[float]], labels: list[str], scores: list[float]) -> LayerData:
-    """Boxes (x1 y1 x2 y2 in pixels) of one image as napari rectangles with the class name and score as properties
-    and text."""
+def shapes_layer(name: str, boxes: list[list[float]], labels: list[str], scores: list[float]) -> LayerData:
+    """Boxes (x1 y1 x2 y2 in pixels) of one image as a napari Shapes layer ``name`` of rectangles with the class name
+    and score as properties and text."""
     settings = {
-        "name": f"{image} boxes",
+        "name": name,
         "shape_type": "rectangle",
         "properties": {"label": labels, "score": scores},
         "edge_color": "yellow",

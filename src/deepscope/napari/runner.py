@@ -1,6 +1,6 @@
-"""Running a model on an image array for the napari widget: a segment, denoise or detect checkpoint, one of their exports
-(ONNX, TorchScript, bioimage.io package) or another tool's package, tiled as ``deepscope predict`` tiles, with a
-progress callback that can cancel between tiles."""
+"""Running a model on an image array for the napari widget: a segment, denoise, detect or classify checkpoint, one of
+their exports (ONNX, TorchScript, bioimage.io package) or another tool's package, tiled as ``deepscope predict``
+tiles, with a progress callback that can cancel between tiles."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def predict_image(
     model: Path, image: np.ndarray, name: str, progress: Progress, stop: threading.Event
 ) -> list[LayerData]:
     """The layers a model makes of one image: probabilities and labels (segment), the denoised image (denoise), boxes
-    as shapes (detect), every output (another tool's package)."""
+    as shapes (detect), the class as a labelled frame around the image (classify), every output (another tool's
+    package)."""
     from deepscope.export.packages import predict_array
     from deepscope.export.runtime import exported_format, exported_metadata
     from deepscope.inference.loading import saved_task
@@ -83,7 +84,18 @@ def predict_image(
         with torch.no_grad():
             found = detector(pixels, progress=report)
         names = [info["class_names"][label - 1] for label in found["labels"].tolist()]
-        return [shapes_layer(name, found["boxes"].tolist(), names, found["scores"].tolist())]
+        return [shapes_layer(f"{name} boxes", found["boxes"].tolist(), names, found["scores"].tolist())]
+    if task == "classify":
+        from deepscope.napari.reader import shapes_layer
+        from deepscope.tasks.classify.predict import predict_arrays
+
+        report(0, 1)
+        names, probabilities = predict_arrays(model, [np.asarray(image)], [name], cpu)
+        report(1, 1)
+        best = int(probabilities[0].argmax())
+        height, width = np.asarray(image).shape[:2]
+        # the class as a labelled frame around the whole image
+        return [shapes_layer(f"{name} class", [[0, 0, width, height]], [names[best]], [float(probabilities[0, best])])]
     raise DeepscopeError(
-        f"{model}: a {task} model; the napari widget runs segment, denoise and detect models and packages"
+        f"{model}: a {task} model; the napari widget runs segment, denoise, detect and classify models and packages"
     )

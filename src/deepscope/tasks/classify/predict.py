@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from deepscope.config import from_dict
-from deepscope.data.classification.dataset import ImageSet, conform, load_classification, read_images
+from deepscope.data.classification.dataset import ImageSet, conform, load_classification, read_images, stack_images
 from deepscope.data.classification.loaders import BatchSpec, DeviceLoader
 from deepscope.errors import DataError
 from deepscope.inference.fastest import announce, runtime_of
@@ -59,9 +60,31 @@ def predict_files(
     path: str | Path, files: list[Path], device: torch.device, batch_size: int = 256
 ) -> tuple[list[str], np.ndarray]:
     """Class probabilities (N, classes) for image files, read and preprocessed as in training."""
+    return class_probabilities(path, device, lambda cfg, info: file_images(files, cfg, info), batch_size)
+
+
+def predict_arrays(
+    path: str | Path, arrays: list[np.ndarray], names: list[str], device: torch.device
+) -> tuple[list[str], np.ndarray]:
+    """Class probabilities (N, classes) for (H, W) or (H, W, C) image arrays, preprocessed as in training."""
+
+    def images(cfg: ClassifyConfig, info: dict[str, Any]) -> ImageSet:
+        stacked = stack_images([a[..., None] if a.ndim == 2 else a for a in arrays], names, resize_of(cfg))
+        return conformed(stacked, names, info)
+
+    return class_probabilities(path, device, images)
+
+
+def class_probabilities(
+    path: str | Path,
+    device: torch.device,
+    images: Callable[[ClassifyConfig, dict[str, Any]], ImageSet],
+    batch_size: int = 256,
+) -> tuple[list[str], np.ndarray]:
+    """The checkpoint's class names and probabilities of the images ``images(config, inference state)`` gives."""
     model, cfg, info = load_classifier(path, device)
     loader = DeviceLoader(
-        file_images(files, cfg, info), BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False
+        images(cfg, info), BatchSpec(batch_size, info["mean"], info["std"]), device, channels_last=False
     )
     model = fastest(model, path, None)
     announce(model, len(loader))
@@ -71,15 +94,19 @@ def predict_files(
 
 def file_images(files: list[Path], cfg: ClassifyConfig, info: dict[str, Any]) -> ImageSet:
     """Image files read and resized as in training, checked against the model's (C, H, W)."""
+    return conformed(read_images(files, resize_of(cfg)), [str(f) for f in files], info)
+
+
+def conformed(images: np.ndarray, sources: list[str], info: dict[str, Any]) -> ImageSet:
+    """Stacked (N, H, W, C) images checked against the model's (C, H, W), grey repeated to RGB where it takes RGB."""
     c, h, w = info["in_shape"]
-    images = read_images(files, resize_of(cfg))
     if images.shape[1:3] != (h, w):
         raise DataError(
-            f"{files[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)"
+            f"{sources[0]}: images are {images.shape[1]}x{images.shape[2]} but the model expects {h}x{w} (it was trained without --resize)"
         )
     if images.shape[3] != c:
         if images.shape[3] == 1 and c == 3:
             images = conform(images, 3, images.dtype)
         else:
-            raise DataError(f"{files[0]}: images have {images.shape[3]} channels but the model expects {c}")
-    return ImageSet(images, np.zeros(len(images), dtype=np.int64), [str(f) for f in files])
+            raise DataError(f"{sources[0]}: images have {images.shape[3]} channels but the model expects {c}")
+    return ImageSet(images, np.zeros(len(images), dtype=np.int64), sources)
