@@ -95,3 +95,19 @@ def test_an_fcos_export_takes_images_of_any_size(fmt: str, shared_data: Path, tm
     with torch.no_grad():
         for ours, theirs in zip(eager(images), exported(images)):  # the second image has another size
             detections_equal(ours, theirs)
+
+
+def test_candidates_are_compared_as_sets_in_chunks():
+    """Rows in another order are equal; a moved box or a lost candidate is not; more rows than one chunk."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.rand(1, 700, 4, generator=generator) * 300, torch.rand(1, 700, 1, generator=generator)], -1)
+    rows = torch.cat([rows, torch.ones(1, 700, 1)], -1)  # label 1
+    difference = matched_difference(0.05)
+    assert difference(rows, rows[:, torch.randperm(700, generator=generator)]) == (0.0, 0.0)
+    moved = rows.clone()
+    best = int(rows[0, :, 4].argmax())
+    moved[0, best, 0] += 30.0  # 30 pixels on a box of the best candidate
+    assert difference(rows, moved)[0] >= 1.0
+    lost = rows.clone()
+    lost[0, best, 4] = 0.0  # the best candidate scores nothing in the other runtime
+    assert difference(rows, lost)[1] > 0.01

@@ -26,6 +26,7 @@ from deepscope.tasks.detect.task import as_channels
 
 # candidates scoring this much above the threshold must be found in both outputs (those nearer it may cross it)
 SCORE_MARGIN = 1e-3
+MATCH_CHUNK = 256  # candidates matched at once (their distances to every other candidate are held in memory)
 
 
 def example_path(cfg: DetectConfig, checkpoint: str | Path) -> Path:
@@ -48,16 +49,22 @@ def matched_difference(threshold: float) -> Any:
 
     def one_way(expected: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
         sure = expected[expected[:, 4] > threshold + SCORE_MARGIN]
+        near = got[got[:, 4] > threshold - SCORE_MARGIN]  # a sure row's twin scores about as much
         if not len(sure):
             return 0.0, 0.0
-        if not len(got):
+        if not len(near):
             return float("inf"), float("inf")
-        gap = (sure[:, None] - got[None]).abs()
         scale = max(1.0, float(sure[:, :4].abs().max()))
-        relative = torch.maximum(gap[..., :4].amax(-1) / scale, gap[..., 4:].amax(-1))
-        nearest = relative.argmin(1)
-        worst = gap[torch.arange(len(sure)), nearest].amax()
-        return float(worst), float(relative.amin(1).max())
+        worst, relative = 0.0, 0.0
+        for rows in sure.split(
+            MATCH_CHUNK
+        ):  # the pairs of a chunk at a time: thousands of candidates on crowded images
+            gap = (rows[:, None] - near[None]).abs()
+            distance = torch.maximum(gap[..., :4].amax(-1) / scale, gap[..., 4:].amax(-1))
+            nearest = distance.argmin(1)
+            worst = max(worst, float(gap[torch.arange(len(rows)), nearest].amax()))
+            relative = max(relative, float(distance.amin(1).max()))
+        return worst, relative
 
     def difference(expected: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
         if got.shape[0] != expected.shape[0] or got.shape[-1] != ROW:
