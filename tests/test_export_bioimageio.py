@@ -29,19 +29,35 @@ def steps(tensor: dict, kind: str) -> list[str]:
     return [step["id"] for step in tensor.get(kind, []) if step["id"] != "ensure_dtype"]
 
 
+@pytest.fixture(scope="module")
+def flows_package(small_flows_run, tmp_path_factory) -> tuple[Path, dict]:
+    """The package of the session's small flows run, written once for the tests that read it, and what export said."""
+    import contextlib
+    import io
+    import json
+
+    package = tmp_path_factory.mktemp("flows_package") / "model.zip"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export", str(small_flows_run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    return package, json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("target", ["flows", "foreground_boundaries"])
 def test_a_segmentation_package_passes_the_zoo_test_and_predicts_as_its_checkpoint(
-    small_nuclei, small_flows_run, tmp_path, capsys, target
+    small_nuclei, small_flows_run, tmp_path, capsys, request, target
 ):
     run = small_flows_run
-    if target != "flows":
+    if target == "flows":
+        package, result = request.getfixturevalue("flows_package")
+    else:
         run = tmp_path / target
         options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
         assert main(train_args("segment", small_nuclei, run, 1, *options, "--set", f"target={target}")) == 0
-    package = tmp_path / "model.zip"
-    capsys.readouterr()
-    assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
-    result = last_json(capsys)
+        package = tmp_path / "model.zip"
+        capsys.readouterr()
+        assert main(["export", str(run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+        result = last_json(capsys)
     assert result["bioimageio_test"] == "passed" and max(result["max_abs_difference"].values()) <= 1e-4
     with zipfile.ZipFile(package) as archive:
         names = set(archive.namelist())
@@ -70,11 +86,10 @@ def test_a_segmentation_package_passes_the_zoo_test_and_predicts_as_its_checkpoi
     np.testing.assert_array_equal(predicted["package"][1], predicted["checkpoint"][1])
 
 
-def test_a_package_starts_a_fine_tuning_run(small_nuclei, small_flows_run, tmp_path, capsys):
+def test_a_package_starts_a_fine_tuning_run(small_nuclei, flows_package, tmp_path, capsys):
     """--init-from takes a package's pytorch_state_dict weights (read with torch.load(weights_only=True), its
     architecture file never run) when deepscope builds the same architecture."""
-    package = tmp_path / "model.zip"
-    assert main(["export", str(small_flows_run / "best.pt"), *ZOO, "--out", str(package)]) == 0
+    package, _ = flows_package
     options = cpu_unet_options(batch_size=8, lr=0.005, depth=2, patch=64, patches_per_epoch=32, val_fraction=0.2)
     run = tmp_path / "tuned"
     tuned = train_args("segment", small_nuclei, run, 1, *options, "--set", "target=flows", "--init-from", str(package))
