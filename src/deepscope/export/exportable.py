@@ -158,6 +158,16 @@ def standardised_images_note(in_shape: Sequence[int], mean: Sequence[float], std
     )
 
 
+def standardised_input_doc(info: dict[str, Any], scale: float) -> str:
+    """A package's README paragraph on the input of a classifier or encoder (``info``: its ``in_shape``, ``mean``,
+    ``std``), given in the images' stored units up to ``scale``."""
+    channels, height, width = info["in_shape"]
+    return (
+        f"Input: {channels}-channel {height}x{width} images in their stored units (0..{scale:g}), standardised per "
+        f"channel with the training images' mean {info['mean']} and standard deviation {info['std']} (in 0..1 units)."
+    )
+
+
 def run_metrics(checkpoint: str | Path) -> dict[str, Any]:
     """The run's test scores (numbers only) from the metrics.json beside the checkpoint: its ``test`` section and
     its ``test_*`` entries; empty when there is none."""

@@ -90,10 +90,11 @@ def predict_image(
         from deepscope.tasks.classify.predict import predict_arrays
 
         report(0, 1)
-        names, probabilities = predict_arrays(model, [np.asarray(image)], [name], cpu)
+        array = np.asarray(image)
+        names, probabilities = predict_arrays(model, [array], [name], cpu)
         report(1, 1)
         best = int(probabilities[0].argmax())
-        height, width = np.asarray(image).shape[:2]
+        height, width = array.shape[:2]
         # the class as a labelled frame around the whole image
         return [shapes_layer(f"{name} class", [[0, 0, width, height]], [names[best]], [float(probabilities[0, best])])]
     raise DeepscopeError(

@@ -16,6 +16,8 @@ covered: FCOS, RetinaNet and CenterNet are, the detectors the plan picks among.
 
 from __future__ import annotations
 
+import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +64,7 @@ class Finish:
         return {"boxes": boxes, "scores": scores, "labels": labels}
 
 
-class Candidates(nn.Module):
+class Candidates(nn.Module, ABC):
     """(N, C, H, W) [0, 1] images, already resized as the detector's transform resizes them, -> (N, M, 6) candidate
     rows (see the module's docstring). Normalised and padded inside, as the transform does it."""
 
@@ -88,10 +90,10 @@ class Candidates(nn.Module):
         rows = torch.cat([clip(boxes, height, width), scores[..., None], labels[..., None].to(scores.dtype)], -1)
         return rows * (scores[..., None] > 0).to(rows.dtype)
 
+    @abstractmethod
     def decode(self, x: Tensor, height: Any, width: Any) -> tuple[Tensor, Tensor, Tensor]:
         """(boxes (N, M, 4), scores (N, M), labels (N, M)) of the padded, normalised batch ``x`` whose images are
         ``height`` x ``width`` before padding."""
-        raise NotImplementedError
 
 
 def clip(boxes: Tensor, height: Any, width: Any) -> Tensor:
@@ -212,14 +214,8 @@ class CandidateDetector(nn.Module):
                 f"{self.min_side} pixels a side this exported detector takes"
             )
         detections: list[dict[str, Tensor]] = []
-        start = 0
-        while start < len(resized):
-            stop = start + 1
-            while stop < len(resized) and resized[stop].shape == resized[start].shape:
-                stop += 1
-            rows = self.candidates(torch.stack(resized[start:stop]))
-            detections += [self.finish(r.float()) for r in rows]
-            start = stop
+        for _, same_size in itertools.groupby(resized, key=lambda r: r.shape):
+            detections += [self.finish(r.float()) for r in self.candidates(torch.stack(list(same_size)))]
         sizes = [(int(r.shape[-2]), int(r.shape[-1])) for r in resized]
         originals = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
         return self.transform.postprocess(detections, sizes, originals)

@@ -23,6 +23,7 @@ from deepscope.export.exportable import (
     fixed_standardisation,
     run_metrics,
     standardised_images_note,
+    standardised_input_doc,
 )
 from deepscope.tasks.classify.config import ClassifyConfig, resize_of
 from deepscope.tasks.classify.predict import file_images, load_classifier
@@ -69,7 +70,7 @@ def zoo_parts(
     from deepscope.models.registry import model_factory
 
     names = info["class_names"]
-    channels, height, width = info["in_shape"]
+    channels = info["in_shape"][0]
     return ZooParts(
         raw=raw,
         preprocessing=[fixed_standardisation(info["mean"], info["std"], scale)],
@@ -86,9 +87,7 @@ def zoo_parts(
         tags=["deepscope", "classification", cfg.model, "2d", "pytorch"],
         description=f"deepscope {cfg.model} image classifier of {len(names)} classes, trained on {Path(cfg.data).name}",
         documentation=[
-            f"Input: {channels}-channel {height}x{width} images in their stored units (integers 0..{scale:g}), "
-            f"standardised per channel with the training images' mean {info['mean']} and standard deviation "
-            f"{info['std']} (in 0..1 units).",
+            standardised_input_doc(info, scale),
             f"Output: the probability of each class, in this order: {', '.join(map(str, names))}.",
         ],
         metrics=run_metrics(checkpoint),

@@ -20,6 +20,7 @@ from deepscope.export.exportable import (
     ZooParts,
     fixed_standardisation,
     standardised_images_note,
+    standardised_input_doc,
 )
 from deepscope.tasks.ssl.config import SSLConfig
 from deepscope.tasks.ssl.task import load_ssl_model
@@ -50,7 +51,7 @@ def zoo_parts(cfg: SSLConfig, info: dict[str, Any], raw: np.ndarray, scale: floa
     from deepscope.models import layers, resnet, unet
     from deepscope.models.ssl import UNetEncoder
 
-    channels, height, width = info["in_shape"]
+    channels = info["in_shape"][0]
     if cfg.model == "unet":
         architecture = ("UNetEncoder", {"in_channels": channels, **cfg.model_args})
         sources: list[Any] = [layers, unet, UNetEncoder]
@@ -70,9 +71,7 @@ def zoo_parts(cfg: SSLConfig, info: dict[str, Any], raw: np.ndarray, scale: floa
         tags=["deepscope", "self-supervised", cfg.method, cfg.model, "feature-extraction", "2d", "pytorch"],
         description=f"deepscope {cfg.model} encoder pretrained by {cfg.method} on {Path(cfg.data).name}",
         documentation=[
-            f"Input: {channels}-channel {height}x{width} images in their stored units (0..{scale:g}), standardised "
-            f"per channel with the training images' mean {info['mean']} and standard deviation {info['std']} "
-            "(in 0..1 units).",
+            standardised_input_doc(info, scale),
             f"Output: the encoder's {features} features per image (its projection head, which only serves the "
             "training loss, is left out); use them for k-nearest neighbours, linear probes or clustering.",
         ],
