@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -58,17 +58,19 @@ PROCESSORS = {
     "avx2": "AMD EPYC (AVX2, no native bf16), float32, 2 cores",
     "avx2-1t": "AMD EPYC (AVX2, no native bf16), float32, 1 thread",
     "avx512": "AMD EPYC (AVX512 with native bf16, as reported in issue 12), bf16, 2 cores",
+    "xeon": "Intel(R) Xeon(R) Processor (AVX512, native bf16 and fp16), bf16, 2 cores",
     "peers": "2 CPU cores (processor not recorded)",
 }
 # The recipe and peer figures quoted when --peers is not given, copied by hand from the sections named (of RESULTS.md,
 # or ../shared/reference/peer-baselines.md); date and processor are those of that section's "Measured" line. Columns:
 # row | recipe or peer | figure | what and at what budget | section | date | processor | tag. The table checks that
 # one line of the section still holds the tag and the figure as printed there (last column) and says so if not.
-# Choices: detection's best recipe is fcos-tiny (no 30-minute runs exist); nuclei's is the tuned boundary recipe
+# Choices: detection's best recipe is the ablation's light-dfl flags (the network and box regression the plan now
+# gives, by hand); nuclei's is the tuned boundary recipe
 # (flows-20min, one flag beyond the newcomer's command, has 0.492 on one thread); CIFAR-10's best within 10 minutes is
 # fastnet80 (cnn ties; fastnet's 87.96% took 11.1 min); denoising's is Noise2Void, the method of Noise2Void's data.
 QUOTED = """
-detect-10   | recipe | 0.355  | fcos-tiny, 10 min                         | pennfudan_detect  | 2026-11-30 | avx2    | fcos-tiny              | 0.355
+detect-10   | recipe | 0.642  | FCOS csp-light + dfl flags, 10 min        | detect_ablation   | 2026-12-07 | xeon    | light-dfl              | 0.642
 detect-10   | peer   | 0.183  | YOLOv8n from scratch, 10.2 min            | pennfudan_detect  | 2026-11-30 | avx2    | yolov8n                | 0.183
 nuclei-20   | recipe | 0.458  | recipe dsb2018_unet, 15 min               | dsb2018           | 2026-11-23 | avx512  | dsb2018_unet-15min     | 0.458
 nuclei-20   | peer   | 0.046  | StarDist package 0.9.2, 20 min            | nuclei            | 2026-11-30 | avx2-1t | stardist-package-20min | 0.046
@@ -287,14 +289,20 @@ def bsd68_run(method: str) -> dict[str, Any]:
     return figure(r["plain"]["psnr"], precision, r["train_s"] / 60, f"{method}, 1200 steps", results)
 
 
+SSL_EPOCHS = {"vicreg": 4, "lightly": 5}  # width 8, batch 256: the epochs that fill 10 minutes on 2 cores (lightly's
+# 4 took 7.9 min on the AVX-512 Xeon, 2026-12-07; VICReg's 4 filled them on the AVX2 EPYC), scaled with the budget
+
+
 def ssl_run(method: str, minutes: float) -> dict[str, Any]:
-    """bench_ssl_cifar10.py's 10-minute settings (width 8, 4 epochs, batch 256): VICReg (recipe) or lightly (peer)."""
+    """bench_ssl_cifar10.py's 10-minute settings (width 8, batch 256, ``SSL_EPOCHS``): VICReg (recipe) or lightly
+    (peer)."""
     import torch
 
     from bench_ssl_cifar10 import RUNS as SSL_RUNS
 
     out = SSL_RUNS / f"{method}-w8-{minutes:g}min-{'cuda' if torch.cuda.is_available() else 'cpu'}"
-    settings = ["--width", "8", "--epochs", "4", "--batch-size", "256", "--methods", method]
+    epochs = max(1, round(SSL_EPOCHS[method] * minutes / 10))
+    settings = ["--width", "8", "--epochs", str(epochs), "--batch-size", "256", "--methods", method]
     bench("bench_ssl_cifar10.py", "--minutes", f"{minutes:g}", *settings, log=out.name)
     b = json.loads((out / "bench.json").read_text())
     return figure(b["knn"], b["precision"], b["train_s"] / 60, f"`{out.name}`", out / "bench.json")
@@ -311,6 +319,7 @@ def precision_auto() -> str:
 # ---- rows -----------------------------------------------------------------------------------------------------------
 
 Scores = dict[str, float | None]  # newcomer, recipe, peer
+REFERENCES = ("recipe", "peer")
 
 
 def at_least(share: float, of: str) -> Callable[[Scores], bool | None]:
@@ -644,13 +653,15 @@ def show_plan(row: Row, minutes: float) -> None:
     print(f"{row.name} ({minutes:g} min): {plan_summary(plan, None)}\n  " + "\n  ".join(plan["reasons"]))
 
 
-def measure(row: Row, minutes: float, peers: bool) -> None:
-    """One row: the newcomer's run, and with ``peers`` the recipe's and the peer's; each stored as it finishes."""
+def measure(row: Row, minutes: float, references: Sequence[str], newcomer: bool = True) -> None:
+    """One row: the newcomer's run (unless not ``newcomer``) and the ``references`` named (recipe, peer); each
+    stored as it finishes."""
     key = key_of(row, minutes)
-    record = run_newcomer(row, minutes)
-    store(key, record)
-    print(f"{key}: {fmt(row, record['score'])} ({record['plan_summary']})", flush=True)
-    for which in ("recipe", "peer") if peers else ():
+    if newcomer:
+        record = run_newcomer(row, minutes)
+        store(key, record)
+        print(f"{key}: {fmt(row, record['score'])} ({record['plan_summary']})", flush=True)
+    for which in references:
         reference = run_reference(row, which, minutes)
         if reference is not None:
             store(f"refs/{key}-{which}", reference)
@@ -666,6 +677,13 @@ def main() -> None:
     parser.add_argument("--minutes", action="append", default=[], metavar="ROW=M", help="one row's budget (a trial)")
     parser.add_argument("--peers", action="store_true", help="also run the recipe and the peer by their own scripts")
     parser.add_argument(
+        "--references",
+        nargs="+",
+        choices=REFERENCES,
+        default=[],
+        help="run only these references of the rows (by their own scripts), not the newcomer's command",
+    )
+    parser.add_argument(
         "--plan-only", action="store_true", help="print each row's plan (deepscope plan), train nothing"
     )
     parser.add_argument("--render-only", action="store_true", help="rewrite the section from the stored rows")
@@ -676,7 +694,8 @@ def main() -> None:
             show_plan(ROWS[name], minutes)
             continue
         try:
-            measure(ROWS[name], minutes, args.peers)
+            references = args.references or (REFERENCES if args.peers else ())
+            measure(ROWS[name], minutes, references, newcomer=not args.references)
         except SystemExit as error:  # common.run's failure names the command and its log
             failed.append(f"{name}: {error}")
         except Exception as error:  # a figure missing from a run's files: keep the other rows going

@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 from deepscope.errors import DeepscopeError
 from deepscope.models.detection import build_detector, detector_names, predicts_masks
 from deepscope.models.detection.backbones import BACKBONES, CrossStageBlock, build_backbone, group_norm
+from deepscope.models.detection.dfl import distribution_focal_loss, expected_distances
 from deepscope.models.detection.torchvision_detectors import paired_iou, quality_focal_loss
 
 TORCHVISION_DETECTORS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
@@ -312,6 +313,54 @@ def test_fcos_with_the_light_head_on_the_csp_trunk_overfits_one_image() -> None:
         assert box_iou(box[None], found["boxes"][found["labels"] == label]).max() > 0.6
     with pytest.raises(DeepscopeError, match="head_convs"):
         build_detector("fcos", 2, **SMALL, head_convs=0)
+
+
+def test_distribution_focal_loss_and_expected_distances_known_answers() -> None:
+    sharp = torch.full((1, 4, 5), -30.0)
+    sharp[0, torch.arange(4), torch.tensor([0, 1, 2, 4])] = 30.0
+    torch.testing.assert_close(expected_distances(sharp), torch.tensor([[0.0, 1, 2, 4]]))
+    # 3.3 strides is 0.7 of bin 3 and 0.3 of bin 4: those logits give the loss's minimum, the entropy of (0.7, 0.3)
+    logits = torch.full((1, 4, 6), -60.0)
+    logits[..., 3], logits[..., 4] = math.log(0.7), math.log(0.3)
+    distances = torch.full((1, 4), 3.3)
+    entropy = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
+    assert distribution_focal_loss(logits, distances).item() == pytest.approx(entropy, abs=1e-5)
+    torch.testing.assert_close(expected_distances(logits), distances)
+    sharper = logits.clone()
+    sharper[..., 3], sharper[..., 4] = math.log(0.9), math.log(0.1)
+    assert distribution_focal_loss(sharper, distances).item() > entropy + 0.1
+    # beyond the last bin the target is (just below) the last bin; two locations add
+    far = torch.full((2, 4, 6), -60.0)
+    far[..., 4], far[..., 5] = math.log(1e-3), math.log(1 - 1e-3)
+    at_edge = -(1e-3 * math.log(1e-3) + (1 - 1e-3) * math.log(1 - 1e-3))
+    assert distribution_focal_loss(far, torch.full((2, 4), 9.0)).item() == pytest.approx(2 * at_edge, abs=1e-4)
+
+
+def test_fcos_with_distributions_adds_their_loss_and_overfits_one_image() -> None:
+    """``dfl_bins`` changes the regression layer and adds one loss; the box and classification losses keep their
+    form; the detector learns tight boxes on one image."""
+    torch.manual_seed(0)
+    plain = build_detector("fcos", 2, **SMALL)
+    torch.manual_seed(0)
+    model = build_detector("fcos", 2, **SMALL, dfl_bins=16)
+    assert model.head.regression_head.bbox_reg.out_channels == 64
+    losses = model.head.compute_loss(*fcos_loss_inputs(model))
+    assert set(losses) == set(plain.head.compute_loss(*fcos_loss_inputs(plain))) | {"bbox_distribution"}
+    # untrained, every side is near uniform over 16 bins: the loss is near log(16), times its weight
+    assert losses["bbox_distribution"].item() == pytest.approx(0.25 * math.log(16), rel=0.05)
+    torch.manual_seed(0)
+    boxes, labels = torch.tensor([[5.0, 7, 37, 34], [33, 29, 60, 60]]), torch.tensor([1, 2])
+    image = painted_image(boxes, labels, (64, 64))
+    light = {"backbone": "csp", "fpn_channels": 16, "head_convs": 2, "extra_p6p7": False, "dfl_bins": 8}
+    model = build_detector("fcos", 2, **light, min_size=64, max_size=64).train()
+    history = overfit(model, image, boxes, labels, 80)
+    assert history[-1]["bbox_distribution"] < 0.5 * history[0]["bbox_distribution"]
+    with torch.no_grad():
+        found = model.eval()([image])[0]
+    for box, label in zip(boxes, labels):
+        assert box_iou(box[None], found["boxes"][found["labels"] == label]).max() > 0.7
+    with pytest.raises(DeepscopeError, match="dfl_bins"):
+        build_detector("fcos", 2, **SMALL, dfl_bins=1)
 
 
 def test_fcos_refuses_unknown_box_loss_and_scores() -> None:

@@ -96,6 +96,7 @@ def test_crowds_of_small_objects_plan_centernet_at_native_scale() -> None:
     fp = fingerprint(items([(256, 256)] * 30, [list(rng.uniform(8, 14, 200)) for _ in range(30)]), 1)
     plan = planned(fp)
     assert plan.settings["image_size"] == 0 and plan.settings["model"] == "centernet"
+    assert "model_args.dfl_bins" not in plan.settings  # FCOS's alone
     assert plan.settings["inference.max_detections"] > 200
     assert plan.settings["augment.mosaic"] == 0 and "augment.close_mosaic" not in plan.settings  # native scale
     # 4096 px microscopy images with 300 cells of 20-30 px: a resize keeping them at 16 px would still be over 3000 px,
@@ -111,7 +112,7 @@ def test_few_large_objects_plan_fcos_at_a_resized_size() -> None:
     rng = np.random.default_rng(0)
     fp = fingerprint(items([(640, 480)] * 40, [list(rng.uniform(100, 200, 1 + i % 3)) for i in range(40)]), 1)
     plan = planned(fp)
-    assert plan.settings["model"] == "fcos"
+    assert plan.settings["model"] == "fcos" and plan.settings["model_args.dfl_bins"] == 16  # box sides as distributions
     assert plan.settings["image_size"] == plan.settings["max_size"] == 320  # the longer side at 320 px on a CPU
     assert plan.settings["inference.max_detections"] == 100  # COCO's, above the 3 objects at most
     assert (plan.settings["augment.mosaic"], plan.settings["augment.close_mosaic"]) == (0.5, 0.2)
@@ -149,6 +150,10 @@ def test_values_the_user_gives_are_kept() -> None:
     plan.apply(cfg)
     assert (cfg.model, cfg.image_size, cfg.max_size, cfg.val_fraction) == ("retinanet", 256, 400, 0.25)
     assert cfg.model_args == {"backbone": "resnet18"} and cfg.inference.max_detections == 150
+    direct = DetectConfig(data="x", model="fcos", model_args={"dfl_bins": 0}, image_size=256, max_size=400)
+    plan = Plan()
+    plan_data(direct, fp, "cpu", plan, given_val=0, test=0)
+    assert "model_args.dfl_bins" not in plan.settings  # FCOS's own box regression, as given
     # a shorter side alone: the longer-side cap follows from the images' aspect ratio (4:3)
     alone = planned(fp, image_size=480).settings
     assert "image_size" not in alone and alone["max_size"] == 640

@@ -30,12 +30,13 @@ CIFAR = Fingerprint(45000, 5000, 10000, 3, 32, 32, "natural", True)
 
 
 def planned(cfg: SSLConfig, timer=None, fp: Fingerprint = CIFAR) -> tuple[Plan, list]:
-    """The plan of ``cfg`` for a 10-minute budget, and the model_args the timer was asked to measure."""
+    """The plan of ``cfg`` for a 10-minute budget, and the model_args the timer was asked to measure (with the
+    memory format, where ``cfg`` leaves it open)."""
     asked: list = []
 
-    def timing(args):
-        asked.append(dict(args))
-        return timer(args) if timer else pytest.fail("nothing should be timed")
+    def timing(args, channels_last):
+        asked.append(dict(args) if cfg.channels_last is not None else (dict(args), channels_last))
+        return timer(args, channels_last) if timer else pytest.fail("nothing should be timed")
 
     plan = Plan()
     make_plan(cfg, fp, Budget(10.0, True), 5.0, timing, plan)
@@ -51,25 +52,45 @@ def training(plan: Plan) -> dict:
 
 
 def test_the_widest_width_with_enough_passes_is_chosen() -> None:
-    # 175 steps of 256 a pass and a validation: 0.3 s a step gives 9.6 passes in 9.2 minutes, 1 s 2.9
-    cost = {8: 0.15, 16: 0.3, 32: 1.0, 64: 4.0}
-    plan, asked = planned(SSLConfig(data="d", max_minutes=10), lambda a: cost[a["width"]])
+    # 175 steps of 256 a pass and a validation: 0.2 s a step gives 15.2 passes in 9.2 minutes, 1 s 3.0
+    cost = {8: 0.1, 16: 0.2, 32: 1.0, 64: 4.0}
+    plan, asked = planned(SSLConfig(data="d", max_minutes=10, channels_last=True), lambda a, _: cost[a["width"]])
     assert asked == [{"width": 8}, {"width": 16}, {"width": 32}]  # narrowest first, stopping at the first too slow
     assert plan.settings["model_args.width"] == 16
     assert any(r.startswith("width timing: width 8") for r in plan.reasons)
-    assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 9.6 passes: the short-budget temperature ...
+    assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 15.2 passes: the short-budget temperature ...
     assert plan.settings["batch_size"] == SHORT_BATCH  # ... and batch
     assert set(plan.settings) == {"model_args.width", "temperature", "batch_size"} | MONITORING
-    plan, asked = planned(SSLConfig(data="d"), lambda a: 0.001 * a["width"])
+    plan, asked = planned(SSLConfig(data="d", channels_last=True), lambda a, _: 0.001 * a["width"])
     assert len(asked) == 4 and plan.settings["model_args.width"] == 64
-    plan, _ = planned(SSLConfig(data="d"), lambda a: 10.0)
+    plan, _ = planned(SSLConfig(data="d", channels_last=True), lambda a, _: 10.0)
     assert plan.settings["model_args.width"] == 8
     assert any("only 0.3 passes" in r for r in plan.reasons) and MIN_PASSES > 0.3
 
 
+def test_each_width_is_timed_in_both_memory_formats_and_trains_in_the_faster() -> None:
+    """Width 8 is faster channels-first, width 16 channels-last but too slow for enough passes in either: width 8
+    channels-first, the format planned with the width; a given format is timed alone and kept."""
+    cost = {(8, True): 0.19, (8, False): 0.12, (16, True): 0.35, (16, False): 0.45}
+    plan, asked = planned(SSLConfig(data="d", max_minutes=10), lambda a, last: cost[a["width"], last])
+    assert asked == [({"width": 8}, True), ({"width": 8}, False), ({"width": 16}, True), ({"width": 16}, False)]
+    assert plan.settings["model_args.width"] == 8 and plan.settings["channels_last"] is False
+    assert any(r.startswith("channels_last = False: channels-first measured faster") for r in plan.reasons)
+    assert any("width 8 0.120 s/step (channels-last 0.190 s, channels-first 0.120 s)" in r for r in plan.reasons)
+    given = SSLConfig(data="d", max_minutes=10, channels_last=True)
+    plan, asked = planned(given, lambda a, last: cost[a["width"], last])
+    assert asked == [{"width": 8}, {"width": 16}] and "channels_last" not in plan.settings
+    # a given width: the format is still planned, from that encoder's two timings
+    cfg = SSLConfig(data="d", max_minutes=10, model_args={"width": 16})
+    plan, asked = planned(cfg, lambda a, last: cost[16, last])
+    assert asked == [({}, True), ({}, False)] and plan.settings["channels_last"] is True
+    plan.apply(cfg)
+    assert cfg.channels_last is True and cfg.model_args == {"width": 16}
+
+
 def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
-    cfg = SSLConfig(data="d", model_args={"width": 8})
-    plan, asked = planned(cfg, lambda a: 0.01)
+    cfg = SSLConfig(data="d", model_args={"width": 8}, channels_last=False)
+    plan, asked = planned(cfg, lambda a, _: 0.01)
     assert asked == [{}] and "model_args.width" not in plan.settings
     assert training(plan) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}  # 289 passes: a long run
     plan.apply(cfg)
@@ -77,18 +98,20 @@ def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
 
 
 def test_given_epochs_decide_the_temperature_without_timing_and_given_settings_stay() -> None:
-    short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
+    short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6))
     assert asked == [] and training(short) == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH}
-    long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=100))
+    long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=100))
     assert training(long) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}
-    given = SSLConfig(data="d", model_args={"width": 4}, epochs=6, temperature=0.3, batch_size=64)
+    given = SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6, temperature=0.3, batch_size=64)
     plan, _ = planned(given)
     assert training(plan) == {}
     plan.apply(given)
     assert given.temperature == 0.3 and given.batch_size == 64
-    vicreg, asked = planned(SSLConfig(data="d", method="vicreg", model_args={"width": 4}, max_minutes=3))
+    vicreg, asked = planned(
+        SSLConfig(data="d", method="vicreg", model_args={"width": 4}, channels_last=True, max_minutes=3)
+    )
     assert training(vicreg) == {"batch_size": LONG_BATCH} and asked == []  # no temperature to plan, nothing timed
-    unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6))
+    unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6, channels_last=True))
     assert "model_args.width" not in unet.settings
 
 
@@ -96,10 +119,10 @@ def test_the_batch_follows_the_passes_and_the_number_of_images() -> None:
     """Few passes: batches of 128 (twice the updates); given steps per epoch keep 256 (they count its batches); a
     set of 150 images is cut into batches of 64, so that it makes at least two."""
     cost = {8: 0.15, 16: 0.3, 32: 1.0, 64: 4.0}
-    fixed, _ = planned(SSLConfig(data="d", epochs=6, steps_per_epoch=10, model_args={"width": 4}))
+    fixed, _ = planned(SSLConfig(data="d", epochs=6, steps_per_epoch=10, model_args={"width": 4}, channels_last=True))
     assert fixed.settings["batch_size"] == LONG_BATCH
     small = Fingerprint(150, 20, 150, 1, 64, 64, "microscopy", False)
-    plan, _ = planned(SSLConfig(data="d", max_minutes=10), lambda a: cost[a["width"]] / 100, small)
+    plan, _ = planned(SSLConfig(data="d", max_minutes=10), lambda a, _: cost[a["width"]] / 100, small)
     assert plan.settings["batch_size"] == 64
     assert any(r.startswith("batch_size = 64:") and "at least two batches" in r for r in plan.reasons)
 
@@ -107,27 +130,31 @@ def test_the_batch_follows_the_passes_and_the_number_of_images() -> None:
 def test_the_monitor_is_a_sample_and_its_time_is_planned_for() -> None:
     """5000 validation images and 10,000 bank images are sampled down to 2000 and 5000, and the passes are planned
     with that validation's cost; given sizes (0: all) stay, and a small set is monitored whole."""
-    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, max_minutes=10), lambda a: 0.3)
+    plan, _ = planned(
+        SSLConfig(data="d", model_args={"width": 4}, channels_last=True, max_minutes=10), lambda a, _: 0.3
+    )
     assert plan.settings["monitor_images"] == 2000 and plan.settings["knn_bank"] == 5000
     assert any(r.startswith("monitor_images = 2000: a seeded sample of 2000 of the 5000") for r in plan.reasons)
     whole = Monitor(5000, 10000)
     assert pass_seconds(0.3, CIFAR, 256, Monitor(2000, 5000)) < pass_seconds(0.3, CIFAR, 256, whole)
-    given, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6, monitor_images=0, knn_bank=300))
+    given, _ = planned(
+        SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6, monitor_images=0, knn_bank=300)
+    )
     assert "monitor_images" not in given.settings and "knn_bank" not in given.settings
     small = Fingerprint(150, 20, 150, 1, 64, 64, "microscopy", False)
-    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6), fp=small)
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6), fp=small)
     assert plan.settings["monitor_images"] == 20 and "knn_bank" not in plan.settings  # unlabelled: no bank
     assert any(r.startswith("monitor_images = 20: all 20") for r in plan.reasons)
 
 
 def test_the_last_epoch_is_kept_where_the_schedule_ends_at_zero() -> None:
-    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6))
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6))
     assert plan.settings["keep"] == "last"  # SimCLR's cosine schedule
-    plateau = SSLConfig(data="d", model_args={"width": 4}, epochs=6)
+    plateau = SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6)
     plateau.optim.schedule = "plateau"
     plan, _ = planned(plateau)
     assert plan.settings["keep"] == "best"
-    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, epochs=6, keep="best"))
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6, keep="best"))
     assert "keep" not in plan.settings
 
 

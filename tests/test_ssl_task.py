@@ -16,7 +16,18 @@ from deepscope.engine.checkpoint import load_checkpoint
 from deepscope.losses.ssl import nt_xent, vicreg
 from deepscope.models.ssl import SSLModel, build_encoder
 
-TINY = ["--model", "resnet18", "--set", "model_args.width=8", "--batch-size", "64", "--amp", "off"]
+TINY = [
+    "--model",
+    "resnet18",
+    "--set",
+    "model_args.width=8",
+    "--set",
+    "channels_last=false",
+    "--batch-size",
+    "64",
+    "--amp",
+    "off",
+]
 
 
 def last_json(capsys: pytest.CaptureFixture[str]) -> dict:

@@ -41,6 +41,7 @@ from deepscope.models.detection.backbones import (
     group_norm,
     transform_args,
 )
+from deepscope.models.detection.dfl import DFL_WEIGHT, DistributionRegressionHead, distribution_focal_loss
 
 Detector = TypeVar("Detector", bound=nn.Module)
 
@@ -145,7 +146,9 @@ class NormFCOSHead(FCOSHead):
     (COCO mAP@0.75): the centre-ness branch learns the IoU of the box predicted at its location with its object
     (the IoU branch of IoU-aware detectors) and classification learns that IoU as a soft target by the quality focal
     loss, instead of centre-ness (a geometric guess of quality) and hard 1/0 targets. ``box_loss="ciou"`` adds
-    CIoU's centre-distance and aspect-ratio terms to GIoU's, so boxes converge in fewer steps (YOLO's box loss)."""
+    CIoU's centre-distance and aspect-ratio terms to GIoU's, so boxes converge in fewer steps (YOLO's box loss).
+    ``dfl_bins`` > 0 predicts each box side as a distribution over that many distances (:mod:`.dfl`), trained by
+    the distribution focal loss beside the IoU loss."""
 
     def __init__(
         self,
@@ -155,6 +158,7 @@ class NormFCOSHead(FCOSHead):
         num_convs: int = 4,
         box_loss: str = "giou",
         scores: str = "centerness",
+        dfl_bins: int = 0,
     ) -> None:
         if box_loss not in BOX_LOSSES:
             raise ValueError(f"box_loss must be one of {', '.join(BOX_LOSSES)}, got {box_loss!r}")
@@ -163,8 +167,20 @@ class NormFCOSHead(FCOSHead):
         nn.Module.__init__(self)  # FCOSHead.__init__ would build the GroupNorm(32, C) towers this class replaces
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm)
-        self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm)
+        self.regression_head = (
+            DistributionRegressionHead(in_channels, num_convs, norm, dfl_bins)
+            if dfl_bins
+            else FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm)
+        )
         self.box_loss, self.scores = box_loss, scores
+
+    def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FCOSHead's outputs, and each side's distance logits (``bbox_distribution``) with ``dfl_bins``."""
+        out = {"cls_logits": self.classification_head(x)}
+        out["bbox_regression"], out["bbox_ctrness"], *distribution = self.regression_head(x)
+        if distribution:
+            out["bbox_distribution"] = distribution[0]
+        return out
 
     def compute_loss(
         self,
@@ -208,11 +224,16 @@ class NormFCOSHead(FCOSHead):
             hard[positive] = F.one_hot(labels, logits.shape[-1]).to(hard)
             class_loss = sigmoid_focal_loss(logits.float(), hard, reduction="sum")
         quality_loss = F.binary_cross_entropy_with_logits(quality_logits.float(), quality, reduction="sum")
-        return {
+        losses = {
             "classification": class_loss / count,
             "bbox_regression": box_loss / count,
             "bbox_ctrness": quality_loss / count,
         }
+        if "bbox_distribution" in head_outputs:
+            distances = self.box_coder.encode(locations, boxes)  # in strides: FCOS's anchors are one stride wide
+            dfl = distribution_focal_loss(head_outputs["bbox_distribution"][positive], distances)
+            losses["bbox_distribution"] = DFL_WEIGHT * dfl / count
+        return losses
 
 
 def _level_names(backbone: FPNBackbone) -> list[str]:
@@ -385,18 +406,21 @@ def fcos(
     box_loss: str = "giou",
     scores: str = "centerness",
     head_convs: int = 4,
+    dfl_bins: int = 0,
 ) -> FCOS:
     """FCOS (anchor-free: one point per location, centre-ness) on P3-P7 by default. Its heads always use GroupNorm,
     as FCOS was designed; its "anchors" are one square per location the size of the stride, which FCOS uses to
     normalise box offsets and to assign objects to levels by size. ``head_convs``: the 3x3 convolutions of each of
     the two towers (FCOS has 4; fewer make the head cheaper where the budget buys passes). ``box_loss`` and
-    ``scores``: see :class:`NormFCOSHead`."""
+    ``scores`` and ``dfl_bins``: see :class:`NormFCOSHead`."""
     _check_counts(num_classes, max_detections)
     body = build_backbone(backbone, in_channels, norm, fpn_channels, tuple(strides), extra_p6p7)
     anchors = AnchorGenerator(tuple((s,) for s in body.strides), ((1.0,),) * len(body.strides))
     if head_convs < 1:
         raise ValueError(f"head_convs must be at least 1, got {head_convs}")
-    head = NormFCOSHead(fpn_channels, num_classes + 1, group_norm, head_convs, box_loss=box_loss, scores=scores)
+    head = NormFCOSHead(
+        fpn_channels, num_classes + 1, group_norm, head_convs, box_loss=box_loss, scores=scores, dfl_bins=dfl_bins
+    )
     return _single_stage(
         FCOSFromOne,
         body,

@@ -55,6 +55,7 @@ FCOS_BACKBONES = ("csp", "resnet18", "resnet34")  # ... and FCOS's
 # what FCOS takes with the CSP trunk where the user left it open: YOLOv8n's neck and head sizes (64 channels, two
 # convolutions per tower, strides 8-32), a third of the step time of FCOS's own head (128 channels, four, P3-P7)
 LIGHT_HEAD = {"fpn_channels": 64, "head_convs": 2, "extra_p6p7": False}
+DFL_BINS = 16  # FCOS's box sides as distributions over 0..15 strides (YOLOv8's reg_max)
 MIN_PASSES = 200  # passes over the training set a larger candidate must still get in the budget to be chosen
 MOSAIC, CLOSE_MOSAIC = 0.5, 0.2  # share of training images made mosaics; share of the steps, at the end, without
 
@@ -277,6 +278,18 @@ def plan_detector(cfg: DetectConfig, fp: DetFingerprint, image_size: int, max_si
     return model
 
 
+def plan_box_sides(cfg: DetectConfig, model: str, plan: Plan) -> None:
+    """FCOS's box sides as distributions (``model_args.dfl_bins``), where left open."""
+    if model != "fcos" or "dfl_bins" in cfg.model_args:
+        return
+    why = (
+        f"each box side a distribution over {DFL_BINS} distances (0-{DFL_BINS - 1} strides) trained by the "
+        "distribution focal loss, as GFL and YOLOv8 regress boxes: on Penn-Fudan (CPU, 10 min) box mAP 0.642 against "
+        "0.543 and mAP@0.75 0.801 against 0.624 with one number per side (benchmarks/RESULTS.md, detect_ablation)"
+    )
+    plan.choose("model_args.dfl_bins", DFL_BINS, why)
+
+
 def plan_detections(cfg: DetectConfig, fp: DetFingerprint, plan: Plan) -> None:
     """``inference.max_detections``: above the most objects in a training image, at least COCO's 100."""
     if cfg.inference.max_detections is not None:
@@ -319,12 +332,12 @@ def plan_mosaic(cfg: DetectConfig, image_size: int, plan: Plan) -> None:
 
 
 def plan_data(cfg: DetectConfig, fp: DetFingerprint, device: str, plan: Plan, given_val: int, test: int) -> None:
-    """Every open setting that the data alone decides: validation share, scale, detector, mosaics, detection
-    limit."""
+    """Every open setting that the data alone decides: validation share, scale, detector and its box regression,
+    mosaics, detection limit."""
     plan.observe(fp.describe(), **fp.values())
     plan_validation(cfg, fp, plan, given_val, test)
     image_size, max_size = plan_scale(cfg, fp, device, plan)
-    plan_detector(cfg, fp, image_size, max_size, plan)
+    plan_box_sides(cfg, plan_detector(cfg, fp, image_size, max_size, plan), plan)
     plan_mosaic(cfg, image_size, plan)
     plan_detections(cfg, fp, plan)
 

@@ -69,6 +69,8 @@ class SSLConfig(TrainConfig):
     monitor: str = "auto"  # auto: knn_accuracy with labelled validation images, else the validation loss
     keep: str | None = None  # type: ignore[assignment]  # best | last; None: planned (last when the schedule ends at 0)
     optim: OptimConfig = field(default_factory=_default_optim)
+    # the encoder's memory format; None: planned, the faster of the two measured for the encoder trained
+    channels_last: bool | None = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,10 +1,12 @@
-"""Planning self-supervised pre-training: the encoder's width, the NT-Xent temperature and the batch a user left
-open, from a fingerprint of the images and the time budget.
+"""Planning self-supervised pre-training: the encoder's width, its memory format, the NT-Xent temperature and the
+batch a user left open, from a fingerprint of the images and the time budget.
 
 Contrastive learning is slow to start: lightly's and the SimCLR paper's small-batch temperature, 0.5, is tuned for
-hundreds of epochs, and a 10-minute CPU budget gives a handful. So the width is the widest whose measured training
-steps still give :data:`MIN_PASSES` passes over the images in the budget (the 10-minute CPU row of
-``benchmarks/RESULTS.md``, width 8, trained 4 and beat lightly), and a run planned for fewer than
+hundreds of epochs, and a 10-minute CPU budget gives a handful. Passes count more than width there, so the width is
+the widest whose measured training steps still give :data:`MIN_PASSES` passes over the images in the budget (CIFAR-10
+at 10 minutes on 2 CPU cores: width 16, 6.9 passes, 53.5% test kNN; width 8, 11.5 passes, 55.9%), each width timed
+in both memory formats and trained in the faster (narrow networks can run slower channels-last: ResNet-18 width 8 in
+bf16, 0.19 s per step of 256 images channels-last, 0.12 s channels-first). A run planned for fewer than
 :data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes, and batches of
 :data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates.
 
@@ -14,8 +16,8 @@ one seed), kNN accuracy on the 10,000 test images: temperature 0.5 38.8%, 0.2 42
 20-100% of the image instead of 8-100% 40.8%, so the crops are not planned. The kNN monitor evaluated every
 epoch is a sample (:data:`MONITOR_VAL` validation images, :data:`MONITOR_BANK` bank images) so that its time goes to
 training, and where the schedule ends at learning rate 0 the last epoch is kept rather than the monitor's pick.
-Only settings left open are planned: no ``width`` in ``model_args``, a ``temperature``, ``batch_size``,
-``monitor_images``, ``knn_bank`` or ``keep`` of None.
+Only settings left open are planned: no ``width`` in ``model_args``, a ``channels_last``, ``temperature``,
+``batch_size``, ``monitor_images``, ``knn_bank`` or ``keep`` of None.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from deepscope.engine.plan import SETUP_SHARE, Budget, Plan
 from deepscope.tasks.ssl.config import SSLConfig
 
 WIDTHS = (8, 16, 32, 64)  # ResNet-18 widths tried, narrowest first (each about 2-4x the cost of the one before)
-MIN_PASSES = 4  # passes a width must get in the budget: the 10-minute CPU row (width 8) trained 4 and beat lightly
+MIN_PASSES = 10  # passes a width must get in the budget (see WIDTH_EVIDENCE)
+WIDTH_EVIDENCE = "CIFAR-10 at 10 min on 2 CPU cores: width 16 trained 6.9 passes, 53.5% test kNN; width 8 11.5, 55.9%"
 SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature and crops
 SHORT_TEMPERATURE = 0.2
 LONG_TEMPERATURE = 0.5  # lightly's and the SimCLR paper's small-batch value, for long runs
@@ -131,39 +134,69 @@ def pass_seconds(step_s: float, fp: Fingerprint, batch: int, monitor: Monitor) -
     return steps * step_s + monitor.evaluated() / (2 * batch) * step_s * EVAL_COST
 
 
-Timer = Callable[[dict[str, Any]], float]  # model_args over the given ones -> measured seconds per training step
+# model_args over the given ones, channels-last or not -> measured seconds per training step
+Timer = Callable[[dict[str, Any], bool], float]
+
+
+@dataclass(frozen=True)
+class Timed:
+    """Measured seconds per training step of one encoder in the memory format it will train in."""
+
+    step_s: float
+    channels_last: bool
+    measured: str  # both formats' times where both were measured, for the log
+
+
+def timed(cfg: SSLConfig, args: dict[str, Any], timer: Timer) -> Timed:
+    """The encoder with ``args`` timed in the given memory format, or in both when ``channels_last`` is open."""
+    if cfg.channels_last is not None:
+        return Timed(timer(args, cfg.channels_last), cfg.channels_last, "")
+    last, first = timer(args, True), timer(args, False)
+    both = f"channels-last {last:.3f} s, channels-first {first:.3f} s"
+    return Timed(last, True, both) if last <= first else Timed(first, False, both)
+
+
+def plan_format(cfg: SSLConfig, chosen: Timed, plan: Plan) -> None:
+    """Train in the memory format measured faster, where left open."""
+    if cfg.channels_last is None:
+        fmt = "channels-last" if chosen.channels_last else "channels-first"
+        plan.choose("channels_last", chosen.channels_last, f"{fmt} measured faster ({chosen.measured} per step)")
 
 
 def plan_width(
     cfg: SSLConfig, fp: Fingerprint, monitor: Monitor, available_s: float, timer: Timer, plan: Plan
-) -> float | None:
-    """The widest ResNet-18 width whose measured steps give ``MIN_PASSES`` passes in ``available_s``; the
-    measured seconds per step of the width trained (None when the width was given and nothing was measured)."""
+) -> Timed | None:
+    """The widest ResNet-18 width whose measured steps give ``MIN_PASSES`` passes in ``available_s``, each width in
+    its faster memory format where that is open; how the width chosen was timed (None when the width was given and
+    nothing was measured)."""
     if cfg.model != "resnet18" or "width" in cfg.model_args or cfg.init_from:
         return None
     measured: list[str] = []
-    chosen, chosen_s, passes = WIDTHS[0], 0.0, 0.0
+    chosen: tuple[int, Timed, float] | None = None  # width, its timing, its passes
     for width in WIDTHS:  # narrowest first: a wider one costs more, so the first too slow ends the search
-        step_s = timer({"width": width})
-        fits = available_s / pass_seconds(step_s, fp, timing_batch(cfg, fp.images), monitor)
-        measured.append(f"width {width} {step_s:.3f} s/step, {fits:.1f} passes")
-        if width == WIDTHS[0] or fits >= MIN_PASSES:
-            chosen, chosen_s, passes = width, step_s, fits
+        step = timed(cfg, {"width": width}, timer)
+        fits = available_s / pass_seconds(step.step_s, fp, timing_batch(cfg, fp.images), monitor)
+        fmt = f" ({step.measured})" if step.measured else ""
+        measured.append(f"width {width} {step.step_s:.3f} s/step{fmt}, {fits:.1f} passes")
+        if chosen is None or fits >= MIN_PASSES:  # the narrowest is taken whatever it fits
+            chosen = (width, step, fits)
         if fits < MIN_PASSES:
             break
+    assert chosen is not None
+    width, step, passes = chosen
     plan.observe(
         f"width timing: {'; '.join(measured)} (batch {timing_batch(cfg, fp.images)}, measured; {available_s / 60:.1f} min for "
         "training)",
         width_timing=measured,
     )
     why = (
-        f"the widest that trains {passes:.1f} >= {MIN_PASSES} passes in the budget (the 10-minute CPU row of "
-        "benchmarks/RESULTS.md trained width 8 for 4 passes and beat lightly)"
+        f"the widest that trains {passes:.1f} >= {MIN_PASSES} passes in the budget ({WIDTH_EVIDENCE})"
         if passes >= MIN_PASSES
         else f"the narrowest tried; it trains only {passes:.1f} passes in the budget (give more --max-minutes)"
     )
-    plan.choose("model_args.width", chosen, why)
-    return chosen_s
+    plan.choose("model_args.width", width, why)
+    plan_format(cfg, step, plan)
+    return step
 
 
 def planned_passes(
@@ -220,14 +253,18 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
     monitor = plan_monitor(cfg, fp, plan)
     plan_keep(cfg, plan)
     available = max(budget.seconds - spent_s, 0.0) * SETUP_SHARE
-    step_s = plan_width(cfg, fp, monitor, available, timer, plan)
-    passes = planned_passes(cfg, fp, monitor, available, step_s)
+    step = plan_width(cfg, fp, monitor, available, timer, plan)
+    if step is None and cfg.channels_last is None:
+        step = timed(cfg, {}, timer)
+        plan_format(cfg, step, plan)
+    passes = planned_passes(cfg, fp, monitor, available, None if step is None else step.step_s)
     if passes is None and cfg.temperature is None and cfg.method == "simclr":
-        step_s = timer({})
+        step = timed(cfg, {}, timer)
         plan.observe(
-            f"timing: {step_s:.3f} s per training step (batch {timing_batch(cfg, fp.images)}, measured)", step_s=step_s
+            f"timing: {step.step_s:.3f} s per training step (batch {timing_batch(cfg, fp.images)}, measured)",
+            step_s=step.step_s,
         )
-        passes = planned_passes(cfg, fp, monitor, available, step_s)
+        passes = planned_passes(cfg, fp, monitor, available, step.step_s)
     if passes is not None:
         plan_temperature(cfg, passes, plan)
     plan_batch(cfg, fp, passes, plan)

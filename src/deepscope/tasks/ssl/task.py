@@ -139,13 +139,13 @@ class SSLTask(Task):
             _, z = model(torch.cat(batch[:2]))
             return ssl_loss(timed, *z.chunk(2))
 
-        def timer(args: dict[str, Any]) -> float:
+        def timer(args: dict[str, Any], channels_last: bool) -> float:
             with random_state_kept():
                 encoder = build_encoder(cfg.model, self.in_shape, **{**cfg.model_args, **args})
                 net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
-                if cfg.channels_last:
+                if channels_last:
                     net.to(memory_format=torch.channels_last)
-                batches = self.train_batches(timing_batch(cfg, len(self.data.splits["train"])))
+                batches = self.train_batches(timing_batch(cfg, len(self.data.splits["train"])), channels_last)
                 first = itertools.islice(batches, min(PROBE_STEPS, len(batches)))
                 return agreed_seconds_per_step(net, first, loss, precision, self.device)
 
@@ -162,11 +162,13 @@ class SSLTask(Task):
             images, self.config.eval_batch_size, self.mean, self.std, self.device, rank, world, self.in_shape[1:]
         )
 
-    def train_batches(self, batch_size: int | None = None) -> Batches:
-        """The training views, in batches of ``batch_size`` (the config's when None: the plan times another)."""
+    def train_batches(self, batch_size: int | None = None, channels_last: bool | None = None) -> Batches:
+        """The training views, in batches of ``batch_size`` and in the memory format ``channels_last`` (the
+        config's when None: the plan times others)."""
         cfg = self.config
         batch = batch_size or cfg.batch_size
-        assert batch is not None  # planned in setup, before any batch is drawn
+        fmt = cfg.channels_last if channels_last is None else channels_last
+        assert batch is not None and fmt is not None  # planned in setup, before any batch is drawn
         return SSLTrainBatches(
             self.data.splits["train"],
             self.views,
@@ -177,7 +179,7 @@ class SSLTask(Task):
             cfg.seed,
             self.dist.rank,
             self.dist.world,
-            cfg.channels_last,
+            fmt,
         )
 
     def val_batches(self) -> Batches | None:
