@@ -295,22 +295,31 @@ def test_fcos_with_iou_scores_and_ciou_overfits_one_image_and_scores_estimate_th
         assert found["scores"][same_class][best].item() == pytest.approx(overlaps[best].item(), abs=0.15)
 
 
+# two objects of two classes on a 64-pixel image, and the planned CPU network for FCOS at that scale
+TWO_BOXES, TWO_LABELS = torch.tensor([[5.0, 7, 37, 34], [33, 29, 60, 60]]), torch.tensor([1, 2])
+LIGHT = {"backbone": "csp", "fpn_channels": 16, "head_convs": 2, "extra_p6p7": False, "min_size": 64, "max_size": 64}
+
+
+def best_overlaps(model: nn.Module, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each box's best IoU among ``model``'s detections of its class on ``image``."""
+    with torch.no_grad():
+        found = model.eval()([image])[0]
+    return [
+        box_iou(box[None], found["boxes"][found["labels"] == label]).max().item() for box, label in zip(boxes, labels)
+    ]
+
+
 def test_fcos_with_the_light_head_on_the_csp_trunk_overfits_one_image() -> None:
     """The network the plan gives FCOS on a CPU budget: CSP trunk, pyramid at strides 8-32, two-conv towers."""
     torch.manual_seed(0)
-    boxes, labels = torch.tensor([[5.0, 7, 37, 34], [33, 29, 60, 60]]), torch.tensor([1, 2])
-    image = painted_image(boxes, labels, (64, 64))
-    light = {"backbone": "csp", "fpn_channels": 16, "head_convs": 2, "extra_p6p7": False}
-    model = build_detector("fcos", 2, **light, min_size=64, max_size=64).train()
+    image = painted_image(TWO_BOXES, TWO_LABELS, (64, 64))
+    model = build_detector("fcos", 2, **LIGHT).train()
     towers = [model.head.classification_head.conv, model.head.regression_head.conv]
     assert [sum(isinstance(m, nn.Conv2d) for m in tower) for tower in towers] == [2, 2]
     assert model.anchor_generator.sizes == ((8,), (16,), (32,))  # no P6/P7
-    totals = [sum(losses.values()) for losses in overfit(model, image, boxes, labels, 80)]
+    totals = [sum(losses.values()) for losses in overfit(model, image, TWO_BOXES, TWO_LABELS, 80)]
     assert totals[-1] < 0.5 * totals[0]
-    with torch.no_grad():
-        found = model.eval()([image])[0]
-    for box, label in zip(boxes, labels):
-        assert box_iou(box[None], found["boxes"][found["labels"] == label]).max() > 0.6
+    assert min(best_overlaps(model, image, TWO_BOXES, TWO_LABELS)) > 0.6
     with pytest.raises(DeepscopeError, match="head_convs"):
         build_detector("fcos", 2, **SMALL, head_convs=0)
 
@@ -349,16 +358,11 @@ def test_fcos_with_distributions_adds_their_loss_and_overfits_one_image() -> Non
     # untrained, every side is near uniform over 16 bins: the loss is near log(16), times its weight
     assert losses["bbox_distribution"].item() == pytest.approx(0.25 * math.log(16), rel=0.05)
     torch.manual_seed(0)
-    boxes, labels = torch.tensor([[5.0, 7, 37, 34], [33, 29, 60, 60]]), torch.tensor([1, 2])
-    image = painted_image(boxes, labels, (64, 64))
-    light = {"backbone": "csp", "fpn_channels": 16, "head_convs": 2, "extra_p6p7": False, "dfl_bins": 8}
-    model = build_detector("fcos", 2, **light, min_size=64, max_size=64).train()
-    history = overfit(model, image, boxes, labels, 80)
+    image = painted_image(TWO_BOXES, TWO_LABELS, (64, 64))
+    model = build_detector("fcos", 2, **LIGHT, dfl_bins=8).train()
+    history = overfit(model, image, TWO_BOXES, TWO_LABELS, 80)
     assert history[-1]["bbox_distribution"] < 0.5 * history[0]["bbox_distribution"]
-    with torch.no_grad():
-        found = model.eval()([image])[0]
-    for box, label in zip(boxes, labels):
-        assert box_iou(box[None], found["boxes"][found["labels"] == label]).max() > 0.7
+    assert min(best_overlaps(model, image, TWO_BOXES, TWO_LABELS)) > 0.7
     with pytest.raises(DeepscopeError, match="dfl_bins"):
         build_detector("fcos", 2, **SMALL, dfl_bins=1)
 

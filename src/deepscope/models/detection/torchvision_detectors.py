@@ -205,6 +205,7 @@ class NormFCOSHead(FCOSHead):
             [t["labels"][m.clamp(min=0)] if len(t["labels"]) else m.clamp(min=0) for t, m in zip(targets, matched_idxs)]
         )[positive]
         locations = torch.stack(anchors)[positive]
+        distances = self.box_coder.encode(locations, boxes)  # to the four sides, in strides (anchors are one wide)
         predicted = self.box_coder.decode(regression[positive].float(), locations)  # float: the box arithmetic
         count = max(1, int(positive.sum()))
         box_loss = BOX_LOSSES[self.box_loss](predicted, boxes, reduction="sum")
@@ -215,10 +216,9 @@ class NormFCOSHead(FCOSHead):
             soft[positive] = F.one_hot(labels, logits.shape[-1]).to(soft) * quality[:, None]
             class_loss = quality_focal_loss(logits.float(), soft)
         else:
-            encoded = self.box_coder.encode(locations, boxes)
             quality = torch.sqrt(
-                (encoded[:, [0, 2]].min(dim=-1).values / encoded[:, [0, 2]].max(dim=-1).values)
-                * (encoded[:, [1, 3]].min(dim=-1).values / encoded[:, [1, 3]].max(dim=-1).values)
+                (distances[:, [0, 2]].min(dim=-1).values / distances[:, [0, 2]].max(dim=-1).values)
+                * (distances[:, [1, 3]].min(dim=-1).values / distances[:, [1, 3]].max(dim=-1).values)
             )
             hard = torch.zeros_like(logits, dtype=torch.float32)
             hard[positive] = F.one_hot(labels, logits.shape[-1]).to(hard)
@@ -230,7 +230,6 @@ class NormFCOSHead(FCOSHead):
             "bbox_ctrness": quality_loss / count,
         }
         if "bbox_distribution" in head_outputs:
-            distances = self.box_coder.encode(locations, boxes)  # in strides: FCOS's anchors are one stride wide
             dfl = distribution_focal_loss(head_outputs["bbox_distribution"][positive], distances)
             losses["bbox_distribution"] = DFL_WEIGHT * dfl / count
         return losses
