@@ -291,6 +291,7 @@ def one_line_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """Run a command that must fail: exit code 2 and one line on stderr, no traceback; the line."""
     from deepscope.cli import main
 
+    capsys.readouterr()  # what the test printed before (warnings of its own set-up) is not the command's
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

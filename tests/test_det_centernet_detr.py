@@ -120,7 +120,7 @@ def test_centernet_returns_more_than_100_detections() -> None:
     image, boxes = squares_image(150, size=160, seed=2)
     heatmap, size, offset = dense_maps(boxes, torch.ones(150, dtype=torch.long), 1, (40, 40))
     assert len(decode_centres(heatmap, size, offset, max_detections=500, score_threshold=0.5)[0]["boxes"]) == 150
-    model = centernet(1, **TINY_CENTERNET, min_size=160, max_size=160, score_threshold=0.0, nms_iou=None).eval()
+    model = centernet(1, **TINY_CENTERNET, min_size=160, max_size=160, score_thresh=0.0, nms_thresh=None).eval()
     with torch.no_grad():
         assert len(model([image])[0]["boxes"]) > 100
 

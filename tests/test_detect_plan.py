@@ -26,6 +26,7 @@ from deepscope.tasks.detect.plan import (
     candidate_args,
     fingerprint,
     plan_backbone,
+    plan_budget_size,
     plan_data,
 )
 from deepscope.tasks.detect.predict import DetInferenceConfig
@@ -195,6 +196,38 @@ def test_backbone_is_the_largest_the_budget_trains_enough_passes() -> None:
     name, timed, _, cfg = choose(60, model="fcos")
     assert name == "resnet18" and timed == ["csp", "resnet18", "resnet34"]
     assert cfg.model_args == {"backbone": "resnet18"}  # FCOS's own head with a ResNet
+
+
+def test_a_budget_with_passes_to_spare_buys_a_larger_size() -> None:
+    """Penn-Fudan-like 640x480 photographs (planned at 320 px); fake steps cost in proportion to the pixels, 0.2 s at
+    320 px; 26 steps a pass. Larger sizes are 416, 512, 608 (the median image is 640 px long)."""
+    fp = fingerprint(items([(640, 480)] * 40, [[150.0]] * 40), 1)
+
+    def choose(minutes: float, **settings) -> tuple[Plan, DetectConfig, list[int]]:
+        plan, timed = Plan(), []
+        cfg = DetectConfig(data="x", **settings)
+        plan_data(cfg, fp, "cpu", plan, given_val=0, test=0)
+        plan.apply(cfg)
+
+        def timer(size: int) -> float:
+            timed.append(size)
+            return 0.2 * (size / 320) ** 2
+
+        plan_budget_size(cfg, plan, fp, "cpu", Budget(minutes, True), lambda: 0.0, 26, False, timer)
+        plan.apply(cfg)
+        return plan, cfg, timed
+
+    plan, cfg, timed = choose(10)  # ~100 passes at 320 px: nothing larger is timed
+    assert (cfg.image_size, cfg.max_size, timed) == (320, 320, [320])
+    plan, cfg, timed = choose(30)  # passes: 320 px ~321, 416 px ~190: short of MIN_PASSES, 320 stays
+    assert (cfg.image_size, timed) == (320, [320, 416])
+    plan, cfg, timed = choose(60)  # 416 px ~380, 512 px ~251, 608 px ~178
+    assert (cfg.image_size, cfg.max_size, timed) == (512, 512, [320, 416, 512, 608])
+    assert sum(r.startswith("image_size = ") for r in plan.reasons) == 1  # the reason revised, not added
+    assert any(r.startswith("image_size = 512: ") and "416 px" in r for r in plan.reasons)
+    assert 178 < MIN_PASSES < 251
+    _, cfg, timed = choose(60, image_size=320)  # a given size stays, untimed
+    assert (cfg.image_size, timed) == (320, [])
 
 
 def test_validation_share_follows_the_set_size() -> None:

@@ -20,6 +20,9 @@ from deepscope.engine.checkpoint import load_checkpoint, load_init_weights, save
 from deepscope.errors import CheckpointError
 from deepscope.models.detection import build_detector
 from deepscope.tasks.detect.apply import load_detector
+from deepscope.tasks.detect.config import DetectConfig
+from deepscope.tasks.detect.predict import Detector, DetInferenceConfig
+from deepscope.tasks.detect.task import detector_args
 
 
 def detect_train_args(data: Path, out: Path, epochs: int, *extra: str) -> list[str]:
@@ -108,6 +111,24 @@ def test_evaluate_predict_and_score_saved_detections_agree(
         saved = last_json(capsys)
         assert saved["map"] == pytest.approx(scores["map"]) and saved["map_50"] == pytest.approx(scores["map_50"])
         assert saved["max_detections"] == 100 and "per_class" in saved
+
+
+def test_the_inference_thresholds_reach_the_model() -> None:
+    """Detectors filter their own candidates (RetinaNet: score 0.05, NMS 0.5 built in): the inference settings are the
+    model's too. An untrained RetinaNet scores about 0.01 (its prior), so only a threshold that reaches the model
+    lets its boxes out."""
+    image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), np.uint8)
+    small = {"backbone": "tiny", "fpn_channels": 16}
+    for settings, expected in (({"score_threshold": 0.0, "nms_iou": 0.9}, (0.0, 0.9)), ({}, (0.05, 0.7))):
+        inference = DetInferenceConfig(**settings)
+        cfg = DetectConfig(
+            data="x", model="retinanet", model_args=small, image_size=64, max_size=80, inference=inference
+        )
+        torch.manual_seed(0)
+        model = build_detector("retinanet", 1, 3, **detector_args(cfg))
+        assert (model.score_thresh, model.nms_thresh) == expected
+        found = Detector(model, cfg.inference, torch.device("cpu"))(image)["scores"]
+        assert (len(found) > 0 and found.max() < 0.05) if settings else len(found) == 0
 
 
 def test_predict_writes_voc_yolo_pictures_and_tiles(

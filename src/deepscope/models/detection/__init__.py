@@ -27,6 +27,14 @@ DETECTORS: dict[str, Callable[..., nn.Module]] = {
     "detr": DETR,
 }
 _MASK_DETECTORS = frozenset({"maskrcnn"})
+_SET_PREDICTORS = frozenset({"detr"})  # one box per query: no score threshold or NMS of their own
+
+
+def finishing_args(name: str, score_threshold: float, nms_iou: float) -> dict[str, Any]:
+    """The detector's own score threshold and NMS IoU (``score_thresh``, ``nms_thresh``) set to the inference
+    settings: the detectors filter their candidates before deepscope's class-wise NMS does, so with their built-in
+    values (score 0.05, NMS 0.5-0.6) a lower ``--score-threshold`` or a higher NMS IoU would silently change nothing."""
+    return {} if name in _SET_PREDICTORS else {"score_thresh": score_threshold, "nms_thresh": nms_iou}
 
 
 def detector_names() -> list[str]:

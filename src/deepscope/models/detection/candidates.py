@@ -185,7 +185,7 @@ def candidates_of(model: nn.Module) -> tuple[Candidates, Finish]:
         finish = Finish(model.score_thresh, model.nms_thresh, model.detections_per_img, MIN_BOX_SIZE)
         return OneStageCandidates(model).eval(), finish
     if isinstance(model, CenterNet):
-        finish = Finish(model.score_threshold, model.nms_iou, model.max_detections, 0.0)
+        finish = Finish(model.score_thresh, model.nms_thresh, model.max_detections, 0.0)
         return CenterNetCandidates(model).eval(), finish
     raise ValueError(
         f"{type(model).__name__} finds its boxes in two stages or by set prediction, which a file of dense candidates "

@@ -194,8 +194,8 @@ class CenterNet(nn.Module):
         min_size: int | Sequence[int] = 512,
         max_size: int = 1024,
         max_detections: int = 500,
-        score_threshold: float = 0.05,
-        nms_iou: float | None = 0.6,
+        score_thresh: float = 0.05,
+        nms_thresh: float | None = 0.6,
     ) -> None:
         super().__init__()
         if num_classes < 1 or max_detections < 1:
@@ -203,7 +203,7 @@ class CenterNet(nn.Module):
                 f"num_classes and max_detections must be at least 1, got {num_classes} and {max_detections}"
             )
         self.num_classes, self.max_detections = num_classes, max_detections
-        self.score_threshold, self.nms_iou = score_threshold, nms_iou
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.transform = detection_transform(in_channels, min_size, max_size)
         # all levels, of which only the finest is read: the stride-4 map then carries the coarser levels' context
         self.backbone = build_backbone(backbone, in_channels, norm, fpn_channels, strides=STRIDES)
@@ -226,11 +226,11 @@ class CenterNet(nn.Module):
         valid = torch.zeros_like(heatmap[:, :1])
         for i, (h, w) in enumerate(batch.image_sizes):
             valid[i, :, : -(-h // CENTERNET_STRIDE), : -(-w // CENTERNET_STRIDE)] = 1
-        detections = decode_centres(heatmap.sigmoid() * valid, size, offset, self.max_detections, self.score_threshold)
+        detections = decode_centres(heatmap.sigmoid() * valid, size, offset, self.max_detections, self.score_thresh)
         for detection, image_size in zip(detections, batch.image_sizes):
             detection["boxes"] = clip_boxes_to_image(detection["boxes"], image_size)
-            if self.nms_iou is not None:
-                keep = batched_nms(detection["boxes"], detection["scores"], detection["labels"], self.nms_iou)
+            if self.nms_thresh is not None:
+                keep = batched_nms(detection["boxes"], detection["scores"], detection["labels"], self.nms_thresh)
                 detection.update({key: value[keep] for key, value in detection.items()})
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 

@@ -14,12 +14,18 @@ MAX_DETECTIONS = option(
     type=int,
     help="detections per image the metric counts (default 100, COCO's; raise it for crowded images)",
 )
+NMS_IOU = option(
+    "--nms-iou",
+    type=float,
+    help="IoU above which boxes of one class are duplicates (default: the run's, 0.7 for new runs)",
+)
 
 
 def evaluate(args: argparse.Namespace, device: Any) -> Result:
     from deepscope.tasks.detect.apply import evaluate_checkpoint
 
-    return evaluate_checkpoint(args.checkpoint, args.data, args.split, device, {"max_detections": args.max_detections})
+    overrides = {"max_detections": args.max_detections, "nms_iou": args.nms_iou}
+    return evaluate_checkpoint(args.checkpoint, args.data, args.split, device, overrides)
 
 
 def predict(args: argparse.Namespace, device: Any) -> Result:
@@ -33,6 +39,7 @@ def predict(args: argparse.Namespace, device: Any) -> Result:
         "overlap": args.overlap,
         "score_threshold": args.score_threshold,
         "max_detections": args.max_detections,
+        "nms_iou": args.nms_iou,
     }
     files = collect_inputs(args.inputs)
     return predict_files(args.checkpoint, files, args.out, device, args.format or "coco", args.draw, overrides)
@@ -60,13 +67,14 @@ COMMANDS = TaskCommands(
         setting("--images", help="image folder of any layout, with --annotations"),
         setting("--annotations", help="COCO JSON file, or folder of VOC XML, YOLO txt or instance-label images"),
     ),
-    evaluate_options=(MAX_DETECTIONS,),
+    evaluate_options=(MAX_DETECTIONS, NMS_IOU),
     evaluate=evaluate,
     predict_options=(
         option("--tile", type=int, nargs="+", help="tile size, one value or two (height width), for large images"),
         option("--overlap", type=int, help="pixels shared by neighbouring tiles (more than the largest object)"),
         option("--score-threshold", type=float, help="drop detections scoring lower"),
         option("--max-detections", type=int, help="most detections kept per image"),
+        NMS_IOU,
         option("--format", choices=["coco", "voc", "yolo"], help="COCO JSON (default), VOC XML or YOLO txt files"),
         option("--draw", action="store_true", help="also draw the boxes on the images (pictures/)"),
     ),

@@ -16,6 +16,9 @@ image, objects per image and classes. From it and the budget the plan chooses
   ``MIN_PASSES`` passes over the training set in the budget is taken. For FCOS the cheapest candidate is a
   YOLOv8n-sized network (CSP trunk, 64-channel pyramid P3-P5, two-conv head towers), then FCOS with its own head on
   ResNet-18 and ResNet-34; for the other detectors tiny, resnet18, resnet34;
+* a larger size where the budget has passes to spare: the chosen network is timed at sizes ``SIZE_GROWTH`` px
+  apart above the planned one (up to the median image's longer side), and the largest that still trains
+  ``MIN_PASSES`` passes is taken (Penn-Fudan on a CPU: 416 px at 30 minutes, 320 px at 10);
 * mosaics, with a last phase without them, for resized images: of what from-scratch YOLO training does, a
   change that measured better on Penn-Fudan (benchmarks/RESULTS.md, section detect_ablation; a moving average of the
   weights, the CIoU box loss and IoU-aware scores did not, and are left as options).
@@ -58,6 +61,7 @@ LIGHT_HEAD = {"fpn_channels": 64, "head_convs": 2, "extra_p6p7": False}
 DFL_BINS = 16  # FCOS's box sides as distributions over 0..15 strides (YOLOv8's reg_max)
 MIN_PASSES = 200  # passes over the training set a larger candidate must still get in the budget to be chosen
 MOSAIC, CLOSE_MOSAIC = 0.5, 0.2  # share of training images made mosaics; share of the steps, at the end, without
+SIZE_GROWTH = 96  # a budget with passes to spare tries sizes this much larger than the planned one (3 x stride 32)
 
 
 def _percentiles(values: np.ndarray) -> tuple[float, float, float]:
@@ -351,6 +355,13 @@ def candidate_args(cfg: DetectConfig, name: str) -> dict[str, Any]:
     return args
 
 
+def passes_in(budget: Budget, spent: float, pass_steps: int, validation: bool, step_s: float) -> float:
+    """Passes over the training set (``pass_steps`` steps of ``step_s`` seconds each) in what is left of ``budget``
+    after ``spent`` seconds, less the engine's set-up share and the validations' share."""
+    train_s = max(budget.seconds - spent, 0.0) * SETUP_SHARE * ((1 - VALIDATION_SHARE) if validation else 1.0)
+    return train_s / (pass_steps * step_s)
+
+
 def plan_backbone(
     cfg: DetectConfig,
     plan: Plan,
@@ -370,8 +381,7 @@ def plan_backbone(
     timed: list[tuple[str, float, float]] = []  # name, seconds per step, passes in the budget
     for name in FCOS_BACKBONES if cfg.model == "fcos" else BACKBONES:
         step_s = timer(name)
-        train_s = max(budget.seconds - spent(), 0.0) * SETUP_SHARE * ((1 - VALIDATION_SHARE) if validation else 1.0)
-        passes = train_s / (pass_steps * step_s)
+        passes = passes_in(budget, spent(), pass_steps, validation, step_s)
         timed.append((name, step_s, passes))
         if passes < MIN_PASSES:
             break  # the larger ones are slower still
@@ -399,3 +409,51 @@ def plan_backbone(
                 "two 3x3 convolutions per head tower",
             )
     return name
+
+
+def larger_sizes(image_size: int, fp: DetFingerprint, device: str) -> list[int]:
+    """Sizes above the planned ``image_size``, ``SIZE_GROWTH`` apart, up to the median image's longer side (a
+    budget never buys enlarging the typical image) and the device's largest resize."""
+    cap = min(fp.long[1], CUDA_MAX_SIZE if device == "cuda" else CPU_MAX_SIZE)
+    return list(range(image_size + SIZE_GROWTH, int(cap) + 1, SIZE_GROWTH))
+
+
+def plan_budget_size(
+    cfg: DetectConfig,
+    plan: Plan,
+    fp: DetFingerprint,
+    device: str,
+    budget: Budget,
+    spent: Callable[[], float],
+    pass_steps: int,
+    validation: bool,
+    timer: Callable[[int], float],
+) -> None:
+    """A larger ``image_size`` (and ``max_size``) where the budget buys more than ``MIN_PASSES`` passes with the
+    planned network: each larger size (:func:`larger_sizes`) is timed (``timer(size)``: measured seconds per
+    training step at that size) and the largest that still trains ``MIN_PASSES`` passes is taken, the planned size
+    when none does. Only a size the plan chose by resizing is grown; a given size and native scale stay."""
+    planned = plan.settings.get("image_size")
+    if not planned or cfg.image_size != planned or plan.settings.get("max_size") != planned:
+        return
+    timed = [(planned, timer(planned))]
+    for size in larger_sizes(planned, fp, device):
+        if passes_in(budget, spent(), pass_steps, validation, timed[-1][1]) < MIN_PASSES:
+            break  # the larger sizes are slower still
+        timed.append((size, timer(size)))
+    counted = [(size, step_s, passes_in(budget, spent(), pass_steps, validation, step_s)) for size, step_s in timed]
+    size = max((size for size, _, passes in counted if passes >= MIN_PASSES), default=planned)
+    if size == planned:
+        return
+    measured = ", ".join(f"{n} px {s:.3f} s/step ({p:.0f} passes)" for n, s, p in counted)
+    plan.revise(
+        "image_size",
+        size,
+        f"images resized so their longer side is {size} px, more than the {planned} px planned from the objects: "
+        f"the largest size (up to the median image's {fp.long[1]:.0f} px) at which the network still trains "
+        f"{MIN_PASSES}+ passes over the training set ({pass_steps} steps) in the {budget.describe()}; measured: "
+        f"{measured}. Once the passes are there, pixels pay: on Penn-Fudan (CPU, 30 min) FCOS at 416 px scored "
+        f"0.692 box mAP (mAP@0.75 0.816) against 0.665 (0.775) at 320 px, both predicted at NMS IoU 0.7 "
+        f"(benchmarks/RESULTS.md, detect_ablation; one run each, and runs of one command spread by up to 0.05)",
+    )
+    plan.revise("max_size", size, "equal to image_size: the longer side of every image is scaled to it")

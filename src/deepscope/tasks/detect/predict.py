@@ -45,7 +45,10 @@ class DetInferenceConfig:
 
     # detections below are dropped (0.05 for mAP, as COCO evaluations do; raise it for pictures)
     score_threshold: float = 0.05
-    nms_iou: float = 0.5  # IoU above which boxes of one class are duplicates (class-wise NMS after the model's own)
+    # IoU above which boxes of one class are duplicates (the model's own NMS and the class-wise NMS after tiles): 0.7
+    # as ultralytics validates and predicts; on Penn-Fudan the same weights of FCOS on the CSP trunk score 0.003-0.020
+    # box mAP more than at 0.5, of FCOS on ResNet-18 within 0.003 (benchmarks/RESULTS.md, detect_ablation)
+    nms_iou: float = 0.7
     # per image, highest scores first; None: the model's own limit (a training run plans it from the data)
     max_detections: int | None = None
     tile: list[int] | None = None  # [h, w] tile size for large images; None: the whole image in one call
@@ -59,6 +62,11 @@ class DetInferenceConfig:
         if self.tile is not None and (len(self.tile) != 2 or min(self.tile) <= self.overlap):
             raise DeepscopeError(
                 f"inference: tile must be [height, width], both larger than the overlap {self.overlap}, got {self.tile}"
+            )
+        if not (0 <= self.score_threshold <= 1 and 0 < self.nms_iou <= 1):
+            raise DeepscopeError(
+                f"inference: score_threshold must be in [0, 1] and nms_iou in (0, 1], got {self.score_threshold:g} "
+                f"and {self.nms_iou:g}"
             )
         if self.overlap < 0 or (self.max_detections is not None and self.max_detections < 1):
             raise DeepscopeError(

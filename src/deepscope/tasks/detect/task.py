@@ -13,9 +13,11 @@ planned in :meth:`DetectTask.setup` from the boxes and image sizes and from trai
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,16 @@ from deepscope.engine.probe import agreed_seconds_per_step
 from deepscope.engine.task import ItemShard, Task
 from deepscope.errors import DataError
 from deepscope.metrics.detection import DetectionScorer
-from deepscope.models.detection import build_detector, predicts_masks
+from deepscope.models.detection import build_detector, finishing_args, predicts_masks
 from deepscope.tasks.detect.config import DetectConfig
-from deepscope.tasks.detect.plan import candidate_args, fingerprint, plan_backbone, plan_data
+from deepscope.tasks.detect.plan import (
+    DetFingerprint,
+    candidate_args,
+    fingerprint,
+    plan_backbone,
+    plan_budget_size,
+    plan_data,
+)
 from deepscope.tasks.detect.predict import Detector
 from deepscope.tasks.detect.report import detect_report_sections, draw_worst
 
@@ -56,9 +65,11 @@ def as_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
 
 
 def detector_args(config: DetectConfig) -> dict[str, Any]:
-    """``model_args`` with the sizes and the detection limit the task sets (the limit is ``inference.max_detections``,
-    so that prediction and the metric agree; a ``model_args.max_detections`` of its own wins for the model)."""
+    """``model_args`` with the sizes, the detection limit and the thresholds the task sets (the limit is
+    ``inference.max_detections``, so that prediction and the metric agree; the model's own score threshold and NMS
+    are the inference settings'); a ``model_args`` value of its own wins for the model."""
     return {
+        **finishing_args(config.model, config.inference.score_threshold, config.inference.nms_iou),
         "min_size": config.train_sizes(),
         "max_size": config.sizes()[1],
         "max_detections": config.detection_limit(),
@@ -139,13 +150,14 @@ class DetectTask(Task):
                 f"model {cfg.model!r} learns masks, but the annotations give boxes only; use masks/ label images or COCO segmentations"
             )
         self.channels = max(probe_image(item.path)[2] for items in splits.values() for item in items)
-        if "backbone" not in cfg.model_args:
-            self._plan_backbone(started)
+        if "backbone" not in cfg.model_args or self.plan.settings.get("image_size"):
+            self._plan_network(found, started)
 
-    def _plan_backbone(self, started: float) -> None:
-        """Time real training steps of each backbone candidate on a few training images at the planned size, in the
-        run's precision, and keep the one the budget affords (``plan.plan_backbone``). The random state is restored
-        afterwards, so the run's weights and batches are as if nothing had been timed."""
+    def _plan_network(self, found: DetFingerprint, started: float) -> None:
+        """Time real training steps on a few training images in the run's precision: each backbone candidate at the
+        planned size, keeping the one the budget affords (``plan.plan_backbone``), then that network at larger sizes
+        (``plan.plan_budget_size``). The random state is restored afterwards, so the run's weights and batches are as
+        if nothing had been timed."""
         cfg = self.config
         budget = budget_of(cfg, self.default_budget_minutes)
         precision = resolve_precision(cfg.amp, self.device)
@@ -156,24 +168,32 @@ class DetectTask(Task):
         )
         samples = self._samples([train[i] for i in order])
         pass_steps = max(1, -(-len(train) // cfg.batch_size))
+        spent, validation = (lambda: time.time() - started), "val" in self.splits
+        timings: dict[tuple[str, int], float] = {}
+
+        def timed(backbone: str, size: int) -> float:
+            if (backbone, size) not in timings:
+                timings[backbone, size] = self._time_steps(backbone, size, samples, batch, precision)
+            return timings[backbone, size]
+
         with random_state_kept():
-            plan_backbone(
-                cfg,
-                self.plan,
-                budget,
-                lambda: time.time() - started,
-                pass_steps,
-                "val" in self.splits,
-                lambda name: self._time_steps(name, samples, batch, precision),
-                f"{self.device} in {precision.name}",
-            )
+            where = f"{self.device} in {precision.name}"
+            size = cfg.image_size
+            plan_backbone(cfg, self.plan, budget, spent, pass_steps, validation, lambda n: timed(n, size), where)
+            self.plan.apply(cfg)
+            backbone = cfg.model_args["backbone"]
+            timer = partial(timed, backbone)
+            plan_budget_size(cfg, self.plan, found, self.device.type, budget, spent, pass_steps, validation, timer)
         self.plan.apply(cfg)
 
-    def _time_steps(self, backbone: str, samples: list[DetSample], batch: int, precision: Precision) -> float:
-        """Seconds per training step of the planned detector with ``backbone`` (the slowest process's, so that every
-        process plans the same)."""
+    def _time_steps(
+        self, backbone: str, size: int, samples: list[DetSample], batch: int, precision: Precision
+    ) -> float:
+        """Seconds per training step of the planned detector with ``backbone`` on images resized to ``size`` (the
+        slowest process's, so that every process plans the same)."""
         cfg = self.config
-        args = {**detector_args(cfg), **candidate_args(cfg, backbone)}
+        at_size = dataclasses.replace(cfg, image_size=size, max_size=size) if size != cfg.image_size else cfg
+        args = {**detector_args(at_size), **candidate_args(cfg, backbone)}
         model = build_detector(cfg.model, len(self.class_names), self.channels, **args).to(self.device)
         batches = DetBatches(samples, batch, self.device, seed=cfg.seed, augment=cfg.augment)
         return agreed_seconds_per_step(model, itertools.islice(batches, TIMED_STEPS), self.loss, precision, self.device)
