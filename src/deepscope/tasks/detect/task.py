@@ -179,6 +179,7 @@ class DetectTask(Task):
         with random_state_kept():
             where = f"{self.device} in {precision.name}"
             size = cfg.image_size
+            assert size is not None  # planned by plan_data when open
             plan_backbone(cfg, self.plan, budget, spent, pass_steps, validation, lambda n: timed(n, size), where)
             self.plan.apply(cfg)
             backbone = cfg.model_args["backbone"]
