@@ -30,9 +30,9 @@ with its reason in the task's :class:`~deepscope.engine.plan.Plan`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -61,6 +61,7 @@ LIGHT_HEAD = {"fpn_channels": 64, "head_convs": 2, "extra_p6p7": False}
 DFL_BINS = 16  # FCOS's box sides as distributions over 0..15 strides (YOLOv8's reg_max)
 MIN_PASSES = 200  # passes over the training set a larger candidate must still get in the budget to be chosen
 MOSAIC, CLOSE_MOSAIC = 0.5, 0.2  # share of training images made mosaics; share of the steps, at the end, without
+Candidate = TypeVar("Candidate", str, int)  # a backbone's name or an image size, timed by the plan
 SIZE_GROWTH = 96  # a budget with passes to spare tries sizes this much larger than the planned one (3 x stride 32)
 
 
@@ -362,6 +363,20 @@ def passes_in(budget: Budget, spent: float, pass_steps: int, validation: bool, s
     return train_s / (pass_steps * step_s)
 
 
+def timed_until_short(
+    candidates: Iterable[Candidate], timer: Callable[[Candidate], float], passes: Callable[[float], float]
+) -> list[tuple[Candidate, float, float]]:
+    """``(candidate, seconds per step, passes in the budget)`` of each candidate, cheapest first, up to and with the
+    first that falls short of ``MIN_PASSES`` (``passes(step_s)``): the ones after it are slower still, so untimed."""
+    timed = []
+    for candidate in candidates:
+        step_s = timer(candidate)
+        timed.append((candidate, step_s, passes(step_s)))
+        if timed[-1][2] < MIN_PASSES:
+            break
+    return timed
+
+
 def plan_backbone(
     cfg: DetectConfig,
     plan: Plan,
@@ -378,15 +393,13 @@ def plan_backbone(
     does, with the head settings that go with it. None when the user gave one."""
     if "backbone" in cfg.model_args:
         return None
-    timed: list[tuple[str, float, float]] = []  # name, seconds per step, passes in the budget
-    for name in FCOS_BACKBONES if cfg.model == "fcos" else BACKBONES:
-        step_s = timer(name)
-        passes = passes_in(budget, spent(), pass_steps, validation, step_s)
-        timed.append((name, step_s, passes))
-        if passes < MIN_PASSES:
-            break  # the larger ones are slower still
+    timed = timed_until_short(
+        FCOS_BACKBONES if cfg.model == "fcos" else BACKBONES,
+        timer,
+        lambda step_s: passes_in(budget, spent(), pass_steps, validation, step_s),
+    )
     fits = [t for t in timed if t[2] >= MIN_PASSES]
-    name, step_s, passes = fits[-1] if fits else timed[0]
+    name = (fits[-1] if fits else timed[0])[0]
     measured = ", ".join(f"{n} {s:.3f} s/step ({p:.{0 if p >= 10 else 1}f} passes)" for n, s, p in timed)
     if fits:
         why = f"the largest backbone that trains {MIN_PASSES}+ passes over the training set ({pass_steps} steps)"
@@ -436,12 +449,11 @@ def plan_budget_size(
     planned = plan.settings.get("image_size")
     if not planned or cfg.image_size != planned or plan.settings.get("max_size") != planned:
         return
-    timed = [(planned, timer(planned))]
-    for size in larger_sizes(planned, fp, device):
-        if passes_in(budget, spent(), pass_steps, validation, timed[-1][1]) < MIN_PASSES:
-            break  # the larger sizes are slower still
-        timed.append((size, timer(size)))
-    counted = [(size, step_s, passes_in(budget, spent(), pass_steps, validation, step_s)) for size, step_s in timed]
+    counted = timed_until_short(
+        [planned, *larger_sizes(planned, fp, device)],
+        timer,
+        lambda step_s: passes_in(budget, spent(), pass_steps, validation, step_s),
+    )
     size = max((size for size, _, passes in counted if passes >= MIN_PASSES), default=planned)
     if size == planned:
         return
