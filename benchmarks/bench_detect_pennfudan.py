@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from common import CACHE, SHARED, command_line, header, run, section_rows, write_section
+from common import CACHE, SHARED, command_line, header, run, section_rows, where, write_section
 
 # model -> extra ``--set`` settings of ``deepscope train detect`` (the detectors' own defaults otherwise)
 # model -> extra settings; epochs sized so the cosine schedule ends near a 10-minute budget at 320 px on 2 cores
@@ -472,6 +472,7 @@ def main() -> None:
             else run_deepscope(name, args.minutes, args.imgsz, out, threads)
         )
         bench["scores"] = score(out)
+        bench["where"] = where()  # a later script that reuses this kept run can say where it ran
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
     text = render(splits)
     write_section("pennfudan_detect", "Penn-Fudan detection from scratch (CPU)", text)

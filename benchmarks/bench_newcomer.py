@@ -15,7 +15,8 @@ sits in the same units as the figures it is compared with:
 The best hand-tuned recipe and the peer of a row are quoted from RESULTS.md (or peer-baselines.md) by default, with
 the date and processor they were measured on; ``--peers`` runs them instead through their own benchmark scripts
 (which keep their own run folders and sections) at the row's budget. Every finished row is stored as JSON under
-``.cache/newcomer/``, so rows can be measured in different sessions and the table keeps those already measured; a
+``.cache/newcomer/``, so rows can be measured in different sessions and the table keeps those already measured (in
+a checkout without those records, the lines RESULTS.md holds for them); a
 budget other than the row's own (``--minutes-scale``, ``--minutes``) is a trial, stored and shown apart.
 
     python benchmarks/bench_newcomer.py --rows classify-10 denoise-10 [--peers]
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import resource
 import shlex
@@ -44,7 +44,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import CACHE, HERE, RESULTS, SHARED, command_line, cpu_name, header, machine, run, write_section
+from common import CACHE, HERE, RESULTS, SHARED, command_line, header, kept_lines, run, where, write_section
 
 STORE = CACHE / "newcomer"
 RUNS = STORE / "runs"
@@ -395,28 +395,9 @@ def shown(cmd: list[str]) -> str:
     return text.replace(str(CACHE) + "/", ".cache/").replace(str(SHARED) + "/", "shared/data/")
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def child_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def where() -> dict[str, Any]:
-    """When and on what a figure was measured (the short processor name for the table, machine() in full)."""
-    import torch
-
-    from deepscope.engine.precision import cpu_description
-
-    return {
-        "date": datetime.date.today().isoformat(),
-        "processor": f"{cpu_name()} ({cpu_description()})",
-        "machine": machine(),
-        "cores": cores(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def plan_summary(plan: dict[str, Any], epochs_done: int | None) -> str:
@@ -480,7 +461,8 @@ def run_newcomer(row: Row, minutes: float) -> dict[str, Any]:
 
 def run_reference(row: Row, which: str, minutes: float) -> dict[str, Any] | None:
     """The recipe or the peer by its own script; None where none can be run here (the course CNN). A script that
-    kept a finished run from earlier returns it unchanged: that figure is dated by its file, its processor unknown."""
+    kept a finished run from earlier returns it unchanged: that figure is dated by where the run's JSON says it ran,
+    else by its file, its processor unknown."""
     runner = row.recipe_run if which == "recipe" else row.peer_run
     if runner is None:
         return None
@@ -488,11 +470,15 @@ def run_reference(row: Row, which: str, minutes: float) -> dict[str, Any] | None
     result = {**runner(minutes), **where(), "row_minutes": minutes}
     made = Path(result["file"]).stat().st_mtime
     if made < started:
+        kept = json.loads(Path(result["file"]).read_text()).get("where") if result["file"].endswith(".json") else None
         result.update(
-            date=datetime.date.fromtimestamp(made).isoformat(),
-            processor=f"a machine not recorded (a run {Path(result['file']).parent.name} kept from earlier)",
-            machine="not recorded",
-            cores="?",
+            kept
+            or {
+                "date": datetime.date.fromtimestamp(made).isoformat(),
+                "processor": f"a machine not recorded (a run {Path(result['file']).parent.name} kept from earlier)",
+                "machine": "not recorded",
+                "cores": "?",
+            }
         )
     return result
 
@@ -590,14 +576,28 @@ def records() -> list[tuple[Row, dict[str, Any] | None]]:
 
 def render() -> str:
     rows = records()
+    # rows measured before whose records this checkout lacks keep their lines (and "where" lines) from RESULTS.md
+    kept_rows, kept_where = kept_lines("newcomer", r"^\| `([^`]+)` \|.*"), kept_lines("newcomer", r"^- `([^`]+)`: .*")
+    table = [
+        kept_rows[row.name] if record is None and row.name in kept_rows else table_row(row, record)
+        for row, record in rows
+    ]
+    where_lines = [
+        f"- `{key_of(row, r['minutes'])}`: {r['date']} on {r['machine']}; {r['precision']}, {r['wall_min']:.1f} min "
+        f"wall, {r['cpu_min']:.1f} CPU-min, {r['train_min']:.1f} min training. `{r['command']}`"
+        if r is not None
+        else kept_where[row.name]
+        for row, r in rows
+        if r is not None or row.name in kept_where
+    ]
     lines = [
         header(command_line()),
         (
             "Each row is what a new user types with only data and a time budget, `deepscope train TASK --data DATA "
             "--max-minutes M --out OUT` (the task plans model, size and schedule itself), on the data prepared as the "
             "task's own benchmark prepares it and scored as that benchmark scores it. Rows are stored under "
-            "`.cache/newcomer/` and kept between invocations, so each row names its own date, processor and precision "
-            "below. Recipe and peer cells say whether they were measured by their own scripts (`--peers`) or quoted "
+            "`.cache/newcomer/` and kept between invocations (a row whose record a fresh checkout lacks keeps its line "
+            "as this section held it), so each row names its own date, processor and precision below. Recipe and peer cells say whether they were measured by their own scripts (`--peers`) or quoted "
             "from another section: quoted figures come from another day and often another processor and budget."
         ),
         "",
@@ -608,15 +608,10 @@ def render() -> str:
         "| row | task | metric | budget | cores | newcomer | plan chosen | best recipe | newcomer / recipe | peer | "
         "newcomer / peer | goals met |",
         "| --- | --- | --- | --- | ---: | --- | --- | --- | ---: | --- | ---: | --- |",
-        *(table_row(row, record) for row, record in rows),
+        *table,
         "",
-        "Where and how each newcomer row ran:" if any(r for _, r in rows) else "No newcomer row measured yet.",
-        *(
-            f"- `{key_of(row, r['minutes'])}`: {r['date']} on {r['machine']}; {r['precision']}, {r['wall_min']:.1f} min "
-            f"wall, {r['cpu_min']:.1f} CPU-min, {r['train_min']:.1f} min training. `{r['command']}`"
-            for row, r in rows
-            if r is not None
-        ),
+        "Where and how each newcomer row ran:" if where_lines else "No newcomer row measured yet.",
+        *where_lines,
         "",
         "CPU-min well below cores x wall means other work shared the processor during the run.",
         "",

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +43,22 @@ def machine() -> str:
     )
 
 
+def cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def where() -> dict[str, Any]:
+    """When and on what a figure was measured (the short processor name for the table, machine() in full)."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "processor": f"{cpu_name()} ({cpu_description()})",
+        "machine": machine(),
+        "cores": cores(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def header(command: str) -> str:
     return f"Measured {datetime.date.today().isoformat()} on {machine()}.\nCommand: `{command}`\n"
 
@@ -69,6 +86,18 @@ def section_rows(name: str) -> list[str]:
     match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
     rows = [line for line in match.group(1).splitlines() if line.startswith("|")] if match else []
     return rows[2:]
+
+
+def kept_lines(name: str, pattern: str) -> dict[str, str]:
+    """Lines of section ``name`` in RESULTS.md that match ``pattern`` (its first group is the line's key), by key.
+
+    Scripts that render a section from records stored in the ignored cache call this so that a fresh checkout, which
+    has none of those records, rewrites the section without dropping the rows measured before: a row with no record
+    keeps its line as RESULTS.md holds it (its own date and processor included)."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
+    found = (re.match(pattern, line) for line in match.group(1).splitlines()) if match else ()
+    return {m.group(1): m.group(0) for m in found if m}
 
 
 def run(cmd: list[str], log: Path) -> float:
