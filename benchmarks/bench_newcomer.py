@@ -59,6 +59,8 @@ PROCESSORS = {
     "avx2-1t": "AMD EPYC (AVX2, no native bf16), float32, 1 thread",
     "avx512": "AMD EPYC (AVX512 with native bf16, as reported in issue 12), bf16, 2 cores",
     "xeon": "Intel(R) Xeon(R) Processor (AVX512, native bf16 and fp16), bf16, 2 cores",
+    "epycf32": "AMD EPYC (AVX512, native bf16), float32, 2 cores",
+    "epycb16": "AMD EPYC (AVX512, native bf16), bf16, 2 cores",
     "peers": "2 CPU cores (processor not recorded)",
 }
 # The recipe and peer figures quoted when --peers is not given, copied by hand from the sections named (of RESULTS.md,
@@ -73,7 +75,8 @@ PROCESSORS = {
 QUOTED = """
 detect-10   | recipe | 0.645  | FCOS csp-light + dfl flags, 10 min        | detect_ablation   | 2026-12-07 | xeon    | light-dfl              | 0.645
 detect-30   | recipe | 0.692  | FCOS csp-light + dfl at 416 px, 30 min    | detect_ablation   | 2026-12-07 | xeon    | dfl-416, 30 min        | 0.692
-detect-10   | peer   | 0.183  | YOLOv8n from scratch, 10.2 min            | pennfudan_detect  | 2026-11-30 | avx2    | yolov8n                | 0.183
+detect-10   | peer   | 0.531  | YOLOv8n from scratch, 10 min              | pennfudan_detect  | 2026-12-07 | epycf32 | yolov8n                | 0.531
+detect-30   | peer   | 0.661  | YOLOv8n from scratch, 30 min              | pennfudan_detect  | 2026-12-07 | epycf32 | yolov8n                | 0.661
 nuclei-20   | recipe | 0.458  | recipe dsb2018_unet, 15 min               | dsb2018           | 2026-11-23 | avx512  | dsb2018_unet-15min     | 0.458
 nuclei-20   | peer   | 0.046  | StarDist package 0.9.2, 20 min            | nuclei            | 2026-11-30 | avx2-1t | stardist-package-20min | 0.046
 classify-10 | recipe | 0.8427 | recipe fastnet80, 3.2 min                 | cifar10           | 2026-11-23 | avx512  | fastnet80              | 84.27%
@@ -81,7 +84,7 @@ classify-10 | peer   | 0.599  | course SimpleCNN, 12 min                  | peer
 denoise-10  | recipe | 26.84  | Noise2Void, 1200 steps, 8.2 min           | bsd68             | 2026-11-23 | avx512  | Noise2Void             | 26.84
 denoise-10  | peer   | 25.49  | CAREamics 0.3.5 N2V, 1200 steps, 11.1 min | bsd68             | 2026-11-23 | avx512  | CAREamics              | 25.49
 ssl-10      | recipe | 0.4676 | VICReg width 8, 4 epochs, 10 min          | ssl_cifar10       | 2026-11-30 | avx2    | vicreg-w8-10min        | 46.76%
-ssl-10      | peer   | 0.4373 | lightly 1.6.0 SimCLR, 10 min              | ssl_cifar10       | 2026-11-30 | avx2    | lightly-w8-10min       | 43.73%
+ssl-10      | peer   | 0.4623 | lightly 1.6.0 SimCLR, 10 min              | ssl_cifar10       | 2026-12-07 | epycb16 | lightly-w8-10min-cpu   | 46.23%
 """
 
 
