@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import resource
 import shlex
 import shutil
@@ -44,7 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common import CACHE, HERE, RESULTS, SHARED, command_line, header, kept_lines, run, where, write_section
+from common import CACHE, HERE, SHARED, command_line, header, kept_lines, run, section_body, where, write_section
 
 STORE = CACHE / "newcomer"
 RUNS = STORE / "runs"
@@ -113,9 +112,7 @@ def section_text(name: str) -> str:
     """The text of a RESULTS.md section, or of peer-baselines.md; empty when not found."""
     if name.endswith(".md"):
         return PEER_BASELINES.read_text() if PEER_BASELINES.exists() else ""
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
-    return match.group(1) if match else ""
+    return section_body(name)
 
 
 def still_there(quote: Quote) -> bool:
@@ -600,8 +597,9 @@ def render() -> str:
             "--max-minutes M --out OUT` (the task plans model, size and schedule itself), on the data prepared as the "
             "task's own benchmark prepares it and scored as that benchmark scores it. Rows are stored under "
             "`.cache/newcomer/` and kept between invocations (a row whose record a fresh checkout lacks keeps its line "
-            "as this section held it), so each row names its own date, processor and precision below. Recipe and peer cells say whether they were measured by their own scripts (`--peers`) or quoted "
-            "from another section: quoted figures come from another day and often another processor and budget."
+            "as this section held it), so each row names its own date, processor and precision below. Recipe and "
+            "peer cells say whether they were measured by their own scripts (`--peers`) or quoted from another "
+            "section: quoted figures come from another day and often another processor and budget."
         ),
         "",
         "Goals: every newcomer row >= 0.95 x the best hand-tuned recipe of its row; detection >= YOLOv8n at both "

@@ -80,12 +80,16 @@ def write_section(name: str, title: str, body: str) -> None:
     RESULTS.write_text(text)
 
 
-def section_rows(name: str) -> list[str]:
-    """The table rows (below the header and rule) of section ``name`` in RESULTS.md, to keep rows of other machines."""
+def section_body(name: str) -> str:
+    """The text between the markers of section ``name`` in RESULTS.md; empty when there is none."""
     text = RESULTS.read_text() if RESULTS.exists() else ""
     match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
-    rows = [line for line in match.group(1).splitlines() if line.startswith("|")] if match else []
-    return rows[2:]
+    return match.group(1) if match else ""
+
+
+def section_rows(name: str) -> list[str]:
+    """The table rows (below the header and rule) of section ``name`` in RESULTS.md, to keep rows of other machines."""
+    return [line for line in section_body(name).splitlines() if line.startswith("|")][2:]
 
 
 def kept_lines(name: str, pattern: str) -> dict[str, str]:
@@ -94,9 +98,7 @@ def kept_lines(name: str, pattern: str) -> dict[str, str]:
     Scripts that render a section from records stored in the ignored cache call this so that a fresh checkout, which
     has none of those records, rewrites the section without dropping the rows measured before: a row with no record
     keeps its line as RESULTS.md holds it (its own date and processor included)."""
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    match = re.search(rf"<!-- {re.escape(name)} -->(.*?)<!-- /{re.escape(name)} -->", text, re.DOTALL)
-    found = (re.match(pattern, line) for line in match.group(1).splitlines()) if match else ()
+    found = (re.match(pattern, line) for line in section_body(name).splitlines())
     return {m.group(1): m.group(0) for m in found if m}
 
 
