@@ -19,6 +19,7 @@ from deepscope.tasks.ssl.plan import (
     MIN_PASSES,
     SHORT_BATCH,
     SHORT_TEMPERATURE,
+    SHORT_VIEW_SCALE,
     Fingerprint,
     Monitor,
     make_plan,
@@ -29,14 +30,19 @@ from deepscope.tasks.ssl.task import SSLTask
 CIFAR = Fingerprint(45000, 5000, 10000, 3, 32, 32, "natural", True)
 
 
-def planned(cfg: SSLConfig, timer=None, fp: Fingerprint = CIFAR) -> tuple[Plan, list]:
-    """The plan of ``cfg`` for a 10-minute budget, and the model_args the timer was asked to measure (with the
-    memory format, where ``cfg`` leaves it open)."""
+def planned(cfg: SSLConfig, timer=None, fp: Fingerprint = CIFAR, views=None) -> tuple[Plan, list]:
+    """The plan of ``cfg`` for a 10-minute budget, and the model_args the timer was asked to measure at the images'
+    own size (with the memory format, where ``cfg`` leaves it open). Smaller views cost ``views(scale)`` times the
+    step at the images' size (default: their share of the pixels)."""
     asked: list = []
 
-    def timing(args, channels_last):
+    def timing(args, channels_last, scale):
+        if not timer:
+            pytest.fail("nothing should be timed")
+        if scale != 1.0:
+            return timer(args, channels_last) * (views(scale) if views else scale**2)
         asked.append(dict(args) if cfg.channels_last is not None else (dict(args), channels_last))
-        return timer(args, channels_last) if timer else pytest.fail("nothing should be timed")
+        return timer(args, channels_last)
 
     plan = Plan()
     make_plan(cfg, fp, Budget(10.0, True), 5.0, timing, plan)
@@ -60,7 +66,8 @@ def test_the_widest_width_with_enough_passes_is_chosen() -> None:
     assert any(r.startswith("width timing: width 8") for r in plan.reasons)
     assert plan.settings["temperature"] == SHORT_TEMPERATURE  # 15.2 passes: the short-budget temperature ...
     assert plan.settings["batch_size"] == SHORT_BATCH  # ... and batch
-    assert set(plan.settings) == {"model_args.width", "temperature", "batch_size"} | MONITORING
+    assert plan.settings["view_scale"] == SHORT_VIEW_SCALE  # ... and views
+    assert set(plan.settings) == {"model_args.width", "temperature", "batch_size", "view_scale"} | MONITORING
     plan, asked = planned(SSLConfig(data="d", channels_last=True), lambda a, _: 0.001 * a["width"])
     assert len(asked) == 4 and plan.settings["model_args.width"] == 64
     plan, _ = planned(SSLConfig(data="d", channels_last=True), lambda a, _: 10.0)
@@ -92,27 +99,63 @@ def test_a_given_width_is_kept_and_timed_for_the_passes_alone() -> None:
     cfg = SSLConfig(data="d", model_args={"width": 8}, channels_last=False)
     plan, asked = planned(cfg, lambda a, _: 0.01)
     assert asked == [{}] and "model_args.width" not in plan.settings
-    assert training(plan) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}  # 289 passes: a long run
+    long = {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH, "view_scale": 1.0}
+    assert training(plan) == long  # 289 passes: a long run
     plan.apply(cfg)
     assert cfg.model_args == {"width": 8} and cfg.temperature == LONG_TEMPERATURE
 
 
 def test_given_epochs_decide_the_temperature_without_timing_and_given_settings_stay() -> None:
     short, asked = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6))
-    assert asked == [] and training(short) == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH}
+    own = {"view_scale": 1.0}  # given epochs: smaller views would buy no passes
+    assert asked == [] and training(short) == {"temperature": SHORT_TEMPERATURE, "batch_size": SHORT_BATCH, **own}
     long, _ = planned(SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=100))
-    assert training(long) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH}
-    given = SSLConfig(data="d", model_args={"width": 4}, channels_last=True, epochs=6, temperature=0.3, batch_size=64)
+    assert training(long) == {"temperature": LONG_TEMPERATURE, "batch_size": LONG_BATCH, **own}
+    given = SSLConfig(
+        data="d", model_args={"width": 4}, channels_last=True, epochs=6, temperature=0.3, batch_size=64, view_scale=0.5
+    )
     plan, _ = planned(given)
     assert training(plan) == {}
     plan.apply(given)
-    assert given.temperature == 0.3 and given.batch_size == 64
+    assert given.temperature == 0.3 and given.batch_size == 64 and given.view_scale == 0.5
     vicreg, asked = planned(
         SSLConfig(data="d", method="vicreg", model_args={"width": 4}, channels_last=True, max_minutes=3)
     )
-    assert training(vicreg) == {"batch_size": LONG_BATCH} and asked == []  # no temperature to plan, nothing timed
+    # no temperature to plan, views measured for SimCLR only: nothing timed
+    assert training(vicreg) == {"batch_size": LONG_BATCH, "view_scale": 1.0} and asked == []
     unet, _ = planned(SSLConfig(data="d", model="unet", epochs=6, channels_last=True))
     assert "model_args.width" not in unet.settings
+
+
+def test_a_short_run_trains_smaller_views_and_a_long_one_the_images_own() -> None:
+    """Fewer than SHORT_PASSES passes at the images' own size: views of 3/4 the side; a long run, a U-Net encoder or
+    images too small to shrink keep the images' size; a given scale is kept and the width is timed at it."""
+    cfg = SSLConfig(data="d", model_args={"width": 8}, channels_last=True, max_minutes=10)
+    plan, asked = planned(cfg, lambda a, _: 0.3)  # 10.1 passes in the budget at 32x32
+    assert asked == [{}] and plan.settings["view_scale"] == SHORT_VIEW_SCALE == 0.75
+    reason = next(r for r in plan.reasons if r.startswith("view_scale"))
+    assert "views of 24x24 px, 0.75 of the images' 32x32: 10.1 passes planned at the images' own size" in reason
+    plan.apply(cfg)
+    assert cfg.view_scale == 0.75
+    plan, _ = planned(
+        SSLConfig(data="d", model_args={"width": 8}, channels_last=True, max_minutes=10), lambda a, _: 0.1
+    )
+    assert plan.settings["view_scale"] == 1.0  # 30 passes: a long run
+    tiny = Fingerprint(45000, 5000, 10000, 3, 20, 20, "natural", True)  # 15x15 views would be under 16 px
+    plan, _ = planned(SSLConfig(data="d", model_args={"width": 8}, channels_last=True), lambda a, _: 0.3, tiny)
+    assert plan.settings["view_scale"] == 1.0 and any("under 16 px" in r for r in plan.reasons)
+    unet, _ = planned(SSLConfig(data="d", model="unet", channels_last=True), lambda a, _: 0.3)
+    assert unet.settings["view_scale"] == 1.0
+    timed_at: list[float] = []
+
+    def timer(args, last, scale):
+        timed_at.append(scale)
+        return 0.01
+
+    given = SSLConfig(data="d", max_minutes=10, channels_last=True, view_scale=0.5)
+    plan = Plan()
+    make_plan(given, CIFAR, Budget(10.0, True), 5.0, timer, plan)
+    assert "view_scale" not in plan.settings and set(timed_at) == {0.5}
 
 
 def test_the_batch_follows_the_passes_and_the_number_of_images() -> None:

@@ -47,6 +47,9 @@ class SSLConfig(TrainConfig):
     # natural | microscopy | auto (microscopy for percentile-normalised image folders, else natural)
     views: str = "auto"
     view_settings: dict[str, Any] = field(default_factory=dict)  # overrides of the preset, e.g. {blur_p: 0.5}
+    # side of the training views as a fraction of the images' (1: the images' own size); None: planned by the budget
+    # (smaller views for a resnet18 trained few passes, else 1)
+    view_scale: float | None = None
     patch_size: int | None = None  # cut images into patches of this side (needed when sizes differ); None: whole images
     crops: str = "grid"  # grid (patches covering each image) | objects (one patch per object of masks/ label images)
     # per-image percentiles mapped to 0..1 (microscopy); None: [1, 99.8] for images/ folders
@@ -81,6 +84,10 @@ class SSLConfig(TrainConfig):
             raise DeepscopeError(f"crops must be grid or objects, got {self.crops!r}")
         if (self.temperature is not None and self.temperature <= 0) or self.knn_temperature <= 0:
             raise DeepscopeError("temperature and knn_temperature must be positive")
+        if self.view_scale is not None and not 0 < self.view_scale <= 1:
+            raise DeepscopeError(
+                f"view_scale must be in (0, 1] (a fraction of the images' side), got {self.view_scale}"
+            )
         if self.keep not in (None, "best", "last"):
             raise DeepscopeError(f"keep must be best or last, got {self.keep!r}")
         if any(n is not None and n < 0 for n in (self.monitor_images, self.knn_bank)):

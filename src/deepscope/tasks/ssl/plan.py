@@ -1,5 +1,5 @@
-"""Planning self-supervised pre-training: the encoder's width, its memory format, the NT-Xent temperature and the
-batch a user left open, from a fingerprint of the images and the time budget.
+"""Planning self-supervised pre-training: the encoder's width, its memory format, the NT-Xent temperature, the
+batch and the side of the views a user left open, from a fingerprint of the images and the time budget.
 
 Contrastive learning is slow to start: lightly's and the SimCLR paper's small-batch temperature, 0.5, is tuned for
 hundreds of epochs, and a 10-minute CPU budget gives a handful. Passes count more than width there, so the width is
@@ -8,7 +8,10 @@ at 10 minutes on 2 CPU cores: width 16, 6.9 passes, 53.5% test kNN; width 8, 11.
 in both memory formats and trained in the faster (narrow networks can run slower channels-last: ResNet-18 width 8 in
 bf16, 0.19 s per step of 256 images channels-last, 0.12 s channels-first). A run planned for fewer than
 :data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes, and batches of
-:data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates.
+:data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates. Such a run also trains on views of :data:`SHORT_VIEW_SCALE` of the
+images' side (24x24 for CIFAR-10): a step of a narrow network costs about its pixels (ResNet-18 width 8, bf16, 0.17 s
+per step of 128 images at 32x32, 0.10 s at 24x24), so the same minutes give 1.5-2x the passes, and the
+random-resized crops, which enlarge the objects, then show them at about the scale the whole test image does.
 
 Measured on CIFAR-10 (the JPEG copy in shared/data as ``benchmarks/prepare_cifar10.py`` unpacks it; 45,000 training
 images, width 8, batch 256, 200 steps or 1.1 passes, ``train ssl`` defaults otherwise, bf16 on a 2-core AVX-512 CPU,
@@ -17,7 +20,7 @@ one seed), kNN accuracy on the 10,000 test images: temperature 0.5 38.8%, 0.2 42
 epoch is a sample (:data:`MONITOR_VAL` validation images, :data:`MONITOR_BANK` bank images) so that its time goes to
 training, and where the schedule ends at learning rate 0 the last epoch is kept rather than the monitor's pick.
 Only settings left open are planned: no ``width`` in ``model_args``, a ``channels_last``, ``temperature``,
-``batch_size``, ``monitor_images``, ``knn_bank`` or ``keep`` of None.
+``batch_size``, ``view_scale``, ``monitor_images``, ``knn_bank`` or ``keep`` of None.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ WIDTHS = (8, 16, 32, 64)  # ResNet-18 widths tried, narrowest first (each about 
 MIN_PASSES = 10  # passes a width must get in the budget (see WIDTH_EVIDENCE)
 WIDTH_EVIDENCE = "CIFAR-10 at 10 min on 2 CPU cores: width 16 trained 6.9 passes, 53.5% test kNN; width 8 11.5, 55.9%"
 SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature and crops
+SHORT_VIEW_SCALE = 0.75  # side of the views, as a fraction of the images', of a run of few passes
+MIN_VIEW_SIDE = 16  # views are not made smaller than this
+VIEW_EVIDENCE = (
+    "CIFAR-10 on 2 CPU cores, width 8, batch 128, temperature 0.2, test kNN: at 10 min, 32x32 views 8 passes 53.1%, "
+    "24x24 12 passes 56.6%, 16x16 25 passes 56.1%; at 4 min 32x32 46.6%, 24x24 51.6%, 20x20 51.9%, 16x16 51.4%"
+)
 SHORT_TEMPERATURE = 0.2
 LONG_TEMPERATURE = 0.5  # lightly's and the SimCLR paper's small-batch value, for long runs
 SHORT_BATCH, LONG_BATCH = 128, 256  # batch of a run of fewer than SHORT_PASSES passes, and of a longer one
@@ -134,8 +143,13 @@ def pass_seconds(step_s: float, fp: Fingerprint, batch: int, monitor: Monitor) -
     return steps * step_s + monitor.evaluated() / (2 * batch) * step_s * EVAL_COST
 
 
-# model_args over the given ones, channels-last or not -> measured seconds per training step
-Timer = Callable[[dict[str, Any], bool], float]
+# model_args over the given ones, channels-last or not, the views' scale -> measured seconds per training step
+Timer = Callable[[dict[str, Any], bool, float], float]
+
+
+def view_side(side: int, scale: float) -> int:
+    """An image side ``side`` scaled by ``scale`` for the views (at least 1 pixel)."""
+    return max(1, round(side * scale))
 
 
 @dataclass(frozen=True)
@@ -147,11 +161,12 @@ class Timed:
     measured: str  # both formats' times where both were measured, for the log
 
 
-def timed(cfg: SSLConfig, args: dict[str, Any], timer: Timer) -> Timed:
-    """The encoder with ``args`` timed in the given memory format, or in both when ``channels_last`` is open."""
+def timed(cfg: SSLConfig, args: dict[str, Any], timer: Timer, scale: float) -> Timed:
+    """The encoder with ``args`` timed on views at ``scale`` in the given memory format, or in both when
+    ``channels_last`` is open."""
     if cfg.channels_last is not None:
-        return Timed(timer(args, cfg.channels_last), cfg.channels_last, "")
-    last, first = timer(args, True), timer(args, False)
+        return Timed(timer(args, cfg.channels_last, scale), cfg.channels_last, "")
+    last, first = timer(args, True, scale), timer(args, False, scale)
     both = f"channels-last {last:.3f} s, channels-first {first:.3f} s"
     return Timed(last, True, both) if last <= first else Timed(first, False, both)
 
@@ -174,7 +189,7 @@ def plan_width(
     measured: list[str] = []
     chosen: tuple[int, Timed, float] | None = None  # width, its timing, its passes
     for width in WIDTHS:  # narrowest first: a wider one costs more, so the first too slow ends the search
-        step = timed(cfg, {"width": width}, timer)
+        step = timed(cfg, {"width": width}, timer, cfg.view_scale or 1.0)
         fits = available_s / pass_seconds(step.step_s, fp, timing_batch(cfg, fp.images), monitor)
         fmt = f" ({step.measured})" if step.measured else ""
         measured.append(f"width {width} {step.step_s:.3f} s/step{fmt}, {fits:.1f} passes")
@@ -247,19 +262,67 @@ def plan_batch(cfg: SSLConfig, fp: Fingerprint, passes: float | None, plan: Plan
     plan.choose("batch_size", batch, why)
 
 
+def plan_view_scale(
+    cfg: SSLConfig,
+    fp: Fingerprint,
+    monitor: Monitor,
+    available_s: float,
+    timer: Timer,
+    step: Timed | None,
+    passes: float | None,
+    plan: Plan,
+) -> None:
+    """The side of the training views, where left open: ``SHORT_VIEW_SCALE`` of the images' for a resnet18 run that
+    the budget gives fewer than ``SHORT_PASSES`` passes at the images' own size, else their own size (given epochs,
+    another encoder, a long run, or views that would fall under ``MIN_VIEW_SIDE``). ``step`` is the encoder timed at
+    the images' own size (None: not yet timed), ``passes`` the passes the run gets there (None: not yet known)."""
+    if cfg.view_scale is not None:
+        return
+    own = f"{fp.height}x{fp.width}"
+    short = (view_side(fp.height, SHORT_VIEW_SCALE), view_side(fp.width, SHORT_VIEW_SCALE))
+    if cfg.model != "resnet18":
+        plan.choose("view_scale", 1.0, f"the images' own size: the {cfg.model} encoder's features keep their scale")
+        return
+    if cfg.method != "simclr":
+        plan.choose(
+            "view_scale", 1.0, f"the images' own size: smaller views were measured for SimCLR, not {cfg.method}"
+        )
+        return
+    if cfg.epochs is not None:
+        plan.choose("view_scale", 1.0, "the images' own size: the epochs are given, so smaller views buy no passes")
+        return
+    if min(short) < MIN_VIEW_SIDE:
+        plan.choose("view_scale", 1.0, f"the images' own size: {own} would make views under {MIN_VIEW_SIDE} px")
+        return
+    if passes is None:
+        args = {"width": plan.settings["model_args.width"]} if "model_args.width" in plan.settings else {}
+        seconds = step.step_s if step is not None else timer(args, bool(cfg.channels_last), 1.0)
+        passes = available_s / pass_seconds(seconds, fp, timing_batch(cfg, fp.images), monitor)
+    length = f"{passes:.1f} passes planned at the images' own size"
+    if passes >= SHORT_PASSES:
+        plan.choose("view_scale", 1.0, f"the images' own size: {length}, not fewer than {SHORT_PASSES}")
+        return
+    why = (
+        f"views of {short[0]}x{short[1]} px, {SHORT_VIEW_SCALE:g} of the images' {own}: {length}, fewer than "
+        f"{SHORT_PASSES}; smaller views cost less and train more passes ({VIEW_EVIDENCE})"
+    )
+    plan.choose("view_scale", SHORT_VIEW_SCALE, why)
+
+
 def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, timer: Timer, plan: Plan) -> None:
     """Plan every setting of ``cfg`` left open into ``plan``; ``timer`` measures training steps."""
     plan.observe(fp.describe(), **vars(fp))
     monitor = plan_monitor(cfg, fp, plan)
     plan_keep(cfg, plan)
     available = max(budget.seconds - spent_s, 0.0) * SETUP_SHARE
+    scale = cfg.view_scale or 1.0
     step = plan_width(cfg, fp, monitor, available, timer, plan)
     if step is None and cfg.channels_last is None:
-        step = timed(cfg, {}, timer)
+        step = timed(cfg, {}, timer, scale)
         plan_format(cfg, step, plan)
     passes = planned_passes(cfg, fp, monitor, available, None if step is None else step.step_s)
     if passes is None and cfg.temperature is None and cfg.method == "simclr":
-        step = timed(cfg, {}, timer)
+        step = timed(cfg, {}, timer, scale)
         plan.observe(
             f"timing: {step.step_s:.3f} s per training step (batch {timing_batch(cfg, fp.images)}, measured)",
             step_s=step.step_s,
@@ -268,3 +331,4 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
     if passes is not None:
         plan_temperature(cfg, passes, plan)
     plan_batch(cfg, fp, passes, plan)
+    plan_view_scale(cfg, fp, monitor, available, timer, step, passes, plan)

@@ -39,7 +39,7 @@ from deepscope.metrics.knn import knn_accuracy
 from deepscope.models import eval_mode
 from deepscope.models.ssl import SSLModel, build_encoder
 from deepscope.tasks.ssl.config import SSLConfig
-from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, Fingerprint, Timer, make_plan, timing_batch
+from deepscope.tasks.ssl.plan import LONG_TEMPERATURE, Fingerprint, Timer, make_plan, timing_batch, view_side
 from deepscope.tasks.ssl.probe import linear_probe, probe_rows
 from deepscope.tasks.ssl.report import embedding_map, neighbour_grid, write_ssl_report
 
@@ -94,7 +94,6 @@ class SSLTask(Task):
         # (C, H, W): SSLImages hold (N, C, H, W) images
         self.in_shape = cast(tuple[int, int, int], tuple(int(s) for s in train.images.shape[1:]))
         self.preset = self.data.kind if cfg.views == "auto" else cfg.views
-        self.views = TwoViews(view_config(self.preset, cfg.view_settings), self.in_shape[1:])
         self.mean, self.std = ssl_stats(train, self.data.kind)
         val = self.data.splits.get("val")
         self.labelled = train.labelled and val is not None and val.labelled
@@ -113,6 +112,7 @@ class SSLTask(Task):
         timer = self.step_timer(resolve_precision(cfg.amp, device))
         make_plan(cfg, fp, budget, time.time() - started, timer, self.plan)
         self.plan.apply(cfg)
+        self.views = self.two_views(cfg.view_scale or 1.0)
         if cfg.monitor == "auto":
             cfg.monitor, cfg.monitor_mode = ("knn_accuracy", "max") if self.labelled else ("loss", "min")
         bank_size = cfg.knn_bank or len(labelled_train)  # 0: every labelled training image
@@ -139,13 +139,14 @@ class SSLTask(Task):
             _, z = model(torch.cat(batch[:2]))
             return ssl_loss(timed, *z.chunk(2))
 
-        def timer(args: dict[str, Any], channels_last: bool) -> float:
+        def timer(args: dict[str, Any], channels_last: bool, view_scale: float) -> float:
             with random_state_kept():
                 encoder = build_encoder(cfg.model, self.in_shape, **{**cfg.model_args, **args})
                 net = SSLModel(encoder, cfg.projector_widths()).to(self.device)
                 if channels_last:
                     net.to(memory_format=torch.channels_last)
-                batches = self.train_batches(timing_batch(cfg, len(self.data.splits["train"])), channels_last)
+                batch = timing_batch(cfg, len(self.data.splits["train"]))
+                batches = self.train_batches(batch, channels_last, self.two_views(view_scale))
                 first = itertools.islice(batches, min(PROBE_STEPS, len(batches)))
                 return agreed_seconds_per_step(net, first, loss, precision, self.device)
 
@@ -162,16 +163,24 @@ class SSLTask(Task):
             images, self.config.eval_batch_size, self.mean, self.std, self.device, rank, world, self.in_shape[1:]
         )
 
-    def train_batches(self, batch_size: int | None = None, channels_last: bool | None = None) -> Batches:
-        """The training views, in batches of ``batch_size`` and in the memory format ``channels_last`` (the
-        config's when None: the plan times others)."""
+    def two_views(self, view_scale: float) -> TwoViews:
+        """The view maker of the run's preset at ``view_scale`` times the images' side."""
+        _, height, width = self.in_shape
+        size = (view_side(height, view_scale), view_side(width, view_scale))
+        return TwoViews(view_config(self.preset, self.config.view_settings), size)
+
+    def train_batches(
+        self, batch_size: int | None = None, channels_last: bool | None = None, views: TwoViews | None = None
+    ) -> Batches:
+        """The training views, in batches of ``batch_size``, in the memory format ``channels_last`` and made by
+        ``views`` (the config's and the run's when None: the plan times others)."""
         cfg = self.config
         batch = batch_size or cfg.batch_size
         fmt = cfg.channels_last if channels_last is None else channels_last
         assert batch is not None and fmt is not None  # planned in setup, before any batch is drawn
         return SSLTrainBatches(
             self.data.splits["train"],
-            self.views,
+            views or self.views,
             batch,
             self.mean,
             self.std,
