@@ -230,3 +230,19 @@ def test_a_set_smaller_than_two_batches_is_timed_and_trained_at_a_batch_that_fit
     assert len(task.data.splits["train"]) == 150 and cfg.batch_size == 64
     assert any(r.startswith("width timing: width 2") and "(batch 64," in r for r in task.plan.reasons)
     assert len(task.train_batches()) == 2
+
+
+def test_views_are_made_at_the_planned_scale_and_the_monitor_sees_whole_images(tmp_path: Path) -> None:
+    data = write_digits_npz(tmp_path / "digits.npz")  # 8x8 images
+    cfg = SSLConfig(
+        data=str(data), batch_size=32, amp="off", epochs=1, model_args={"width": 2}, channels_last=False, view_scale=0.5
+    )
+    task = SSLTask(cfg)
+    task.setup(torch.device("cpu"), DistInfo())
+    v1, v2, _ = next(iter(task.train_batches()))
+    assert v1.shape == v2.shape == (32, 1, 4, 4)
+    x, _ = next(iter(task.val_batches()))
+    assert x.shape[2:] == (8, 8)
+    model = task.build_model()
+    assert task.loss(model, (v1, v2, None)).isfinite()  # the pooled encoder takes the smaller views
+    assert "knn_accuracy" in task.evaluate(model, task.val_batches())
