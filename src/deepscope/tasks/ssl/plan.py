@@ -8,10 +8,11 @@ at 10 minutes on 2 CPU cores: width 16, 6.9 passes, 53.5% test kNN; width 8, 11.
 in both memory formats and trained in the faster (narrow networks can run slower channels-last: ResNet-18 width 8 in
 bf16, 0.19 s per step of 256 images channels-last, 0.12 s channels-first). A run planned for fewer than
 :data:`SHORT_PASSES` passes gets the lower temperature that learned faster in the first passes, and batches of
-:data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates. Such a run also trains on views of :data:`SHORT_VIEW_SCALE` of the
-images' side (24x24 for CIFAR-10): a step of a narrow network costs about its pixels (ResNet-18 width 8, bf16, 0.17 s
-per step of 128 images at 32x32, 0.10 s at 24x24), so the same minutes give 1.5-2x the passes, and the
-random-resized crops, which enlarge the objects, then show them at about the scale the whole test image does.
+:data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates.
+Such a run also trains on views of :data:`SHORT_VIEW_SCALE` of the images' side (24x24 for CIFAR-10): a step of a
+narrow network costs about its pixels (ResNet-18 width 8, bf16, 0.17 s per step of 128 images at 32x32, 0.10 s at
+24x24), so the same minutes give 1.5-2x the passes, and the random-resized crops, which enlarge the objects, then show
+them at about the scale the whole test image does.
 
 Measured on CIFAR-10 (the JPEG copy in shared/data as ``benchmarks/prepare_cifar10.py`` unpacks it; 45,000 training
 images, width 8, batch 256, 200 steps or 1.1 passes, ``train ssl`` defaults otherwise, bf16 on a 2-core AVX-512 CPU,
@@ -36,7 +37,7 @@ from deepscope.tasks.ssl.config import SSLConfig
 WIDTHS = (8, 16, 32, 64)  # ResNet-18 widths tried, narrowest first (each about 2-4x the cost of the one before)
 MIN_PASSES = 10  # passes a width must get in the budget (see WIDTH_EVIDENCE)
 WIDTH_EVIDENCE = "CIFAR-10 at 10 min on 2 CPU cores: width 16 trained 6.9 passes, 53.5% test kNN; width 8 11.5, 55.9%"
-SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature and crops
+SHORT_PASSES = 20  # a run planned for fewer passes than this gets the short-budget temperature, batch and views
 SHORT_VIEW_SCALE = 0.75  # side of the views, as a fraction of the images', of a run of few passes
 MIN_VIEW_SIDE = 16  # views are not made smaller than this
 VIEW_EVIDENCE = (
