@@ -137,6 +137,10 @@ def test_a_short_run_trains_smaller_views_and_a_long_one_the_images_own() -> Non
     assert "views of 24x24 px, 0.75 of the images' 32x32: 10.1 passes planned at the images' own size" in reason
     plan.apply(cfg)
     assert cfg.view_scale == 0.75
+    # a given temperature leaves only the views needing the passes: the step is still timed once, at the images' size
+    cfg = SSLConfig(data="d", model_args={"width": 8}, channels_last=True, max_minutes=10, temperature=0.3)
+    plan, asked = planned(cfg, lambda a, _: 0.3)
+    assert asked == [{}] and plan.settings["view_scale"] == SHORT_VIEW_SCALE and "temperature" not in plan.settings
     plan, _ = planned(
         SSLConfig(data="d", model_args={"width": 8}, channels_last=True, max_minutes=10), lambda a, _: 0.1
     )

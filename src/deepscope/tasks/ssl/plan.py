@@ -11,8 +11,8 @@ bf16, 0.19 s per step of 256 images channels-last, 0.12 s channels-first). A run
 :data:`SHORT_BATCH`: a step costs the same per image at 128 as at 256, so the smaller batch makes twice the updates.
 Such a run also trains on views of :data:`SHORT_VIEW_SCALE` of the images' side (24x24 for CIFAR-10): a step of a
 narrow network costs about its pixels (ResNet-18 width 8, bf16, 0.17 s per step of 128 images at 32x32, 0.10 s at
-24x24), so the same minutes give 1.5-2x the passes, and the random-resized crops, which enlarge the objects, then show
-them at about the scale the whole test image does.
+24x24), so the same minutes give 1.5-2x the passes (and the random-resized crops, which enlarge the objects, probably
+show them nearer the scale of the whole test image; not measured apart).
 
 Measured on CIFAR-10 (the JPEG copy in shared/data as ``benchmarks/prepare_cifar10.py`` unpacks it; 45,000 training
 images, width 8, batch 256, 200 steps or 1.1 passes, ``train ssl`` defaults otherwise, bf16 on a 2-core AVX-512 CPU,
@@ -263,48 +263,37 @@ def plan_batch(cfg: SSLConfig, fp: Fingerprint, passes: float | None, plan: Plan
     plan.choose("batch_size", batch, why)
 
 
-def plan_view_scale(
-    cfg: SSLConfig,
-    fp: Fingerprint,
-    monitor: Monitor,
-    available_s: float,
-    timer: Timer,
-    step: Timed | None,
-    passes: float | None,
-    plan: Plan,
-) -> None:
-    """The side of the training views, where left open: ``SHORT_VIEW_SCALE`` of the images' for a resnet18 run that
-    the budget gives fewer than ``SHORT_PASSES`` passes at the images' own size, else their own size (given epochs,
-    another encoder, a long run, or views that would fall under ``MIN_VIEW_SIDE``). ``step`` is the encoder timed at
-    the images' own size (None: not yet timed), ``passes`` the passes the run gets there (None: not yet known)."""
+def fixed_views(cfg: SSLConfig, fp: Fingerprint) -> str | None:
+    """Why the views keep the images' own size whatever the budget; None when the passes decide."""
+    if cfg.model != "resnet18":
+        return f"the {cfg.model} encoder's features keep their scale"
+    if cfg.method != "simclr":
+        return f"smaller views were measured for SimCLR, not {cfg.method}"
+    if cfg.epochs is not None:
+        return "the epochs are given, so smaller views buy no passes"
+    if min(view_side(fp.height, SHORT_VIEW_SCALE), view_side(fp.width, SHORT_VIEW_SCALE)) < MIN_VIEW_SIDE:
+        return f"{fp.height}x{fp.width} would make views under {MIN_VIEW_SIDE} px"
+    return None
+
+
+def plan_view_scale(cfg: SSLConfig, fp: Fingerprint, passes: float | None, plan: Plan) -> None:
+    """The side of the training views, where left open: ``SHORT_VIEW_SCALE`` of the images' for a run that the budget
+    gives fewer than ``SHORT_PASSES`` passes at the images' own size (``passes``), else their own size (a long run,
+    or any reason of :func:`fixed_views`)."""
     if cfg.view_scale is not None:
         return
-    own = f"{fp.height}x{fp.width}"
-    short = (view_side(fp.height, SHORT_VIEW_SCALE), view_side(fp.width, SHORT_VIEW_SCALE))
-    if cfg.model != "resnet18":
-        plan.choose("view_scale", 1.0, f"the images' own size: the {cfg.model} encoder's features keep their scale")
+    fixed = fixed_views(cfg, fp)
+    if fixed is not None:
+        plan.choose("view_scale", 1.0, f"the images' own size: {fixed}")
         return
-    if cfg.method != "simclr":
-        plan.choose(
-            "view_scale", 1.0, f"the images' own size: smaller views were measured for SimCLR, not {cfg.method}"
-        )
-        return
-    if cfg.epochs is not None:
-        plan.choose("view_scale", 1.0, "the images' own size: the epochs are given, so smaller views buy no passes")
-        return
-    if min(short) < MIN_VIEW_SIDE:
-        plan.choose("view_scale", 1.0, f"the images' own size: {own} would make views under {MIN_VIEW_SIDE} px")
-        return
-    if passes is None:
-        args = {"width": plan.settings["model_args.width"]} if "model_args.width" in plan.settings else {}
-        seconds = step.step_s if step is not None else timer(args, bool(cfg.channels_last), 1.0)
-        passes = available_s / pass_seconds(seconds, fp, timing_batch(cfg, fp.images), monitor)
+    assert passes is not None  # make_plan times a step whenever the passes decide the views
     length = f"{passes:.1f} passes planned at the images' own size"
     if passes >= SHORT_PASSES:
         plan.choose("view_scale", 1.0, f"the images' own size: {length}, not fewer than {SHORT_PASSES}")
         return
+    h, w = view_side(fp.height, SHORT_VIEW_SCALE), view_side(fp.width, SHORT_VIEW_SCALE)
     why = (
-        f"views of {short[0]}x{short[1]} px, {SHORT_VIEW_SCALE:g} of the images' {own}: {length}, fewer than "
+        f"views of {h}x{w} px, {SHORT_VIEW_SCALE:g} of the images' {fp.height}x{fp.width}: {length}, fewer than "
         f"{SHORT_PASSES}; smaller views cost less and train more passes ({VIEW_EVIDENCE})"
     )
     plan.choose("view_scale", SHORT_VIEW_SCALE, why)
@@ -322,7 +311,8 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
         step = timed(cfg, {}, timer, scale)
         plan_format(cfg, step, plan)
     passes = planned_passes(cfg, fp, monitor, available, None if step is None else step.step_s)
-    if passes is None and cfg.temperature is None and cfg.method == "simclr":
+    views_open = cfg.view_scale is None and fixed_views(cfg, fp) is None
+    if passes is None and cfg.method == "simclr" and (cfg.temperature is None or views_open):
         step = timed(cfg, {}, timer, scale)
         plan.observe(
             f"timing: {step.step_s:.3f} s per training step (batch {timing_batch(cfg, fp.images)}, measured)",
@@ -332,4 +322,4 @@ def make_plan(cfg: SSLConfig, fp: Fingerprint, budget: Budget, spent_s: float, t
     if passes is not None:
         plan_temperature(cfg, passes, plan)
     plan_batch(cfg, fp, passes, plan)
-    plan_view_scale(cfg, fp, monitor, available, timer, step, passes, plan)
+    plan_view_scale(cfg, fp, passes, plan)
