@@ -319,6 +319,10 @@ def test_bad_input_is_one_clear_line(
         ["train", "ssl", "--data", str(folder), *TINY, "--set", "patch_size=32", "--out", str(tmp_path / "small")]
     )
     assert "20x30" in message and "0.png" in message
+    message = error(
+        ["train", "ssl", "--data", str(digits), *TINY, "--set", "view_scale=1.5", "--out", str(tmp_path / "v")]
+    )
+    assert "view_scale must be in (0, 1]" in message and "1.5" in message
     message = error(["evaluate", str(pretrained / "best.pt"), "--data", str(folder), "--probe", "knn"])
     assert str(folder) in message and "labelled" in message
     message = error(
